@@ -1,0 +1,177 @@
+//! Property tests: random command sequences keep every invariant, and rejected commands change nothing.
+
+use colony_core::{Command, CommandError, Outcome, Proposal, Resources, RunSpec, StateMachine, TaskId, TaskSpec, TaskState};
+use proptest::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Clone, Debug)]
+enum Op {
+    Submit { name: String, deps: Vec<u64>, key: Option<u8>, priority: u16, deadline_in_ms: Option<i64>, cpu: u64 },
+    Cancel { id: u64 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (
+            prop_oneof![Just("job".to_owned()), Just(String::new()), Just("bad name!".to_owned()), "[a-z]{1,8}"],
+            prop::collection::vec(0u64..25, 0..4),
+            prop::option::of(0u8..6),
+            0u16..1100,
+            prop::option::of(-50i64..500),
+            0u64..4000,
+        )
+            .prop_map(|(name, deps, key, priority, deadline_in_ms, cpu)| Op::Submit { name, deps, key, priority, deadline_in_ms, cpu }),
+        1 => (0u64..25).prop_map(|id| Op::Cancel { id }),
+    ]
+}
+
+fn spec(name: &str, deps: &[u64], key: Option<u8>, priority: u16, deadline: Option<u64>, cpu: u64) -> TaskSpec {
+    TaskSpec {
+        name: name.to_owned(),
+        namespace: "default".to_owned(),
+        labels: BTreeMap::new(),
+        capabilities: BTreeSet::new(),
+        resources: Resources { cpu_millis: cpu, memory_bytes: 64 << 20, gpus: 0, custom: BTreeMap::new() },
+        priority,
+        deadline_unix_ms: deadline,
+        timeout_ms: None,
+        max_retries: 0,
+        dependencies: deps.iter().map(|&d| TaskId(d)).collect(),
+        run: RunSpec::Process { program: "/bin/true".to_owned(), args: vec![], env: BTreeMap::new() },
+        idempotency_key: key.map(|k| format!("key-{k}")),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_commands_keep_invariants(ops in prop::collection::vec(op(), 1..80), clock_steps in prop::collection::vec(0u64..40, 80)) {
+        let mut sm = StateMachine::new();
+        let mut now = 1_000_000u64;
+        let mut finished: BTreeMap<TaskId, TaskState> = BTreeMap::new();
+        let mut next_expected_id = 1u64;
+        for (i, op) in ops.iter().enumerate() {
+            now += clock_steps[i % clock_steps.len()];
+            let command = match op {
+                Op::Submit { name, deps, key, priority, deadline_in_ms, cpu } => {
+                    let deadline = deadline_in_ms.map(|d| now.saturating_add_signed(d));
+                    Command::SubmitTask(spec(name, deps, *key, *priority, deadline, *cpu))
+                }
+                Op::Cancel { id } => Command::CancelTask { id: TaskId(*id), reason: String::new() },
+            };
+            let before = sm.clone();
+            let results = sm.apply_proposal(&Proposal { now_unix_ms: now, commands: vec![command] });
+            prop_assert_eq!(results.len(), 1);
+            match &results[0] {
+                Err(_) => {
+                    // Only the replicated clock may move on a rejected command.
+                    let mut expected = before.clone();
+                    expected.apply_proposal(&Proposal { now_unix_ms: now, commands: vec![] });
+                    prop_assert_eq!(&sm, &expected, "a rejected command changed state");
+                }
+                Ok(Outcome::Submitted { task, existing: false }) => {
+                    prop_assert_eq!(task.id, TaskId(next_expected_id), "ids are dense and increasing");
+                    next_expected_id += 1;
+                }
+                Ok(_) => {}
+            }
+            if let Err(violation) = sm.check_invariants() {
+                prop_assert!(false, "invariant broken after {:?}: {}", op, violation);
+            }
+            for (id, state) in &finished {
+                prop_assert_eq!(sm.get_task(*id).map(|t| t.state), Some(*state), "finished task {} changed state", id);
+            }
+            for task in sm.list_tasks(&colony_core::TaskFilter { limit: usize::MAX, ..Default::default() }) {
+                if task.state.is_finished() {
+                    finished.entry(task.id).or_insert(task.state);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn snapshots_are_deterministic(ops in prop::collection::vec(op(), 1..40)) {
+        let run = || {
+            let mut sm = StateMachine::new();
+            for (i, op) in ops.iter().enumerate() {
+                let command = match op {
+                    Op::Submit { name, deps, key, priority, cpu, .. } => Command::SubmitTask(spec(name, deps, *key, *priority, None, *cpu)),
+                    Op::Cancel { id } => Command::CancelTask { id: TaskId(*id), reason: String::new() },
+                };
+                sm.apply_proposal(&Proposal { now_unix_ms: 1000 + i as u64, commands: vec![command] });
+            }
+            serde_json::to_vec(&sm).map_err(|e| e.to_string())
+        };
+        prop_assert_eq!(run(), run());
+    }
+}
+
+#[test]
+fn dependency_chain_blocks_then_cascades_on_cancel() {
+    let mut sm = StateMachine::new();
+    let submit = |sm: &mut StateMachine, deps: &[u64]| match sm.apply_proposal(&Proposal { now_unix_ms: 10, commands: vec![Command::SubmitTask(spec("step", deps, None, 1, None, 100))] }).remove(0) {
+        Ok(Outcome::Submitted { task, .. }) => task,
+        other => panic!("submit failed: {other:?}"),
+    };
+    let a = submit(&mut sm, &[]);
+    let b = submit(&mut sm, &[a.id.0]);
+    let c = submit(&mut sm, &[b.id.0]);
+    assert_eq!((a.state, b.state, c.state), (TaskState::Pending, TaskState::Blocked, TaskState::Blocked));
+
+    let result = sm.apply(&Command::CancelTask { id: a.id, reason: "operator".into() });
+    match result {
+        Ok(Outcome::Cancelled { task, cascaded }) => {
+            assert_eq!(task.state, TaskState::Cancelled);
+            assert_eq!(cascaded, vec![b.id, c.id]);
+        }
+        other => panic!("cancel failed: {other:?}"),
+    }
+    assert_eq!(sm.apply(&Command::CancelTask { id: c.id, reason: String::new() }), Err(CommandError::AlreadyFinished { id: c.id, state: TaskState::Cancelled }));
+    let after_cancel = sm.apply(&Command::SubmitTask(spec("late", &[a.id.0], None, 1, None, 1)));
+    assert_eq!(after_cancel, Err(CommandError::DependencyEnded { dependency: a.id, state: TaskState::Cancelled }));
+    sm.check_invariants().unwrap();
+}
+
+#[test]
+fn bad_input_is_rejected_with_typed_errors() {
+    let mut sm = StateMachine::new();
+    let reject = |sm: &mut StateMachine, spec: TaskSpec| sm.apply(&Command::SubmitTask(spec));
+    assert!(matches!(reject(&mut sm, spec("", &[], None, 1, None, 1)), Err(CommandError::InvalidSpec(m)) if m.contains("name must not be empty")));
+    assert!(matches!(reject(&mut sm, spec(&"x".repeat(300), &[], None, 1, None, 1)), Err(CommandError::InvalidSpec(m)) if m.contains("253")));
+    assert!(matches!(reject(&mut sm, spec("p", &[], None, 1001, None, 1)), Err(CommandError::InvalidSpec(m)) if m.contains("priority")));
+    assert_eq!(reject(&mut sm, spec("d", &[7], None, 1, None, 1)), Err(CommandError::UnknownDependency(TaskId(7))));
+    assert_eq!(sm.apply(&Command::CancelTask { id: TaskId(99), reason: String::new() }), Err(CommandError::UnknownTask(TaskId(99))));
+    assert_eq!(sm.task_count(), 0);
+}
+
+#[test]
+fn idempotency_key_returns_the_first_task_and_refuses_a_different_spec() {
+    let mut sm = StateMachine::new();
+    let first = sm.apply(&Command::SubmitTask(spec("once", &[], Some(1), 5, None, 1)));
+    let again = sm.apply(&Command::SubmitTask(spec("once", &[], Some(1), 5, None, 1)));
+    let (Ok(Outcome::Submitted { task: a, existing: false }), Ok(Outcome::Submitted { task: b, existing: true })) = (first, again) else {
+        panic!("idempotent resubmission did not return the first task");
+    };
+    assert_eq!(a.id, b.id);
+    let conflict = sm.apply(&Command::SubmitTask(spec("other", &[], Some(1), 5, None, 1)));
+    assert_eq!(conflict, Err(CommandError::IdempotencyConflict { key: "key-1".into(), existing: a.id }));
+    assert_eq!(sm.task_count(), 1);
+}
+
+#[test]
+fn task_json_uses_lowercase_states_and_named_fields() {
+    let mut sm = StateMachine::new();
+    let Ok(Outcome::Submitted { task, .. }) = sm.apply_proposal(&Proposal { now_unix_ms: 5, commands: vec![Command::SubmitTask(spec("hello", &[], None, 10, None, 250))] }).remove(0) else {
+        panic!("submit failed");
+    };
+    let json = serde_json::to_value(&task).unwrap();
+    assert_eq!(json["id"], 1);
+    assert_eq!(json["name"], "hello");
+    assert_eq!(json["state"], "pending");
+    assert_eq!(json["priority"], 10);
+    assert_eq!(json["attempt"], 0);
+    assert_eq!(json["resources"]["cpu_millis"], 250);
+    let timed_out = serde_json::to_value(TaskState::TimedOut).unwrap();
+    assert_eq!(timed_out, "timed_out");
+}
