@@ -1,1 +1,15 @@
-//! placeholder
+//! Colony's wire contract: the generated gRPC code and the one place that converts between proto
+//! and colony-core types. Generated types never travel past this crate's callers' edges.
+
+pub mod convert;
+
+/// Generated protobuf and gRPC types for `colony.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("colony.v1");
+}
+
+/// The encoded `FileDescriptorSet` of every Colony proto, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/colony_descriptor.bin"));
+
+pub use convert::ConversionError;

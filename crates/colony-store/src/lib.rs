@@ -1,1 +1,68 @@
-//! placeholder
+//! Colony's storage on RocksDB: openraft's log store and state machine (storage-v2 traits).
+//!
+//! This is the only crate that knows about RocksDB. Everything persisted here is framed as
+//! `[format version: u8][crc32 of the body: u32 LE][bincode body]` so corruption is detected and
+//! reported, never silently applied; a write is acknowledged to openraft only after it is fsynced.
+
+pub mod codec;
+pub mod log_store;
+pub mod snapshot_file;
+pub mod state_machine_store;
+
+use colony_core::{CommandError, Outcome, Proposal, StateMachine};
+use openraft::{BasicNode, LogId, StoredMembership};
+use serde::{Deserialize, Serialize};
+use std::io::Cursor;
+use std::sync::{Arc, RwLock};
+
+pub use log_store::LogStore;
+pub use state_machine_store::StateMachineStore;
+
+openraft::declare_raft_types!(
+    /// Colony's openraft type configuration.
+    pub TypeConfig:
+        D = Proposal,
+        R = ProposalResponse,
+        NodeId = u64,
+        Node = BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// What applying one Raft entry returned: a result per command of the proposal, in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProposalResponse {
+    pub results: Vec<Result<Outcome, CommandError>>,
+}
+
+/// The applied state: what a snapshot holds and what reads are served from.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Applied {
+    pub last_applied: Option<LogId<u64>>,
+    pub membership: StoredMembership<u64, BasicNode>,
+    pub machine: StateMachine,
+}
+
+/// The applied state shared between the Raft state machine and the server's read path.
+pub type SharedState = Arc<RwLock<Applied>>;
+
+/// A failure to open or read the store that the caller must surface (and, for corruption, stop on).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rocksdb at {path}: {source}")]
+    Rocks { path: String, source: rocksdb::Error },
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("corrupt {what}: {detail}")]
+    Corrupt { what: String, detail: String },
+}
+
+/// Opens (creating if absent) the store under `dir`: RocksDB in `dir/raft`, snapshots in
+/// `dir/snapshots`. The state machine is restored from the latest snapshot; openraft re-applies
+/// committed log entries after it on start.
+pub fn open(dir: &std::path::Path) -> Result<(LogStore, StateMachineStore), StoreError> {
+    let log = LogStore::open(&dir.join("raft"))?;
+    let sm = StateMachineStore::open(&dir.join("snapshots"))?;
+    Ok((log, sm))
+}

@@ -1,0 +1,40 @@
+//! How a server is started: the flags of `colony server`, as one struct.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything `colony server` needs. A restarted server needs only `data_dir`: the rest is
+/// remembered in `data_dir/node.json`.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// This server's id; required the first time, checked against the data directory after.
+    pub id: Option<u64>,
+    pub data_dir: PathBuf,
+    /// `HOST:PORT` to serve gRPC on and advertise to peers; required the first time.
+    pub listen: Option<String>,
+    /// Create a new cluster with this server as its only member.
+    pub bootstrap: bool,
+    /// Servers of an existing cluster to join through (any member will do).
+    pub join: Vec<String>,
+    /// Build a snapshot (and purge the log behind it) after this many entries.
+    pub snapshot_logs_threshold: u64,
+    pub heartbeat_interval: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        ServerConfig {
+            id: None,
+            data_dir,
+            listen: None,
+            bootstrap: false,
+            join: Vec::new(),
+            snapshot_logs_threshold: 20_000,
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(400),
+            election_timeout_max: Duration::from_millis(800),
+        }
+    }
+}
