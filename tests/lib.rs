@@ -1,1 +1,280 @@
-//! placeholder
+//! A harness for integration tests that run real `colony server` processes on loopback.
+//!
+//! Servers are child processes of the test, each with its own data directory and log file; the
+//! harness kills them all when dropped, so a failing test never leaves servers behind.
+
+use anyhow::{bail, Context};
+use colony_proto::pb::admin_client::AdminClient;
+use colony_proto::pb::{self, ClusterStatusRequest};
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+
+/// The `colony` binary built alongside this test (same target directory and profile).
+pub fn colony_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let bin = dir.join("colony");
+    assert!(bin.exists(), "{} is missing: build it first with `cargo build --release --bin colony`", bin.display());
+    bin
+}
+
+/// A port on loopback nothing listens on right now.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Polls `check` until it returns `Ok(Some(value))`, or fails with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("condition never held");
+    loop {
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what} (last: {last})");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One `colony server` process and its data.
+pub struct Server {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// Starts the process with `args` after the common ones (`--data-dir`, `--snapshot-logs`, ...).
+    pub fn start(&mut self, args: &[String]) -> anyhow::Result<()> {
+        assert!(self.child.is_none(), "server {} is already running", self.id);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
+        let child = Command::new(colony_bin())
+            .arg("server")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(args)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn colony server")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Restarts from the data directory alone: the server remembers its id, address and cluster.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.start(&[])
+    }
+
+    /// kill -9: no chance to flush or say goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns the exit status.
+    pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("server not running")?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                bail!("server {} did not stop within 15s of SIGTERM", self.id);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub async fn client(&self) -> anyhow::Result<AdminClient<Channel>> {
+        client(&self.addr).await
+    }
+
+    pub async fn status(&self) -> anyhow::Result<pb::ClusterStatusResponse> {
+        let mut client = self.client().await?;
+        let status = tokio::time::timeout(Duration::from_secs(3), client.cluster_status(ClusterStatusRequest {})).await??;
+        Ok(status.into_inner())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A gRPC client for one server.
+pub async fn client(addr: &str) -> anyhow::Result<AdminClient<Channel>> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(Duration::from_secs(1)).connect_lazy();
+    Ok(AdminClient::new(channel))
+}
+
+/// A cluster of real servers in a temporary directory.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub servers: Vec<Server>,
+    pub snapshot_logs: u64,
+}
+
+impl Cluster {
+    /// Starts `n` servers: the first bootstraps, the rest join it; returns when all are voters.
+    pub async fn start(n: usize, snapshot_logs: u64) -> anyhow::Result<Cluster> {
+        let mut cluster = Cluster { dir: tempfile::tempdir()?, servers: Vec::new(), snapshot_logs };
+        cluster.add_server(true).await?;
+        cluster.wait_for_leader(Duration::from_secs(20)).await?;
+        for _ in 1..n {
+            cluster.add_server(false).await?;
+        }
+        cluster.wait_for_voters(n, Duration::from_secs(60)).await?;
+        Ok(cluster)
+    }
+
+    /// Starts one more server (bootstrapping, or joining the first server).
+    pub async fn add_server(&mut self, bootstrap: bool) -> anyhow::Result<usize> {
+        let id = self.servers.len() as u64 + 1;
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut server = Server {
+            id,
+            addr: addr.clone(),
+            data_dir: self.dir.path().join(format!("d{id}")),
+            log_path: self.dir.path().join(format!("server{id}.log")),
+            child: None,
+        };
+        let mut args = vec![
+            "--id".to_owned(),
+            id.to_string(),
+            "--listen".to_owned(),
+            addr,
+            "--snapshot-logs".to_owned(),
+            self.snapshot_logs.to_string(),
+        ];
+        if bootstrap {
+            args.push("--bootstrap".to_owned());
+        } else {
+            let join: Vec<&str> = self.servers.iter().map(|s| s.addr.as_str()).collect();
+            args.push("--join".to_owned());
+            args.push(join.join(","));
+        }
+        server.start(&args)?;
+        self.servers.push(server);
+        Ok(self.servers.len() - 1)
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.servers.iter().map(|s| s.addr.clone()).collect()
+    }
+
+    /// Waits until some running server reports a leader, and returns that leader's index in `servers`.
+    pub async fn wait_for_leader(&mut self, timeout: Duration) -> anyhow::Result<usize> {
+        let servers: Vec<(usize, String)> = self.servers.iter_mut().enumerate().filter_map(|(i, s)| s.is_running().then(|| (i, s.addr.clone()))).collect();
+        wait_for("a leader", timeout, || {
+            let servers = servers.clone();
+            async move {
+                for (_, addr) in &servers {
+                    let Ok(mut c) = client(addr).await else { continue };
+                    let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(1), c.cluster_status(ClusterStatusRequest {})).await else { continue };
+                    let status = status.into_inner();
+                    if status.state == "leader" {
+                        let index = servers.iter().find(|(_, a)| a == addr).map(|(i, _)| *i);
+                        return Ok(index);
+                    }
+                }
+                Ok(None)
+            }
+        })
+        .await
+    }
+
+    /// Waits until the leader reports `n` voters and no membership change in progress.
+    pub async fn wait_for_voters(&mut self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let addrs = self.addrs();
+        wait_for(&format!("{n} voters"), timeout, || {
+            let addrs = addrs.clone();
+            async move {
+                for addr in &addrs {
+                    let Ok(mut c) = client(addr).await else { continue };
+                    let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(1), c.cluster_status(ClusterStatusRequest {})).await else { continue };
+                    let status = status.into_inner();
+                    let voters = status.members.iter().filter(|m| m.role == "voter").count();
+                    if status.state == "leader" && voters == n && !status.joint {
+                        return Ok(Some(()));
+                    }
+                }
+                Ok(None)
+            }
+        })
+        .await
+    }
+
+    /// Every server's log, for failure messages.
+    pub fn logs(&self) -> String {
+        self.servers.iter().map(|s| format!("--- server {} ---\n{}", s.id, tail(&s.log(), 40))).collect::<Vec<_>>().join("\n")
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A process-task spec, as the CLI would build it.
+pub fn task_spec(name: &str, idempotency_key: Option<String>) -> pb::TaskSpec {
+    pb::TaskSpec {
+        name: name.to_owned(),
+        namespace: "default".to_owned(),
+        resources: Some(pb::Resources { cpu_millis: 250, memory_bytes: 64 << 20, gpus: 0, custom: Default::default() }),
+        priority: 10,
+        run: Some(pb::task_spec::Run::Process(pb::ProcessRun { program: "/bin/echo".into(), args: vec!["hi".into()], env: Default::default() })),
+        idempotency_key,
+        ..Default::default()
+    }
+}
+
+/// Every task id a server holds in its own applied state (a stale read: no forwarding).
+pub async fn local_task_ids(addr: &str) -> anyhow::Result<Vec<u64>> {
+    let mut c = client(addr).await?;
+    let mut ids = Vec::new();
+    let mut after_id = 0;
+    loop {
+        let page = c
+            .list_tasks(pb::ListTasksRequest { after_id, page_size: 5000, consistency: Some(pb::ReadConsistency { stale: true }), ..Default::default() })
+            .await?
+            .into_inner();
+        ids.extend(page.tasks.iter().map(|t| t.id));
+        if page.next_after_id == 0 {
+            return Ok(ids);
+        }
+        after_id = page.next_after_id;
+    }
+}

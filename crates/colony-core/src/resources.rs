@@ -14,7 +14,6 @@ pub struct Resources {
     pub memory_bytes: u64,
     pub gpus: u32,
     /// Named custom resources (`license=2`), counted in whole units.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub custom: BTreeMap<String, u64>,
 }
 

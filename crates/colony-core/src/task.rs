@@ -1,4 +1,7 @@
 //! Tasks: what a user submits (`TaskSpec`), its lifecycle (`TaskState`) and the replicated record (`Task`).
+//!
+//! These types are persisted with bincode, which is not self-describing: no `skip_serializing_if`,
+//! `flatten` or internally tagged enums here (the CLI renders its own JSON view).
 
 use crate::ids::{FencingToken, TaskId};
 use crate::limits::Limits;
@@ -9,20 +12,17 @@ use std::fmt;
 
 /// What a task runs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
+#[serde(rename_all = "snake_case")]
 pub enum RunSpec {
     /// A program started as a child process of the executor.
     Process {
         program: String,
-        #[serde(default)]
         args: Vec<String>,
-        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         env: BTreeMap<String, String>,
     },
     /// A handler built into the executor, named, with an opaque input.
     Builtin {
         handler: String,
-        #[serde(default, skip_serializing_if = "String::is_empty")]
         input: String,
     },
 }
@@ -33,27 +33,21 @@ pub struct TaskSpec {
     pub name: String,
     pub namespace: String,
     /// Executor labels the task requires (`zone=a`): all must match.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     /// Executor capabilities the task requires (`shell`, `gpu`).
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub capabilities: BTreeSet<String>,
     pub resources: Resources,
     /// 0..=1000; higher runs first.
     pub priority: u16,
     /// Wall-clock time (unix milliseconds) by which the task must have started.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_unix_ms: Option<u64>,
     /// How long one attempt may run before it is killed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
     pub max_retries: u32,
     /// Tasks that must succeed before this one may run.
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub dependencies: BTreeSet<TaskId>,
     pub run: RunSpec,
     /// A client-chosen key: a second submission with the same key returns the first task.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
 }
 
@@ -132,20 +126,16 @@ impl std::str::FromStr for TaskState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
     pub id: TaskId,
-    #[serde(flatten)]
     pub spec: TaskSpec,
     pub state: TaskState,
     /// How many attempts have been started (0 until first assigned).
     pub attempt: u32,
     /// The fencing token of the current assignment, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fencing_token: Option<FencingToken>,
     pub created_unix_ms: u64,
     pub updated_unix_ms: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_unix_ms: Option<u64>,
     /// Why the task ended the way it did, when it did not succeed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what building Colony needs when it is missing, and points cargo at a build directory
+# outside the clone so a fresh clone reuses earlier builds (RocksDB's C++ alone is ~15 minutes).
+# Sourced by cluster/dev.sh and cluster/test.sh.
+set -euo pipefail
+
+missing=()
+command -v clang >/dev/null 2>&1 || missing+=(clang)
+dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
+command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing: ${missing[*]}" >&2
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "error: need root (or sudo) to install ${missing[*]}" >&2
+        exit 1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
+fi
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/colony/target}"
+mkdir -p "$CARGO_TARGET_DIR"

@@ -1,0 +1,98 @@
+//! openraft's network over gRPC: each Raft RPC is one unary call carrying openraft's own message.
+
+use crate::peers::Peers;
+use crate::wire;
+use colony_proto::pb::RaftMessage;
+use colony_store::TypeConfig;
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
+use serde::de::DeserializeOwned;
+use std::error::Error;
+
+/// Creates a client per target server.
+#[derive(Clone)]
+pub struct Network {
+    pub peers: Peers,
+    pub cluster_id: String,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
+        PeerClient { target, addr: node.addr.clone(), peers: self.peers.clone(), cluster_id: self.cluster_id.clone() }
+    }
+}
+
+/// The connection to one peer.
+pub struct PeerClient {
+    target: u64,
+    addr: String,
+    peers: Peers,
+    cluster_id: String,
+}
+
+#[derive(Clone, Copy)]
+enum Rpc {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+}
+
+impl PeerClient {
+    async fn call<Req, Resp, E>(&self, rpc: Rpc, request: &Req, option: &RPCOption) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
+    where
+        Req: serde::Serialize,
+        Resp: DeserializeOwned,
+        E: Error + DeserializeOwned,
+    {
+        let payload = wire::encode(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut client = self.peers.raft(&self.addr).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let message = RaftMessage { cluster_id: self.cluster_id.clone(), payload };
+        let call = async {
+            match rpc {
+                Rpc::AppendEntries => client.append_entries(message).await,
+                Rpc::Vote => client.vote(message).await,
+                Rpc::InstallSnapshot => client.install_snapshot(message).await,
+            }
+        };
+        let reply = tokio::time::timeout(option.hard_ttl(), call)
+            .await
+            .map_err(|elapsed| RPCError::Unreachable(Unreachable::new(&elapsed)))?
+            .map_err(|status| match status.code() {
+                tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
+                    RPCError::Unreachable(Unreachable::new(&status))
+                }
+                _ => RPCError::Network(NetworkError::new(&status)),
+            })?;
+        let result: Result<Resp, RaftError<u64, E>> =
+            wire::decode(&reply.into_inner().payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, BasicNode::new(&self.addr), e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.call(Rpc::AppendEntries, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>> {
+        self.call(Rpc::InstallSnapshot, &rpc, &option).await
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<u64>, option: RPCOption) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.call(Rpc::Vote, &rpc, &option).await
+    }
+}

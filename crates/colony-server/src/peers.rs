@@ -1,0 +1,53 @@
+//! Connections to other servers, one lazily connected gRPC channel per address, shared by Raft
+//! replication, forwarding and reachability probes.
+
+use colony_proto::pb::admin_client::AdminClient;
+use colony_proto::pb::raft_client::RaftClient;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// Raft messages (log batches, snapshot chunks) may be this large.
+pub const RAFT_MESSAGE_BYTES_MAX: usize = 64 << 20;
+
+/// A pool of channels keyed by address.
+#[derive(Clone, Default)]
+pub struct Peers {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("bad peer address {addr:?}: {detail}")]
+pub struct BadAddress {
+    pub addr: String,
+    pub detail: String,
+}
+
+impl Peers {
+    pub fn channel(&self, addr: &str) -> Result<Channel, BadAddress> {
+        let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(channel) = channels.get(addr) {
+            return Ok(channel.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| BadAddress { addr: addr.to_owned(), detail: e.to_string() })?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let channel = endpoint.connect_lazy();
+        channels.insert(addr.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    pub fn raft(&self, addr: &str) -> Result<RaftClient<Channel>, BadAddress> {
+        Ok(RaftClient::new(self.channel(addr)?)
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX))
+    }
+
+    pub fn admin(&self, addr: &str) -> Result<AdminClient<Channel>, BadAddress> {
+        Ok(AdminClient::new(self.channel(addr)?))
+    }
+}

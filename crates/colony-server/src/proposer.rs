@@ -1,0 +1,112 @@
+//! Batches client commands into Raft entries: many submissions, one log append, one fsync, one
+//! replication round. Up to `in_flight_max` entries are proposed concurrently so the next batch
+//! gathers while the previous one commits.
+
+use colony_core::{Command, CommandError, Outcome, Proposal};
+use colony_store::TypeConfig;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::Raft;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// Bounds on batching.
+#[derive(Clone, Debug)]
+pub struct ProposerConfig {
+    /// Commands in one Raft entry.
+    pub batch_commands_max: usize,
+    /// Raft entries proposed and not yet committed.
+    pub in_flight_max: usize,
+    /// Commands waiting for a batch; beyond this, callers wait (backpressure).
+    pub queue_commands_max: usize,
+}
+
+impl Default for ProposerConfig {
+    fn default() -> Self {
+        ProposerConfig { batch_commands_max: 1024, in_flight_max: 8, queue_commands_max: 16_384 }
+    }
+}
+
+/// Why a command was not applied.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ProposeError {
+    /// The state machine refused it; nothing changed.
+    #[error(transparent)]
+    Rejected(CommandError),
+    /// This server is not (or no longer) the leader; the command was not appended.
+    #[error("this server is not the leader")]
+    NotLeader,
+    /// Raft failed; whether the command took effect is unknown.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+struct Pending {
+    command: Command,
+    reply: oneshot::Sender<Result<Outcome, ProposeError>>,
+}
+
+/// The handle callers propose through.
+#[derive(Clone)]
+pub struct Proposer {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl Proposer {
+    pub fn spawn(raft: Raft<TypeConfig>, config: ProposerConfig) -> Proposer {
+        let (tx, rx) = mpsc::channel(config.queue_commands_max);
+        tokio::spawn(batch_loop(raft, rx, config));
+        Proposer { tx }
+    }
+
+    /// Proposes one command and waits until it is committed and applied (or fails).
+    pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Pending { command, reply }).await.map_err(|_| ProposeError::Raft("server is shutting down".into()))?;
+        rx.await.map_err(|_| ProposeError::Raft("server is shutting down".into()))?
+    }
+}
+
+async fn batch_loop(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>, config: ProposerConfig) {
+    let slots = Arc::new(Semaphore::new(config.in_flight_max));
+    while let Some(first) = rx.recv().await {
+        // Waiting for a slot lets more commands queue up behind `first`: under load, batches grow.
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < config.batch_commands_max {
+            match rx.try_recv() {
+                Ok(pending) => batch.push(pending),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            propose_batch(&raft, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn propose_batch(raft: &Raft<TypeConfig>, batch: Vec<Pending>) {
+    let now_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+    let count = commands.len();
+    match raft.client_write(Proposal { now_unix_ms, commands }).await {
+        Ok(response) => {
+            let results = response.data.results;
+            assert_eq!(results.len(), count, "state machine returned {} results for {count} commands", results.len());
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(result.map_err(ProposeError::Rejected));
+            }
+        }
+        Err(error) => {
+            let error = match error {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => ProposeError::NotLeader,
+                other => ProposeError::Raft(other.to_string()),
+            };
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! A three-server cluster answers every request on every server.
+
+use colony_proto::pb::{self, ClusterStatusRequest};
+use colony_tests::{local_task_ids, task_spec, wait_for, Cluster};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_server_accepts_any_request() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, 20_000).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let follower = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+
+    for server in &cluster.servers {
+        let status = server.status().await?;
+        assert_eq!(status.members.len(), 3, "server {} sees {:?}", server.id, status.members);
+        assert!(status.members.iter().all(|m| m.role == "voter" && m.reachable), "server {}: {:?}", server.id, status.members);
+        assert_eq!(status.leader_id, Some(cluster.servers[leader].id));
+        assert!(status.term >= 1);
+    }
+
+    let mut via_follower = cluster.servers[follower].client().await?;
+    let submitted = via_follower.submit_task(pb::SubmitTaskRequest { spec: Some(task_spec("hello", None)) }).await?.into_inner();
+    let task = submitted.task.expect("task in reply");
+    assert_eq!(task.state, pb::TaskState::Pending as i32, "no executors: a new task waits");
+
+    let mut via_other = cluster.servers[other].client().await?;
+    let got = via_other.get_task(pb::GetTaskRequest { id: task.id, consistency: None }).await?.into_inner();
+    assert_eq!(got.task.map(|t| t.id), Some(task.id), "a linearizable read on another server sees the write");
+
+    let blocked = task_spec("after-hello", None);
+    let blocked = pb::TaskSpec { dependencies: vec![task.id], ..blocked };
+    let dependent = via_other.submit_task(pb::SubmitTaskRequest { spec: Some(blocked) }).await?.into_inner().task.expect("task");
+    assert_eq!(dependent.state, pb::TaskState::Blocked as i32);
+
+    let cancelled = via_follower.cancel_task(pb::CancelTaskRequest { id: task.id, reason: "test".into() }).await?.into_inner();
+    assert_eq!(cancelled.task.map(|t| t.state), Some(pb::TaskState::Cancelled as i32));
+    assert_eq!(cancelled.cascaded, vec![dependent.id], "cancelling a dependency cancels its dependents");
+
+    let missing = via_other.get_task(pb::GetTaskRequest { id: 9999, consistency: None }).await;
+    assert_eq!(missing.map_err(|s| s.code()).err(), Some(tonic::Code::NotFound));
+
+    let listed = via_follower
+        .list_tasks(pb::ListTasksRequest { state: pb::TaskState::Cancelled as i32, ..Default::default() })
+        .await?
+        .into_inner();
+    assert_eq!(listed.tasks.len(), 2);
+
+    for server in &cluster.servers {
+        let addr = server.addr.clone();
+        wait_for(&format!("server {} to apply both tasks", server.id), Duration::from_secs(10), || {
+            let addr = addr.clone();
+            async move { Ok((local_task_ids(&addr).await? == vec![task.id, dependent.id]).then_some(())) }
+        })
+        .await?;
+    }
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.servers[other].addr))?.connect().await?,
+    );
+    let serving = health.check(tonic_health::pb::HealthCheckRequest { service: "colony.v1.Admin".into() }).await?.into_inner();
+    assert_eq!(serving.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+
+    let stopped = cluster.servers[follower].terminate()?;
+    assert!(stopped.success(), "SIGTERM must stop a server cleanly, got {stopped}");
+    let mut status_client = cluster.servers[leader].client().await?;
+    let status = status_client.cluster_status(ClusterStatusRequest {}).await?.into_inner();
+    let stopped_id = cluster.servers[follower].id;
+    assert!(status.members.iter().any(|m| m.id == stopped_id && !m.reachable), "a stopped server shows as unreachable: {:?}", status.members);
+    Ok(())
+}

@@ -1,0 +1,99 @@
+//! kill -9 the leader in the middle of 1,000 submissions: nothing acknowledged is lost.
+
+use colony_proto::pb;
+use colony_tests::{client, local_task_ids, task_spec, wait_for, Cluster};
+use rand::Rng;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TASKS: usize = 1000;
+const WORKERS: usize = 8;
+
+/// Submits with `key` through random servers until some server acknowledges it.
+async fn submit_until_acked(addrs: &[String], key: String) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let addr = &addrs[rand::thread_rng().gen_range(0..addrs.len())];
+        let mut c = client(addr).await?;
+        let request = pb::SubmitTaskRequest { spec: Some(task_spec("durable", Some(key.clone()))) };
+        match tokio::time::timeout(Duration::from_secs(5), c.submit_task(request)).await {
+            Ok(Ok(reply)) => return Ok(reply.into_inner().task.map(|t| t.id).unwrap_or(0)),
+            Ok(Err(status)) if matches!(status.code(), tonic::Code::InvalidArgument | tonic::Code::AlreadyExists) => {
+                anyhow::bail!("submission {key} refused: {status}")
+            }
+            _ if Instant::now() > deadline => anyhow::bail!("submission {key} never acknowledged"),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_leader_mid_stream_loses_nothing() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, 20_000).await?;
+    let addrs = cluster.addrs();
+    let acked: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
+    let acks = Arc::new(AtomicUsize::new(0));
+    let next = Arc::new(AtomicUsize::new(0));
+    let killed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let first_ack_after_kill: Arc<Mutex<Option<Instant>>> = Arc::default();
+
+    let mut workers = Vec::new();
+    for _ in 0..WORKERS {
+        let (addrs, acked, acks, next) = (addrs.clone(), acked.clone(), acks.clone(), next.clone());
+        let (killed_at, first_ack_after_kill) = (killed_at.clone(), first_ack_after_kill.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::SeqCst);
+                if n >= TASKS {
+                    return anyhow::Ok(());
+                }
+                let id = submit_until_acked(&addrs, format!("kill-test-{n}")).await?;
+                let now = Instant::now();
+                if killed_at.lock().unwrap().is_some_and(|k| now > k) {
+                    first_ack_after_kill.lock().unwrap().get_or_insert(now);
+                }
+                acked.lock().unwrap().insert(id);
+                acks.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+
+    wait_for("300 acknowledged submissions", Duration::from_secs(60), || {
+        let acks = acks.clone();
+        async move { Ok((acks.load(Ordering::SeqCst) >= 300).then_some(())) }
+    })
+    .await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(5)).await?;
+    cluster.servers[leader].kill9();
+    *killed_at.lock().unwrap() = Some(Instant::now());
+
+    for worker in workers {
+        worker.await??;
+    }
+    let kill = killed_at.lock().unwrap().expect("killed");
+    let recovery = first_ack_after_kill.lock().unwrap().map(|t| t - kill);
+    println!("leader kill -> first acknowledged write: {recovery:?}");
+    assert!(recovery.is_some(), "no write was acknowledged after the leader was killed");
+
+    cluster.servers[leader].restart()?;
+    let acked: BTreeSet<u64> = acked.lock().unwrap().clone();
+    assert_eq!(acked.len(), TASKS, "every submission has its own task (idempotency keys deduplicate retries)");
+    for server in &cluster.servers {
+        let addr = server.addr.clone();
+        let expected = acked.clone();
+        wait_for(&format!("server {} to hold every acknowledged task", server.id), Duration::from_secs(30), || {
+            let (addr, expected) = (addr.clone(), expected.clone());
+            async move {
+                let ids: BTreeSet<u64> = local_task_ids(&addr).await?.into_iter().collect();
+                let unexpected: Vec<&u64> = ids.difference(&expected).collect();
+                anyhow::ensure!(unexpected.is_empty(), "server holds tasks that were never acknowledged: {unexpected:?}");
+                Ok((ids == expected).then_some(()))
+            }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
+    }
+    Ok(())
+}
