@@ -49,10 +49,15 @@ async fn kill_leader_mid_stream_loses_nothing() -> anyhow::Result<()> {
                 if n >= TASKS {
                     return anyhow::Ok(());
                 }
+                let invoked = Instant::now();
                 let id = submit_until_acked(&addrs, format!("kill-test-{n}")).await?;
-                let now = Instant::now();
-                if killed_at.lock().unwrap().is_some_and(|k| now > k) {
-                    first_ack_after_kill.lock().unwrap().get_or_insert(now);
+                // Only a write invoked after the kill proves a new leader is serving.
+                if killed_at.lock().unwrap().is_some_and(|k| invoked > k) {
+                    let acked_at = Instant::now();
+                    let mut first = first_ack_after_kill.lock().unwrap();
+                    if first.is_none_or(|f| acked_at < f) {
+                        *first = Some(acked_at);
+                    }
                 }
                 acked.lock().unwrap().insert(id);
                 acks.fetch_add(1, Ordering::SeqCst);
@@ -74,7 +79,7 @@ async fn kill_leader_mid_stream_loses_nothing() -> anyhow::Result<()> {
     }
     let kill = killed_at.lock().unwrap().expect("killed");
     let recovery = first_ack_after_kill.lock().unwrap().map(|t| t - kill);
-    println!("leader kill -> first acknowledged write: {recovery:?}");
+    println!("leader kill -> first acknowledged write invoked after it: {recovery:?}");
     assert!(recovery.is_some(), "no write was acknowledged after the leader was killed");
 
     cluster.servers[leader].restart()?;

@@ -16,9 +16,10 @@ fn fails<S: AsRef<str>>(args: &[S], expected: &str) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
     assert!(!out.status.success(), "`colony {}` should fail; stdout: {}", args.join(" "), String::from_utf8_lossy(&out.stdout));
     assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "`colony {}` panicked: {stderr}", args.join(" "));
-    let last = stderr.lines().last().unwrap_or_default();
-    assert!(last.starts_with("error: "), "`colony {}`: error line expected, got {stderr:?}", args.join(" "));
-    assert!(last.to_lowercase().contains(&expected.to_lowercase()), "`colony {}`: {last:?} should mention {expected:?}", args.join(" "));
+    // The error is the first line; clap's usage errors add a "For more information" hint after it.
+    let first = stderr.lines().next().unwrap_or_default();
+    assert!(first.starts_with("error: "), "`colony {}`: error line expected, got {stderr:?}", args.join(" "));
+    assert!(first.to_lowercase().contains(&expected.to_lowercase()), "`colony {}`: {first:?} should mention {expected:?}", args.join(" "));
     stderr
 }
 

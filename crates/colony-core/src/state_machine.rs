@@ -70,7 +70,7 @@ pub struct TaskFilter {
 }
 
 /// The authoritative state of the cluster, identical on every replica at the same applied index.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateMachine {
     limits: Limits,
     tasks: BTreeMap<TaskId, Task>,
@@ -84,9 +84,22 @@ pub struct StateMachine {
     now_unix_ms: u64,
 }
 
+impl Default for StateMachine {
+    fn default() -> Self {
+        StateMachine::new()
+    }
+}
+
 impl StateMachine {
     pub fn new() -> Self {
-        StateMachine { next_task_id: 1, ..Default::default() }
+        StateMachine {
+            limits: Limits::default(),
+            tasks: BTreeMap::new(),
+            next_task_id: 1,
+            idempotency: BTreeMap::new(),
+            dependents: BTreeMap::new(),
+            now_unix_ms: 0,
+        }
     }
 
     pub fn limits(&self) -> &Limits {

@@ -56,6 +56,10 @@ pub enum StoreError {
     Io { path: String, source: std::io::Error },
     #[error("corrupt {what}: {detail}")]
     Corrupt { what: String, detail: String },
+    #[error("cannot encode {what}: {source}")]
+    Encode { what: String, source: codec::CodecError },
+    #[error("the applied state's lock was poisoned by a panic while applying")]
+    Poisoned,
 }
 
 /// Opens (creating if absent) the store under `dir`: RocksDB in `dir/raft`, snapshots in

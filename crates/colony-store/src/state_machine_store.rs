@@ -1,0 +1,174 @@
+//! openraft's state machine for Colony: applies committed entries to colony-core's `StateMachine`
+//! and builds, installs and persists snapshots of it.
+//!
+//! The applied state lives in memory (`SharedState`, also read by the server) and is made durable
+//! only by snapshots; after a restart, openraft re-applies the committed log entries that follow
+//! the latest snapshot.
+
+use crate::snapshot_file::{Meta, SnapshotFile, StoredSnapshot};
+use crate::{codec, Applied, ProposalResponse, SharedState, StoreError, TypeConfig};
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, StorageError, StorageIOError, StoredMembership,
+};
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// openraft's state machine for Colony; also its snapshot builder. Clones share one state.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    state: SharedState,
+    snapshots: Arc<SnapshotFile>,
+    /// Distinguishes snapshots built at the same log id by this process.
+    snapshots_built: Arc<AtomicU64>,
+}
+
+impl StateMachineStore {
+    /// Opens the snapshot directory `dir` and restores the applied state from the latest
+    /// snapshot in it, if any. A corrupt snapshot is an error, not an empty state.
+    pub fn open(dir: &Path) -> Result<StateMachineStore, StoreError> {
+        let (snapshots, latest) = SnapshotFile::open(dir)?;
+        let applied = match latest {
+            Some(snapshot) => decode_applied(&snapshot.meta, &snapshot.data)?,
+            None => Applied::default(),
+        };
+        Ok(StateMachineStore {
+            state: Arc::new(RwLock::new(applied)),
+            snapshots: Arc::new(snapshots),
+            snapshots_built: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// The applied state, for the server's read path.
+    pub fn shared(&self) -> SharedState {
+        Arc::clone(&self.state)
+    }
+
+    fn read_state(&self) -> Result<RwLockReadGuard<'_, Applied>, StoreError> {
+        self.state.read().map_err(|_| StoreError::Poisoned)
+    }
+
+    fn write_state(&self) -> Result<RwLockWriteGuard<'_, Applied>, StoreError> {
+        self.state.write().map_err(|_| StoreError::Poisoned)
+    }
+
+    /// Durably writes a snapshot, off the async runtime's threads (it fsyncs twice).
+    async fn persist(&self, meta: Meta, data: Vec<u8>) -> Result<(), StorageError<u64>> {
+        let snapshots = Arc::clone(&self.snapshots);
+        let signature = meta.signature();
+        let snapshot_id = meta.snapshot_id.clone();
+        let written = tokio::task::spawn_blocking(move || snapshots.write(&meta, &data))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?
+            .map_err(|e| StorageIOError::write_snapshot(Some(signature), &e))?;
+        if !written {
+            tracing::info!(snapshot_id, "snapshot not persisted: a later one is already on disk");
+        }
+        Ok(())
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), StorageError<u64>> {
+        let applied = self.read_state().map_err(|e| state_error(ErrorVerb::Read, &e))?;
+        Ok((applied.last_applied, applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ProposalResponse>, StorageError<u64>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        // One write lock for the whole batch: readers see the state between batches, never
+        // half of one.
+        let mut applied = self.write_state().map_err(|e| state_error(ErrorVerb::Write, &e))?;
+        let mut responses = Vec::new();
+        for entry in entries {
+            applied.last_applied = Some(entry.log_id);
+            let response = match entry.payload {
+                EntryPayload::Blank => ProposalResponse::default(),
+                EntryPayload::Normal(proposal) => {
+                    ProposalResponse { results: applied.machine.apply_proposal(&proposal) }
+                }
+                EntryPayload::Membership(membership) => {
+                    applied.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    ProposalResponse::default()
+                }
+            };
+            responses.push(response);
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError<u64>> {
+        let data = snapshot.into_inner();
+        let restored = decode_applied(meta, &data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        // Durable first: if the write fails, the state machine is left as it was.
+        self.persist(meta.clone(), data).await?;
+        *self.write_state().map_err(|e| state_error(ErrorVerb::Write, &e))? = restored;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
+        let snapshots = Arc::clone(&self.snapshots);
+        let read = tokio::task::spawn_blocking(move || snapshots.read())
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let stored = read.map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(stored.map(|StoredSnapshot { meta, data }| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
+        // Encoding under the read lock avoids copying the state; apply waits for it.
+        let (last_log_id, last_membership, data) = {
+            let applied = self.read_state().map_err(|e| state_error(ErrorVerb::Read, &e))?;
+            let data = codec::encode(&*applied).map_err(|source| {
+                let error = StoreError::Encode { what: "state machine snapshot".to_string(), source };
+                StorageIOError::write_snapshot(None, &error)
+            })?;
+            (applied.last_applied, applied.membership.clone(), data)
+        };
+        let built = self.snapshots_built.fetch_add(1, Ordering::Relaxed) + 1;
+        let snapshot_id = match last_log_id {
+            Some(id) => format!("{}-{}-{built}", id.leader_id.term, id.index),
+            None => format!("none-{built}"),
+        };
+        let meta = Meta { last_log_id, last_membership, snapshot_id };
+        self.persist(meta.clone(), data.clone()).await?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+/// Decodes a snapshot's state-machine bytes and checks they are the state its metadata names.
+fn decode_applied(meta: &Meta, data: &[u8]) -> Result<Applied, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt { what: format!("snapshot {}", meta.snapshot_id), detail };
+    let applied: Applied = codec::decode(data).map_err(|e| corrupt(e.to_string()))?;
+    if applied.last_applied != meta.last_log_id || applied.membership != meta.last_membership {
+        return Err(corrupt(format!(
+            "its metadata says last log {:?} and membership {}, its data holds {:?} and {}",
+            meta.last_log_id, meta.last_membership, applied.last_applied, applied.membership
+        )));
+    }
+    Ok(applied)
+}
+
+fn state_error(verb: ErrorVerb, error: &StoreError) -> StorageError<u64> {
+    StorageIOError::new(ErrorSubject::StateMachine, verb, error).into()
+}
