@@ -61,6 +61,20 @@ async fn any_server_accepts_any_request() -> anyhow::Result<()> {
     let serving = health.check(tonic_health::pb::HealthCheckRequest { service: "colony.v1.Admin".into() }).await?.into_inner();
     assert_eq!(serving.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 
+    use tonic_reflection::pb::v1::{server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest};
+    use tonic_reflection::pb::v1::{server_reflection_response::MessageResponse, ServerReflectionRequest};
+    let mut reflection = ServerReflectionClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.servers[other].addr))?.connect().await?,
+    );
+    let ask = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut replies = reflection.server_reflection_info(tokio_stream::iter([ask])).await?.into_inner();
+    let reply = replies.message().await?.and_then(|r| r.message_response);
+    let Some(MessageResponse::ListServicesResponse(list)) = reply else { anyhow::bail!("reflection did not list services: {reply:?}") };
+    let services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in ["colony.v1.Admin", "colony.v1.Raft", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|s| s == expected), "reflection lists {services:?}, missing {expected}");
+    }
+
     let stopped = cluster.servers[follower].terminate()?;
     assert!(stopped.success(), "SIGTERM must stop a server cleanly, got {stopped}");
     let mut status_client = cluster.servers[leader].client().await?;

@@ -1,1 +1,132 @@
-fn main() {}
+//! The `colony` binary: servers, operators' commands, the local dev cluster and benchmarks.
+//!
+//! Every failure ends here as one line on stderr (`error: ...`) and exit code 1; clap's usage
+//! errors keep clap's own message and exit code 2.
+
+mod bench;
+mod client;
+mod cluster_cmd;
+mod dev;
+mod output;
+mod server_cmd;
+mod task_cmd;
+
+use clap::{Args, Parser, Subcommand};
+use output::OutputFormat;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Colony: a Raft-replicated control plane for multi-agent workloads.
+#[derive(Debug, Parser)]
+#[command(name = "colony", version, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Global options")]
+pub struct GlobalArgs {
+    /// Servers to talk to, comma-separated HOST:PORT; any one will do (non-leaders forward).
+    #[arg(
+        long,
+        global = true,
+        env = "COLONY_ENDPOINT",
+        default_value = "127.0.0.1:7101",
+        value_delimiter = ',',
+        value_parser = client::parse_endpoint
+    )]
+    pub endpoint: Vec<String>,
+    /// How results are printed.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    /// How long a command keeps retrying through leader changes and unreachable servers.
+    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+// Parsed once per run, so the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a server (a Raft member) until SIGTERM or SIGINT
+    ///
+    /// A new cluster:     colony server --id 1 --listen 127.0.0.1:7101 --data-dir d1 --bootstrap
+    /// Another server:    colony server --id 2 --listen 127.0.0.1:7102 --data-dir d2 --join 127.0.0.1:7101
+    /// A restart:         colony server --data-dir d1
+    #[command(verbatim_doc_comment)]
+    Server(server_cmd::ServerArgs),
+    /// Submit, inspect and cancel tasks.
+    #[command(subcommand)]
+    Task(task_cmd::TaskCommand),
+    /// Inspect and change the cluster.
+    #[command(subcommand)]
+    Cluster(cluster_cmd::ClusterCommand),
+    /// Start a local cluster of servers and submit a demo workload; Ctrl-C stops it.
+    Dev(dev::DevArgs),
+    /// Load generators that print throughput and latency percentiles.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // `{:#}` joins the error's causes with ": "; the replace keeps it on one line even when
+            // a server's message carries a newline.
+            let message = format!("{error:#}").replace(['\n', '\r'], " ");
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+    let global = cli.global;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Server(args) => server_cmd::run(args).await,
+            Command::Task(command) => task_cmd::run(command, &global).await,
+            Command::Cluster(command) => cluster_cmd::run(command, &global).await,
+            Command::Dev(args) => dev::run(args, &global).await,
+            Command::Bench(command) => bench::run(command, &global).await,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_options_apply_to_subcommands() {
+        let cli = Cli::try_parse_from(["colony", "task", "list", "--endpoint", "a:1,b:2", "--output", "json", "--timeout", "3s"]);
+        let cli = cli.map_err(|e| e.to_string());
+        let Ok(cli) = cli else { panic!("parse failed: {cli:?}") };
+        assert_eq!(cli.global.endpoint, vec!["a:1".to_owned(), "b:2".to_owned()]);
+        assert_eq!(cli.global.output, OutputFormat::Json);
+        assert_eq!(cli.global.timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn bad_endpoints_are_usage_errors() {
+        for bad in ["nohost", "host:", ":7101", "host:notaport", "a:1,,b:2"] {
+            assert!(Cli::try_parse_from(["colony", "task", "list", "--endpoint", bad]).is_err(), "{bad}");
+        }
+    }
+}

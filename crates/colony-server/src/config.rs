@@ -21,6 +21,11 @@ pub struct ServerConfig {
     pub heartbeat_interval: Duration,
     pub election_timeout_min: Duration,
     pub election_timeout_max: Duration,
+    /// Raft entries the proposer keeps in flight. openraft 0.9 appends (and fsyncs) each entry
+    /// on its own, so fewer, larger batches beat many small ones.
+    pub proposals_in_flight_max: usize,
+    /// Client commands batched into one Raft entry.
+    pub proposal_commands_max: usize,
 }
 
 impl ServerConfig {
@@ -35,6 +40,8 @@ impl ServerConfig {
             heartbeat_interval: Duration::from_millis(100),
             election_timeout_min: Duration::from_millis(400),
             election_timeout_max: Duration::from_millis(800),
+            proposals_in_flight_max: 4,
+            proposal_commands_max: 1024,
         }
     }
 }

@@ -163,6 +163,18 @@ async fn join(raft: Raft<TypeConfig>, peers: Peers, identity: Identity, targets:
     }
 }
 
+/// Accepted connections with Nagle's algorithm off: `Server::tcp_nodelay` applies only to
+/// listeners tonic binds itself, and Nagle plus delayed ACKs stalls small RPCs for tens of ms.
+fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    TcpListenerStream::new(listener).map(|accepted| {
+        accepted.and_then(|stream| {
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        })
+    })
+}
+
 async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
@@ -212,7 +224,14 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         id,
         cluster_id: identity.cluster_id.clone(),
         raft: raft.clone(),
-        proposer: Proposer::spawn(raft.clone(), ProposerConfig::default()),
+        proposer: Proposer::spawn(
+            raft.clone(),
+            ProposerConfig {
+                batch_commands_max: config.proposal_commands_max,
+                in_flight_max: config.proposals_in_flight_max,
+                ..ProposerConfig::default()
+            },
+        ),
         peers: peers.clone(),
         log,
         state,
@@ -230,12 +249,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let (stop_serving, serving_stopped) = watch::channel(false);
     let mut serving_stopped_rx = serving_stopped.clone();
     let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(raft_service)
         .add_service(AdminServer::new(AdminService { node: node.clone() }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming(listener), async move {
             let _ = serving_stopped_rx.wait_for(|stop| *stop).await;
         });
     let mut server = tokio::spawn(server);

@@ -23,7 +23,7 @@ pub struct ProposerConfig {
 
 impl Default for ProposerConfig {
     fn default() -> Self {
-        ProposerConfig { batch_commands_max: 1024, in_flight_max: 8, queue_commands_max: 16_384 }
+        ProposerConfig { batch_commands_max: 1024, in_flight_max: 4, queue_commands_max: 16_384 }
     }
 }
 

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Colony against etcd, side by side on this machine, in one run:
+#   1. three etcd members on loopback, `etcdctl check perf --load=l` (500 clients) and `--load=m`;
+#   2. three colony servers on loopback, `colony bench submit` with 500 clients (closed loop),
+#      then an open-loop 1,000 submissions/s run for latency.
+# Usage: cluster/bench.sh [DURATION, default 10s]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+duration="${1:-10s}"
+source cluster/setup.sh
+cargo build --release --bin colony
+colony="$CARGO_TARGET_DIR/release/colony"
+
+echo "== etcd (reference): etcdctl check perf --load=l"
+cluster/bench-etcd.sh l
+echo
+echo "== etcd (reference): etcdctl check perf --load=m"
+cluster/bench-etcd.sh m
+echo
+
+dir="$(mktemp -d /tmp/colony-bench.XXXXXX)"
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+"$colony" server --id 1 --data-dir "$dir/d1" --listen 127.0.0.1:17101 --bootstrap >"$dir/s1.log" 2>&1 &
+pids+=($!)
+for i in 2 3; do
+    "$colony" server --id "$i" --data-dir "$dir/d$i" --listen "127.0.0.1:1710$i" --join 127.0.0.1:17101 >"$dir/s$i.log" 2>&1 &
+    pids+=($!)
+done
+endpoints=127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103
+for _ in $(seq 1 100); do
+    voters=$("$colony" --endpoint "$endpoints" --timeout 1s cluster status --output json 2>/dev/null | grep -c '"voter"' || true)
+    [ "$voters" = 3 ] && break
+    sleep 0.2
+done
+echo "== colony: bench submit, 500 clients, closed loop, every server"
+"$colony" --endpoint "$endpoints" bench submit --clients 500 --duration "$duration"
+echo
+echo "== colony: bench submit, 500 clients, closed loop, leader only"
+"$colony" --endpoint 127.0.0.1:17101 bench submit --clients 500 --duration "$duration"
+echo
+echo "== colony: bench submit, open loop at 1,000 submissions/s, every server"
+"$colony" --endpoint "$endpoints" bench submit --clients 64 --rate 1000 --duration "$duration"

@@ -1,0 +1,421 @@
+//! `colony dev`: a whole local cluster as child processes, a demo workload, and a clean stop.
+//!
+//! The servers are this same executable run as `colony server`. They live in their own process
+//! group (so a terminal's Ctrl-C reaches only us, and we stop them in order), are killed if their
+//! `Child` handle is dropped on an error path, and ask the kernel to stop them if we die without
+//! a chance to clean up.
+
+use crate::client::Client;
+use crate::cluster_cmd::{self, StatusJson};
+use crate::output;
+use crate::task_cmd;
+use crate::GlobalArgs;
+use anyhow::{anyhow, bail, Context as _, Result};
+use clap::Args;
+use colony_core::{Resources, RunSpec, Task, TaskId, TaskSpec};
+use indicatif::{ProgressBar, ProgressFinish};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::Instant;
+
+/// How long the servers get to elect a leader and join before `colony dev` gives up.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the servers get to stop after SIGTERM before they are killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the children and the cluster are looked at while waiting.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where the servers keep their data and logs; default: a new directory under the system
+    /// temp dir. A directory from an earlier `colony dev` restarts that cluster from its data.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Server N listens on 127.0.0.1:(base-port + N - 1).
+    #[arg(long, default_value_t = 7101)]
+    base_port: u16,
+    /// How many servers.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
+    servers: u64,
+}
+
+/// One child server.
+struct Server {
+    id: u64,
+    addr: String,
+    data_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// Starts `colony server` for this server, with output appended to its log.
+    fn spawn(&mut self, exe: &Path, role: &[String]) -> Result<()> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("cannot open {}", self.log.display()))?;
+        let log_err: File = log.try_clone().with_context(|| format!("cannot open {}", self.log.display()))?;
+        let mut command = Command::new(exe);
+        command
+            .arg("server")
+            .args(["--id", &self.id.to_string(), "--listen", &self.addr])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(role)
+            .args(["--parent-pid", &std::process::id().to_string()])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0)
+            .kill_on_drop(true);
+        let child = command.spawn().with_context(|| format!("cannot start server {} ({})", self.id, exe.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// An error if the server has exited (it never should while the cluster runs).
+    fn check_running(&mut self) -> Result<()> {
+        let Some(child) = self.child.as_mut() else { return Ok(()) };
+        match child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => {
+                self.child = None;
+                Err(anyhow!("server {} exited unexpectedly ({status}); see its log {}", self.id, self.log.display()))
+            }
+            Err(e) => Err(anyhow!("cannot check on server {}: {e}", self.id)),
+        }
+    }
+}
+
+/// SIGINT (Ctrl-C), SIGTERM and SIGHUP all mean "stop the cluster".
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> Result<StopSignals> {
+        let listen = |kind| signal(kind).context("cannot listen for signals");
+        Ok(StopSignals {
+            interrupt: listen(SignalKind::interrupt())?,
+            terminate: listen(SignalKind::terminate())?,
+            hangup: listen(SignalKind::hangup())?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "Ctrl-C",
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.hangup.recv() => "SIGHUP",
+        }
+    }
+}
+
+pub async fn run(args: DevArgs, global: &GlobalArgs) -> Result<()> {
+    let mut signals = StopSignals::new()?;
+    let dir = prepare_dir(args.dir.as_deref())?;
+    let mut servers = plan(&dir, args.base_port, args.servers)?;
+    let restart = restarting(&servers)?;
+    for server in &servers {
+        check_port_free(&server.addr)?;
+    }
+    let outcome = tokio::select! {
+        biased;
+        name = signals.recv() => {
+            eprintln!("\n{name}: stopping the cluster");
+            Ok(())
+        }
+        result = serve(&mut servers, &dir, restart, global) => result,
+    };
+    let stopped = stop(&mut servers).await;
+    // The first failure is the one to report; a failure to stop is reported only on its own.
+    outcome.and(stopped)
+}
+
+/// The directory for this run: the given one (created if needed) or a fresh temporary one.
+fn prepare_dir(dir: Option<&Path>) -> Result<PathBuf> {
+    let dir = match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            dir.to_path_buf()
+        }
+        None => {
+            let dir = std::env::temp_dir().join(format!("colony-dev-{:08x}", rand::random::<u32>()));
+            std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            dir
+        }
+    };
+    // Absolute, so that the printed paths work from any directory.
+    std::fs::canonicalize(&dir).with_context(|| format!("cannot resolve {}", dir.display()))
+}
+
+fn plan(dir: &Path, base_port: u16, count: u64) -> Result<Vec<Server>> {
+    (1..=count)
+        .map(|id| {
+            let port = u16::try_from(u64::from(base_port) + id - 1)
+                .map_err(|_| anyhow!("--base-port {base_port} leaves no room for {count} servers"))?;
+            Ok(Server {
+                id,
+                addr: format!("127.0.0.1:{port}"),
+                data_dir: dir.join(format!("server{id}")),
+                log: dir.join(format!("server{id}.log")),
+                child: None,
+            })
+        })
+        .collect()
+}
+
+/// Whether every server already has data from an earlier run (then they restart from it) or none
+/// has (a new cluster); a mix cannot be started safely.
+fn restarting(servers: &[Server]) -> Result<bool> {
+    let has_data = |s: &Server| std::fs::read_dir(&s.data_dir).map(|mut entries| entries.next().is_some()).unwrap_or(false);
+    let with_data = servers.iter().filter(|s| has_data(s)).count();
+    if with_data == 0 {
+        Ok(false)
+    } else if with_data == servers.len() {
+        Ok(true)
+    } else {
+        bail!("some servers' data directories under this --dir have data and some do not; use a new --dir")
+    }
+}
+
+fn check_port_free(addr: &str) -> Result<()> {
+    std::net::TcpListener::bind(addr)
+        .map(drop)
+        .map_err(|e| anyhow!("cannot use {addr}: {e} (another cluster running? try --base-port)"))
+}
+
+/// Starts the servers, waits for them, runs the demo and then watches the children until one
+/// exits. Returns only on an error; a stop signal ends it from outside.
+async fn serve(servers: &mut [Server], dir: &Path, restart: bool, global: &GlobalArgs) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find this executable to start servers with")?;
+    let endpoints: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+    // Cleared however this ends (ready, error, or a stop signal dropping this future).
+    let spinner = ProgressBar::new_spinner().with_finish(ProgressFinish::AndClear);
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    let deadline = Instant::now() + READY_TIMEOUT;
+    if restart {
+        spinner.set_message(format!("restarting {} servers from {}", servers.len(), dir.display()));
+        for server in servers.iter_mut() {
+            server.spawn(&exe, &[])?;
+        }
+    } else {
+        // The first server bootstraps and must lead before the others ask it to let them join.
+        let first = servers[0].addr.clone();
+        spinner.set_message(format!("starting server 1 on {first}"));
+        servers[0].spawn(&exe, &["--bootstrap".to_owned()])?;
+        wait_until(servers, std::slice::from_ref(&first), deadline, &spinner, |_| None).await?;
+        for server in servers.iter_mut().skip(1) {
+            spinner.set_message(format!("starting server {} on {}", server.id, server.addr));
+            server.spawn(&exe, &["--join".to_owned(), first.clone()])?;
+        }
+    }
+    let wanted = servers.len();
+    let status = wait_until(servers, &endpoints, deadline, &spinner, |s| {
+        let voters = s.members.iter().filter(|m| m.role == "voter").count();
+        (s.members.len() != wanted || voters != wanted).then(|| format!("{voters} of {wanted} servers are voters"))
+    })
+    .await?;
+    drop(spinner);
+    print_welcome(&status, servers, dir);
+
+    let mut client = Client::new(&endpoints, global.timeout)?;
+    let tasks = submit_demo(&mut client).await?;
+    println!("Demo workload (fetch, then train and evaluate, then report):");
+    output::print_task_table(&tasks);
+    println!("No executors run tasks yet (they come in a later issue): pending and blocked tasks stay that way.");
+    println!();
+    println!("Press Ctrl-C to stop the cluster.");
+
+    let mut ticker = tokio::time::interval(POLL_INTERVAL);
+    loop {
+        ticker.tick().await;
+        for server in servers.iter_mut() {
+            server.check_running()?;
+        }
+    }
+}
+
+/// Polls ClusterStatus through `endpoints` until a leader is known and `pending` (what is still
+/// missing, if anything) says nothing is; fails if a child exits or the deadline passes.
+async fn wait_until(
+    servers: &mut [Server],
+    endpoints: &[String],
+    deadline: Instant,
+    spinner: &ProgressBar,
+    pending: impl Fn(&StatusJson) -> Option<String>,
+) -> Result<StatusJson> {
+    let mut client = Client::new(endpoints, POLL_INTERVAL * 5)?;
+    let mut last = String::from("no answer yet");
+    loop {
+        for server in servers.iter_mut() {
+            server.check_running()?;
+        }
+        if Instant::now() >= deadline {
+            let logs: Vec<String> = servers.iter().map(|s| s.log.display().to_string()).collect();
+            bail!(
+                "the cluster was not ready within {} ({last}); see the logs: {}",
+                humantime::format_duration(READY_TIMEOUT),
+                logs.join(" ")
+            );
+        }
+        match cluster_cmd::cluster_status(&mut client).await {
+            Ok(status) => {
+                let status = StatusJson::from(status);
+                let missing = match status.leader_id {
+                    None => Some("waiting for a leader".to_owned()),
+                    Some(_) => pending(&status),
+                };
+                match missing {
+                    None => return Ok(status),
+                    Some(missing) => last = missing,
+                }
+            }
+            Err(e) => last = format!("{e:#}"),
+        }
+        spinner.set_message(last.clone());
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+fn print_welcome(status: &StatusJson, servers: &[Server], dir: &Path) {
+    let endpoints: Vec<&str> = servers.iter().map(|s| s.addr.as_str()).collect();
+    let leader = status.leader_id.map_or_else(|| "none".to_owned(), |id| id.to_string());
+    println!("Colony dev cluster {} is up: {} servers, leader {leader}.", status.cluster_id, servers.len());
+    println!();
+    cluster_cmd::print_members(&status.members);
+    println!();
+    println!("Reach it from another shell:");
+    println!("  export COLONY_ENDPOINT={}", endpoints.join(","));
+    println!("  colony cluster status");
+    println!("  colony task submit --name hello -- /bin/echo hello");
+    println!("  colony task list");
+    println!("  colony bench submit --duration 5s");
+    println!();
+    println!("Data: {}/server{{1..{}}}", dir.display(), servers.len());
+    println!("Logs: {}/server{{1..{}}}.log", dir.display(), servers.len());
+    println!("Restart this cluster later with: colony dev --dir {}", dir.display());
+    println!();
+}
+
+/// A small DAG: fetch, then train and evaluate, then report. Fixed idempotency keys make a
+/// restarted `colony dev --dir` find the tasks it submitted before instead of adding more.
+async fn submit_demo(client: &mut Client) -> Result<Vec<Task>> {
+    let steps: [(&str, &[&str], u64, &str); 4] = [
+        ("fetch", &[], 250, "fetching the dataset"),
+        ("train", &["fetch"], 1000, "training the model"),
+        ("evaluate", &["fetch"], 500, "evaluating the baseline"),
+        ("report", &["train", "evaluate"], 100, "writing the report"),
+    ];
+    let mut ids: BTreeMap<&str, TaskId> = BTreeMap::new();
+    let mut tasks = Vec::new();
+    for (name, after, cpu_millis, message) in steps {
+        let dependencies = after.iter().filter_map(|a| ids.get(a).copied()).collect();
+        let spec = TaskSpec {
+            name: name.to_owned(),
+            namespace: "demo".to_owned(),
+            labels: BTreeMap::new(),
+            capabilities: Default::default(),
+            resources: Resources { cpu_millis, memory_bytes: 64 << 20, gpus: 0, custom: BTreeMap::new() },
+            priority: 100,
+            deadline_unix_ms: None,
+            timeout_ms: Some(60_000),
+            max_retries: 1,
+            dependencies,
+            run: RunSpec::Process { program: "/bin/echo".to_owned(), args: vec![message.to_owned()], env: BTreeMap::new() },
+            idempotency_key: Some(format!("colony-dev-demo-{name}")),
+        };
+        let (task, _) = task_cmd::submit(client, &spec).await.with_context(|| format!("cannot submit the demo task {name}"))?;
+        ids.insert(name, task.id);
+        tasks.push(task);
+    }
+    Ok(tasks)
+}
+
+/// SIGTERM to every running server, then wait; whoever is still running after the grace period
+/// is killed.
+async fn stop(servers: &mut [Server]) -> Result<()> {
+    for server in servers.iter_mut() {
+        if let Some(pid) = server.child.as_ref().and_then(Child::id).and_then(|pid| i32::try_from(pid).ok()) {
+            // ESRCH means it is gone already, which is what we want.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    let mut killed = Vec::new();
+    let mut stopped = 0;
+    for server in servers.iter_mut() {
+        let Some(mut child) = server.child.take() else { continue };
+        let exit: std::io::Result<ExitStatus> = match tokio::time::timeout_at(deadline, child.wait()).await {
+            Ok(exit) => exit,
+            Err(_) => {
+                killed.push(server.id.to_string());
+                // Kill errors mean it has exited meanwhile; wait() reaps it either way.
+                let _ = child.start_kill();
+                child.wait().await
+            }
+        };
+        match exit {
+            Ok(status) if status.success() => stopped += 1,
+            Ok(status) => eprintln!("server {} stopped with {status}; see its log {}", server.id, server.log.display()),
+            Err(e) => eprintln!("cannot wait for server {}: {e}", server.id),
+        }
+    }
+    if !killed.is_empty() {
+        bail!(
+            "servers {} did not stop within {} of SIGTERM and were killed",
+            killed.join(", "),
+            humantime::format_duration(STOP_TIMEOUT)
+        );
+    }
+    if stopped > 0 {
+        eprintln!("stopped {stopped} servers");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_get_consecutive_ports_and_own_dirs() {
+        let servers = match plan(Path::new("/tmp/x"), 7101, 3) {
+            Ok(servers) => servers,
+            Err(e) => panic!("{e:#}"),
+        };
+        let addrs: Vec<&str> = servers.iter().map(|s| s.addr.as_str()).collect();
+        assert_eq!(addrs, ["127.0.0.1:7101", "127.0.0.1:7102", "127.0.0.1:7103"]);
+        assert_eq!(servers[2].data_dir, Path::new("/tmp/x/server3"));
+        assert_eq!(servers[2].log, Path::new("/tmp/x/server3.log"));
+        assert!(plan(Path::new("/tmp/x"), 65535, 2).is_err());
+    }
+
+    #[test]
+    fn a_dir_is_new_or_a_whole_earlier_cluster() {
+        let dir = std::env::temp_dir().join(format!("colony-dev-test-{:08x}", rand::random::<u32>()));
+        let servers = match plan(&dir, 7101, 2) {
+            Ok(servers) => servers,
+            Err(e) => panic!("{e:#}"),
+        };
+        assert!(matches!(restarting(&servers), Ok(false)));
+        for (i, server) in servers.iter().enumerate() {
+            assert!(std::fs::create_dir_all(&server.data_dir).is_ok());
+            assert!(std::fs::write(server.data_dir.join("node.json"), "{}").is_ok());
+            let expected = i + 1 == servers.len();
+            assert_eq!(restarting(&servers).ok(), if expected { Some(true) } else { None });
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,168 @@
+//! How results are printed: plain tables for people, JSON for scripts.
+
+use anyhow::{Context as _, Result};
+use colony_core::resources::{format_cpu_millis, format_memory_bytes};
+use colony_core::{RunSpec, Task};
+use comfy_table::{presets, ContentArrangement, Table};
+use serde::Serialize;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// `--output`: how a command prints what it read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+/// A borderless table in the style of `kubectl get`: columns separated by spaces, so the output
+/// is easy to read and to cut with `awk`.
+pub fn table<I, S>(header: I) -> Table
+where
+    I: IntoIterator<Item = S>,
+    S: Into<comfy_table::Cell>,
+{
+    let mut table = Table::new();
+    table.load_preset(presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled).set_header(header);
+    table
+}
+
+/// Prints a table with no leading space and two spaces between columns.
+pub fn print_table(mut table: Table) {
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    // Trailing padding on the last column would leave spaces at the end of every line.
+    for line in table.lines() {
+        println!("{}", line.trim_end());
+    }
+}
+
+/// Key-value rows, for one record (a task, a benchmark report).
+pub fn print_fields(fields: &[(&str, String)]) {
+    let mut table = Table::new();
+    table.load_preset(presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled);
+    for (key, value) in fields {
+        table.add_row(vec![format!("{key}:"), value.clone()]);
+    }
+    print_table(table);
+}
+
+/// Prints any serializable value as pretty JSON on stdout.
+pub fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).context("cannot encode the result as JSON")?;
+    println!("{text}");
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch by this machine's clock.
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0)
+}
+
+/// A short age the way `kubectl` prints it: `45s`, `12m`, `3h`, `5d`.
+pub fn format_age(since_unix_ms: u64, now_unix_ms: u64) -> String {
+    let seconds = now_unix_ms.saturating_sub(since_unix_ms) / 1000;
+    match seconds {
+        s if s < 120 => format!("{s}s"),
+        s if s < 120 * 60 => format!("{}m", s / 60),
+        s if s < 48 * 3600 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// The task-list table: ID, NAME, STATE, PRIORITY, CPU, MEMORY, ATTEMPT, AGE.
+pub fn print_task_table(tasks: &[Task]) {
+    let now = now_unix_ms();
+    let mut t = table(["ID", "NAME", "STATE", "PRIORITY", "CPU", "MEMORY", "ATTEMPT", "AGE"]);
+    for task in tasks {
+        t.add_row(vec![
+            task.id.to_string(),
+            task.spec.name.clone(),
+            task.state.to_string(),
+            task.spec.priority.to_string(),
+            format_cpu_millis(task.spec.resources.cpu_millis),
+            format_memory_bytes(task.spec.resources.memory_bytes),
+            task.attempt.to_string(),
+            format_age(task.created_unix_ms, now),
+        ]);
+    }
+    print_table(t);
+}
+
+/// Every field of one task, one per line.
+pub fn print_task_details(task: &Task) {
+    let spec = &task.spec;
+    let now = now_unix_ms();
+    let mut fields = vec![
+        ("id", task.id.to_string()),
+        ("name", spec.name.clone()),
+        ("namespace", spec.namespace.clone()),
+        ("state", task.state.to_string()),
+        ("priority", spec.priority.to_string()),
+        ("resources", spec.resources.to_string()),
+        ("attempt", task.attempt.to_string()),
+        ("max retries", spec.max_retries.to_string()),
+    ];
+    let run = match &spec.run {
+        RunSpec::Process { program, args, .. } => std::iter::once(program).chain(args).cloned().collect::<Vec<_>>().join(" "),
+        RunSpec::Builtin { handler, input } if input.is_empty() => format!("builtin {handler}"),
+        RunSpec::Builtin { handler, input } => format!("builtin {handler} (input {input:?})"),
+    };
+    fields.push(("run", run));
+    if let RunSpec::Process { env, .. } = &spec.run {
+        if !env.is_empty() {
+            fields.push(("env", env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")));
+        }
+    }
+    if !spec.dependencies.is_empty() {
+        fields.push(("after", spec.dependencies.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")));
+    }
+    if !spec.labels.is_empty() {
+        fields.push(("labels", spec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")));
+    }
+    if !spec.capabilities.is_empty() {
+        fields.push(("capabilities", spec.capabilities.iter().cloned().collect::<Vec<_>>().join(", ")));
+    }
+    if let Some(deadline) = spec.deadline_unix_ms {
+        fields.push(("deadline", format_unix_ms(deadline)));
+    }
+    if let Some(timeout) = spec.timeout_ms {
+        fields.push(("timeout", humantime::format_duration(std::time::Duration::from_millis(timeout)).to_string()));
+    }
+    if let Some(key) = &spec.idempotency_key {
+        fields.push(("idempotency key", key.clone()));
+    }
+    if let Some(token) = task.fencing_token {
+        fields.push(("fencing token", token.to_string()));
+    }
+    fields.push(("created", format!("{} ({} ago)", format_unix_ms(task.created_unix_ms), format_age(task.created_unix_ms, now))));
+    fields.push(("updated", format_unix_ms(task.updated_unix_ms)));
+    if let Some(finished) = task.finished_unix_ms {
+        fields.push(("finished", format_unix_ms(finished)));
+    }
+    if let Some(reason) = &task.reason {
+        fields.push(("reason", reason.clone()));
+    }
+    print_fields(&fields);
+}
+
+/// An RFC 3339 timestamp (UTC, seconds) of a Unix time in milliseconds.
+fn format_unix_ms(unix_ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_millis(unix_ms)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages() {
+        let now = 1_000_000_000;
+        assert_eq!(format_age(now - 5_000, now), "5s");
+        assert_eq!(format_age(now - 600_000, now), "10m");
+        assert_eq!(format_age(now - 3 * 3_600_000, now), "3h");
+        assert_eq!(format_age(now - 5 * 86_400_000, now), "5d");
+        // A server clock ahead of ours is not a negative age.
+        assert_eq!(format_age(now + 5_000, now), "0s");
+    }
+}

@@ -1,0 +1,166 @@
+//! `colony server`: runs one server node with its logging set up.
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, ValueEnum};
+use colony_server::ServerConfig;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::time::Duration;
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The flags of `colony server`; examples are in its help.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// This server's id; needed the first time, remembered in the data directory after.
+    #[arg(long)]
+    id: Option<u64>,
+    /// Where the Raft log, snapshots and state live.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// HOST:PORT to serve on and advertise to peers; needed the first time.
+    #[arg(long, value_parser = crate::client::parse_endpoint)]
+    listen: Option<String>,
+    /// Create a new cluster with this server as its first member.
+    #[arg(long, conflicts_with = "join")]
+    bootstrap: bool,
+    /// Join an existing cluster through any of these servers (comma-separated HOST:PORT).
+    #[arg(long, value_delimiter = ',', value_parser = crate::client::parse_endpoint)]
+    join: Vec<String>,
+    /// Build a snapshot, and purge the log behind it, after this many log entries.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    snapshot_logs: u64,
+    /// Leader heartbeat interval.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    heartbeat_ms: u64,
+    /// Election timeout, lower bound (each follower picks a random timeout in [min, max)).
+    #[arg(long, default_value_t = 400)]
+    election_timeout_ms_min: u64,
+    /// Election timeout, upper bound.
+    #[arg(long, default_value_t = 800)]
+    election_timeout_ms_max: u64,
+    /// Raft entries the leader keeps in flight; each is appended and fsynced on its own, so fewer,
+    /// larger batches of client commands beat many small ones.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    proposals_in_flight: u64,
+    /// Client commands batched into one Raft entry.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    proposal_commands_max: u64,
+    /// Log lines on stdout as text or as JSON objects; the level comes from RUST_LOG (default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Set by `colony dev`: stop when this process (the parent) exits, however it exits.
+    #[arg(long, hide = true)]
+    parent_pid: Option<i32>,
+}
+
+fn config(args: &ServerArgs) -> Result<ServerConfig> {
+    if args.election_timeout_ms_min >= args.election_timeout_ms_max {
+        bail!(
+            "--election-timeout-ms-min ({}) must be below --election-timeout-ms-max ({})",
+            args.election_timeout_ms_min,
+            args.election_timeout_ms_max
+        );
+    }
+    if args.heartbeat_ms >= args.election_timeout_ms_min {
+        bail!(
+            "--heartbeat-ms ({}) must be below --election-timeout-ms-min ({}), or followers start elections under a healthy leader",
+            args.heartbeat_ms,
+            args.election_timeout_ms_min
+        );
+    }
+    let mut config = ServerConfig::new(args.data_dir.clone());
+    config.id = args.id;
+    config.listen = args.listen.clone();
+    config.bootstrap = args.bootstrap;
+    config.join = args.join.clone();
+    config.snapshot_logs_threshold = args.snapshot_logs;
+    config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
+    config.election_timeout_min = Duration::from_millis(args.election_timeout_ms_min);
+    config.election_timeout_max = Duration::from_millis(args.election_timeout_ms_max);
+    config.proposals_in_flight_max = args.proposals_in_flight as usize;
+    config.proposal_commands_max = args.proposal_commands_max as usize;
+    Ok(config)
+}
+
+fn init_logging(format: LogFormat) -> Result<()> {
+    let filter = EnvFilter::builder().with_default_directive(LevelFilter::INFO.into()).from_env().context("invalid RUST_LOG")?;
+    // Logs go to stdout, so a server that fails has only its `error:` line on stderr.
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stdout().is_terminal());
+    let installed = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    installed.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+}
+
+/// Asks the kernel to send SIGTERM when the parent exits, then checks the parent is still the one
+/// that started us (it may have exited before the request took effect).
+fn exit_with_parent(parent: i32) -> Result<()> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).context("cannot ask to be stopped with the parent")?;
+    if nix::unistd::getppid() != Pid::from_raw(parent) {
+        bail!("the parent process {parent} has already exited");
+    }
+    Ok(())
+}
+
+pub async fn run(args: ServerArgs) -> Result<()> {
+    let config = config(&args)?;
+    if let Some(parent) = args.parent_pid {
+        exit_with_parent(parent)?;
+    }
+    init_logging(args.log_format)?;
+    colony_server::run(config).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Harness {
+        #[command(flatten)]
+        args: ServerArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<ServerConfig> {
+        let harness = Harness::try_parse_from(std::iter::once("server").chain(argv.iter().copied()))?;
+        config(&harness.args)
+    }
+
+    #[test]
+    fn flags_become_the_config() {
+        let config = match parse(&["--id", "2", "--data-dir", "/d", "--listen", "127.0.0.1:7102", "--join", "a:1,b:2", "--heartbeat-ms", "50"]) {
+            Ok(config) => config,
+            Err(e) => panic!("{e:#}"),
+        };
+        assert_eq!(config.id, Some(2));
+        assert_eq!(config.listen.as_deref(), Some("127.0.0.1:7102"));
+        assert_eq!(config.join, vec!["a:1".to_owned(), "b:2".to_owned()]);
+        assert!(!config.bootstrap);
+        assert_eq!(config.heartbeat_interval, Duration::from_millis(50));
+        assert_eq!(config.snapshot_logs_threshold, 20_000);
+    }
+
+    #[test]
+    fn a_restart_needs_only_the_data_dir() {
+        assert!(parse(&["--data-dir", "/d"]).is_ok_and(|c| c.id.is_none() && c.listen.is_none()));
+    }
+
+    #[test]
+    fn bad_flags_are_refused() {
+        assert!(parse(&["--data-dir", "/d", "--bootstrap", "--join", "a:1"]).is_err());
+        assert!(parse(&["--bootstrap"]).is_err());
+        assert!(parse(&["--data-dir", "/d", "--listen", "nohost"]).is_err());
+        assert!(parse(&["--data-dir", "/d", "--election-timeout-ms-min", "900"]).is_err_and(|e| e.to_string().contains("must be below")));
+        assert!(parse(&["--data-dir", "/d", "--heartbeat-ms", "500"]).is_err_and(|e| e.to_string().contains("must be below")));
+    }
+}
