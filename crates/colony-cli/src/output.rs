@@ -2,7 +2,7 @@
 
 use anyhow::{Context as _, Result};
 use colony_core::resources::{format_cpu_millis, format_memory_bytes};
-use colony_core::{RunSpec, Task};
+use colony_core::{FencingToken, RunSpec, Task, TaskId, TaskSpec, TaskState};
 use comfy_table::{presets, ContentArrangement, Table};
 use serde::Serialize;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -52,6 +52,39 @@ pub fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value).context("cannot encode the result as JSON")?;
     println!("{text}");
     Ok(())
+}
+
+/// A task as scripts read it: the spec's fields (`name`, `priority`, `resources`, ...) at the top
+/// level beside `id`, `state` and `attempt`. The core type nests the spec because it is persisted
+/// with bincode, which cannot flatten.
+#[derive(Serialize)]
+pub struct TaskJson<'a> {
+    id: TaskId,
+    #[serde(flatten)]
+    spec: &'a TaskSpec,
+    state: TaskState,
+    attempt: u32,
+    fencing_token: Option<FencingToken>,
+    created_unix_ms: u64,
+    updated_unix_ms: u64,
+    finished_unix_ms: Option<u64>,
+    reason: Option<&'a str>,
+}
+
+impl<'a> From<&'a Task> for TaskJson<'a> {
+    fn from(task: &'a Task) -> Self {
+        TaskJson {
+            id: task.id,
+            spec: &task.spec,
+            state: task.state,
+            attempt: task.attempt,
+            fencing_token: task.fencing_token,
+            created_unix_ms: task.created_unix_ms,
+            updated_unix_ms: task.updated_unix_ms,
+            finished_unix_ms: task.finished_unix_ms,
+            reason: task.reason.as_deref(),
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch by this machine's clock.
@@ -164,5 +197,41 @@ mod tests {
         assert_eq!(format_age(now - 5 * 86_400_000, now), "5d");
         // A server clock ahead of ours is not a negative age.
         assert_eq!(format_age(now + 5_000, now), "0s");
+    }
+
+    #[test]
+    fn task_json_has_the_spec_fields_at_the_top_level() {
+        let task = Task {
+            id: TaskId(7),
+            spec: TaskSpec {
+                name: "hello".into(),
+                namespace: "default".into(),
+                labels: Default::default(),
+                capabilities: Default::default(),
+                resources: colony_core::Resources { cpu_millis: 250, memory_bytes: 64 << 20, gpus: 0, custom: Default::default() },
+                priority: 10,
+                deadline_unix_ms: None,
+                timeout_ms: None,
+                max_retries: 0,
+                dependencies: Default::default(),
+                run: RunSpec::Process { program: "/bin/echo".into(), args: vec!["hi".into()], env: Default::default() },
+                idempotency_key: None,
+            },
+            state: TaskState::TimedOut,
+            attempt: 0,
+            fencing_token: None,
+            created_unix_ms: 1,
+            updated_unix_ms: 1,
+            finished_unix_ms: Some(1),
+            reason: None,
+        };
+        let json = serde_json::to_value(TaskJson::from(&task)).expect("serializes");
+        assert_eq!(json["id"], 7);
+        assert_eq!(json["name"], "hello");
+        assert_eq!(json["state"], "timed_out");
+        assert_eq!(json["priority"], 10);
+        assert_eq!(json["attempt"], 0);
+        assert_eq!(json["resources"]["cpu_millis"], 250);
+        assert_eq!(json["resources"]["memory_bytes"], 64 << 20);
     }
 }

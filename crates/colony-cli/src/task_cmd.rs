@@ -1,7 +1,7 @@
 //! `colony task`: submit, get, list and cancel tasks.
 
 use crate::client::Client;
-use crate::output::{self, OutputFormat};
+use crate::output::{self, OutputFormat, TaskJson};
 use crate::GlobalArgs;
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Args, Subcommand};
@@ -140,7 +140,7 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
             }
             match global.output {
                 OutputFormat::Table => println!("{}", task.id),
-                OutputFormat::Json => output::print_json(&task)?,
+                OutputFormat::Json => output::print_json(&TaskJson::from(&task))?,
             }
             Ok(())
         }
@@ -156,7 +156,7 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
             let task = task_from_proto(response.task)?;
             match global.output {
                 OutputFormat::Table => output::print_task_details(&task),
-                OutputFormat::Json => output::print_json(&task)?,
+                OutputFormat::Json => output::print_json(&TaskJson::from(&task))?,
             }
             Ok(())
         }
@@ -165,7 +165,7 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
             let tasks = list(&mut client, &args).await?;
             match global.output {
                 OutputFormat::Table => output::print_task_table(&tasks),
-                OutputFormat::Json => output::print_json(&tasks)?,
+                OutputFormat::Json => output::print_json(&tasks.iter().map(TaskJson::from).collect::<Vec<_>>())?,
             }
             Ok(())
         }
@@ -188,7 +188,7 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
                     }
                 }
                 OutputFormat::Json => {
-                    output::print_json(&serde_json::json!({ "task": task, "cascaded": response.cascaded }))?;
+                    output::print_json(&serde_json::json!({ "task": TaskJson::from(&task), "cascaded": response.cascaded }))?;
                 }
             }
             Ok(())
