@@ -6,6 +6,7 @@
 use anyhow::{bail, Context};
 use colony_proto::pb::admin_client::AdminClient;
 use colony_proto::pb::{self, ClusterStatusRequest};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -277,4 +278,20 @@ pub async fn local_task_ids(addr: &str) -> anyhow::Result<Vec<u64>> {
         }
         after_id = page.next_after_id;
     }
+}
+
+/// Waits until the server at `addr` holds exactly `expected` in its own applied state. A task the
+/// clients never had acknowledged fails at once: it would be a write nobody asked for.
+pub async fn wait_for_exact_tasks(server: &Server, expected: &BTreeSet<u64>, timeout: Duration) -> anyhow::Result<()> {
+    let addr = server.addr.clone();
+    wait_for(&format!("server {} to hold exactly the {} acknowledged tasks", server.id, expected.len()), timeout, || {
+        let addr = addr.clone();
+        async move {
+            let ids: BTreeSet<u64> = local_task_ids(&addr).await?.into_iter().collect();
+            let unexpected: Vec<&u64> = ids.difference(expected).collect();
+            anyhow::ensure!(unexpected.is_empty(), "server holds tasks that were never acknowledged: {unexpected:?}");
+            Ok((&ids == expected).then_some(()))
+        }
+    })
+    .await
 }

@@ -1,7 +1,7 @@
 //! kill -9 the leader in the middle of 1,000 submissions: nothing acknowledged is lost.
 
 use colony_proto::pb;
-use colony_tests::{client, local_task_ids, task_spec, wait_for, Cluster};
+use colony_tests::{client, task_spec, wait_for, wait_for_exact_tasks, Cluster};
 use rand::Rng;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -86,19 +86,7 @@ async fn kill_leader_mid_stream_loses_nothing() -> anyhow::Result<()> {
     let acked: BTreeSet<u64> = acked.lock().unwrap().clone();
     assert_eq!(acked.len(), TASKS, "every submission has its own task (idempotency keys deduplicate retries)");
     for server in &cluster.servers {
-        let addr = server.addr.clone();
-        let expected = acked.clone();
-        wait_for(&format!("server {} to hold every acknowledged task", server.id), Duration::from_secs(30), || {
-            let (addr, expected) = (addr.clone(), expected.clone());
-            async move {
-                let ids: BTreeSet<u64> = local_task_ids(&addr).await?.into_iter().collect();
-                let unexpected: Vec<&u64> = ids.difference(&expected).collect();
-                anyhow::ensure!(unexpected.is_empty(), "server holds tasks that were never acknowledged: {unexpected:?}");
-                Ok((ids == expected).then_some(()))
-            }
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
+        wait_for_exact_tasks(server, &acked, Duration::from_secs(30)).await.map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
     }
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! A server whose log was purged behind a snapshot while it was down catches up by snapshot install.
 
 use colony_proto::pb;
-use colony_tests::{local_task_ids, task_spec, wait_for, Cluster};
+use colony_tests::{task_spec, wait_for_exact_tasks, Cluster};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -13,23 +14,17 @@ async fn lagging_server_catches_up_by_snapshot() -> anyhow::Result<()> {
     let lagging_id = cluster.servers[lagging].id;
 
     let mut c = cluster.servers[leader].client().await?;
-    let mut ids = Vec::new();
+    let mut ids = BTreeSet::new();
     for n in 0..400 {
         let spec = task_spec(&format!("snap-{n}"), None);
-        ids.push(c.submit_task(pb::SubmitTaskRequest { spec: Some(spec) }).await?.into_inner().task.map_or(0, |t| t.id));
+        ids.insert(c.submit_task(pb::SubmitTaskRequest { spec: Some(spec) }).await?.into_inner().task.map_or(0, |t| t.id));
     }
     let status = cluster.servers[leader].status().await?;
     let purged = status.purged_index.unwrap_or(0);
     assert!(status.snapshot_index.is_some() && purged > 100, "the leader snapshotted and purged its log: {status:?}");
 
     cluster.servers[lagging].restart()?;
-    let addr = cluster.servers[lagging].addr.clone();
-    wait_for("the restarted server to catch up", Duration::from_secs(30), || {
-        let (addr, ids) = (addr.clone(), ids.clone());
-        async move { Ok((local_task_ids(&addr).await? == ids).then_some(())) }
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
+    wait_for_exact_tasks(&cluster.servers[lagging], &ids, Duration::from_secs(30)).await.map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
     let caught_up = cluster.servers[lagging].status().await?;
     assert!(
         caught_up.snapshot_index.is_some_and(|s| s >= purged),
@@ -39,10 +34,6 @@ async fn lagging_server_catches_up_by_snapshot() -> anyhow::Result<()> {
     // A restart now recovers from the installed snapshot plus the log after it.
     cluster.servers[lagging].kill9();
     cluster.servers[lagging].restart()?;
-    wait_for("the server to recover from its snapshot", Duration::from_secs(30), || {
-        let (addr, ids) = (addr.clone(), ids.clone());
-        async move { Ok((local_task_ids(&addr).await? == ids).then_some(())) }
-    })
-    .await?;
+    wait_for_exact_tasks(&cluster.servers[lagging], &ids, Duration::from_secs(30)).await?;
     Ok(())
 }

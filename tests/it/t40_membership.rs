@@ -1,7 +1,7 @@
 //! Add a fourth server and remove one while clients keep submitting.
 
 use colony_proto::pb;
-use colony_tests::{client, local_task_ids, task_spec, wait_for, Cluster};
+use colony_tests::{client, task_spec, wait_for, wait_for_exact_tasks, Cluster};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -63,16 +63,7 @@ async fn grow_and_shrink_while_submitting() -> anyhow::Result<()> {
 
     let expected = acked.lock().unwrap().clone();
     for server in cluster.servers.iter().filter(|s| s.id != removed_id) {
-        let addr = server.addr.clone();
-        let expected = expected.clone();
-        wait_for(&format!("server {} to hold every acknowledged task", server.id), Duration::from_secs(30), || {
-            let (addr, expected) = (addr.clone(), expected.clone());
-            async move {
-                let ids: BTreeSet<u64> = local_task_ids(&addr).await?.into_iter().collect();
-                Ok(expected.is_subset(&ids).then_some(()))
-            }
-        })
-        .await?;
+        wait_for_exact_tasks(server, &expected, Duration::from_secs(30)).await?;
     }
     let status = cluster.servers[fourth].status().await?;
     assert!(status.members.iter().all(|m| m.id != removed_id), "removed server still listed: {:?}", status.members);
