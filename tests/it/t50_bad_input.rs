@@ -51,6 +51,13 @@ async fn bad_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
 
     let ids = local_task_ids(&cluster.servers[0].addr).await?;
     assert_eq!(ids.len(), 1, "only the good submission exists: {ids:?}");
+
+    // `colony task list | head`: stdout's reader is gone before anything is written.
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let out = Command::new(colony_bin()).args(["--endpoint", ep, "task", "list"]).stdout(writer).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.is_empty(), "a closed stdout must end the command quietly: {} {stderr}", out.status);
     Ok(())
 }
 

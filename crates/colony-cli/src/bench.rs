@@ -264,7 +264,7 @@ async fn bench_submit(args: SubmitBenchArgs, global: &GlobalArgs) -> Result<()> 
         servers: server_reports(&global.endpoint, &channels).await,
     };
     match global.output {
-        OutputFormat::Table => print_report(&report),
+        OutputFormat::Table => print_report(&report)?,
         OutputFormat::Json => output::print_json(&report)?,
     }
     Ok(())
@@ -380,7 +380,7 @@ fn cpu_model(cpuinfo: &str) -> Option<String> {
     })
 }
 
-fn print_report(r: &Report) {
+fn print_report(r: &Report) -> Result<()> {
     let mut fields = vec![
         ("machine", format!("{} ({} cores), {}", r.machine.cpu_model, r.machine.cores, r.machine.hostname)),
         ("endpoints", r.endpoints.join(", ")),
@@ -402,8 +402,8 @@ fn print_report(r: &Report) {
         None => "no successful submissions".to_owned(),
     };
     fields.push(("latency ms", latency));
-    output::print_fields(&fields);
-    println!();
+    output::print_fields(&fields)?;
+    output::out("")?;
     let mut table = output::table(["ENDPOINT", "NODE", "STATE", "RSS MiB"]);
     for s in &r.servers {
         let (node, state, rss) = match (&s.error, s.node_id, &s.state, s.rss_bytes) {
@@ -412,7 +412,7 @@ fn print_report(r: &Report) {
         };
         table.add_row(vec![s.endpoint.clone(), node, state, rss]);
     }
-    output::print_table(table);
+    output::print_table(table)
 }
 
 #[cfg(test)]

@@ -85,7 +85,7 @@ pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> Result<()> {
         ClusterCommand::Status => {
             let status = StatusJson::from(cluster_status(&mut client).await?);
             match global.output {
-                OutputFormat::Table => print_status(&status),
+                OutputFormat::Table => print_status(&status)?,
                 OutputFormat::Json => output::print_json(&status)?,
             }
         }
@@ -97,7 +97,7 @@ pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> Result<()> {
             match global.output {
                 OutputFormat::Table => {
                     let voters: Vec<String> = response.voters.iter().map(u64::to_string).collect();
-                    println!("removed node {id}; voters now {} (leader {})", voters.join(", "), response.leader_id);
+                    output::out(format!("removed node {id}; voters now {} (leader {})", voters.join(", "), response.leader_id))?;
                 }
                 OutputFormat::Json => output::print_json(&serde_json::json!({
                     "removed": id,
@@ -115,7 +115,7 @@ pub async fn cluster_status(client: &mut Client) -> Result<pb::ClusterStatusResp
 }
 
 /// The members table, shared with `colony dev`.
-pub fn print_members(members: &[MemberJson]) {
+pub fn print_members(members: &[MemberJson]) -> Result<()> {
     let mut table = output::table(["ID", "ADDR", "ROLE", "REACHABLE", "MATCHED"]);
     for m in members {
         table.add_row(vec![
@@ -126,24 +126,24 @@ pub fn print_members(members: &[MemberJson]) {
             m.matched_index.map_or_else(|| "-".to_owned(), |i| i.to_string()),
         ]);
     }
-    output::print_table(table);
+    output::print_table(table)
 }
 
-fn print_status(s: &StatusJson) {
+fn print_status(s: &StatusJson) -> Result<()> {
     let leader = s.leader_id.map_or_else(|| "none".to_owned(), |id| id.to_string());
-    println!(
+    output::out(format!(
         "cluster {}  leader {leader}  term {}  commit {}  applied {}  (answered by node {}, {})",
         s.cluster_id, s.term, s.commit_index, s.applied_index, s.node_id, s.state
-    );
+    ))?;
     if s.joint {
-        println!("membership change in progress (joint consensus)");
+        output::out("membership change in progress (joint consensus)")?;
     }
     let by_state: Vec<String> = s.tasks_by_state.iter().filter(|(_, n)| **n > 0).map(|(state, n)| format!("{state} {n}")).collect();
     if by_state.is_empty() {
-        println!("tasks {}", s.task_count);
+        output::out(format!("tasks {}", s.task_count))?;
     } else {
-        println!("tasks {} ({})", s.task_count, by_state.join(", "));
+        output::out(format!("tasks {} ({})", s.task_count, by_state.join(", ")))?;
     }
-    println!();
-    print_members(&s.members);
+    output::out("")?;
+    print_members(&s.members)
 }

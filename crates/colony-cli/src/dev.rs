@@ -228,12 +228,12 @@ async fn serve(servers: &mut [Server], dir: &Path, restart: bool, global: &Globa
     })
     .await?;
     drop(spinner);
-    print_welcome(&status, servers, dir);
+    print_welcome(&status, servers, dir)?;
 
     let mut client = Client::new(&endpoints, global.timeout)?;
     let tasks = submit_demo(&mut client).await?;
     println!("Demo workload (fetch, then train and evaluate, then report):");
-    output::print_task_table(&tasks);
+    output::print_task_table(&tasks)?;
     println!("No executors run tasks yet (they come in a later issue): pending and blocked tasks stay that way.");
     println!();
     println!("Press Ctrl-C to stop the cluster.");
@@ -289,12 +289,12 @@ async fn wait_until(
     }
 }
 
-fn print_welcome(status: &StatusJson, servers: &[Server], dir: &Path) {
+fn print_welcome(status: &StatusJson, servers: &[Server], dir: &Path) -> Result<()> {
     let endpoints: Vec<&str> = servers.iter().map(|s| s.addr.as_str()).collect();
     let leader = status.leader_id.map_or_else(|| "none".to_owned(), |id| id.to_string());
     println!("Colony dev cluster {} is up: {} servers, leader {leader}.", status.cluster_id, servers.len());
     println!();
-    cluster_cmd::print_members(&status.members);
+    cluster_cmd::print_members(&status.members)?;
     println!();
     println!("Reach it from another shell:");
     println!("  export COLONY_ENDPOINT={}", endpoints.join(","));
@@ -307,6 +307,7 @@ fn print_welcome(status: &StatusJson, servers: &[Server], dir: &Path) {
     println!("Logs: {}/server{{1..{}}}.log", dir.display(), servers.len());
     println!("Restart this cluster later with: colony dev --dir {}", dir.display());
     println!();
+    Ok(())
 }
 
 /// A small DAG: fetch, then train and evaluate, then report. Fixed idempotency keys make a

@@ -76,6 +76,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of stdout has what it wanted (`colony task list | head`): stop quietly.
+        Err(error) if output::is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             // `{:#}` joins the error's causes with ": "; the replace keeps it on one line even when
             // a server's message carries a newline.

@@ -26,31 +26,44 @@ where
     table
 }
 
+/// Writes one line to stdout. Unlike `println!`, a closed pipe (`colony task list | head`) is an
+/// error the caller returns, and `main` ends the command quietly on it instead of panicking.
+pub fn out(line: impl std::fmt::Display) -> Result<()> {
+    use std::io::Write as _;
+    writeln!(std::io::stdout().lock(), "{line}").map_err(anyhow::Error::from)
+}
+
+/// Whether `error` is stdout's reader having gone away.
+pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
 /// Prints a table with no leading space and two spaces between columns.
-pub fn print_table(mut table: Table) {
+pub fn print_table(mut table: Table) -> Result<()> {
     for column in table.column_iter_mut() {
         column.set_padding((0, 2));
     }
     // Trailing padding on the last column would leave spaces at the end of every line.
     for line in table.lines() {
-        println!("{}", line.trim_end());
+        out(line.trim_end())?;
     }
+    Ok(())
 }
 
 /// Key-value rows, for one record (a task, a benchmark report).
-pub fn print_fields(fields: &[(&str, String)]) {
+pub fn print_fields(fields: &[(&str, String)]) -> Result<()> {
     let mut table = Table::new();
     table.load_preset(presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled);
     for (key, value) in fields {
         table.add_row(vec![format!("{key}:"), value.clone()]);
     }
-    print_table(table);
+    print_table(table)
 }
 
 /// Prints any serializable value as pretty JSON on stdout.
 pub fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value).context("cannot encode the result as JSON")?;
-    println!("{text}");
+    out(text)?;
     Ok(())
 }
 
@@ -104,7 +117,7 @@ pub fn format_age(since_unix_ms: u64, now_unix_ms: u64) -> String {
 }
 
 /// The task-list table: ID, NAME, STATE, PRIORITY, CPU, MEMORY, ATTEMPT, AGE.
-pub fn print_task_table(tasks: &[Task]) {
+pub fn print_task_table(tasks: &[Task]) -> Result<()> {
     let now = now_unix_ms();
     let mut t = table(["ID", "NAME", "STATE", "PRIORITY", "CPU", "MEMORY", "ATTEMPT", "AGE"]);
     for task in tasks {
@@ -119,11 +132,11 @@ pub fn print_task_table(tasks: &[Task]) {
             format_age(task.created_unix_ms, now),
         ]);
     }
-    print_table(t);
+    print_table(t)
 }
 
 /// Every field of one task, one per line.
-pub fn print_task_details(task: &Task) {
+pub fn print_task_details(task: &Task) -> Result<()> {
     let spec = &task.spec;
     let now = now_unix_ms();
     let mut fields = vec![
@@ -176,7 +189,7 @@ pub fn print_task_details(task: &Task) {
     if let Some(reason) = &task.reason {
         fields.push(("reason", reason.clone()));
     }
-    print_fields(&fields);
+    print_fields(&fields)
 }
 
 /// An RFC 3339 timestamp (UTC, seconds) of a Unix time in milliseconds.

@@ -139,7 +139,7 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
                 eprintln!("note: idempotency key matched task {}, submitted earlier; no new task was created", task.id);
             }
             match global.output {
-                OutputFormat::Table => println!("{}", task.id),
+                OutputFormat::Table => output::out(task.id)?,
                 OutputFormat::Json => output::print_json(&TaskJson::from(&task))?,
             }
             Ok(())
@@ -155,7 +155,7 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
             }
             let task = task_from_proto(response.task)?;
             match global.output {
-                OutputFormat::Table => output::print_task_details(&task),
+                OutputFormat::Table => output::print_task_details(&task)?,
                 OutputFormat::Json => output::print_json(&TaskJson::from(&task))?,
             }
             Ok(())
@@ -164,7 +164,7 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
             let mut client = Client::new(&global.endpoint, global.timeout)?;
             let tasks = list(&mut client, &args).await?;
             match global.output {
-                OutputFormat::Table => output::print_task_table(&tasks),
+                OutputFormat::Table => output::print_task_table(&tasks)?,
                 OutputFormat::Json => output::print_json(&tasks.iter().map(TaskJson::from).collect::<Vec<_>>())?,
             }
             Ok(())
@@ -181,10 +181,10 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
             let task = task_from_proto(response.task)?;
             match global.output {
                 OutputFormat::Table => {
-                    println!("cancelled task {}", task.id);
+                    output::out(format!("cancelled task {}", task.id))?;
                     if !response.cascaded.is_empty() {
                         let ids: Vec<String> = response.cascaded.iter().map(u64::to_string).collect();
-                        println!("also cancelled its dependents: {}", ids.join(", "));
+                        output::out(format!("also cancelled its dependents: {}", ids.join(", ")))?;
                     }
                 }
                 OutputFormat::Json => {

@@ -114,7 +114,7 @@ pub fn format_memory_bytes(bytes: u64) -> String {
     const UNITS: [(&str, u64); 4] = [("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)];
     for (unit, size) in UNITS {
         if bytes >= size {
-            return if bytes % size == 0 {
+            return if bytes.is_multiple_of(size) {
                 format!("{}{unit}", bytes / size)
             } else {
                 format!("{:.1}{unit}", bytes as f64 / size as f64)
@@ -126,7 +126,7 @@ pub fn format_memory_bytes(bytes: u64) -> String {
 
 /// Formats millicores as `250m` or `2`.
 pub fn format_cpu_millis(millis: u64) -> String {
-    if millis % 1000 == 0 {
+    if millis.is_multiple_of(1000) {
         (millis / 1000).to_string()
     } else {
         format!("{millis}m")

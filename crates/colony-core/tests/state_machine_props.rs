@@ -1,5 +1,7 @@
 //! Property tests: random command sequences keep every invariant, and rejected commands change nothing.
 
+#![allow(clippy::unwrap_used)]
+
 use colony_core::{Command, CommandError, Outcome, Proposal, Resources, RunSpec, StateMachine, TaskId, TaskSpec, TaskState};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
