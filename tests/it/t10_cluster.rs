@@ -83,3 +83,24 @@ async fn any_server_accepts_any_request() -> anyhow::Result<()> {
     assert!(status.members.iter().any(|m| m.id == stopped_id && !m.reachable), "a stopped server shows as unreachable: {:?}", status.members);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_tasks_are_listed_in_pages_under_the_message_limit() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, 20_000).await?;
+    let mut c = cluster.servers[0].client().await?;
+    for n in 0..40 {
+        let mut spec = task_spec(&format!("big-{n}"), None);
+        spec.run = Some(pb::task_spec::Run::Process(pb::ProcessRun { program: "/bin/true".into(), args: vec!["x".repeat(7000); 8], env: Default::default() }));
+        c.submit_task(pb::SubmitTaskRequest { spec: Some(spec) }).await?;
+    }
+    let first = c.list_tasks(pb::ListTasksRequest { page_size: 5000, ..Default::default() }).await?.into_inner();
+    assert!(first.tasks.len() < 40 && first.next_after_id != 0, "2.2 MiB of tasks must not fit one page: got {}", first.tasks.len());
+
+    let out = std::process::Command::new(colony_tests::colony_bin())
+        .args(["--endpoint", &cluster.servers[0].addr, "--output", "json", "task", "list"])
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(listed.as_array().map(Vec::len), Some(40), "the CLI follows every page");
+    Ok(())
+}

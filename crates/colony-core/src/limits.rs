@@ -14,6 +14,8 @@ pub struct Limits {
     pub arg_bytes_max: usize,
     pub env_max: usize,
     pub retries_max: u32,
+    /// All of a spec's strings together: the per-field limits alone would allow megabytes.
+    pub spec_bytes_max: usize,
     /// Commands carried by one Raft entry.
     pub batch_commands_max: usize,
 }
@@ -30,6 +32,7 @@ impl Default for Limits {
             arg_bytes_max: 8192,
             env_max: 256,
             retries_max: 100,
+            spec_bytes_max: 64 << 10,
             batch_commands_max: 4096,
         }
     }

@@ -188,8 +188,29 @@ fn check_count(field: &'static str, count: usize, max: usize) -> Result<(), Spec
 }
 
 impl TaskSpec {
+    /// The bytes of every string the spec carries, plus 8 per dependency.
+    pub fn size_bytes(&self) -> usize {
+        let pairs = |map: &BTreeMap<String, String>| map.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        let run = match &self.run {
+            RunSpec::Process { program, args, env } => program.len() + args.iter().map(String::len).sum::<usize>() + pairs(env),
+            RunSpec::Builtin { handler, input } => handler.len() + input.len(),
+        };
+        self.name.len()
+            + self.namespace.len()
+            + pairs(&self.labels)
+            + self.capabilities.iter().map(String::len).sum::<usize>()
+            + self.resources.custom.keys().map(String::len).sum::<usize>()
+            + self.dependencies.len() * 8
+            + self.idempotency_key.as_ref().map_or(0, String::len)
+            + run
+    }
+
     /// Checks everything that can be checked without the state: names, sizes, ranges.
     pub fn validate(&self, limits: &Limits) -> Result<(), SpecError> {
+        let size = self.size_bytes();
+        if size > limits.spec_bytes_max {
+            return Err(SpecError::TooLong { field: "task spec", len: size, max: limits.spec_bytes_max });
+        }
         check_name("name", &self.name, limits.name_bytes_max)?;
         check_name("namespace", &self.namespace, limits.name_bytes_max)?;
         if self.priority > 1000 {

@@ -144,6 +144,10 @@ fn bad_input_is_rejected_with_typed_errors() {
     assert!(matches!(reject(&mut sm, spec("p", &[], None, 1001, None, 1)), Err(CommandError::InvalidSpec(m)) if m.contains("priority")));
     assert_eq!(reject(&mut sm, spec("d", &[7], None, 1, None, 1)), Err(CommandError::UnknownDependency(TaskId(7))));
     assert_eq!(sm.apply(&Command::CancelTask { id: TaskId(99), reason: String::new() }), Err(CommandError::UnknownTask(TaskId(99))));
+    // Each argument is within its own limit; together they are not.
+    let mut huge = spec("huge", &[], None, 1, None, 1);
+    huge.run = RunSpec::Process { program: "/bin/true".into(), args: vec!["a".repeat(8000); 20], env: BTreeMap::new() };
+    assert!(matches!(reject(&mut sm, huge), Err(CommandError::InvalidSpec(m)) if m.contains("task spec") && m.contains("65536")));
     assert_eq!(sm.task_count(), 0);
 }
 

@@ -21,6 +21,8 @@ use tonic::{Request, Response, Status};
 const FORWARDED: &str = "x-colony-forwarded";
 const PAGE_SIZE_DEFAULT: usize = 500;
 const PAGE_SIZE_MAX: usize = 5000;
+/// A page stops growing at this many encoded bytes, well under gRPC's 4 MiB message limit.
+const PAGE_BYTES_MAX: usize = 2 << 20;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -167,13 +169,20 @@ impl Admin for AdminService {
         };
         let filter = TaskFilter { state: state_filter, after: (request.after_id > 0).then_some(TaskId(request.after_id)), limit };
         let state = self.node.state();
-        let tasks = state.machine.list_tasks(&filter);
-        let next_after_id = if tasks.len() == limit { tasks.last().map_or(0, |t| t.id.0) } else { 0 };
-        Ok(Response::new(pb::ListTasksResponse {
-            tasks: tasks.iter().map(pb::Task::from).collect(),
-            next_after_id,
-            applied_index: state.last_applied.map_or(0, |l| l.index),
-        }))
+        let found = state.machine.list_tasks(&filter);
+        let mut tasks = Vec::with_capacity(found.len());
+        let mut page_bytes = 0;
+        for task in &found {
+            let task = pb::Task::from(task);
+            page_bytes += prost::Message::encoded_len(&task);
+            if page_bytes > PAGE_BYTES_MAX && !tasks.is_empty() {
+                break;
+            }
+            tasks.push(task);
+        }
+        let full = tasks.len() < found.len() || tasks.len() == limit;
+        let next_after_id = if full { tasks.last().map_or(0, |t| t.id) } else { 0 };
+        Ok(Response::new(pb::ListTasksResponse { tasks, next_after_id, applied_index: state.last_applied.map_or(0, |l| l.index) }))
     }
 
     async fn cancel_task(&self, request: Request<pb::CancelTaskRequest>) -> Result<Response<pb::CancelTaskResponse>, Status> {
