@@ -54,6 +54,8 @@ where
 pub struct Server {
     pub id: u64,
     pub addr: String,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_addr: String,
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
     child: Option<Child>,
@@ -165,9 +167,11 @@ impl Cluster {
     pub async fn add_server(&mut self, bootstrap: bool) -> anyhow::Result<usize> {
         let id = self.servers.len() as u64 + 1;
         let addr = format!("127.0.0.1:{}", free_port());
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
         let mut server = Server {
             id,
             addr: addr.clone(),
+            metrics_addr: metrics_addr.clone(),
             data_dir: self.dir.path().join(format!("d{id}")),
             log_path: self.dir.path().join(format!("server{id}.log")),
             child: None,
@@ -179,6 +183,8 @@ impl Cluster {
             addr,
             "--snapshot-logs".to_owned(),
             self.snapshot_logs.to_string(),
+            "--metrics-listen".to_owned(),
+            metrics_addr,
         ];
         if bootstrap {
             args.push("--bootstrap".to_owned());
@@ -294,4 +300,22 @@ pub async fn wait_for_exact_tasks(server: &Server, expected: &BTreeSet<u64>, tim
         }
     })
     .await
+}
+
+/// A plain HTTP/1.0 GET: the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").context("no header end in the response")?;
+    let code = head.split_whitespace().nth(1).context("no status code")?.parse()?;
+    Ok((code, body.to_owned()))
+}
+
+/// The value of an unlabelled sample in a Prometheus text exposition.
+pub fn sample(exposition: &str, name: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

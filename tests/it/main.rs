@@ -5,3 +5,4 @@ mod t20_kill_leader;
 mod t30_snapshot;
 mod t40_membership;
 mod t50_bad_input;
+mod t60_metrics;

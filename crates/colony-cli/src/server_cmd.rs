@@ -53,6 +53,9 @@ pub struct ServerArgs {
     /// Client commands batched into one Raft entry.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=4096))]
     proposal_commands_max: u64,
+    /// Serve Prometheus metrics (`/metrics`), `/healthz` and `/readyz` over HTTP on HOST:PORT.
+    #[arg(long, value_parser = crate::client::parse_endpoint)]
+    metrics_listen: Option<String>,
     /// Log lines on stdout as text or as JSON objects; the level comes from RUST_LOG (default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -87,6 +90,7 @@ fn config(args: &ServerArgs) -> Result<ServerConfig> {
     config.election_timeout_max = Duration::from_millis(args.election_timeout_ms_max);
     config.proposals_in_flight_max = args.proposals_in_flight as usize;
     config.proposal_commands_max = args.proposal_commands_max as usize;
+    config.metrics_listen = args.metrics_listen.clone();
     Ok(config)
 }
 

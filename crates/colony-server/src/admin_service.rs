@@ -130,11 +130,14 @@ impl Admin for AdminService {
         if let Route::Leader(client) = self.route(&request)? {
             return forward(client, request, |mut c, r| async move { c.submit_task(r).await }).await;
         }
+        let started = std::time::Instant::now();
         let spec = request.into_inner().spec.ok_or_else(|| Status::invalid_argument("missing spec"))?;
         let spec = TaskSpec::try_from(spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let limits = self.node.state().machine.limits().clone();
         spec.validate(&limits).map_err(|e| Status::invalid_argument(format!("invalid task: {e}")))?;
-        match self.propose(Command::SubmitTask(spec)).await? {
+        let outcome = self.propose(Command::SubmitTask(spec)).await;
+        self.node.metrics.submit_seconds.observe(started.elapsed().as_secs_f64());
+        match outcome? {
             Outcome::Submitted { task, existing } => Ok(Response::new(pb::SubmitTaskResponse { task: Some((&task).into()), existing })),
             other => Err(Status::internal(format!("submit produced {other:?}"))),
         }

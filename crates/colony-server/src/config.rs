@@ -26,6 +26,8 @@ pub struct ServerConfig {
     pub proposals_in_flight_max: usize,
     /// Client commands batched into one Raft entry.
     pub proposal_commands_max: usize,
+    /// `HOST:PORT` for `/metrics`, `/healthz` and `/readyz` over HTTP; none when unset.
+    pub metrics_listen: Option<String>,
 }
 
 impl ServerConfig {
@@ -42,6 +44,7 @@ impl ServerConfig {
             election_timeout_max: Duration::from_millis(800),
             proposals_in_flight_max: 4,
             proposal_commands_max: 1024,
+            metrics_listen: None,
         }
     }
 }

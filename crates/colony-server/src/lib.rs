@@ -8,6 +8,7 @@
 mod admin_service;
 pub mod config;
 mod identity;
+mod metrics;
 mod network;
 mod node;
 mod peers;

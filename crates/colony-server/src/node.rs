@@ -4,6 +4,7 @@
 use crate::admin_service::AdminService;
 use crate::config::ServerConfig;
 use crate::identity::Identity;
+use crate::metrics::{Metrics, NodeCell};
 use crate::network::Network;
 use crate::peers::{Peers, RAFT_MESSAGE_BYTES_MAX};
 use crate::proposer::{Proposer, ProposerConfig};
@@ -36,6 +37,7 @@ pub struct Node {
     pub proposer: Proposer,
     pub peers: Peers,
     pub log: LogStore,
+    pub metrics: Arc<Metrics>,
     state: SharedState,
 }
 
@@ -197,6 +199,12 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     tracing::info!(node_id = id, addr = %identity.addr, cluster_id = %identity.cluster_id, data_dir = %config.data_dir.display(), "starting server");
 
     let listener = TcpListener::bind(&identity.addr).await.with_context(|| format!("cannot listen on {}", identity.addr))?;
+    let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
+    let node_cell = NodeCell::default();
+    let metrics_listener = match &config.metrics_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen for metrics on {addr}"))?),
+        None => None,
+    };
     let (log, sm) = colony_store::open(&config.data_dir).with_context(|| format!("cannot open storage in {}", config.data_dir.display()))?;
     let state = sm.shared();
     let raft_config = openraft::Config {
@@ -231,11 +239,16 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                 in_flight_max: config.proposals_in_flight_max,
                 ..ProposerConfig::default()
             },
+            metrics.clone(),
         ),
         peers: peers.clone(),
         log,
+        metrics: metrics.clone(),
         state,
     });
+    if node_cell.set(node.clone()).is_err() {
+        bail!("node initialised twice");
+    }
 
     let (mut health, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
@@ -257,6 +270,18 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             let _ = serving_stopped_rx.wait_for(|stop| *stop).await;
         });
     let mut server = tokio::spawn(server);
+    if let Some(listener) = metrics_listener {
+        let mut stopped = serving_stopped.clone();
+        let app = crate::metrics::router(metrics.clone(), node_cell.clone());
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+                tracing::error!("metrics endpoint stopped: {e}");
+            }
+        });
+    }
 
     let mut joining = if config.join.is_empty() {
         tokio::spawn(std::future::pending())
@@ -264,11 +289,22 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         tokio::spawn(join(raft.clone(), peers.clone(), identity.clone(), config.join.clone()))
     };
 
-    let mut metrics = raft.metrics();
+    let mut raft_metrics = raft.metrics();
     let mut serving = None;
+    let mut known_leader = None;
     let outcome: anyhow::Result<()> = loop {
         let (leader, fatal) = {
-            let m = metrics.borrow_and_update();
+            let m = raft_metrics.borrow_and_update();
+            metrics.raft_term.set(m.current_term as i64);
+            metrics.raft_is_leader.set(i64::from(m.state == openraft::ServerState::Leader));
+            metrics.raft_applied_index.set(m.last_applied.map_or(0, |l| l.index) as i64);
+            metrics.raft_last_log_index.set(m.last_log_index.unwrap_or(0) as i64);
+            metrics.raft_snapshot_index.set(m.snapshot.map_or(0, |l| l.index) as i64);
+            metrics.raft_commit_index.set(node.log.committed_index().unwrap_or(0) as i64);
+            if m.current_leader.is_some() && m.current_leader != known_leader {
+                known_leader = m.current_leader;
+                metrics.raft_leader_changes.inc();
+            }
             (m.current_leader, m.running_state.clone().err())
         };
         if let Some(fatal) = fatal {
@@ -287,7 +323,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                 tracing::info!("{signal} received; shutting down");
                 break Ok(());
             }
-            changed = metrics.changed() => {
+            changed = raft_metrics.changed() => {
                 if changed.is_err() {
                     break Err(anyhow::anyhow!("raft stopped unexpectedly"));
                 }

@@ -2,12 +2,13 @@
 //! replication round. Up to `in_flight_max` entries are proposed concurrently so the next batch
 //! gathers while the previous one commits.
 
+use crate::metrics::Metrics;
 use colony_core::{Command, CommandError, Outcome, Proposal};
 use colony_store::TypeConfig;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::Raft;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Bounds on batching.
@@ -53,9 +54,9 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    pub fn spawn(raft: Raft<TypeConfig>, config: ProposerConfig) -> Proposer {
+    pub fn spawn(raft: Raft<TypeConfig>, config: ProposerConfig, metrics: Arc<Metrics>) -> Proposer {
         let (tx, rx) = mpsc::channel(config.queue_commands_max);
-        tokio::spawn(batch_loop(raft, rx, config));
+        tokio::spawn(batch_loop(raft, rx, config, metrics));
         Proposer { tx }
     }
 
@@ -67,7 +68,7 @@ impl Proposer {
     }
 }
 
-async fn batch_loop(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>, config: ProposerConfig) {
+async fn batch_loop(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>, config: ProposerConfig, metrics: Arc<Metrics>) {
     let slots = Arc::new(Semaphore::new(config.in_flight_max));
     while let Some(first) = rx.recv().await {
         // Waiting for a slot lets more commands queue up behind `first`: under load, batches grow.
@@ -79,19 +80,26 @@ async fn batch_loop(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>, con
                 Err(_) => break,
             }
         }
-        let raft = raft.clone();
+        let (raft, metrics) = (raft.clone(), metrics.clone());
         tokio::spawn(async move {
-            propose_batch(&raft, batch).await;
+            propose_batch(&raft, batch, &metrics).await;
             drop(permit);
         });
     }
 }
 
-async fn propose_batch(raft: &Raft<TypeConfig>, batch: Vec<Pending>) {
+async fn propose_batch(raft: &Raft<TypeConfig>, batch: Vec<Pending>, metrics: &Metrics) {
     let now_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
     let count = commands.len();
-    match raft.client_write(Proposal { now_unix_ms, commands }).await {
+    metrics.raft_proposal_commands.observe(count as f64);
+    let started = Instant::now();
+    let written = raft.client_write(Proposal { now_unix_ms, commands }).await;
+    metrics.raft_proposal_seconds.observe(started.elapsed().as_secs_f64());
+    if written.is_err() {
+        metrics.raft_proposals_failed.inc();
+    }
+    match written {
         Ok(response) => {
             let results = response.data.results;
             assert_eq!(results.len(), count, "state machine returned {} results for {count} commands", results.len());
