@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Installs what is missing, builds, and runs the whole test suite: unit, property, storage-suite
-# and real-process integration tests. Used as-is by CI (.ci/run).
+# Installs what is missing, builds, and runs the whole test suite: unit, property, storage-suite,
+# real-process integration tests and the Prometheus rule tests. Used as-is by CI (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source cluster/setup.sh
+# promtool (Debian's prometheus package) checks the alert rules and every process's /metrics.
+if ! command -v promtool >/dev/null 2>&1; then
+    echo "installing: prometheus (for promtool)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >&2
+fi
+promtool check rules cluster/prometheus/alerts.yml
+promtool test rules cluster/prometheus/alerts_test.yml
 # One feature resolution for everything: `--workspace --all-targets` builds the `colony` binary the
 # integration tests run and every test, so RocksDB's C++ is compiled once, not once per command.
 cargo build --release --workspace --all-targets

@@ -2,7 +2,25 @@
 
 use colony_proto::pb;
 use colony_tests::{http_get, sample, task_spec, wait_for, Cluster};
+use anyhow::Context as _;
 use std::time::Duration;
+
+/// `promtool check metrics` (Prometheus's own linter) on an exposition; cluster/test.sh installs it.
+fn promtool_accepts(exposition: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("promtool is required (cluster/test.sh installs Debian's prometheus package): {e}"))?;
+    child.stdin.take().context("promtool stdin")?.write_all(exposition.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(out.status.success() && report.trim().is_empty(), "promtool check metrics: {report}");
+    Ok(())
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_follow_the_cluster() -> anyhow::Result<()> {
@@ -29,6 +47,7 @@ async fn metrics_follow_the_cluster() -> anyhow::Result<()> {
         let is_leader = if status.state == "leader" { 1.0 } else { 0.0 };
         assert_eq!(sample(&text, "colony_raft_is_leader"), Some(is_leader), "server {}", server.id);
         assert!(sample(&text, "process_resident_memory_bytes").is_some_and(|rss| rss > 0.0));
+        promtool_accepts(&text)?;
         assert_eq!(http_get(&server.metrics_addr, "/readyz")?.0, 200);
         assert_eq!(http_get(&server.metrics_addr, "/healthz")?.0, 200);
     }
