@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source cluster/setup.sh
 cargo build --release --workspace --all-targets
-exec "$CARGO_TARGET_DIR/release/colony" dev "$@"
+exec "$CARGO_TARGET_DIR/release/colony" dev --prometheus-targets cluster/prometheus/targets/dev.json "$@"

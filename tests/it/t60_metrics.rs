@@ -68,3 +68,90 @@ async fn metrics_follow_the_cluster() -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+/// A Prometheus server process, killed when dropped.
+struct Prometheus(std::process::Child);
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Percent-encodes a PromQL query for a URL.
+fn encode_query(query: &str) -> String {
+    query.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
+
+/// The instant-query result vector: (labels, value) per series.
+fn query(prometheus: &str, promql: &str) -> anyhow::Result<Vec<(serde_json::Value, f64)>> {
+    let (code, body) = http_get(prometheus, &format!("/api/v1/query?query={}", encode_query(promql)))?;
+    anyhow::ensure!(code == 200, "query {promql}: HTTP {code}: {body}");
+    let reply: serde_json::Value = serde_json::from_str(&body)?;
+    let result = reply["data"]["result"].as_array().context("no result vector")?;
+    result
+        .iter()
+        .map(|series| {
+            let value = series["value"][1].as_str().context("no sample value")?.parse()?;
+            Ok((series["metric"].clone(), value))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_the_shipped_config() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3, 20_000).await?;
+    let dir = tempfile::tempdir()?;
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cluster/prometheus");
+    for file in ["prometheus.yml", "alerts.yml"] {
+        std::fs::copy(shipped.join(file), dir.path().join(file))?;
+    }
+    std::fs::create_dir(dir.path().join("targets"))?;
+    let targets: Vec<String> = cluster.servers.iter().map(|s| s.metrics_addr.clone()).collect();
+    let list = serde_json::json!([{ "targets": targets, "labels": { "job": "colony-server" } }]);
+    std::fs::write(dir.path().join("targets/test.json"), list.to_string())?;
+
+    let web = format!("127.0.0.1:{}", colony_tests::free_port());
+    let log = std::fs::File::create(dir.path().join("prometheus.log"))?;
+    let _prometheus = Prometheus(
+        std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address={web}"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("prometheus is required (cluster/test.sh installs Debian's prometheus package): {e}"))?,
+    );
+
+    let mut c = cluster.servers[0].client().await?;
+    for n in 0..3 {
+        c.submit_task(pb::SubmitTaskRequest { spec: Some(task_spec(&format!("p-{n}"), None)) }).await?;
+    }
+    let prometheus_log = || std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
+    wait_for("Prometheus to scrape all three servers as up", Duration::from_secs(60), || {
+        let web = web.clone();
+        async move {
+            let up = query(&web, "up{job=\"colony-server\"}")?;
+            Ok((up.len() == 3 && up.iter().all(|(_, v)| *v == 1.0)).then_some(()))
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", prometheus_log()))?;
+    wait_for("every server's colony_tasks_pending to read 3 in Prometheus", Duration::from_secs(30), || {
+        let web = web.clone();
+        async move {
+            let pending = query(&web, "colony_tasks_pending")?;
+            Ok((pending.len() == 3 && pending.iter().all(|(_, v)| *v == 3.0)).then_some(()))
+        }
+    })
+    .await?;
+    let term = cluster.servers[0].status().await?.term as f64;
+    let terms = query(&web, "colony_raft_term")?;
+    assert!(terms.len() == 3 && terms.iter().all(|(_, v)| *v == term), "colony_raft_term in Prometheus {terms:?}, cluster term {term}");
+    let leaders = query(&web, "sum(colony_raft_is_leader)")?;
+    assert_eq!(leaders.first().map(|(_, v)| *v), Some(1.0), "exactly one leader");
+    assert!(query(&web, "ALERTS{alertname=\"NoLeader\"}")?.is_empty(), "NoLeader must not fire with a leader");
+    Ok(())
+}

@@ -44,12 +44,18 @@ pub struct DevArgs {
     /// How many servers.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
     servers: u64,
+    /// Also write the servers' metrics endpoints to this Prometheus file_sd target list
+    /// (cluster/prometheus/prometheus.yml reads cluster/prometheus/targets/*.json).
+    #[arg(long)]
+    prometheus_targets: Option<PathBuf>,
 }
 
 /// One child server.
 struct Server {
     id: u64,
     addr: String,
+    /// `/metrics`, `/healthz` and `/readyz`: port base-port + 1000 + N - 1.
+    metrics_addr: String,
     data_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -67,7 +73,7 @@ impl Server {
         let mut command = Command::new(exe);
         command
             .arg("server")
-            .args(["--id", &self.id.to_string(), "--listen", &self.addr])
+            .args(["--id", &self.id.to_string(), "--listen", &self.addr, "--metrics-listen", &self.metrics_addr])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(role)
@@ -129,6 +135,10 @@ pub async fn run(args: DevArgs, global: &GlobalArgs) -> Result<()> {
     let restart = restarting(&servers)?;
     for server in &servers {
         check_port_free(&server.addr)?;
+        check_port_free(&server.metrics_addr)?;
+    }
+    if let Some(path) = &args.prometheus_targets {
+        write_prometheus_targets(path, &servers)?;
     }
     let outcome = tokio::select! {
         biased;
@@ -141,6 +151,20 @@ pub async fn run(args: DevArgs, global: &GlobalArgs) -> Result<()> {
     let stopped = stop(&mut servers).await;
     // The first failure is the one to report; a failure to stop is reported only on its own.
     outcome.and(stopped)
+}
+
+/// Writes the servers' metrics endpoints as a Prometheus file_sd list, atomically (Prometheus
+/// watches the file and must never read half of it).
+fn write_prometheus_targets(path: &Path, servers: &[Server]) -> Result<()> {
+    let targets: Vec<&str> = servers.iter().map(|s| s.metrics_addr.as_str()).collect();
+    let list = serde_json::json!([{ "targets": targets, "labels": { "job": "colony-server", "cluster": "dev" } }]);
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_string_pretty(&list).context("cannot encode the target list")?;
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The directory for this run: the given one (created if needed) or a fresh temporary one.
@@ -165,9 +189,11 @@ fn plan(dir: &Path, base_port: u16, count: u64) -> Result<Vec<Server>> {
         .map(|id| {
             let port = u16::try_from(u64::from(base_port) + id - 1)
                 .map_err(|_| anyhow!("--base-port {base_port} leaves no room for {count} servers"))?;
+            let metrics_port = port.checked_add(1000).ok_or_else(|| anyhow!("--base-port {base_port} leaves no room for metrics ports"))?;
             Ok(Server {
                 id,
                 addr: format!("127.0.0.1:{port}"),
+                metrics_addr: format!("127.0.0.1:{metrics_port}"),
                 data_dir: dir.join(format!("server{id}")),
                 log: dir.join(format!("server{id}.log")),
                 child: None,
@@ -295,6 +321,9 @@ fn print_welcome(status: &StatusJson, servers: &[Server], dir: &Path) -> Result<
     println!("Colony dev cluster {} is up: {} servers, leader {leader}.", status.cluster_id, servers.len());
     println!();
     cluster_cmd::print_members(&status.members)?;
+    println!();
+    let metrics: Vec<String> = servers.iter().map(|s| format!("http://{}/metrics", s.metrics_addr)).collect();
+    println!("Metrics: {}", metrics.join("  "));
     println!();
     println!("Reach it from another shell:");
     println!("  export COLONY_ENDPOINT={}", endpoints.join(","));
