@@ -6,3 +6,4 @@ mod t30_snapshot;
 mod t40_membership;
 mod t50_bad_input;
 mod t60_metrics;
+mod t70_dashboards;

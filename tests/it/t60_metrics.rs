@@ -53,6 +53,11 @@ async fn metrics_follow_the_cluster() -> anyhow::Result<()> {
     }
     let leader_text = http_get(&cluster.servers[leader].metrics_addr, "/metrics")?.1;
     assert!(sample(&leader_text, "colony_raft_proposal_seconds_count").is_some_and(|n| n >= 1.0), "the leader timed its proposals");
+    let raft_round_trips = r#"colony_agent_communication_seconds_count{destination="server",source="server"}"#;
+    assert!(sample(&leader_text, raft_round_trips).is_some_and(|n| n >= 1.0), "the leader timed its Raft round trips");
+    let follower_text = http_get(&cluster.servers[(leader + 1) % 3].metrics_addr, "/metrics")?.1;
+    let forwards = r#"colony_agent_communication_seconds_count{destination="leader",source="server"}"#;
+    assert!(sample(&follower_text, forwards).is_some_and(|n| n >= 5.0), "the follower timed the 5 submissions it forwarded");
 
     let survivor = (leader + 1) % 3;
     let before = sample(&http_get(&cluster.servers[survivor].metrics_addr, "/metrics")?.1, "colony_raft_leader_changes_total").unwrap_or(0.0);

@@ -1,6 +1,7 @@
 //! The operator API. Any server answers: writes and linearizable reads run on the leader (a
 //! follower forwards them once), stale reads and cluster status run where they arrive.
 
+use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::proposer::ProposeError;
 use colony_core::{Command, CommandError, Outcome, TaskFilter, TaskId, TaskSpec};
@@ -62,7 +63,7 @@ fn is_stale(consistency: &Option<ReadConsistency>) -> bool {
     consistency.as_ref().is_some_and(|c| c.stale)
 }
 
-async fn forward<Req, Resp, F, Fut>(client: AdminClient<Channel>, request: Request<Req>, call: F) -> Result<Response<Resp>, Status>
+async fn forward<Req, Resp, F, Fut>(metrics: &Metrics, client: AdminClient<Channel>, request: Request<Req>, call: F) -> Result<Response<Resp>, Status>
 where
     F: FnOnce(AdminClient<Channel>, Request<Req>) -> Fut,
     Fut: Future<Output = Result<Response<Resp>, Status>>,
@@ -70,7 +71,10 @@ where
     let mut forwarded = Request::new(request.into_inner());
     forwarded.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
     forwarded.set_timeout(FORWARD_TIMEOUT);
-    match tokio::time::timeout(FORWARD_TIMEOUT, call(client, forwarded)).await {
+    let started = std::time::Instant::now();
+    let answered = tokio::time::timeout(FORWARD_TIMEOUT, call(client, forwarded)).await;
+    metrics.agent_communication_seconds.with_label_values(&["server", "leader"]).observe(started.elapsed().as_secs_f64());
+    match answered {
         Ok(Err(status)) if matches!(status.code(), tonic::Code::Unknown | tonic::Code::Cancelled) => {
             Err(Status::unavailable(format!("forwarding to the leader failed: {}", status.message())))
         }
@@ -128,7 +132,7 @@ impl AdminService {
 impl Admin for AdminService {
     async fn submit_task(&self, request: Request<pb::SubmitTaskRequest>) -> Result<Response<pb::SubmitTaskResponse>, Status> {
         if let Route::Leader(client) = self.route(&request)? {
-            return forward(client, request, |mut c, r| async move { c.submit_task(r).await }).await;
+            return forward(&self.node.metrics, client, request, |mut c, r| async move { c.submit_task(r).await }).await;
         }
         let started = std::time::Instant::now();
         let spec = request.into_inner().spec.ok_or_else(|| Status::invalid_argument("missing spec"))?;
@@ -146,7 +150,7 @@ impl Admin for AdminService {
     async fn get_task(&self, request: Request<pb::GetTaskRequest>) -> Result<Response<pb::GetTaskResponse>, Status> {
         if !is_stale(&request.get_ref().consistency) {
             if let Route::Leader(client) = self.route(&request)? {
-                return forward(client, request, |mut c, r| async move { c.get_task(r).await }).await;
+                return forward(&self.node.metrics, client, request, |mut c, r| async move { c.get_task(r).await }).await;
             }
             self.read_barrier().await?;
         }
@@ -160,7 +164,7 @@ impl Admin for AdminService {
     async fn list_tasks(&self, request: Request<pb::ListTasksRequest>) -> Result<Response<pb::ListTasksResponse>, Status> {
         if !is_stale(&request.get_ref().consistency) {
             if let Route::Leader(client) = self.route(&request)? {
-                return forward(client, request, |mut c, r| async move { c.list_tasks(r).await }).await;
+                return forward(&self.node.metrics, client, request, |mut c, r| async move { c.list_tasks(r).await }).await;
             }
             self.read_barrier().await?;
         }
@@ -190,7 +194,7 @@ impl Admin for AdminService {
 
     async fn cancel_task(&self, request: Request<pb::CancelTaskRequest>) -> Result<Response<pb::CancelTaskResponse>, Status> {
         if let Route::Leader(client) = self.route(&request)? {
-            return forward(client, request, |mut c, r| async move { c.cancel_task(r).await }).await;
+            return forward(&self.node.metrics, client, request, |mut c, r| async move { c.cancel_task(r).await }).await;
         }
         let request = request.into_inner();
         let limits = self.node.state().machine.limits().clone();
@@ -265,7 +269,7 @@ impl Admin for AdminService {
 
     async fn join_cluster(&self, request: Request<pb::JoinClusterRequest>) -> Result<Response<pb::JoinClusterResponse>, Status> {
         if let Route::Leader(client) = self.route(&request)? {
-            return forward(client, request, |mut c, r| async move { c.join_cluster(r).await }).await;
+            return forward(&self.node.metrics, client, request, |mut c, r| async move { c.join_cluster(r).await }).await;
         }
         let request = request.into_inner();
         if request.cluster_id != self.node.cluster_id {
@@ -312,7 +316,7 @@ impl Admin for AdminService {
 
     async fn remove_node(&self, request: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::RemoveNodeResponse>, Status> {
         if let Route::Leader(client) = self.route(&request)? {
-            return forward(client, request, |mut c, r| async move { c.remove_node(r).await }).await;
+            return forward(&self.node.metrics, client, request, |mut c, r| async move { c.remove_node(r).await }).await;
         }
         let id = request.into_inner().node_id;
         let metrics = self.metrics();

@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use std::sync::{Arc, OnceLock};
 
 /// Every metric a server exports. Names start with `colony_`; no label carries a task id.
@@ -24,6 +24,9 @@ pub struct Metrics {
     pub raft_proposal_commands: Histogram,
     pub raft_proposals_failed: IntCounter,
     pub submit_seconds: Histogram,
+    /// Round trips between agents, labelled by role (`server` to `server` for Raft, `server` to
+    /// `leader` for forwarded requests), never by address.
+    pub agent_communication_seconds: HistogramVec,
     tasks_pending: IntGauge,
     tasks: IntGaugeVec,
     system_health: IntGaugeVec,
@@ -61,6 +64,14 @@ impl Metrics {
             )?,
             raft_proposals_failed: register(&registry, IntCounter::new("colony_raft_proposals_failed_total", "Raft entries that failed to commit.")?)?,
             submit_seconds: latency("colony_task_submit_seconds", "Task submissions on the leader, from arrival to commit.")?,
+            agent_communication_seconds: register(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new("colony_agent_communication_seconds", "Round-trip time of messages between agents.")
+                        .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+                    &["source", "destination"],
+                )?,
+            )?,
             tasks_pending: gauge("colony_tasks_pending", "Tasks waiting to be placed (queue depth).")?,
             tasks: register(&registry, IntGaugeVec::new(Opts::new("colony_tasks", "Tasks by state."), &["state"])?)?,
             system_health: register(

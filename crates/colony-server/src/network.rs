@@ -1,5 +1,6 @@
 //! openraft's network over gRPC: each Raft RPC is one unary call carrying openraft's own message.
 
+use crate::metrics::Metrics;
 use crate::peers::Peers;
 use crate::wire;
 use colony_proto::pb::RaftMessage;
@@ -12,19 +13,28 @@ use openraft::raft::{
 use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
 use std::error::Error;
+use std::sync::Arc;
+use std::time::Instant;
 
 /// Creates a client per target server.
 #[derive(Clone)]
 pub struct Network {
     pub peers: Peers,
     pub cluster_id: String,
+    pub metrics: Arc<Metrics>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
-        PeerClient { target, addr: node.addr.clone(), peers: self.peers.clone(), cluster_id: self.cluster_id.clone() }
+        PeerClient {
+            target,
+            addr: node.addr.clone(),
+            peers: self.peers.clone(),
+            cluster_id: self.cluster_id.clone(),
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
@@ -34,6 +44,7 @@ pub struct PeerClient {
     addr: String,
     peers: Peers,
     cluster_id: String,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Clone, Copy)]
@@ -60,8 +71,10 @@ impl PeerClient {
                 Rpc::InstallSnapshot => client.install_snapshot(message).await,
             }
         };
-        let reply = tokio::time::timeout(option.hard_ttl(), call)
-            .await
+        let started = Instant::now();
+        let reply = tokio::time::timeout(option.hard_ttl(), call).await;
+        self.metrics.agent_communication_seconds.with_label_values(&["server", "server"]).observe(started.elapsed().as_secs_f64());
+        let reply = reply
             .map_err(|elapsed| RPCError::Unreachable(Unreachable::new(&elapsed)))?
             .map_err(|status| match status.code() {
                 tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {

@@ -220,7 +220,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     }
     .validate()
     .context("invalid raft configuration")?;
-    let network = Network { peers: peers.clone(), cluster_id: identity.cluster_id.clone() };
+    let network = Network { peers: peers.clone(), cluster_id: identity.cluster_id.clone(), metrics: metrics.clone() };
     let raft = Raft::new(id, Arc::new(raft_config), network, log.clone(), sm).await.context("cannot start raft")?;
 
     if config.bootstrap && !raft.is_initialized().await? {
