@@ -104,3 +104,24 @@ async fn large_tasks_are_listed_in_pages_under_the_message_limit() -> anyhow::Re
     assert_eq!(listed.as_array().map(Vec::len), Some(40), "the CLI follows every page");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_refreshes_until_interrupted() -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let cluster = Cluster::start(1, 20_000).await?;
+    let mut child = std::process::Command::new(colony_tests::colony_bin())
+        .args(["--endpoint", &cluster.servers[0].addr, "--output", "json", "cluster", "status", "--watch", "--interval", "100ms"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let first: serde_json::Value = serde_json::from_str(&lines.next().expect("a first refresh")?)?;
+    assert_eq!(first["status"]["leader_id"], 1);
+    assert!(first["throughput"].is_null(), "no rate before a second sample");
+    let second: serde_json::Value = serde_json::from_str(&lines.next().expect("a second refresh")?)?;
+    assert!(second["throughput"]["tasks_per_second"].is_number(), "the second refresh has rates: {second}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)?;
+    let status = child.wait()?;
+    assert!(status.success(), "Ctrl-C ends --watch cleanly, got {status}");
+    Ok(())
+}

@@ -8,11 +8,19 @@ use clap::Subcommand;
 use colony_proto::pb;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
     /// The answering server's view: leader, term, indexes, members and their reachability.
-    Status,
+    Status {
+        /// Refresh in place until Ctrl-C, with queue depth and throughput (JSON: one object a line).
+        #[arg(long)]
+        watch: bool,
+        /// How often `--watch` refreshes.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, requires = "watch")]
+        interval: Duration,
+    },
     /// Remove a server from the membership.
     RemoveNode {
         /// The server's node id (see `colony cluster status`).
@@ -82,7 +90,8 @@ impl From<pb::ClusterStatusResponse> for StatusJson {
 pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> Result<()> {
     let mut client = Client::new(&global.endpoint, global.timeout)?;
     match command {
-        ClusterCommand::Status => {
+        ClusterCommand::Status { watch: true, interval } => watch_status(&mut client, interval, global.output).await?,
+        ClusterCommand::Status { watch: false, .. } => {
             let status = StatusJson::from(cluster_status(&mut client).await?);
             match global.output {
                 OutputFormat::Table => print_status(&status)?,
@@ -112,6 +121,60 @@ pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> Result<()> {
 
 pub async fn cluster_status(client: &mut Client) -> Result<pb::ClusterStatusResponse> {
     client.call("cluster status", |mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await }).await
+}
+
+/// Rates between two status answers.
+#[derive(Debug, Serialize)]
+struct Throughput {
+    tasks_per_second: f64,
+    entries_per_second: f64,
+}
+
+/// `cluster status --watch`: redraws the status with queue depth and throughput until Ctrl-C.
+async fn watch_status(client: &mut Client, interval: Duration, format: OutputFormat) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // One stream for the whole watch: it keeps a Ctrl-C that arrives while a request is in flight.
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut previous: Option<(Instant, u64, u64)> = None;
+    loop {
+        let answer = tokio::select! {
+            answer = cluster_status(client) => answer?,
+            _ = interrupt.recv() => return Ok(()),
+        };
+        let status = StatusJson::from(answer);
+        let now = Instant::now();
+        let throughput = previous.map(|(at, tasks, commit)| {
+            let seconds = now.duration_since(at).as_secs_f64().max(1e-3);
+            Throughput {
+                tasks_per_second: status.task_count.saturating_sub(tasks) as f64 / seconds,
+                entries_per_second: status.commit_index.saturating_sub(commit) as f64 / seconds,
+            }
+        });
+        previous = Some((now, status.task_count, status.commit_index));
+        match format {
+            OutputFormat::Json => {
+                let line = serde_json::json!({ "status": status, "throughput": throughput });
+                output::out(serde_json::to_string(&line)?)?;
+            }
+            OutputFormat::Table => {
+                // Clear the screen and home the cursor, then draw the whole view again.
+                output::out("\x1b[2J\x1b[H")?;
+                print_status(&status)?;
+                let pending = status.tasks_by_state.get("pending").copied().unwrap_or(0);
+                let rates = throughput.map_or_else(
+                    || "measuring...".to_owned(),
+                    |t| format!("{:.1} tasks/s submitted, {:.1} log entries/s committed", t.tasks_per_second, t.entries_per_second),
+                );
+                output::out("")?;
+                output::out(format!("queue depth {pending}  throughput {rates}"))?;
+                output::out(format!("refreshing every {}; Ctrl-C to stop", humantime::format_duration(interval)))?;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = interrupt.recv() => return Ok(()),
+        }
+    }
 }
 
 /// The members table, shared with `colony dev`.
