@@ -125,9 +125,7 @@ impl Server {
     }
 
     pub async fn status(&self) -> anyhow::Result<pb::ClusterStatusResponse> {
-        let mut client = self.client().await?;
-        let status = tokio::time::timeout(Duration::from_secs(3), client.cluster_status(ClusterStatusRequest {})).await??;
-        Ok(status.into_inner())
+        status(&self.addr, Duration::from_secs(3)).await
     }
 }
 
@@ -141,6 +139,25 @@ impl Drop for Server {
 pub async fn client(addr: &str) -> anyhow::Result<AdminClient<Channel>> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(Duration::from_secs(1)).connect_lazy();
     Ok(AdminClient::new(channel))
+}
+
+/// One server's `cluster status` answer, within `timeout`.
+pub async fn status(addr: &str, timeout: Duration) -> anyhow::Result<pb::ClusterStatusResponse> {
+    let mut client = client(addr).await?;
+    let status = tokio::time::timeout(timeout, client.cluster_status(ClusterStatusRequest {})).await??;
+    Ok(status.into_inner())
+}
+
+/// The first of `servers` (index, address) that answers as leader, with its status.
+async fn leader_status(servers: &[(usize, String)]) -> Option<(usize, pb::ClusterStatusResponse)> {
+    for (index, addr) in servers {
+        if let Ok(answer) = status(addr, Duration::from_secs(1)).await {
+            if answer.state == "leader" {
+                return Some((*index, answer));
+            }
+        }
+    }
+    None
 }
 
 /// A cluster of real servers in a temporary directory.
@@ -207,38 +224,21 @@ impl Cluster {
         let servers: Vec<(usize, String)> = self.servers.iter_mut().enumerate().filter_map(|(i, s)| s.is_running().then(|| (i, s.addr.clone()))).collect();
         wait_for("a leader", timeout, || {
             let servers = servers.clone();
-            async move {
-                for (_, addr) in &servers {
-                    let Ok(mut c) = client(addr).await else { continue };
-                    let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(1), c.cluster_status(ClusterStatusRequest {})).await else { continue };
-                    let status = status.into_inner();
-                    if status.state == "leader" {
-                        let index = servers.iter().find(|(_, a)| a == addr).map(|(i, _)| *i);
-                        return Ok(index);
-                    }
-                }
-                Ok(None)
-            }
+            async move { Ok(leader_status(&servers).await.map(|(index, _)| index)) }
         })
         .await
     }
 
     /// Waits until the leader reports `n` voters and no membership change in progress.
     pub async fn wait_for_voters(&mut self, n: usize, timeout: Duration) -> anyhow::Result<()> {
-        let addrs = self.addrs();
+        let servers: Vec<(usize, String)> = self.addrs().into_iter().enumerate().collect();
         wait_for(&format!("{n} voters"), timeout, || {
-            let addrs = addrs.clone();
+            let servers = servers.clone();
             async move {
-                for addr in &addrs {
-                    let Ok(mut c) = client(addr).await else { continue };
-                    let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(1), c.cluster_status(ClusterStatusRequest {})).await else { continue };
-                    let status = status.into_inner();
-                    let voters = status.members.iter().filter(|m| m.role == "voter").count();
-                    if status.state == "leader" && voters == n && !status.joint {
-                        return Ok(Some(()));
-                    }
-                }
-                Ok(None)
+                let settled = leader_status(&servers).await.filter(|(_, status)| {
+                    status.members.iter().filter(|m| m.role == "voter").count() == n && !status.joint
+                });
+                Ok(settled.map(|_| ()))
             }
         })
         .await
