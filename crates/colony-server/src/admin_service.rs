@@ -88,23 +88,25 @@ impl AdminService {
         self.node.raft.metrics().borrow().clone()
     }
 
-    /// Decides whether this server serves a leader-only request or forwards it.
+    /// Decides whether this server serves a leader-only request or forwards it. Runs on every
+    /// request, so it borrows openraft's metrics rather than cloning them.
     fn route<T>(&self, request: &Request<T>) -> Result<Route, Status> {
-        let metrics = self.metrics();
-        if metrics.state == ServerState::Leader {
-            return Ok(Route::Local);
-        }
-        if request.metadata().contains_key(FORWARDED) {
-            return Err(Status::unavailable("this server is no longer the leader; retry"));
-        }
-        let leader = metrics.current_leader.ok_or_else(|| Status::unavailable("no leader is elected right now; retry shortly"))?;
-        let node = metrics
-            .membership_config
-            .membership()
-            .get_node(&leader)
-            .cloned()
-            .ok_or_else(|| Status::unavailable(format!("leader {leader} is not in this server's membership view; retry")))?;
-        let client = self.node.peers.admin(&node.addr).map_err(|e| Status::internal(e.to_string()))?;
+        let leader_addr = {
+            let metrics = self.node.raft.metrics();
+            let metrics = metrics.borrow();
+            if metrics.state == ServerState::Leader {
+                return Ok(Route::Local);
+            }
+            if request.metadata().contains_key(FORWARDED) {
+                return Err(Status::unavailable("this server is no longer the leader; retry"));
+            }
+            let leader = metrics.current_leader.ok_or_else(|| Status::unavailable("no leader is elected right now; retry shortly"))?;
+            let node = metrics.membership_config.membership().get_node(&leader).ok_or_else(|| {
+                Status::unavailable(format!("leader {leader} is not in this server's membership view; retry"))
+            })?;
+            node.addr.clone()
+        };
+        let client = self.node.peers.admin(&leader_addr).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Route::Leader(client))
     }
 
