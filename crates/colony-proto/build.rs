@@ -4,7 +4,11 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
-    let files = [root.join("colony/v1/admin.proto"), root.join("colony/v1/raft.proto")];
+    let files = [
+        root.join("colony/v1/admin.proto"),
+        root.join("colony/v1/raft.proto"),
+        root.join("colony/v1/executor.proto"),
+    ];
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());
     }

@@ -4,14 +4,20 @@
 //! so every replica that applies the same log reaches byte-identical state. It must never depend
 //! on tokio, tonic, quinn, rocksdb, prometheus or cudarc.
 
+pub mod executor;
 pub mod ids;
 pub mod limits;
 pub mod resources;
+pub mod scheduler;
 pub mod state_machine;
 pub mod task;
 
 pub use ids::{ExecutorId, FencingToken, ModelVersion, NodeId, TaskId};
 pub use limits::Limits;
 pub use resources::{parse_cpu_millis, parse_memory_bytes, QuantityError, Resources};
-pub use state_machine::{Command, CommandError, Outcome, Proposal, StateMachine, TaskFilter};
-pub use task::{RunSpec, SpecError, Task, TaskSpec, TaskState};
+pub use executor::{ClusterCaRecord, Executor, ExecutorSpec, ExecutorState, JoinTokenRecord};
+pub use state_machine::{
+    Assignment, AttemptOutcome, AttemptResult, AttemptStatus, Command, CommandError, Outcome, Placement, Proposal, StateMachine,
+    TaskFilter,
+};
+pub use task::{PlacementPolicy, RunSpec, SpecError, Task, TaskSpec, TaskState};

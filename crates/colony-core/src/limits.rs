@@ -18,6 +18,20 @@ pub struct Limits {
     pub spec_bytes_max: usize,
     /// Commands carried by one Raft entry.
     pub batch_commands_max: usize,
+    /// Placements carried by one scheduling command.
+    pub placements_max: usize,
+    /// Each of stdout and stderr kept with a task.
+    pub output_tail_bytes_max: usize,
+    /// A report's or a reason's free-text message.
+    pub message_bytes_max: usize,
+    /// Join tokens alive at once (expired ones are pruned when a new one is created).
+    pub join_tokens_max: usize,
+    pub executors_max: usize,
+    /// A certificate authority's PEM text.
+    pub pem_bytes_max: usize,
+    /// The first retry waits this long; each later one twice as long, up to the maximum.
+    pub retry_backoff_ms_base: u64,
+    pub retry_backoff_ms_max: u64,
 }
 
 impl Default for Limits {
@@ -34,6 +48,14 @@ impl Default for Limits {
             retries_max: 100,
             spec_bytes_max: 64 << 10,
             batch_commands_max: 4096,
+            placements_max: 8192,
+            output_tail_bytes_max: 4096,
+            message_bytes_max: 4096,
+            join_tokens_max: 1024,
+            executors_max: 10_000,
+            pem_bytes_max: 16 << 10,
+            retry_backoff_ms_base: 250,
+            retry_backoff_ms_max: 30_000,
         }
     }
 }

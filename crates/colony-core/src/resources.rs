@@ -17,6 +17,68 @@ pub struct Resources {
     pub custom: BTreeMap<String, u64>,
 }
 
+impl Resources {
+    /// True when every quantity here is at most the same quantity in `available`.
+    pub fn fits_in(&self, available: &Resources) -> bool {
+        self.cpu_millis <= available.cpu_millis
+            && self.memory_bytes <= available.memory_bytes
+            && self.gpus <= available.gpus
+            && self.custom.iter().all(|(name, &amount)| amount <= available.custom.get(name).copied().unwrap_or(0))
+    }
+
+    /// The first quantity that does not fit in `available`, named the way a person reads it
+    /// (`64Gi memory`), or None when everything fits.
+    pub fn first_shortfall(&self, available: &Resources) -> Option<String> {
+        if self.memory_bytes > available.memory_bytes {
+            return Some(format!("{} memory", format_memory_bytes(self.memory_bytes)));
+        }
+        if self.cpu_millis > available.cpu_millis {
+            return Some(format!("{} cpu", format_cpu_millis(self.cpu_millis)));
+        }
+        if self.gpus > available.gpus {
+            return Some(format!("{} gpus", self.gpus));
+        }
+        self.custom
+            .iter()
+            .find(|(name, &amount)| amount > available.custom.get(*name).copied().unwrap_or(0))
+            .map(|(name, amount)| format!("{amount} {name}"))
+    }
+
+    /// Adds `other` in place, saturating (quantities are validated far below u64::MAX).
+    pub fn add(&mut self, other: &Resources) {
+        self.cpu_millis = self.cpu_millis.saturating_add(other.cpu_millis);
+        self.memory_bytes = self.memory_bytes.saturating_add(other.memory_bytes);
+        self.gpus = self.gpus.saturating_add(other.gpus);
+        for (name, &amount) in other.custom.iter().filter(|(_, &amount)| amount > 0) {
+            let entry = self.custom.entry(name.clone()).or_default();
+            *entry = entry.saturating_add(amount);
+        }
+    }
+
+    /// Subtracts `other` in place; callers only subtract what they added, so nothing goes
+    /// below zero, and a custom resource that reaches zero is removed to keep equality exact.
+    pub fn sub(&mut self, other: &Resources) {
+        self.cpu_millis = self.cpu_millis.saturating_sub(other.cpu_millis);
+        self.memory_bytes = self.memory_bytes.saturating_sub(other.memory_bytes);
+        self.gpus = self.gpus.saturating_sub(other.gpus);
+        for (name, &amount) in &other.custom {
+            if let Some(entry) = self.custom.get_mut(name) {
+                *entry = entry.saturating_sub(amount);
+                if *entry == 0 {
+                    self.custom.remove(name);
+                }
+            }
+        }
+    }
+
+    /// `self - used`, never below zero.
+    pub fn minus(&self, used: &Resources) -> Resources {
+        let mut free = self.clone();
+        free.sub(used);
+        free
+    }
+}
+
 /// Why a quantity did not parse.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum QuantityError {

@@ -3,7 +3,7 @@
 //! These types are persisted with bincode, which is not self-describing: no `skip_serializing_if`,
 //! `flatten` or internally tagged enums here (the CLI renders its own JSON view).
 
-use crate::ids::{FencingToken, TaskId};
+use crate::ids::{ExecutorId, FencingToken, TaskId};
 use crate::limits::Limits;
 use crate::resources::Resources;
 use serde::{Deserialize, Serialize};
@@ -25,6 +25,17 @@ pub enum RunSpec {
         handler: String,
         input: String,
     },
+}
+
+/// How the scheduler chooses among executors that fit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlacementPolicy {
+    /// The fullest executor that fits: keeps whole executors free for large tasks.
+    #[default]
+    BinPack,
+    /// The emptiest executor that fits: spreads load and failure impact.
+    Spread,
 }
 
 /// Everything a user says about a task when submitting it.
@@ -49,6 +60,7 @@ pub struct TaskSpec {
     pub run: RunSpec,
     /// A client-chosen key: a second submission with the same key returns the first task.
     pub idempotency_key: Option<String>,
+    pub placement: PlacementPolicy,
 }
 
 /// Where a task is in its life.
@@ -128,10 +140,22 @@ pub struct Task {
     pub id: TaskId,
     pub spec: TaskSpec,
     pub state: TaskState,
-    /// How many attempts have been started (0 until first assigned).
+    /// How many attempts have been assigned (0 until first assigned).
     pub attempt: u32,
-    /// The fencing token of the current assignment, if any.
+    /// Failed or lost attempts that were retried; evictions (preemption, drain) do not count.
+    pub retries_used: u32,
+    /// The fencing token of the current or last assignment, if any.
     pub fencing_token: Option<FencingToken>,
+    /// The executor holding the current attempt (assigned or running), or the one that ran the
+    /// last attempt once the task has finished.
+    pub executor: Option<ExecutorId>,
+    /// A retried task is not placed before this time (backoff).
+    pub not_before_unix_ms: u64,
+    pub started_unix_ms: Option<u64>,
+    pub exit_code: Option<i32>,
+    /// The last bytes of the last attempt's output, as the executor reported them.
+    pub stdout_tail: String,
+    pub stderr_tail: String,
     pub created_unix_ms: u64,
     pub updated_unix_ms: u64,
     pub finished_unix_ms: Option<u64>,
@@ -158,7 +182,7 @@ pub enum SpecError {
     Nul { field: &'static str },
 }
 
-fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), SpecError> {
+pub(crate) fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), SpecError> {
     if value.len() > max {
         return Err(SpecError::TooLong { field, len: value.len(), max });
     }
@@ -168,7 +192,7 @@ fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), SpecErr
     Ok(())
 }
 
-fn check_name(field: &'static str, value: &str, max: usize) -> Result<(), SpecError> {
+pub(crate) fn check_name(field: &'static str, value: &str, max: usize) -> Result<(), SpecError> {
     if value.is_empty() {
         return Err(SpecError::Empty { field });
     }
@@ -180,7 +204,7 @@ fn check_name(field: &'static str, value: &str, max: usize) -> Result<(), SpecEr
     Ok(())
 }
 
-fn check_count(field: &'static str, count: usize, max: usize) -> Result<(), SpecError> {
+pub(crate) fn check_count(field: &'static str, count: usize, max: usize) -> Result<(), SpecError> {
     if count > max {
         return Err(SpecError::TooMany { field, count, max });
     }

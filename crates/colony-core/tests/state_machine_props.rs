@@ -2,7 +2,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use colony_core::{Command, CommandError, Outcome, Proposal, Resources, RunSpec, StateMachine, TaskId, TaskSpec, TaskState};
+use colony_core::scheduler::{plan, PlanConfig};
+use colony_core::{
+    AttemptOutcome, AttemptResult, AttemptStatus, Command, CommandError, ExecutorId, ExecutorSpec, FencingToken, Outcome, Placement,
+    PlacementPolicy, Proposal, Resources, RunSpec, StateMachine, TaskId, TaskSpec, TaskState,
+};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -10,6 +14,17 @@ use std::collections::{BTreeMap, BTreeSet};
 enum Op {
     Submit { name: String, deps: Vec<u64>, key: Option<u8>, priority: u16, deadline_in_ms: Option<i64>, cpu: u64 },
     Cancel { id: u64 },
+    /// Admits an executor and registers it with this much cpu.
+    AddExecutor { cpu: u64 },
+    Register { executor: u64, cpu: u64 },
+    Down { executor: u64 },
+    Drain { executor: u64, deadline_in_ms: u64 },
+    /// Runs the planner and applies its plan.
+    Schedule { gap: u16 },
+    /// An arbitrary placement, most of them invalid: `apply` must refuse those.
+    Place { task: u64, executor: u64, evict: Vec<u64> },
+    /// A report for a task; `stale` sends an older token than the current one.
+    Report { task: u64, stale: bool, outcome: u8 },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -24,7 +39,75 @@ fn op() -> impl Strategy<Value = Op> {
         )
             .prop_map(|(name, deps, key, priority, deadline_in_ms, cpu)| Op::Submit { name, deps, key, priority, deadline_in_ms, cpu }),
         1 => (0u64..25).prop_map(|id| Op::Cancel { id }),
+        1 => (0u64..5000).prop_map(|cpu| Op::AddExecutor { cpu }),
+        1 => (0u64..5, 0u64..5000).prop_map(|(executor, cpu)| Op::Register { executor, cpu }),
+        1 => (0u64..5).prop_map(|executor| Op::Down { executor }),
+        1 => (0u64..5, 0u64..100).prop_map(|(executor, deadline_in_ms)| Op::Drain { executor, deadline_in_ms }),
+        3 => prop_oneof![Just(0u16), Just(1u16), Just(100u16)].prop_map(|gap| Op::Schedule { gap }),
+        1 => (0u64..25, 0u64..5, prop::collection::vec(0u64..25, 0..3)).prop_map(|(task, executor, evict)| Op::Place { task, executor, evict }),
+        3 => (0u64..25, prop::bool::weighted(0.2), 0u8..4).prop_map(|(task, stale, outcome)| Op::Report { task, stale, outcome }),
     ]
+}
+
+fn executor_spec(cpu: u64) -> ExecutorSpec {
+    ExecutorSpec {
+        name: "exec".to_owned(),
+        capacity: Resources { cpu_millis: cpu, memory_bytes: 1 << 30, gpus: 0, custom: BTreeMap::new() },
+        labels: BTreeMap::new(),
+        capabilities: BTreeSet::new(),
+    }
+}
+
+/// The commands an operation turns into, given the state (reports name the current attempt).
+fn commands(op: &Op, sm: &StateMachine, now: u64) -> Vec<Command> {
+    match op {
+        Op::Submit { name, deps, key, priority, deadline_in_ms, cpu } => {
+            let deadline = deadline_in_ms.map(|d| now.saturating_add_signed(d));
+            vec![Command::SubmitTask(spec(name, deps, *key, *priority, deadline, *cpu))]
+        }
+        Op::Cancel { id } => vec![Command::CancelTask { id: TaskId(*id), reason: String::new() }],
+        Op::AddExecutor { cpu } => {
+            let id = sm.next_executor_id();
+            vec![
+                Command::CreateJoinToken { secret_hash: [7; 32], expires_unix_ms: now + 1_000_000 },
+                Command::AdmitExecutor { secret_hash: [7; 32], expected_id: id, name: format!("e{id}"), cert_fingerprint: [id.0 as u8; 32] },
+                Command::RegisterExecutor { id, spec: executor_spec(*cpu) },
+            ]
+        }
+        Op::Register { executor, cpu } => vec![Command::RegisterExecutor { id: ExecutorId(*executor), spec: executor_spec(*cpu) }],
+        Op::Down { executor } => vec![Command::MarkExecutorDown { id: ExecutorId(*executor), reason: "silent".to_owned() }],
+        Op::Drain { executor, deadline_in_ms } => vec![Command::DrainExecutor { id: ExecutorId(*executor), deadline_unix_ms: now + deadline_in_ms }],
+        Op::Schedule { gap } => {
+            let config = PlanConfig { preemption_priority_gap_min: *gap, ..PlanConfig::default() };
+            let plan = plan(sm, now, &config);
+            vec![
+                Command::ExpireTasks { ids: plan.expire },
+                Command::EvictTasks { ids: plan.drain_evictions, reason: "drain deadline".to_owned() },
+                Command::PlaceTasks { placements: plan.placements, unschedulable: plan.unschedulable },
+            ]
+        }
+        Op::Place { task, executor, evict } => vec![Command::PlaceTasks {
+            placements: vec![Placement { task: TaskId(*task), executor: ExecutorId(*executor), evict: evict.iter().map(|&t| TaskId(t)).collect() }],
+            unschedulable: vec![],
+        }],
+        Op::Report { task, stale, outcome } => {
+            let current = sm.get_task(TaskId(*task));
+            let executor = current.and_then(|t| t.executor).unwrap_or(ExecutorId(1));
+            let token = current.and_then(|t| t.fencing_token).unwrap_or(FencingToken(1));
+            let token = if *stale { FencingToken(token.0.saturating_sub(1)) } else { token };
+            let status = match outcome {
+                0 => AttemptStatus::Started,
+                n => AttemptStatus::Finished(AttemptResult {
+                    outcome: [AttemptOutcome::Succeeded, AttemptOutcome::Failed, AttemptOutcome::TimedOut][usize::from(*n - 1)],
+                    exit_code: Some(i32::from(*n) - 1),
+                    stdout_tail: "out".to_owned(),
+                    stderr_tail: String::new(),
+                    message: String::new(),
+                }),
+            };
+            vec![Command::Report { executor, task: TaskId(*task), token, status }]
+        }
+    }
 }
 
 fn spec(name: &str, deps: &[u64], key: Option<u8>, priority: u16, deadline: Option<u64>, cpu: u64) -> TaskSpec {
@@ -37,10 +120,11 @@ fn spec(name: &str, deps: &[u64], key: Option<u8>, priority: u16, deadline: Opti
         priority,
         deadline_unix_ms: deadline,
         timeout_ms: None,
-        max_retries: 0,
+        max_retries: u32::from(priority % 3),
         dependencies: deps.iter().map(|&d| TaskId(d)).collect(),
         run: RunSpec::Process { program: "/bin/true".to_owned(), args: vec![], env: BTreeMap::new() },
         idempotency_key: key.map(|k| format!("key-{k}")),
+        placement: if cpu % 2 == 0 { PlacementPolicy::BinPack } else { PlacementPolicy::Spread },
     }
 }
 
@@ -53,15 +137,10 @@ proptest! {
         let mut now = 1_000_000u64;
         let mut finished: BTreeMap<TaskId, TaskState> = BTreeMap::new();
         let mut next_expected_id = 1u64;
+        let mut tokens: BTreeMap<TaskId, FencingToken> = BTreeMap::new();
         for (i, op) in ops.iter().enumerate() {
             now += clock_steps[i % clock_steps.len()];
-            let command = match op {
-                Op::Submit { name, deps, key, priority, deadline_in_ms, cpu } => {
-                    let deadline = deadline_in_ms.map(|d| now.saturating_add_signed(d));
-                    Command::SubmitTask(spec(name, deps, *key, *priority, deadline, *cpu))
-                }
-                Op::Cancel { id } => Command::CancelTask { id: TaskId(*id), reason: String::new() },
-            };
+            for command in commands(op, &sm, now) {
             let before = sm.clone();
             let results = sm.apply_proposal(&Proposal { now_unix_ms: now, commands: vec![command] });
             prop_assert_eq!(results.len(), 1);
@@ -78,6 +157,7 @@ proptest! {
                 }
                 Ok(_) => {}
             }
+            }
             if let Err(violation) = sm.check_invariants() {
                 prop_assert!(false, "invariant broken after {:?}: {}", op, violation);
             }
@@ -85,6 +165,10 @@ proptest! {
                 prop_assert_eq!(sm.get_task(*id).map(|t| t.state), Some(*state), "finished task {} changed state", id);
             }
             for task in sm.list_tasks(&colony_core::TaskFilter { limit: usize::MAX, ..Default::default() }) {
+                if let Some(token) = task.fencing_token {
+                    let previous = tokens.insert(task.id, token);
+                    prop_assert!(previous.is_none_or(|p| p <= token), "task {}'s token went backwards", task.id);
+                }
                 if task.state.is_finished() {
                     finished.entry(task.id).or_insert(task.state);
                 }
@@ -97,11 +181,9 @@ proptest! {
         let run = || {
             let mut sm = StateMachine::new();
             for (i, op) in ops.iter().enumerate() {
-                let command = match op {
-                    Op::Submit { name, deps, key, priority, cpu, .. } => Command::SubmitTask(spec(name, deps, *key, *priority, None, *cpu)),
-                    Op::Cancel { id } => Command::CancelTask { id: TaskId(*id), reason: String::new() },
-                };
-                sm.apply_proposal(&Proposal { now_unix_ms: 1000 + i as u64, commands: vec![command] });
+                let now = 1000 + i as u64;
+                let commands = commands(op, &sm, now);
+                sm.apply_proposal(&Proposal { now_unix_ms: now, commands });
             }
             serde_json::to_vec(&sm).map_err(|e| e.to_string())
         };
@@ -187,19 +269,20 @@ proptest! {
     fn persisted_types_round_trip_through_bincode(ops in prop::collection::vec(op(), 1..40)) {
         let mut sm = StateMachine::new();
         for (i, op) in ops.iter().enumerate() {
-            let command = match op {
+            let now = 10_000 + i as u64;
+            let commands = match op {
                 Op::Submit { name, deps, key, priority, deadline_in_ms, cpu } => {
-                    let mut spec = spec(name, deps, *key, *priority, deadline_in_ms.map(|d| 10_000u64.saturating_add_signed(d)), *cpu);
+                    let mut spec = spec(name, deps, *key, *priority, deadline_in_ms.map(|d| now.saturating_add_signed(d)), *cpu);
                     if i % 2 == 0 {
                         spec.run = RunSpec::Builtin { handler: "sleep".into(), input: String::new() };
                         spec.timeout_ms = Some(5);
                         spec.labels.insert("zone".into(), "a".into());
                     }
-                    Command::SubmitTask(spec)
+                    vec![Command::SubmitTask(spec)]
                 }
-                Op::Cancel { id } => Command::CancelTask { id: TaskId(*id), reason: String::new() },
+                other => commands(other, &sm, now),
             };
-            let proposal = Proposal { now_unix_ms: 10_000 + i as u64, commands: vec![command] };
+            let proposal = Proposal { now_unix_ms: now, commands };
             prop_assert_eq!(&bincode_round_trip(&proposal), &proposal);
             let results = sm.apply_proposal(&proposal);
             prop_assert_eq!(&bincode_round_trip(&results), &results);

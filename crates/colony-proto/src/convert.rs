@@ -2,7 +2,7 @@
 //! core value is a `ConversionError`, never a panic.
 
 use crate::pb;
-use colony_core::{FencingToken, Resources, RunSpec, Task, TaskId, TaskSpec, TaskState};
+use colony_core::{Executor, ExecutorId, ExecutorSpec, FencingToken, PlacementPolicy, Resources, RunSpec, Task, TaskId, TaskSpec, TaskState};
 
 /// A proto message that does not describe a valid core value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -13,6 +13,8 @@ pub enum ConversionError {
     Priority(u32),
     #[error("unknown task state {0}")]
     State(i32),
+    #[error("unknown placement policy {0}")]
+    Placement(i32),
 }
 
 impl From<&Resources> for pb::Resources {
@@ -57,6 +59,10 @@ impl From<&TaskSpec> for pb::TaskSpec {
             dependencies: s.dependencies.iter().map(|d| d.0).collect(),
             run: Some(run),
             idempotency_key: s.idempotency_key.clone(),
+            placement: match s.placement {
+                PlacementPolicy::BinPack => pb::PlacementPolicy::BinPack,
+                PlacementPolicy::Spread => pb::PlacementPolicy::Spread,
+            } as i32,
         }
     }
 }
@@ -70,6 +76,10 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
             pb::task_spec::Run::Builtin(b) => RunSpec::Builtin { handler: b.handler, input: b.input },
         };
         let priority = u16::try_from(s.priority).ok().filter(|p| *p <= 1000).ok_or(ConversionError::Priority(s.priority))?;
+        let placement = match pb::PlacementPolicy::try_from(s.placement).map_err(|_| ConversionError::Placement(s.placement))? {
+            pb::PlacementPolicy::Unspecified | pb::PlacementPolicy::BinPack => PlacementPolicy::BinPack,
+            pb::PlacementPolicy::Spread => PlacementPolicy::Spread,
+        };
         Ok(TaskSpec {
             name: s.name,
             namespace: s.namespace,
@@ -83,6 +93,7 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
             dependencies: s.dependencies.into_iter().map(TaskId).collect(),
             run,
             idempotency_key: s.idempotency_key,
+            placement,
         })
     }
 }
@@ -132,6 +143,13 @@ impl From<&Task> for pb::Task {
             updated_unix_ms: t.updated_unix_ms,
             finished_unix_ms: t.finished_unix_ms,
             reason: t.reason.clone(),
+            retries_used: t.retries_used,
+            executor_id: t.executor.map(|e| e.0),
+            not_before_unix_ms: t.not_before_unix_ms,
+            started_unix_ms: t.started_unix_ms,
+            exit_code: t.exit_code,
+            stdout_tail: t.stdout_tail.clone(),
+            stderr_tail: t.stderr_tail.clone(),
         }
     }
 }
@@ -151,7 +169,43 @@ impl TryFrom<pb::Task> for Task {
             updated_unix_ms: t.updated_unix_ms,
             finished_unix_ms: t.finished_unix_ms,
             reason: t.reason,
+            retries_used: t.retries_used,
+            executor: t.executor_id.map(ExecutorId),
+            not_before_unix_ms: t.not_before_unix_ms,
+            started_unix_ms: t.started_unix_ms,
+            exit_code: t.exit_code,
+            stdout_tail: t.stdout_tail,
+            stderr_tail: t.stderr_tail,
         })
+    }
+}
+
+/// An executor as operators see it; `heartbeat_age_ms` comes from the leader's memory.
+pub fn executor_to_proto(e: &Executor, heartbeat_age_ms: Option<u64>) -> pb::Executor {
+    pb::Executor {
+        id: e.id.0,
+        name: e.spec.name.clone(),
+        state: e.state.as_str().to_owned(),
+        capacity: Some((&e.spec.capacity).into()),
+        allocated: Some((&e.allocated).into()),
+        labels: e.spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        capabilities: e.spec.capabilities.iter().cloned().collect(),
+        tasks: e.tasks.iter().map(|t| t.0).collect(),
+        drain_deadline_unix_ms: e.drain_deadline_unix_ms,
+        reason: e.reason.clone(),
+        admitted_unix_ms: e.admitted_unix_ms,
+        updated_unix_ms: e.updated_unix_ms,
+        heartbeat_age_ms,
+    }
+}
+
+/// What an executor's `Hello` offers, as the spec the cluster registers.
+pub fn executor_spec_from_hello(hello: &pb::Hello) -> ExecutorSpec {
+    ExecutorSpec {
+        name: hello.name.clone(),
+        capacity: hello.capacity.clone().map(Resources::from).unwrap_or_default(),
+        labels: hello.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        capabilities: hello.capabilities.iter().cloned().collect(),
     }
 }
 
@@ -177,10 +231,18 @@ mod tests {
                 dependencies: [TaskId(3)].into(),
                 run: RunSpec::Process { program: "/bin/echo".into(), args: vec!["hi".into()], env: BTreeMap::from([("A".into(), "1".into())]) },
                 idempotency_key: Some("k".into()),
+                placement: PlacementPolicy::Spread,
             },
             state: TaskState::TimedOut,
             attempt: 1,
+            retries_used: 1,
             fencing_token: Some(FencingToken(4)),
+            executor: Some(ExecutorId(2)),
+            not_before_unix_ms: 5,
+            started_unix_ms: Some(6),
+            exit_code: Some(-1),
+            stdout_tail: "out".into(),
+            stderr_tail: "err".into(),
             created_unix_ms: 1,
             updated_unix_ms: 2,
             finished_unix_ms: Some(2),

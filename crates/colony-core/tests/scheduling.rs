@@ -1,0 +1,303 @@
+//! Scenario tests of placement, preemption, deadlines, dependencies, retries, drain and fencing,
+//! driving the state machine with the planner's own plans, as the leader does.
+
+#![allow(clippy::unwrap_used)]
+
+use colony_core::scheduler::{plan, PlanConfig};
+use colony_core::{
+    AttemptOutcome, AttemptResult, AttemptStatus, Command, CommandError, ExecutorId, ExecutorSpec, ExecutorState, Outcome, Proposal,
+    Resources, RunSpec, StateMachine, TaskId, TaskSpec, TaskState,
+};
+use std::collections::{BTreeMap, BTreeSet};
+
+struct World {
+    sm: StateMachine,
+    now: u64,
+    config: PlanConfig,
+}
+
+fn resources(cpu_millis: u64, memory_mib: u64) -> Resources {
+    Resources { cpu_millis, memory_bytes: memory_mib << 20, gpus: 0, custom: BTreeMap::new() }
+}
+
+fn spec(name: &str, cpu_millis: u64, priority: u16) -> TaskSpec {
+    TaskSpec {
+        name: name.to_owned(),
+        namespace: "default".to_owned(),
+        labels: BTreeMap::new(),
+        capabilities: BTreeSet::new(),
+        resources: resources(cpu_millis, 64),
+        priority,
+        deadline_unix_ms: None,
+        timeout_ms: None,
+        max_retries: 0,
+        dependencies: BTreeSet::new(),
+        run: RunSpec::Builtin { handler: "sleep".to_owned(), input: "1s".to_owned() },
+        idempotency_key: None,
+        placement: Default::default(),
+    }
+}
+
+fn finished(outcome: AttemptOutcome) -> AttemptStatus {
+    AttemptStatus::Finished(AttemptResult { outcome, exit_code: Some(0), stdout_tail: String::new(), stderr_tail: String::new(), message: String::new() })
+}
+
+impl World {
+    fn new() -> World {
+        World { sm: StateMachine::new(), now: 1_000_000, config: PlanConfig::default() }
+    }
+
+    fn apply(&mut self, command: Command) -> Result<Outcome, CommandError> {
+        let result = self.sm.apply_proposal(&Proposal { now_unix_ms: self.now, commands: vec![command] }).remove(0);
+        self.sm.check_invariants().unwrap();
+        result
+    }
+
+    fn executor(&mut self, cpu_millis: u64, labels: &[(&str, &str)]) -> ExecutorId {
+        let id = self.sm.next_executor_id();
+        self.apply(Command::CreateJoinToken { secret_hash: [1; 32], expires_unix_ms: self.now + 60_000 }).unwrap();
+        self.apply(Command::AdmitExecutor { secret_hash: [1; 32], expected_id: id, name: format!("e{id}"), cert_fingerprint: [0; 32] }).unwrap();
+        let spec = ExecutorSpec {
+            name: format!("e{id}"),
+            capacity: resources(cpu_millis, 4096),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            capabilities: BTreeSet::from(["shell".to_owned()]),
+        };
+        self.apply(Command::RegisterExecutor { id, spec }).unwrap();
+        id
+    }
+
+    fn submit(&mut self, spec: TaskSpec) -> TaskId {
+        match self.apply(Command::SubmitTask(spec)).unwrap() {
+            Outcome::Submitted { task, .. } => task.id,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// One scheduling round, applied the way the leader proposes it.
+    fn schedule(&mut self) -> Outcome {
+        let plan = plan(&self.sm, self.now, &self.config);
+        self.apply(Command::ExpireTasks { ids: plan.expire }).unwrap();
+        self.apply(Command::EvictTasks { ids: plan.drain_evictions, reason: "drain deadline passed".to_owned() }).unwrap();
+        self.apply(Command::PlaceTasks { placements: plan.placements, unschedulable: plan.unschedulable }).unwrap()
+    }
+
+    fn task(&self, id: TaskId) -> colony_core::Task {
+        self.sm.get_task(id).unwrap().clone()
+    }
+
+    fn report(&mut self, id: TaskId, status: AttemptStatus) -> Result<Outcome, CommandError> {
+        let task = self.task(id);
+        self.apply(Command::Report { executor: task.executor.unwrap(), task: id, token: task.fencing_token.unwrap(), status })
+    }
+}
+
+#[test]
+fn bin_packing_fills_one_executor_before_the_next_and_spread_does_the_opposite() {
+    let mut w = World::new();
+    let a = w.executor(4000, &[]);
+    let b = w.executor(4000, &[]);
+    let first = w.submit(spec("one", 1000, 10));
+    let second = w.submit(spec("two", 1000, 10));
+    w.schedule();
+    assert_eq!(w.task(first).executor, w.task(second).executor, "bin-packing puts both on one executor");
+    let mut spread = spec("three", 1000, 10);
+    spread.placement = colony_core::PlacementPolicy::Spread;
+    let third = w.submit(spread);
+    w.schedule();
+    let used = w.task(first).executor.unwrap();
+    let other = if used == a { b } else { a };
+    assert_eq!(w.task(third).executor, Some(other), "spread picks the emptier executor");
+}
+
+#[test]
+fn a_task_that_fits_nowhere_stays_pending_with_a_reason() {
+    let mut w = World::new();
+    w.executor(4000, &[]);
+    let mut huge = spec("huge", 1000, 10);
+    huge.resources.memory_bytes = 64 << 30;
+    let id = w.submit(huge);
+    w.schedule();
+    let task = w.task(id);
+    assert_eq!(task.state, TaskState::Pending);
+    assert_eq!(task.reason.as_deref(), Some("unschedulable: no executor has 64Gi memory"));
+    let mut zoned = spec("zoned", 100, 10);
+    zoned.labels.insert("zone".into(), "c".into());
+    let zoned = w.submit(zoned);
+    w.schedule();
+    assert_eq!(w.task(zoned).reason.as_deref(), Some("unschedulable: no executor has label zone=c"));
+    let before = w.sm.clone();
+    w.schedule();
+    assert_eq!(w.sm.get_task(zoned), before.get_task(zoned), "an unchanged reason is not re-committed");
+}
+
+#[test]
+fn placements_never_overcommit_even_when_planned_against_a_stale_state() {
+    let mut w = World::new();
+    w.executor(1000, &[]);
+    let a = w.submit(spec("a", 1000, 10));
+    let b = w.submit(spec("b", 1000, 10));
+    // Two leaders' worth of plans made against the same state: the second must be refused.
+    let stale = plan(&w.sm, w.now, &w.config);
+    assert_eq!(stale.placements.len(), 1);
+    w.apply(Command::PlaceTasks { placements: stale.placements.clone(), unschedulable: vec![] }).unwrap();
+    let mut forged = stale.placements.clone();
+    forged[0].task = if forged[0].task == a { b } else { a };
+    match w.apply(Command::PlaceTasks { placements: forged, unschedulable: vec![] }).unwrap() {
+        Outcome::Placed { assigned, rejected, .. } => {
+            assert!(assigned.is_empty());
+            assert!(rejected[0].1.contains("no longer has room"), "{rejected:?}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn preemption_evicts_lower_priority_without_spending_a_retry() {
+    let mut w = World::new();
+    w.executor(2000, &[]);
+    let low = w.submit(spec("low", 2000, 10));
+    w.schedule();
+    w.report(low, AttemptStatus::Started).unwrap();
+    let close = w.submit(spec("close", 2000, 50));
+    w.schedule();
+    assert_eq!(w.task(close).state, TaskState::Pending, "a priority gap below the minimum does not preempt");
+    let high = w.submit(spec("high", 2000, 500));
+    match w.schedule() {
+        Outcome::Placed { evicted, .. } => assert_eq!(evicted, vec![low]),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(w.task(high).state, TaskState::Assigned);
+    let low_task = w.task(low);
+    assert_eq!(low_task.state, TaskState::Pending);
+    assert_eq!(low_task.retries_used, 0, "eviction does not spend a retry");
+    assert_eq!(low_task.reason.as_deref(), Some(format!("preempted by task {high}").as_str()));
+}
+
+#[test]
+fn deadlines_expire_unstarted_tasks() {
+    let mut w = World::new();
+    let mut late = spec("late", 100, 10);
+    late.deadline_unix_ms = Some(w.now + 500);
+    let id = w.submit(late);
+    w.now += 1000;
+    w.schedule();
+    let task = w.task(id);
+    assert_eq!(task.state, TaskState::TimedOut);
+    assert_eq!(task.reason.as_deref(), Some("not started by its deadline"));
+}
+
+#[test]
+fn dependencies_release_on_success_and_cancel_on_failure() {
+    let mut w = World::new();
+    w.executor(4000, &[]);
+    let build = w.submit(spec("build", 100, 10));
+    let mut test = spec("test", 100, 10);
+    test.dependencies.insert(build);
+    let test = w.submit(test);
+    let mut report = spec("report", 100, 10);
+    report.dependencies.insert(test);
+    let report = w.submit(report);
+    assert_eq!(w.task(test).state, TaskState::Blocked);
+    w.schedule();
+    w.report(build, finished(AttemptOutcome::Succeeded)).unwrap();
+    assert_eq!(w.task(test).state, TaskState::Pending, "released when its dependency succeeded");
+    w.schedule();
+    w.report(test, finished(AttemptOutcome::Failed)).unwrap();
+    assert_eq!(w.task(test).state, TaskState::Failed);
+    let report = w.task(report);
+    assert_eq!(report.state, TaskState::Cancelled);
+    assert_eq!(report.reason.as_deref(), Some(format!("dependency {test} ended failed").as_str()));
+}
+
+#[test]
+fn failed_attempts_retry_with_backoff_then_fail() {
+    let mut w = World::new();
+    w.executor(4000, &[]);
+    let mut flaky = spec("flaky", 100, 10);
+    flaky.max_retries = 2;
+    let id = w.submit(flaky);
+    for retry in 1..=2u32 {
+        w.schedule();
+        let attempt = w.task(id);
+        assert_eq!(attempt.attempt, retry);
+        w.report(id, finished(AttemptOutcome::Failed)).unwrap();
+        let task = w.task(id);
+        assert_eq!((task.state, task.retries_used), (TaskState::Pending, retry));
+        w.schedule();
+        assert_eq!(w.task(id).state, TaskState::Pending, "not placed during its backoff");
+        w.now = task.not_before_unix_ms;
+    }
+    w.schedule();
+    w.report(id, finished(AttemptOutcome::Failed)).unwrap();
+    assert_eq!(w.task(id).state, TaskState::Failed);
+}
+
+#[test]
+fn an_executor_going_down_loses_its_attempts_to_retries_and_old_reports_are_fenced_off() {
+    let mut w = World::new();
+    let first = w.executor(1000, &[]);
+    let mut job = spec("job", 1000, 10);
+    job.max_retries = 1;
+    let id = w.submit(job);
+    w.schedule();
+    let old = w.task(id);
+    assert_eq!(old.executor, Some(first));
+    w.report(id, AttemptStatus::Started).unwrap();
+    w.apply(Command::MarkExecutorDown { id: first, reason: "no heartbeat for 3s".into() }).unwrap();
+    assert_eq!(w.sm.get_executor(first).unwrap().state, ExecutorState::Down);
+    let second = w.executor(1000, &[]);
+    w.now += 10_000;
+    w.schedule();
+    let new = w.task(id);
+    assert_eq!((new.executor, new.attempt), (Some(second), 2));
+    assert!(new.fencing_token > old.fencing_token);
+    let stale = Command::Report { executor: first, task: id, token: old.fencing_token.unwrap(), status: finished(AttemptOutcome::Succeeded) };
+    assert!(matches!(w.apply(stale), Err(CommandError::StaleReport { .. })), "the old attempt cannot complete the task");
+    w.report(id, finished(AttemptOutcome::Succeeded)).unwrap();
+    let duplicate = Command::Report { executor: second, task: id, token: new.fencing_token.unwrap(), status: finished(AttemptOutcome::Succeeded) };
+    assert!(matches!(w.apply(duplicate), Err(CommandError::StaleReport { .. })), "an attempt completes at most once");
+    // Back from the dead: registering again brings it up, holding nothing.
+    let spec = w.sm.get_executor(first).unwrap().spec.clone();
+    w.apply(Command::RegisterExecutor { id: first, spec }).unwrap();
+    assert_eq!(w.sm.get_executor(first).unwrap().state, ExecutorState::Up);
+}
+
+#[test]
+fn drain_stops_new_placements_then_evicts_at_the_deadline() {
+    let mut w = World::new();
+    let drained = w.executor(1000, &[]);
+    let id = w.submit(spec("long", 1000, 10));
+    w.schedule();
+    w.apply(Command::DrainExecutor { id: drained, deadline_unix_ms: w.now + 5000 }).unwrap();
+    assert!(matches!(
+        w.apply(Command::DrainExecutor { id: drained, deadline_unix_ms: w.now }),
+        Err(CommandError::ExecutorState { state: ExecutorState::Draining, .. })
+    ));
+    assert!(matches!(w.apply(Command::DrainExecutor { id: ExecutorId(99), deadline_unix_ms: w.now }), Err(CommandError::UnknownExecutor(_))));
+    let queued = w.submit(spec("queued", 100, 10));
+    w.schedule();
+    assert_eq!(w.task(queued).state, TaskState::Pending, "a draining executor takes no new work");
+    assert_eq!(w.task(id).state, TaskState::Assigned, "before the deadline the attempt keeps running");
+    w.now += 5000;
+    w.schedule();
+    let evicted = w.task(id);
+    assert_eq!((evicted.state, evicted.retries_used), (TaskState::Pending, 0));
+    let other = w.executor(2000, &[]);
+    w.schedule();
+    assert_eq!(w.task(id).executor, Some(other));
+}
+
+#[test]
+fn join_tokens_expire_and_admissions_race_safely() {
+    let mut w = World::new();
+    w.apply(Command::CreateJoinToken { secret_hash: [9; 32], expires_unix_ms: w.now + 100 }).unwrap();
+    let id = w.sm.next_executor_id();
+    let admit = |expected_id| Command::AdmitExecutor { secret_hash: [9; 32], expected_id, name: "e".into(), cert_fingerprint: [0; 32] };
+    w.apply(admit(id)).unwrap();
+    assert!(matches!(w.apply(admit(id)), Err(CommandError::AdmissionRaced { .. })));
+    let wrong = Command::AdmitExecutor { secret_hash: [8; 32], expected_id: w.sm.next_executor_id(), name: "e".into(), cert_fingerprint: [0; 32] };
+    assert_eq!(w.apply(wrong), Err(CommandError::InvalidJoinToken));
+    w.now += 100;
+    assert_eq!(w.apply(admit(w.sm.next_executor_id())), Err(CommandError::InvalidJoinToken), "an expired token is refused");
+}
