@@ -1,0 +1,176 @@
+//! The executor agent: establishes its identity (joining with a token the first time), serves
+//! its metrics, and runs the link to the leader until asked to stop.
+
+use crate::config::ExecutorConfig;
+use crate::dial::CLOSE_CODE_OK;
+use crate::identity::{self, IdentityError};
+use crate::join::{self, JoinError};
+use crate::link::{Launcher, Link, LinkError, Profile};
+use crate::metrics::{self, Metrics};
+use crate::runner;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Time the endpoint gets at exit to deliver its close frames.
+const ENDPOINT_CLOSE_MAX: Duration = Duration::from_secs(1);
+
+/// Why the agent stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("no servers to connect to")]
+    NoServers,
+    #[error("no identity in {0}: pass --token to join")]
+    NoIdentity(PathBuf),
+    #[error("cannot create the data directory {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot use the identity")]
+    Identity(#[from] IdentityError),
+    #[error("cannot join the cluster")]
+    Join(#[from] JoinError),
+    #[error("cannot open a QUIC endpoint")]
+    Endpoint(#[source] std::io::Error),
+    #[error("the identity's certificates do not form a TLS configuration")]
+    Tls(#[source] colony_quic::PkiError),
+    #[error("cannot serve metrics on {addr}")]
+    MetricsListen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up metrics")]
+    Metrics(#[from] prometheus::Error),
+    #[error("the link to the cluster failed")]
+    Link(#[from] LinkError),
+}
+
+/// Runs the executor until `shutdown` resolves, then stops gracefully: no new assignments,
+/// running attempts killed, outstanding reports flushed for up to 2 s, connection closed.
+pub async fn run(config: ExecutorConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    Ok(run_agent(config, shutdown).await?)
+}
+
+async fn run_agent(config: ExecutorConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    if config.servers.is_empty() {
+        return Err(AgentError::NoServers);
+    }
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| AgentError::DataDir { path: data_dir.clone(), source })?;
+    let stored = identity::load(&data_dir)?;
+    if stored.is_none() && config.token.is_none() {
+        return Err(AgentError::NoIdentity(data_dir));
+    }
+    let metrics = Arc::new(Metrics::new(&config.capacity)?);
+    let http = match config.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::MetricsListen { addr, source })?;
+            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "serving metrics");
+            Some(metrics::serve(listener, metrics.clone())?)
+        }
+        None => None,
+    };
+    let endpoint = colony_quic::client_endpoint().map_err(AgentError::Endpoint)?;
+    let mut shutdown = pin!(shutdown);
+    let creds = match (stored, config.token.as_deref()) {
+        (Some(creds), token) => {
+            if token.is_some() {
+                tracing::info!(executor_id = %creds.executor_id, "identity found; the join token is not needed and is ignored");
+            }
+            creds
+        }
+        (None, Some(token)) => {
+            tracing::info!(dir = %data_dir.display(), "no identity yet; joining the cluster");
+            let joined = tokio::select! {
+                joined = join::join(&endpoint, &config.servers, token, &config.name, None) => joined?,
+                () = &mut shutdown => return Ok(()),
+            };
+            identity::store(&data_dir, &joined)?;
+            joined
+        }
+        (None, None) => return Err(AgentError::NoIdentity(data_dir)),
+    };
+    let client = colony_quic::mutual_client_config(&creds.ca_pem, &creds.cert_pem, &creds.key_pem).map_err(AgentError::Tls)?;
+    // Directories of attempts a previous run of this executor left behind: they were cut short,
+    // so they are kept like failed ones.
+    match runner::retire_leftovers(&data_dir) {
+        Ok(0) => {}
+        Ok(count) => tracing::info!(count, "kept the working directories of attempts interrupted by the last stop"),
+        Err(e) => tracing::warn!(error = %e, "could not tidy the working directories"),
+    }
+    tracing::info!(executor_id = %creds.executor_id, name = %config.name, capacity = %config.capacity, "executor starting");
+    let link = Link {
+        servers: config.servers,
+        profile: Profile {
+            executor_id: creds.executor_id,
+            name: config.name,
+            capacity: config.capacity,
+            labels: config.labels,
+            capabilities: config.capabilities,
+        },
+        launcher: Launcher::Run { data_dir: data_dir.into() },
+        metrics,
+    };
+    let result = link.run(&endpoint, &client, shutdown).await;
+    if let Some(http) = http {
+        http.abort();
+    }
+    endpoint.close(quinn::VarInt::from_u32(CLOSE_CODE_OK), b"executor stopped");
+    let _ = tokio::time::timeout(ENDPOINT_CLOSE_MAX, endpoint.wait_idle()).await;
+    result?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use colony_core::Resources;
+
+    fn config(data_dir: PathBuf, token: Option<String>) -> ExecutorConfig {
+        ExecutorConfig {
+            servers: vec!["127.0.0.1:1".to_owned()],
+            token,
+            data_dir,
+            name: "test".to_owned(),
+            capacity: Resources::default(),
+            labels: Default::default(),
+            capabilities: Default::default(),
+            metrics_listen: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn first_start_without_a_token_is_a_clear_error() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let error = run(config(dir.path().to_owned(), None), std::future::pending()).await.expect_err("no identity");
+        assert_eq!(error.to_string(), format!("no identity in {}: pass --token to join", dir.path().display()));
+    }
+
+    #[tokio::test]
+    async fn a_malformed_token_is_refused_before_dialing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let error = run(config(dir.path().to_owned(), Some("nonsense".to_owned())), std::future::pending()).await.expect_err("bad token");
+        assert!(format!("{error:#}").starts_with("cannot join the cluster: invalid join token"), "{error:#}");
+    }
+
+    #[tokio::test]
+    async fn stored_identity_skips_joining_and_shutdown_is_prompt() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = colony_quic::ClusterCa::generate("test").expect("ca");
+        let (key_pem, csr_pem) = colony_quic::new_executor_key().expect("key");
+        let cert_pem = ca.sign_executor_csr(&csr_pem, 5).expect("cert");
+        let creds = crate::identity::Credentials { executor_id: colony_core::ExecutorId(5), key_pem, cert_pem, ca_pem: ca.cert_pem().to_owned() };
+        identity::store(dir.path(), &creds).expect("store");
+        // A token that would not parse proves it is ignored; nobody listens on the server port.
+        let started = std::time::Instant::now();
+        let stop = tokio::time::sleep(Duration::from_millis(300));
+        run(config(dir.path().to_owned(), Some("ignored".to_owned())), stop).await.expect("clean stop");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,26 @@
+//! The Colony executor: joins the cluster over QUIC, keeps one connection to the leader, runs the
+//! attempts it is assigned (child processes or built-in handlers) and reports how they went.
+//!
+//! Nothing here is replicated state: the truth about tasks lives in the servers' state machine,
+//! and an executor only ever reports what it saw, fenced by each attempt's token. `sim` offers
+//! simulated executors, which run nothing, for the scheduling benchmark.
+
+mod agent;
+mod attempt;
+mod builtin;
+mod config;
+mod dial;
+mod identity;
+mod join;
+mod link;
+mod metrics;
+#[cfg(test)]
+mod protocol_tests;
+mod runner;
+pub mod sim;
+
+pub use agent::{run, AgentError};
+pub use config::ExecutorConfig;
+pub use identity::{Credentials, IdentityError};
+pub use join::JoinError;
+pub use link::LinkError;

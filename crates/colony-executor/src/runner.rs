@@ -1,0 +1,497 @@
+//! Runs one attempt as a child process in its own process group and working directory, keeping
+//! only the tail of its output, and stops the whole group on timeout or kill (SIGTERM, then
+//! SIGKILL after a grace period).
+
+use crate::attempt::{Attempt, AttemptResult, KillSignal, Outcome};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::{Child, Command};
+
+/// Bytes kept from the end of each of stdout and stderr.
+pub(crate) const OUTPUT_TAIL_BYTES_MAX: usize = 4096;
+/// Time a process group has between SIGTERM and SIGKILL.
+pub(crate) const TERM_GRACE: Duration = Duration::from_secs(2);
+/// Time the output pipes get to reach end-of-file once the process has ended; a descendant that
+/// escaped the process group may hold them open forever.
+const OUTPUT_DRAIN_MAX: Duration = Duration::from_secs(1);
+/// Failed attempts' working directories kept for debugging; older ones are removed.
+const FAILED_WORK_DIRS_KEPT_MAX: usize = 20;
+const READ_CHUNK_BYTES: usize = 8192;
+
+/// What one process attempt runs, and where.
+pub(crate) struct ProcessRun<'a> {
+    pub attempt: &'a Attempt,
+    pub program: &'a str,
+    pub args: &'a [String],
+    pub env: &'a BTreeMap<String, String>,
+    pub timeout: Option<Duration>,
+    pub data_dir: &'a Path,
+}
+
+/// `DATA_DIR/work/TASK-ATTEMPT`: where an attempt runs.
+pub(crate) fn work_dir(data_dir: &Path, attempt: &Attempt) -> PathBuf {
+    data_dir.join("work").join(format!("{}-{}", attempt.task_id, attempt.attempt))
+}
+
+/// `DATA_DIR/failed`: where the working directories of failed attempts are kept.
+fn failed_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("failed")
+}
+
+/// Runs the attempt to its end and cleans up its working directory (kept, under `failed/`, when
+/// the attempt failed or timed out).
+pub(crate) async fn run(run: ProcessRun<'_>, kill: KillSignal) -> AttemptResult {
+    let dir = work_dir(run.data_dir, run.attempt);
+    if let Err(e) = prepare_dir(&dir).await {
+        return AttemptResult::failed(format!("cannot create working directory {}: {e}", dir.display()));
+    }
+    let result = run_in(&run, &dir, kill).await;
+    let keep = matches!(result.outcome, Outcome::Failed | Outcome::TimedOut);
+    let data_dir = run.data_dir.to_owned();
+    // Removing a large tree blocks; keep it off the runtime's threads.
+    let retired = tokio::task::spawn_blocking(move || retire(&data_dir, &dir, keep)).await;
+    match retired {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(task = %run.attempt.task_id, error = %e, "could not clean up a working directory"),
+        Err(e) => tracing::warn!(task = %run.attempt.task_id, error = %e, "working directory clean-up did not finish"),
+    }
+    result
+}
+
+/// Creates an empty working directory, replacing whatever an earlier run of this attempt left.
+async fn prepare_dir(dir: &Path) -> io::Result<()> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    tokio::fs::create_dir_all(dir).await
+}
+
+/// Moves the working directories a previous run of the executor left in `work/` (attempts cut
+/// short by its stop) to `failed/`; returns how many there were.
+pub(crate) fn retire_leftovers(data_dir: &Path) -> io::Result<usize> {
+    let entries = match std::fs::read_dir(data_dir.join("work")) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut count = 0;
+    for entry in entries {
+        retire(data_dir, &entry?.path(), true)?;
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// Removes a finished attempt's directory, or moves it under `failed/` and prunes that to the
+/// newest `FAILED_WORK_DIRS_KEPT_MAX`.
+fn retire(data_dir: &Path, dir: &Path, keep: bool) -> io::Result<()> {
+    if !keep {
+        return remove_tree(dir);
+    }
+    let failed = failed_dir(data_dir);
+    std::fs::create_dir_all(&failed)?;
+    let Some(name) = dir.file_name() else { return remove_tree(dir) };
+    let target = failed.join(name);
+    remove_tree(&target)?;
+    std::fs::rename(dir, &target)?;
+    prune_failed(&failed)
+}
+
+fn remove_tree(dir: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn prune_failed(failed: &Path) -> io::Result<()> {
+    let mut kept = Vec::new();
+    for entry in std::fs::read_dir(failed)? {
+        let entry = entry?;
+        let modified = entry.metadata()?.modified()?;
+        kept.push((modified, entry.path()));
+    }
+    if kept.len() <= FAILED_WORK_DIRS_KEPT_MAX {
+        return Ok(());
+    }
+    kept.sort();
+    let excess = kept.len() - FAILED_WORK_DIRS_KEPT_MAX;
+    for (_, path) in kept.into_iter().take(excess) {
+        remove_tree(&path)?;
+    }
+    Ok(())
+}
+
+/// How the supervised process ended.
+enum Ending {
+    Exited(ExitStatus),
+    TimedOut(Duration),
+    Killed,
+    WaitFailed(io::Error),
+}
+
+async fn run_in(run: &ProcessRun<'_>, dir: &Path, mut kill: KillSignal) -> AttemptResult {
+    let attempt = run.attempt;
+    let mut command = Command::new(run.program);
+    command
+        .args(run.args)
+        .envs(run.env)
+        .env("COLONY_TASK_ID", attempt.task_id.to_string())
+        .env("COLONY_ATTEMPT", attempt.attempt.to_string())
+        .env("COLONY_FENCING_TOKEN", attempt.fencing_token.to_string())
+        .env("COLONY_EXECUTOR_ID", attempt.executor_id.to_string())
+        .current_dir(dir)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => return AttemptResult::failed(spawn_failure(run.program, &e)),
+    };
+    // `process_group(0)` makes the child the leader of a group numbered by its pid.
+    let group = GroupGuard::new(child.id());
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let mut stdout_tail = Tail::default();
+    let mut stderr_tail = Tail::default();
+    let ending = {
+        let mut readers = pin!(async { tokio::join!(drain(stdout, &mut stdout_tail), drain(stderr, &mut stderr_tail)) });
+        let mut supervised = pin!(supervise(&mut child, &group, run.timeout, &mut kill));
+        let mut readers_done = false;
+        let ending = loop {
+            tokio::select! {
+                ending = &mut supervised => break ending,
+                _ = &mut readers, if !readers_done => readers_done = true,
+            }
+        };
+        // The leader is gone; whatever it left in its group goes with it, so the pipes close.
+        group.kill_rest();
+        if !readers_done {
+            let drained = tokio::time::timeout(OUTPUT_DRAIN_MAX, &mut readers).await;
+            if drained.is_err() {
+                tracing::debug!(task = %attempt.task_id, "output pipes still open after the process ended; tails cut short");
+            }
+        }
+        ending
+    };
+    let mut result = match ending {
+        Ending::Exited(status) => exit_result(status),
+        Ending::TimedOut(after) => AttemptResult::ended(Outcome::TimedOut, format!("timed out after {}", humantime::format_duration(after))),
+        Ending::Killed => AttemptResult::ended(Outcome::Killed, "killed on request".to_owned()),
+        Ending::WaitFailed(e) => AttemptResult::failed(format!("lost track of the process: {e}")),
+    };
+    result.stdout_tail = stdout_tail.into_string();
+    result.stderr_tail = stderr_tail.into_string();
+    result
+}
+
+fn spawn_failure(program: &str, e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::NotFound => format!("program not found: {program}"),
+        io::ErrorKind::PermissionDenied => format!("program is not executable: {program}"),
+        _ => format!("cannot start {program}: {e}"),
+    }
+}
+
+fn exit_result(status: ExitStatus) -> AttemptResult {
+    match (status.code(), status.signal()) {
+        (Some(0), _) => AttemptResult { exit_code: Some(0), ..AttemptResult::succeeded() },
+        (Some(code), _) => AttemptResult { exit_code: Some(code), ..AttemptResult::failed(format!("exited with status {code}")) },
+        (None, Some(signal)) => {
+            let name = Signal::try_from(signal).map(Signal::as_str).unwrap_or("unknown");
+            AttemptResult::failed(format!("killed by signal {signal} ({name})"))
+        }
+        (None, None) => AttemptResult::failed(format!("ended without an exit status: {status}")),
+    }
+}
+
+/// Waits for the process, stopping its group at the timeout or on a kill request.
+async fn supervise(child: &mut Child, group: &GroupGuard, timeout: Option<Duration>, kill: &mut KillSignal) -> Ending {
+    let deadline = async {
+        match timeout {
+            Some(after) => {
+                tokio::time::sleep(after).await;
+                after
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        status = child.wait() => match status {
+            Ok(status) => Ending::Exited(status),
+            Err(e) => Ending::WaitFailed(e),
+        },
+        after = deadline => {
+            terminate(child, group).await;
+            Ending::TimedOut(after)
+        }
+        _ = kill => {
+            terminate(child, group).await;
+            Ending::Killed
+        }
+    }
+}
+
+/// SIGTERM to the group, then SIGKILL if the leader has not exited within `TERM_GRACE`.
+async fn terminate(child: &mut Child, group: &GroupGuard) {
+    group.signal(Signal::SIGTERM);
+    if tokio::time::timeout(TERM_GRACE, child.wait()).await.is_err() {
+        group.signal(Signal::SIGKILL);
+        if let Err(e) = child.wait().await {
+            tracing::warn!(error = %e, "could not reap a killed process");
+        }
+    }
+}
+
+/// The attempt's process group: SIGKILLed on drop unless already cleaned up, so an attempt
+/// abandoned mid-run (its task aborted) leaves no processes behind.
+/// Holds the group id, 0 once there is no group left to signal (no process group is numbered 0).
+struct GroupGuard(AtomicI32);
+
+impl GroupGuard {
+    fn new(leader: Option<u32>) -> GroupGuard {
+        GroupGuard(AtomicI32::new(leader.and_then(|id| i32::try_from(id).ok()).unwrap_or(0)))
+    }
+
+    fn signal(&self, signal: Signal) {
+        let group = self.0.load(Ordering::Acquire);
+        if group > 0 {
+            // ESRCH (the group is already empty) is the expected end, not an error.
+            let _ = killpg(Pid::from_raw(group), signal);
+        }
+    }
+
+    /// Kills what remains of the group after its leader was reaped. The group id stays reserved
+    /// while any member lives, so this cannot reach an unrelated process group.
+    fn kill_rest(&self) {
+        self.signal(Signal::SIGKILL);
+        self.0.store(0, Ordering::Release);
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.signal(Signal::SIGKILL);
+    }
+}
+
+/// The last `OUTPUT_TAIL_BYTES_MAX` bytes of a stream.
+#[derive(Default)]
+struct Tail(Vec<u8>);
+
+impl Tail {
+    fn push(&mut self, chunk: &[u8]) {
+        if chunk.len() >= OUTPUT_TAIL_BYTES_MAX {
+            self.0.clear();
+            self.0.extend_from_slice(&chunk[chunk.len() - OUTPUT_TAIL_BYTES_MAX..]);
+            return;
+        }
+        self.0.extend_from_slice(chunk);
+        if self.0.len() > OUTPUT_TAIL_BYTES_MAX {
+            let excess = self.0.len() - OUTPUT_TAIL_BYTES_MAX;
+            self.0.drain(..excess);
+        }
+    }
+
+    fn into_string(self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+}
+
+/// Reads a pipe to its end, keeping only its tail.
+async fn drain(reader: Option<impl AsyncRead + Unpin>, tail: &mut Tail) {
+    let Some(mut reader) = reader else { return };
+    let mut chunk = [0u8; READ_CHUNK_BYTES];
+    loop {
+        match reader.read(&mut chunk).await {
+            Ok(0) => return,
+            Ok(n) => tail.push(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "reading a process's output failed");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use colony_core::{ExecutorId, FencingToken, TaskId};
+    use tokio::sync::oneshot;
+
+    fn attempt(task: u64) -> Attempt {
+        Attempt { task_id: TaskId(task), attempt: 1, fencing_token: FencingToken(task * 10), executor_id: ExecutorId(3) }
+    }
+
+    async fn sh(data_dir: &Path, task: u64, script: &str, timeout: Option<Duration>) -> AttemptResult {
+        let (_kill, kill_rx) = oneshot::channel();
+        run_sh(data_dir, task, script, timeout, kill_rx).await
+    }
+
+    async fn run_sh(data_dir: &Path, task: u64, script: &str, timeout: Option<Duration>, kill: KillSignal) -> AttemptResult {
+        let attempt = attempt(task);
+        let args = vec!["-c".to_owned(), script.to_owned()];
+        let env = BTreeMap::from([("GREETING".to_owned(), "hello there".to_owned())]);
+        let spec = ProcessRun { attempt: &attempt, program: "sh", args: &args, env: &env, timeout, data_dir };
+        run(spec, kill).await
+    }
+
+    /// Whether `pid` still runs a little after it was killed: signals take a moment to land, and
+    /// a killed orphan may linger as a zombie until its new parent reaps it, which counts as gone.
+    async fn process_alive(pid: i32) -> bool {
+        for _ in 0..50 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The state letter follows the parenthesised command name.
+            let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+            if matches!(state, None | Some('Z' | 'X')) {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    #[tokio::test]
+    async fn exit_codes_map_to_outcomes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ok = sh(dir.path(), 1, "echo out; echo err >&2", None).await;
+        assert_eq!((ok.outcome, ok.exit_code), (Outcome::Succeeded, Some(0)));
+        assert_eq!((ok.stdout_tail.as_str(), ok.stderr_tail.as_str()), ("out\n", "err\n"));
+        let failed = sh(dir.path(), 2, "exit 3", None).await;
+        assert_eq!((failed.outcome, failed.exit_code), (Outcome::Failed, Some(3)));
+        assert_eq!(failed.message, "exited with status 3");
+        let signalled = sh(dir.path(), 3, "kill -9 $$", None).await;
+        assert_eq!((signalled.outcome, signalled.exit_code), (Outcome::Failed, None));
+        assert!(signalled.message.contains("SIGKILL"), "{}", signalled.message);
+    }
+
+    #[tokio::test]
+    async fn only_the_output_tail_is_kept() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // 1 MiB of 'a' then a recognisable end, on both streams.
+        let script = "head -c 1048576 /dev/zero | tr '\\0' a; printf END; head -c 1048576 /dev/zero | tr '\\0' b >&2; printf END >&2";
+        let result = sh(dir.path(), 1, script, None).await;
+        assert_eq!(result.outcome, Outcome::Succeeded);
+        assert_eq!(result.stdout_tail.len(), OUTPUT_TAIL_BYTES_MAX);
+        assert_eq!(result.stderr_tail.len(), OUTPUT_TAIL_BYTES_MAX);
+        assert!(result.stdout_tail.ends_with("aaaEND"));
+        assert!(result.stderr_tail.ends_with("bbbEND"));
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_group() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pids = dir.path().join("pids");
+        let script = format!("sleep 30 & echo $! > {0}; echo $$ >> {0}; sleep 30", pids.display());
+        let started = std::time::Instant::now();
+        let result = sh(dir.path(), 1, &script, Some(Duration::from_millis(500))).await;
+        assert_eq!(result.outcome, Outcome::TimedOut);
+        assert_eq!(result.message, "timed out after 500ms");
+        assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+        let pids = std::fs::read_to_string(&pids).expect("pid file");
+        for pid in pids.lines() {
+            let pid: i32 = pid.parse().expect("pid");
+            assert!(!process_alive(pid).await, "process {pid} survived the timeout");
+        }
+        // Timed-out attempts keep their working directory for debugging.
+        assert!(dir.path().join("failed/1-1").is_dir());
+        assert!(!dir.path().join("work/1-1").exists());
+    }
+
+    #[tokio::test]
+    async fn sigterm_ignored_means_sigkill_after_the_grace() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let started = std::time::Instant::now();
+        let result = sh(dir.path(), 1, "trap '' TERM; sleep 30", Some(Duration::from_millis(200))).await;
+        assert_eq!(result.outcome, Outcome::TimedOut);
+        assert!(started.elapsed() >= TERM_GRACE, "SIGKILL came before the grace ended");
+        assert!(started.elapsed() < TERM_GRACE + Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn kill_on_request_stops_the_group() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pid_file = dir.path().join("pid");
+        let (kill, kill_rx) = oneshot::channel();
+        let script = format!("sleep 30 & echo $! > {}; wait", pid_file.display());
+        let running = tokio::spawn({
+            let data_dir = dir.path().to_owned();
+            async move { run_sh(&data_dir, 1, &script, None, kill_rx).await }
+        });
+        while !pid_file.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        kill.send(()).expect("attempt is running");
+        let result = running.await.expect("attempt task");
+        assert_eq!(result.outcome, Outcome::Killed);
+        let pid: i32 = std::fs::read_to_string(&pid_file).expect("pid").trim().parse().expect("pid");
+        assert!(!process_alive(pid).await);
+        // A killed attempt was superseded: nothing worth keeping.
+        assert!(!dir.path().join("work/1-1").exists());
+        assert!(!dir.path().join("failed/1-1").exists());
+    }
+
+    #[tokio::test]
+    async fn missing_program_fails_with_a_message() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let attempt = attempt(1);
+        let (_kill, kill_rx) = oneshot::channel();
+        let spec = ProcessRun { attempt: &attempt, program: "./report.sh", args: &[], env: &BTreeMap::new(), timeout: None, data_dir: dir.path() };
+        let result = run(spec, kill_rx).await;
+        assert_eq!(result.outcome, Outcome::Failed);
+        assert_eq!(result.message, "program not found: ./report.sh");
+    }
+
+    #[tokio::test]
+    async fn environment_and_working_directory() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let script = "echo \"$GREETING|$COLONY_TASK_ID|$COLONY_ATTEMPT|$COLONY_FENCING_TOKEN|$COLONY_EXECUTOR_ID\"; pwd";
+        let result = sh(dir.path(), 7, script, None).await;
+        assert_eq!(result.outcome, Outcome::Succeeded);
+        let mut lines = result.stdout_tail.lines();
+        assert_eq!(lines.next(), Some("hello there|7|1|70|3"));
+        let cwd = std::fs::canonicalize(dir.path().join("work")).expect("work dir").join("7-1");
+        assert_eq!(lines.next().map(PathBuf::from), Some(cwd));
+        // A successful attempt's directory is removed.
+        assert!(!dir.path().join("work/7-1").exists());
+    }
+
+    #[tokio::test]
+    async fn failed_working_directories_are_capped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for task in 1..=(FAILED_WORK_DIRS_KEPT_MAX as u64 + 3) {
+            let result = sh(dir.path(), task, "touch evidence; exit 1", None).await;
+            assert_eq!(result.outcome, Outcome::Failed);
+        }
+        let kept = std::fs::read_dir(dir.path().join("failed")).expect("failed dir").count();
+        assert_eq!(kept, FAILED_WORK_DIRS_KEPT_MAX);
+        let last = FAILED_WORK_DIRS_KEPT_MAX + 3;
+        assert!(dir.path().join(format!("failed/{last}-1/evidence")).exists());
+    }
+
+    #[test]
+    fn tail_keeps_the_last_bytes() {
+        let mut tail = Tail::default();
+        tail.push(&[b'x'; 3000]);
+        tail.push(&[b'y'; 3000]);
+        assert_eq!(tail.0.len(), OUTPUT_TAIL_BYTES_MAX);
+        assert_eq!(tail.0.iter().filter(|b| **b == b'x').count(), OUTPUT_TAIL_BYTES_MAX - 3000);
+        tail.push(&[b'z'; 10_000]);
+        assert_eq!(tail.into_string(), "z".repeat(OUTPUT_TAIL_BYTES_MAX));
+    }
+}

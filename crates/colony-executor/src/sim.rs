@@ -1,0 +1,79 @@
+//! Simulated executors for the scheduling benchmark: they join, connect and report like real
+//! ones (the same link code), but run nothing: each assignment is noted, held for a fixed time
+//! and reported successful. Many share one QUIC endpoint, so a thousand fit in one process.
+
+use crate::attempt::{AttemptResult, KillSignal, Outcome};
+use crate::identity::Credentials;
+use crate::link::{Launcher, Link, Profile};
+use crate::metrics::Metrics;
+use anyhow::Context;
+use colony_core::{Resources, TaskId};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Rounds over the server list a simulated executor tries before its join fails.
+const JOIN_ROUNDS_MAX: u32 = 20;
+/// Time a join's endpoint gets to close its connection cleanly.
+const ENDPOINT_CLOSE_MAX: Duration = Duration::from_millis(500);
+
+/// What a simulated executor tells the benchmark.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SimEvent {
+    /// An assignment arrived (each attempt once; a repeated `Assign` is not an event).
+    Assigned { task_id: TaskId, at: Instant },
+}
+
+/// Joins the cluster with `token` as `name` and returns the credentials to run with.
+pub async fn join(servers: &[String], token: &str, name: &str) -> anyhow::Result<Credentials> {
+    let endpoint = colony_quic::client_endpoint().context("cannot open a QUIC endpoint")?;
+    let joined = crate::join::join(&endpoint, servers, token, name, Some(JOIN_ROUNDS_MAX)).await;
+    endpoint.close(quinn::VarInt::from_u32(crate::dial::CLOSE_CODE_OK), b"joined");
+    let _ = tokio::time::timeout(ENDPOINT_CLOSE_MAX, endpoint.wait_idle()).await;
+    joined.with_context(|| format!("simulated executor {name} cannot join"))
+}
+
+/// A simulated executor.
+pub struct SimExecutor;
+
+impl SimExecutor {
+    /// Connects with mutual TLS (following redirects), says Hello, heartbeats, and answers every
+    /// new assignment with `Started` at once and `Finished(SUCCEEDED)` after `hold`. Runs until
+    /// the task running it is dropped, or returns an error if the cluster disowns it.
+    pub async fn run(
+        endpoint: quinn::Endpoint,
+        servers: Vec<String>,
+        creds: Credentials,
+        capacity: Resources,
+        hold: Duration,
+        events: mpsc::UnboundedSender<SimEvent>,
+    ) -> anyhow::Result<()> {
+        let client = colony_quic::mutual_client_config(&creds.ca_pem, &creds.cert_pem, &creds.key_pem)
+            .with_context(|| format!("simulated executor {}: the credentials do not form a TLS configuration", creds.executor_id))?;
+        let metrics = Arc::new(Metrics::new(&capacity)?);
+        let link = Link {
+            servers,
+            profile: Profile {
+                executor_id: creds.executor_id,
+                name: format!("sim-{}", creds.executor_id),
+                capacity,
+                labels: Default::default(),
+                capabilities: Default::default(),
+            },
+            launcher: Launcher::Simulate { hold, events },
+            metrics,
+        };
+        link.run(&endpoint, &client, std::future::pending()).await.with_context(|| format!("simulated executor {}", creds.executor_id))?;
+        Ok(())
+    }
+}
+
+/// A simulated attempt: announce it, hold it, succeed (unless killed first).
+pub(crate) async fn hold(task_id: TaskId, hold: Duration, events: &mpsc::UnboundedSender<SimEvent>, kill: KillSignal) -> AttemptResult {
+    // A benchmark that stopped listening still wants its executors to behave.
+    let _ = events.send(SimEvent::Assigned { task_id, at: Instant::now() });
+    tokio::select! {
+        () = tokio::time::sleep(hold) => AttemptResult::succeeded(),
+        _ = kill => AttemptResult::ended(Outcome::Killed, "killed on request".to_owned()),
+    }
+}
