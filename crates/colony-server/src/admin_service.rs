@@ -4,8 +4,8 @@
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::proposer::ProposeError;
-use colony_core::{Command, CommandError, Outcome, TaskFilter, TaskId, TaskSpec};
-use colony_proto::convert::task_state_from_proto;
+use colony_core::{Command, CommandError, ExecutorId, Outcome, TaskFilter, TaskId, TaskSpec};
+use colony_proto::convert::{executor_to_proto, task_state_from_proto};
 use colony_proto::pb::admin_client::AdminClient;
 use colony_proto::pb::admin_server::Admin;
 use colony_proto::pb::{self, ReadConsistency};
@@ -28,6 +28,10 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
 const ADDR_BYTES_MAX: usize = 255;
+/// Join tokens live at most this long (a day, as kubeadm's default).
+const JOIN_TOKEN_TTL_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Drains may run at most this long before attempts are stopped.
+const DRAIN_DEADLINE_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 
 pub struct AdminService {
     pub node: Arc<Node>,
@@ -47,7 +51,16 @@ fn rejected(error: CommandError) -> Status {
         CommandError::InvalidSpec(_)
         | CommandError::UnknownDependency(_)
         | CommandError::DeadlinePassed { .. }
-        | CommandError::BatchTooLarge { .. } => Status::invalid_argument(error.to_string()),
+        | CommandError::BatchTooLarge { .. }
+        | CommandError::TooLong { .. } => Status::invalid_argument(error.to_string()),
+        CommandError::UnknownExecutor(_) => Status::not_found(error.to_string()),
+        CommandError::ExecutorState { .. } | CommandError::CapacityBelowAllocated { .. } | CommandError::CaExists => {
+            Status::failed_precondition(error.to_string())
+        }
+        CommandError::TooMany { .. } => Status::resource_exhausted(error.to_string()),
+        CommandError::InvalidJoinToken => Status::permission_denied(error.to_string()),
+        CommandError::AdmissionRaced { .. } => Status::aborted(error.to_string()),
+        CommandError::StaleReport { .. } => Status::failed_precondition(error.to_string()),
     }
 }
 
@@ -143,6 +156,7 @@ impl Admin for AdminService {
         spec.validate(&limits).map_err(|e| Status::invalid_argument(format!("invalid task: {e}")))?;
         let outcome = self.propose(Command::SubmitTask(spec)).await;
         self.node.metrics.submit_seconds.observe(started.elapsed().as_secs_f64());
+        self.node.scheduler_wake.notify_one();
         match outcome? {
             Outcome::Submitted { task, existing } => Ok(Response::new(pb::SubmitTaskResponse { task: Some((&task).into()), existing })),
             other => Err(Status::internal(format!("submit produced {other:?}"))),
@@ -238,6 +252,10 @@ impl Admin for AdminService {
             .collect();
         let state = self.node.state();
         let tasks_by_state = state.machine.count_by_state().into_iter().map(|(s, n)| (s.as_str().to_owned(), n)).collect();
+        let mut executors_by_state: std::collections::HashMap<String, u64> = Default::default();
+        for executor in state.machine.executors() {
+            *executors_by_state.entry(executor.state.as_str().to_owned()).or_default() += 1;
+        }
         Ok(Response::new(pb::ClusterStatusResponse {
             cluster_id: self.node.cluster_id.clone(),
             node_id: self.node.id,
@@ -255,6 +273,7 @@ impl Admin for AdminService {
             tasks_by_state,
             rss_bytes: crate::node::rss_bytes(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            executors_by_state,
         }))
     }
 
@@ -340,6 +359,67 @@ impl Admin for AdminService {
         let voters = response.membership.map(|m| m.voter_ids().collect()).unwrap_or_default();
         Ok(Response::new(pb::RemoveNodeResponse { leader_id: self.node.id, voters }))
     }
+
+    async fn create_join_token(&self, request: Request<pb::CreateJoinTokenRequest>) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        if let Route::Leader(client) = self.route(&request)? {
+            return forward(&self.node.metrics, client, request, |mut c, r| async move { c.create_join_token(r).await }).await;
+        }
+        let ttl = Duration::from_millis(request.into_inner().ttl_ms);
+        if ttl.is_zero() || ttl > JOIN_TOKEN_TTL_MAX {
+            return Err(Status::invalid_argument(format!("ttl must be between 1ms and {}", humanize(JOIN_TOKEN_TTL_MAX))));
+        }
+        let record = self.node.state().machine.ca().cloned().ok_or_else(|| Status::unavailable("the cluster CA is not created yet; retry"))?;
+        let ca = colony_quic::ClusterCa::from_pem(&record.cert_pem, &record.key_pem).map_err(|e| Status::internal(format!("cluster CA: {e}")))?;
+        let token = colony_quic::JoinToken::generate(&ca);
+        let expires_unix_ms = unix_ms() + ttl.as_millis() as u64;
+        self.propose(Command::CreateJoinToken { secret_hash: token.secret_hash(), expires_unix_ms }).await?;
+        Ok(Response::new(pb::CreateJoinTokenResponse { token: token.to_string(), expires_unix_ms }))
+    }
+
+    async fn list_executors(&self, request: Request<pb::ListExecutorsRequest>) -> Result<Response<pb::ListExecutorsResponse>, Status> {
+        if !is_stale(&request.get_ref().consistency) {
+            if let Route::Leader(client) = self.route(&request)? {
+                return forward(&self.node.metrics, client, request, |mut c, r| async move { c.list_executors(r).await }).await;
+            }
+            self.read_barrier().await?;
+        }
+        let state = self.node.state();
+        let executors = state.machine.executors().map(|e| self.executor_view(e)).collect();
+        Ok(Response::new(pb::ListExecutorsResponse { executors, applied_index: state.last_applied.map_or(0, |l| l.index) }))
+    }
+
+    async fn drain_executor(&self, request: Request<pb::DrainExecutorRequest>) -> Result<Response<pb::DrainExecutorResponse>, Status> {
+        if let Route::Leader(client) = self.route(&request)? {
+            return forward(&self.node.metrics, client, request, |mut c, r| async move { c.drain_executor(r).await }).await;
+        }
+        let request = request.into_inner();
+        let deadline = Duration::from_millis(request.deadline_ms);
+        if deadline > DRAIN_DEADLINE_MAX {
+            return Err(Status::invalid_argument(format!("the drain deadline may be at most {}", humanize(DRAIN_DEADLINE_MAX))));
+        }
+        let id = ExecutorId(request.id);
+        let deadline_unix_ms = unix_ms() + deadline.as_millis() as u64;
+        self.propose(Command::DrainExecutor { id, deadline_unix_ms }).await?;
+        self.node.scheduler_wake.notify_one();
+        let state = self.node.state();
+        let executor = state.machine.get_executor(id).ok_or_else(|| Status::not_found(format!("executor {id} does not exist")))?;
+        Ok(Response::new(pb::DrainExecutorResponse { executor: Some(self.executor_view(executor)) }))
+    }
+}
+
+fn humanize(duration: Duration) -> String {
+    format!("{}h", duration.as_secs() / 3600)
+}
+
+impl AdminService {
+    fn executor_view(&self, executor: &colony_core::Executor) -> pb::Executor {
+        let age = self.node.sessions.heartbeat_age(executor.id).map(|age| age.as_millis() as u64);
+        executor_to_proto(executor, age)
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn membership_failed(error: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Status {

@@ -28,6 +28,14 @@ pub struct ServerConfig {
     pub proposal_commands_max: usize,
     /// `HOST:PORT` for `/metrics`, `/healthz` and `/readyz` over HTTP; none when unset.
     pub metrics_listen: Option<String>,
+    /// How often executors heartbeat (told to them when they connect).
+    pub executor_heartbeat_interval: Duration,
+    /// An executor silent this long is declared down and its attempts rescheduled.
+    pub executor_heartbeat_timeout: Duration,
+    /// A new leader declares nothing down for this long, so executors can find it first.
+    pub executor_leader_grace: Duration,
+    /// A task may preempt tasks at least this much lower in priority; 0 turns preemption off.
+    pub preemption_priority_gap_min: u16,
 }
 
 impl ServerConfig {
@@ -45,6 +53,10 @@ impl ServerConfig {
             proposals_in_flight_max: 4,
             proposal_commands_max: 1024,
             metrics_listen: None,
+            executor_heartbeat_interval: Duration::from_millis(500),
+            executor_heartbeat_timeout: Duration::from_secs(3),
+            executor_leader_grace: Duration::from_secs(5),
+            preemption_priority_gap_min: 100,
         }
     }
 }

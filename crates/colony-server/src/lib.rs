@@ -1,5 +1,6 @@
 //! A Colony server node: openraft over gRPC, the admin service, leader forwarding, health and
-//! reflection, all on one port.
+//! reflection on one TCP port; the executor gateway (QUIC) on the same port number over UDP; and,
+//! on the leader, the scheduler and the executor failure detector.
 
 // `tonic::Status` is the error type every gRPC handler returns; boxing it in the helpers that
 // build it would only add allocations on the request path.
@@ -7,7 +8,9 @@
 
 mod admin_service;
 pub mod config;
+mod gateway;
 mod identity;
+mod leader;
 mod metrics;
 mod network;
 mod node;

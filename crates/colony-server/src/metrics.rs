@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use std::sync::{Arc, OnceLock};
 
 /// Every metric a server exports. Names start with `colony_`; no label carries a task id.
@@ -27,8 +27,26 @@ pub struct Metrics {
     /// Round trips between agents, labelled by role (`server` to `server` for Raft, `server` to
     /// `leader` for forwarded requests), never by address.
     pub agent_communication_seconds: HistogramVec,
+    pub quic_connections: IntGauge,
+    /// QUIC failures by kind: `handshake` (TLS refused or failed), `protocol` (a malformed or
+    /// unexpected message dropped the connection).
+    pub quic_errors: IntCounterVec,
+    pub scheduling_attempts: IntCounter,
+    pub scheduling_rejections: IntCounter,
+    pub placements: IntCounter,
+    pub preemptions: IntCounter,
+    pub task_retries: IntCounter,
+    pub executors_marked_down: IntCounter,
+    /// From submission to the first assignment's commit.
+    pub placement_seconds: Histogram,
+    pub scheduling_round_seconds: Histogram,
     tasks_pending: IntGauge,
     tasks: IntGaugeVec,
+    executors: IntGaugeVec,
+    executors_connected: IntGauge,
+    executor_heartbeat_age_max: prometheus::Gauge,
+    resource_utilization: prometheus::GaugeVec,
+    allocation_efficiency: HistogramVec,
     system_health: IntGaugeVec,
 }
 
@@ -72,6 +90,46 @@ impl Metrics {
                     &["source", "destination"],
                 )?,
             )?,
+            quic_connections: gauge("colony_quic_connections", "Executor QUIC connections open on this server.")?,
+            quic_errors: register(
+                &registry,
+                IntCounterVec::new(Opts::new("colony_quic_errors_total", "Executor QUIC connections that failed, by kind."), &["kind"])?,
+            )?,
+            scheduling_attempts: register(&registry, IntCounter::new("colony_scheduling_attempts_total", "Placements the scheduler proposed.")?)?,
+            scheduling_rejections: register(
+                &registry,
+                IntCounter::new("colony_scheduling_rejections_total", "Proposed placements refused at commit (the state had changed).")?,
+            )?,
+            placements: register(&registry, IntCounter::new("colony_placements_total", "Placements committed.")?)?,
+            preemptions: register(&registry, IntCounter::new("colony_preemptions_total", "Attempts evicted to make room for higher priority.")?)?,
+            task_retries: register(&registry, IntCounter::new("colony_task_retries_total", "Attempts lost with an executor and retried.")?)?,
+            executors_marked_down: register(
+                &registry,
+                IntCounter::new("colony_executors_marked_down_total", "Executors this leader declared down.")?,
+            )?,
+            placement_seconds: latency("colony_task_placement_seconds", "From submission to the first assignment's commit.")?,
+            scheduling_round_seconds: latency("colony_scheduling_round_seconds", "One scheduling round: plan, commit, push.")?,
+            executors: register(&registry, IntGaugeVec::new(Opts::new("colony_executors", "Executors by state."), &["state"])?)?,
+            executors_connected: gauge("colony_executors_connected", "Executors with a session on this server (the leader).")?,
+            executor_heartbeat_age_max: register(
+                &registry,
+                prometheus::Gauge::new("colony_executor_heartbeat_age_seconds_max", "The oldest heartbeat among connected executors.")?,
+            )?,
+            resource_utilization: register(
+                &registry,
+                prometheus::GaugeVec::new(
+                    Opts::new("colony_resource_utilization", "Allocated over capacity, 0..1, across up executors."),
+                    &["resource_type", "agent"],
+                )?,
+            )?,
+            allocation_efficiency: register(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new("colony_allocation_efficiency", "Per executor, allocated over capacity, observed at each scrape.")
+                        .buckets(vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]),
+                    &["resource_type"],
+                )?,
+            )?,
             tasks_pending: gauge("colony_tasks_pending", "Tasks waiting to be placed (queue depth).")?,
             tasks: register(&registry, IntGaugeVec::new(Opts::new("colony_tasks", "Tasks by state."), &["state"])?)?,
             system_health: register(
@@ -86,8 +144,31 @@ impl Metrics {
     fn render(&self, node: &Node) -> Result<String, prometheus::Error> {
         let (counts, ready) = {
             let state = node.state();
+            let mut by_state: std::collections::BTreeMap<&str, i64> = colony_core::ExecutorState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+            let (mut capacity, mut allocated) = (colony_core::Resources::default(), colony_core::Resources::default());
+            for executor in state.machine.executors() {
+                *by_state.entry(executor.state.as_str()).or_default() += 1;
+                if executor.state == colony_core::ExecutorState::Up {
+                    capacity.add(&executor.spec.capacity);
+                    allocated.add(&executor.allocated);
+                    for (kind, used, total) in resource_pairs(&executor.allocated, &executor.spec.capacity) {
+                        if total > 0.0 {
+                            self.allocation_efficiency.with_label_values(&[kind]).observe(used / total);
+                        }
+                    }
+                }
+            }
+            for (executor_state, count) in by_state {
+                self.executors.with_label_values(&[executor_state]).set(count);
+            }
+            for (kind, used, total) in resource_pairs(&allocated, &capacity) {
+                self.resource_utilization.with_label_values(&[kind, "cluster"]).set(if total > 0.0 { used / total } else { 0.0 });
+            }
             (state.machine.count_by_state(), node.raft.metrics().borrow().current_leader.is_some())
         };
+        self.executors_connected.set(node.sessions.connected() as i64);
+        let oldest = node.sessions.last_heartbeats().values().map(|at| at.elapsed().as_secs_f64()).fold(0.0, f64::max);
+        self.executor_heartbeat_age_max.set(oldest);
         for (state, count) in &counts {
             self.tasks.with_label_values(&[state.as_str()]).set(*count as i64);
         }
@@ -99,6 +180,14 @@ impl Metrics {
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
     }
+}
+
+fn resource_pairs(used: &colony_core::Resources, total: &colony_core::Resources) -> [(&'static str, f64, f64); 3] {
+    [
+        ("cpu", used.cpu_millis as f64, total.cpu_millis as f64),
+        ("memory", used.memory_bytes as f64, total.memory_bytes as f64),
+        ("gpu", f64::from(used.gpus), f64::from(total.gpus)),
+    ]
 }
 
 /// The node the HTTP handlers read, set once the node exists (the listener opens before Raft).

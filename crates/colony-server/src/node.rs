@@ -38,6 +38,11 @@ pub struct Node {
     pub peers: Peers,
     pub log: LogStore,
     pub metrics: Arc<Metrics>,
+    pub config: ServerConfig,
+    /// Executors connected to this server (only while it leads).
+    pub sessions: crate::gateway::Sessions,
+    /// Wakes the leader's scheduler: work arrived or capacity was freed.
+    pub scheduler_wake: tokio::sync::Notify,
     state: SharedState,
 }
 
@@ -188,6 +193,20 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
+/// Serves executors once the cluster CA exists (the bootstrap leader creates it; every other
+/// server finds it in the replicated state).
+async fn start_gateway(node: Arc<Node>, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let mut changes = node.raft.metrics();
+    let ca = loop {
+        let record = node.state().machine.ca().cloned();
+        if let Some(record) = record {
+            break colony_quic::ClusterCa::from_pem(&record.cert_pem, &record.key_pem).context("the replicated cluster CA is unreadable")?;
+        }
+        changes.changed().await.context("raft stopped before the cluster CA was created")?;
+    };
+    crate::gateway::run(node, addr, ca).await
+}
+
 /// Runs a server until SIGTERM or SIGINT, then shuts it down gracefully.
 pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     if config.bootstrap && !config.join.is_empty() {
@@ -244,6 +263,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         peers: peers.clone(),
         log,
         metrics: metrics.clone(),
+        config: config.clone(),
+        sessions: Default::default(),
+        scheduler_wake: Default::default(),
         state,
     });
     if node_cell.set(node.clone()).is_err() {
@@ -283,6 +305,14 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         });
     }
 
+    let quic_addr = tokio::net::lookup_host(&identity.addr)
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .with_context(|| format!("cannot resolve {} for the executor gateway", identity.addr))?;
+    let mut gateway = tokio::spawn(start_gateway(node.clone(), quic_addr));
+    let mut leading: Option<tokio::task::JoinHandle<()>> = None;
+
     let mut joining = if config.join.is_empty() {
         tokio::spawn(std::future::pending())
     } else {
@@ -304,6 +334,16 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             if m.current_leader.is_some() && m.current_leader != known_leader {
                 known_leader = m.current_leader;
                 metrics.raft_leader_changes.inc();
+            }
+            let is_leader = m.state == openraft::ServerState::Leader;
+            if is_leader && leading.is_none() {
+                leading = Some(tokio::spawn(crate::leader::run(node.clone())));
+            } else if !is_leader {
+                if let Some(duties) = leading.take() {
+                    duties.abort();
+                    node.sessions.close_all("this server is no longer the leader");
+                    tracing::info!("no longer leading: scheduler stopped, executor sessions closed");
+                }
             }
             (m.current_leader, m.running_state.clone().err())
         };
@@ -335,6 +375,13 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                     Err(e) => e.to_string(),
                 }));
             }
+            stopped = &mut gateway => {
+                break Err(anyhow::anyhow!("executor gateway stopped: {}", match stopped {
+                    Ok(Ok(())) => "without error".to_owned(),
+                    Ok(Err(e)) => format!("{e:#}"),
+                    Err(e) => e.to_string(),
+                }));
+            }
             joined = &mut joining => {
                 match joined {
                     Ok(Ok(())) => joining = tokio::spawn(std::future::pending()),
@@ -346,6 +393,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     };
 
     joining.abort();
+    gateway.abort();
+    if let Some(duties) = leading.take() {
+        duties.abort();
+    }
+    node.sessions.close_all("server shutting down");
     let _ = stop_serving.send(true);
     if let Err(e) = raft.shutdown().await {
         tracing::warn!("raft shutdown: {e}");

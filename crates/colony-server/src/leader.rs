@@ -1,0 +1,159 @@
+//! What only the leader does: create the cluster CA once, run scheduling rounds (placements,
+//! preemptions, deadlines, drain deadlines), and declare executors down when they fall silent.
+//! Runs while this server leads and is aborted when it stops leading.
+
+use crate::node::Node;
+use colony_core::scheduler::{plan, PlanConfig};
+use colony_core::{ClusterCaRecord, Command, CommandError, ExecutorState, Outcome};
+use colony_quic::ClusterCa;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Rounds also run on this tick, for backoffs, deadlines and drain deadlines that pass quietly.
+const SCHEDULE_TICK: Duration = Duration::from_millis(100);
+const DETECTOR_TICK: Duration = Duration::from_millis(250);
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+pub async fn run(node: Arc<Node>) {
+    let leader_since = Instant::now();
+    tracing::info!("leading: scheduler and failure detector started");
+    ensure_ca(&node).await;
+    let config = PlanConfig { preemption_priority_gap_min: node.config.preemption_priority_gap_min, ..PlanConfig::default() };
+    let mut detector = tokio::time::interval(DETECTOR_TICK);
+    loop {
+        tokio::select! {
+            _ = node.scheduler_wake.notified() => {}
+            _ = tokio::time::sleep(SCHEDULE_TICK) => {}
+            _ = detector.tick() => detect_down(&node, leader_since).await,
+        }
+        // Keep going while rounds fill up: a deep queue drains without waiting for ticks.
+        while schedule_round(&node, &config).await {}
+    }
+}
+
+/// The bootstrap leader creates the CA; later leaders find it in the state.
+async fn ensure_ca(node: &Node) {
+    loop {
+        if node.state().machine.ca().is_some() {
+            return;
+        }
+        let ca = match ClusterCa::generate(&node.cluster_id) {
+            Ok(ca) => ca,
+            Err(e) => {
+                tracing::error!("cannot create the cluster CA: {e}");
+                return;
+            }
+        };
+        let record = ClusterCaRecord { cert_pem: ca.cert_pem().to_owned(), key_pem: ca.key_pem().to_owned() };
+        match node.proposer.propose(Command::InitCa(record)).await {
+            Ok(_) => {
+                tracing::info!("created the cluster CA");
+                return;
+            }
+            Err(crate::proposer::ProposeError::Rejected(CommandError::CaExists)) => return,
+            Err(e) => {
+                tracing::warn!("cannot commit the cluster CA yet: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// One round: plan against the applied state, commit, push assignments. Returns whether the
+/// round was full (more work is probably waiting).
+async fn schedule_round(node: &Node, config: &PlanConfig) -> bool {
+    let started = Instant::now();
+    let plan = {
+        let state = node.state();
+        let now = unix_ms().max(state.machine.now_unix_ms());
+        plan(&state.machine, now, config)
+    };
+    if plan.is_empty() {
+        return false;
+    }
+    let full = plan.placements.len() >= config.placements_max;
+    let metrics = &node.metrics;
+    metrics.scheduling_attempts.inc_by(plan.placements.len() as u64);
+    let mut commands = Vec::new();
+    if !plan.expire.is_empty() {
+        commands.push(Command::ExpireTasks { ids: plan.expire });
+    }
+    if !plan.drain_evictions.is_empty() {
+        commands.push(Command::EvictTasks { ids: plan.drain_evictions, reason: "drain deadline passed".to_owned() });
+    }
+    if !plan.placements.is_empty() || !plan.unschedulable.is_empty() {
+        commands.push(Command::PlaceTasks { placements: plan.placements, unschedulable: plan.unschedulable });
+    }
+    let results = futures::future::join_all(commands.into_iter().map(|c| node.proposer.propose(c))).await;
+    let now = unix_ms();
+    for result in results {
+        match result {
+            Ok(Outcome::Placed { assigned, evicted, rejected }) => {
+                metrics.scheduling_rejections.inc_by(rejected.len() as u64);
+                metrics.preemptions.inc_by(evicted.len() as u64);
+                metrics.placements.inc_by(assigned.len() as u64);
+                {
+                    let state = node.state();
+                    for a in assigned.iter().filter(|a| a.attempt == 1) {
+                        if let Some(task) = state.machine.get_task(a.task) {
+                            metrics.placement_seconds.observe(now.saturating_sub(task.created_unix_ms) as f64 / 1000.0);
+                        }
+                    }
+                }
+                node.sessions.assign(node, &assigned);
+                for (task, why) in rejected {
+                    tracing::debug!(task_id = %task, "placement refused at commit: {why}");
+                }
+            }
+            Ok(Outcome::Expired { ids }) if !ids.is_empty() => tracing::info!(count = ids.len(), "tasks timed out before starting"),
+            Ok(Outcome::Evicted { ids }) if !ids.is_empty() => tracing::info!(count = ids.len(), "attempts evicted at a drain deadline"),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("scheduling round not committed: {e}");
+                return false;
+            }
+        }
+    }
+    metrics.scheduling_round_seconds.observe(started.elapsed().as_secs_f64());
+    full
+}
+
+/// Declares down every up or draining executor the leader has not heard from within the
+/// heartbeat timeout. A new leader first waits out a grace period, so that executors can find it.
+async fn detect_down(node: &Node, leader_since: Instant) {
+    let (timeout, grace) = (node.config.executor_heartbeat_timeout, node.config.executor_leader_grace);
+    if leader_since.elapsed() < grace {
+        return;
+    }
+    let heartbeats = node.sessions.last_heartbeats();
+    let silent: Vec<(colony_core::ExecutorId, Duration)> = {
+        let state = node.state();
+        state
+            .machine
+            .executors()
+            .filter(|e| matches!(e.state, ExecutorState::Up | ExecutorState::Draining))
+            .filter_map(|e| {
+                let last = heartbeats.get(&e.id).copied().unwrap_or(leader_since);
+                let silence = last.elapsed();
+                (silence > timeout).then_some((e.id, silence))
+            })
+            .collect()
+    };
+    for (id, silence) in silent {
+        let reason = format!("no heartbeat for {:.1}s", silence.as_secs_f64());
+        match node.proposer.propose(Command::MarkExecutorDown { id, reason: reason.clone() }).await {
+            Ok(Outcome::MarkedDown { rescheduled, lost, .. }) => {
+                // A connected but silent executor must reconnect and register again to come back.
+                node.sessions.close(id, "declared down");
+                node.metrics.executors_marked_down.inc();
+                node.metrics.task_retries.inc_by(rescheduled.len() as u64);
+                tracing::warn!(executor_id = %id, rescheduled = rescheduled.len(), lost = lost.len(), "executor declared down: {reason}");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(executor_id = %id, "cannot declare the executor down: {e}"),
+        }
+    }
+}
