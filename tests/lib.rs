@@ -1,7 +1,8 @@
-//! A harness for integration tests that run real `colony server` processes on loopback.
+//! A harness for integration tests that run real `colony server` and `colony executor` processes
+//! on loopback.
 //!
-//! Servers are child processes of the test, each with its own data directory and log file; the
-//! harness kills them all when dropped, so a failing test never leaves servers behind.
+//! Servers and executors are child processes of the test, each with its own data directory and
+//! log file; the harness kills them all when dropped, so a failing test never leaves any behind.
 
 use anyhow::{bail, Context};
 use colony_proto::pb::admin_client::AdminClient;
@@ -160,17 +161,64 @@ async fn leader_status(servers: &[(usize, String)]) -> Option<(usize, pb::Cluste
     None
 }
 
-/// A cluster of real servers in a temporary directory.
+/// One `colony executor` process and its data.
+pub struct Executor {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    pub metrics_addr: String,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Executor {
+    /// Starts (or restarts, from its data directory) the process.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        assert!(self.child.is_none(), "executor {} is already running", self.name);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
+        let child = Command::new(colony_bin())
+            .arg("executor")
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn colony executor")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A cluster of real servers (and executors) in a temporary directory.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub servers: Vec<Server>,
+    pub executors: Vec<Executor>,
     pub snapshot_logs: u64,
 }
 
 impl Cluster {
     /// Starts `n` servers: the first bootstraps, the rest join it; returns when all are voters.
     pub async fn start(n: usize, snapshot_logs: u64) -> anyhow::Result<Cluster> {
-        let mut cluster = Cluster { dir: tempfile::tempdir()?, servers: Vec::new(), snapshot_logs };
+        let mut cluster = Cluster { dir: tempfile::tempdir()?, servers: Vec::new(), executors: Vec::new(), snapshot_logs };
         cluster.add_server(true).await?;
         cluster.wait_for_leader(Duration::from_secs(20)).await?;
         for _ in 1..n {
@@ -244,9 +292,79 @@ impl Cluster {
         .await
     }
 
-    /// Every server's log, for failure messages.
+    /// Every server's and executor's log, for failure messages.
     pub fn logs(&self) -> String {
-        self.servers.iter().map(|s| format!("--- server {} ---\n{}", s.id, tail(&s.log(), 40))).collect::<Vec<_>>().join("\n")
+        let servers = self.servers.iter().map(|s| format!("--- server {} ---\n{}", s.id, tail(&s.log(), 40)));
+        let executors = self.executors.iter().map(|e| format!("--- executor {} ---\n{}", e.name, tail(&e.log(), 20)));
+        servers.chain(executors).collect::<Vec<_>>().join("\n")
+    }
+
+    /// A fresh join token, once the cluster CA exists.
+    pub async fn join_token(&self) -> anyhow::Result<String> {
+        let addrs = self.addrs();
+        wait_for("a join token", Duration::from_secs(20), || {
+            let addrs = addrs.clone();
+            async move {
+                let mut c = client(&addrs[0]).await?;
+                let token = c.create_join_token(pb::CreateJoinTokenRequest { ttl_ms: 3_600_000 }).await?.into_inner().token;
+                Ok(Some(token))
+            }
+        })
+        .await
+    }
+
+    /// Starts an executor joined with a new token, offering `cpu` and `memory`, plus `extra` flags.
+    pub async fn add_executor(&mut self, cpu: &str, memory: &str, extra: &[&str]) -> anyhow::Result<usize> {
+        let token = self.join_token().await?;
+        let index = self.executors.len();
+        let name = format!("e{}", index + 1);
+        let data_dir = self.dir.path().join(&name);
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let mut args: Vec<String> = vec![
+            "--join".into(),
+            self.addrs().join(","),
+            "--token".into(),
+            token,
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--cpu".into(),
+            cpu.into(),
+            "--memory".into(),
+            memory.into(),
+            "--capability".into(),
+            "shell".into(),
+            "--metrics-listen".into(),
+            metrics_addr.clone(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let mut executor = Executor { name: name.clone(), log_path: self.dir.path().join(format!("{name}.log")), data_dir, metrics_addr, args, child: None };
+        executor.start()?;
+        self.executors.push(executor);
+        Ok(index)
+    }
+
+    /// The leader's view of the executors (linearizable, through any server).
+    pub async fn executors(&self) -> anyhow::Result<Vec<pb::Executor>> {
+        let mut last = anyhow::anyhow!("no server answered");
+        for addr in self.addrs() {
+            let mut c = client(&addr).await?;
+            match tokio::time::timeout(Duration::from_secs(3), c.list_executors(pb::ListExecutorsRequest::default())).await {
+                Ok(Ok(response)) => return Ok(response.into_inner().executors),
+                Ok(Err(e)) => last = e.into(),
+                Err(_) => last = anyhow::anyhow!("{addr} did not answer in time"),
+            }
+        }
+        Err(last)
+    }
+
+    /// Waits until exactly `n` executors are up.
+    pub async fn wait_for_executors_up(&self, n: usize, timeout: Duration) -> anyhow::Result<Vec<pb::Executor>> {
+        wait_for(&format!("{n} executors up"), timeout, || async move {
+            let executors = self.executors().await?;
+            let up = executors.iter().filter(|e| e.state == "up").count();
+            Ok((up == n).then_some(executors))
+        })
+        .await
     }
 }
 

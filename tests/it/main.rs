@@ -1,4 +1,4 @@
-//! Cross-crate integration tests: real `colony server` processes on loopback.
+//! Cross-crate integration tests: real `colony server` and `colony executor` processes on loopback.
 
 mod t10_cluster;
 mod t20_kill_leader;
@@ -7,3 +7,4 @@ mod t40_membership;
 mod t50_bad_input;
 mod t60_metrics;
 mod t70_dashboards;
+mod t80_executors;

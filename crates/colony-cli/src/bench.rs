@@ -37,6 +37,8 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 pub enum BenchCommand {
     /// Submit tasks for a while and report throughput and latency.
     Submit(SubmitBenchArgs),
+    /// Connect simulated executors over QUIC and measure placements/s and submit-to-assigned latency.
+    Schedule(crate::bench_schedule::ScheduleBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -88,10 +90,10 @@ struct ClientResult {
 }
 
 #[derive(Debug, Serialize)]
-struct Machine {
-    cpu_model: String,
-    cores: usize,
-    hostname: String,
+pub struct Machine {
+    pub cpu_model: String,
+    pub cores: usize,
+    pub hostname: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -133,6 +135,7 @@ struct Report {
 pub async fn run(command: BenchCommand, global: &GlobalArgs) -> Result<()> {
     match command {
         BenchCommand::Submit(args) => bench_submit(args, global).await,
+        BenchCommand::Schedule(args) => crate::bench_schedule::run(args, global).await,
     }
 }
 
@@ -155,6 +158,7 @@ fn bench_spec(args: &SubmitBenchArgs) -> Result<TaskSpec> {
         dependencies: Default::default(),
         run: RunSpec::Process { program: "/bin/true".to_owned(), args: Vec::new(), env: BTreeMap::new() },
         idempotency_key: None,
+        placement: Default::default(),
     };
     spec.validate(&Limits::default()).context("invalid task")?;
     Ok(spec)
@@ -361,7 +365,7 @@ impl ServerReport {
 }
 
 /// The machine the benchmark ran on, so that numbers are never quoted without it.
-fn machine() -> Machine {
+pub fn machine() -> Machine {
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| cpu_model(&info))

@@ -26,6 +26,110 @@ pub enum ClusterCommand {
         /// The server's node id (see `colony cluster status`).
         id: u64,
     },
+    /// Join tokens for executors.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The executors: state, capacity, allocation, heartbeat age.
+    Executors {
+        /// Answer from the receiving server's own state (no heartbeat ages), which may lag the leader.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Stop placing work on an executor; its tasks finish, or are stopped and rescheduled at the deadline.
+    Drain {
+        /// The executor's id (see `colony cluster executors`).
+        executor: u64,
+        /// How long running tasks may take to finish (e.g. 5m).
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        deadline: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a join token; prints it. Only its hash is stored in the cluster.
+    Create {
+        /// How long the token admits executors (e.g. 1h; at most 7 days).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+/// An executor as scripts read it.
+#[derive(Debug, Serialize)]
+pub struct ExecutorJson {
+    pub id: u64,
+    pub name: String,
+    pub state: String,
+    pub capacity: ResourcesJson,
+    pub allocated: ResourcesJson,
+    pub labels: BTreeMap<String, String>,
+    pub capabilities: Vec<String>,
+    pub tasks: Vec<u64>,
+    pub drain_deadline_unix_ms: Option<u64>,
+    pub reason: Option<String>,
+    pub heartbeat_age_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ResourcesJson {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub gpus: u32,
+    pub custom: BTreeMap<String, u64>,
+}
+
+impl From<Option<pb::Resources>> for ResourcesJson {
+    fn from(r: Option<pb::Resources>) -> Self {
+        let r = r.unwrap_or_default();
+        ResourcesJson { cpu_millis: r.cpu_millis, memory_bytes: r.memory_bytes, gpus: r.gpus, custom: r.custom.into_iter().collect() }
+    }
+}
+
+impl From<pb::Executor> for ExecutorJson {
+    fn from(e: pb::Executor) -> Self {
+        let mut capabilities = e.capabilities;
+        capabilities.sort();
+        ExecutorJson {
+            id: e.id,
+            name: e.name,
+            state: e.state,
+            capacity: e.capacity.into(),
+            allocated: e.allocated.into(),
+            labels: e.labels.into_iter().collect(),
+            capabilities,
+            tasks: e.tasks,
+            drain_deadline_unix_ms: e.drain_deadline_unix_ms,
+            reason: e.reason,
+            heartbeat_age_ms: e.heartbeat_age_ms,
+        }
+    }
+}
+
+pub async fn list_executors(client: &mut Client, stale: bool) -> Result<Vec<ExecutorJson>> {
+    let request = pb::ListExecutorsRequest { consistency: stale.then_some(pb::ReadConsistency { stale: true }) };
+    let response = client.call("list executors", |mut c| async move { c.list_executors(request).await }).await?;
+    Ok(response.executors.into_iter().map(ExecutorJson::from).collect())
+}
+
+pub fn print_executors(executors: &[ExecutorJson]) -> Result<()> {
+    use colony_core::resources::{format_cpu_millis, format_memory_bytes};
+    let mut table = output::table(["ID", "NAME", "STATE", "CPU", "MEMORY", "GPUS", "TASKS", "HEARTBEAT", "LABELS"]);
+    for e in executors {
+        let labels: Vec<String> = e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        table.add_row(vec![
+            e.id.to_string(),
+            e.name.clone(),
+            e.state.clone(),
+            format!("{}/{}", format_cpu_millis(e.allocated.cpu_millis), format_cpu_millis(e.capacity.cpu_millis)),
+            format!("{}/{}", format_memory_bytes(e.allocated.memory_bytes), format_memory_bytes(e.capacity.memory_bytes)),
+            format!("{}/{}", e.allocated.gpus, e.capacity.gpus),
+            e.tasks.len().to_string(),
+            e.heartbeat_age_ms.map_or_else(|| "-".to_owned(), |ms| format!("{:.1}s ago", ms as f64 / 1000.0)),
+            if labels.is_empty() { "-".to_owned() } else { labels.join(",") },
+        ]);
+    }
+    output::print_table(table)
 }
 
 /// `cluster status` as JSON: the answer with names a script can rely on.
@@ -49,6 +153,7 @@ pub struct StatusJson {
     pub tasks_by_state: BTreeMap<String, u64>,
     pub rss_bytes: u64,
     pub version: String,
+    pub executors_by_state: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -83,6 +188,7 @@ impl From<pb::ClusterStatusResponse> for StatusJson {
             tasks_by_state: s.tasks_by_state.into_iter().collect(),
             rss_bytes: s.rss_bytes,
             version: s.version,
+            executors_by_state: s.executors_by_state.into_iter().collect(),
         }
     }
 }
@@ -113,6 +219,43 @@ pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> Result<()> {
                     "leader_id": response.leader_id,
                     "voters": response.voters,
                 }))?,
+            }
+        }
+        ClusterCommand::Token(TokenCommand::Create { ttl }) => {
+            let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+            let request = pb::CreateJoinTokenRequest { ttl_ms };
+            let response = client.call("create join token", |mut c| async move { c.create_join_token(request).await }).await?;
+            match global.output {
+                OutputFormat::Table => {
+                    output::out(&response.token)?;
+                    eprintln!("expires in {}; pass it to `colony executor --token`", humantime::format_duration(ttl));
+                }
+                OutputFormat::Json => {
+                    output::print_json(&serde_json::json!({ "token": response.token, "expires_unix_ms": response.expires_unix_ms }))?
+                }
+            }
+        }
+        ClusterCommand::Executors { stale } => {
+            let executors = list_executors(&mut client, stale).await?;
+            match global.output {
+                OutputFormat::Table => print_executors(&executors)?,
+                OutputFormat::Json => output::print_json(&executors)?,
+            }
+        }
+        ClusterCommand::Drain { executor, deadline } => {
+            let deadline_ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
+            let request = pb::DrainExecutorRequest { id: executor, deadline_ms };
+            let response = client.call("drain executor", |mut c| async move { c.drain_executor(request).await }).await?;
+            let executor = response.executor.map(ExecutorJson::from).ok_or_else(|| anyhow::anyhow!("the server's answer has no executor"))?;
+            match global.output {
+                OutputFormat::Table => output::out(format!(
+                    "executor {} ({}) is draining: {} task(s) may run up to {} more",
+                    executor.id,
+                    executor.name,
+                    executor.tasks.len(),
+                    humantime::format_duration(deadline)
+                ))?,
+                OutputFormat::Json => output::print_json(&executor)?,
             }
         }
     }
@@ -206,6 +349,10 @@ fn print_status(s: &StatusJson) -> Result<()> {
         output::out(format!("tasks {}", s.task_count))?;
     } else {
         output::out(format!("tasks {} ({})", s.task_count, by_state.join(", ")))?;
+    }
+    let executors: Vec<String> = s.executors_by_state.iter().map(|(state, n)| format!("{state} {n}")).collect();
+    if !executors.is_empty() {
+        output::out(format!("executors {}", executors.join(", ")))?;
     }
     output::out("")?;
     print_members(&s.members)

@@ -1,6 +1,7 @@
 //! `colony dev`: a whole local cluster as child processes, a demo workload, and a clean stop.
 //!
-//! The servers are this same executable run as `colony server`. They live in their own process
+//! The servers and executors are this same executable run as `colony server` and `colony
+//! executor`. They live in their own process
 //! group (so a terminal's Ctrl-C reaches only us, and we stop them in order), are killed if their
 //! `Child` handle is dropped on an error path, and ask the kernel to stop them if we die without
 //! a chance to clean up.
@@ -44,17 +45,24 @@ pub struct DevArgs {
     /// How many servers.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
     servers: u64,
+    /// How many executors (each offers 2 CPUs and 2Gi, capability `shell`).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=9))]
+    executors: u64,
     /// Also write the servers' metrics endpoints to this Prometheus file_sd target list
     /// (cluster/prometheus/prometheus.yml reads cluster/prometheus/targets/*.json).
     #[arg(long)]
     prometheus_targets: Option<PathBuf>,
 }
 
-/// One child server.
+/// One child process: a server or an executor.
 struct Server {
+    /// "server" or "executor", for messages.
+    kind: &'static str,
     id: u64,
+    /// The gRPC address (servers only).
     addr: String,
-    /// `/metrics`, `/healthz` and `/readyz`: port base-port + 1000 + N - 1.
+    /// `/metrics`, `/healthz` and `/readyz`: port base-port + 1000 + N - 1 for server N,
+    /// base-port + 1010 + N - 1 for executor N.
     metrics_addr: String,
     data_dir: PathBuf,
     log: PathBuf,
@@ -62,7 +70,8 @@ struct Server {
 }
 
 impl Server {
-    /// Starts `colony server` for this server, with output appended to its log.
+    /// Starts `colony server` (or `colony executor`: the caller passes the subcommand's whole
+    /// arguments in `role`), with output appended to its log.
     fn spawn(&mut self, exe: &Path, role: &[String]) -> Result<()> {
         let log = OpenOptions::new()
             .create(true)
@@ -71,11 +80,14 @@ impl Server {
             .with_context(|| format!("cannot open {}", self.log.display()))?;
         let log_err: File = log.try_clone().with_context(|| format!("cannot open {}", self.log.display()))?;
         let mut command = Command::new(exe);
+        if self.kind == "server" {
+            command
+                .arg("server")
+                .args(["--id", &self.id.to_string(), "--listen", &self.addr, "--metrics-listen", &self.metrics_addr])
+                .arg("--data-dir")
+                .arg(&self.data_dir);
+        }
         command
-            .arg("server")
-            .args(["--id", &self.id.to_string(), "--listen", &self.addr, "--metrics-listen", &self.metrics_addr])
-            .arg("--data-dir")
-            .arg(&self.data_dir)
             .args(role)
             .args(["--parent-pid", &std::process::id().to_string()])
             .stdin(Stdio::null())
@@ -83,7 +95,7 @@ impl Server {
             .stderr(log_err)
             .process_group(0)
             .kill_on_drop(true);
-        let child = command.spawn().with_context(|| format!("cannot start server {} ({})", self.id, exe.display()))?;
+        let child = command.spawn().with_context(|| format!("cannot start {} {} ({})", self.kind, self.id, exe.display()))?;
         self.child = Some(child);
         Ok(())
     }
@@ -95,9 +107,9 @@ impl Server {
             Ok(None) => Ok(()),
             Ok(Some(status)) => {
                 self.child = None;
-                Err(anyhow!("server {} exited unexpectedly ({status}); see its log {}", self.id, self.log.display()))
+                Err(anyhow!("{} {} exited unexpectedly ({status}); see its log {}", self.kind, self.id, self.log.display()))
             }
-            Err(e) => Err(anyhow!("cannot check on server {}: {e}", self.id)),
+            Err(e) => Err(anyhow!("cannot check on {} {}: {e}", self.kind, self.id)),
         }
     }
 }
@@ -133,12 +145,15 @@ pub async fn run(args: DevArgs, global: &GlobalArgs) -> Result<()> {
     let dir = prepare_dir(args.dir.as_deref())?;
     let mut servers = plan(&dir, args.base_port, args.servers)?;
     let restart = restarting(&servers)?;
-    for server in &servers {
-        check_port_free(&server.addr)?;
-        check_port_free(&server.metrics_addr)?;
+    let mut executors = plan_executors(&dir, args.base_port, args.executors)?;
+    for process in servers.iter().chain(&executors) {
+        if !process.addr.is_empty() {
+            check_port_free(&process.addr)?;
+        }
+        check_port_free(&process.metrics_addr)?;
     }
     if let Some(path) = &args.prometheus_targets {
-        write_prometheus_targets(path, &servers)?;
+        write_prometheus_targets(path, &servers, &executors)?;
     }
     let outcome = tokio::select! {
         biased;
@@ -146,18 +161,22 @@ pub async fn run(args: DevArgs, global: &GlobalArgs) -> Result<()> {
             eprintln!("\n{name}: stopping the cluster");
             Ok(())
         }
-        result = serve(&mut servers, &dir, restart, global) => result,
+        result = serve(&mut servers, &mut executors, &dir, restart, global) => result,
     };
-    let stopped = stop(&mut servers).await;
+    let stopped_executors = stop(&mut executors).await;
+    let stopped = stop(&mut servers).await.and(stopped_executors);
     // The first failure is the one to report; a failure to stop is reported only on its own.
     outcome.and(stopped)
 }
 
 /// Writes the servers' metrics endpoints as a Prometheus file_sd list, atomically (Prometheus
 /// watches the file and must never read half of it).
-fn write_prometheus_targets(path: &Path, servers: &[Server]) -> Result<()> {
-    let targets: Vec<&str> = servers.iter().map(|s| s.metrics_addr.as_str()).collect();
-    let list = serde_json::json!([{ "targets": targets, "labels": { "job": "colony-server", "cluster": "dev" } }]);
+fn write_prometheus_targets(path: &Path, servers: &[Server], executors: &[Server]) -> Result<()> {
+    let targets = |processes: &[Server]| processes.iter().map(|s| s.metrics_addr.clone()).collect::<Vec<_>>();
+    let list = serde_json::json!([
+        { "targets": targets(servers), "labels": { "job": "colony-server", "cluster": "dev" } },
+        { "targets": targets(executors), "labels": { "job": "colony-executor", "cluster": "dev" } },
+    ]);
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
     }
@@ -191,11 +210,30 @@ fn plan(dir: &Path, base_port: u16, count: u64) -> Result<Vec<Server>> {
                 .map_err(|_| anyhow!("--base-port {base_port} leaves no room for {count} servers"))?;
             let metrics_port = port.checked_add(1000).ok_or_else(|| anyhow!("--base-port {base_port} leaves no room for metrics ports"))?;
             Ok(Server {
+                kind: "server",
                 id,
                 addr: format!("127.0.0.1:{port}"),
                 metrics_addr: format!("127.0.0.1:{metrics_port}"),
                 data_dir: dir.join(format!("server{id}")),
                 log: dir.join(format!("server{id}.log")),
+                child: None,
+            })
+        })
+        .collect()
+}
+
+/// Executor N's metrics on base-port + 1010 + N - 1; its data and log beside the servers'.
+fn plan_executors(dir: &Path, base_port: u16, count: u64) -> Result<Vec<Server>> {
+    (1..=count)
+        .map(|id| {
+            let metrics_port = u16::try_from(u64::from(base_port) + 1009 + id).map_err(|_| anyhow!("--base-port {base_port} leaves no room for executor metrics ports"))?;
+            Ok(Server {
+                kind: "executor",
+                id,
+                addr: String::new(),
+                metrics_addr: format!("127.0.0.1:{metrics_port}"),
+                data_dir: dir.join(format!("executor{id}")),
+                log: dir.join(format!("executor{id}.log")),
                 child: None,
             })
         })
@@ -224,7 +262,7 @@ fn check_port_free(addr: &str) -> Result<()> {
 
 /// Starts the servers, waits for them, runs the demo and then watches the children until one
 /// exits. Returns only on an error; a stop signal ends it from outside.
-async fn serve(servers: &mut [Server], dir: &Path, restart: bool, global: &GlobalArgs) -> Result<()> {
+async fn serve(servers: &mut [Server], executors: &mut [Server], dir: &Path, restart: bool, global: &GlobalArgs) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find this executable to start servers with")?;
     let endpoints: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
     // Cleared however this ends (ready, error, or a stop signal dropping this future).
@@ -253,24 +291,70 @@ async fn serve(servers: &mut [Server], dir: &Path, restart: bool, global: &Globa
         (s.members.len() != wanted || voters != wanted).then(|| format!("{voters} of {wanted} servers are voters"))
     })
     .await?;
-    drop(spinner);
-    print_welcome(&status, servers, dir)?;
-
     let mut client = Client::new(&endpoints, global.timeout)?;
-    let tasks = submit_demo(&mut client).await?;
-    println!("Demo workload (fetch, then train and evaluate, then report):");
-    output::print_task_table(&tasks)?;
-    println!("No executors run tasks yet (they come in a later issue): pending and blocked tasks stay that way.");
+    if !executors.is_empty() {
+        start_executors(&mut client, executors, &exe, &endpoints, &spinner).await?;
+        let wanted = executors.len();
+        wait_until(servers, &endpoints, deadline, &spinner, |s| {
+            let up = s.executors_by_state.get("up").copied().unwrap_or(0) as usize;
+            (up < wanted).then(|| format!("{up} of {wanted} executors are up"))
+        })
+        .await?;
+    }
+    drop(spinner);
+    print_welcome(&status, servers, executors, dir)?;
+
+    let ids: Vec<u64> = submit_demo(&mut client).await?.iter().map(|t| t.id.0).collect();
+    if executors.is_empty() {
+        println!("No executors (--executors 0): the demo workflow's tasks stay pending.");
+    } else {
+        println!("Demo workflow (fetch, then train and evaluate, then report) on {} executors:", executors.len());
+        let finished = tokio::select! {
+            finished = task_cmd::wait(&mut client, &ids, Some(READY_TIMEOUT), POLL_INTERVAL, true) => finished?,
+            failed = watch_children(servers, executors) => return failed,
+        };
+        output::print_task_table(&finished)?;
+        println!("Output of the last step: {}", finished.last().map_or("", |t| t.stdout_tail.trim()));
+    }
     println!();
     println!("Press Ctrl-C to stop the cluster.");
+    watch_children(servers, executors).await
+}
 
+/// Returns (with the error) as soon as any child exits; it never should while the cluster runs.
+async fn watch_children(servers: &mut [Server], executors: &mut [Server]) -> Result<()> {
     let mut ticker = tokio::time::interval(POLL_INTERVAL);
     loop {
         ticker.tick().await;
-        for server in servers.iter_mut() {
-            server.check_running()?;
+        for process in servers.iter_mut().chain(executors.iter_mut()) {
+            process.check_running()?;
         }
     }
+}
+
+/// Starts the executors: new ones join with a fresh token, earlier ones restart from their data.
+async fn start_executors(client: &mut Client, executors: &mut [Server], exe: &Path, endpoints: &[String], spinner: &ProgressBar) -> Result<()> {
+    let mut token = None;
+    for executor in executors.iter_mut() {
+        let mut args: Vec<String> = vec!["executor".into(), "--join".into(), endpoints.join(",")];
+        args.extend(["--name".into(), format!("e{}", executor.id), "--metrics-listen".into(), executor.metrics_addr.clone()]);
+        args.extend(["--cpu".into(), "2".into(), "--memory".into(), "2Gi".into(), "--capability".into(), "shell".into()]);
+        args.extend(["--label".into(), format!("zone={}", if executor.id % 2 == 1 { "a" } else { "b" })]);
+        args.push("--data-dir".into());
+        args.push(executor.data_dir.display().to_string());
+        if !executor.data_dir.join("identity.json").exists() {
+            if token.is_none() {
+                spinner.set_message("creating a join token");
+                let request = colony_proto::pb::CreateJoinTokenRequest { ttl_ms: 600_000 };
+                let response = client.call("create join token", |mut c| async move { c.create_join_token(request).await }).await?;
+                token = Some(response.token);
+            }
+            args.extend(["--token".into(), token.clone().unwrap_or_default()]);
+        }
+        spinner.set_message(format!("starting executor {}", executor.id));
+        executor.spawn(exe, &args)?;
+    }
+    Ok(())
 }
 
 /// Polls ClusterStatus through `endpoints` until a leader is known and `pending` (what is still
@@ -315,25 +399,27 @@ async fn wait_until(
     }
 }
 
-fn print_welcome(status: &StatusJson, servers: &[Server], dir: &Path) -> Result<()> {
+fn print_welcome(status: &StatusJson, servers: &[Server], executors: &[Server], dir: &Path) -> Result<()> {
     let endpoints: Vec<&str> = servers.iter().map(|s| s.addr.as_str()).collect();
     let leader = status.leader_id.map_or_else(|| "none".to_owned(), |id| id.to_string());
     println!("Colony dev cluster {} is up: {} servers, leader {leader}.", status.cluster_id, servers.len());
     println!();
     cluster_cmd::print_members(&status.members)?;
     println!();
-    let metrics: Vec<String> = servers.iter().map(|s| format!("http://{}/metrics", s.metrics_addr)).collect();
+    let metrics: Vec<String> = servers.iter().chain(executors).map(|s| format!("http://{}/metrics", s.metrics_addr)).collect();
     println!("Metrics: {}", metrics.join("  "));
     println!();
     println!("Reach it from another shell:");
     println!("  export COLONY_ENDPOINT={}", endpoints.join(","));
     println!("  colony cluster status");
+    println!("  colony cluster executors");
     println!("  colony task submit --name hello -- /bin/echo hello");
+    println!("  colony task wait ID");
     println!("  colony task list");
     println!("  colony bench submit --duration 5s");
     println!();
     println!("Data: {}/server{{1..{}}}", dir.display(), servers.len());
-    println!("Logs: {}/server{{1..{}}}.log", dir.display(), servers.len());
+    println!("Logs: {}/server{{1..{}}}.log, {}/executor{{1..{}}}.log", dir.display(), servers.len(), dir.display(), executors.len());
     println!("Restart this cluster later with: colony dev --dir {}", dir.display());
     println!();
     Ok(())
@@ -343,28 +429,29 @@ fn print_welcome(status: &StatusJson, servers: &[Server], dir: &Path) -> Result<
 /// restarted `colony dev --dir` find the tasks it submitted before instead of adding more.
 async fn submit_demo(client: &mut Client) -> Result<Vec<Task>> {
     let steps: [(&str, &[&str], u64, &str); 4] = [
-        ("fetch", &[], 250, "fetching the dataset"),
-        ("train", &["fetch"], 1000, "training the model"),
-        ("evaluate", &["fetch"], 500, "evaluating the baseline"),
-        ("report", &["train", "evaluate"], 100, "writing the report"),
+        ("fetch", &[], 250, "echo fetching the dataset; sleep 1"),
+        ("train", &["fetch"], 1000, "echo training the model; sleep 2"),
+        ("evaluate", &["fetch"], 500, "echo evaluating the baseline; sleep 1"),
+        ("report", &["train", "evaluate"], 100, "echo \"report written by executor $COLONY_EXECUTOR_ID\""),
     ];
     let mut ids: BTreeMap<&str, TaskId> = BTreeMap::new();
     let mut tasks = Vec::new();
-    for (name, after, cpu_millis, message) in steps {
+    for (name, after, cpu_millis, script) in steps {
         let dependencies = after.iter().filter_map(|a| ids.get(a).copied()).collect();
         let spec = TaskSpec {
             name: name.to_owned(),
             namespace: "demo".to_owned(),
             labels: BTreeMap::new(),
-            capabilities: Default::default(),
+            capabilities: ["shell".to_owned()].into(),
             resources: Resources { cpu_millis, memory_bytes: 64 << 20, gpus: 0, custom: BTreeMap::new() },
             priority: 100,
             deadline_unix_ms: None,
             timeout_ms: Some(60_000),
             max_retries: 1,
             dependencies,
-            run: RunSpec::Process { program: "/bin/echo".to_owned(), args: vec![message.to_owned()], env: BTreeMap::new() },
+            run: RunSpec::Process { program: "/bin/sh".to_owned(), args: vec!["-c".to_owned(), script.to_owned()], env: BTreeMap::new() },
             idempotency_key: Some(format!("colony-dev-demo-{name}")),
+            placement: Default::default(),
         };
         let (task, _) = task_cmd::submit(client, &spec).await.with_context(|| format!("cannot submit the demo task {name}"))?;
         ids.insert(name, task.id);
@@ -390,7 +477,7 @@ async fn stop(servers: &mut [Server]) -> Result<()> {
         let exit: std::io::Result<ExitStatus> = match tokio::time::timeout_at(deadline, child.wait()).await {
             Ok(exit) => exit,
             Err(_) => {
-                killed.push(server.id.to_string());
+                killed.push(format!("{} {}", server.kind, server.id));
                 // Kill errors mean it has exited meanwhile; wait() reaps it either way.
                 let _ = child.start_kill();
                 child.wait().await
@@ -398,19 +485,19 @@ async fn stop(servers: &mut [Server]) -> Result<()> {
         };
         match exit {
             Ok(status) if status.success() => stopped += 1,
-            Ok(status) => eprintln!("server {} stopped with {status}; see its log {}", server.id, server.log.display()),
-            Err(e) => eprintln!("cannot wait for server {}: {e}", server.id),
+            Ok(status) => eprintln!("{} {} stopped with {status}; see its log {}", server.kind, server.id, server.log.display()),
+            Err(e) => eprintln!("cannot wait for {} {}: {e}", server.kind, server.id),
         }
     }
     if !killed.is_empty() {
         bail!(
-            "servers {} did not stop within {} of SIGTERM and were killed",
+            "{} did not stop within {} of SIGTERM and were killed",
             killed.join(", "),
             humantime::format_duration(STOP_TIMEOUT)
         );
     }
     if stopped > 0 {
-        eprintln!("stopped {stopped} servers");
+        eprintln!("stopped {stopped} processes");
     }
     Ok(())
 }

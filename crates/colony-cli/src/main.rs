@@ -4,9 +4,11 @@
 //! errors keep clap's own message and exit code 2.
 
 mod bench;
+mod bench_schedule;
 mod client;
 mod cluster_cmd;
 mod dev;
+mod executor_cmd;
 mod output;
 mod server_cmd;
 mod task_cmd;
@@ -59,6 +61,12 @@ enum Command {
     /// A restart:         colony server --data-dir d1
     #[command(verbatim_doc_comment)]
     Server(server_cmd::ServerArgs),
+    /// Run an executor: join the cluster over QUIC and run the tasks it is assigned
+    ///
+    /// First start:  colony executor --join 127.0.0.1:7101 --token TOKEN --data-dir e1 --cpu 4 --memory 8Gi
+    /// A restart:    colony executor --join 127.0.0.1:7101 --data-dir e1
+    #[command(verbatim_doc_comment)]
+    Executor(executor_cmd::ExecutorArgs),
     /// Submit, inspect and cancel tasks.
     #[command(subcommand)]
     Task(task_cmd::TaskCommand),
@@ -97,6 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Server(args) => server_cmd::run(args).await,
+            Command::Executor(args) => executor_cmd::run(args).await,
             Command::Task(command) => task_cmd::run(command, &global).await,
             Command::Cluster(command) => cluster_cmd::run(command, &global).await,
             Command::Dev(args) => dev::run(args, &global).await,

@@ -2,7 +2,7 @@
 
 use anyhow::{Context as _, Result};
 use colony_core::resources::{format_cpu_millis, format_memory_bytes};
-use colony_core::{FencingToken, RunSpec, Task, TaskId, TaskSpec, TaskState};
+use colony_core::{ExecutorId, FencingToken, RunSpec, Task, TaskId, TaskSpec, TaskState};
 use comfy_table::{presets, ContentArrangement, Table};
 use serde::Serialize;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -77,7 +77,13 @@ pub struct TaskJson<'a> {
     spec: &'a TaskSpec,
     state: TaskState,
     attempt: u32,
+    retries_used: u32,
     fencing_token: Option<FencingToken>,
+    executor: Option<ExecutorId>,
+    started_unix_ms: Option<u64>,
+    exit_code: Option<i32>,
+    stdout_tail: &'a str,
+    stderr_tail: &'a str,
     created_unix_ms: u64,
     updated_unix_ms: u64,
     finished_unix_ms: Option<u64>,
@@ -91,7 +97,13 @@ impl<'a> From<&'a Task> for TaskJson<'a> {
             spec: &task.spec,
             state: task.state,
             attempt: task.attempt,
+            retries_used: task.retries_used,
             fencing_token: task.fencing_token,
+            executor: task.executor,
+            started_unix_ms: task.started_unix_ms,
+            exit_code: task.exit_code,
+            stdout_tail: &task.stdout_tail,
+            stderr_tail: &task.stderr_tail,
             created_unix_ms: task.created_unix_ms,
             updated_unix_ms: task.updated_unix_ms,
             finished_unix_ms: task.finished_unix_ms,
@@ -147,8 +159,11 @@ pub fn print_task_details(task: &Task) -> Result<()> {
         ("priority", spec.priority.to_string()),
         ("resources", spec.resources.to_string()),
         ("attempt", task.attempt.to_string()),
-        ("max retries", spec.max_retries.to_string()),
+        ("retries", format!("{} of {}", task.retries_used, spec.max_retries)),
     ];
+    if let Some(executor) = task.executor {
+        fields.push(("executor", executor.to_string()));
+    }
     let run = match &spec.run {
         RunSpec::Process { program, args, .. } => std::iter::once(program).chain(args).cloned().collect::<Vec<_>>().join(" "),
         RunSpec::Builtin { handler, input } if input.is_empty() => format!("builtin {handler}"),
@@ -186,10 +201,23 @@ pub fn print_task_details(task: &Task) -> Result<()> {
     if let Some(finished) = task.finished_unix_ms {
         fields.push(("finished", format_unix_ms(finished)));
     }
+    if let Some(started) = task.started_unix_ms {
+        fields.push(("started", format_unix_ms(started)));
+    }
     if let Some(reason) = &task.reason {
         fields.push(("reason", reason.clone()));
     }
-    print_fields(&fields)
+    if let Some(code) = task.exit_code {
+        fields.push(("exit code", code.to_string()));
+    }
+    print_fields(&fields)?;
+    for (name, tail) in [("stdout", &task.stdout_tail), ("stderr", &task.stderr_tail)] {
+        if !tail.is_empty() {
+            out(format!("--- {name} (last {} bytes) ---", tail.len()))?;
+            out(tail.trim_end())?;
+        }
+    }
+    Ok(())
 }
 
 /// An RFC 3339 timestamp (UTC, seconds) of a Unix time in milliseconds.
@@ -229,10 +257,18 @@ mod tests {
                 dependencies: Default::default(),
                 run: RunSpec::Process { program: "/bin/echo".into(), args: vec!["hi".into()], env: Default::default() },
                 idempotency_key: None,
+                placement: Default::default(),
             },
             state: TaskState::TimedOut,
             attempt: 0,
+            retries_used: 0,
             fencing_token: None,
+            executor: None,
+            not_before_unix_ms: 0,
+            started_unix_ms: None,
+            exit_code: None,
+            stdout_tail: String::new(),
+            stderr_tail: String::new(),
             created_unix_ms: 1,
             updated_unix_ms: 1,
             finished_unix_ms: Some(1),

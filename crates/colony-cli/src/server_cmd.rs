@@ -56,6 +56,18 @@ pub struct ServerArgs {
     /// Serve Prometheus metrics (`/metrics`), `/healthz` and `/readyz` over HTTP on HOST:PORT.
     #[arg(long, value_parser = crate::client::parse_endpoint)]
     metrics_listen: Option<String>,
+    /// How often executors heartbeat to the leader.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    executor_heartbeat_interval: Duration,
+    /// An executor silent this long is declared down and its tasks rescheduled.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    executor_heartbeat_timeout: Duration,
+    /// A new leader declares no executor down for this long, so executors can reconnect to it first.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    executor_leader_grace: Duration,
+    /// A task may preempt running tasks at least this much lower in priority; 0 turns preemption off.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(0..=1000))]
+    preemption_priority_gap_min: u16,
     /// Log lines on stdout as text or as JSON objects; the level comes from RUST_LOG (default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -91,10 +103,21 @@ fn config(args: &ServerArgs) -> Result<ServerConfig> {
     config.proposals_in_flight_max = args.proposals_in_flight as usize;
     config.proposal_commands_max = args.proposal_commands_max as usize;
     config.metrics_listen = args.metrics_listen.clone();
+    if args.executor_heartbeat_interval.is_zero() || args.executor_heartbeat_interval >= args.executor_heartbeat_timeout {
+        bail!(
+            "--executor-heartbeat-interval ({}) must be above zero and below --executor-heartbeat-timeout ({})",
+            humantime::format_duration(args.executor_heartbeat_interval),
+            humantime::format_duration(args.executor_heartbeat_timeout)
+        );
+    }
+    config.executor_heartbeat_interval = args.executor_heartbeat_interval;
+    config.executor_heartbeat_timeout = args.executor_heartbeat_timeout;
+    config.executor_leader_grace = args.executor_leader_grace;
+    config.preemption_priority_gap_min = args.preemption_priority_gap_min;
     Ok(config)
 }
 
-fn init_logging(format: LogFormat) -> Result<()> {
+pub fn init_logging(format: LogFormat) -> Result<()> {
     let filter = EnvFilter::builder().with_default_directive(LevelFilter::INFO.into()).from_env().context("invalid RUST_LOG")?;
     // Logs go to stdout, so a server that fails has only its `error:` line on stderr.
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stdout().is_terminal());
@@ -107,12 +130,24 @@ fn init_logging(format: LogFormat) -> Result<()> {
 
 /// Asks the kernel to send SIGTERM when the parent exits, then checks the parent is still the one
 /// that started us (it may have exited before the request took effect).
-fn exit_with_parent(parent: i32) -> Result<()> {
+pub fn exit_with_parent(parent: i32) -> Result<()> {
     nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).context("cannot ask to be stopped with the parent")?;
     if nix::unistd::getppid() != Pid::from_raw(parent) {
         bail!("the parent process {parent} has already exited");
     }
     Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
 }
 
 pub async fn run(args: ServerArgs) -> Result<()> {

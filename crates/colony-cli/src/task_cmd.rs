@@ -5,7 +5,7 @@ use crate::output::{self, OutputFormat, TaskJson};
 use crate::GlobalArgs;
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Args, Subcommand};
-use colony_core::{parse_cpu_millis, parse_memory_bytes, Limits, Resources, RunSpec, Task, TaskId, TaskSpec, TaskState};
+use colony_core::{parse_cpu_millis, parse_memory_bytes, Limits, PlacementPolicy, Resources, RunSpec, Task, TaskId, TaskSpec, TaskState};
 use colony_proto::pb;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -27,6 +27,21 @@ pub enum TaskCommand {
     List(ListArgs),
     /// Cancel a task, and the tasks that depend on it.
     Cancel(CancelArgs),
+    /// Wait until tasks finish, showing progress; exits non-zero unless every one succeeded.
+    Wait(WaitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// The tasks to wait for.
+    #[arg(required = true)]
+    ids: Vec<u64>,
+    /// Give up after this long (default: wait as long as it takes).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_wait: Option<Duration>,
+    /// How often to ask.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    poll: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -76,6 +91,9 @@ pub struct SubmitArgs {
     /// the CLI's own retries never create two.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// Place on the emptiest executor that fits instead of bin-packing onto the fullest.
+    #[arg(long)]
+    spread: bool,
     /// Run a built-in handler instead of a program.
     #[arg(long, value_name = "HANDLER", conflicts_with_all = ["command", "env"])]
     builtin: Option<String>,
@@ -169,6 +187,21 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
             }
             Ok(())
         }
+        TaskCommand::Wait(args) => {
+            let mut client = Client::new(&global.endpoint, global.timeout)?;
+            let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr()) && global.output == OutputFormat::Table;
+            let tasks = wait(&mut client, &args.ids, args.max_wait, args.poll, interactive).await?;
+            match global.output {
+                OutputFormat::Table => output::print_task_table(&tasks)?,
+                OutputFormat::Json => output::print_json(&tasks.iter().map(TaskJson::from).collect::<Vec<_>>())?,
+            }
+            let failed: Vec<String> =
+                tasks.iter().filter(|t| t.state != TaskState::Succeeded).map(|t| format!("task {} ended {}", t.id, t.state)).collect();
+            if !failed.is_empty() {
+                bail!("{}", failed.join("; "));
+            }
+            Ok(())
+        }
         TaskCommand::Cancel(args) => {
             let mut client = Client::new(&global.endpoint, global.timeout)?;
             let request = pb::CancelTaskRequest { id: args.id, reason: args.reason };
@@ -196,11 +229,58 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
     }
 }
 
+/// Polls the tasks until every one has finished; a progress bar shows how many have, and the
+/// state of the first unfinished one.
+pub async fn wait(client: &mut Client, ids: &[u64], max_wait: Option<Duration>, poll: Duration, show_progress: bool) -> Result<Vec<Task>> {
+    let started = std::time::Instant::now();
+    let bar = if show_progress { indicatif::ProgressBar::new(ids.len() as u64) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} finished  {msg}")
+            .map_err(|e| anyhow!("progress bar: {e}"))?,
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let mut done: BTreeMap<u64, Task> = BTreeMap::new();
+    loop {
+        let mut waiting_on = None;
+        let unfinished: Vec<u64> = ids.iter().copied().filter(|id| !done.contains_key(id)).collect();
+        for id in unfinished {
+            let request = pb::GetTaskRequest { id, consistency: None };
+            let response = client.call("get task", |mut c| async move { c.get_task(request).await }).await?;
+            let task = task_from_proto(response.task)?;
+            if task.state.is_finished() {
+                done.insert(id, task);
+            } else if waiting_on.is_none() {
+                waiting_on = Some(task);
+            }
+        }
+        bar.set_position(done.len() as u64);
+        let Some(task) = waiting_on else { break };
+        let place = task.executor.map_or_else(String::new, |e| format!(" on executor {e}"));
+        let why = task.reason.as_deref().map_or_else(String::new, |r| format!(" ({r})"));
+        bar.set_message(format!("task {} {}{place}, attempt {}{why}", task.id, task.state, task.attempt));
+        if max_wait.is_some_and(|max| started.elapsed() >= max) {
+            bar.abandon();
+            bail!("gave up after {}: task {} is still {}", humantime::format_duration(max_wait.unwrap_or_default()), task.id, task.state);
+        }
+        tokio::time::sleep(poll).await;
+    }
+    bar.finish_and_clear();
+    Ok(ids.iter().filter_map(|id| done.remove(id)).collect())
+}
+
 /// Submits one spec, giving it a random idempotency key when it has none, so that the client's
 /// retries through leader changes cannot create two tasks. Returns the task and whether it
 /// existed already.
 pub async fn submit(client: &mut Client, spec: &TaskSpec) -> Result<(Task, bool)> {
-    let mut wire = pb::TaskSpec::from(spec);
+    submit_spec(client, pb::TaskSpec::from(spec)).await
+}
+
+/// Submits a wire spec and returns the new task's id.
+pub async fn submit_wire(client: &mut Client, spec: pb::TaskSpec) -> Result<u64> {
+    Ok(submit_spec(client, spec).await?.0.id.0)
+}
+
+async fn submit_spec(client: &mut Client, mut wire: pb::TaskSpec) -> Result<(Task, bool)> {
     if wire.idempotency_key.is_none() {
         wire.idempotency_key = Some(format!("cli-{:016x}", rand::random::<u64>()));
     }
@@ -341,6 +421,7 @@ fn build_spec(args: &SubmitArgs, now_unix_ms: u64) -> Result<TaskSpec> {
         dependencies: args.after.iter().copied().map(TaskId).collect(),
         run,
         idempotency_key: args.idempotency_key.clone(),
+        placement: if args.spread { PlacementPolicy::Spread } else { PlacementPolicy::BinPack },
     };
     spec.validate(&Limits::default()).context("invalid task")?;
     Ok(spec)

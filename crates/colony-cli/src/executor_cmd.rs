@@ -1,0 +1,111 @@
+//! `colony executor`: runs one executor agent with its logging set up.
+
+use crate::server_cmd::{exit_with_parent, init_logging, LogFormat};
+use anyhow::{anyhow, Context as _, Result};
+use clap::Args;
+use colony_core::{parse_cpu_millis, parse_memory_bytes, Resources};
+use colony_executor::ExecutorConfig;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+/// The flags of `colony executor`.
+#[derive(Debug, Args)]
+pub struct ExecutorArgs {
+    /// Servers to connect to (comma-separated HOST:PORT); any one finds the leader.
+    #[arg(long, required = true, value_delimiter = ',', value_parser = crate::client::parse_endpoint)]
+    join: Vec<String>,
+    /// A join token from `colony cluster token create`; needed only the first time.
+    #[arg(long, env = "COLONY_JOIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Where the executor keeps its identity (key and certificate) and the tasks' working directories.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// A name for people (default: the data directory's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// CPU offered: millicores (500m) or cores (4).
+    #[arg(long, default_value = "1")]
+    cpu: String,
+    /// Memory offered (512Mi, 8Gi).
+    #[arg(long, default_value = "1Gi")]
+    memory: String,
+    #[arg(long, default_value_t = 0)]
+    gpus: u32,
+    /// A custom resource offered, NAME=COUNT (repeatable).
+    #[arg(long = "resource", value_name = "NAME=COUNT")]
+    resources: Vec<String>,
+    /// A label tasks can require, KEY=VALUE (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// A capability tasks can require, such as `shell` (repeatable).
+    #[arg(long = "capability", value_name = "NAME")]
+    capabilities: Vec<String>,
+    /// Serve Prometheus metrics (`/metrics`), `/healthz` and `/readyz` over HTTP on HOST:PORT.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Set by `colony dev`: stop when this process (the parent) exits, however it exits.
+    #[arg(long, hide = true)]
+    parent_pid: Option<i32>,
+}
+
+fn pairs(flag: &str, items: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut map = BTreeMap::new();
+    for item in items {
+        let (key, value) = item.split_once('=').filter(|(k, _)| !k.is_empty()).ok_or_else(|| anyhow!("--{flag} {item:?} is not KEY=VALUE"))?;
+        if map.insert(key.to_owned(), value.to_owned()).is_some() {
+            return Err(anyhow!("--{flag} {key} is given twice"));
+        }
+    }
+    Ok(map)
+}
+
+fn config(args: &ExecutorArgs) -> Result<ExecutorConfig> {
+    let mut custom = BTreeMap::new();
+    for (name, count) in pairs("resource", &args.resources)? {
+        let count: u64 = count.parse().map_err(|_| anyhow!("--resource {name}={count}: COUNT must be a whole number"))?;
+        custom.insert(name, count);
+    }
+    let capacity = Resources {
+        cpu_millis: parse_cpu_millis(&args.cpu).context("invalid --cpu")?,
+        memory_bytes: parse_memory_bytes(&args.memory).context("invalid --memory")?,
+        gpus: args.gpus,
+        custom,
+    };
+    let name = match &args.name {
+        Some(name) => name.clone(),
+        None => args
+            .data_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| anyhow!("cannot name the executor after {}; pass --name", args.data_dir.display()))?,
+    };
+    let spec = colony_core::ExecutorSpec {
+        name: name.clone(),
+        capacity: capacity.clone(),
+        labels: pairs("label", &args.labels)?,
+        capabilities: args.capabilities.iter().cloned().collect::<BTreeSet<_>>(),
+    };
+    spec.validate(&colony_core::Limits::default()).context("invalid executor")?;
+    Ok(ExecutorConfig {
+        servers: args.join.clone(),
+        token: args.token.clone(),
+        data_dir: args.data_dir.clone(),
+        name,
+        capacity,
+        labels: spec.labels,
+        capabilities: spec.capabilities,
+        metrics_listen: args.metrics_listen,
+    })
+}
+
+pub async fn run(args: ExecutorArgs) -> Result<()> {
+    let config = config(&args)?;
+    if let Some(parent) = args.parent_pid {
+        exit_with_parent(parent)?;
+    }
+    init_logging(args.log_format)?;
+    colony_executor::run(config, crate::server_cmd::shutdown_signal()).await
+}
