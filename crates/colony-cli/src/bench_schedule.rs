@@ -46,8 +46,9 @@ pub struct ScheduleBenchArgs {
     /// How long the latency phase submits.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     latency_duration: Duration,
-    /// How long a simulated executor holds each assignment before reporting success.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    /// How long a simulated executor holds each assignment before reporting success; the gate
+    /// task holds the backlog back this long, so it must outlast submitting the backlog.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     hold: Duration,
 }
 
@@ -77,7 +78,7 @@ fn spec(name: &str, dependencies: Vec<u64>) -> pb::TaskSpec {
     pb::TaskSpec {
         name: name.to_owned(),
         namespace: "bench".to_owned(),
-        resources: Some(pb::Resources { cpu_millis: 10, memory_bytes: 1 << 20, gpus: 0, custom: Default::default() }),
+        resources: Some(pb::Resources { cpu_millis: 50, memory_bytes: 64 << 20, gpus: 0, custom: Default::default() }),
         priority: 100,
         dependencies,
         run: Some(pb::task_spec::Run::Builtin(pb::BuiltinRun { handler: "sleep".into(), input: "1s".into() })),
@@ -128,7 +129,8 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
             }
         })
     };
-    let capacity = Resources { cpu_millis: 64_000, memory_bytes: 256 << 30, gpus: 0, custom: Default::default() };
+    // A 16-core, 32 GiB host: 320 of the benchmark's tasks each, so placements spread over the fleet.
+    let capacity = Resources { cpu_millis: 16_000, memory_bytes: 32 << 30, gpus: 0, custom: Default::default() };
     let mut sims = JoinSet::new();
     let mut endpoint = None;
     for (i, creds) in credentials.into_iter().enumerate() {
@@ -161,8 +163,13 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
     let bar = ProgressBar::new(args.tasks).with_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}").map_err(|e| anyhow!("{e}"))?);
     bar.set_message("submitting the backlog behind a gate task");
     let backlog = submit_many(&channels, args.tasks, |i| spec(&format!("backlog-{i}"), vec![gate]), &bar).await?;
+    let gate_state = client.call("get task", |mut c| async move { c.get_task(pb::GetTaskRequest { id: gate, consistency: None }).await }).await?;
+    if gate_state.task.is_some_and(|t| t.state == pb::TaskState::Succeeded as i32) {
+        bail!("the gate task finished before the backlog was submitted: pass a longer --hold");
+    }
     bar.set_message("placing the backlog");
     bar.set_position(0);
+    let give_up = Instant::now() + args.hold + Duration::from_secs(120);
     let placed = loop {
         let seen = {
             let arrivals = arrivals.lock().await;
@@ -171,6 +178,9 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
         bar.set_position(seen.len() as u64);
         if seen.len() == backlog.len() {
             break seen;
+        }
+        if Instant::now() > give_up {
+            bail!("only {} of {} backlog tasks were assigned within 2 minutes of the gate; see the servers' logs", seen.len(), backlog.len());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };

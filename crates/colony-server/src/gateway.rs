@@ -302,8 +302,11 @@ async fn serve_executor(node: &Arc<Node>, connection: quinn::Connection, mut lin
     lose_forgotten_attempts(node, id, &hello.running).await;
     reconcile(node, id, &hello.running);
 
-    let (mut send, mut recv) = link;
-    let reports = Arc::new(Semaphore::new(REPORTS_IN_FLIGHT_MAX));
+    // Reading and writing run apart: a frame read is not cancel-safe (it cannot sit in a
+    // `select!`), and a writer blocked on flow control must never stop the reader, or the two
+    // sides can each wait for the other to read.
+    let (mut send, recv) = link;
+    let mut reader = tokio::spawn(read_executor(node.clone(), id, recv, limits));
     let result = loop {
         tokio::select! {
             message = outgoing.recv() => {
@@ -312,47 +315,48 @@ async fn serve_executor(node: &Arc<Node>, connection: quinn::Connection, mut lin
                     break Err(format!("cannot write: {e}"));
                 }
             }
-            incoming = read(&mut recv) => {
-                let message = match incoming {
-                    Ok(Some(message)) => message,
-                    Ok(None) => break Ok(()),
-                    Err(e) => break Err(e),
-                };
-                match message.body {
-                    Some(In::Heartbeat(heartbeat)) => {
-                        if let Some(session) = node.sessions.lock().get_mut(&id) {
-                            session.last_heartbeat = Instant::now();
-                        }
-                        reconcile(node, id, &heartbeat.running);
-                    }
-                    Some(In::Report(report)) => {
-                        let command = match report_command(id, &report, &limits) {
-                            Ok(command) => command,
-                            Err(e) => break Err(e),
-                        };
-                        let Ok(permit) = reports.clone().acquire_owned().await else { break Ok(()) };
-                        let node = node.clone();
-                        tokio::spawn(async move {
-                            let started = Instant::now();
-                            let error = match node.proposer.propose(command).await {
-                                Ok(_) => String::new(),
-                                Err(ProposeError::Rejected(e)) => e.to_string(),
-                                // Unknown outcome: no ack, so the executor resends after reconnecting.
-                                Err(_) => return,
-                            };
-                            node.metrics.agent_communication_seconds.with_label_values(&["leader", "executor"]).observe(started.elapsed().as_secs_f64());
-                            node.scheduler_wake.notify_one();
-                            node.sessions.send(id, Out::ReportAck(pb::ReportAck { report_id: report.report_id, error }));
-                            drop(permit);
-                        });
-                    }
-                    _ => break Err("expected Heartbeat or StatusReport".to_owned()),
-                }
-            }
+            read = &mut reader => break read.unwrap_or_else(|e| Err(format!("reader failed: {e}"))),
         }
     };
+    reader.abort();
     node.sessions.remove_if_current(id, serial);
     result
+}
+
+/// Handles what an executor sends: heartbeats (liveness, reconciliation) and reports (each
+/// proposed on its own task; at most `REPORTS_IN_FLIGHT_MAX` at once, then reading waits).
+async fn read_executor(node: Arc<Node>, id: ExecutorId, mut recv: quinn::RecvStream, limits: colony_core::Limits) -> Result<(), String> {
+    let reports = Arc::new(Semaphore::new(REPORTS_IN_FLIGHT_MAX));
+    loop {
+        let Some(message) = read(&mut recv).await? else { return Ok(()) };
+        match message.body {
+            Some(In::Heartbeat(heartbeat)) => {
+                if let Some(session) = node.sessions.lock().get_mut(&id) {
+                    session.last_heartbeat = Instant::now();
+                }
+                reconcile(&node, id, &heartbeat.running);
+            }
+            Some(In::Report(report)) => {
+                let command = report_command(id, &report, &limits)?;
+                let Ok(permit) = reports.clone().acquire_owned().await else { return Ok(()) };
+                let node = node.clone();
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let error = match node.proposer.propose(command).await {
+                        Ok(_) => String::new(),
+                        Err(ProposeError::Rejected(e)) => e.to_string(),
+                        // Unknown outcome: no ack, so the executor resends after reconnecting.
+                        Err(_) => return,
+                    };
+                    node.metrics.agent_communication_seconds.with_label_values(&["leader", "executor"]).observe(started.elapsed().as_secs_f64());
+                    node.scheduler_wake.notify_one();
+                    node.sessions.send(id, Out::ReportAck(pb::ReportAck { report_id: report.report_id, error }));
+                    drop(permit);
+                });
+            }
+            _ => return Err("expected Heartbeat or StatusReport".to_owned()),
+        }
+    }
 }
 
 /// Turns a report into a command, refusing what no honest executor sends.

@@ -22,16 +22,25 @@ pub async fn run(node: Arc<Node>) {
     tracing::info!("leading: scheduler and failure detector started");
     ensure_ca(&node).await;
     let config = PlanConfig { preemption_priority_gap_min: node.config.preemption_priority_gap_min, ..PlanConfig::default() };
-    let mut detector = tokio::time::interval(DETECTOR_TICK);
-    loop {
-        tokio::select! {
-            _ = node.scheduler_wake.notified() => {}
-            _ = tokio::time::sleep(SCHEDULE_TICK) => {}
-            _ = detector.tick() => detect_down(&node, leader_since).await,
+    // Two loops, polled together: a long run of scheduling rounds never delays failure detection.
+    let scheduling = async {
+        loop {
+            tokio::select! {
+                _ = node.scheduler_wake.notified() => {}
+                _ = tokio::time::sleep(SCHEDULE_TICK) => {}
+            }
+            // Keep going while rounds fill up: a deep queue drains without waiting for ticks.
+            while schedule_round(&node, &config).await {}
         }
-        // Keep going while rounds fill up: a deep queue drains without waiting for ticks.
-        while schedule_round(&node, &config).await {}
-    }
+    };
+    let detecting = async {
+        let mut detector = tokio::time::interval(DETECTOR_TICK);
+        loop {
+            detector.tick().await;
+            detect_down(&node, leader_since).await;
+        }
+    };
+    tokio::join!(scheduling, detecting);
 }
 
 /// The bootstrap leader creates the CA; later leaders find it in the state.
