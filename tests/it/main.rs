@@ -8,3 +8,4 @@ mod t50_bad_input;
 mod t60_metrics;
 mod t70_dashboards;
 mod t80_executors;
+mod t85_executor_link;

@@ -164,6 +164,15 @@ async fn reply(link: &mut Link, body: Out) -> Result<(), String> {
     colony_quic::write_frame(&mut link.0, &pb::ServerMessage { body: Some(body) }).await.map_err(|e| format!("cannot write: {e}"))
 }
 
+/// Answers with a `LinkError` and lets it arrive before the connection is dropped: a close
+/// overtakes stream data, and the executor needs the message to know the refusal is final.
+async fn refuse(link: &mut Link, message: String) -> Result<(), String> {
+    reply(link, Out::Error(pb::LinkError { message: message.clone() })).await?;
+    let _ = link.0.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(1), link.0.stopped()).await;
+    Err(message)
+}
+
 async fn read(recv: &mut quinn::RecvStream) -> Result<Option<pb::ExecutorMessage>, String> {
     colony_quic::read_frame(recv, colony_quic::FRAME_BYTES_MAX).await.map_err(|e| match e {
         FrameError::TooLarge { .. } | FrameError::Malformed(_) | FrameError::Truncated => format!("malformed message: {e}"),
@@ -260,27 +269,20 @@ async fn serve_executor(node: &Arc<Node>, connection: quinn::Connection, mut lin
         (executor.map(|e| e.cert_fingerprint == fingerprint), executor.map(|e| e.state))
     };
     match known {
-        None => {
-            reply(&mut link, Out::Error(pb::LinkError { message: format!("executor {id} is unknown to this cluster") })).await?;
-            return Err(format!("unknown executor {id}"));
-        }
+        None => return refuse(&mut link, format!("executor {id} is unknown to this cluster")).await,
         Some(false) => return Err(format!("the certificate presented is not executor {id}'s")),
         Some(true) => {}
     }
     let spec = executor_spec_from_hello(&hello);
     let limits = node.state().machine.limits().clone();
     if let Err(e) = spec.validate(&limits) {
-        reply(&mut link, Out::Error(pb::LinkError { message: format!("invalid registration: {e}") })).await?;
-        return Err(format!("invalid registration: {e}"));
+        return refuse(&mut link, format!("invalid registration: {e}")).await;
     }
     let unchanged = state == Some(ExecutorState::Up) && node.state().machine.get_executor(id).is_some_and(|e| e.spec == spec);
     if !unchanged {
         match node.proposer.propose(Command::RegisterExecutor { id, spec }).await {
             Ok(_) => tracing::info!(executor_id = %id, "executor registered"),
-            Err(ProposeError::Rejected(e)) => {
-                reply(&mut link, Out::Error(pb::LinkError { message: e.to_string() })).await?;
-                return Err(e.to_string());
-            }
+            Err(ProposeError::Rejected(e)) => return refuse(&mut link, e.to_string()).await,
             Err(e) => {
                 connection.close(CLOSE_GOING_AWAY.into(), b"leadership changed");
                 return Err(format!("registration not committed: {e}"));
