@@ -106,7 +106,11 @@ fn query(prometheus: &str, promql: &str) -> anyhow::Result<Vec<(serde_json::Valu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_the_shipped_config() -> anyhow::Result<()> {
-    let cluster = Cluster::start(3, 20_000).await?;
+    let mut cluster = Cluster::start(3, 20_000).await?;
+    for _ in 0..2 {
+        cluster.add_executor("1", "1Gi", &[]).await?;
+    }
+    cluster.wait_for_executors_up(2, Duration::from_secs(30)).await?;
     let dir = tempfile::tempdir()?;
     let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cluster/prometheus");
     for file in ["prometheus.yml", "alerts.yml"] {
@@ -114,7 +118,11 @@ async fn a_real_prometheus_scrapes_the_shipped_config() -> anyhow::Result<()> {
     }
     std::fs::create_dir(dir.path().join("targets"))?;
     let targets: Vec<String> = cluster.servers.iter().map(|s| s.metrics_addr.clone()).collect();
-    let list = serde_json::json!([{ "targets": targets, "labels": { "job": "colony-server" } }]);
+    let executor_targets: Vec<String> = cluster.executors.iter().map(|e| e.metrics_addr.clone()).collect();
+    let list = serde_json::json!([
+        { "targets": targets, "labels": { "job": "colony-server" } },
+        { "targets": executor_targets, "labels": { "job": "colony-executor" } },
+    ]);
     std::fs::write(dir.path().join("targets/test.json"), list.to_string())?;
 
     let web = format!("127.0.0.1:{}", colony_tests::free_port());
@@ -132,14 +140,23 @@ async fn a_real_prometheus_scrapes_the_shipped_config() -> anyhow::Result<()> {
 
     let mut c = cluster.servers[0].client().await?;
     for n in 0..3 {
-        c.submit_task(pb::SubmitTaskRequest { spec: Some(task_spec(&format!("p-{n}"), None)) }).await?;
+        // A capability no executor offers: the tasks stay pending, so the queue depth is known.
+        let mut spec = task_spec(&format!("p-{n}"), None);
+        spec.capabilities = vec!["quantum".into()];
+        c.submit_task(pb::SubmitTaskRequest { spec: Some(spec) }).await?;
+    }
+    for executor in &cluster.executors {
+        let (code, text) = http_get(&executor.metrics_addr, "/metrics")?;
+        assert_eq!(code, 200);
+        promtool_accepts(&text)?;
+        assert_eq!(http_get(&executor.metrics_addr, "/readyz")?.0, 200, "a connected executor is ready");
     }
     let prometheus_log = || std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
-    wait_for("Prometheus to scrape all three servers as up", Duration::from_secs(60), || {
+    wait_for("Prometheus to scrape all three servers and both executors as up", Duration::from_secs(60), || {
         let web = web.clone();
         async move {
-            let up = query(&web, "up{job=\"colony-server\"}")?;
-            Ok((up.len() == 3 && up.iter().all(|(_, v)| *v == 1.0)).then_some(()))
+            let up = query(&web, "up{job=~\"colony-.*\"}")?;
+            Ok((up.len() == 5 && up.iter().all(|(_, v)| *v == 1.0)).then_some(()))
         }
     })
     .await
@@ -158,5 +175,9 @@ async fn a_real_prometheus_scrapes_the_shipped_config() -> anyhow::Result<()> {
     let leaders = query(&web, "sum(colony_raft_is_leader)")?;
     assert_eq!(leaders.first().map(|(_, v)| *v), Some(1.0), "exactly one leader");
     assert!(query(&web, "ALERTS{alertname=\"NoLeader\"}")?.is_empty(), "NoLeader must not fire with a leader");
+    let up = query(&web, "max(colony_executors{state=\"up\"})")?;
+    assert_eq!(up.first().map(|(_, v)| *v), Some(2.0), "the servers count two executors up");
+    let connected = query(&web, "sum(colony_executor_connected)")?;
+    assert_eq!(connected.first().map(|(_, v)| *v), Some(2.0), "both executors say they are connected");
     Ok(())
 }
