@@ -13,6 +13,7 @@ use crate::builtin;
 use colony_core::{ExecutorId, FencingToken, Resources, RunSpec, TaskId, TaskSpec};
 use colony_proto::pb;
 use colony_quic::FRAME_BYTES_MAX;
+use tracing::Instrument as _;
 use quinn::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
@@ -443,11 +444,16 @@ impl State {
         self.running.insert((task, token), Running { resources: spec.resources.clone(), kill: Some(kill_tx) });
         let launcher = self.launcher.clone();
         let attempts_tx = self.attempts_tx.clone();
-        tokio::spawn(async move {
-            let result = launcher.run(&attempt, &spec, kill_rx).await;
-            // Only a stopped executor has no receiver, and then nobody is left to tell.
-            let _ = attempts_tx.send(AttemptEnded { task: attempt.task_id, token: attempt.fencing_token, result }).await;
-        });
+        // Everything logged while the attempt runs carries its task, attempt and token.
+        let span = tracing::info_span!("attempt", task_id = %task, attempt = attempt.attempt, %token);
+        tokio::spawn(
+            async move {
+                let result = launcher.run(&attempt, &spec, kill_rx).await;
+                // Only a stopped executor has no receiver, and then nobody is left to tell.
+                let _ = attempts_tx.send(AttemptEnded { task: attempt.task_id, token: attempt.fencing_token, result }).await;
+            }
+            .instrument(span),
+        );
         self.update_gauges();
     }
 

@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Semaphore};
+use tracing::Instrument as _;
 
 /// Messages queued to one executor; a session this far behind is closed, not buffered.
 const OUTBOX_MESSAGES_MAX: usize = 4096;
@@ -228,7 +229,11 @@ async fn serve_connection(
             connection.close(CLOSE_OK.into(), b"joined");
             Ok(())
         }
-        Some(In::Hello(hello)) => serve_executor(node, connection, link, hello, serial).await,
+        Some(In::Hello(hello)) => {
+            // Everything logged for this session carries the executor's id.
+            let span = tracing::info_span!("executor", executor_id = hello.executor_id);
+            serve_executor(node, connection, link, hello, serial).instrument(span).await
+        }
         _ => Err("the first message must be Join or Hello".to_owned()),
     }
 }
@@ -342,6 +347,7 @@ async fn read_executor(node: Arc<Node>, id: ExecutorId, mut recv: quinn::RecvStr
                 let command = report_command(id, &report, &limits)?;
                 let Ok(permit) = reports.clone().acquire_owned().await else { return Ok(()) };
                 let node = node.clone();
+                let span = tracing::info_span!("report", executor_id = %id, task_id = report.task_id, token = report.fencing_token);
                 tokio::spawn(async move {
                     let started = Instant::now();
                     let error = match node.proposer.propose(command).await {
@@ -352,9 +358,12 @@ async fn read_executor(node: Arc<Node>, id: ExecutorId, mut recv: quinn::RecvStr
                     };
                     node.metrics.agent_communication_seconds.with_label_values(&["leader", "executor"]).observe(started.elapsed().as_secs_f64());
                     node.scheduler_wake.notify_one();
+                    if !error.is_empty() {
+                        tracing::info!("report refused: {error}");
+                    }
                     node.sessions.send(id, Out::ReportAck(pb::ReportAck { report_id: report.report_id, error }));
                     drop(permit);
-                });
+                }.instrument(span));
             }
             _ => return Err("expected Heartbeat or StatusReport".to_owned()),
         }

@@ -20,6 +20,12 @@ pub struct Metrics {
     pub raft_last_log_index: IntGauge,
     pub raft_snapshot_index: IntGauge,
     pub raft_leader_changes: IntCounter,
+    /// Entries in this server's log, after the last purge.
+    pub raft_log_entries: IntGauge,
+    raft_snapshots_built: IntCounter,
+    raft_snapshots_installed: IntCounter,
+    raft_snapshot_build_seconds: Histogram,
+    raft_snapshot_bytes: IntGauge,
     pub raft_proposal_seconds: Histogram,
     pub raft_proposal_commands: Histogram,
     pub raft_proposals_failed: IntCounter,
@@ -72,6 +78,14 @@ impl Metrics {
             raft_last_log_index: gauge("colony_raft_last_log_index", "Last log index in this server's log.")?,
             raft_snapshot_index: gauge("colony_raft_snapshot_index", "Last log index covered by the latest snapshot.")?,
             raft_leader_changes: register(&registry, IntCounter::new("colony_raft_leader_changes_total", "Times this server saw a new leader.")?)?,
+            raft_log_entries: gauge("colony_raft_log_entries", "Entries in this server's Raft log after the last purge.")?,
+            raft_snapshots_built: register(&registry, IntCounter::new("colony_raft_snapshots_built_total", "Snapshots this server built.")?)?,
+            raft_snapshots_installed: register(
+                &registry,
+                IntCounter::new("colony_raft_snapshots_installed_total", "Snapshots received from a leader and installed.")?,
+            )?,
+            raft_snapshot_build_seconds: latency("colony_raft_snapshot_build_seconds", "Building, writing and fsyncing one snapshot.")?,
+            raft_snapshot_bytes: gauge("colony_raft_snapshot_bytes", "Size of the latest snapshot built or installed.")?,
             raft_proposal_seconds: latency("colony_raft_proposal_seconds", "Time from proposing a Raft entry to its being applied.")?,
             raft_proposal_commands: register(
                 &registry,
@@ -166,6 +180,14 @@ impl Metrics {
             }
             (state.machine.count_by_state(), node.raft.metrics().borrow().current_leader.is_some())
         };
+        let stats = &node.snapshot_stats;
+        let catch_up = |counter: &IntCounter, total: u64| counter.inc_by(total.saturating_sub(counter.get()));
+        catch_up(&self.raft_snapshots_built, stats.built.load(std::sync::atomic::Ordering::Relaxed));
+        catch_up(&self.raft_snapshots_installed, stats.installed.load(std::sync::atomic::Ordering::Relaxed));
+        for micros in stats.take_build_micros() {
+            self.raft_snapshot_build_seconds.observe(micros as f64 / 1e6);
+        }
+        self.raft_snapshot_bytes.set(stats.last_bytes.load(std::sync::atomic::Ordering::Relaxed) as i64);
         self.executors_connected.set(node.sessions.connected() as i64);
         let oldest = node.sessions.last_heartbeats().values().map(|at| at.elapsed().as_secs_f64()).fold(0.0, f64::max);
         self.executor_heartbeat_age_max.set(oldest);

@@ -39,6 +39,7 @@ pub struct Node {
     pub log: LogStore,
     pub metrics: Arc<Metrics>,
     pub config: ServerConfig,
+    pub snapshot_stats: Arc<colony_store::SnapshotStats>,
     /// Executors connected to this server (only while it leads).
     pub sessions: crate::gateway::Sessions,
     /// Wakes the leader's scheduler: work arrived or capacity was freed.
@@ -226,6 +227,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     };
     let (log, sm) = colony_store::open(&config.data_dir).with_context(|| format!("cannot open storage in {}", config.data_dir.display()))?;
     let state = sm.shared();
+    let snapshot_stats = sm.stats();
     let raft_config = openraft::Config {
         cluster_name: "colony".into(),
         heartbeat_interval: config.heartbeat_interval.as_millis() as u64,
@@ -264,6 +266,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         log,
         metrics: metrics.clone(),
         config: config.clone(),
+        snapshot_stats,
         sessions: Default::default(),
         scheduler_wake: Default::default(),
         state,
@@ -330,6 +333,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             metrics.raft_applied_index.set(m.last_applied.map_or(0, |l| l.index) as i64);
             metrics.raft_last_log_index.set(m.last_log_index.unwrap_or(0) as i64);
             metrics.raft_snapshot_index.set(m.snapshot.map_or(0, |l| l.index) as i64);
+            let last_log = m.last_log_index.unwrap_or(0);
+            metrics.raft_log_entries.set(last_log.saturating_sub(m.purged.map_or(0, |l| l.index)) as i64);
             metrics.raft_commit_index.set(node.log.committed_index().unwrap_or(0) as i64);
             if m.current_leader.is_some() && m.current_leader != known_leader {
                 known_leader = m.current_leader;

@@ -16,7 +16,7 @@ use std::io::Cursor;
 use std::sync::{Arc, RwLock};
 
 pub use log_store::LogStore;
-pub use state_machine_store::StateMachineStore;
+pub use state_machine_store::{SnapshotStats, StateMachineStore};
 
 openraft::declare_raft_types!(
     /// Colony's openraft type configuration.

@@ -21,8 +21,39 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 pub struct StateMachineStore {
     state: SharedState,
     snapshots: Arc<SnapshotFile>,
-    /// Distinguishes snapshots built at the same log id by this process.
-    snapshots_built: Arc<AtomicU64>,
+    stats: Arc<SnapshotStats>,
+}
+
+/// How often and how long snapshots took, for the server's metrics (this crate has no metrics
+/// library of its own).
+#[derive(Debug, Default)]
+pub struct SnapshotStats {
+    /// Snapshots this process built; also distinguishes snapshots built at the same log id.
+    pub built: AtomicU64,
+    /// Snapshots received from a leader and installed.
+    pub installed: AtomicU64,
+    /// Build durations in microseconds not yet taken by `take_build_micros` (at most
+    /// `BUILD_DURATIONS_KEPT_MAX`; older ones are dropped).
+    build_micros: std::sync::Mutex<Vec<u64>>,
+    /// Size of the latest snapshot built or installed.
+    pub last_bytes: AtomicU64,
+}
+
+const BUILD_DURATIONS_KEPT_MAX: usize = 1024;
+
+impl SnapshotStats {
+    /// The build durations recorded since the last call.
+    pub fn take_build_micros(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.build_micros.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn record_build(&self, micros: u64, bytes: usize) {
+        let mut durations = self.build_micros.lock().unwrap_or_else(|p| p.into_inner());
+        if durations.len() < BUILD_DURATIONS_KEPT_MAX {
+            durations.push(micros);
+        }
+        self.last_bytes.store(bytes as u64, Ordering::Relaxed);
+    }
 }
 
 impl StateMachineStore {
@@ -37,13 +68,17 @@ impl StateMachineStore {
         Ok(StateMachineStore {
             state: Arc::new(RwLock::new(applied)),
             snapshots: Arc::new(snapshots),
-            snapshots_built: Arc::new(AtomicU64::new(0)),
+            stats: Arc::default(),
         })
     }
 
     /// The applied state, for the server's read path.
     pub fn shared(&self) -> SharedState {
         Arc::clone(&self.state)
+    }
+
+    pub fn stats(&self) -> Arc<SnapshotStats> {
+        Arc::clone(&self.stats)
     }
 
     fn read_state(&self) -> Result<RwLockReadGuard<'_, Applied>, StoreError> {
@@ -119,7 +154,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let restored = decode_applied(meta, &data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         // Durable first: if the write fails, the state machine is left as it was.
+        let bytes = data.len() as u64;
         self.persist(meta.clone(), data).await?;
+        self.stats.installed.fetch_add(1, Ordering::Relaxed);
+        self.stats.last_bytes.store(bytes, Ordering::Relaxed);
         *self.write_state().map_err(|e| state_error(ErrorVerb::Write, &e))? = restored;
         Ok(())
     }
@@ -136,6 +174,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
+        let started = std::time::Instant::now();
         // Encoding under the read lock avoids copying the state; apply waits for it.
         let (last_log_id, last_membership, data) = {
             let applied = self.read_state().map_err(|e| state_error(ErrorVerb::Read, &e))?;
@@ -145,13 +184,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             })?;
             (applied.last_applied, applied.membership.clone(), data)
         };
-        let built = self.snapshots_built.fetch_add(1, Ordering::Relaxed) + 1;
+        let built = self.stats.built.fetch_add(1, Ordering::Relaxed) + 1;
         let snapshot_id = match last_log_id {
             Some(id) => format!("{}-{}-{built}", id.leader_id.term, id.index),
             None => format!("none-{built}"),
         };
         let meta = Meta { last_log_id, last_membership, snapshot_id };
         self.persist(meta.clone(), data.clone()).await?;
+        self.stats.record_build(started.elapsed().as_micros() as u64, data.len());
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
