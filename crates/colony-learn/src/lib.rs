@@ -1,0 +1,30 @@
+//! The learner's model: a small MLP regressor, trained with the same algorithm on the CPU or on a
+//! CUDA GPU.
+//!
+//! Training is written once, in [`train`], over the [`Backend`] trait's primitive operations
+//! (three GEMM forms with a fused bias/ReLU epilogue, the ReLU derivative, the MSE loss and its
+//! gradient, column sums and an Adam step). [`cpu`] is the reference implementation of exactly that
+//! math; [`gpu`] runs the hand-written kernels in `kernels/*.cu` through cudarc. This is the only
+//! Colony crate that depends on cudarc, and `gpu` is its only module with `unsafe` code.
+//!
+//! A machine without a CUDA driver is the normal case, not an error: [`Device::Auto`] falls back
+//! to the CPU, and nothing here calls into cudarc before probing that its library can be loaded,
+//! because cudarc panics when it cannot find one.
+
+pub mod adam;
+pub mod backend;
+pub mod bench;
+pub mod cpu;
+pub mod device;
+pub mod gpu;
+pub mod kernels;
+pub mod mlp;
+pub mod train;
+
+pub use adam::{AdamConfig, AdamError};
+pub use backend::{Backend, BackendError, Epilogue, GemmDims, OpError};
+pub use cpu::CpuBackend;
+pub use device::{Device, DeviceError, DeviceParseError, SelectedBackend};
+pub use gpu::{CudaBackend, GpuError};
+pub use mlp::{Layer, Mlp, MlpConfig, MlpError};
+pub use train::{TrainError, Trainer};

@@ -1,0 +1,477 @@
+//! The MLP regressor's weights: shape, deterministic initialisation, validation and CPU inference.
+//!
+//! Hidden layers use ReLU and the output layer is linear, so one model predicts several targets
+//! at once (typically log-runtime and log-peak-memory). Weights are row-major, `inputs x outputs`
+//! per layer, and serialize with serde for the model registry. Training lives in [`crate::train`].
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::backend::{Epilogue, OpError};
+use crate::cpu;
+
+/// The most layers a model may have, hidden and output together.
+pub const LAYERS_MAX: usize = 16;
+/// The widest a layer's input or output may be.
+pub const LAYER_WIDTH_MAX: usize = 4096;
+
+/// One fully connected layer: y = x·w + b.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Layer {
+    pub inputs: usize,
+    pub outputs: usize,
+    /// `inputs x outputs`, row-major.
+    pub w: Vec<f32>,
+    /// One bias per output.
+    pub b: Vec<f32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mlp {
+    pub layers: Vec<Layer>,
+}
+
+/// The shape of a new model and the seed of its initial weights.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MlpConfig {
+    pub inputs: usize,
+    pub hidden: Vec<usize>,
+    pub outputs: usize,
+    pub seed: u64,
+}
+
+#[derive(Debug, Error, PartialEq)]
+pub enum MlpError {
+    #[error("a model needs at least one layer")]
+    NoLayers,
+    #[error("{layers} layers exceed the limit of {max}")]
+    TooManyLayers { layers: usize, max: usize },
+    #[error("layer {layer}: width {width} is outside 1..={max}")]
+    Width {
+        layer: usize,
+        width: usize,
+        max: usize,
+    },
+    #[error("layer {layer}: {what} holds {actual} values, expected {expected}")]
+    Shape {
+        layer: usize,
+        what: &'static str,
+        expected: usize,
+        actual: usize,
+    },
+    #[error(
+        "layer {layer} takes {inputs} inputs but the layer before it gives {previous_outputs}"
+    )]
+    Chain {
+        layer: usize,
+        inputs: usize,
+        previous_outputs: usize,
+    },
+    #[error("layer {layer}: {what}[{index}] is {value}, not a finite number")]
+    NonFinite {
+        layer: usize,
+        what: &'static str,
+        index: usize,
+        value: f32,
+    },
+    #[error("the input holds {actual} values, expected {rows} rows of {inputs}")]
+    Input {
+        rows: usize,
+        inputs: usize,
+        actual: usize,
+    },
+    #[error("a primitive rejected its arguments")]
+    Op(#[from] OpError),
+}
+
+impl Mlp {
+    /// A model with the given shape, initialised deterministically from `config.seed`: weights
+    /// uniform in ±sqrt(6 / fan_in) (He, for the ReLU that follows) on hidden layers and
+    /// ±sqrt(6 / (fan_in + fan_out)) (Glorot) on the linear output layer; biases zero.
+    pub fn new(config: &MlpConfig) -> Result<Self, MlpError> {
+        let widths: Vec<usize> = std::iter::once(config.inputs)
+            .chain(config.hidden.iter().copied())
+            .chain(std::iter::once(config.outputs))
+            .collect();
+        let layer_count = widths.len() - 1;
+        if layer_count > LAYERS_MAX {
+            return Err(MlpError::TooManyLayers {
+                layers: layer_count,
+                max: LAYERS_MAX,
+            });
+        }
+        for (index, &width) in widths.iter().enumerate() {
+            if !(1..=LAYER_WIDTH_MAX).contains(&width) {
+                // Width i is layer i's input (or the last layer's output).
+                let layer = index.min(layer_count - 1);
+                return Err(MlpError::Width {
+                    layer,
+                    width,
+                    max: LAYER_WIDTH_MAX,
+                });
+            }
+        }
+        let mut rng = SplitMix64::new(config.seed);
+        let layers = widths
+            .windows(2)
+            .enumerate()
+            .map(|(index, pair)| {
+                let (inputs, outputs) = (pair[0], pair[1]);
+                let bound = if index + 1 == layer_count {
+                    (6.0 / (inputs + outputs) as f64).sqrt()
+                } else {
+                    (6.0 / inputs as f64).sqrt()
+                };
+                let w = (0..inputs * outputs)
+                    .map(|_| ((rng.next_unit() * 2.0 - 1.0) * bound) as f32)
+                    .collect();
+                Layer {
+                    inputs,
+                    outputs,
+                    w,
+                    b: vec![0.0; outputs],
+                }
+            })
+            .collect();
+        let mlp = Mlp { layers };
+        mlp.validate()?;
+        Ok(mlp)
+    }
+
+    /// The number of features a prediction takes. Zero for a model with no layers.
+    pub fn inputs(&self) -> usize {
+        self.layers.first().map_or(0, |layer| layer.inputs)
+    }
+
+    /// The number of values a prediction gives. Zero for a model with no layers.
+    pub fn outputs(&self) -> usize {
+        self.layers.last().map_or(0, |layer| layer.outputs)
+    }
+
+    /// Weights and biases together.
+    pub fn parameter_count(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|layer| layer.w.len() + layer.b.len())
+            .sum()
+    }
+
+    /// Checks the model's shape against its limits and every parameter for NaN and infinity.
+    /// A model from the registry or from training is validated before it is used.
+    pub fn validate(&self) -> Result<(), MlpError> {
+        if self.layers.is_empty() {
+            return Err(MlpError::NoLayers);
+        }
+        if self.layers.len() > LAYERS_MAX {
+            return Err(MlpError::TooManyLayers {
+                layers: self.layers.len(),
+                max: LAYERS_MAX,
+            });
+        }
+        let mut previous_outputs = None;
+        for (index, layer) in self.layers.iter().enumerate() {
+            for width in [layer.inputs, layer.outputs] {
+                if !(1..=LAYER_WIDTH_MAX).contains(&width) {
+                    return Err(MlpError::Width {
+                        layer: index,
+                        width,
+                        max: LAYER_WIDTH_MAX,
+                    });
+                }
+            }
+            if let Some(previous_outputs) = previous_outputs {
+                if layer.inputs != previous_outputs {
+                    return Err(MlpError::Chain {
+                        layer: index,
+                        inputs: layer.inputs,
+                        previous_outputs,
+                    });
+                }
+            }
+            previous_outputs = Some(layer.outputs);
+            // Both widths are at most LAYER_WIDTH_MAX, so the product cannot overflow.
+            let expected_w = layer.inputs * layer.outputs;
+            if layer.w.len() != expected_w {
+                return Err(MlpError::Shape {
+                    layer: index,
+                    what: "w",
+                    expected: expected_w,
+                    actual: layer.w.len(),
+                });
+            }
+            if layer.b.len() != layer.outputs {
+                return Err(MlpError::Shape {
+                    layer: index,
+                    what: "b",
+                    expected: layer.outputs,
+                    actual: layer.b.len(),
+                });
+            }
+            for (what, values) in [("w", &layer.w), ("b", &layer.b)] {
+                if let Some((position, &value)) = values
+                    .iter()
+                    .enumerate()
+                    .find(|(_, value)| !value.is_finite())
+                {
+                    return Err(MlpError::NonFinite {
+                        layer: index,
+                        what,
+                        index: position,
+                        value,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Predicts `rows` samples given row-major in `x` (`rows x inputs`); returns `rows x outputs`.
+    /// Runs the same forward pass as training, on the CPU reference primitives.
+    pub fn predict(&self, x: &[f32], rows: usize) -> Result<Vec<f32>, MlpError> {
+        self.validate()?;
+        let expected = rows.checked_mul(self.inputs()).ok_or(MlpError::Input {
+            rows,
+            inputs: self.inputs(),
+            actual: x.len(),
+        })?;
+        if x.len() != expected {
+            return Err(MlpError::Input {
+                rows,
+                inputs: self.inputs(),
+                actual: x.len(),
+            });
+        }
+        let last = self.layers.len() - 1;
+        let mut activation = x.to_vec();
+        for (index, layer) in self.layers.iter().enumerate() {
+            let epilogue = Epilogue {
+                bias: Some(layer.b.as_slice()),
+                relu: index != last,
+            };
+            activation = cpu::gemm_ab(
+                &activation,
+                &layer.w,
+                rows,
+                layer.inputs,
+                layer.outputs,
+                epilogue,
+            )?;
+        }
+        Ok(activation)
+    }
+}
+
+/// Steele, Lea and Flood's SplitMix64: a fixed, documented generator, so a seed gives the same
+/// initial weights on every machine and with every version of every dependency.
+struct SplitMix64 {
+    state: u64,
+}
+
+impl SplitMix64 {
+    fn new(seed: u64) -> Self {
+        Self { state: seed }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) from the top 53 bits.
+    fn next_unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> MlpConfig {
+        MlpConfig {
+            inputs: 3,
+            hidden: vec![4],
+            outputs: 2,
+            seed: 42,
+        }
+    }
+
+    #[test]
+    fn new_is_deterministic_and_shaped() -> Result<(), MlpError> {
+        let mlp = Mlp::new(&config())?;
+        assert_eq!(mlp, Mlp::new(&config())?);
+        assert_ne!(
+            mlp,
+            Mlp::new(&MlpConfig {
+                seed: 43,
+                ..config()
+            })?
+        );
+        assert_eq!((mlp.inputs(), mlp.outputs()), (3, 2));
+        assert_eq!(mlp.parameter_count(), 3 * 4 + 4 + 4 * 2 + 2);
+        let bound = (6.0_f32 / 3.0).sqrt();
+        assert!(mlp.layers[0].w.iter().all(|w| w.abs() <= bound));
+        assert!(mlp
+            .layers
+            .iter()
+            .all(|layer| layer.b.iter().all(|&b| b == 0.0)));
+        Ok(())
+    }
+
+    #[test]
+    fn new_rejects_bad_shapes() {
+        let zero = MlpConfig {
+            hidden: vec![4, 0],
+            ..config()
+        };
+        assert_eq!(
+            Mlp::new(&zero),
+            Err(MlpError::Width {
+                layer: 2,
+                width: 0,
+                max: LAYER_WIDTH_MAX
+            })
+        );
+        let wide = MlpConfig {
+            inputs: LAYER_WIDTH_MAX + 1,
+            ..config()
+        };
+        assert!(matches!(
+            Mlp::new(&wide),
+            Err(MlpError::Width { layer: 0, .. })
+        ));
+        let deep = MlpConfig {
+            hidden: vec![2; LAYERS_MAX],
+            ..config()
+        };
+        assert!(matches!(
+            Mlp::new(&deep),
+            Err(MlpError::TooManyLayers { .. })
+        ));
+    }
+
+    #[test]
+    fn validate_rejects_non_finite_weights_and_bad_shapes() -> Result<(), MlpError> {
+        let good = Mlp::new(&config())?;
+        good.validate()?;
+
+        let mut nan = good.clone();
+        nan.layers[1].w[3] = f32::NAN;
+        assert!(matches!(
+            nan.validate(),
+            Err(MlpError::NonFinite {
+                layer: 1,
+                what: "w",
+                index: 3,
+                ..
+            })
+        ));
+        let mut inf = good.clone();
+        inf.layers[0].b[2] = f32::NEG_INFINITY;
+        assert!(matches!(
+            inf.validate(),
+            Err(MlpError::NonFinite {
+                layer: 0,
+                what: "b",
+                index: 2,
+                ..
+            })
+        ));
+        let mut short_w = good.clone();
+        short_w.layers[0].w.pop();
+        assert_eq!(
+            short_w.validate(),
+            Err(MlpError::Shape {
+                layer: 0,
+                what: "w",
+                expected: 12,
+                actual: 11
+            })
+        );
+        let mut long_b = good.clone();
+        long_b.layers[1].b.push(0.0);
+        assert_eq!(
+            long_b.validate(),
+            Err(MlpError::Shape {
+                layer: 1,
+                what: "b",
+                expected: 2,
+                actual: 3
+            })
+        );
+        let mut broken_chain = good.clone();
+        broken_chain.layers[1] = Layer {
+            inputs: 5,
+            outputs: 2,
+            w: vec![0.0; 10],
+            b: vec![0.0; 2],
+        };
+        assert_eq!(
+            broken_chain.validate(),
+            Err(MlpError::Chain {
+                layer: 1,
+                inputs: 5,
+                previous_outputs: 4
+            })
+        );
+        assert_eq!(Mlp { layers: vec![] }.validate(), Err(MlpError::NoLayers));
+        // predict validates first, so a corrupt model never predicts.
+        assert!(matches!(
+            nan.predict(&[0.0; 3], 1),
+            Err(MlpError::NonFinite { .. })
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn serde_round_trip_is_exact() -> Result<(), Box<dyn std::error::Error>> {
+        let mlp = Mlp::new(&MlpConfig {
+            inputs: 5,
+            hidden: vec![7, 3],
+            outputs: 2,
+            seed: 9,
+        })?;
+        let json = serde_json::to_string(&mlp)?;
+        let back: Mlp = serde_json::from_str(&json)?;
+        assert_eq!(back, mlp);
+        let bits = |m: &Mlp| -> Vec<u32> {
+            m.layers
+                .iter()
+                .flat_map(|l| l.w.iter().chain(&l.b))
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&back), bits(&mlp));
+        Ok(())
+    }
+
+    /// The registry stores this encoding; this frozen text must keep decoding to the same model.
+    #[test]
+    fn frozen_json_still_decodes() -> Result<(), Box<dyn std::error::Error>> {
+        const FROZEN: &str = r#"{"layers":[{"inputs":2,"outputs":2,"w":[1.0,-1.0,0.5,2.0],"b":[0.0,-3.0]},{"inputs":2,"outputs":1,"w":[1.0,0.25],"b":[0.125]}]}"#;
+        let mlp: Mlp = serde_json::from_str(FROZEN)?;
+        mlp.validate()?;
+        assert_eq!(serde_json::to_string(&mlp)?, FROZEN);
+        // x = (2, 1): hidden = ReLU(2·1 + 1·0.5, 2·(-1) + 1·2 - 3) = (2.5, 0); out = 2.5 + 0.125.
+        assert_eq!(mlp.predict(&[2.0, 1.0], 1)?, vec![2.625]);
+        Ok(())
+    }
+
+    #[test]
+    fn predict_checks_its_input() -> Result<(), MlpError> {
+        let mlp = Mlp::new(&config())?;
+        assert_eq!(mlp.predict(&[0.0; 6], 2)?.len(), 4);
+        assert_eq!(
+            mlp.predict(&[0.0; 5], 2),
+            Err(MlpError::Input {
+                rows: 2,
+                inputs: 3,
+                actual: 5
+            })
+        );
+        Ok(())
+    }
+}
