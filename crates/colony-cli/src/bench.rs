@@ -39,6 +39,10 @@ pub enum BenchCommand {
     Submit(SubmitBenchArgs),
     /// Connect simulated executors over QUIC and measure placements/s and submit-to-assigned latency.
     Schedule(crate::bench_schedule::ScheduleBenchArgs),
+    /// The learner's kernels on this machine's device: GEMM GFLOP/s and a training step's time.
+    Learn(crate::bench_learn::LearnBenchArgs),
+    /// Does the learner's model help? The same workload with no model and then with one.
+    Placement(crate::bench_placement::PlacementBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -136,6 +140,8 @@ pub async fn run(command: BenchCommand, global: &GlobalArgs) -> Result<()> {
     match command {
         BenchCommand::Submit(args) => bench_submit(args, global).await,
         BenchCommand::Schedule(args) => crate::bench_schedule::run(args, global).await,
+        BenchCommand::Learn(args) => crate::bench_learn::run(args, global).await,
+        BenchCommand::Placement(args) => crate::bench_placement::run(args, global).await,
     }
 }
 
@@ -159,6 +165,7 @@ fn bench_spec(args: &SubmitBenchArgs) -> Result<TaskSpec> {
         run: RunSpec::Process { program: "/bin/true".to_owned(), args: Vec::new(), env: BTreeMap::new() },
         idempotency_key: None,
         placement: Default::default(),
+        memory_auto: false,
     };
     spec.validate(&Limits::default()).context("invalid task")?;
     Ok(spec)

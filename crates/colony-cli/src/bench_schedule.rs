@@ -138,7 +138,8 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
             endpoint = Some(colony_quic::client_endpoint().context("cannot open a QUIC endpoint")?);
         }
         let endpoint = endpoint.clone().context("an endpoint exists")?;
-        sims.spawn(SimExecutor::run(endpoint, endpoints.clone(), creds, capacity.clone(), args.hold, events.clone()));
+        let behaviour = sim::fixed(args.hold);
+        sims.spawn(SimExecutor::run(endpoint, endpoints.clone(), creds, capacity.clone(), Default::default(), behaviour, events.clone()));
     }
     bar.set_message("waiting for executors to be up");
     bar.set_position(0);

@@ -452,6 +452,7 @@ async fn submit_demo(client: &mut Client) -> Result<Vec<Task>> {
             run: RunSpec::Process { program: "/bin/sh".to_owned(), args: vec!["-c".to_owned(), script.to_owned()], env: BTreeMap::new() },
             idempotency_key: Some(format!("colony-dev-demo-{name}")),
             placement: Default::default(),
+            memory_auto: false,
         };
         let (task, _) = task_cmd::submit(client, &spec).await.with_context(|| format!("cannot submit the demo task {name}"))?;
         ids.insert(name, task.id);

@@ -4,11 +4,15 @@
 //! errors keep clap's own message and exit code 2.
 
 mod bench;
+mod bench_learn;
+mod bench_placement;
 mod bench_schedule;
 mod client;
 mod cluster_cmd;
 mod dev;
 mod executor_cmd;
+mod learner_cmd;
+mod model_cmd;
 mod output;
 mod server_cmd;
 mod task_cmd;
@@ -73,6 +77,14 @@ enum Command {
     /// Inspect and change the cluster.
     #[command(subcommand)]
     Cluster(cluster_cmd::ClusterCommand),
+    /// Run the learner: follow finished tasks, train the runtime/memory model, publish better versions
+    ///
+    /// colony learner --join 127.0.0.1:7101 --token TOKEN --data-dir l1 [--device auto|cpu|cuda:0]
+    #[command(verbatim_doc_comment)]
+    Learner(learner_cmd::LearnerArgs),
+    /// The model registry: list, show and roll back the learner's versions.
+    #[command(subcommand)]
+    Model(model_cmd::ModelCommand),
     /// Start a local cluster of servers and submit a demo workload; Ctrl-C stops it.
     Dev(dev::DevArgs),
     /// Load generators that print throughput and latency percentiles.
@@ -108,6 +120,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Executor(args) => executor_cmd::run(args).await,
             Command::Task(command) => task_cmd::run(command, &global).await,
             Command::Cluster(command) => cluster_cmd::run(command, &global).await,
+            Command::Model(command) => model_cmd::run(command, &global).await,
+            Command::Learner(args) => learner_cmd::run(args).await,
             Command::Dev(args) => dev::run(args, &global).await,
             Command::Bench(command) => bench::run(command, &global).await,
         }

@@ -84,6 +84,8 @@ pub struct TaskJson<'a> {
     exit_code: Option<i32>,
     stdout_tail: &'a str,
     stderr_tail: &'a str,
+    peak_memory_bytes: Option<u64>,
+    allocated: &'a colony_core::Resources,
     created_unix_ms: u64,
     updated_unix_ms: u64,
     finished_unix_ms: Option<u64>,
@@ -104,6 +106,8 @@ impl<'a> From<&'a Task> for TaskJson<'a> {
             exit_code: task.exit_code,
             stdout_tail: &task.stdout_tail,
             stderr_tail: &task.stderr_tail,
+            peak_memory_bytes: task.peak_memory_bytes,
+            allocated: &task.allocated,
             created_unix_ms: task.created_unix_ms,
             updated_unix_ms: task.updated_unix_ms,
             finished_unix_ms: task.finished_unix_ms,
@@ -210,6 +214,13 @@ pub fn print_task_details(task: &Task) -> Result<()> {
     if let Some(code) = task.exit_code {
         fields.push(("exit code", code.to_string()));
     }
+    if spec.memory_auto {
+        let given = if task.attempt > 0 { format_memory_bytes(task.allocated.memory_bytes) } else { "not placed yet".to_owned() };
+        fields.push(("memory", format!("auto: {given}")));
+    }
+    if let Some(peak) = task.peak_memory_bytes {
+        fields.push(("peak memory", format_memory_bytes(peak)));
+    }
     print_fields(&fields)?;
     for (name, tail) in [("stdout", &task.stdout_tail), ("stderr", &task.stderr_tail)] {
         if !tail.is_empty() {
@@ -258,6 +269,7 @@ mod tests {
                 run: RunSpec::Process { program: "/bin/echo".into(), args: vec!["hi".into()], env: Default::default() },
                 idempotency_key: None,
                 placement: Default::default(),
+                memory_auto: false,
             },
             state: TaskState::TimedOut,
             attempt: 0,
@@ -269,6 +281,9 @@ mod tests {
             exit_code: None,
             stdout_tail: String::new(),
             stderr_tail: String::new(),
+            peak_memory_bytes: None,
+            finish_seq: Some(1),
+            allocated: Default::default(),
             created_unix_ms: 1,
             updated_unix_ms: 1,
             finished_unix_ms: Some(1),

@@ -54,7 +54,7 @@ pub struct SubmitArgs {
     /// CPU to reserve: millicores (250m) or cores (2, 0.5).
     #[arg(long, default_value = "100m", allow_hyphen_values = true)]
     cpu: String,
-    /// Memory to reserve: 64Mi, 8Gi, 512M, or bytes.
+    /// Memory to reserve: 64Mi, 8Gi, 512M, bytes, or `auto` (sized by the cluster's model, with a margin and a floor).
     #[arg(long, default_value = "64Mi", allow_hyphen_values = true)]
     memory: String,
     /// Whole GPUs to reserve.
@@ -384,7 +384,8 @@ fn millis(flag: &str, duration: Duration) -> Result<u64> {
 /// refused here with a clear message and nothing is sent.
 fn build_spec(args: &SubmitArgs, now_unix_ms: u64) -> Result<TaskSpec> {
     let cpu_millis = parse_cpu_millis(&args.cpu).context("invalid --cpu")?;
-    let memory_bytes = parse_memory_bytes(&args.memory).context("invalid --memory")?;
+    let memory_auto = args.memory == "auto";
+    let memory_bytes = if memory_auto { 0 } else { parse_memory_bytes(&args.memory).context("invalid --memory")? };
     let mut custom = BTreeMap::new();
     for (name, count) in pairs("resource", &args.resources)? {
         let count: u64 = count.parse().map_err(|_| anyhow!("--resource {name}={count}: COUNT must be a whole number"))?;
@@ -422,6 +423,7 @@ fn build_spec(args: &SubmitArgs, now_unix_ms: u64) -> Result<TaskSpec> {
         run,
         idempotency_key: args.idempotency_key.clone(),
         placement: if args.spread { PlacementPolicy::Spread } else { PlacementPolicy::BinPack },
+        memory_auto,
     };
     spec.validate(&Limits::default()).context("invalid task")?;
     Ok(spec)

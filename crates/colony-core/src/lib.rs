@@ -7,6 +7,7 @@
 pub mod executor;
 pub mod ids;
 pub mod limits;
+pub mod model;
 pub mod resources;
 pub mod scheduler;
 pub mod state_machine;
@@ -14,6 +15,7 @@ pub mod task;
 
 pub use ids::{ExecutorId, FencingToken, ModelVersion, NodeId, TaskId};
 pub use limits::Limits;
+pub use model::{ModelMetrics, ModelRecord};
 pub use resources::{parse_cpu_millis, parse_memory_bytes, QuantityError, Resources};
 pub use executor::{ClusterCaRecord, Executor, ExecutorSpec, ExecutorState, JoinTokenRecord};
 pub use state_machine::{

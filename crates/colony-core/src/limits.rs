@@ -32,6 +32,13 @@ pub struct Limits {
     /// The first retry waits this long; each later one twice as long, up to the maximum.
     pub retry_backoff_ms_base: u64,
     pub retry_backoff_ms_max: u64,
+    /// The least memory a `memory_auto` task is given, whatever the model predicts.
+    pub memory_auto_floor_bytes: u64,
+    /// Model versions kept in the registry; the oldest non-current one goes first.
+    pub models_kept_max: usize,
+    pub model_weights_bytes_max: usize,
+    /// Finished tasks kept in the finish-order index the learner follows.
+    pub finished_order_kept_max: usize,
 }
 
 impl Default for Limits {
@@ -56,6 +63,10 @@ impl Default for Limits {
             pem_bytes_max: 16 << 10,
             retry_backoff_ms_base: 250,
             retry_backoff_ms_max: 30_000,
+            memory_auto_floor_bytes: 64 << 20,
+            models_kept_max: 32,
+            model_weights_bytes_max: 4 << 20,
+            finished_order_kept_max: 1_000_000,
         }
     }
 }

@@ -3,12 +3,34 @@
 //! state and proposes the result, and `apply` re-validates every placement, so a plan made
 //! against a stale state can be refused but can never over-commit.
 
-use crate::executor::{Executor, ExecutorState};
+use crate::executor::{Executor, ExecutorSpec, ExecutorState};
 use crate::ids::TaskId;
 use crate::resources::Resources;
 use crate::state_machine::{constraint_mismatch, Placement, StateMachine};
-use crate::task::{PlacementPolicy, Task};
-use std::collections::BTreeSet;
+use crate::task::{PlacementPolicy, Task, TaskSpec};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What the leader knows beyond the state: the current model's predictions. The planner uses
+/// them to choose, and what it chooses travels in the log, so replicas never predict.
+pub trait Oracle {
+    /// Predicted peak memory of the task on an executor like `executor`, in bytes.
+    fn peak_memory_bytes(&self, task: &TaskSpec, executor: &ExecutorSpec) -> Option<f64>;
+    /// Predicted runtime of the task on an executor like `executor`, in milliseconds.
+    fn runtime_ms(&self, task: &TaskSpec, executor: &ExecutorSpec) -> Option<f64>;
+}
+
+/// No model: declared resources and the default order.
+pub struct NoModel;
+
+impl Oracle for NoModel {
+    fn peak_memory_bytes(&self, _: &TaskSpec, _: &ExecutorSpec) -> Option<f64> {
+        None
+    }
+
+    fn runtime_ms(&self, _: &TaskSpec, _: &ExecutorSpec) -> Option<f64> {
+        None
+    }
+}
 
 /// Bounds on one scheduling round.
 #[derive(Clone, Debug)]
@@ -22,11 +44,23 @@ pub struct PlanConfig {
     pub preemption_priority_gap_min: u16,
     /// Placements with evictions in one round, at most.
     pub preemptions_max: usize,
+    /// A `memory_auto` task gets the predicted peak times this (and at least the floor).
+    pub memory_auto_margin: f64,
+    /// What a `memory_auto` task gets when no model can predict.
+    pub memory_auto_fallback_bytes: u64,
 }
 
 impl Default for PlanConfig {
     fn default() -> Self {
-        PlanConfig { placements_max: 4096, scan_max: 16_384, misses_in_a_row_max: 512, preemption_priority_gap_min: 100, preemptions_max: 64 }
+        PlanConfig {
+            placements_max: 4096,
+            scan_max: 16_384,
+            misses_in_a_row_max: 512,
+            preemption_priority_gap_min: 100,
+            preemptions_max: 64,
+            memory_auto_margin: 1.25,
+            memory_auto_fallback_bytes: 512 << 20,
+        }
     }
 }
 
@@ -62,8 +96,32 @@ fn leftover(candidate: &Candidate, request: &Resources) -> f64 {
         + share(candidate.free.memory_bytes, request.memory_bytes, capacity.memory_bytes)
 }
 
-/// One scheduling round at time `now_unix_ms`.
+/// One scheduling round at time `now_unix_ms`, without a model.
 pub fn plan(state: &StateMachine, now_unix_ms: u64, config: &PlanConfig) -> Plan {
+    plan_with(state, now_unix_ms, config, &NoModel)
+}
+
+/// What a task asks for this round: its declared resources, with memory sized for `memory_auto`
+/// (the largest prediction over the executor classes, so it fits wherever it lands).
+fn request(task: &Task, state: &StateMachine, config: &PlanConfig, oracle: &dyn Oracle, classes: &[&ExecutorSpec]) -> Resources {
+    let mut request = task.spec.resources.clone();
+    if task.spec.memory_auto {
+        let peak = classes.iter().filter_map(|class| oracle.peak_memory_bytes(&task.spec, class)).fold(None, |max: Option<f64>, x| Some(max.map_or(x, |m| m.max(x))));
+        let predicted = peak.map(|bytes| (bytes * config.memory_auto_margin).min(u64::MAX as f64) as u64);
+        request.memory_bytes = predicted.unwrap_or(config.memory_auto_fallback_bytes).max(state.limits().memory_auto_floor_bytes);
+    }
+    request
+}
+
+/// Executors the model cannot tell apart share a class: one prediction per class and task.
+fn class_key(spec: &ExecutorSpec) -> (u64, &BTreeMap<String, String>) {
+    (spec.capacity.cpu_millis, &spec.labels)
+}
+
+/// One scheduling round at time `now_unix_ms`, using `oracle`'s predictions: deadline-bound
+/// tasks are ordered by their latest start (deadline minus predicted runtime) within a priority
+/// and go to the executor predicted to finish them soonest; `memory_auto` tasks are sized.
+pub fn plan_with(state: &StateMachine, now_unix_ms: u64, config: &PlanConfig, oracle: &dyn Oracle) -> Plan {
     let mut plan = Plan { expire: state.overdue(now_unix_ms).take(config.placements_max).collect(), ..Plan::default() };
     for executor in state.executors() {
         let due = executor.state == ExecutorState::Draining && executor.drain_deadline_unix_ms.is_some_and(|d| d <= now_unix_ms);
@@ -76,21 +134,42 @@ pub fn plan(state: &StateMachine, now_unix_ms: u64, config: &PlanConfig) -> Plan
     let expiring: BTreeSet<TaskId> = plan.expire.iter().copied().collect();
     let mut evicted: BTreeSet<TaskId> = BTreeSet::new();
     let mut misses = 0;
-    for task in state.pending().take(config.scan_max) {
+    let mut classes: Vec<&ExecutorSpec> = Vec::new();
+    for candidate in &candidates {
+        if !classes.iter().any(|c| class_key(c) == class_key(&candidate.executor.spec)) {
+            classes.push(&candidate.executor.spec);
+        }
+    }
+    let mut scanned: Vec<(&Task, Option<u64>)> = state
+        .pending()
+        .take(config.scan_max)
+        .filter(|task| task.not_before_unix_ms <= now_unix_ms && !expiring.contains(&task.id))
+        .map(|task| {
+            // The latest start that still meets the deadline, on the fastest class.
+            let latest_start = task.spec.deadline_unix_ms.map(|deadline| {
+                let fastest = classes.iter().filter_map(|c| oracle.runtime_ms(&task.spec, c)).fold(f64::INFINITY, f64::min);
+                let runtime = if fastest.is_finite() { fastest as u64 } else { 0 };
+                deadline.saturating_sub(runtime)
+            });
+            (task, latest_start)
+        })
+        .collect();
+    // Stable: priority first, as the index orders it; within a priority, least slack first.
+    scanned.sort_by_key(|(task, latest_start)| (std::cmp::Reverse(task.spec.priority), latest_start.unwrap_or(u64::MAX)));
+    for (task, _) in scanned {
         if plan.placements.len() >= config.placements_max || misses >= config.misses_in_a_row_max {
             break;
         }
-        if task.not_before_unix_ms > now_unix_ms || expiring.contains(&task.id) {
-            continue;
-        }
-        if let Some(index) = best_fit(&candidates, task) {
-            candidates[index].free.sub(&task.spec.resources);
-            plan.placements.push(Placement { task: task.id, executor: candidates[index].executor.id, evict: Vec::new() });
+        let request = request(task, state, config, oracle, &classes);
+        let memory_bytes = task.spec.memory_auto.then_some(request.memory_bytes);
+        if let Some(index) = best_fit(&candidates, task, &request, oracle) {
+            candidates[index].free.sub(&request);
+            plan.placements.push(Placement { task: task.id, executor: candidates[index].executor.id, evict: Vec::new(), memory_bytes });
             misses = 0;
             continue;
         }
         misses += 1;
-        if let Some(reason) = never_fits(&candidates, task) {
+        if let Some(reason) = never_fits(&candidates, task, &request) {
             if task.reason.as_deref() != Some(reason.as_str()) {
                 plan.unschedulable.push((task.id, reason));
             }
@@ -98,16 +177,16 @@ pub fn plan(state: &StateMachine, now_unix_ms: u64, config: &PlanConfig) -> Plan
         }
         let preemptions = plan.placements.iter().filter(|p| !p.evict.is_empty()).count();
         if config.preemption_priority_gap_min > 0 && preemptions < config.preemptions_max {
-            if let Some((index, victims)) = preemption(state, &candidates, task, &evicted, config.preemption_priority_gap_min) {
+            if let Some((index, victims)) = preemption(state, &candidates, task, &request, &evicted, config.preemption_priority_gap_min) {
                 let candidate = &mut candidates[index];
                 for victim in &victims {
                     if let Some(victim_task) = state.get_task(*victim) {
-                        candidate.free.add(&victim_task.spec.resources);
+                        candidate.free.add(&victim_task.allocated);
                     }
                     evicted.insert(*victim);
                 }
-                candidate.free.sub(&task.spec.resources);
-                plan.placements.push(Placement { task: task.id, executor: candidate.executor.id, evict: victims });
+                candidate.free.sub(&request);
+                plan.placements.push(Placement { task: task.id, executor: candidate.executor.id, evict: victims, memory_bytes });
                 misses = 0;
             }
         }
@@ -115,17 +194,33 @@ pub fn plan(state: &StateMachine, now_unix_ms: u64, config: &PlanConfig) -> Plan
     plan
 }
 
-fn best_fit(candidates: &[Candidate], task: &Task) -> Option<usize> {
-    let request = &task.spec.resources;
-    let mut best: Option<(usize, f64)> = None;
+/// The executor to place on: for a deadline-bound task with a model, the one predicted to finish
+/// it soonest; otherwise (and among equals) by bin-packing or spreading.
+fn best_fit(candidates: &[Candidate], task: &Task, request: &Resources, oracle: &dyn Oracle) -> Option<usize> {
+    let mut best: Option<(usize, (f64, f64))> = None;
+    let mut runtimes: Vec<(&ExecutorSpec, f64)> = Vec::new();
     for (index, candidate) in candidates.iter().enumerate() {
         if !request.fits_in(&candidate.free) || constraint_mismatch(&task.spec, &candidate.executor.spec).is_some() {
             continue;
         }
-        let score = match task.spec.placement {
+        let runtime = if task.spec.deadline_unix_ms.is_some() {
+            let spec = &candidate.executor.spec;
+            match runtimes.iter().find(|(class, _)| class_key(class) == class_key(spec)) {
+                Some((_, runtime)) => *runtime,
+                None => {
+                    let runtime = oracle.runtime_ms(&task.spec, spec).unwrap_or(0.0);
+                    runtimes.push((spec, runtime));
+                    runtime
+                }
+            }
+        } else {
+            0.0
+        };
+        let fit = match task.spec.placement {
             PlacementPolicy::BinPack => leftover(candidate, request),
             PlacementPolicy::Spread => -leftover(candidate, request),
         };
+        let score = (runtime, fit);
         if best.is_none_or(|(_, best_score)| score < best_score) {
             best = Some((index, score));
         }
@@ -134,7 +229,7 @@ fn best_fit(candidates: &[Candidate], task: &Task) -> Option<usize> {
 }
 
 /// Why no up executor could run the task even empty, or None when one could.
-fn never_fits(candidates: &[Candidate], task: &Task) -> Option<String> {
+fn never_fits(candidates: &[Candidate], task: &Task, request: &Resources) -> Option<String> {
     if candidates.is_empty() {
         return Some("unschedulable: no executor is up".to_owned());
     }
@@ -145,7 +240,7 @@ fn never_fits(candidates: &[Candidate], task: &Task) -> Option<String> {
             mismatch.get_or_insert(why);
             continue;
         }
-        match task.spec.resources.first_shortfall(&candidate.executor.spec.capacity) {
+        match request.first_shortfall(&candidate.executor.spec.capacity) {
             None => return None,
             Some(why) => {
                 shortfall.get_or_insert(why);
@@ -157,8 +252,14 @@ fn never_fits(candidates: &[Candidate], task: &Task) -> Option<String> {
 
 /// The executor where evicting the fewest, lowest-priority attempts makes room, and those
 /// attempts. Only attempts at least `gap_min` below the task's priority are candidates.
-fn preemption(state: &StateMachine, candidates: &[Candidate], task: &Task, evicted: &BTreeSet<TaskId>, gap_min: u16) -> Option<(usize, Vec<TaskId>)> {
-    let request = &task.spec.resources;
+fn preemption(
+    state: &StateMachine,
+    candidates: &[Candidate],
+    task: &Task,
+    request: &Resources,
+    evicted: &BTreeSet<TaskId>,
+    gap_min: u16,
+) -> Option<(usize, Vec<TaskId>)> {
     let mut best: Option<(usize, Vec<TaskId>, (u16, usize))> = None;
     for (index, candidate) in candidates.iter().enumerate() {
         if constraint_mismatch(&task.spec, &candidate.executor.spec).is_some() || !request.fits_in(&candidate.executor.spec.capacity) {
@@ -180,7 +281,7 @@ fn preemption(state: &StateMachine, candidates: &[Candidate], task: &Task, evict
             if request.fits_in(&free) {
                 break;
             }
-            free.add(&victim.spec.resources);
+            free.add(&victim.allocated);
             chosen.push(victim);
         }
         if chosen.is_empty() || !request.fits_in(&free) {

@@ -5,7 +5,9 @@
 //! rejected with a typed error and changes nothing.
 
 use crate::executor::{ClusterCaRecord, Executor, ExecutorSpec, ExecutorState, JoinTokenRecord};
-use crate::ids::{ExecutorId, FencingToken, TaskId};
+use crate::ids::{ExecutorId, FencingToken, ModelVersion, TaskId};
+use crate::model::{ModelMetrics, ModelRecord};
+use crate::resources::Resources;
 use crate::limits::Limits;
 use crate::task::{SpecError, Task, TaskSpec, TaskState};
 use serde::{Deserialize, Serialize};
@@ -36,6 +38,10 @@ pub enum Command {
     Report { executor: ExecutorId, task: TaskId, token: FencingToken, status: AttemptStatus },
     /// Tasks not started by their deadline.
     ExpireTasks { ids: Vec<TaskId> },
+    /// Adds a model to the registry and makes it current. The server has already decoded and
+    /// checked the weights (finite, the right shape); `apply` checks what it can without them.
+    PublishModel { device: String, feature_schema: String, weights: Vec<u8>, metrics: ModelMetrics },
+    RollbackModel { version: ModelVersion },
     /// Stops attempts (a drain deadline passed) and returns the tasks to pending without
     /// spending a retry.
     EvictTasks { ids: Vec<TaskId>, reason: String },
@@ -47,6 +53,8 @@ pub struct Placement {
     pub task: TaskId,
     pub executor: ExecutorId,
     pub evict: Vec<TaskId>,
+    /// For a `memory_auto` task, the memory the leader sized with the model (or its fallback).
+    pub memory_bytes: Option<u64>,
 }
 
 /// A placement that committed: what the executor is told to run.
@@ -79,6 +87,7 @@ pub struct AttemptResult {
     pub stdout_tail: String,
     pub stderr_tail: String,
     pub message: String,
+    pub peak_memory_bytes: Option<u64>,
 }
 
 /// What one Raft entry carries: commands batched by the leader, and the time it stamped on them.
@@ -108,6 +117,8 @@ pub enum Outcome {
     Reported { task: TaskId, state: TaskState },
     Expired { ids: Vec<TaskId> },
     Evicted { ids: Vec<TaskId> },
+    ModelPublished { version: ModelVersion },
+    ModelRolledBack { version: ModelVersion },
 }
 
 /// Why a command was rejected. A rejected command changed nothing.
@@ -147,6 +158,10 @@ pub enum CommandError {
     StaleReport { task: TaskId, executor: ExecutorId, token: FencingToken },
     #[error("{what} is {len} bytes; the limit is {max}")]
     TooLong { what: String, len: usize, max: usize },
+    #[error("model version {0} does not exist")]
+    UnknownModel(ModelVersion),
+    #[error("invalid model: {0}")]
+    InvalidModel(String),
 }
 
 impl From<SpecError> for CommandError {
@@ -216,6 +231,12 @@ pub struct StateMachine {
     /// Keyed by the SHA-256 of the token's secret; the secret itself is never stored.
     join_tokens: BTreeMap<[u8; 32], JoinTokenRecord>,
     ca: Option<ClusterCaRecord>,
+    /// Finished tasks by the order they finished in (bounded: the oldest entries go first).
+    finished_order: BTreeMap<u64, TaskId>,
+    next_finish_seq: u64,
+    models: BTreeMap<ModelVersion, ModelRecord>,
+    current_model: Option<ModelVersion>,
+    next_model_version: u64,
 }
 
 impl Default for StateMachine {
@@ -247,6 +268,11 @@ impl StateMachine {
             next_fencing_token: 1,
             join_tokens: BTreeMap::new(),
             ca: None,
+            finished_order: BTreeMap::new(),
+            next_finish_seq: 1,
+            models: BTreeMap::new(),
+            current_model: None,
+            next_model_version: 1,
         }
     }
 
@@ -285,6 +311,8 @@ impl StateMachine {
             Command::PlaceTasks { placements, unschedulable } => self.place_tasks(placements, unschedulable),
             Command::Report { executor, task, token, status } => self.report(*executor, *task, *token, status),
             Command::ExpireTasks { ids } => Ok(self.expire_tasks(ids)),
+            Command::PublishModel { device, feature_schema, weights, metrics } => self.publish_model(device, feature_schema, weights, metrics),
+            Command::RollbackModel { version } => self.rollback_model(*version),
             Command::EvictTasks { ids, reason } => self.evict_tasks(ids, reason),
         }
     }
@@ -334,6 +362,9 @@ impl StateMachine {
             exit_code: None,
             stdout_tail: String::new(),
             stderr_tail: String::new(),
+            peak_memory_bytes: None,
+            finish_seq: None,
+            allocated: Resources::default(),
             created_unix_ms: now,
             updated_unix_ms: now,
             finished_unix_ms: None,
@@ -512,7 +543,7 @@ impl StateMachine {
                         self.evict(victim, format!("preempted by task {}", placement.task));
                         evicted.push(victim);
                     }
-                    assigned.push(self.assign(placement.task, placement.executor));
+                    assigned.push(self.assign(placement.task, placement.executor, placement.memory_bytes));
                 }
                 Err(why) => rejected.push((placement.task, why)),
             }
@@ -544,6 +575,7 @@ impl StateMachine {
         if let Some(why) = constraint_mismatch(&task.spec, &executor.spec) {
             return Err(why);
         }
+        let wanted = self.allocation_for(task, placement.memory_bytes)?;
         let mut free = executor.free();
         let mut seen = BTreeSet::new();
         for victim in &placement.evict {
@@ -552,15 +584,31 @@ impl StateMachine {
             if victim_task.spec.priority >= task.spec.priority {
                 return Err(format!("task {victim} has priority {}, not below {}", victim_task.spec.priority, task.spec.priority));
             }
-            free.add(&victim_task.spec.resources);
+            free.add(&victim_task.allocated);
         }
-        if !task.spec.resources.fits_in(&free) {
+        if !wanted.fits_in(&free) {
             return Err(format!("executor {} no longer has room for task {}", executor.id, task.id));
         }
         Ok(())
     }
 
-    fn assign(&mut self, id: TaskId, executor_id: ExecutorId) -> Assignment {
+    /// What a placement gives the task: its declared resources, with the planner's memory for a
+    /// `memory_auto` task (at least the floor). A sized memory for any other task is refused.
+    fn allocation_for(&self, task: &Task, memory_bytes: Option<u64>) -> Result<Resources, String> {
+        let mut wanted = task.spec.resources.clone();
+        match (task.spec.memory_auto, memory_bytes) {
+            (false, None) => {}
+            (false, Some(_)) => return Err(format!("task {} declares its memory; a placement cannot size it", task.id)),
+            (true, None) => return Err(format!("task {} has memory auto; the placement must size it", task.id)),
+            (true, Some(bytes)) if bytes < self.limits.memory_auto_floor_bytes => {
+                return Err(format!("sized memory {bytes} is below the floor {}", self.limits.memory_auto_floor_bytes))
+            }
+            (true, Some(bytes)) => wanted.memory_bytes = bytes,
+        }
+        Ok(wanted)
+    }
+
+    fn assign(&mut self, id: TaskId, executor_id: ExecutorId, memory_bytes: Option<u64>) -> Assignment {
         let token = FencingToken(self.next_fencing_token);
         self.next_fencing_token += 1;
         self.set_state(id, TaskState::Assigned);
@@ -570,7 +618,12 @@ impl StateMachine {
         task.executor = Some(executor_id);
         task.started_unix_ms = None;
         task.reason = None;
-        let (attempt, resources) = (task.attempt, task.spec.resources.clone());
+        if let Some(bytes) = memory_bytes.filter(|_| task.spec.memory_auto) {
+            task.allocated = Resources { memory_bytes: bytes, ..task.spec.resources.clone() };
+        } else {
+            task.allocated = task.spec.resources.clone();
+        }
+        let (attempt, resources) = (task.attempt, task.allocated.clone());
         let executor = self.executors.get_mut(&executor_id).expect("assign is called only after check_placement found the executor");
         executor.tasks.insert(id);
         executor.allocated.add(&resources);
@@ -605,6 +658,7 @@ impl StateMachine {
                     task.exit_code = result.exit_code;
                     task.stdout_tail = result.stdout_tail.clone();
                     task.stderr_tail = result.stderr_tail.clone();
+                    task.peak_memory_bytes = result.peak_memory_bytes;
                     task.started_unix_ms.get_or_insert(now);
                 }
                 let why = |default: String| if result.message.is_empty() { default } else { result.message.clone() };
@@ -656,6 +710,43 @@ impl StateMachine {
         Ok(Outcome::Evicted { ids: evicted })
     }
 
+    fn publish_model(&mut self, device: &str, feature_schema: &str, weights: &[u8], metrics: &ModelMetrics) -> Result<Outcome, CommandError> {
+        check_text("device", device, self.limits.name_bytes_max)?;
+        check_text("feature schema", feature_schema, self.limits.name_bytes_max)?;
+        if weights.is_empty() || weights.len() > self.limits.model_weights_bytes_max {
+            return Err(CommandError::TooLong { what: "model weights".to_owned(), len: weights.len(), max: self.limits.model_weights_bytes_max });
+        }
+        metrics.validate().map_err(CommandError::InvalidModel)?;
+        let version = ModelVersion(self.next_model_version);
+        self.next_model_version += 1;
+        let record = ModelRecord {
+            version,
+            created_unix_ms: self.now_unix_ms,
+            device: device.to_owned(),
+            feature_schema: feature_schema.to_owned(),
+            weights: weights.to_vec(),
+            metrics: metrics.clone(),
+        };
+        self.models.insert(version, record);
+        self.current_model = Some(version);
+        while self.models.len() > self.limits.models_kept_max {
+            let oldest = self.models.keys().copied().find(|v| Some(*v) != self.current_model);
+            match oldest {
+                Some(oldest) => self.models.remove(&oldest),
+                None => break,
+            };
+        }
+        Ok(Outcome::ModelPublished { version })
+    }
+
+    fn rollback_model(&mut self, version: ModelVersion) -> Result<Outcome, CommandError> {
+        if !self.models.contains_key(&version) {
+            return Err(CommandError::UnknownModel(version));
+        }
+        self.current_model = Some(version);
+        Ok(Outcome::ModelRolledBack { version })
+    }
+
     /// Moves a task between states, keeping the pending and deadline indexes exact.
     fn set_state(&mut self, id: TaskId, state: TaskState) {
         let now = self.now_unix_ms;
@@ -669,6 +760,15 @@ impl StateMachine {
         }
         task.state = state;
         task.updated_unix_ms = now;
+        if state.is_finished() {
+            let seq = self.next_finish_seq;
+            self.next_finish_seq += 1;
+            task.finish_seq = Some(seq);
+            self.finished_order.insert(seq, id);
+            while self.finished_order.len() > self.limits.finished_order_kept_max {
+                self.finished_order.pop_first();
+            }
+        }
         if let Some(key) = pending_key(task) {
             self.pending.insert(key);
         }
@@ -685,7 +785,7 @@ impl StateMachine {
         }
         if let Some(executor) = task.executor.and_then(|e| self.executors.get_mut(&e)) {
             if executor.tasks.remove(&id) {
-                executor.allocated.sub(&task.spec.resources);
+                executor.allocated.sub(&task.allocated);
             }
         }
     }
@@ -794,6 +894,23 @@ impl StateMachine {
 
     pub fn ca(&self) -> Option<&ClusterCaRecord> {
         self.ca.as_ref()
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = &ModelRecord> {
+        self.models.values()
+    }
+
+    pub fn model(&self, version: ModelVersion) -> Option<&ModelRecord> {
+        self.models.get(&version)
+    }
+
+    pub fn current_model(&self) -> Option<&ModelRecord> {
+        self.current_model.and_then(|v| self.models.get(&v))
+    }
+
+    /// Finished tasks after finish sequence number `after_seq`, in the order they finished.
+    pub fn finished_after(&self, after_seq: u64) -> impl Iterator<Item = (u64, &Task)> + '_ {
+        self.finished_order.range(after_seq.saturating_add(1)..).filter_map(|(&seq, id)| self.tasks.get(id).map(|t| (seq, t)))
     }
 
     /// Pending tasks in scheduling order.
@@ -928,7 +1045,7 @@ impl StateMachine {
                 if !holds_resources(task.state) || task.executor != Some(id) {
                     return Err(format!("executor {id} holds task {task_id}, which is {} on {:?}", task.state, task.executor));
                 }
-                sum.add(&task.spec.resources);
+                sum.add(&task.allocated);
             }
             if sum != executor.allocated {
                 return Err(format!("executor {id} records {} allocated but its tasks hold {sum}", executor.allocated));

@@ -61,6 +61,8 @@ pub struct TaskSpec {
     /// A client-chosen key: a second submission with the same key returns the first task.
     pub idempotency_key: Option<String>,
     pub placement: PlacementPolicy,
+    /// Memory is sized at placement by the cluster's model (`resources.memory_bytes` is ignored).
+    pub memory_auto: bool,
 }
 
 /// Where a task is in its life.
@@ -156,6 +158,13 @@ pub struct Task {
     /// The last bytes of the last attempt's output, as the executor reported them.
     pub stdout_tail: String,
     pub stderr_tail: String,
+    /// Peak resident memory of the last attempt, as its executor measured it.
+    pub peak_memory_bytes: Option<u64>,
+    /// Position in the order tasks finished, from 1; set once finished.
+    pub finish_seq: Option<u64>,
+    /// What the current or last attempt holds (the spec's resources, with memory sized by the
+    /// model for `memory_auto`).
+    pub allocated: Resources,
     pub created_unix_ms: u64,
     pub updated_unix_ms: u64,
     pub finished_unix_ms: Option<u64>,

@@ -35,11 +35,12 @@ fn spec(name: &str, cpu_millis: u64, priority: u16) -> TaskSpec {
         run: RunSpec::Builtin { handler: "sleep".to_owned(), input: "1s".to_owned() },
         idempotency_key: None,
         placement: Default::default(),
+        memory_auto: false,
     }
 }
 
 fn finished(outcome: AttemptOutcome) -> AttemptStatus {
-    AttemptStatus::Finished(AttemptResult { outcome, exit_code: Some(0), stdout_tail: String::new(), stderr_tail: String::new(), message: String::new() })
+    AttemptStatus::Finished(AttemptResult { outcome, exit_code: Some(0), stdout_tail: String::new(), stderr_tail: String::new(), message: String::new(), peak_memory_bytes: Some(1 << 20) })
 }
 
 impl World {
@@ -300,4 +301,107 @@ fn join_tokens_expire_and_admissions_race_safely() {
     assert_eq!(w.apply(wrong), Err(CommandError::InvalidJoinToken));
     w.now += 100;
     assert_eq!(w.apply(admit(w.sm.next_executor_id())), Err(CommandError::InvalidJoinToken), "an expired token is refused");
+}
+
+/// Predicts 100 MiB of memory for every task, and a runtime that depends on the executor's size.
+struct FixedModel;
+
+impl colony_core::scheduler::Oracle for FixedModel {
+    fn peak_memory_bytes(&self, _: &TaskSpec, _: &ExecutorSpec) -> Option<f64> {
+        Some((100u64 << 20) as f64)
+    }
+
+    fn runtime_ms(&self, _: &TaskSpec, executor: &ExecutorSpec) -> Option<f64> {
+        Some(100_000.0 / executor.capacity.cpu_millis as f64)
+    }
+}
+
+#[test]
+fn memory_auto_is_sized_by_the_model_with_a_margin_or_falls_back() {
+    let mut w = World::new();
+    w.executor(4000, &[]);
+    let mut auto = spec("etl", 100, 10);
+    auto.memory_auto = true;
+    let sized = w.submit(auto.clone());
+    let plan = colony_core::scheduler::plan_with(&w.sm, w.now, &w.config, &FixedModel);
+    assert_eq!(plan.placements[0].memory_bytes, Some(125 << 20), "100 MiB predicted, 25% margin");
+    w.apply(Command::PlaceTasks { placements: plan.placements, unschedulable: plan.unschedulable }).unwrap();
+    assert_eq!(w.task(sized).allocated.memory_bytes, 125 << 20);
+    let executor = w.task(sized).executor.unwrap();
+    assert_eq!(w.sm.get_executor(executor).unwrap().allocated.memory_bytes, 125 << 20, "the executor holds the sized memory");
+
+    let fallback = w.submit(auto.clone());
+    w.schedule();
+    assert_eq!(w.task(fallback).allocated.memory_bytes, 512 << 20, "no model: the fallback");
+
+    // apply refuses a placement that sizes a declared task or sizes below the floor.
+    let declared = w.submit(spec("declared", 100, 10));
+    let refuse = |w: &mut World, task, memory_bytes| match w
+        .apply(Command::PlaceTasks { placements: vec![colony_core::Placement { task, executor, evict: vec![], memory_bytes }], unschedulable: vec![] })
+        .unwrap()
+    {
+        Outcome::Placed { rejected, .. } => rejected.len(),
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(refuse(&mut w, declared, Some(1 << 30)), 1);
+    let tiny = w.submit(auto);
+    assert_eq!(refuse(&mut w, tiny, Some(1 << 20)), 1, "below the 64 MiB floor");
+    assert_eq!(refuse(&mut w, tiny, None), 1, "memory auto needs a size");
+}
+
+#[test]
+fn with_a_model_deadline_work_goes_to_the_executor_that_finishes_soonest_and_least_slack_first() {
+    let mut w = World::new();
+    let small = w.executor(1000, &[]);
+    let big = w.executor(8000, &[]);
+    let mut urgent = spec("urgent", 500, 10);
+    urgent.deadline_unix_ms = Some(w.now + 60_000);
+    let urgent = w.submit(urgent);
+    let plan = colony_core::scheduler::plan_with(&w.sm, w.now, &w.config, &FixedModel);
+    assert_eq!(plan.placements[0].executor, big, "the 8-core executor is predicted to finish first");
+    let plan = colony_core::scheduler::plan(&w.sm, w.now, &w.config);
+    assert_eq!(plan.placements[0].executor, small, "without a model, bin-packing picks the fuller (smaller) one");
+    assert_eq!(plan.placements[0].task, urgent);
+}
+
+#[test]
+fn the_model_registry_publishes_rolls_back_and_refuses_bad_models() {
+    let mut w = World::new();
+    let metrics = colony_core::ModelMetrics { holdout_mse: 0.1, baseline_mse: 0.5, previous_mse: None, train_rows: 80, holdout_rows: 20 };
+    let publish = |metrics: colony_core::ModelMetrics, weights: Vec<u8>| Command::PublishModel {
+        device: "cpu".into(),
+        feature_schema: "colony-features-v1".into(),
+        weights,
+        metrics,
+    };
+    let first = match w.apply(publish(metrics.clone(), vec![1, 2, 3])).unwrap() {
+        Outcome::ModelPublished { version } => version,
+        other => panic!("unexpected {other:?}"),
+    };
+    w.apply(publish(metrics.clone(), vec![4])).unwrap();
+    assert_ne!(w.sm.current_model().unwrap().version, first);
+    w.apply(Command::RollbackModel { version: first }).unwrap();
+    assert_eq!(w.sm.current_model().unwrap().version, first);
+    let before = w.sm.clone();
+    assert_eq!(w.apply(Command::RollbackModel { version: colony_core::ModelVersion(99) }), Err(CommandError::UnknownModel(colony_core::ModelVersion(99))));
+    let nan = colony_core::ModelMetrics { holdout_mse: f64::NAN, ..metrics.clone() };
+    assert!(matches!(w.apply(publish(nan, vec![1])), Err(CommandError::InvalidModel(_))));
+    assert!(matches!(w.apply(publish(metrics.clone(), vec![0; 5 << 20])), Err(CommandError::TooLong { .. })));
+    assert!(matches!(w.apply(publish(metrics, vec![])), Err(CommandError::TooLong { .. })));
+    assert_eq!(w.sm, before, "refused models change nothing");
+}
+
+#[test]
+fn finished_tasks_are_kept_in_the_order_they_finished() {
+    let mut w = World::new();
+    w.executor(4000, &[]);
+    let a = w.submit(spec("a", 100, 10));
+    let b = w.submit(spec("b", 100, 10));
+    w.schedule();
+    w.report(b, finished(AttemptOutcome::Succeeded)).unwrap();
+    w.report(a, finished(AttemptOutcome::Failed)).unwrap();
+    let order: Vec<(u64, TaskId)> = w.sm.finished_after(0).map(|(seq, t)| (seq, t.id)).collect();
+    assert_eq!(order, vec![(1, b), (2, a)]);
+    assert_eq!(w.sm.finished_after(1).count(), 1, "resumable from a sequence number");
+    assert_eq!(w.task(b).peak_memory_bytes, Some(1 << 20), "the executor's measured peak is kept");
 }

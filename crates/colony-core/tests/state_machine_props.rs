@@ -87,7 +87,7 @@ fn commands(op: &Op, sm: &StateMachine, now: u64) -> Vec<Command> {
             ]
         }
         Op::Place { task, executor, evict } => vec![Command::PlaceTasks {
-            placements: vec![Placement { task: TaskId(*task), executor: ExecutorId(*executor), evict: evict.iter().map(|&t| TaskId(t)).collect() }],
+            placements: vec![Placement { task: TaskId(*task), executor: ExecutorId(*executor), evict: evict.iter().map(|&t| TaskId(t)).collect(), memory_bytes: None }],
             unschedulable: vec![],
         }],
         Op::Report { task, stale, outcome } => {
@@ -103,6 +103,7 @@ fn commands(op: &Op, sm: &StateMachine, now: u64) -> Vec<Command> {
                     stdout_tail: "out".to_owned(),
                     stderr_tail: String::new(),
                     message: String::new(),
+                    peak_memory_bytes: None,
                 }),
             };
             vec![Command::Report { executor, task: TaskId(*task), token, status }]
@@ -125,6 +126,7 @@ fn spec(name: &str, deps: &[u64], key: Option<u8>, priority: u16, deadline: Opti
         run: RunSpec::Process { program: "/bin/true".to_owned(), args: vec![], env: BTreeMap::new() },
         idempotency_key: key.map(|k| format!("key-{k}")),
         placement: if cpu % 2 == 0 { PlacementPolicy::BinPack } else { PlacementPolicy::Spread },
+        memory_auto: false,
     }
 }
 

@@ -47,6 +47,8 @@ pub(crate) struct AttemptResult {
     pub stdout_tail: String,
     pub stderr_tail: String,
     pub message: String,
+    /// The most memory the attempt's process group held at once, as sampled.
+    pub peak_memory_bytes: Option<u64>,
 }
 
 impl AttemptResult {
@@ -59,7 +61,7 @@ impl AttemptResult {
     }
 
     pub(crate) fn ended(outcome: Outcome, message: String) -> AttemptResult {
-        AttemptResult { outcome, exit_code: None, stdout_tail: String::new(), stderr_tail: String::new(), message }
+        AttemptResult { outcome, exit_code: None, stdout_tail: String::new(), stderr_tail: String::new(), message, peak_memory_bytes: None }
     }
 
     /// The report body, or `None` for a killed attempt, which is not reported.
@@ -76,6 +78,7 @@ impl AttemptResult {
             stdout_tail: self.stdout_tail.clone(),
             stderr_tail: self.stderr_tail.clone(),
             message: self.message.clone(),
+            peak_memory_bytes: self.peak_memory_bytes,
         })
     }
 }

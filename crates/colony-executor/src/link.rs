@@ -72,8 +72,9 @@ pub(crate) struct Profile {
 pub(crate) enum Launcher {
     /// For real: processes and built-in handlers, working under `data_dir`.
     Run { data_dir: Arc<Path> },
-    /// For the scheduling benchmark: note the assignment, hold the resources a while, succeed.
-    Simulate { hold: Duration, events: mpsc::UnboundedSender<SimEvent> },
+    /// For the benchmarks: note the assignment, hold the resources as long as `behaviour` says,
+    /// succeed with the peak memory it says.
+    Simulate { behaviour: sim::Behaviour, capacity: Resources, events: mpsc::UnboundedSender<SimEvent> },
 }
 
 impl Launcher {
@@ -85,7 +86,10 @@ impl Launcher {
                 runner::run(run, kill).await
             }
             (Launcher::Run { .. }, RunSpec::Builtin { handler, input }) => builtin::run(handler, input, timeout, kill).await,
-            (Launcher::Simulate { hold, events }, _) => sim::hold(attempt.task_id, hold, &events, kill).await,
+            (Launcher::Simulate { behaviour, capacity, events }, _) => {
+                let run = behaviour(spec, &capacity);
+                sim::hold(attempt.task_id, run, &events, kill).await
+            }
         }
     }
 }

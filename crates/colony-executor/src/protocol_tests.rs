@@ -251,7 +251,7 @@ async fn simulated_executor_holds_then_succeeds() -> anyhow::Result<()> {
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let hold = Duration::from_millis(200);
     let capacity = Resources { cpu_millis: 1000, ..Resources::default() };
-    let sim = tokio::spawn(crate::sim::SimExecutor::run(endpoint, servers, creds, capacity, hold, events_tx));
+    let sim = tokio::spawn(crate::sim::SimExecutor::run(endpoint, servers, creds, capacity, Default::default(), crate::sim::fixed(hold), events_tx));
     let mut peer = Peer::accept(&leader).await?;
     let hello = peer.hello().await?;
     assert_eq!((hello.executor_id, hello.capacity.map(|c| c.cpu_millis)), (77, Some(1000)));

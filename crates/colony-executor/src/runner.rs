@@ -26,6 +26,8 @@ const OUTPUT_DRAIN_MAX: Duration = Duration::from_secs(1);
 /// Failed attempts' working directories kept for debugging; older ones are removed.
 const FAILED_WORK_DIRS_KEPT_MAX: usize = 20;
 const READ_CHUNK_BYTES: usize = 8192;
+/// How often an attempt's process group's memory is sampled for its peak.
+const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_millis(200);
 
 /// What one process attempt runs, and where.
 pub(crate) struct ProcessRun<'a> {
@@ -167,14 +169,21 @@ async fn run_in(run: &ProcessRun<'_>, dir: &Path, mut kill: KillSignal) -> Attem
     let stderr = child.stderr.take();
     let mut stdout_tail = Tail::default();
     let mut stderr_tail = Tail::default();
+    let mut peak_memory_bytes = child.id().map_or(0, group_memory_bytes);
     let ending = {
         let mut readers = pin!(async { tokio::join!(drain(stdout, &mut stdout_tail), drain(stderr, &mut stderr_tail)) });
         let mut supervised = pin!(supervise(&mut child, &group, run.timeout, &mut kill));
         let mut readers_done = false;
+        let mut sampler = tokio::time::interval(MEMORY_SAMPLE_INTERVAL);
         let ending = loop {
             tokio::select! {
                 ending = &mut supervised => break ending,
                 _ = &mut readers, if !readers_done => readers_done = true,
+                _ = sampler.tick() => {
+                    if let Some(leader) = group.leader() {
+                        peak_memory_bytes = peak_memory_bytes.max(group_memory_bytes(leader));
+                    }
+                }
             }
         };
         // The leader is gone; whatever it left in its group goes with it, so the pipes close.
@@ -195,7 +204,33 @@ async fn run_in(run: &ProcessRun<'_>, dir: &Path, mut kill: KillSignal) -> Attem
     };
     result.stdout_tail = stdout_tail.into_string();
     result.stderr_tail = stderr_tail.into_string();
+    result.peak_memory_bytes = (peak_memory_bytes > 0).then_some(peak_memory_bytes);
     result
+}
+
+/// The sum of the high-water resident sizes (`VmHWM`) of the processes in group `leader`, from
+/// /proc: a process's own peak is exact; samples add up the group's members alive at the time.
+fn group_memory_bytes(leader: u32) -> u64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    let mut total = 0u64;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // The command name (field 2) may hold spaces: fields after its closing parenthesis.
+        let pgrp = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(2)).and_then(|f| f.parse::<u32>().ok());
+        if pgrp != Some(leader) {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
+        let hwm_kib = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        total = total.saturating_add(hwm_kib * 1024);
+    }
+    total
 }
 
 fn spawn_failure(program: &str, e: &io::Error) -> String {
@@ -264,6 +299,11 @@ struct GroupGuard(AtomicI32);
 impl GroupGuard {
     fn new(leader: Option<u32>) -> GroupGuard {
         GroupGuard(AtomicI32::new(leader.and_then(|id| i32::try_from(id).ok()).unwrap_or(0)))
+    }
+
+    /// The group's id (its leader's pid) while the group may still have members.
+    fn leader(&self) -> Option<u32> {
+        u32::try_from(self.0.load(Ordering::Acquire)).ok().filter(|&g| g > 0)
     }
 
     fn signal(&self, signal: Signal) {
@@ -444,6 +484,16 @@ mod tests {
         // A killed attempt was superseded: nothing worth keeping.
         assert!(!dir.path().join("work/1-1").exists());
         assert!(!dir.path().join("failed/1-1").exists());
+    }
+
+    #[tokio::test]
+    async fn peak_memory_of_the_group_is_measured() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A child of the shell holds about 64 MiB for a moment.
+        let result = sh(dir.path(), 31, "python3 -c 'b = bytearray(64 << 20); import time; time.sleep(0.6)'", None).await;
+        assert_eq!(result.outcome, Outcome::Succeeded, "{result:?}");
+        let peak = result.peak_memory_bytes.expect("a peak was sampled");
+        assert!(peak >= 64 << 20, "peak {peak} bytes should include the 64 MiB the child held");
     }
 
     #[tokio::test]

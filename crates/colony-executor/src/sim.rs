@@ -7,7 +7,8 @@ use crate::identity::Credentials;
 use crate::link::{Launcher, Link, Profile};
 use crate::metrics::Metrics;
 use anyhow::Context;
-use colony_core::{Resources, TaskId};
+use colony_core::{Resources, TaskId, TaskSpec};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -33,19 +34,35 @@ pub async fn join(servers: &[String], token: &str, name: &str) -> anyhow::Result
     joined.with_context(|| format!("simulated executor {name} cannot join"))
 }
 
+/// What a simulated attempt does: how long it holds its resources and the peak memory it
+/// reports, decided from the task and the executor's capacity.
+pub type Behaviour = Arc<dyn Fn(&TaskSpec, &Resources) -> SimRun + Send + Sync>;
+
+#[derive(Clone, Copy, Debug)]
+pub struct SimRun {
+    pub hold: Duration,
+    pub peak_memory_bytes: Option<u64>,
+}
+
+/// Every attempt holds `hold` and reports no memory.
+pub fn fixed(hold: Duration) -> Behaviour {
+    Arc::new(move |_, _| SimRun { hold, peak_memory_bytes: None })
+}
+
 /// A simulated executor.
 pub struct SimExecutor;
 
 impl SimExecutor {
     /// Connects with mutual TLS (following redirects), says Hello, heartbeats, and answers every
-    /// new assignment with `Started` at once and `Finished(SUCCEEDED)` after `hold`. Runs until
+    /// new assignment with `Started` at once and `Finished(SUCCEEDED)` when `behaviour` says. Runs until
     /// the task running it is dropped, or returns an error if the cluster disowns it.
     pub async fn run(
         endpoint: quinn::Endpoint,
         servers: Vec<String>,
         creds: Credentials,
         capacity: Resources,
-        hold: Duration,
+        labels: BTreeMap<String, String>,
+        behaviour: Behaviour,
         events: mpsc::UnboundedSender<SimEvent>,
     ) -> anyhow::Result<()> {
         let client = colony_quic::mutual_client_config(&creds.ca_pem, &creds.cert_pem, &creds.key_pem)
@@ -56,11 +73,11 @@ impl SimExecutor {
             profile: Profile {
                 executor_id: creds.executor_id,
                 name: format!("sim-{}", creds.executor_id),
-                capacity,
-                labels: Default::default(),
+                capacity: capacity.clone(),
+                labels,
                 capabilities: Default::default(),
             },
-            launcher: Launcher::Simulate { hold, events },
+            launcher: Launcher::Simulate { behaviour, capacity, events },
             metrics,
         };
         link.run(&endpoint, &client, std::future::pending()).await.with_context(|| format!("simulated executor {}", creds.executor_id))?;
@@ -69,11 +86,11 @@ impl SimExecutor {
 }
 
 /// A simulated attempt: announce it, hold it, succeed (unless killed first).
-pub(crate) async fn hold(task_id: TaskId, hold: Duration, events: &mpsc::UnboundedSender<SimEvent>, kill: KillSignal) -> AttemptResult {
+pub(crate) async fn hold(task_id: TaskId, run: SimRun, events: &mpsc::UnboundedSender<SimEvent>, kill: KillSignal) -> AttemptResult {
     // A benchmark that stopped listening still wants its executors to behave.
     let _ = events.send(SimEvent::Assigned { task_id, at: Instant::now() });
     tokio::select! {
-        () = tokio::time::sleep(hold) => AttemptResult::succeeded(),
+        () = tokio::time::sleep(run.hold) => AttemptResult { peak_memory_bytes: run.peak_memory_bytes, ..AttemptResult::succeeded() },
         _ = kill => AttemptResult::ended(Outcome::Killed, "killed on request".to_owned()),
     }
 }

@@ -2,7 +2,10 @@
 //! core value is a `ConversionError`, never a panic.
 
 use crate::pb;
-use colony_core::{Executor, ExecutorId, ExecutorSpec, FencingToken, PlacementPolicy, Resources, RunSpec, Task, TaskId, TaskSpec, TaskState};
+use colony_core::{
+    Executor, ExecutorId, ExecutorSpec, FencingToken, ModelMetrics, ModelRecord, PlacementPolicy, Resources, RunSpec, Task, TaskId, TaskSpec,
+    TaskState,
+};
 
 /// A proto message that does not describe a valid core value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,6 +62,7 @@ impl From<&TaskSpec> for pb::TaskSpec {
             dependencies: s.dependencies.iter().map(|d| d.0).collect(),
             run: Some(run),
             idempotency_key: s.idempotency_key.clone(),
+            memory_auto: s.memory_auto,
             placement: match s.placement {
                 PlacementPolicy::BinPack => pb::PlacementPolicy::BinPack,
                 PlacementPolicy::Spread => pb::PlacementPolicy::Spread,
@@ -94,6 +98,7 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
             run,
             idempotency_key: s.idempotency_key,
             placement,
+            memory_auto: s.memory_auto,
         })
     }
 }
@@ -150,6 +155,9 @@ impl From<&Task> for pb::Task {
             exit_code: t.exit_code,
             stdout_tail: t.stdout_tail.clone(),
             stderr_tail: t.stderr_tail.clone(),
+            peak_memory_bytes: t.peak_memory_bytes,
+            finish_seq: t.finish_seq,
+            allocated: Some((&t.allocated).into()),
         }
     }
 }
@@ -176,6 +184,9 @@ impl TryFrom<pb::Task> for Task {
             exit_code: t.exit_code,
             stdout_tail: t.stdout_tail,
             stderr_tail: t.stderr_tail,
+            peak_memory_bytes: t.peak_memory_bytes,
+            finish_seq: t.finish_seq,
+            allocated: t.allocated.map(Resources::from).unwrap_or_default(),
         })
     }
 }
@@ -196,6 +207,37 @@ pub fn executor_to_proto(e: &Executor, heartbeat_age_ms: Option<u64>) -> pb::Exe
         admitted_unix_ms: e.admitted_unix_ms,
         updated_unix_ms: e.updated_unix_ms,
         heartbeat_age_ms,
+    }
+}
+
+/// A registry entry as operators see it; the weights only when asked for (they can be megabytes).
+pub fn model_to_proto(m: &ModelRecord, current: bool, with_weights: bool) -> pb::Model {
+    pb::Model {
+        version: m.version.0,
+        created_unix_ms: m.created_unix_ms,
+        device: m.device.clone(),
+        feature_schema: m.feature_schema.clone(),
+        weights: if with_weights { m.weights.clone() } else { Vec::new() },
+        metrics: Some(pb::ModelMetrics {
+            holdout_mse: m.metrics.holdout_mse,
+            baseline_mse: m.metrics.baseline_mse,
+            previous_mse: m.metrics.previous_mse,
+            train_rows: m.metrics.train_rows,
+            holdout_rows: m.metrics.holdout_rows,
+        }),
+        current,
+        weights_bytes: m.weights.len() as u64,
+    }
+}
+
+/// A published model's metrics, as the registry stores them.
+pub fn model_metrics_from_proto(m: &pb::ModelMetrics) -> ModelMetrics {
+    ModelMetrics {
+        holdout_mse: m.holdout_mse,
+        baseline_mse: m.baseline_mse,
+        previous_mse: m.previous_mse,
+        train_rows: m.train_rows,
+        holdout_rows: m.holdout_rows,
     }
 }
 
@@ -232,6 +274,7 @@ mod tests {
                 run: RunSpec::Process { program: "/bin/echo".into(), args: vec!["hi".into()], env: BTreeMap::from([("A".into(), "1".into())]) },
                 idempotency_key: Some("k".into()),
                 placement: PlacementPolicy::Spread,
+                memory_auto: true,
             },
             state: TaskState::TimedOut,
             attempt: 1,
@@ -243,6 +286,9 @@ mod tests {
             exit_code: Some(-1),
             stdout_tail: "out".into(),
             stderr_tail: "err".into(),
+            peak_memory_bytes: Some(3 << 20),
+            finish_seq: Some(9),
+            allocated: Resources { cpu_millis: 250, memory_bytes: 96 << 20, gpus: 1, custom: BTreeMap::from([("lic".into(), 2)]) },
             created_unix_ms: 1,
             updated_unix_ms: 2,
             finished_unix_ms: Some(2),

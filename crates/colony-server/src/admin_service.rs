@@ -5,7 +5,7 @@ use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::proposer::ProposeError;
 use colony_core::{Command, CommandError, ExecutorId, Outcome, TaskFilter, TaskId, TaskSpec};
-use colony_proto::convert::{executor_to_proto, task_state_from_proto};
+use colony_proto::convert::{executor_to_proto, model_metrics_from_proto, model_to_proto, task_state_from_proto};
 use colony_proto::pb::admin_client::AdminClient;
 use colony_proto::pb::admin_server::Admin;
 use colony_proto::pb::{self, ReadConsistency};
@@ -32,6 +32,12 @@ const ADDR_BYTES_MAX: usize = 255;
 const JOIN_TOKEN_TTL_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Drains may run at most this long before attempts are stopped.
 const DRAIN_DEADLINE_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Finished tasks sent per read of the state while following the feed.
+const WATCH_BATCH_MAX: usize = 256;
+/// Messages buffered towards one watcher; a slow watcher makes the feed wait, not grow.
+const WATCH_BUFFER_MAX: usize = 1024;
+/// How often a caught-up watch looks for newly finished tasks.
+const WATCH_POLL: Duration = Duration::from_millis(200);
 
 pub struct AdminService {
     pub node: Arc<Node>,
@@ -61,6 +67,8 @@ fn rejected(error: CommandError) -> Status {
         CommandError::InvalidJoinToken => Status::permission_denied(error.to_string()),
         CommandError::AdmissionRaced { .. } => Status::aborted(error.to_string()),
         CommandError::StaleReport { .. } => Status::failed_precondition(error.to_string()),
+        CommandError::UnknownModel(_) => Status::not_found(error.to_string()),
+        CommandError::InvalidModel(_) => Status::invalid_argument(error.to_string()),
     }
 }
 
@@ -143,8 +151,108 @@ impl AdminService {
     }
 }
 
+/// Streams finished tasks to one watcher from its applied state until the watcher goes away.
+async fn follow_finished(node: Arc<Node>, mut after_seq: u64, tx: tokio::sync::mpsc::Sender<Result<pb::FinishedTask, Status>>) {
+    loop {
+        let batch: Vec<pb::FinishedTask> = {
+            let state = node.state();
+            state
+                .machine
+                .finished_after(after_seq)
+                .take(WATCH_BATCH_MAX)
+                .map(|(seq, task)| pb::FinishedTask {
+                    seq,
+                    task: Some(task.into()),
+                    executor: task.executor.and_then(|e| state.machine.get_executor(e)).map(|e| executor_to_proto(e, None)),
+                })
+                .collect()
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                _ = tokio::time::sleep(WATCH_POLL) => {}
+                _ = tx.closed() => return,
+            }
+            continue;
+        }
+        for item in batch {
+            after_seq = item.seq;
+            if tx.send(Ok(item)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
+    type WatchFinishedTasksStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::FinishedTask, Status>> + Send>>;
+
+    async fn watch_finished_tasks(&self, request: Request<pb::WatchFinishedTasksRequest>) -> Result<Response<Self::WatchFinishedTasksStream>, Status> {
+        let after_seq = request.into_inner().after_seq;
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER_MAX);
+        tokio::spawn(follow_finished(self.node.clone(), after_seq, tx));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn publish_model(&self, request: Request<pb::PublishModelRequest>) -> Result<Response<pb::PublishModelResponse>, Status> {
+        if let Route::Leader(client) = self.route(&request)? {
+            return forward(&self.node.metrics, client, request, |mut c, r| async move { c.publish_model(r).await }).await;
+        }
+        let request = request.into_inner();
+        let token: colony_quic::JoinToken = request.token.parse().map_err(|e| Status::unauthenticated(format!("invalid token: {e}")))?;
+        if !self.node.state().machine.join_token_valid(&token.secret_hash()) {
+            return Err(Status::permission_denied("the token is unknown or has expired"));
+        }
+        let model = request.model.ok_or_else(|| Status::invalid_argument("missing model"))?;
+        let metrics = model.metrics.as_ref().map(model_metrics_from_proto).ok_or_else(|| Status::invalid_argument("missing model metrics"))?;
+        // The scheduler must be able to use what is published: decode and check it here, so a
+        // bad model is refused at the door and never reaches the registry.
+        colony_learn::Predictor::from_model(&model.feature_schema, &model.weights).map_err(|e| Status::invalid_argument(format!("invalid model: {e}")))?;
+        let command = Command::PublishModel { device: model.device, feature_schema: model.feature_schema, weights: model.weights, metrics };
+        match self.propose(command).await? {
+            Outcome::ModelPublished { version } => {
+                tracing::info!(%version, "model published");
+                Ok(Response::new(pb::PublishModelResponse { version: version.0 }))
+            }
+            other => Err(Status::internal(format!("publish produced {other:?}"))),
+        }
+    }
+
+    async fn list_models(&self, request: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+        if let Route::Leader(client) = self.route(&request)? {
+            return forward(&self.node.metrics, client, request, |mut c, r| async move { c.list_models(r).await }).await;
+        }
+        self.read_barrier().await?;
+        let state = self.node.state();
+        let current = state.machine.current_model().map(|m| m.version);
+        let models = state.machine.models().map(|m| model_to_proto(m, Some(m.version) == current, false)).collect();
+        Ok(Response::new(pb::ListModelsResponse { models, current: current.map(|v| v.0) }))
+    }
+
+    async fn get_model(&self, request: Request<pb::GetModelRequest>) -> Result<Response<pb::GetModelResponse>, Status> {
+        if let Route::Leader(client) = self.route(&request)? {
+            return forward(&self.node.metrics, client, request, |mut c, r| async move { c.get_model(r).await }).await;
+        }
+        self.read_barrier().await?;
+        let version = colony_core::ModelVersion(request.into_inner().version);
+        let state = self.node.state();
+        let model = state.machine.model(version).ok_or_else(|| Status::not_found(format!("model version {version} does not exist")))?;
+        let current = state.machine.current_model().is_some_and(|m| m.version == version);
+        Ok(Response::new(pb::GetModelResponse { model: Some(model_to_proto(model, current, true)) }))
+    }
+
+    async fn rollback_model(&self, request: Request<pb::RollbackModelRequest>) -> Result<Response<pb::RollbackModelResponse>, Status> {
+        if let Route::Leader(client) = self.route(&request)? {
+            return forward(&self.node.metrics, client, request, |mut c, r| async move { c.rollback_model(r).await }).await;
+        }
+        let version = colony_core::ModelVersion(request.into_inner().version);
+        self.propose(Command::RollbackModel { version }).await?;
+        tracing::info!(%version, "model rolled back");
+        let state = self.node.state();
+        let model = state.machine.model(version).ok_or_else(|| Status::not_found(format!("model version {version} does not exist")))?;
+        Ok(Response::new(pb::RollbackModelResponse { model: Some(model_to_proto(model, true, false)) }))
+    }
+
     async fn submit_task(&self, request: Request<pb::SubmitTaskRequest>) -> Result<Response<pb::SubmitTaskResponse>, Status> {
         if let Route::Leader(client) = self.route(&request)? {
             return forward(&self.node.metrics, client, request, |mut c, r| async move { c.submit_task(r).await }).await;

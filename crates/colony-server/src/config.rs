@@ -36,6 +36,8 @@ pub struct ServerConfig {
     pub executor_leader_grace: Duration,
     /// A task may preempt tasks at least this much lower in priority; 0 turns preemption off.
     pub preemption_priority_gap_min: u16,
+    /// A model older than this is not used for scheduling.
+    pub model_stale_after: Duration,
 }
 
 impl ServerConfig {
@@ -57,6 +59,7 @@ impl ServerConfig {
             executor_heartbeat_timeout: Duration::from_secs(3),
             executor_leader_grace: Duration::from_secs(5),
             preemption_priority_gap_min: 100,
+            model_stale_after: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

@@ -396,6 +396,7 @@ fn report_command(id: ExecutorId, report: &pb::StatusReport, limits: &colony_cor
                 stdout_tail: finished.stdout_tail.clone(),
                 stderr_tail: finished.stderr_tail.clone(),
                 message: finished.message.clone(),
+                peak_memory_bytes: finished.peak_memory_bytes,
             })
         }
         None => return Err(format!("report {} has no status", report.report_id)),
@@ -470,6 +471,7 @@ async fn lose_forgotten_attempts(node: &Node, id: ExecutorId, running: &[pb::Run
             stdout_tail: String::new(),
             stderr_tail: String::new(),
             message: format!("attempt lost: executor {id} reconnected without it (restarted)"),
+            peak_memory_bytes: None,
         });
         if let Err(e) = node.proposer.propose(Command::Report { executor: id, task, token, status }).await {
             tracing::debug!(task_id = %task, "could not mark a forgotten attempt failed: {e}");

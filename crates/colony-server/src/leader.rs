@@ -3,8 +3,9 @@
 //! Runs while this server leads and is aborted when it stops leading.
 
 use crate::node::Node;
-use colony_core::scheduler::{plan, PlanConfig};
-use colony_core::{ClusterCaRecord, Command, CommandError, ExecutorState, Outcome};
+use colony_core::scheduler::{plan_with, Oracle, PlanConfig};
+use colony_core::{ClusterCaRecord, Command, CommandError, ExecutorSpec, ExecutorState, ModelVersion, Outcome, TaskSpec};
+use colony_learn::Predictor;
 use colony_quic::ClusterCa;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -22,6 +23,7 @@ pub async fn run(node: Arc<Node>) {
     tracing::info!("leading: scheduler and failure detector started");
     ensure_ca(&node).await;
     let config = PlanConfig { preemption_priority_gap_min: node.config.preemption_priority_gap_min, ..PlanConfig::default() };
+    let mut model = CurrentModel::default();
     // Two loops, polled together: a long run of scheduling rounds never delays failure detection.
     let scheduling = async {
         loop {
@@ -30,7 +32,7 @@ pub async fn run(node: Arc<Node>) {
                 _ = tokio::time::sleep(SCHEDULE_TICK) => {}
             }
             // Keep going while rounds fill up: a deep queue drains without waiting for ticks.
-            while schedule_round(&node, &config).await {}
+            while schedule_round(&node, &config, &mut model).await {}
         }
     };
     let detecting = async {
@@ -73,12 +75,16 @@ async fn ensure_ca(node: &Node) {
 
 /// One round: plan against the applied state, commit, push assignments. Returns whether the
 /// round was full (more work is probably waiting).
-async fn schedule_round(node: &Node, config: &PlanConfig) -> bool {
+async fn schedule_round(node: &Node, config: &PlanConfig, model: &mut CurrentModel) -> bool {
     let started = Instant::now();
     let plan = {
         let state = node.state();
         let now = unix_ms().max(state.machine.now_unix_ms());
-        plan(&state.machine, now, config)
+        model.refresh(&state.machine, now, node.config.model_stale_after);
+        match &model.predictor {
+            Some((_, predictor)) => plan_with(&state.machine, now, config, &Predictions(predictor)),
+            None => plan_with(&state.machine, now, config, &colony_core::scheduler::NoModel),
+        }
     };
     if plan.is_empty() {
         return false;
@@ -164,5 +170,56 @@ async fn detect_down(node: &Node, leader_since: Instant) {
             Ok(_) => {}
             Err(e) => tracing::warn!(executor_id = %id, "cannot declare the executor down: {e}"),
         }
+    }
+}
+
+/// The registry's current model, decoded once per version. No model, a stale one (older than
+/// `--model-stale-after`) or one that does not decode means declared resources and default order.
+#[derive(Default)]
+struct CurrentModel {
+    predictor: Option<(ModelVersion, Predictor)>,
+    /// The version last looked at, decodable or not, so a bad one is logged once.
+    seen: Option<ModelVersion>,
+}
+
+impl CurrentModel {
+    fn refresh(&mut self, state: &colony_core::StateMachine, now_unix_ms: u64, stale_after: Duration) {
+        let Some(record) = state.current_model() else {
+            self.predictor = None;
+            self.seen = None;
+            return;
+        };
+        if now_unix_ms.saturating_sub(record.created_unix_ms) > stale_after.as_millis() as u64 {
+            if self.predictor.take().is_some() {
+                tracing::info!(version = %record.version, "the current model is stale; scheduling on declared resources");
+            }
+            return;
+        }
+        if self.seen == Some(record.version) {
+            return;
+        }
+        self.seen = Some(record.version);
+        match Predictor::from_model(&record.feature_schema, &record.weights) {
+            Ok(predictor) => {
+                tracing::info!(version = %record.version, "scheduling with model");
+                self.predictor = Some((record.version, predictor));
+            }
+            Err(e) => {
+                tracing::warn!(version = %record.version, "the current model cannot be used: {e}");
+                self.predictor = None;
+            }
+        }
+    }
+}
+
+struct Predictions<'a>(&'a Predictor);
+
+impl Oracle for Predictions<'_> {
+    fn peak_memory_bytes(&self, task: &TaskSpec, executor: &ExecutorSpec) -> Option<f64> {
+        Some(self.0.predict(task, Some(executor)).peak_memory_bytes)
+    }
+
+    fn runtime_ms(&self, task: &TaskSpec, executor: &ExecutorSpec) -> Option<f64> {
+        Some(self.0.predict(task, Some(executor)).runtime_ms)
     }
 }

@@ -145,6 +145,7 @@ mod tests {
             run: RunSpec::Process { program: "/bin/true".to_owned(), args: vec![], env: BTreeMap::new() },
             idempotency_key: None,
             placement: Default::default(),
+            memory_auto: false,
         };
         let proposal = Proposal { now_unix_ms: 5, commands: vec![Command::SubmitTask(spec)] };
         let decoded = encode(&proposal).map_err(|e| e.to_string()).and_then(|f| decode(&f).map_err(|e| e.to_string()));

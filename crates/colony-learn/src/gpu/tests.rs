@@ -36,7 +36,7 @@ fn nvrtc_or_skip(test: &str) -> bool {
 
 /// CUDA device 0, or `None` after a SKIPPED line when this machine has no driver or no GPU.
 /// Any other failure to open a present device is a test failure.
-fn cuda_or_skip(test: &str) -> Option<CudaBackend> {
+pub(crate) fn cuda_or_skip(test: &str) -> Option<CudaBackend> {
     if !driver_available() {
         skipped(test, "libcuda not found, so there is no GPU to test on");
         return None;
