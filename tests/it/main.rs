@@ -9,3 +9,4 @@ mod t60_metrics;
 mod t70_dashboards;
 mod t80_executors;
 mod t85_executor_link;
+mod t90_learner;
