@@ -48,6 +48,9 @@ pub struct DevArgs {
     /// How many executors (each offers 2 CPUs and 2Gi, capability `shell`).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=9))]
     executors: u64,
+    /// Do not start a learner.
+    #[arg(long)]
+    no_learner: bool,
     /// Also write the servers' metrics endpoints to this Prometheus file_sd target list
     /// (cluster/prometheus/prometheus.yml reads cluster/prometheus/targets/*.json).
     #[arg(long)]
@@ -146,6 +149,18 @@ pub async fn run(args: DevArgs, global: &GlobalArgs) -> Result<()> {
     let mut servers = plan(&dir, args.base_port, args.servers)?;
     let restart = restarting(&servers)?;
     let mut executors = plan_executors(&dir, args.base_port, args.executors)?;
+    if !args.no_learner {
+        let metrics_port = args.base_port.checked_add(1020).ok_or_else(|| anyhow!("--base-port {} leaves no room for the learner's metrics port", args.base_port))?;
+        executors.push(Server {
+            kind: "learner",
+            id: 1,
+            addr: String::new(),
+            metrics_addr: format!("127.0.0.1:{metrics_port}"),
+            data_dir: dir.join("learner"),
+            log: dir.join("learner.log"),
+            child: None,
+        });
+    }
     for process in servers.iter().chain(&executors) {
         if !process.addr.is_empty() {
             check_port_free(&process.addr)?;
@@ -173,9 +188,11 @@ pub async fn run(args: DevArgs, global: &GlobalArgs) -> Result<()> {
 /// watches the file and must never read half of it).
 fn write_prometheus_targets(path: &Path, servers: &[Server], executors: &[Server]) -> Result<()> {
     let targets = |processes: &[Server]| processes.iter().map(|s| s.metrics_addr.clone()).collect::<Vec<_>>();
+    let of_kind = |kind: &str| executors.iter().filter(|e| e.kind == kind).map(|s| s.metrics_addr.clone()).collect::<Vec<_>>();
     let list = serde_json::json!([
         { "targets": targets(servers), "labels": { "job": "colony-server", "cluster": "dev" } },
-        { "targets": targets(executors), "labels": { "job": "colony-executor", "cluster": "dev" } },
+        { "targets": of_kind("executor"), "labels": { "job": "colony-executor", "cluster": "dev" } },
+        { "targets": of_kind("learner"), "labels": { "job": "colony-learner", "cluster": "dev" } },
     ]);
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
@@ -292,9 +309,10 @@ async fn serve(servers: &mut [Server], executors: &mut [Server], dir: &Path, res
     })
     .await?;
     let mut client = Client::new(&endpoints, global.timeout)?;
+    let executor_count = executors.iter().filter(|e| e.kind == "executor").count();
     if !executors.is_empty() {
         start_executors(&mut client, executors, &exe, &endpoints, &spinner).await?;
-        let wanted = executors.len();
+        let wanted = executor_count;
         wait_until(servers, &endpoints, deadline, &spinner, |s| {
             let up = s.executors_by_state.get("up").copied().unwrap_or(0) as usize;
             (up < wanted).then(|| format!("{up} of {wanted} executors are up"))
@@ -305,10 +323,10 @@ async fn serve(servers: &mut [Server], executors: &mut [Server], dir: &Path, res
     print_welcome(&status, servers, executors, dir)?;
 
     let ids: Vec<u64> = submit_demo(&mut client).await?.iter().map(|t| t.id.0).collect();
-    if executors.is_empty() {
+    if executor_count == 0 {
         println!("No executors (--executors 0): the demo workflow's tasks stay pending.");
     } else {
-        println!("Demo workflow (fetch, then train and evaluate, then report) on {} executors:", executors.len());
+        println!("Demo workflow (fetch, then train and evaluate, then report) on {executor_count} executors:");
         let finished = tokio::select! {
             finished = task_cmd::wait(&mut client, &ids, Some(READY_TIMEOUT), POLL_INTERVAL, true) => finished?,
             failed = watch_children(servers, executors) => return failed,
@@ -336,6 +354,16 @@ async fn watch_children(servers: &mut [Server], executors: &mut [Server]) -> Res
 async fn start_executors(client: &mut Client, executors: &mut [Server], exe: &Path, endpoints: &[String], spinner: &ProgressBar) -> Result<()> {
     let mut token = None;
     for executor in executors.iter_mut() {
+        if executor.kind == "learner" {
+            // Publishing needs a live token; a dev cluster's learner gets the longest one.
+            let request = colony_proto::pb::CreateJoinTokenRequest { ttl_ms: 7 * 24 * 3600 * 1000 };
+            let response = client.call("create join token", |mut c| async move { c.create_join_token(request).await }).await?;
+            let mut args: Vec<String> = vec!["learner".into(), "--join".into(), endpoints.join(","), "--token".into(), response.token];
+            args.extend(["--metrics-listen".into(), executor.metrics_addr.clone(), "--data-dir".into(), executor.data_dir.display().to_string()]);
+            spinner.set_message("starting the learner");
+            executor.spawn(exe, &args)?;
+            continue;
+        }
         let mut args: Vec<String> = vec!["executor".into(), "--join".into(), endpoints.join(",")];
         args.extend(["--name".into(), format!("e{}", executor.id), "--metrics-listen".into(), executor.metrics_addr.clone()]);
         args.extend(["--cpu".into(), "2".into(), "--memory".into(), "2Gi".into(), "--capability".into(), "shell".into()]);
@@ -416,10 +444,12 @@ fn print_welcome(status: &StatusJson, servers: &[Server], executors: &[Server], 
     println!("  colony task submit --name hello -- /bin/echo hello");
     println!("  colony task wait ID");
     println!("  colony task list");
+    println!("  colony model list                   # the learner publishes once it beats the baseline");
     println!("  colony bench submit --duration 5s");
     println!();
     println!("Data: {}/server{{1..{}}}", dir.display(), servers.len());
-    println!("Logs: {}/server{{1..{}}}.log, {}/executor{{1..{}}}.log", dir.display(), servers.len(), dir.display(), executors.len());
+    let executor_count = executors.iter().filter(|e| e.kind == "executor").count();
+    println!("Logs: {}/server{{1..{}}}.log, {}/executor{{1..{executor_count}}}.log, {}/learner.log", dir.display(), servers.len(), dir.display(), dir.display());
     println!("Restart this cluster later with: colony dev --dir {}", dir.display());
     println!();
     Ok(())
