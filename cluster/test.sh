@@ -11,6 +11,14 @@ if ! command -v promtool >/dev/null 2>&1; then
 fi
 promtool check rules cluster/prometheus/alerts.yml
 promtool test rules cluster/prometheus/alerts_test.yml
+# NVRTC 13.0 from PyPI lets the kernel tests compile every CUDA kernel for sm_90 (and check the
+# checked-in PTX) without a GPU; without it those tests print SKIPPED and the CPU path is tested alone.
+nvrtc_dir="$HOME/.cache/colony/nvrtc"
+if [ ! -e "$nvrtc_dir/nvidia/cu13/lib/libnvrtc.so.13" ]; then
+    python3 -m pip install --quiet --no-deps --target "$nvrtc_dir" nvidia-cuda-nvrtc==13.0.88 >&2 \
+        || echo "NVRTC wheel unavailable: the kernel compile tests will say SKIPPED" >&2
+fi
+export LD_LIBRARY_PATH="$nvrtc_dir/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # One feature resolution for everything: `--workspace --all-targets` builds the `colony` binary the
 # integration tests run and every test, so RocksDB's C++ is compiled once, not once per command.
 cargo build --release --workspace --all-targets
