@@ -77,6 +77,17 @@ async fn the_learner_publishes_a_model_the_scheduler_uses() -> anyhow::Result<()
     assert_eq!(code, 200);
     assert!(sample(&text, "colony_learner_examples").is_some_and(|n| n >= 40.0), "the learner counts its examples");
     assert!(sample(&text, "colony_learner_holdout_error_ratio").is_some_and(|r| r < 1.0));
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("promtool is required (cluster/test.sh installs Debian's prometheus package): {e}"))?;
+    std::io::Write::write_all(&mut promtool.stdin.take().ok_or_else(|| anyhow::anyhow!("no stdin"))?, text.as_bytes())?;
+    let checked = promtool.wait_with_output()?;
+    assert!(checked.status.success(), "promtool rejects the learner's /metrics: {}", String::from_utf8_lossy(&checked.stderr));
+    assert_eq!(http_get(&metrics_addr, "/readyz")?.0, 200, "a learner following the feed is ready");
 
     // `--memory auto` is now sized by the model: these tasks peak at a few MiB, so the floor
     // (64 MiB) applies instead of the no-model fallback (512 MiB).
