@@ -125,7 +125,7 @@ fn spec(name: &str, deps: &[u64], key: Option<u8>, priority: u16, deadline: Opti
         dependencies: deps.iter().map(|&d| TaskId(d)).collect(),
         run: RunSpec::Process { program: "/bin/true".to_owned(), args: vec![], env: BTreeMap::new() },
         idempotency_key: key.map(|k| format!("key-{k}")),
-        placement: if cpu % 2 == 0 { PlacementPolicy::BinPack } else { PlacementPolicy::Spread },
+        placement: if cpu.is_multiple_of(2) { PlacementPolicy::BinPack } else { PlacementPolicy::Spread },
         memory_auto: false,
     }
 }
