@@ -1,6 +1,6 @@
 //! `colony bench learn`: the learner's kernels on the device this machine has: GEMM GFLOP/s at a
-//! few sizes and the time of one training step. On a GPU the same GEMM sizes are not compared
-//! with cuBLAS yet: the comparison is left out rather than estimated.
+//! few sizes and the time of one training step; on a GPU, the same GEMMs through cuBLAS in the
+//! same run, for comparison.
 
 use crate::bench::machine;
 use crate::output::{self, OutputFormat};
@@ -35,6 +35,8 @@ struct Gemm {
     k: usize,
     n: usize,
     gflops: f64,
+    /// The same GEMM through cuBLAS (GPU only).
+    cublas_gflops: Option<f64>,
 }
 
 const SIZES: [(usize, usize, usize); 3] = [(256, 256, 256), (512, 512, 512), (1024, 1024, 1024)];
@@ -43,7 +45,7 @@ fn measure<B: Backend>(backend: &B, reps: usize) -> Result<(Vec<Gemm>, f64)> {
     let mut gemm = Vec::new();
     for (m, k, n) in SIZES {
         let gflops = colony_learn::bench::gemm_gflops(backend, m, k, n, reps).with_context(|| format!("GEMM {m}x{k}x{n}"))?;
-        gemm.push(Gemm { m, k, n, gflops });
+        gemm.push(Gemm { m, k, n, gflops, cublas_gflops: None });
     }
     let config = MlpConfig { inputs: colony_learn::features::FEATURES, hidden: vec![32, 32], outputs: 2, seed: 1 };
     let step = colony_learn::bench::train_step_time(backend, &config, 1024, reps).context("training step")?;
@@ -56,7 +58,13 @@ pub async fn run(args: LearnBenchArgs, global: &GlobalArgs) -> Result<()> {
     let reps = args.reps as usize;
     let (name, (gemm, train_step_ms)) = match &selected {
         SelectedBackend::Cpu(cpu) => ("cpu".to_owned(), measure(cpu, reps)?),
-        SelectedBackend::Cuda(gpu) => (gpu.describe(), measure(gpu.as_ref(), reps)?),
+        SelectedBackend::Cuda(gpu) => {
+            let (mut gemm, step) = measure(gpu.as_ref(), reps)?;
+            for g in &mut gemm {
+                g.cublas_gflops = Some(colony_learn::gpu::cublas_gemm_gflops(gpu, g.m, g.k, g.n, reps).context("cuBLAS")?);
+            }
+            (gpu.describe(), (gemm, step))
+        }
     };
     let report = Report { machine: machine(), device: name, gemm, train_step_ms };
     match global.output {
@@ -66,9 +74,10 @@ pub async fn run(args: LearnBenchArgs, global: &GlobalArgs) -> Result<()> {
                 "machine: {} ({} cores, {}); device: {}",
                 report.machine.cpu_model, report.machine.cores, report.machine.hostname, report.device
             ))?;
-            let mut table = output::table(["GEMM (m x k x n)", "GFLOP/s"]);
+            let mut table = output::table(["GEMM (m x k x n)", "GFLOP/s", "CUBLAS GFLOP/s"]);
             for g in &report.gemm {
-                table.add_row(vec![format!("{} x {} x {}", g.m, g.k, g.n), format!("{:.2}", g.gflops)]);
+                let cublas = g.cublas_gflops.map_or_else(|| "- (GPU only)".to_owned(), |x| format!("{x:.2}"));
+                table.add_row(vec![format!("{} x {} x {}", g.m, g.k, g.n), format!("{:.2}", g.gflops), cublas]);
             }
             output::print_table(table)?;
             output::out(format!("training step (32x32 MLP, 1,024 rows): {:.3} ms", report.train_step_ms))

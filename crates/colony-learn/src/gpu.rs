@@ -59,6 +59,61 @@ pub enum GpuError {
         value: usize,
         max: usize,
     },
+    #[error("the cuBLAS library (libcublas) was not found")]
+    NoCublas,
+    #[error("cuBLAS failed while {during}")]
+    Cublas {
+        during: &'static str,
+        #[source]
+        source: cudarc::cublas::result::CublasError,
+    },
+}
+
+/// GFLOP/s of row-major C = A·B through cuBLAS's SGEMM on `backend`'s stream, averaged over `reps`
+/// runs after one warm-up run: the yardstick `colony bench learn` prints beside our own GEMM.
+pub fn cublas_gemm_gflops(backend: &CudaBackend, m: usize, k: usize, n: usize, reps: usize) -> Result<f64, GpuError> {
+    // SAFETY: `is_culib_present` only attempts `dlopen`; see `driver_available`.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(GpuError::NoCublas);
+    }
+    let dim = |what: &'static str, value: usize| {
+        i32::try_from(value).map_err(|_| GpuError::TooLarge { op: "cublas gemm", what, value, max: i32::MAX as usize })
+    };
+    let (mi, ki, ni) = (dim("m", m)?, dim("k", k)?, dim("n", n)?);
+    let stream = &backend.stream;
+    let blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(|source| GpuError::Cublas { during: "creating a handle", source })?;
+    let a = stream.clone_htod(&vec![0.5f32; m * k]).map_err(driver_error("uploading A"))?;
+    let b = stream.clone_htod(&vec![0.25f32; k * n]).map_err(driver_error("uploading B"))?;
+    let mut c = stream.alloc_zeros::<f32>(m * n).map_err(driver_error("allocating C"))?;
+    // cuBLAS is column-major: row-major C (m x n) = A·B is column-major Cᵀ (n x m) = Bᵀ·Aᵀ, where
+    // B's row-major buffer is Bᵀ column-major (n x k) and A's is Aᵀ (k x m).
+    let config = cudarc::cublas::GemmConfig {
+        transa: cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+        transb: cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+        m: ni,
+        n: mi,
+        k: ki,
+        alpha: 1.0f32,
+        lda: ni,
+        ldb: ki,
+        beta: 0.0f32,
+        ldc: ni,
+    };
+    let mut run = || {
+        use cudarc::cublas::Gemm as _;
+        // SAFETY: A holds m*k, B k*n and C m*n floats, exactly what the leading dimensions and
+        // sizes above describe, so SGEMM reads and writes inside the three buffers.
+        unsafe { blas.gemm(config, &b, &a, &mut c) }.map_err(|source| GpuError::Cublas { during: "running SGEMM", source })
+    };
+    run()?;
+    stream.synchronize().map_err(driver_error("synchronizing"))?;
+    let started = std::time::Instant::now();
+    for _ in 0..reps.max(1) {
+        run()?;
+    }
+    stream.synchronize().map_err(driver_error("synchronizing"))?;
+    let flops = 2.0 * m as f64 * k as f64 * n as f64 * reps.max(1) as f64;
+    Ok(flops / started.elapsed().as_secs_f64() / 1e9)
 }
 
 /// Whether the CUDA driver library can be loaded. Never panics.
