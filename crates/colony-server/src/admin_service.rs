@@ -326,10 +326,14 @@ impl Admin for AdminService {
             return Err(Status::invalid_argument(format!("reason is {} bytes; the limit is {}", request.reason.len(), limits.arg_bytes_max)));
         }
         match self.propose(Command::CancelTask { id: TaskId(request.id), reason: request.reason }).await? {
-            Outcome::Cancelled { task, cascaded } => Ok(Response::new(pb::CancelTaskResponse {
+            Outcome::Cancelled { task, cascaded } => {
+                let ended: Vec<TaskId> = std::iter::once(task.id).chain(cascaded.iter().copied()).collect();
+                self.node.sessions.kill_superseded(&self.node, &ended, "cancelled");
+                Ok(Response::new(pb::CancelTaskResponse {
                 task: Some((&task).into()),
-                cascaded: cascaded.into_iter().map(|id| id.0).collect(),
-            })),
+                    cascaded: cascaded.into_iter().map(|id| id.0).collect(),
+                }))
+            }
             other => Err(Status::internal(format!("cancel produced {other:?}"))),
         }
     }

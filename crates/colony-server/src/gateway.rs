@@ -105,6 +105,26 @@ impl Sessions {
         }
     }
 
+    /// Tells executors at once to kill attempts that just stopped being current (cancelled,
+    /// preempted, evicted at a drain deadline), instead of waiting for their next heartbeat.
+    pub fn kill_superseded(&self, node: &Node, tasks: &[TaskId], reason: &str) {
+        let kills: Vec<(ExecutorId, Out)> = {
+            let state = node.state();
+            tasks
+                .iter()
+                .filter_map(|id| state.machine.get_task(*id))
+                .filter(|t| !matches!(t.state, TaskState::Assigned | TaskState::Running))
+                .filter_map(|t| {
+                    let (executor, token) = (t.executor?, t.fencing_token?);
+                    Some((executor, Out::Kill(pb::Kill { task_id: t.id.0, fencing_token: token.0, reason: reason.to_owned() })))
+                })
+                .collect()
+        };
+        for (executor, kill) in kills {
+            self.send(executor, kill);
+        }
+    }
+
     /// Closes every session: this server stopped leading, and executors must find the new leader.
     pub fn close_all(&self, why: &str) {
         for (_, session) in self.lock().drain() {

@@ -118,13 +118,17 @@ async fn schedule_round(node: &Node, config: &PlanConfig, model: &mut CurrentMod
                         }
                     }
                 }
+                node.sessions.kill_superseded(node, &evicted, "preempted by a higher-priority task");
                 node.sessions.assign(node, &assigned);
                 for (task, why) in rejected {
                     tracing::debug!(task_id = %task, "placement refused at commit: {why}");
                 }
             }
             Ok(Outcome::Expired { ids }) if !ids.is_empty() => tracing::info!(count = ids.len(), "tasks timed out before starting"),
-            Ok(Outcome::Evicted { ids }) if !ids.is_empty() => tracing::info!(count = ids.len(), "attempts evicted at a drain deadline"),
+            Ok(Outcome::Evicted { ids }) if !ids.is_empty() => {
+                node.sessions.kill_superseded(node, &ids, "the drain deadline passed");
+                tracing::info!(count = ids.len(), "attempts evicted at a drain deadline");
+            }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!("scheduling round not committed: {e}");
