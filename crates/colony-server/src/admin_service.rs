@@ -2,7 +2,7 @@
 //! follower forwards them once), stale reads and cluster status run where they arrive.
 
 use crate::metrics::Metrics;
-use crate::node::Node;
+use crate::node::{unix_ms, Node};
 use crate::proposer::ProposeError;
 use colony_core::{Command, CommandError, ExecutorId, Outcome, TaskFilter, TaskId, TaskSpec};
 use colony_proto::convert::{executor_to_proto, model_metrics_from_proto, model_to_proto, task_state_from_proto};
@@ -528,10 +528,6 @@ impl AdminService {
         let age = self.node.sessions.heartbeat_age(executor.id).map(|age| age.as_millis() as u64);
         executor_to_proto(executor, age)
     }
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn membership_failed(error: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Status {

@@ -67,32 +67,20 @@ impl Sessions {
 
     /// Queues a message; a session whose outbox is full is too far behind and is closed.
     fn send(&self, id: ExecutorId, message: Out) -> bool {
-        let mut sessions = self.lock();
-        let Some(session) = sessions.get(&id) else { return false };
-        if session.outbox.try_send(pb::ServerMessage { body: Some(message) }).is_ok() {
-            return true;
-        }
-        session.connection.close(CLOSE_GOING_AWAY.into(), b"outbox full");
-        sessions.remove(&id);
-        false
+        send_locked(&mut self.lock(), id, message)
     }
 
-    /// Sends each committed assignment to its executor, if connected.
+    /// Sends each committed assignment to its executor, if connected, and notes when.
     pub fn assign(&self, node: &Node, assignments: &[colony_core::Assignment]) {
         let now = Instant::now();
-        let messages: Vec<(ExecutorId, Out)> = {
+        let messages: Vec<(&colony_core::Assignment, Out)> = {
             let state = node.state();
-            assignments
-                .iter()
-                .filter_map(|a| {
-                    let task = state.machine.get_task(a.task)?;
-                    Some((a.executor, assign_message(task, a.attempt, a.token)))
-                })
-                .collect()
+            assignments.iter().filter_map(|a| Some((a, assign_message(state.machine.get_task(a.task)?, a.attempt, a.token)))).collect()
         };
-        for ((executor, message), assignment) in messages.into_iter().zip(assignments) {
-            if self.send(executor, message) {
-                if let Some(session) = self.lock().get_mut(&executor) {
+        let mut sessions = self.lock();
+        for (assignment, message) in messages {
+            if send_locked(&mut sessions, assignment.executor, message) {
+                if let Some(session) = sessions.get_mut(&assignment.executor) {
                     session.sent.insert(assignment.task, (assignment.token, now));
                 }
             }
@@ -138,6 +126,18 @@ impl Sessions {
             sessions.remove(&id);
         }
     }
+}
+
+/// Queues `message` for executor `id` under the sessions lock the caller holds; a session whose
+/// outbox is full is too far behind and is closed.
+fn send_locked(sessions: &mut HashMap<ExecutorId, Session>, id: ExecutorId, message: Out) -> bool {
+    let Some(session) = sessions.get(&id) else { return false };
+    if session.outbox.try_send(pb::ServerMessage { body: Some(message) }).is_ok() {
+        return true;
+    }
+    session.connection.close(CLOSE_GOING_AWAY.into(), b"outbox full");
+    sessions.remove(&id);
+    false
 }
 
 fn assign_message(task: &colony_core::Task, attempt: u32, token: FencingToken) -> Out {
@@ -189,9 +189,15 @@ async fn reply(link: &mut Link, body: Out) -> Result<(), String> {
 /// overtakes stream data, and the executor needs the message to know the refusal is final.
 async fn refuse(link: &mut Link, message: String) -> Result<(), String> {
     reply(link, Out::Error(pb::LinkError { message: message.clone() })).await?;
-    let _ = link.0.finish();
-    let _ = tokio::time::timeout(Duration::from_secs(1), link.0.stopped()).await;
+    finish(link, Duration::from_secs(1)).await;
     Err(message)
+}
+
+/// Ends our side of the stream and waits (up to `within`) until the peer has read it: a
+/// connection closed at once could overtake the last message.
+async fn finish(link: &mut Link, within: Duration) {
+    let _ = link.0.finish();
+    let _ = tokio::time::timeout(within, link.0.stopped()).await;
 }
 
 async fn read(recv: &mut quinn::RecvStream) -> Result<Option<pb::ExecutorMessage>, String> {
@@ -232,8 +238,7 @@ async fn serve_connection(
     let Some(first) = first else { return Ok(()) };
     if let Some(redirect) = redirect(node) {
         reply(&mut link, redirect).await?;
-        let _ = link.0.finish();
-        let _ = tokio::time::timeout(Duration::from_secs(1), link.0.stopped()).await;
+        finish(&mut link, Duration::from_secs(1)).await;
         connection.close(CLOSE_GOING_AWAY.into(), b"not the leader");
         return Ok(());
     }
@@ -244,8 +249,7 @@ async fn serve_connection(
                 Err(message) => Out::Error(pb::LinkError { message }),
             };
             reply(&mut link, answer).await?;
-            let _ = link.0.finish();
-            let _ = tokio::time::timeout(Duration::from_secs(2), link.0.stopped()).await;
+            finish(&mut link, Duration::from_secs(2)).await;
             connection.close(CLOSE_OK.into(), b"joined");
             Ok(())
         }
@@ -428,43 +432,35 @@ fn report_command(id: ExecutorId, report: &pb::StatusReport, limits: &colony_cor
 /// lacks (again, after a while) and kills attempts that are no longer current.
 fn reconcile(node: &Node, id: ExecutorId, running: &[pb::RunningTask]) {
     let reported: BTreeMap<TaskId, FencingToken> = running.iter().map(|r| (TaskId(r.task_id), FencingToken(r.fencing_token))).collect();
-    let mut messages = Vec::new();
-    let mut assigned: Vec<(TaskId, FencingToken)> = Vec::new();
-    let held: BTreeSet<TaskId> = {
-        let state = node.state();
-        let Some(executor) = state.machine.get_executor(id) else { return };
-        let sessions = node.sessions.lock();
-        let sent = sessions.get(&id).map(|s| &s.sent);
-        let now = Instant::now();
-        for task_id in &executor.tasks {
-            let Some(task) = state.machine.get_task(*task_id) else { continue };
-            let (Some(token), TaskState::Assigned) = (task.fencing_token, task.state) else { continue };
-            if reported.get(task_id) == Some(&token) {
-                continue;
-            }
-            let recently = sent.and_then(|s| s.get(task_id)).is_some_and(|(t, at)| *t == token && now.duration_since(*at) < ASSIGN_RESEND_AFTER);
-            if !recently {
-                messages.push(assign_message(task, task.attempt, token));
-                assigned.push((*task_id, token));
-            }
-        }
-        for (task_id, token) in &reported {
-            let current = executor.tasks.contains(task_id) && state.machine.get_task(*task_id).and_then(|t| t.fencing_token) == Some(*token);
-            if !current {
-                messages.push(Out::Kill(pb::Kill { task_id: task_id.0, fencing_token: token.0, reason: "the attempt is no longer current".to_owned() }));
-            }
-        }
-        executor.tasks.clone()
-    };
-    for message in messages {
-        node.sessions.send(id, message);
-    }
+    let state = node.state();
+    let Some(executor) = state.machine.get_executor(id) else { return };
     let mut sessions = node.sessions.lock();
-    if let Some(session) = sessions.get_mut(&id) {
-        let now = Instant::now();
-        session.sent.retain(|task, _| !reported.contains_key(task) && held.contains(task));
-        for (task, token) in assigned {
-            session.sent.insert(task, (token, now));
+    let Some(session) = sessions.get_mut(&id) else { return };
+    let now = Instant::now();
+    // What was sent is settled once the executor lists it, or once it no longer holds the task.
+    session.sent.retain(|task, _| !reported.contains_key(task) && executor.tasks.contains(task));
+    let mut messages = Vec::new();
+    for task_id in &executor.tasks {
+        let Some(task) = state.machine.get_task(*task_id) else { continue };
+        let (Some(token), TaskState::Assigned) = (task.fencing_token, task.state) else { continue };
+        if reported.get(task_id) == Some(&token) {
+            continue;
+        }
+        let recently = session.sent.get(task_id).is_some_and(|(t, at)| *t == token && now.duration_since(*at) < ASSIGN_RESEND_AFTER);
+        if !recently {
+            messages.push(assign_message(task, task.attempt, token));
+            session.sent.insert(*task_id, (token, now));
+        }
+    }
+    for (task_id, token) in &reported {
+        let current = executor.tasks.contains(task_id) && state.machine.get_task(*task_id).and_then(|t| t.fencing_token) == Some(*token);
+        if !current {
+            messages.push(Out::Kill(pb::Kill { task_id: task_id.0, fencing_token: token.0, reason: "the attempt is no longer current".to_owned() }));
+        }
+    }
+    for message in messages {
+        if !send_locked(&mut sessions, id, message) {
+            return;
         }
     }
 }

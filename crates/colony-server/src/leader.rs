@@ -2,21 +2,17 @@
 //! preemptions, deadlines, drain deadlines), and declare executors down when they fall silent.
 //! Runs while this server leads and is aborted when it stops leading.
 
-use crate::node::Node;
+use crate::node::{unix_ms, Node};
 use colony_core::scheduler::{plan_with, Oracle, PlanConfig};
 use colony_core::{ClusterCaRecord, Command, CommandError, ExecutorSpec, ExecutorState, ModelVersion, Outcome, TaskSpec};
 use colony_learn::Predictor;
 use colony_quic::ClusterCa;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Rounds also run on this tick, for backoffs, deadlines and drain deadlines that pass quietly.
 const SCHEDULE_TICK: Duration = Duration::from_millis(100);
 const DETECTOR_TICK: Duration = Duration::from_millis(250);
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
 
 pub async fn run(node: Arc<Node>) {
     let leader_since = Instant::now();

@@ -54,6 +54,11 @@ impl Node {
     }
 }
 
+/// The wall clock in Unix milliseconds: what the leader stamps into proposals and plans with.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// This process's resident memory, from /proc (0 where unavailable).
 pub fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

@@ -8,7 +8,7 @@ use colony_store::TypeConfig;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::Raft;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Bounds on batching.
@@ -89,7 +89,7 @@ async fn batch_loop(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>, con
 }
 
 async fn propose_batch(raft: &Raft<TypeConfig>, batch: Vec<Pending>, metrics: &Metrics) {
-    let now_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let now_unix_ms = crate::node::unix_ms();
     let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
     let count = commands.len();
     metrics.raft_proposal_commands.observe(count as f64);
