@@ -152,10 +152,7 @@ pub async fn run(args: PlacementBenchArgs, global: &GlobalArgs) -> Result<()> {
     if models.current.is_some() {
         bail!("this cluster already has a model; `bench placement` compares against none, so run it on a fresh cluster");
     }
-    let token = client
-        .call("create join token", |mut c| async move { c.create_join_token(pb::CreateJoinTokenRequest { ttl_ms: 3_600_000 }).await })
-        .await?
-        .token;
+    let token = crate::cluster_cmd::create_join_token(&mut client, Duration::from_secs(3600)).await?.token;
     eprintln!("joining {} simulated executors", args.executors);
     let endpoint = colony_quic::client_endpoint().context("cannot open a QUIC endpoint")?;
     let (events, mut incoming) = tokio::sync::mpsc::unbounded_channel();
@@ -169,13 +166,7 @@ pub async fn run(args: PlacementBenchArgs, global: &GlobalArgs) -> Result<()> {
         let labels = BTreeMap::from([("class".to_owned(), if big { "big" } else { "small" }.to_owned())]);
         sims.spawn(SimExecutor::run(endpoint.clone(), endpoints.clone(), creds, capacity, labels, behaviour(), events.clone()));
     }
-    loop {
-        let list = client.call("list executors", |mut c| async move { c.list_executors(pb::ListExecutorsRequest::default()).await }).await?;
-        if list.executors.iter().filter(|e| e.state == "up" && e.name.starts_with("sim-")).count() as u64 >= args.executors {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    crate::bench_schedule::wait_for_sims_up(&mut client, &mut sims, args.executors, &indicatif::ProgressBar::hidden()).await?;
     let channels: Vec<AdminClient<tonic::transport::Channel>> =
         endpoints.iter().map(|e| lazy_channel(e).map(AdminClient::new)).collect::<Result<_>>()?;
 

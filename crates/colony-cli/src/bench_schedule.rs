@@ -96,10 +96,7 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
     }
     let endpoints = global.endpoint.clone();
     let mut client = Client::new(&endpoints, global.timeout)?;
-    let token = client
-        .call("create join token", |mut c| async move { c.create_join_token(pb::CreateJoinTokenRequest { ttl_ms: 3_600_000 }).await })
-        .await?
-        .token;
+    let token = crate::cluster_cmd::create_join_token(&mut client, Duration::from_secs(3600)).await?.token;
 
     let bar = ProgressBar::new(args.executors).with_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}").map_err(|e| anyhow!("{e}"))?);
     bar.set_message("joining simulated executors");
@@ -143,18 +140,7 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
     }
     bar.set_message("waiting for executors to be up");
     bar.set_position(0);
-    loop {
-        let executors = client.call("list executors", |mut c| async move { c.list_executors(pb::ListExecutorsRequest::default()).await }).await?;
-        let up = executors.executors.iter().filter(|e| e.state == "up" && e.name.starts_with("sim-")).count() as u64;
-        bar.set_position(up);
-        if up >= args.executors {
-            break;
-        }
-        if let Some(Ok(Err(e))) = sims.try_join_next() {
-            bail!("a simulated executor stopped: {e:#}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_sims_up(&mut client, &mut sims, args.executors, &bar).await?;
     bar.finish_and_clear();
 
     // Throughput: a backlog released all at once.
@@ -261,6 +247,23 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
             ),
             ("leader RSS", format!("{:.0} MiB", report.leader_rss_bytes as f64 / (1 << 20) as f64)),
         ]),
+    }
+}
+
+/// Waits until `wanted` simulated executors are up, counting them on `bar`; fails as soon as one
+/// of `sims` stops.
+pub async fn wait_for_sims_up(client: &mut Client, sims: &mut JoinSet<Result<()>>, wanted: u64, bar: &ProgressBar) -> Result<()> {
+    loop {
+        let executors = client.call("list executors", |mut c| async move { c.list_executors(pb::ListExecutorsRequest::default()).await }).await?;
+        let up = executors.executors.iter().filter(|e| e.state == "up" && e.name.starts_with("sim-")).count() as u64;
+        bar.set_position(up);
+        if up >= wanted {
+            return Ok(());
+        }
+        if let Some(Ok(Err(e))) = sims.try_join_next() {
+            bail!("a simulated executor stopped: {e:#}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -106,6 +106,12 @@ impl From<pb::Executor> for ExecutorJson {
     }
 }
 
+/// A new join token that lives for `ttl`.
+pub async fn create_join_token(client: &mut Client, ttl: Duration) -> Result<pb::CreateJoinTokenResponse> {
+    let request = pb::CreateJoinTokenRequest { ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX) };
+    client.call("create join token", |mut c| async move { c.create_join_token(request).await }).await
+}
+
 pub async fn list_executors(client: &mut Client, stale: bool) -> Result<Vec<ExecutorJson>> {
     let request = pb::ListExecutorsRequest { consistency: stale.then_some(pb::ReadConsistency { stale: true }) };
     let response = client.call("list executors", |mut c| async move { c.list_executors(request).await }).await?;
@@ -222,9 +228,7 @@ pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> Result<()> {
             }
         }
         ClusterCommand::Token(TokenCommand::Create { ttl }) => {
-            let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-            let request = pb::CreateJoinTokenRequest { ttl_ms };
-            let response = client.call("create join token", |mut c| async move { c.create_join_token(request).await }).await?;
+            let response = create_join_token(&mut client, ttl).await?;
             match global.output {
                 OutputFormat::Table => {
                     output::out(&response.token)?;

@@ -356,8 +356,7 @@ async fn start_executors(client: &mut Client, executors: &mut [Server], exe: &Pa
     for executor in executors.iter_mut() {
         if executor.kind == "learner" {
             // Publishing needs a live token; a dev cluster's learner gets the longest one.
-            let request = colony_proto::pb::CreateJoinTokenRequest { ttl_ms: 7 * 24 * 3600 * 1000 };
-            let response = client.call("create join token", |mut c| async move { c.create_join_token(request).await }).await?;
+            let response = cluster_cmd::create_join_token(client, Duration::from_secs(7 * 24 * 3600)).await?;
             let mut args: Vec<String> = vec!["learner".into(), "--join".into(), endpoints.join(","), "--token".into(), response.token];
             args.extend(["--metrics-listen".into(), executor.metrics_addr.clone(), "--data-dir".into(), executor.data_dir.display().to_string()]);
             spinner.set_message("starting the learner");
@@ -373,9 +372,7 @@ async fn start_executors(client: &mut Client, executors: &mut [Server], exe: &Pa
         if !executor.data_dir.join("identity.json").exists() {
             if token.is_none() {
                 spinner.set_message("creating a join token");
-                let request = colony_proto::pb::CreateJoinTokenRequest { ttl_ms: 600_000 };
-                let response = client.call("create join token", |mut c| async move { c.create_join_token(request).await }).await?;
-                token = Some(response.token);
+                token = Some(cluster_cmd::create_join_token(client, Duration::from_secs(600)).await?.token);
             }
             args.extend(["--token".into(), token.clone().unwrap_or_default()]);
         }

@@ -5,7 +5,7 @@ use anyhow::{anyhow, Context as _, Result};
 use clap::Args;
 use colony_core::{parse_cpu_millis, parse_memory_bytes, Resources};
 use colony_executor::ExecutorConfig;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 /// The flags of `colony executor`.
@@ -50,23 +50,8 @@ pub struct ExecutorArgs {
     parent_pid: Option<i32>,
 }
 
-fn pairs(flag: &str, items: &[String]) -> Result<BTreeMap<String, String>> {
-    let mut map = BTreeMap::new();
-    for item in items {
-        let (key, value) = item.split_once('=').filter(|(k, _)| !k.is_empty()).ok_or_else(|| anyhow!("--{flag} {item:?} is not KEY=VALUE"))?;
-        if map.insert(key.to_owned(), value.to_owned()).is_some() {
-            return Err(anyhow!("--{flag} {key} is given twice"));
-        }
-    }
-    Ok(map)
-}
-
 fn config(args: &ExecutorArgs) -> Result<ExecutorConfig> {
-    let mut custom = BTreeMap::new();
-    for (name, count) in pairs("resource", &args.resources)? {
-        let count: u64 = count.parse().map_err(|_| anyhow!("--resource {name}={count}: COUNT must be a whole number"))?;
-        custom.insert(name, count);
-    }
+    let custom = crate::task_cmd::custom_resources(&args.resources)?;
     let capacity = Resources {
         cpu_millis: parse_cpu_millis(&args.cpu).context("invalid --cpu")?,
         memory_bytes: parse_memory_bytes(&args.memory).context("invalid --memory")?,
@@ -85,7 +70,7 @@ fn config(args: &ExecutorArgs) -> Result<ExecutorConfig> {
     let spec = colony_core::ExecutorSpec {
         name: name.clone(),
         capacity: capacity.clone(),
-        labels: pairs("label", &args.labels)?,
+        labels: crate::task_cmd::pairs("label", &args.labels)?,
         capabilities: args.capabilities.iter().cloned().collect::<BTreeSet<_>>(),
     };
     spec.validate(&colony_core::Limits::default()).context("invalid executor")?;

@@ -365,7 +365,7 @@ fn split_pair<'a>(flag: &str, text: &'a str) -> Result<(&'a str, &'a str)> {
 }
 
 /// Collects `KEY=VALUE` pairs, refusing a key given twice.
-fn pairs(flag: &str, items: &[String]) -> Result<BTreeMap<String, String>> {
+pub fn pairs(flag: &str, items: &[String]) -> Result<BTreeMap<String, String>> {
     let mut map = BTreeMap::new();
     for item in items {
         let (key, value) = split_pair(flag, item)?;
@@ -374,6 +374,16 @@ fn pairs(flag: &str, items: &[String]) -> Result<BTreeMap<String, String>> {
         }
     }
     Ok(map)
+}
+
+/// `--resource NAME=COUNT` flags as custom resources, counted in whole units.
+pub fn custom_resources(items: &[String]) -> Result<BTreeMap<String, u64>> {
+    let mut custom = BTreeMap::new();
+    for (name, count) in pairs("resource", items)? {
+        let count: u64 = count.parse().map_err(|_| anyhow!("--resource {name}={count}: COUNT must be a whole number"))?;
+        custom.insert(name, count);
+    }
+    Ok(custom)
 }
 
 fn millis(flag: &str, duration: Duration) -> Result<u64> {
@@ -386,11 +396,7 @@ fn build_spec(args: &SubmitArgs, now_unix_ms: u64) -> Result<TaskSpec> {
     let cpu_millis = parse_cpu_millis(&args.cpu).context("invalid --cpu")?;
     let memory_auto = args.memory == "auto";
     let memory_bytes = if memory_auto { 0 } else { parse_memory_bytes(&args.memory).context("invalid --memory")? };
-    let mut custom = BTreeMap::new();
-    for (name, count) in pairs("resource", &args.resources)? {
-        let count: u64 = count.parse().map_err(|_| anyhow!("--resource {name}={count}: COUNT must be a whole number"))?;
-        custom.insert(name, count);
-    }
+    let custom = custom_resources(&args.resources)?;
     let priority = u16::try_from(args.priority)
         .ok()
         .filter(|p| *p <= 1000)
