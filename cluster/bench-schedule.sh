@@ -12,26 +12,8 @@ source cluster/setup.sh
 cargo build --release --bin colony
 colony="$CARGO_TARGET_DIR/release/colony"
 
-dir="$(mktemp -d /tmp/colony-bench-schedule.XXXXXX)"
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$dir"
-}
-trap cleanup EXIT
-"$colony" server --id 1 --data-dir "$dir/d1" --listen 127.0.0.1:17201 --bootstrap >"$dir/s1.log" 2>&1 &
-pids+=($!)
-for i in 2 3; do
-    "$colony" server --id "$i" --data-dir "$dir/d$i" --listen "127.0.0.1:1720$i" --join 127.0.0.1:17201 >"$dir/s$i.log" 2>&1 &
-    pids+=($!)
-done
-endpoints=127.0.0.1:17201,127.0.0.1:17202,127.0.0.1:17203
-for _ in $(seq 1 100); do
-    voters=$("$colony" --endpoint "$endpoints" --timeout 1s cluster status --output json 2>/dev/null | grep -c '"voter"' || true)
-    [ "$voters" = 3 ] && break
-    sleep 0.2
-done
+source cluster/bench-cluster.sh
+start_bench_cluster 17201
 echo "== colony: bench schedule, $executors simulated executors, a backlog of $tasks tasks, then 1,000 tasks/s"
 "$colony" --endpoint "$endpoints" bench schedule --executors "$executors" --tasks "$tasks" --rate 1000
 echo

@@ -18,26 +18,8 @@ echo "== etcd (reference): etcdctl check perf --load=m"
 cluster/bench-etcd.sh m
 echo
 
-dir="$(mktemp -d /tmp/colony-bench.XXXXXX)"
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$dir"
-}
-trap cleanup EXIT
-"$colony" server --id 1 --data-dir "$dir/d1" --listen 127.0.0.1:17101 --bootstrap >"$dir/s1.log" 2>&1 &
-pids+=($!)
-for i in 2 3; do
-    "$colony" server --id "$i" --data-dir "$dir/d$i" --listen "127.0.0.1:1710$i" --join 127.0.0.1:17101 >"$dir/s$i.log" 2>&1 &
-    pids+=($!)
-done
-endpoints=127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103
-for _ in $(seq 1 100); do
-    voters=$("$colony" --endpoint "$endpoints" --timeout 1s cluster status --output json 2>/dev/null | grep -c '"voter"' || true)
-    [ "$voters" = 3 ] && break
-    sleep 0.2
-done
+source cluster/bench-cluster.sh
+start_bench_cluster 17101
 # The open-loop run goes first, on a fresh cluster: servers keep every task in memory, so the
 # resident size it reports is for the tasks that run submitted, not for the closed-loop runs'.
 echo "== colony: bench submit, open loop at 1,000 submissions/s, every server"

@@ -1,0 +1,25 @@
+# Sourced by the benchmark scripts: start_bench_cluster PORT starts three colony servers on
+# 127.0.0.1:PORT..PORT+2 in a temporary directory, waits until all three are voters, sets
+# $endpoints, and stops them and removes the directory when the script exits.
+# Needs $colony (the binary).
+start_bench_cluster() {
+    local port="$1"
+    dir="$(mktemp -d /tmp/colony-bench.XXXXXX)"
+    pids=()
+    trap 'for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"' EXIT
+    "$colony" server --id 1 --data-dir "$dir/d1" --listen "127.0.0.1:$port" --bootstrap >"$dir/s1.log" 2>&1 &
+    pids+=($!)
+    for i in 2 3; do
+        "$colony" server --id "$i" --data-dir "$dir/d$i" --listen "127.0.0.1:$((port + i - 1))" --join "127.0.0.1:$port" >"$dir/s$i.log" 2>&1 &
+        pids+=($!)
+    done
+    endpoints="127.0.0.1:$port,127.0.0.1:$((port + 1)),127.0.0.1:$((port + 2))"
+    local voters
+    for _ in $(seq 1 100); do
+        voters=$("$colony" --endpoint "$endpoints" --timeout 1s cluster status --output json 2>/dev/null | grep -c '"voter"' || true)
+        [ "$voters" = 3 ] && return 0
+        sleep 0.2
+    done
+    echo "the benchmark cluster did not form; logs in $dir" >&2
+    return 1
+}
