@@ -90,6 +90,9 @@ enum Command {
     /// Load generators that print throughput and latency percentiles.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// The chaos suite: faults in a namespaced cluster, histories checked (needs root)
+    #[command(subcommand)]
+    Chaos(colony_chaos::ChaosCommand),
 }
 
 fn main() -> ExitCode {
@@ -124,6 +127,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Learner(args) => learner_cmd::run(args).await,
             Command::Dev(args) => dev::run(args, &global).await,
             Command::Bench(command) => bench::run(command, &global).await,
+            Command::Chaos(command) => match colony_chaos::run(command, global.output == OutputFormat::Json).await? {
+                true => Ok(()),
+                false => Err(anyhow::anyhow!("the chaos run found violations (see the report above)")),
+            },
         }
     })
 }

@@ -74,6 +74,11 @@ pub struct ServerArgs {
     /// Set by `colony dev`: stop when this process (the parent) exits, however it exits.
     #[arg(long, hide = true)]
     parent_pid: Option<i32>,
+    /// Serve every read from this server's own state, even when a client asks for a
+    /// linearizable one. Breaks linearizability on purpose: only for the chaos suite's negative
+    /// control, which must catch it.
+    #[arg(long, hide = true)]
+    unsafe_stale_reads: bool,
 }
 
 fn config(args: &ServerArgs) -> Result<ServerConfig> {
@@ -114,6 +119,7 @@ fn config(args: &ServerArgs) -> Result<ServerConfig> {
     config.executor_heartbeat_timeout = args.executor_heartbeat_timeout;
     config.executor_leader_grace = args.executor_leader_grace;
     config.preemption_priority_gap_min = args.preemption_priority_gap_min;
+    config.unsafe_stale_reads = args.unsafe_stale_reads;
     Ok(config)
 }
 

@@ -953,6 +953,12 @@ mod tests {
         ) -> Reply<pb::ClusterStatusResponse> {
             Err(Status::unimplemented("fake"))
         }
+        async fn state_digest(
+            &self,
+            _: tonic::Request<pb::StateDigestRequest>,
+        ) -> Reply<pb::StateDigestResponse> {
+            Err(Status::unimplemented("fake"))
+        }
         async fn cluster_info(
             &self,
             _: tonic::Request<pb::ClusterInfoRequest>,

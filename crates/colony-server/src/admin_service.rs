@@ -80,8 +80,12 @@ fn propose_failed(error: ProposeError) -> Status {
     }
 }
 
-fn is_stale(consistency: &Option<ReadConsistency>) -> bool {
-    consistency.as_ref().is_some_and(|c| c.stale)
+impl AdminService {
+    /// Whether a read is served from this server's applied state without asking the leader:
+    /// when the client asked for a stale read, or always under `--unsafe-stale-reads`.
+    fn serve_locally(&self, consistency: &Option<ReadConsistency>) -> bool {
+        self.node.config.unsafe_stale_reads || consistency.as_ref().is_some_and(|c| c.stale)
+    }
 }
 
 async fn forward<Req, Resp, F, Fut>(metrics: &Metrics, client: AdminClient<Channel>, request: Request<Req>, call: F) -> Result<Response<Resp>, Status>
@@ -272,7 +276,7 @@ impl Admin for AdminService {
     }
 
     async fn get_task(&self, request: Request<pb::GetTaskRequest>) -> Result<Response<pb::GetTaskResponse>, Status> {
-        if !is_stale(&request.get_ref().consistency) {
+        if !self.serve_locally(&request.get_ref().consistency) {
             if let Route::Leader(client) = self.route(&request)? {
                 return forward(&self.node.metrics, client, request, |mut c, r| async move { c.get_task(r).await }).await;
             }
@@ -286,7 +290,7 @@ impl Admin for AdminService {
     }
 
     async fn list_tasks(&self, request: Request<pb::ListTasksRequest>) -> Result<Response<pb::ListTasksResponse>, Status> {
-        if !is_stale(&request.get_ref().consistency) {
+        if !self.serve_locally(&request.get_ref().consistency) {
             if let Route::Leader(client) = self.route(&request)? {
                 return forward(&self.node.metrics, client, request, |mut c, r| async move { c.list_tasks(r).await }).await;
             }
@@ -389,6 +393,17 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn state_digest(&self, _request: Request<pb::StateDigestRequest>) -> Result<Response<pb::StateDigestResponse>, Status> {
+        use sha2::Digest as _;
+        let (applied_index, encoded, task_count) = {
+            let state = self.node.state();
+            let encoded = colony_store::codec::encode(&state.machine).map_err(|e| Status::internal(format!("cannot encode the state: {e}")))?;
+            (state.last_applied.map_or(0, |l| l.index), encoded, state.machine.task_count() as u64)
+        };
+        let sha256 = hex::encode(sha2::Sha256::digest(&encoded));
+        Ok(Response::new(pb::StateDigestResponse { node_id: self.node.id, applied_index, sha256, task_count }))
+    }
+
     async fn cluster_info(&self, _request: Request<pb::ClusterInfoRequest>) -> Result<Response<pb::ClusterInfoResponse>, Status> {
         let metrics = self.metrics();
         let members = metrics.membership_config.membership().nodes().map(|(&id, node)| (id, node.addr.clone())).collect();
@@ -489,7 +504,7 @@ impl Admin for AdminService {
     }
 
     async fn list_executors(&self, request: Request<pb::ListExecutorsRequest>) -> Result<Response<pb::ListExecutorsResponse>, Status> {
-        if !is_stale(&request.get_ref().consistency) {
+        if !self.serve_locally(&request.get_ref().consistency) {
             if let Route::Leader(client) = self.route(&request)? {
                 return forward(&self.node.metrics, client, request, |mut c, r| async move { c.list_executors(r).await }).await;
             }

@@ -38,6 +38,9 @@ pub struct ServerConfig {
     pub preemption_priority_gap_min: u16,
     /// A model older than this is not used for scheduling.
     pub model_stale_after: Duration,
+    /// Serve every read from this server's applied state, as if each asked for `stale`. Breaks
+    /// linearizability on purpose: the chaos suite's negative control, never for real clusters.
+    pub unsafe_stale_reads: bool,
 }
 
 impl ServerConfig {
@@ -60,6 +63,7 @@ impl ServerConfig {
             executor_leader_grace: Duration::from_secs(5),
             preemption_priority_gap_min: 100,
             model_stale_after: Duration::from_secs(7 * 24 * 3600),
+            unsafe_stale_reads: false,
         }
     }
 }

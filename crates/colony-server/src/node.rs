@@ -222,6 +222,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let identity = resolve_identity(&config, &peers).await?;
     let id = identity.node_id;
     tracing::info!(node_id = id, addr = %identity.addr, cluster_id = %identity.cluster_id, data_dir = %config.data_dir.display(), "starting server");
+    if config.unsafe_stale_reads {
+        tracing::warn!("--unsafe-stale-reads: every read is served from this server's own state; reads are NOT linearizable");
+    }
 
     let listener = TcpListener::bind(&identity.addr).await.with_context(|| format!("cannot listen on {}", identity.addr))?;
     let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
