@@ -279,6 +279,7 @@ pub fn linearizable(ops: &[Op], budget_per_key: Duration) -> Linearizability {
             by_key.entry(key).or_default().push(model_op);
         }
     }
+    let by_index: BTreeMap<usize, &Op> = ops.iter().map(|op| (op.index, op)).collect();
     let mut result = Linearizability { verdict: LinearVerdict::Valid, keys: by_key.len() as u64, operations: 0, invalid_keys: 0, unknown_keys: 0, examples: Vec::new(), seconds: 0.0 };
     for (key, history) in &by_key {
         result.operations += history.len() as u64;
@@ -287,7 +288,14 @@ pub fn linearizable(ops: &[Op], budget_per_key: Duration) -> Linearizability {
             Verdict::NotLinearizable(witness) => {
                 result.invalid_keys += 1;
                 if result.examples.len() < EXAMPLES_MAX {
-                    result.examples.push(format!("key {key}: {witness:?}"));
+                    let placed: Vec<String> = witness.linearized.iter().filter_map(|i| by_index.get(i)).map(|op| describe(op)).collect();
+                    let stuck: Vec<String> = witness.unplaceable.iter().filter_map(|i| by_index.get(i)).map(|op| describe(op)).collect();
+                    result.examples.push(format!(
+                        "task {key}: after [{}] the model is in {}, where none of [{}] can happen",
+                        placed.join(", "),
+                        witness.states.join(" or "),
+                        stuck.join(", ")
+                    ));
                 }
             }
             Verdict::Unknown { explored } => {
@@ -309,6 +317,25 @@ pub fn linearizable(ops: &[Op], budget_per_key: Duration) -> Linearizability {
     result
 }
 
+/// One call in a line: what, where, when, and what came back.
+fn describe(op: &Op) -> String {
+    let when = match op.complete_ns {
+        Some(end) => format!("{}-{} ms", op.invoke_ns / 1_000_000, end / 1_000_000),
+        None => format!("{} ms-?", op.invoke_ns / 1_000_000),
+    };
+    let what = match &op.outcome {
+        Outcome::Submitted { existing, obs, .. } => format!("submitted{} {:?}/{:?}", if *existing { " (existing)" } else { "" }, obs.status, obs.token),
+        Outcome::Read { obs: Some(obs) } => format!("read {:?}/{:?}", obs.status, obs.token),
+        Outcome::Read { obs: None } => "read not found".to_owned(),
+        Outcome::Cancelled { obs } => format!("cancelled {:?}", obs.token),
+        Outcome::CancelRefused => "cancel refused".to_owned(),
+        Outcome::CancelNotFound => "cancel not found".to_owned(),
+        Outcome::Unknown { .. } => format!("{:?} unknown", op.call).to_lowercase(),
+        Outcome::Executors { .. } | Outcome::Fail { .. } => format!("{:?}", op.call).to_lowercase(),
+    };
+    format!("#{} {what} via {} @{when}", op.index, op.server)
+}
+
 /// Reads that saw a status, for the report's "what the workload saw" line.
 pub fn observed(ops: &[Op]) -> BTreeMap<String, u64> {
     let mut seen = BTreeMap::new();
@@ -318,4 +345,109 @@ pub fn observed(ops: &[Op]) -> BTreeMap<String, u64> {
         }
     }
     seen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::Call;
+
+    fn op(index: usize, call: Call, key: &str, task: Option<u64>, span: (u64, Option<u64>), outcome: Outcome) -> Op {
+        Op { index, client: 1, server: "s1".into(), call, key: Some(key.into()), task, invoke_ns: span.0, complete_ns: span.1, outcome }
+    }
+
+    fn obs(status: TaskStatus, token: Option<u64>) -> Obs {
+        Obs { status, token }
+    }
+
+    fn final_task(key: &str, status: TaskStatus, token: Option<u64>) -> FinalTask {
+        FinalTask { key: Some(key.into()), status: Some(status), token, executor: Some(1), cpu_millis: 500, memory_bytes: 1 << 20 }
+    }
+
+    fn server(name: &str, tasks: &[(u64, FinalTask)]) -> ServerFinal {
+        ServerFinal { name: name.into(), tasks: tasks.iter().cloned().collect(), digest: "d".into(), applied_index: 10, ..Default::default() }
+    }
+
+    #[test]
+    fn a_lost_acknowledged_submission_and_a_phantom_task_are_counted() {
+        let ops = vec![
+            op(0, Call::Submit, "a", None, (0, Some(5)), Outcome::Submitted { id: 1, existing: false, obs: obs(TaskStatus::Pending, None) }),
+            op(1, Call::Submit, "b", None, (0, None), Outcome::Unknown { error: "timeout".into() }),
+        ];
+        let good = server("s1", &[(1, final_task("a", TaskStatus::Succeeded, Some(3))), (2, final_task("b", TaskStatus::Pending, None))]);
+        let (lost, phantom) = acknowledged_present(&ops, std::slice::from_ref(&good));
+        assert_eq!((lost.violations, phantom.violations), (0, 0));
+        let bad = server("s2", &[(2, final_task("b", TaskStatus::Pending, None)), (3, final_task("zzz", TaskStatus::Pending, None))]);
+        let (lost, phantom) = acknowledged_present(&ops, &[good, bad]);
+        assert_eq!((lost.violations, phantom.violations), (1, 1), "{lost:?} {phantom:?}");
+    }
+
+    #[test]
+    fn over_capacity_in_a_read_or_in_final_tasks_is_counted() {
+        let view = |allocated| ExecutorView { id: 1, state: "up".into(), cpu_millis: (allocated, 1000), memory_bytes: (0, 1 << 30) };
+        let ops = vec![Op {
+            index: 0,
+            client: 1,
+            server: "s1".into(),
+            call: Call::Executors,
+            key: None,
+            task: None,
+            invoke_ns: 0,
+            complete_ns: Some(1),
+            outcome: Outcome::Executors { executors: vec![view(500), view(1500)] },
+        }];
+        assert_eq!(capacity(&ops, &[]).violations, 1);
+        let mut running = server("s1", &[(1, final_task("a", TaskStatus::Running, Some(1))), (2, final_task("b", TaskStatus::Running, Some(2))), (3, final_task("c", TaskStatus::Running, Some(3)))]);
+        running.executors = vec![view(1000)];
+        // Three running tasks of 500m on a 1000m executor: the tasks hold more than it has.
+        assert_eq!(capacity(&[], &[running]).violations, 1);
+    }
+
+    #[test]
+    fn duplicate_and_superseded_completions_are_counted() {
+        let line = |end, task, token| LedgerLine { end, task, token, executor: 1 };
+        let ledger = vec![line(false, 1, 5), line(true, 1, 5), line(false, 2, 6), line(true, 2, 6), line(false, 2, 7), line(true, 2, 7), line(true, 2, 7)];
+        let finals = [server("s1", &[(1, final_task("a", TaskStatus::Succeeded, Some(5))), (2, final_task("b", TaskStatus::Succeeded, Some(6)))])];
+        let (duplicates, stale) = completions(&ledger, &[], &finals);
+        assert_eq!(duplicates.violations, 1, "token 7 ended twice");
+        assert_eq!(stale.violations, 1, "task 2 finished with token 6 after 7 was issued");
+        let clean = [server("s1", &[(1, final_task("a", TaskStatus::Succeeded, Some(5)))])];
+        assert_eq!(completions(&ledger[..2], &[], &clean).1.violations, 0);
+    }
+
+    #[test]
+    fn two_leaders_in_a_term_and_a_term_going_back_are_counted() {
+        let sample = |time_ns, node_id, term, state: &str| StatusSample { time_ns, server: format!("s{node_id}"), node_id, term, state: state.into(), leader_id: None };
+        let fine = [sample(1, 1, 2, "leader"), sample(1, 2, 2, "follower"), sample(2, 2, 3, "leader"), sample(3, 1, 3, "follower")];
+        let (two, back, terms) = leaders(&fine);
+        assert_eq!((two.violations, back.violations, terms), (0, 0, 2));
+        let broken = [sample(1, 1, 4, "leader"), sample(1, 2, 4, "leader"), sample(2, 3, 5, "follower"), sample(3, 3, 4, "follower")];
+        let (two, back, _) = leaders(&broken);
+        assert_eq!((two.violations, back.violations), (1, 1));
+    }
+
+    #[test]
+    fn diverged_servers_are_counted() {
+        let a = server("s1", &[]);
+        let mut b = server("s2", &[]);
+        assert_eq!(converged(&[a.clone(), b.clone()]).violations, 0);
+        b.digest = "other".into();
+        assert_eq!(converged(&[a, b]).violations, 1);
+    }
+
+    #[test]
+    fn a_stale_read_makes_the_history_invalid_and_a_failed_read_is_ignored() {
+        let ops = vec![
+            op(0, Call::Submit, "a", None, (0, Some(10)), Outcome::Submitted { id: 1, existing: false, obs: obs(TaskStatus::Pending, None) }),
+            op(1, Call::Cancel, "a", Some(1), (20, Some(30)), Outcome::Cancelled { obs: obs(TaskStatus::Cancelled, None) }),
+            op(2, Call::Read, "a", Some(1), (40, Some(50)), Outcome::Fail { error: "unavailable".into() }),
+        ];
+        let valid = linearizable(&ops, Duration::from_secs(1));
+        assert!(matches!(valid.verdict, LinearVerdict::Valid), "{valid:?}");
+        let mut stale = ops.clone();
+        stale.push(op(3, Call::Read, "a", Some(1), (60, Some(70)), Outcome::Read { obs: Some(obs(TaskStatus::Pending, None)) }));
+        let invalid = linearizable(&stale, Duration::from_secs(1));
+        assert!(matches!(invalid.verdict, LinearVerdict::Invalid), "{invalid:?}");
+        assert!(invalid.examples[0].contains("#3 read Pending"), "{:?}", invalid.examples);
+    }
 }

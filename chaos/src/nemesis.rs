@@ -283,12 +283,17 @@ pub async fn apply(cluster: &mut Cluster, planned: &Planned) -> Result<String> {
         }
         Nemesis::DiskFull => {
             let proc = &cluster.servers[random];
+            let fill = proc.data_dir.join(FILL_FILE).display().to_string();
+            // Megabytes until ENOSPC, then pages until ENOSPC: dd fails at the end by design.
+            let script = format!("dd if=/dev/zero of={fill} bs=1M 2>/dev/null; dd if=/dev/zero of={fill} bs=4k oflag=append conv=notrunc 2>/dev/null; true");
+            crate::net::run("sh", &["-c", &script], None).await?;
             let dir = proc.data_dir.display().to_string();
             let avail = crate::net::run("df", &["-B1", "--output=avail", &dir], None).await?;
-            let bytes: u64 = avail.lines().nth(1).and_then(|l| l.trim().parse().ok()).context("cannot read df's answer")?;
-            let fill = proc.data_dir.join(FILL_FILE).display().to_string();
-            crate::net::run("fallocate", &["-l", &bytes.to_string(), &fill], None).await?;
-            Ok(format!("filled {}'s data directory ({} MiB)", servers[random], bytes >> 20))
+            let left: u64 = avail.lines().nth(1).and_then(|l| l.trim().parse().ok()).context("cannot read df's answer")?;
+            if left > 64 << 10 {
+                bail!("{} still has {left} bytes free after filling", servers[random]);
+            }
+            Ok(format!("filled {}'s data directory ({left} bytes left)", servers[random]))
         }
     }
 }
@@ -302,12 +307,23 @@ async fn membership(cluster: &mut Cluster, rng: &mut StdRng) -> Result<String> {
     let hosts: Vec<String> = servers.clone();
     cluster.net.lose(&hosts, 10).await?;
     let old_id = cluster.servers[target].node_id;
-    let channel = cluster.channels[leader].1.clone();
-    let removed = tokio::time::timeout(Duration::from_secs(20), AdminClient::new(channel.clone()).remove_node(pb::RemoveNodeRequest { node_id: old_id })).await;
-    match removed {
-        Ok(Ok(_)) => {}
-        Ok(Err(status)) => bail!("removing node {old_id} failed: {}", status.message()),
-        Err(_) => bail!("removing node {old_id} did not answer in 20 s"),
+    // Elections may be under way (10% loss): any server forwards to the leader, so try them in
+    // turn until one answers or 20 s pass.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut turn = leader;
+    loop {
+        let channel = cluster.channels[turn % servers.len()].1.clone();
+        turn += 1;
+        let removed = tokio::time::timeout(Duration::from_secs(5), AdminClient::new(channel).remove_node(pb::RemoveNodeRequest { node_id: old_id })).await;
+        match removed {
+            Ok(Ok(_)) => break,
+            Ok(Err(status)) if status.code() == tonic::Code::NotFound => break,
+            Ok(Err(status)) if status.code() != tonic::Code::Unavailable || tokio::time::Instant::now() >= deadline => {
+                bail!("removing node {old_id} failed: {}", status.message())
+            }
+            Err(_) if tokio::time::Instant::now() >= deadline => bail!("removing node {old_id} did not answer within 20 s"),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
     }
     let new_id = cluster.next_node_id();
     let args = cluster.rejoin_args(target, new_id);
@@ -327,4 +343,33 @@ async fn membership(cluster: &mut Cluster, rng: &mut StdRng) -> Result<String> {
     proc.start()?;
     proc.set_args(restart);
     Ok(format!("removed {} (node {old_id}) under 10% loss, wiped it, re-added it as node {new_id}", servers[target]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_replays_the_same_schedule_and_another_does_not() {
+        let set = Nemesis::parse_set("all").unwrap();
+        let names = |plan: &[Planned]| plan.iter().map(|p| (p.nemesis, p.fault_for, p.seed)).collect::<Vec<_>>();
+        let first = schedule(&set, 42, Duration::from_secs(6), 2);
+        assert_eq!(names(&first), names(&schedule(&set, 42, Duration::from_secs(6), 2)));
+        assert_ne!(names(&first), names(&schedule(&set, 43, Duration::from_secs(6), 2)));
+        // Every round holds every nemesis once, so a run long enough for one round tries them all.
+        let round: BTreeSet<Nemesis> = first[..set.len()].iter().map(|p| p.nemesis).collect();
+        assert_eq!(round.len(), Nemesis::ALL.len());
+        assert!(first.iter().all(|p| p.fault_for >= Duration::from_secs(3) && p.fault_for <= Duration::from_secs(9)));
+    }
+
+    #[test]
+    fn nemesis_sets_parse_groups_names_and_refuse_unknown_words() {
+        assert_eq!(Nemesis::parse_set("all").unwrap().len(), 17);
+        assert_eq!(Nemesis::parse_set("partition").unwrap().len(), 7);
+        assert_eq!(Nemesis::parse_set("kill,pause").unwrap().len(), 5);
+        assert_eq!(Nemesis::parse_set("disk-full").unwrap(), vec![Nemesis::DiskFull]);
+        let error = Nemesis::parse_set("partition,fire").unwrap_err().to_string();
+        assert!(error.contains("\"fire\"") && error.contains("disk-full"), "{error}");
+        assert!(Nemesis::parse_set(" , ").is_err());
+    }
 }
