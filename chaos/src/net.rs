@@ -17,6 +17,8 @@ pub const CONTROLLER_IP: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 1);
 const PREFIX_LEN: u8 = 24;
 /// Written while a run owns the namespaces, so a second run refuses instead of tearing them down.
 const PID_FILE: &str = "/run/colony-chaos.pid";
+/// The source name of the suite's tmpfs mounts, so a crashed run's mounts can be found.
+pub const MOUNT_SOURCE: &str = "colony-chaos";
 /// The group the slow-link proxy runs as; the redirect rules skip its sockets.
 pub const PROXY_GID: u32 = 4213;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
@@ -100,10 +102,27 @@ impl Net {
     async fn remove_all() {
         if let Ok(list) = run("ip", &["netns", "list"], None).await {
             for ns in list.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(NS_PREFIX)) {
+                // Anything still inside (a task's orphaned child) would keep the namespace and
+                // its veth alive after the name is gone.
+                if let Ok(pids) = run("ip", &["netns", "pids", ns], None).await {
+                    for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    }
+                }
                 let _ = run("ip", &["netns", "del", ns], None).await;
             }
         }
+        if let Ok(links) = run("ip", &["-o", "link", "show"], None).await {
+            for link in links.lines().filter_map(|l| l.split(": ").nth(1)).filter_map(|n| n.split('@').next()).filter(|n| n.starts_with("cc-")) {
+                let _ = run("ip", &["link", "del", link], None).await;
+            }
+        }
         let _ = run("ip", &["link", "del", BRIDGE], None).await;
+        if let Ok(mounts) = std::fs::read_to_string("/proc/mounts") {
+            for point in mounts.lines().filter_map(|l| l.strip_prefix(MOUNT_SOURCE).and_then(|rest| rest.split_whitespace().next())) {
+                let _ = run("umount", &["-l", point], None).await;
+            }
+        }
     }
 
     /// Creates the bridge (with the controller's address) and one namespace per host.

@@ -65,7 +65,7 @@ impl Proc {
         std::fs::create_dir_all(&self.data_dir).with_context(|| format!("cannot create {}", self.data_dir.display()))?;
         if self.role == Role::Server {
             let dir = self.data_dir.to_string_lossy();
-            crate::net::run("mount", &["-t", "tmpfs", "-o", &format!("size={DATA_TMPFS_BYTES}"), "tmpfs", &dir], None).await?;
+            crate::net::run("mount", &["-t", "tmpfs", "-o", &format!("size={DATA_TMPFS_BYTES}"), crate::net::MOUNT_SOURCE, &dir], None).await?;
         }
         Ok(())
     }

@@ -116,6 +116,17 @@ pub async fn run(command: ChaosCommand, json: bool) -> Result<bool> {
     }
 }
 
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -143,7 +154,10 @@ async fn run_suite(args: ChaosArgs, json: bool) -> Result<bool> {
         }
     };
     eprintln!("chaos: cluster up in {:.1} s", started.elapsed().as_secs_f64());
-    let outcome = play(&args, seed, &set, &dir, &mut cluster).await;
+    let outcome = tokio::select! {
+        outcome = play(&args, seed, &set, &dir, &mut cluster) => outcome,
+        signal = interrupted() => Err(anyhow::anyhow!("{signal} received; the run was stopped and its hosts removed ({})", dir.display())),
+    };
     cluster.shutdown().await;
     let (report, valid) = outcome?;
     let path = dir.join("report.json");
@@ -162,7 +176,7 @@ async fn play(args: &ChaosArgs, seed: u64, set: &[Nemesis], dir: &std::path::Pat
     let history = History::create(&dir.join("history.jsonl"), clock)?;
     let ledger = dir.join("ledger");
     std::fs::write(&ledger, b"").context("cannot create the ledger")?;
-    let workload = Workload { history: history.clone(), pool: Arc::new(Mutex::new(Pool::default())), ledger: ledger.clone() };
+    let workload = Workload { history: history.clone(), pool: Arc::new(Mutex::new(Pool::default())), ledger: ledger.clone(), probes: Default::default() };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut clients = Vec::new();
     for client in 1..=args.clients {
@@ -209,6 +223,7 @@ async fn play(args: &ChaosArgs, seed: u64, set: &[Nemesis], dir: &std::path::Pat
     for client in clients {
         let _ = client.await;
     }
+    workload.settle().await;
     eprintln!("chaos: faults over after {:.1} s; waiting for the submitted work to finish", faults_started.elapsed().as_secs_f64());
     let unfinished = wait_for_work(&cluster.channels, Duration::from_secs(120)).await;
     let finals = collect_finals(cluster, Duration::from_secs(60)).await;

@@ -112,6 +112,8 @@ pub struct Workload {
     pub history: History,
     pub pool: Arc<Mutex<Pool>>,
     pub ledger: PathBuf,
+    /// Probe submissions started and not yet awaited.
+    pub probes: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Workload {
@@ -211,22 +213,45 @@ impl Workload {
         }
     }
 
-    /// Submits probe tasks through the servers in turn until one is acknowledged: how long the
-    /// cluster took to take writes again. None if it did not within `limit`.
+    /// Submits a probe task every 100 ms, to each server in turn, without waiting for earlier
+    /// ones, until one is acknowledged: how long the cluster took to take writes again (a probe
+    /// stuck on an unreachable leader does not hold the measurement up). None if none was within
+    /// `limit`. Probes still in flight are left to finish; [`Workload::settle`] waits for them.
     pub async fn probe(&self, servers: &[(String, Channel)], limit: Duration) -> Option<Duration> {
         let started = tokio::time::Instant::now();
+        let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut turn = 0usize;
-        while started.elapsed() < limit {
-            let (name, channel) = &servers[turn % servers.len()];
-            turn += 1;
-            let (key, number) = self.pool().new_key("probe-");
-            let op = self.submit(0, name, channel, key, number).await;
-            if matches!(op.outcome, Outcome::Submitted { .. }) {
-                return Some(started.elapsed());
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if started.elapsed() >= limit {
+                        return None;
+                    }
+                    let (name, channel) = servers[turn % servers.len()].clone();
+                    turn += 1;
+                    let (key, number) = self.pool().new_key("probe-");
+                    let workload = self.clone();
+                    let acked_tx = acked_tx.clone();
+                    let probe = tokio::spawn(async move {
+                        let op = workload.submit(0, &name, &channel, key, number).await;
+                        if matches!(op.outcome, Outcome::Submitted { .. }) {
+                            let _ = acked_tx.send(tokio::time::Instant::now());
+                        }
+                    });
+                    self.probes.lock().unwrap_or_else(|p| p.into_inner()).push(probe);
+                }
+                Some(at) = acked_rx.recv() => return Some(at.duration_since(started)),
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        None
+    }
+
+    /// Waits for every probe still in flight, so the history holds its outcome.
+    pub async fn settle(&self) {
+        let probes: Vec<_> = std::mem::take(&mut *self.probes.lock().unwrap_or_else(|p| p.into_inner()));
+        for probe in probes {
+            let _ = probe.await;
+        }
     }
 }
 
