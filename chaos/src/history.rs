@@ -1,5 +1,5 @@
 //! The run's history: every call a client makes, as an invocation and a completion (ok, fail:
-//! known not to have happened, info: outcome unknown), with monotonic timestamps. Streamed to
+//! known not to have happened, unknown: it may or may not have), with monotonic timestamps. Streamed to
 //! `history.jsonl` as it happens and kept in memory for the checkers.
 
 use crate::check::task_model::{Obs, TaskStatus};
@@ -48,7 +48,7 @@ impl Outcome {
     pub fn kind(&self) -> &'static str {
         match self {
             Outcome::Fail { .. } => "fail",
-            Outcome::Unknown { .. } => "info",
+            Outcome::Unknown { .. } => "unknown",
             _ => "ok",
         }
     }

@@ -191,7 +191,7 @@ pub fn print(report: &Report) {
     checks.add_row(vec!["servers diverged at the end".to_owned(), verdict(&report.divergence)]);
     checks.add_row(vec![
         "linearizability".to_owned(),
-        format!("{:?} ({} tasks, {} operations, {:.1} s)", lin.verdict, lin.keys, lin.operations, lin.seconds).to_lowercase(),
+        format!("{:?} ({} tasks, {} operations, searched in {:.0} ms)", lin.verdict, lin.keys, lin.operations, lin.seconds * 1000.0).to_lowercase(),
     ]);
     checks.add_row(vec!["recovery after heal p50 / max".to_owned(), format!("{} ms / {} ms ({} heals without recovery)", report.recovery_ms_p50, report.recovery_ms_max, report.not_recovered)]);
     checks.add_row(vec!["unfinished tasks at the end".to_owned(), report.unfinished_tasks.map_or("0".to_owned(), |n| n.to_string())]);

@@ -141,6 +141,9 @@ async fn run_suite(args: ChaosArgs, json: bool) -> Result<bool> {
     crate::net::preflight().await?;
     let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let dir = args.dir.clone().unwrap_or_else(|| PathBuf::from(format!("/tmp/colony-chaos/{unix}-seed-{seed}")));
+    if std::fs::read_dir(&dir).is_ok_and(|mut entries| entries.next().is_some()) {
+        bail!("{} is not empty; give a new --dir so this run's history, logs and data are not mixed with another's", dir.display());
+    }
     std::fs::create_dir_all(dir.join("logs")).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     eprintln!("chaos: seed {seed}, {} servers, {} executors, {} of faults ({}), keeping everything in {}", args.servers, args.executors, humantime::format_duration(args.duration), if set.len() == Nemesis::ALL.len() { "all".to_owned() } else { set.iter().map(|n| n.name()).collect::<Vec<_>>().join(",") }, dir.display());
