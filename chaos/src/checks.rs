@@ -1,7 +1,7 @@
 //! The checkers: what a run's history, ledger, status samples and final server states must
 //! satisfy. Each returns the number of violations and a few examples; none can pass by skipping.
 
-use crate::check::task_model::{Input, Obs, Output, TaskModel, TaskStatus};
+use crate::check::task_model::{Input, Obs, Output, TaskModel, TaskState};
 use crate::check::wgl::{self, Operation, Verdict};
 use crate::history::{Call, ExecutorView, Op, Outcome};
 use serde::Serialize;
@@ -58,7 +58,7 @@ pub fn parse_ledger(text: &str) -> (Vec<LedgerLine>, u64) {
 #[derive(Clone, Debug)]
 pub struct FinalTask {
     pub key: Option<String>,
-    pub status: Option<TaskStatus>,
+    pub status: Option<TaskState>,
     pub token: Option<u64>,
     pub executor: Option<u64>,
     pub cpu_millis: u64,
@@ -133,7 +133,7 @@ pub fn capacity(ops: &[Op], finals: &[ServerFinal]) -> CheckResult {
     }
     for server in finals {
         let mut held: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
-        for task in server.tasks.values().filter(|t| matches!(t.status, Some(TaskStatus::Assigned | TaskStatus::Running))) {
+        for task in server.tasks.values().filter(|t| matches!(t.status, Some(TaskState::Assigned | TaskState::Running))) {
             if let Some(executor) = task.executor {
                 let entry = held.entry(executor).or_default();
                 entry.0 += task.cpu_millis;
@@ -181,7 +181,7 @@ pub fn completions(ledger: &[LedgerLine], ops: &[Op], finals: &[ServerFinal]) ->
         duplicates.add(|| format!("task {task} attempt with token {token} completed {count} times (executors {:?})", ends.get(&(*task, *token))));
     }
     let Some(reference) = finals.first() else { return (duplicates, stale) };
-    for (id, task) in reference.tasks.iter().filter(|(_, t)| t.status == Some(TaskStatus::Succeeded)) {
+    for (id, task) in reference.tasks.iter().filter(|(_, t)| t.status == Some(TaskState::Succeeded)) {
         let token = task.token.unwrap_or(0);
         let top = newest.get(id).copied().unwrap_or(0);
         if token < top {
@@ -356,11 +356,11 @@ mod tests {
         Op { index, client: 1, server: "s1".into(), call, key: Some(key.into()), task, invoke_ns: span.0, complete_ns: span.1, outcome }
     }
 
-    fn obs(status: TaskStatus, token: Option<u64>) -> Obs {
+    fn obs(status: TaskState, token: Option<u64>) -> Obs {
         Obs { status, token }
     }
 
-    fn final_task(key: &str, status: TaskStatus, token: Option<u64>) -> FinalTask {
+    fn final_task(key: &str, status: TaskState, token: Option<u64>) -> FinalTask {
         FinalTask { key: Some(key.into()), status: Some(status), token, executor: Some(1), cpu_millis: 500, memory_bytes: 1 << 20 }
     }
 
@@ -371,13 +371,13 @@ mod tests {
     #[test]
     fn a_lost_acknowledged_submission_and_a_phantom_task_are_counted() {
         let ops = vec![
-            op(0, Call::Submit, "a", None, (0, Some(5)), Outcome::Submitted { id: 1, existing: false, obs: obs(TaskStatus::Pending, None) }),
+            op(0, Call::Submit, "a", None, (0, Some(5)), Outcome::Submitted { id: 1, existing: false, obs: obs(TaskState::Pending, None) }),
             op(1, Call::Submit, "b", None, (0, None), Outcome::Unknown { error: "timeout".into() }),
         ];
-        let good = server("s1", &[(1, final_task("a", TaskStatus::Succeeded, Some(3))), (2, final_task("b", TaskStatus::Pending, None))]);
+        let good = server("s1", &[(1, final_task("a", TaskState::Succeeded, Some(3))), (2, final_task("b", TaskState::Pending, None))]);
         let (lost, phantom) = acknowledged_present(&ops, std::slice::from_ref(&good));
         assert_eq!((lost.violations, phantom.violations), (0, 0));
-        let bad = server("s2", &[(2, final_task("b", TaskStatus::Pending, None)), (3, final_task("zzz", TaskStatus::Pending, None))]);
+        let bad = server("s2", &[(2, final_task("b", TaskState::Pending, None)), (3, final_task("zzz", TaskState::Pending, None))]);
         let (lost, phantom) = acknowledged_present(&ops, &[good, bad]);
         assert_eq!((lost.violations, phantom.violations), (1, 1), "{lost:?} {phantom:?}");
     }
@@ -397,7 +397,7 @@ mod tests {
             outcome: Outcome::Executors { executors: vec![view(500), view(1500)] },
         }];
         assert_eq!(capacity(&ops, &[]).violations, 1);
-        let mut running = server("s1", &[(1, final_task("a", TaskStatus::Running, Some(1))), (2, final_task("b", TaskStatus::Running, Some(2))), (3, final_task("c", TaskStatus::Running, Some(3)))]);
+        let mut running = server("s1", &[(1, final_task("a", TaskState::Running, Some(1))), (2, final_task("b", TaskState::Running, Some(2))), (3, final_task("c", TaskState::Running, Some(3)))]);
         running.executors = vec![view(1000)];
         // Three running tasks of 500m on a 1000m executor: the tasks hold more than it has.
         assert_eq!(capacity(&[], &[running]).violations, 1);
@@ -407,11 +407,11 @@ mod tests {
     fn duplicate_and_superseded_completions_are_counted() {
         let line = |end, task, token| LedgerLine { end, task, token, executor: 1 };
         let ledger = vec![line(false, 1, 5), line(true, 1, 5), line(false, 2, 6), line(true, 2, 6), line(false, 2, 7), line(true, 2, 7), line(true, 2, 7)];
-        let finals = [server("s1", &[(1, final_task("a", TaskStatus::Succeeded, Some(5))), (2, final_task("b", TaskStatus::Succeeded, Some(6)))])];
+        let finals = [server("s1", &[(1, final_task("a", TaskState::Succeeded, Some(5))), (2, final_task("b", TaskState::Succeeded, Some(6)))])];
         let (duplicates, stale) = completions(&ledger, &[], &finals);
         assert_eq!(duplicates.violations, 1, "token 7 ended twice");
         assert_eq!(stale.violations, 1, "task 2 finished with token 6 after 7 was issued");
-        let clean = [server("s1", &[(1, final_task("a", TaskStatus::Succeeded, Some(5)))])];
+        let clean = [server("s1", &[(1, final_task("a", TaskState::Succeeded, Some(5)))])];
         assert_eq!(completions(&ledger[..2], &[], &clean).1.violations, 0);
     }
 
@@ -438,14 +438,14 @@ mod tests {
     #[test]
     fn a_stale_read_makes_the_history_invalid_and_a_failed_read_is_ignored() {
         let ops = vec![
-            op(0, Call::Submit, "a", None, (0, Some(10)), Outcome::Submitted { id: 1, existing: false, obs: obs(TaskStatus::Pending, None) }),
-            op(1, Call::Cancel, "a", Some(1), (20, Some(30)), Outcome::Cancelled { obs: obs(TaskStatus::Cancelled, None) }),
+            op(0, Call::Submit, "a", None, (0, Some(10)), Outcome::Submitted { id: 1, existing: false, obs: obs(TaskState::Pending, None) }),
+            op(1, Call::Cancel, "a", Some(1), (20, Some(30)), Outcome::Cancelled { obs: obs(TaskState::Cancelled, None) }),
             op(2, Call::Read, "a", Some(1), (40, Some(50)), Outcome::Fail { error: "unavailable".into() }),
         ];
         let valid = linearizable(&ops, Duration::from_secs(1));
         assert!(matches!(valid.verdict, LinearVerdict::Valid), "{valid:?}");
         let mut stale = ops.clone();
-        stale.push(op(3, Call::Read, "a", Some(1), (60, Some(70)), Outcome::Read { obs: Some(obs(TaskStatus::Pending, None)) }));
+        stale.push(op(3, Call::Read, "a", Some(1), (60, Some(70)), Outcome::Read { obs: Some(obs(TaskState::Pending, None)) }));
         let invalid = linearizable(&stale, Duration::from_secs(1));
         assert!(matches!(invalid.verdict, LinearVerdict::Invalid), "{invalid:?}");
         assert!(invalid.examples[0].contains("#3 read Pending"), "{:?}", invalid.examples);

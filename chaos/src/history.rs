@@ -2,7 +2,7 @@
 //! known not to have happened, unknown: it may or may not have), with monotonic timestamps. Streamed to
 //! `history.jsonl` as it happens and kept in memory for the checkers.
 
-use crate::check::task_model::{Obs, TaskStatus};
+use crate::check::task_model::{Obs, TaskState};
 use colony_proto::pb;
 use serde::Serialize;
 use std::io::Write as _;
@@ -187,19 +187,8 @@ impl History {
     }
 }
 
-pub fn status_of(state: i32) -> Option<TaskStatus> {
-    Some(match pb::TaskState::try_from(state).ok()? {
-        pb::TaskState::Unspecified => return None,
-        pb::TaskState::Blocked => TaskStatus::Blocked,
-        pb::TaskState::Pending => TaskStatus::Pending,
-        pb::TaskState::Assigned => TaskStatus::Assigned,
-        pb::TaskState::Running => TaskStatus::Running,
-        pb::TaskState::Succeeded => TaskStatus::Succeeded,
-        pb::TaskState::Failed => TaskStatus::Failed,
-        pb::TaskState::Cancelled => TaskStatus::Cancelled,
-        pb::TaskState::TimedOut => TaskStatus::TimedOut,
-        pb::TaskState::Lost => TaskStatus::Lost,
-    })
+pub fn status_of(state: i32) -> Option<TaskState> {
+    colony_proto::convert::task_state_from_proto(state).ok().flatten()
 }
 
 pub fn obs_of(task: &pb::Task) -> Option<Obs> {

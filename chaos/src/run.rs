@@ -361,7 +361,7 @@ async fn wait_for_work(channels: &[(String, Channel)], limit: Duration) -> Optio
     while started.elapsed() < limit {
         for (_, channel) in channels {
             if let Ok(tasks) = list_all(channel, false).await {
-                let unfinished = tasks.iter().filter(|t| crate::history::status_of(t.state).is_some_and(|s| !s.is_terminal())).count() as u64;
+                let unfinished = tasks.iter().filter(|t| crate::history::status_of(t.state).is_some_and(|s| !s.is_finished())).count() as u64;
                 if unfinished == 0 {
                     return None;
                 }

@@ -69,7 +69,7 @@ async fn the_learner_publishes_a_model_the_scheduler_uses() -> anyhow::Result<()
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n--- learner ---\n{}", learner_log()))?;
     let model = &models.models[0];
-    let metrics = model.metrics.clone().unwrap_or_default();
+    let metrics = model.metrics.unwrap_or_default();
     assert!(model.current && model.feature_schema == "colony-features-v1" && model.device == "cpu", "{model:?}");
     assert!(metrics.holdout_mse < metrics.baseline_mse, "a published model beats the baseline: {metrics:?}");
 

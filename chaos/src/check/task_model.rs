@@ -9,53 +9,16 @@
 //! change again.
 
 use super::wgl;
+pub use colony_core::TaskState;
 
-/// A task's status as the API reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-pub enum TaskStatus {
-    /// Waiting for dependencies.
-    Blocked,
-    /// Waiting for placement, at first or after a retry.
-    Pending,
-    /// Placed on an executor that has not started it.
-    Assigned,
-    /// Running on an executor.
-    Running,
-    /// Finished successfully.
-    Succeeded,
-    /// Finished with an error and no retries left.
-    Failed,
-    /// Cancelled by a client.
-    Cancelled,
-    /// Ran past its deadline.
-    TimedOut,
-    /// Its executor vanished and no retries were left.
-    Lost,
-}
-
-impl TaskStatus {
-    /// The terminal statuses an executor can produce; Cancelled is the client's alone.
-    const FINISHED_BY_EXECUTOR: [TaskStatus; 4] =
-        [TaskStatus::Succeeded, TaskStatus::Failed, TaskStatus::TimedOut, TaskStatus::Lost];
-
-    /// Whether the task can never change again.
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            TaskStatus::Succeeded
-                | TaskStatus::Failed
-                | TaskStatus::Cancelled
-                | TaskStatus::TimedOut
-                | TaskStatus::Lost
-        )
-    }
-}
+/// The terminal states an executor can produce; Cancelled is the client's alone.
+const FINISHED_BY_EXECUTOR: [TaskState; 4] = [TaskState::Succeeded, TaskState::Failed, TaskState::TimedOut, TaskState::Lost];
 
 /// What a client saw of a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct Obs {
     /// The task's status.
-    pub status: TaskStatus,
+    pub status: TaskState,
     /// The task's fencing token; `None` until its first placement.
     pub token: Option<u64>,
 }
@@ -116,7 +79,7 @@ pub enum State {
     /// Finished: `status` is terminal and never changes again.
     Done {
         /// The terminal status.
-        status: TaskStatus,
+        status: TaskState,
         /// The frozen fencing token.
         token: Token,
     },
@@ -145,7 +108,7 @@ impl wgl::Model for TaskModel {
             // The creating submit answers with the task as created: waiting, never placed.
             (Input::Submit, Output::Submitted { existing: false, obs })
                 if state == State::Absent
-                    && matches!(obs.status, TaskStatus::Pending | TaskStatus::Blocked)
+                    && matches!(obs.status, TaskState::Pending | TaskState::Blocked)
                     && obs.token.is_none() =>
             {
                 vec![State::Live { token: None }]
@@ -158,20 +121,20 @@ impl wgl::Model for TaskModel {
             (Input::Read, Output::Read(Some(obs))) => observe(state, obs).into_iter().collect(),
             (Input::Cancel, Output::Unknown) => match state {
                 State::Live { token } => {
-                    vec![state, State::Done { status: TaskStatus::Cancelled, token: Token::AtLeast(token) }]
+                    vec![state, State::Done { status: TaskState::Cancelled, token: Token::AtLeast(token) }]
                 }
                 _ => vec![state],
             },
             (Input::Cancel, Output::Cancelled(obs)) => match state {
-                State::Live { token } if obs.status == TaskStatus::Cancelled && obs.token >= token => {
-                    vec![State::Done { status: TaskStatus::Cancelled, token: Token::Exact(obs.token) }]
+                State::Live { token } if obs.status == TaskState::Cancelled && obs.token >= token => {
+                    vec![State::Done { status: TaskState::Cancelled, token: Token::Exact(obs.token) }]
                 }
                 _ => vec![],
             },
             (Input::Cancel, Output::CancelRefused) => match state {
                 State::Absent => vec![],
                 // Some executor finished the task unseen; which way is left open.
-                State::Live { token } => TaskStatus::FINISHED_BY_EXECUTOR
+                State::Live { token } => FINISHED_BY_EXECUTOR
                     .iter()
                     .map(|&status| State::Done { status, token: Token::AtLeast(token) })
                     .collect(),
@@ -188,9 +151,9 @@ fn observe(state: State, obs: Obs) -> Option<State> {
     match state {
         State::Absent => None,
         State::Live { token } if obs.token < token => None,
-        State::Live { .. } if !obs.status.is_terminal() => Some(State::Live { token: obs.token }),
+        State::Live { .. } if !obs.status.is_finished() => Some(State::Live { token: obs.token }),
         // Only a client cancel makes a task Cancelled, and it goes through `Done`.
-        State::Live { .. } if obs.status == TaskStatus::Cancelled => None,
+        State::Live { .. } if obs.status == TaskState::Cancelled => None,
         State::Live { .. } => Some(State::Done { status: obs.status, token: Token::Exact(obs.token) }),
         State::Done { status, .. } if status != obs.status => None,
         State::Done { token: Token::Exact(token), .. } => (obs.token == token).then_some(state),
@@ -207,7 +170,7 @@ mod tests {
     use super::wgl::{check, Operation, Verdict};
     use super::*;
     use Input::{Cancel, Read, Submit};
-    use TaskStatus::{Assigned, Cancelled, Pending, Running, Succeeded};
+    use TaskState::{Assigned, Cancelled, Pending, Running, Succeeded};
 
     const MS: u64 = 1_000_000;
 
@@ -244,15 +207,15 @@ mod tests {
         }
     }
 
-    fn obs(status: TaskStatus, token: Option<u64>) -> Obs {
+    fn obs(status: TaskState, token: Option<u64>) -> Obs {
         Obs { status, token }
     }
 
     fn created() -> Output {
-        Output::Submitted { existing: false, obs: obs(TaskStatus::Pending, None) }
+        Output::Submitted { existing: false, obs: obs(TaskState::Pending, None) }
     }
 
-    fn seen(status: TaskStatus, token: Option<u64>) -> Output {
+    fn seen(status: TaskState, token: Option<u64>) -> Output {
         Output::Read(Some(obs(status, token)))
     }
 
@@ -368,7 +331,7 @@ mod tests {
             (1, 0, Some(5), Submit, created()),
             (2, 6, Some(8), Read, seen(Running, Some(2))),
             (3, 10, Some(12), Cancel, Output::CancelRefused),
-            (2, 20, Some(22), Read, seen(TaskStatus::Lost, Some(2))),
+            (2, 20, Some(22), Read, seen(TaskState::Lost, Some(2))),
         ]));
     }
 
@@ -417,15 +380,15 @@ mod tests {
             let mut task: Option<Obs> = None;
             let mut ops = Vec::new();
             for instant in (2..18).map(|k| 100 * k) {
-                if let Some(current) = task.filter(|t| !t.status.is_terminal() && random(2) == 0) {
+                if let Some(current) = task.filter(|t| !t.status.is_finished() && random(2) == 0) {
                     let token = current.token.unwrap_or(0) + 1 + random(3);
                     let status = match (current.status, random(6)) {
                         (Pending, _) => Assigned,
                         (Assigned, _) => Running,
                         (_, 0) => Pending,
-                        (_, 1) => TaskStatus::Failed,
-                        (_, 2) => TaskStatus::Lost,
-                        (_, 3) => TaskStatus::TimedOut,
+                        (_, 1) => TaskState::Failed,
+                        (_, 2) => TaskState::Lost,
+                        (_, 3) => TaskState::TimedOut,
                         _ => Succeeded,
                     };
                     let token = if status == Assigned { Some(token) } else { current.token };
@@ -451,7 +414,7 @@ mod tests {
                         Cancel,
                         match task {
                             None => Output::CancelNotFound,
-                            Some(t) if t.status.is_terminal() => Output::CancelRefused,
+                            Some(t) if t.status.is_finished() => Output::CancelRefused,
                             Some(t) => {
                                 task = Some(obs(Cancelled, t.token));
                                 Output::Cancelled(obs(Cancelled, t.token))
