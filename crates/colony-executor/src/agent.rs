@@ -5,6 +5,7 @@ use crate::config::ExecutorConfig;
 use crate::dial::CLOSE_CODE_OK;
 use crate::identity::{self, IdentityError};
 use crate::join::{self, JoinError};
+use crate::journal::Journal;
 use crate::link::{Launcher, Link, LinkError, Profile};
 use crate::metrics::{self, Metrics};
 use crate::runner;
@@ -27,6 +28,12 @@ pub enum AgentError {
     NoIdentity(PathBuf),
     #[error("cannot create the data directory {path}")]
     DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the journal of started attempts in {path}")]
+    Journal {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -104,6 +111,7 @@ async fn run_agent(config: ExecutorConfig, shutdown: impl Future<Output = ()>) -
         Ok(count) => tracing::info!(count, "kept the working directories of attempts interrupted by the last stop"),
         Err(e) => tracing::warn!(error = %e, "could not tidy the working directories"),
     }
+    let journal = Journal::open(&data_dir).map_err(|source| AgentError::Journal { path: data_dir.clone(), source })?;
     tracing::info!(executor_id = %creds.executor_id, name = %config.name, capacity = %config.capacity, "executor starting");
     let link = Link {
         servers: config.servers,
@@ -116,6 +124,7 @@ async fn run_agent(config: ExecutorConfig, shutdown: impl Future<Output = ()>) -
         },
         launcher: Launcher::Run { data_dir: data_dir.into() },
         metrics,
+        journal: Some(journal),
     };
     let result = link.run(&endpoint, &client, shutdown).await;
     if let Some(http) = http {

@@ -12,6 +12,7 @@ mod config;
 mod dial;
 mod identity;
 mod join;
+mod journal;
 mod link;
 mod metrics;
 #[cfg(test)]

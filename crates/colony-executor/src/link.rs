@@ -17,6 +17,7 @@ use tracing::Instrument as _;
 use quinn::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
+use crate::journal::Journal;
 use std::path::Path;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
@@ -100,6 +101,8 @@ pub(crate) struct Link {
     pub profile: Profile,
     pub launcher: Launcher,
     pub metrics: Arc<Metrics>,
+    /// Attempts started here, on disk; `None` for simulated executors, which run nothing.
+    pub journal: Option<Journal>,
 }
 
 /// An attempt that ended, as its task tells the loop.
@@ -239,6 +242,7 @@ async fn connect(endpoint: &Endpoint, client: &ClientConfig, addr: &str, hello: 
 struct State {
     profile: Profile,
     launcher: Launcher,
+    journal: Option<Journal>,
     metrics: Arc<Metrics>,
     running: BTreeMap<(TaskId, FencingToken), Running>,
     finished: BTreeSet<(TaskId, FencingToken)>,
@@ -260,6 +264,7 @@ impl Link {
         let mut state = State {
             profile: self.profile,
             launcher: self.launcher,
+            journal: self.journal,
             metrics: self.metrics,
             running: BTreeMap::new(),
             finished: BTreeSet::new(),
@@ -435,6 +440,9 @@ impl State {
         }
         let attempt = Attempt { task_id: task, attempt: assign.attempt, fencing_token: token, executor_id: self.profile.executor_id };
         self.queue_report(task, token, pb::status_report::Status::Started(pb::Started {}));
+        if self.journal.as_ref().is_some_and(|j| j.started_before_restart((task, token))) {
+            return self.refuse(&attempt, "this executor restarted while the attempt was starting or running; an attempt never starts twice".to_owned());
+        }
         let spec = match assign.spec.map(TaskSpec::try_from) {
             Some(Ok(spec)) => spec,
             Some(Err(e)) => return self.refuse(&attempt, format!("invalid task spec: {e}")),
@@ -442,6 +450,9 @@ impl State {
         };
         if self.running.len() >= ATTEMPTS_RUNNING_MAX {
             return self.refuse(&attempt, format!("the executor already runs {ATTEMPTS_RUNNING_MAX} attempts"));
+        }
+        if let Some(Err(e)) = self.journal.as_mut().map(|j| j.record((task, token))) {
+            return self.refuse(&attempt, format!("cannot record the attempt before starting it: {e}"));
         }
         tracing::info!(%task, attempt = attempt.attempt, %token, name = %spec.name, "starting attempt");
         let (kill_tx, kill_rx) = oneshot::channel();

@@ -230,6 +230,66 @@ async fn unknown_executor_is_fatal() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An executor killed after starting an attempt, restarted on the same data, is sent that
+/// attempt again (its Started report never committed): it must refuse it, not run it twice.
+#[tokio::test]
+async fn a_restarted_agent_never_starts_an_attempt_twice() -> anyhow::Result<()> {
+    let ca = ClusterCa::generate("protocol")?;
+    let (leader, leader_addr) = server(&ca)?;
+    let data_dir = tempfile::tempdir()?;
+    let (key_pem, csr_pem) = colony_quic::new_executor_key()?;
+    let creds = crate::Credentials { executor_id: colony_core::ExecutorId(4), key_pem, cert_pem: ca.sign_executor_csr(&csr_pem, 4)?, ca_pem: ca.cert_pem().to_owned() };
+    crate::identity::store(data_dir.path(), &creds)?;
+    let config = ExecutorConfig {
+        servers: vec![leader_addr.to_string()],
+        token: None,
+        data_dir: data_dir.path().to_owned(),
+        name: "crashy".to_owned(),
+        capacity: Resources { cpu_millis: 2000, ..Resources::default() },
+        labels: Default::default(),
+        capabilities: Default::default(),
+        metrics_listen: None,
+    };
+    let echo = pb::task_spec::Run::Builtin(pb::BuiltinRun { handler: "echo".into(), input: "once".into() });
+
+    // First life: the attempt starts; the agent is then stopped without a word (as kill -9 would).
+    let first = tokio::spawn(crate::run(config.clone(), std::future::pending()));
+    let mut peer = Peer::accept(&leader).await?;
+    peer.hello().await?;
+    peer.send(Down::Welcome(pb::Welcome { heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS })).await?;
+    peer.send(assign(1, 10, echo.clone())).await?;
+    let started = peer.next_report().await?;
+    assert!(matches!(started.status, Some(pb::status_report::Status::Started(_))));
+    first.abort();
+    let _ = first.await;
+
+    // Second life: the same assignment is refused as failed; a new one runs.
+    let second = tokio::spawn(crate::run(config, std::future::pending()));
+    let mut peer = Peer::accept(&leader).await?;
+    peer.hello().await?;
+    peer.send(Down::Welcome(pb::Welcome { heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS })).await?;
+    peer.send(assign(1, 10, echo.clone())).await?;
+    let mut refused = peer.next_report().await?;
+    if matches!(refused.status, Some(pb::status_report::Status::Started(_))) {
+        refused = peer.next_report().await?;
+    }
+    let Some(pb::status_report::Status::Finished(result)) = &refused.status else { bail!("expected Finished, got {refused:?}") };
+    assert_eq!((refused.task_id, refused.fencing_token, result.outcome), (1, 10, pb::AttemptOutcome::Failed as i32));
+    assert!(result.message.contains("restarted") && result.stdout_tail.is_empty(), "{result:?}");
+    peer.send(assign(2, 20, echo)).await?;
+    let mut reports = Vec::new();
+    while reports.len() < 2 {
+        let report = peer.next_report().await?;
+        if report.task_id == 2 {
+            reports.push(report);
+        }
+    }
+    let Some(pb::status_report::Status::Finished(result)) = &reports[1].status else { bail!("expected Finished") };
+    assert_eq!((result.outcome, result.stdout_tail.as_str()), (pb::AttemptOutcome::Succeeded as i32, "once"));
+    second.abort();
+    Ok(())
+}
+
 #[tokio::test]
 async fn simulated_executor_holds_then_succeeds() -> anyhow::Result<()> {
     let ca = ClusterCa::generate("protocol")?;

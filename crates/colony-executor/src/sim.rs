@@ -79,6 +79,7 @@ impl SimExecutor {
             },
             launcher: Launcher::Simulate { behaviour, capacity, events },
             metrics,
+            journal: None,
         };
         link.run(&endpoint, &client, std::future::pending()).await.with_context(|| format!("simulated executor {}", creds.executor_id))?;
         Ok(())
