@@ -27,7 +27,7 @@ cargo test --release --workspace -- --test-threads 2
 # control, which must be caught (servers serving stale reads make the history non-linearizable).
 # Needs root for network namespaces; it says so and fails rather than skip.
 chaos_dir="$(mktemp -d /tmp/colony-chaos-ci.XXXXXX)"
-COLONY_SKIP_BUILD=1 chaos/run --servers 3 --executors 3 --duration 170s --fault-time 5s \
+COLONY_SKIP_BUILD=1 chaos/run --servers 3 --executors 3 --duration 190s --fault-time 5s \
     --seed "${COLONY_CHAOS_SEED:-42}" --nemesis all --dir "$chaos_dir/all"
 echo "chaos: the negative control follows; its run must end INVALID (the error line below is expected)" >&2
 if COLONY_SKIP_BUILD=1 chaos/run --duration 20s --seed 7 --negative-control stale-reads --dir "$chaos_dir/negative"; then

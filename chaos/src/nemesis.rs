@@ -41,6 +41,9 @@ pub enum Nemesis {
     KillMinority,
     /// kill -9 of every server, then restarts.
     KillAll,
+    /// kill -9 of one executor, then a restart on the same data (its attempts fail over; none
+    /// may run twice).
+    KillExecutor,
     /// SIGSTOP of the leader (or another server) for longer than an election timeout.
     Pause,
     /// Delay and jitter on every link, and duplicated, reordered datagrams on the executors'.
@@ -54,7 +57,7 @@ pub enum Nemesis {
 }
 
 impl Nemesis {
-    pub const ALL: [Nemesis; 17] = [
+    pub const ALL: [Nemesis; 18] = [
         Nemesis::PartitionOne,
         Nemesis::PartitionLeader,
         Nemesis::PartitionHalves,
@@ -67,6 +70,7 @@ impl Nemesis {
         Nemesis::KillLeader,
         Nemesis::KillMinority,
         Nemesis::KillAll,
+        Nemesis::KillExecutor,
         Nemesis::Pause,
         Nemesis::Slow,
         Nemesis::Membership,
@@ -242,6 +246,11 @@ pub async fn apply(cluster: &mut Cluster, planned: &Planned) -> Result<String> {
             }
             Ok(format!("kill -9 {}", victims.iter().map(|&i| servers[i].clone()).collect::<Vec<_>>().join(",")))
         }
+        Nemesis::KillExecutor => {
+            let index = rng.gen_range(0..cluster.executors.len());
+            cluster.executors[index].kill().await;
+            Ok(format!("kill -9 {}", cluster.executors[index].host.name))
+        }
         Nemesis::Pause => {
             let target = if rng.gen_bool(0.7) { cluster.leader().await.unwrap_or(random) } else { random };
             cluster.servers[target].pause()?;
@@ -365,9 +374,9 @@ mod tests {
 
     #[test]
     fn nemesis_sets_parse_groups_names_and_refuse_unknown_words() -> Result<()> {
-        assert_eq!(Nemesis::parse_set("all")?.len(), 17);
+        assert_eq!(Nemesis::parse_set("all")?.len(), 18);
         assert_eq!(Nemesis::parse_set("partition")?.len(), 7);
-        assert_eq!(Nemesis::parse_set("kill,pause")?.len(), 5);
+        assert_eq!(Nemesis::parse_set("kill,pause")?.len(), 6);
         assert_eq!(Nemesis::parse_set("disk-full")?, vec![Nemesis::DiskFull]);
         let error = Nemesis::parse_set("partition,fire").map(|_| ()).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(error.contains("\"fire\"") && error.contains("disk-full"), "{error}");
