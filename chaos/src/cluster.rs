@@ -199,10 +199,6 @@ impl Cluster {
         id
     }
 
-    pub fn unsafe_stale_reads(&self) -> bool {
-        self.unsafe_stale_reads
-    }
-
     /// Undoes every fault: rules, proxies, pauses, skewed clocks, full disks, stopped processes.
     /// Returns the processes that had exited on their own since the last look.
     pub async fn heal(&mut self) -> Result<Vec<String>> {

@@ -163,8 +163,4 @@ impl Proc {
         self.child = None;
         Some(status.to_string())
     }
-
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
 }

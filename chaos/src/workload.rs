@@ -82,11 +82,6 @@ impl Pool {
         let waiting: Vec<&(String, u64)> = self.keys.iter().filter(|(k, _)| !self.ids.contains_key(k)).collect();
         (!waiting.is_empty()).then(|| waiting[rng.gen_range(0..waiting.len())].clone())
     }
-
-    /// Every key whose task id is known.
-    pub fn ids(&self) -> &BTreeMap<String, u64> {
-        &self.ids
-    }
 }
 
 /// A server error that proves the request was not carried out: refused before it was proposed.
