@@ -156,15 +156,14 @@ pub fn capacity(ops: &[Op], finals: &[ServerFinal]) -> CheckResult {
 pub fn completions(ledger: &[LedgerLine], ops: &[Op], finals: &[ServerFinal]) -> (CheckResult, CheckResult) {
     let mut duplicates = CheckResult::default();
     let mut stale = CheckResult::default();
-    let mut ends: BTreeMap<(u64, u64), BTreeSet<u64>> = BTreeMap::new();
-    let mut end_count: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    // The executors each (task, token) ended on, once per ending.
+    let mut ends: BTreeMap<(u64, u64), Vec<u64>> = BTreeMap::new();
     let mut newest: BTreeMap<u64, u64> = BTreeMap::new();
     for line in ledger {
         let top = newest.entry(line.task).or_default();
         *top = (*top).max(line.token);
         if line.end {
-            ends.entry((line.task, line.token)).or_default().insert(line.executor);
-            *end_count.entry((line.task, line.token)).or_default() += 1;
+            ends.entry((line.task, line.token)).or_default().push(line.executor);
         }
     }
     for op in ops {
@@ -177,8 +176,8 @@ pub fn completions(ledger: &[LedgerLine], ops: &[Op], finals: &[ServerFinal]) ->
             *top = (*top).max(token);
         }
     }
-    for ((task, token), count) in end_count.iter().filter(|(_, c)| **c > 1) {
-        duplicates.add(|| format!("task {task} attempt with token {token} completed {count} times (executors {:?})", ends.get(&(*task, *token))));
+    for ((task, token), executors) in ends.iter().filter(|(_, e)| e.len() > 1) {
+        duplicates.add(|| format!("task {task} attempt with token {token} completed {} times (on executors {executors:?})", executors.len()));
     }
     let Some(reference) = finals.first() else { return (duplicates, stale) };
     for (id, task) in reference.tasks.iter().filter(|(_, t)| t.status == Some(TaskState::Succeeded)) {

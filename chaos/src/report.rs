@@ -2,7 +2,7 @@
 //! operations, every checker's count, recovery times, and where everything was kept.
 
 use crate::checks::{CheckResult, Linearizability};
-use crate::history::Op;
+use crate::history::{Call, Op, Outcome};
 use crate::run::NegativeControl;
 use comfy_table::{presets, ContentArrangement, Table};
 use serde::Serialize;
@@ -132,8 +132,33 @@ impl Report {
     }
 }
 
+/// Calls by kind: invoked, and how each ended.
 pub fn count_operations(ops: &[Op]) -> BTreeMap<String, OperationCounts> {
-    crate::run::tally(ops).into_iter().map(|(k, [invoked, ok, fail, unknown])| (k, OperationCounts { invoked, ok, fail, unknown })).collect()
+    let mut counts: BTreeMap<String, OperationCounts> = BTreeMap::new();
+    for op in ops {
+        let name = match op.call {
+            Call::Submit => "submit",
+            Call::Read => "read",
+            Call::Cancel => "cancel",
+            Call::Executors => "read executors",
+        };
+        let entry = counts.entry(name.to_owned()).or_insert(OperationCounts { invoked: 0, ok: 0, fail: 0, unknown: 0 });
+        entry.invoked += 1;
+        match op.outcome {
+            Outcome::Fail { .. } => entry.fail += 1,
+            Outcome::Unknown { .. } => entry.unknown += 1,
+            _ => entry.ok += 1,
+        }
+    }
+    counts
+}
+
+/// The value at fraction `p` of `sorted` (nearest rank); 0 when empty.
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 pub fn faults_by_kind(faults: &[FaultRecord]) -> BTreeMap<String, u64> {
@@ -167,8 +192,10 @@ pub fn print(report: &Report) {
         let mut times: Vec<u64> = report.faults.iter().filter(|f| &f.nemesis == kind).filter_map(|f| f.recovery_ms).collect();
         times.sort_unstable();
         let errors = report.faults.iter().filter(|f| &f.nemesis == kind && f.error.is_some()).count();
-        let p50 = times.get(times.len().saturating_sub(1) / 2).map_or("-".to_owned(), u64::to_string);
-        let max = times.last().map_or("-".to_owned(), u64::to_string);
+        let (p50, max) = match times.last() {
+            Some(max) => (percentile(&times, 0.5).to_string(), max.to_string()),
+            None => ("-".to_owned(), "-".to_owned()),
+        };
         faults.add_row(vec![kind.clone(), count.to_string(), p50, max, errors.to_string()]);
     }
     println!("{faults}");

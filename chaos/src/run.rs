@@ -5,7 +5,7 @@
 
 use crate::checks::{self, LinearVerdict, ServerFinal, StatusSample};
 use crate::cluster::Cluster;
-use crate::history::{Call, History, Op, Outcome};
+use crate::history::{History, Op};
 use crate::nemesis::{self, Nemesis, Planned};
 use crate::report::{self, FaultRecord, Report};
 use crate::workload::{Pool, Workload};
@@ -125,13 +125,6 @@ async fn interrupted() -> &'static str {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     }
-}
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 async fn run_suite(args: ChaosArgs, json: bool) -> Result<bool> {
@@ -293,7 +286,7 @@ fn check(
         terms_seen,
         divergence,
         linearizability,
-        recovery_ms_p50: percentile(&recoveries, 0.5),
+        recovery_ms_p50: report::percentile(&recoveries, 0.5),
         recovery_ms_max: recoveries.last().copied().unwrap_or(0),
         not_recovered,
         unexpected_exits,
@@ -424,25 +417,4 @@ async fn collect_finals(cluster: &Cluster, limit: Duration) -> Result<Vec<Server
         });
     }
     Ok(finals)
-}
-
-/// Calls by kind: invoked, ok, fail, info.
-pub fn tally(ops: &[Op]) -> std::collections::BTreeMap<String, [u64; 4]> {
-    let mut counts: std::collections::BTreeMap<String, [u64; 4]> = Default::default();
-    for op in ops {
-        let name = match op.call {
-            Call::Submit => "submit",
-            Call::Read => "read",
-            Call::Cancel => "cancel",
-            Call::Executors => "read executors",
-        };
-        let entry = counts.entry(name.to_owned()).or_default();
-        entry[0] += 1;
-        match op.outcome {
-            Outcome::Fail { .. } => entry[2] += 1,
-            Outcome::Unknown { .. } => entry[3] += 1,
-            _ => entry[1] += 1,
-        }
-    }
-    counts
 }
