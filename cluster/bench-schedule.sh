@@ -9,8 +9,12 @@ cd "$(dirname "$0")/.."
 executors="${1:-1000}"
 tasks="${2:-20000}"
 source cluster/setup.sh
-cargo build --release --bin colony
-colony="$CARGO_TARGET_DIR/release/colony"
+# COLONY_BIN runs another build (cluster/bench-compare.sh compares two); otherwise build this one
+# with the workspace's one feature resolution, so nothing is recompiled for the benchmark.
+if [ -z "${COLONY_BIN:-}" ]; then
+    cargo build --release --workspace --all-targets
+fi
+colony="${COLONY_BIN:-$CARGO_TARGET_DIR/release/colony}"
 
 source cluster/bench-cluster.sh
 start_bench_cluster 17201

@@ -8,8 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 duration="${1:-10s}"
 source cluster/setup.sh
-cargo build --release --bin colony
-colony="$CARGO_TARGET_DIR/release/colony"
+# COLONY_BIN runs another build (cluster/bench-compare.sh compares two); otherwise build this one
+# with the workspace's one feature resolution, so nothing is recompiled for the benchmark.
+if [ -z "${COLONY_BIN:-}" ]; then
+    cargo build --release --workspace --all-targets
+fi
+colony="${COLONY_BIN:-$CARGO_TARGET_DIR/release/colony}"
 
 echo "== etcd (reference): etcdctl check perf --load=l"
 cluster/bench-etcd.sh l

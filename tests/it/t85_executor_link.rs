@@ -107,7 +107,7 @@ async fn malformed_and_forged_messages_are_refused() -> anyhow::Result<()> {
     let mut raw = connect(&endpoint, &leader_addr, &creds).await?;
     colony_quic::write_frame(&mut raw.send, &hello(9999)).await?;
     let answer = next(&mut raw).await?.and_then(|m| m.body);
-    assert!(matches!(&answer, Some(pb::server_message::Body::Error(e)) if e.message.contains("unknown")), "{answer:?}");
+    assert!(matches!(&answer, Some(pb::server_message::Body::Error(e)) if e.code() == pb::LinkErrorCode::UnknownExecutor && e.message.contains("unknown")), "{answer:?}");
 
     for server in cluster.servers.iter_mut() {
         assert!(server.is_running(), "server {} must survive bad executor input", server.id);

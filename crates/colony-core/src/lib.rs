@@ -6,6 +6,7 @@
 
 pub mod executor;
 pub mod ids;
+pub mod leader;
 pub mod limits;
 pub mod model;
 pub mod resources;

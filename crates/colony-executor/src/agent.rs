@@ -2,7 +2,6 @@
 //! its metrics, and runs the link to the leader until asked to stop.
 
 use crate::config::ExecutorConfig;
-use crate::dial::CLOSE_CODE_OK;
 use crate::identity::{self, IdentityError};
 use crate::join::{self, JoinError};
 use crate::journal::Journal;
@@ -130,7 +129,7 @@ async fn run_agent(config: ExecutorConfig, shutdown: impl Future<Output = ()>) -
     if let Some(http) = http {
         http.abort();
     }
-    endpoint.close(quinn::VarInt::from_u32(CLOSE_CODE_OK), b"executor stopped");
+    endpoint.close(colony_quic::CloseCode::Ok.into(), b"executor stopped");
     let _ = tokio::time::timeout(ENDPOINT_CLOSE_MAX, endpoint.wait_idle()).await;
     result?;
     Ok(())

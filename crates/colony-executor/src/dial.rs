@@ -20,9 +20,6 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 const REDIRECTS_PER_ROUND_MAX: u32 = 4;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// The application error code of a deliberate close.
-pub(crate) const CLOSE_CODE_OK: u32 = 0;
-
 /// Why one server could not be reached or did not answer.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DialError {
@@ -70,7 +67,7 @@ pub(crate) struct Stream {
 impl Stream {
     /// Closes the connection deliberately (code 0), telling the server why.
     pub(crate) fn close(&self, reason: &str) {
-        self.conn.close(quinn::VarInt::from_u32(CLOSE_CODE_OK), reason.as_bytes());
+        colony_quic::CloseCode::Ok.close(&self.conn, reason);
     }
 }
 

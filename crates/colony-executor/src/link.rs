@@ -52,11 +52,9 @@ pub enum LinkError {
     UnknownExecutor(String),
 }
 
-/// True for a `LinkError` message that means the cluster does not know this executor; the
-/// server words it "unknown executor ...".
-fn is_unknown_executor(message: &str) -> bool {
-    let message = message.to_ascii_lowercase();
-    message.contains("unknown") && message.contains("executor")
+/// True for a `LinkError` that means the cluster does not know this executor: final.
+fn is_unknown_executor(error: &pb::LinkError) -> bool {
+    error.code() == pb::LinkErrorCode::UnknownExecutor
 }
 
 /// What this executor says about itself in `Hello`.
@@ -184,7 +182,7 @@ impl Session {
     }
 
     fn close(&self, reason: &str) {
-        self.conn.close(quinn::VarInt::from_u32(dial::CLOSE_CODE_OK), reason.as_bytes());
+        colony_quic::CloseCode::Ok.close(&self.conn, reason);
     }
 }
 
@@ -223,7 +221,7 @@ async fn connect(endpoint: &Endpoint, client: &ClientConfig, addr: &str, hello: 
         Ok(pb::server_message::Body::Welcome(welcome)) => return Step::Done(Session::start(stream, welcome.heartbeat_interval_ms)),
         Ok(pb::server_message::Body::Redirect(redirect)) if redirect.leader_address.is_empty() => (Step::NoLeader, "no leader"),
         Ok(pb::server_message::Body::Redirect(redirect)) => (Step::Redirect(redirect.leader_address), "redirected"),
-        Ok(pb::server_message::Body::Error(error)) if is_unknown_executor(&error.message) => (Step::Fatal(error.message), "unknown executor"),
+        Ok(pb::server_message::Body::Error(error)) if is_unknown_executor(&error) => (Step::Fatal(error.message), "unknown executor"),
         Ok(pb::server_message::Body::Error(error)) => (Step::Failed(format!("refused: {}", error.message)), "refused"),
         Ok(_) => {
             metrics.quic_errors.inc();
@@ -414,7 +412,7 @@ impl State {
                 self.on_ack(ack);
                 Ok(())
             }
-            Some(Body::Error(error)) if is_unknown_executor(&error.message) => Err(SessionEnd::Fatal(error.message)),
+            Some(Body::Error(error)) if is_unknown_executor(&error) => Err(SessionEnd::Fatal(error.message)),
             Some(Body::Error(error)) => Err(SessionEnd::Lost(format!("the server ended the session: {}", error.message))),
             Some(Body::Welcome(_) | Body::Redirect(_) | Body::JoinAccepted(_)) => {
                 Err(SessionEnd::Lost("the server sent a handshake message in an established session".to_owned()))
@@ -677,9 +675,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unknown_executor_messages_are_recognised() {
-        assert!(is_unknown_executor("unknown executor 7"));
-        assert!(is_unknown_executor("Executor 7 is unknown"));
-        assert!(!is_unknown_executor("not the leader"));
+    fn only_the_unknown_executor_code_is_final() {
+        let error = |code: pb::LinkErrorCode, message: &str| pb::LinkError { message: message.to_owned(), code: code.into() };
+        assert!(is_unknown_executor(&error(pb::LinkErrorCode::UnknownExecutor, "executor 7 is unknown to this cluster")));
+        // The words alone mean nothing: only the code is read.
+        assert!(!is_unknown_executor(&error(pb::LinkErrorCode::Unspecified, "unknown executor 7")));
+        assert!(!is_unknown_executor(&error(pb::LinkErrorCode::Rejected, "not the leader")));
     }
 }

@@ -152,7 +152,7 @@ async fn agent_joins_follows_redirects_reports_and_stops() -> anyhow::Result<()>
 
     // Until Finished is acknowledged the attempt still counts as running; the connection drops.
     assert_eq!(running(&peer.next_heartbeat().await?.running), [(1, 10)]);
-    peer.conn.close(0u32.into(), b"leader stepping down");
+    colony_quic::CloseCode::GoingAway.close(&peer.conn, "leader stepping down");
 
     // The agent comes back with the last leader first and re-sends the unacknowledged report.
     let mut peer = Peer::accept(&leader).await?;
@@ -224,9 +224,9 @@ async fn unknown_executor_is_fatal() -> anyhow::Result<()> {
     let agent = tokio::spawn(crate::run(config, std::future::pending()));
     let mut peer = Peer::accept(&leader).await?;
     peer.hello().await?;
-    peer.send(Down::Error(pb::LinkError { message: "unknown executor 9".into() })).await?;
+    peer.send(Down::Error(pb::LinkError { message: "executor 9 is unknown to this cluster".into(), code: pb::LinkErrorCode::UnknownExecutor.into() })).await?;
     let error = within("agent exit", agent).await??.expect_err("fatal");
-    assert!(format!("{error:#}").contains("unknown executor 9"), "{error:#}");
+    assert!(format!("{error:#}").contains("executor 9 is unknown to this cluster"), "{error:#}");
     Ok(())
 }
 

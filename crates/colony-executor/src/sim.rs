@@ -29,7 +29,7 @@ pub enum SimEvent {
 pub async fn join(servers: &[String], token: &str, name: &str) -> anyhow::Result<Credentials> {
     let endpoint = colony_quic::client_endpoint().context("cannot open a QUIC endpoint")?;
     let joined = crate::join::join(&endpoint, servers, token, name, Some(JOIN_ROUNDS_MAX)).await;
-    endpoint.close(quinn::VarInt::from_u32(crate::dial::CLOSE_CODE_OK), b"joined");
+    endpoint.close(colony_quic::CloseCode::Ok.into(), b"joined");
     let _ = tokio::time::timeout(ENDPOINT_CLOSE_MAX, endpoint.wait_idle()).await;
     joined.with_context(|| format!("simulated executor {name} cannot join"))
 }

@@ -18,6 +18,10 @@ pub enum ConversionError {
     State(i32),
     #[error("unknown placement policy {0}")]
     Placement(i32),
+    #[error("unknown attempt outcome {0}")]
+    AttemptOutcome(i32),
+    #[error("{field} is {bytes} bytes; the limit is {max}")]
+    TooLong { field: &'static str, bytes: usize, max: usize },
 }
 
 impl From<&Resources> for pb::Resources {

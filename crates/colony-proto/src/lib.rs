@@ -2,6 +2,7 @@
 //! and colony-core types. Generated types never travel past this crate's callers' edges.
 
 pub mod convert;
+pub mod link;
 
 /// Generated protobuf and gRPC types for `colony.v1`.
 #[allow(clippy::all, missing_docs)]

@@ -4,6 +4,7 @@
 //! built with the ring provider passed explicitly and TLS 1.3 only, so nothing depends on a
 //! process-default crypto provider being installed.
 
+mod close;
 mod frame;
 mod pki;
 mod tls;
@@ -12,6 +13,7 @@ mod token;
 #[cfg(test)]
 mod tests;
 
+pub use close::CloseCode;
 pub use frame::{read_frame, write_frame, FrameError, FRAME_BYTES_MAX};
 pub use pki::{
     cert_fingerprint, fingerprint_der, new_executor_key, CertifiedKey, ClusterCa, Fingerprint,

@@ -1,10 +1,12 @@
-//! What only the leader does: create the cluster CA once, run scheduling rounds (placements,
-//! preemptions, deadlines, drain deadlines), and declare executors down when they fall silent.
-//! Runs while this server leads and is aborted when it stops leading.
+//! What only the leader does, as I/O around `colony_core::leader`: create the cluster CA once,
+//! run scheduling rounds (plan, propose, hand the outcomes to the leader component), and tick the
+//! failure detector. Runs while this server leads and is aborted when it stops leading.
 
-use crate::node::{unix_ms, Node};
-use colony_core::scheduler::{plan_with, Oracle, PlanConfig};
-use colony_core::{ClusterCaRecord, Command, CommandError, ExecutorSpec, ExecutorState, ModelVersion, Outcome, TaskSpec};
+use crate::node::Node;
+use crate::proposer::ProposeError;
+use colony_core::leader::{round_commands, ModelDecision, ModelTracker};
+use colony_core::scheduler::{plan_with, NoModel, Oracle, PlanConfig};
+use colony_core::{ClusterCaRecord, Command, CommandError, ExecutorSpec, ModelVersion, Outcome, TaskSpec};
 use colony_learn::Predictor;
 use colony_quic::ClusterCa;
 use std::sync::Arc;
@@ -13,18 +15,19 @@ use std::time::{Duration, Instant};
 /// Rounds also run on this tick, for backoffs, deadlines and drain deadlines that pass quietly.
 const SCHEDULE_TICK: Duration = Duration::from_millis(100);
 const DETECTOR_TICK: Duration = Duration::from_millis(250);
+/// How long to wait before proposing the cluster CA again after a failed commit.
+const CA_RETRY: Duration = Duration::from_millis(500);
 
 pub async fn run(node: Arc<Node>) {
-    let leader_since = Instant::now();
     tracing::info!("leading: scheduler and failure detector started");
     ensure_ca(&node).await;
-    let config = PlanConfig { preemption_priority_gap_min: node.config.preemption_priority_gap_min, ..PlanConfig::default() };
+    let config = PlanConfig { preemption_priority_gap_min: node.config().preemption_priority_gap_min, ..PlanConfig::default() };
     let mut model = CurrentModel::default();
     // Two loops, polled together: a long run of scheduling rounds never delays failure detection.
     let scheduling = async {
         loop {
             tokio::select! {
-                _ = node.scheduler_wake.notified() => {}
+                _ = node.scheduler_woken() => {}
                 _ = tokio::time::sleep(SCHEDULE_TICK) => {}
             }
             // Keep going while rounds fill up: a deep queue drains without waiting for ticks.
@@ -35,7 +38,11 @@ pub async fn run(node: Arc<Node>) {
         let mut detector = tokio::time::interval(DETECTOR_TICK);
         loop {
             detector.tick().await;
-            detect_down(&node, leader_since).await;
+            let effects = {
+                let state = node.state();
+                node.sessions().tick(&state.machine)
+            };
+            node.perform(effects).await;
         }
     };
     tokio::join!(scheduling, detecting);
@@ -47,7 +54,7 @@ async fn ensure_ca(node: &Node) {
         if node.state().machine.ca().is_some() {
             return;
         }
-        let ca = match ClusterCa::generate(&node.cluster_id) {
+        let ca = match ClusterCa::generate(node.cluster_id()) {
             Ok(ca) => ca,
             Err(e) => {
                 tracing::error!("cannot create the cluster CA: {e}");
@@ -55,76 +62,59 @@ async fn ensure_ca(node: &Node) {
             }
         };
         let record = ClusterCaRecord { cert_pem: ca.cert_pem().to_owned(), key_pem: ca.key_pem().to_owned() };
-        match node.proposer.propose(Command::InitCa(record)).await {
+        match node.propose(Command::InitCa(record)).await {
             Ok(_) => {
                 tracing::info!("created the cluster CA");
                 return;
             }
-            Err(crate::proposer::ProposeError::Rejected(CommandError::CaExists)) => return,
+            Err(ProposeError::Rejected(CommandError::CaExists)) => return,
             Err(e) => {
                 tracing::warn!("cannot commit the cluster CA yet: {e}");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(CA_RETRY).await;
             }
         }
     }
 }
 
-/// One round: plan against the applied state, commit, push assignments. Returns whether the
-/// round was full (more work is probably waiting).
+/// One round: plan against the applied state, commit, and let the leader component send the
+/// assignments and kills. Returns whether the round was full (more work is probably waiting).
 async fn schedule_round(node: &Node, config: &PlanConfig, model: &mut CurrentModel) -> bool {
     let started = Instant::now();
     let plan = {
         let state = node.state();
-        let now = unix_ms().max(state.machine.now_unix_ms());
-        model.refresh(&state.machine, now, node.config.model_stale_after);
+        let now = colony_process::unix_ms().max(state.machine.now_unix_ms());
+        model.refresh(&state.machine, now, node.config().model_stale_after);
         match &model.predictor {
-            Some((_, predictor)) => plan_with(&state.machine, now, config, &Predictions(predictor)),
-            None => plan_with(&state.machine, now, config, &colony_core::scheduler::NoModel),
+            Some(predictor) => plan_with(&state.machine, now, config, &Predictions(predictor)),
+            None => plan_with(&state.machine, now, config, &NoModel),
         }
     };
     if plan.is_empty() {
         return false;
     }
     let full = plan.placements.len() >= config.placements_max;
-    let metrics = &node.metrics;
+    let metrics = node.metrics();
     metrics.scheduling_attempts.inc_by(plan.placements.len() as u64);
-    let mut commands = Vec::new();
-    if !plan.expire.is_empty() {
-        commands.push(Command::ExpireTasks { ids: plan.expire });
-    }
-    if !plan.drain_evictions.is_empty() {
-        commands.push(Command::EvictTasks { ids: plan.drain_evictions, reason: "drain deadline passed".to_owned() });
-    }
-    if !plan.placements.is_empty() || !plan.unschedulable.is_empty() {
-        commands.push(Command::PlaceTasks { placements: plan.placements, unschedulable: plan.unschedulable });
-    }
-    let results = futures::future::join_all(commands.into_iter().map(|c| node.proposer.propose(c))).await;
-    let now = unix_ms();
+    let results = futures::future::join_all(round_commands(plan).into_iter().map(|c| node.propose(c))).await;
+    let now = colony_process::unix_ms();
     for result in results {
         match result {
             Ok(Outcome::Placed { assigned, evicted, rejected }) => {
                 metrics.scheduling_rejections.inc_by(rejected.len() as u64);
                 metrics.preemptions.inc_by(evicted.len() as u64);
                 metrics.placements.inc_by(assigned.len() as u64);
-                {
-                    let state = node.state();
-                    for a in assigned.iter().filter(|a| a.attempt == 1) {
-                        if let Some(task) = state.machine.get_task(a.task) {
-                            metrics.placement_seconds.observe(now.saturating_sub(task.created_unix_ms) as f64 / 1000.0);
-                        }
+                let state = node.state();
+                for a in assigned.iter().filter(|a| a.attempt == 1) {
+                    if let Some(task) = state.machine.get_task(a.task) {
+                        metrics.placement_seconds.observe(now.saturating_sub(task.created_unix_ms) as f64 / 1000.0);
                     }
                 }
-                node.sessions.kill_superseded(node, &evicted, "preempted by a higher-priority task");
-                node.sessions.assign(node, &assigned);
                 for (task, why) in rejected {
                     tracing::debug!(task_id = %task, "placement refused at commit: {why}");
                 }
             }
             Ok(Outcome::Expired { ids }) if !ids.is_empty() => tracing::info!(count = ids.len(), "tasks timed out before starting"),
-            Ok(Outcome::Evicted { ids }) if !ids.is_empty() => {
-                node.sessions.kill_superseded(node, &ids, "the drain deadline passed");
-                tracing::info!(count = ids.len(), "attempts evicted at a drain deadline");
-            }
+            Ok(Outcome::Evicted { ids }) if !ids.is_empty() => tracing::info!(count = ids.len(), "attempts evicted at a drain deadline"),
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!("scheduling round not committed: {e}");
@@ -136,78 +126,43 @@ async fn schedule_round(node: &Node, config: &PlanConfig, model: &mut CurrentMod
     full
 }
 
-/// Declares down every up or draining executor the leader has not heard from within the
-/// heartbeat timeout. A new leader first waits out a grace period, so that executors can find it.
-async fn detect_down(node: &Node, leader_since: Instant) {
-    let (timeout, grace) = (node.config.executor_heartbeat_timeout, node.config.executor_leader_grace);
-    if leader_since.elapsed() < grace {
-        return;
-    }
-    let heartbeats = node.sessions.last_heartbeats();
-    let silent: Vec<(colony_core::ExecutorId, Duration)> = {
-        let state = node.state();
-        state
-            .machine
-            .executors()
-            .filter(|e| matches!(e.state, ExecutorState::Up | ExecutorState::Draining))
-            .filter_map(|e| {
-                let last = heartbeats.get(&e.id).copied().unwrap_or(leader_since);
-                let silence = last.elapsed();
-                (silence > timeout).then_some((e.id, silence))
-            })
-            .collect()
-    };
-    for (id, silence) in silent {
-        let reason = format!("no heartbeat for {:.1}s", silence.as_secs_f64());
-        match node.proposer.propose(Command::MarkExecutorDown { id, reason: reason.clone() }).await {
-            Ok(Outcome::MarkedDown { rescheduled, lost, .. }) => {
-                // A connected but silent executor must reconnect and register again to come back.
-                node.sessions.close(id, "declared down");
-                node.metrics.executors_marked_down.inc();
-                node.metrics.task_retries.inc_by(rescheduled.len() as u64);
-                tracing::warn!(executor_id = %id, rescheduled = rescheduled.len(), lost = lost.len(), "executor declared down: {reason}");
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(executor_id = %id, "cannot declare the executor down: {e}"),
-        }
-    }
-}
-
-/// The registry's current model, decoded once per version. No model, a stale one (older than
-/// `--model-stale-after`) or one that does not decode means declared resources and default order.
+/// The model the scheduler uses, decoded once per version; `ModelTracker` decides when.
 #[derive(Default)]
 struct CurrentModel {
-    predictor: Option<(ModelVersion, Predictor)>,
-    /// The version last looked at, decodable or not, so a bad one is logged once.
-    seen: Option<ModelVersion>,
+    tracker: ModelTracker,
+    predictor: Option<Predictor>,
 }
 
 impl CurrentModel {
     fn refresh(&mut self, state: &colony_core::StateMachine, now_unix_ms: u64, stale_after: Duration) {
-        let Some(record) = state.current_model() else {
-            self.predictor = None;
-            self.seen = None;
-            return;
-        };
-        if now_unix_ms.saturating_sub(record.created_unix_ms) > stale_after.as_millis() as u64 {
-            if self.predictor.take().is_some() {
-                tracing::info!(version = %record.version, "the current model is stale; scheduling on declared resources");
-            }
-            return;
-        }
-        if self.seen == Some(record.version) {
-            return;
-        }
-        self.seen = Some(record.version);
-        match Predictor::from_model(&record.feature_schema, &record.weights) {
-            Ok(predictor) => {
-                tracing::info!(version = %record.version, "scheduling with model");
-                self.predictor = Some((record.version, predictor));
-            }
-            Err(e) => {
-                tracing::warn!(version = %record.version, "the current model cannot be used: {e}");
+        let current = state.current_model();
+        match self.tracker.refresh(current, now_unix_ms, stale_after) {
+            ModelDecision::NoModel => self.predictor = None,
+            ModelDecision::Stale { version, was_in_use } => {
                 self.predictor = None;
+                if was_in_use {
+                    tracing::info!(%version, "the current model is stale; scheduling on declared resources");
+                }
             }
+            ModelDecision::Keep => {}
+            ModelDecision::Decode(version) => {
+                let Some(record) = current else { return };
+                self.predictor = decode(version, &record.feature_schema, &record.weights);
+                self.tracker.decoded(version, self.predictor.is_some());
+            }
+        }
+    }
+}
+
+fn decode(version: ModelVersion, feature_schema: &str, weights: &[u8]) -> Option<Predictor> {
+    match Predictor::from_model(feature_schema, weights) {
+        Ok(predictor) => {
+            tracing::info!(%version, "scheduling with model");
+            Some(predictor)
+        }
+        Err(e) => {
+            tracing::warn!(%version, "the current model cannot be used: {e}");
+            None
         }
     }
 }

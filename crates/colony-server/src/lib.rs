@@ -1,15 +1,19 @@
 //! A Colony server node: openraft over gRPC, the admin service, leader forwarding, health and
 //! reflection on one TCP port; the executor gateway (QUIC) on the same port number over UDP; and,
 //! on the leader, the scheduler and the executor failure detector.
+//!
+//! Module graph (no cycles): `start` builds a `node::Node` and starts `admin`, `gateway`
+//! and `leader`, which use it; `node` knows only `proposer`, `metrics`, `peers` and `sessions`.
 
 // `tonic::Status` is the error type every gRPC handler returns; boxing it in the helpers that
 // build it would only add allocations on the request path.
 #![allow(clippy::result_large_err)]
 
-mod admin_service;
+mod admin;
 pub mod config;
 mod gateway;
 mod identity;
+mod join;
 mod leader;
 mod metrics;
 mod network;
@@ -17,7 +21,9 @@ mod node;
 mod peers;
 mod proposer;
 mod raft_service;
+mod sessions;
+mod start;
 mod wire;
 
 pub use config::ServerConfig;
-pub use node::run;
+pub use start::run;

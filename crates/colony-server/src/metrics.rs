@@ -1,14 +1,17 @@
-//! One server's Prometheus metrics, and the HTTP endpoint serving them beside `/healthz` (alive)
-//! and `/readyz` (storage open and a leader known).
+//! One server's Prometheus metrics. `colony_process::serve_http` serves them beside `/healthz`
+//! and `/readyz`.
 
-use crate::node::Node;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
 use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
-use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// What a scrape reads from the running server.
+pub struct Scrape<'a> {
+    pub machine: &'a colony_core::StateMachine,
+    pub leader_known: bool,
+    pub snapshot_stats: &'a colony_store::SnapshotStats,
+    pub executors_connected: usize,
+    pub heartbeat_age_max: Duration,
+}
 
 /// Every metric a server exports. Names start with `colony_`; no label carries a task id.
 pub struct Metrics {
@@ -155,12 +158,11 @@ impl Metrics {
     }
 
     /// The text exposition, with the state-derived gauges brought up to date first.
-    fn render(&self, node: &Node) -> Result<String, prometheus::Error> {
+    pub fn render(&self, scrape: &Scrape<'_>) -> Result<String, prometheus::Error> {
         let (counts, ready) = {
-            let state = node.state();
             let mut by_state: std::collections::BTreeMap<&str, i64> = colony_core::ExecutorState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
             let (mut capacity, mut allocated) = (colony_core::Resources::default(), colony_core::Resources::default());
-            for executor in state.machine.executors() {
+            for executor in scrape.machine.executors() {
                 *by_state.entry(executor.state.as_str()).or_default() += 1;
                 if executor.state == colony_core::ExecutorState::Up {
                     capacity.add(&executor.spec.capacity);
@@ -178,9 +180,9 @@ impl Metrics {
             for (kind, used, total) in resource_pairs(&allocated, &capacity) {
                 self.resource_utilization.with_label_values(&[kind, "cluster"]).set(if total > 0.0 { used / total } else { 0.0 });
             }
-            (state.machine.count_by_state(), node.raft.metrics().borrow().current_leader.is_some())
+            (scrape.machine.count_by_state(), scrape.leader_known)
         };
-        let stats = &node.snapshot_stats;
+        let stats = scrape.snapshot_stats;
         let catch_up = |counter: &IntCounter, total: u64| counter.inc_by(total.saturating_sub(counter.get()));
         catch_up(&self.raft_snapshots_built, stats.built.load(std::sync::atomic::Ordering::Relaxed));
         catch_up(&self.raft_snapshots_installed, stats.installed.load(std::sync::atomic::Ordering::Relaxed));
@@ -188,9 +190,8 @@ impl Metrics {
             self.raft_snapshot_build_seconds.observe(micros as f64 / 1e6);
         }
         self.raft_snapshot_bytes.set(stats.last_bytes.load(std::sync::atomic::Ordering::Relaxed) as i64);
-        self.executors_connected.set(node.sessions.connected() as i64);
-        let oldest = node.sessions.last_heartbeats().values().map(|at| at.elapsed().as_secs_f64()).fold(0.0, f64::max);
-        self.executor_heartbeat_age_max.set(oldest);
+        self.executors_connected.set(scrape.executors_connected as i64);
+        self.executor_heartbeat_age_max.set(scrape.heartbeat_age_max.as_secs_f64());
         for (state, count) in &counts {
             self.tasks.with_label_values(&[state.as_str()]).set(*count as i64);
         }
@@ -210,32 +211,4 @@ fn resource_pairs(used: &colony_core::Resources, total: &colony_core::Resources)
         ("memory", used.memory_bytes as f64, total.memory_bytes as f64),
         ("gpu", f64::from(used.gpus), f64::from(total.gpus)),
     ]
-}
-
-/// The node the HTTP handlers read, set once the node exists (the listener opens before Raft).
-pub type NodeCell = Arc<OnceLock<Arc<Node>>>;
-
-async fn serve_metrics(State((metrics, node)): State<(Arc<Metrics>, NodeCell)>) -> impl IntoResponse {
-    let Some(node) = node.get() else { return (StatusCode::SERVICE_UNAVAILABLE, "starting".to_owned()) };
-    match metrics.render(node) {
-        Ok(text) => (StatusCode::OK, text),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
-}
-
-async fn serve_ready(State((_, node)): State<(Arc<Metrics>, NodeCell)>) -> impl IntoResponse {
-    match node.get().map(|n| n.raft.metrics().borrow().current_leader) {
-        Some(Some(leader)) => (StatusCode::OK, format!("ready: leader {leader}\n")),
-        Some(None) => (StatusCode::SERVICE_UNAVAILABLE, "not ready: no leader known\n".to_owned()),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "not ready: storage not open yet\n".to_owned()),
-    }
-}
-
-/// The routes of `--metrics-listen`.
-pub fn router(metrics: Arc<Metrics>, node: NodeCell) -> Router {
-    Router::new()
-        .route("/metrics", get(serve_metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(serve_ready))
-        .with_state((metrics, node))
 }

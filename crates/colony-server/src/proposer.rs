@@ -89,7 +89,7 @@ async fn batch_loop(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>, con
 }
 
 async fn propose_batch(raft: &Raft<TypeConfig>, batch: Vec<Pending>, metrics: &Metrics) {
-    let now_unix_ms = crate::node::unix_ms();
+    let now_unix_ms = colony_process::unix_ms();
     let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
     let count = commands.len();
     metrics.raft_proposal_commands.observe(count as f64);

@@ -1,0 +1,272 @@
+//! Starting, running and stopping one server: storage and Raft, the gRPC services on one port,
+//! the executor gateway, the metrics endpoint, joining a cluster, following leadership (the
+//! leader's duties start and stop with it), and a graceful stop on SIGTERM/SIGINT.
+
+use crate::admin::AdminService;
+use crate::config::ServerConfig;
+use crate::identity::Identity;
+use crate::join::{join, resolve_identity};
+use crate::metrics::Metrics;
+use crate::network::Network;
+use crate::node::{Node, Parts};
+use crate::peers::{Peers, RAFT_MESSAGE_BYTES_MAX};
+use crate::proposer::{Proposer, ProposerConfig};
+use crate::raft_service::RaftService;
+use crate::sessions::Sessions;
+use anyhow::{bail, Context};
+use colony_core::leader::LeaderConfig;
+use colony_proto::pb::admin_server::AdminServer;
+use colony_proto::pb::raft_server::RaftServer;
+use openraft::{BasicNode, Raft, RaftMetrics, SnapshotPolicy};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+/// An assignment the executor has not listed in a heartbeat is sent again after this long.
+const ASSIGN_RESEND_AFTER: Duration = Duration::from_secs(2);
+/// How long the gRPC server may take to finish in-flight requests at shutdown.
+const SERVE_DRAIN_MAX: Duration = Duration::from_secs(5);
+
+/// Runs a server until SIGTERM or SIGINT, then shuts it down gracefully.
+pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    if config.bootstrap && !config.join.is_empty() {
+        bail!("--bootstrap and --join cannot be used together");
+    }
+    let peers = Peers::default();
+    let identity = resolve_identity(&config, &peers).await?;
+    tracing::info!(node_id = identity.node_id, addr = %identity.addr, cluster_id = %identity.cluster_id, data_dir = %config.data_dir.display(), "starting server");
+    if config.unsafe_stale_reads {
+        tracing::warn!("--unsafe-stale-reads: every read is served from this server's own state; reads are NOT linearizable");
+    }
+    // Listeners first, so a port in use fails the start before anything is opened.
+    let listener = TcpListener::bind(&identity.addr).await.with_context(|| format!("cannot listen on {}", identity.addr))?;
+    let metrics_listener = match &config.metrics_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen for metrics on {addr}"))?),
+        None => None,
+    };
+    let quic_addr = tokio::net::lookup_host(&identity.addr)
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .with_context(|| format!("cannot resolve {} for the executor gateway", identity.addr))?;
+
+    let node = Arc::new(open_node(&config, &identity, &peers).await?);
+    let (stop_serving, serving_stopped) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let (health, mut grpc) = serve_grpc(&node, listener, stopped(serving_stopped.clone()))?;
+    if let Some(listener) = metrics_listener {
+        let probe: Arc<dyn colony_process::Probe> = node.clone();
+        let shutdown = stopped(serving_stopped.clone());
+        tokio::spawn(async move {
+            if let Err(e) = colony_process::serve_http(listener, probe, shutdown).await {
+                tracing::error!("metrics endpoint stopped: {e}");
+            }
+        });
+    }
+    let gateway = tokio::spawn(crate::gateway::start(node.clone(), quic_addr));
+    let joining = match config.join.is_empty() {
+        true => None,
+        false => Some(tokio::spawn(join(node.raft().clone(), peers.clone(), identity.clone(), config.join.clone()))),
+    };
+
+    let outcome = follow(&node, health, &mut grpc, gateway, joining).await;
+
+    node.sessions().close_all("server shutting down");
+    let _ = stop_serving.send(true);
+    if let Err(e) = node.raft().shutdown().await {
+        tracing::warn!("raft shutdown: {e}");
+    }
+    if tokio::time::timeout(SERVE_DRAIN_MAX, &mut grpc).await.is_err() {
+        grpc.abort();
+    }
+    tracing::info!("server stopped");
+    outcome
+}
+
+/// Opens storage and Raft (bootstrapping a new cluster when asked) and builds the node.
+async fn open_node(config: &ServerConfig, identity: &Identity, peers: &Peers) -> anyhow::Result<Node> {
+    let id = identity.node_id;
+    let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
+    let (log, sm) = colony_store::open(&config.data_dir).with_context(|| format!("cannot open storage in {}", config.data_dir.display()))?;
+    let (state, snapshot_stats) = (sm.shared(), sm.stats());
+    let raft_config = openraft::Config {
+        cluster_name: "colony".into(),
+        heartbeat_interval: config.heartbeat_interval.as_millis() as u64,
+        election_timeout_min: config.election_timeout_min.as_millis() as u64,
+        election_timeout_max: config.election_timeout_max.as_millis() as u64,
+        install_snapshot_timeout: 5_000,
+        max_payload_entries: 64,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs_threshold),
+        max_in_snapshot_log_to_keep: (config.snapshot_logs_threshold / 4).min(1000),
+        ..Default::default()
+    }
+    .validate()
+    .context("invalid raft configuration")?;
+    let network = Network { peers: peers.clone(), cluster_id: identity.cluster_id.clone(), metrics: metrics.clone() };
+    let raft = Raft::new(id, Arc::new(raft_config), network, log.clone(), sm).await.context("cannot start raft")?;
+    if config.bootstrap && !raft.is_initialized().await? {
+        tracing::info!("bootstrapping a new cluster");
+        raft.initialize(BTreeMap::from([(id, BasicNode::new(&identity.addr))])).await.context("cannot bootstrap the cluster")?;
+    }
+    let proposer_config = ProposerConfig {
+        batch_commands_max: config.proposal_commands_max,
+        in_flight_max: config.proposals_in_flight_max,
+        ..ProposerConfig::default()
+    };
+    let leader_config = LeaderConfig {
+        heartbeat_timeout: config.executor_heartbeat_timeout,
+        leader_grace: config.executor_leader_grace,
+        assign_resend_after: ASSIGN_RESEND_AFTER,
+    };
+    Ok(Node::new(Parts {
+        id,
+        cluster_id: identity.cluster_id.clone(),
+        proposer: Proposer::spawn(raft.clone(), proposer_config, metrics.clone()),
+        raft,
+        peers: peers.clone(),
+        log,
+        metrics,
+        config: config.clone(),
+        snapshot_stats,
+        sessions: Sessions::new(leader_config),
+        state,
+    }))
+}
+
+/// The gRPC services on the server's port: health, reflection, Raft and the admin API.
+fn serve_grpc(
+    node: &Arc<Node>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(HealthReporter, JoinHandle<Result<(), tonic::transport::Error>>)> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(colony_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build the reflection service")?;
+    let raft_service = RaftServer::new(RaftService { raft: node.raft().clone(), cluster_id: node.cluster_id().to_owned() })
+        .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(raft_service)
+        .add_service(AdminServer::new(AdminService::new(node.clone())))
+        .serve_with_incoming_shutdown(incoming(listener), shutdown);
+    Ok((health, tokio::spawn(server)))
+}
+
+/// Accepted connections with Nagle's algorithm off: `Server::tcp_nodelay` applies only to
+/// listeners tonic binds itself, and Nagle plus delayed ACKs stalls small RPCs for tens of ms.
+fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    TcpListenerStream::new(listener).map(|accepted| {
+        accepted.and_then(|stream| {
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        })
+    })
+}
+
+/// Follows Raft until a stop signal or a failure: keeps the Raft gauges and the health status
+/// current, and starts the leader's duties when this server takes office and stops them (and
+/// closes executor sessions) when it leaves.
+async fn follow(
+    node: &Arc<Node>,
+    mut health: HealthReporter,
+    grpc: &mut JoinHandle<Result<(), tonic::transport::Error>>,
+    mut gateway: JoinHandle<anyhow::Result<()>>,
+    joining: Option<JoinHandle<anyhow::Result<()>>>,
+) -> anyhow::Result<()> {
+    let mut raft_metrics = node.raft().metrics();
+    let mut joining = joining.unwrap_or_else(|| tokio::spawn(std::future::pending()));
+    let mut leading: Option<JoinHandle<()>> = None;
+    let (mut serving, mut known_leader) = (None, None);
+    let outcome = loop {
+        let (leader, fatal) = {
+            let m = raft_metrics.borrow_and_update();
+            export_raft_metrics(node, &m, &mut known_leader);
+            let is_leader = m.state == openraft::ServerState::Leader;
+            if is_leader && leading.is_none() {
+                node.sessions().became_leader();
+                leading = Some(tokio::spawn(crate::leader::run(node.clone())));
+            } else if !is_leader {
+                if let Some(duties) = leading.take() {
+                    duties.abort();
+                    node.sessions().close_all("this server is no longer the leader");
+                    tracing::info!("no longer leading: scheduler stopped, executor sessions closed");
+                }
+            }
+            (m.current_leader, m.running_state.clone().err())
+        };
+        if let Some(fatal) = fatal {
+            break Err(anyhow::anyhow!("raft stopped: {fatal}"));
+        }
+        // Ready means a leader is known; metrics change on every apply, health only on this edge.
+        let ready = leader.is_some();
+        if serving != Some(ready) {
+            serving = Some(ready);
+            let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+            health.set_service_status("", status).await;
+            health.set_service_status("colony.v1.Admin", status).await;
+        }
+        tokio::select! {
+            signal = colony_process::shutdown_signal() => {
+                tracing::info!("{signal} received; shutting down");
+                break Ok(());
+            }
+            changed = raft_metrics.changed() => {
+                if changed.is_err() {
+                    break Err(anyhow::anyhow!("raft stopped unexpectedly"));
+                }
+            }
+            result = &mut *grpc => break Err(anyhow::anyhow!("gRPC server stopped: {}", ended(result.map(|r| r.map_err(anyhow::Error::from))))),
+            result = &mut gateway => break Err(anyhow::anyhow!("executor gateway stopped: {}", ended(result))),
+            joined = &mut joining => match joined {
+                Ok(Ok(())) => joining = tokio::spawn(std::future::pending()),
+                Ok(Err(e)) => break Err(e),
+                Err(e) => break Err(anyhow::anyhow!("join task failed: {e}")),
+            },
+        }
+    };
+    joining.abort();
+    gateway.abort();
+    if let Some(duties) = leading.take() {
+        duties.abort();
+    }
+    outcome
+}
+
+/// Why a spawned part of the server ended.
+fn ended(result: Result<anyhow::Result<()>, tokio::task::JoinError>) -> String {
+    match result {
+        Ok(Ok(())) => "without error".to_owned(),
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn export_raft_metrics(node: &Node, m: &RaftMetrics<u64, BasicNode>, known_leader: &mut Option<u64>) {
+    let metrics = node.metrics();
+    metrics.raft_term.set(m.current_term as i64);
+    metrics.raft_is_leader.set(i64::from(m.state == openraft::ServerState::Leader));
+    metrics.raft_applied_index.set(m.last_applied.map_or(0, |l| l.index) as i64);
+    metrics.raft_last_log_index.set(m.last_log_index.unwrap_or(0) as i64);
+    metrics.raft_snapshot_index.set(m.snapshot.map_or(0, |l| l.index) as i64);
+    let last_log = m.last_log_index.unwrap_or(0);
+    metrics.raft_log_entries.set(last_log.saturating_sub(m.purged.map_or(0, |l| l.index)) as i64);
+    metrics.raft_commit_index.set(node.committed_index() as i64);
+    if m.current_leader.is_some() && m.current_leader != *known_leader {
+        *known_leader = m.current_leader;
+        metrics.raft_leader_changes.inc();
+    }
+}
