@@ -233,7 +233,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen for metrics on {addr}"))?),
         None => None,
     };
-    let (log, sm) = colony_store::open(&config.data_dir).with_context(|| format!("cannot open storage in {}", config.data_dir.display()))?;
+    let store_options = colony_store::StoreOptions { check_invariants: config.check_invariants };
+    let (log, sm) = colony_store::open(&config.data_dir, &store_options).with_context(|| format!("cannot open storage in {}", config.data_dir.display()))?;
     let state = sm.shared();
     let snapshot_stats = sm.stats();
     let raft_config = openraft::Config {

@@ -13,7 +13,7 @@ use colony_core::{
     Proposal, Resources, RunSpec, StateMachine, TaskId, TaskSpec,
 };
 use colony_store::snapshot_file::SnapshotFile;
-use colony_store::{codec, Applied, TypeConfig};
+use colony_store::{codec, Applied, StoreOptions, TypeConfig};
 use openraft::storage::{RaftLogStorageExt, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership};
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,6 +22,11 @@ use std::path::Path;
 const FORMAT_CHANGE: &str =
     "a change here is a format change: bump codec::FORMAT_VERSION and keep a \
                              reader for the old format; do not just replace the frozen file";
+
+/// The stores here check the state machine's invariants after each entry they apply.
+const CHECKED: StoreOptions = StoreOptions {
+    check_invariants: true,
+};
 
 fn frozen(name: &str) -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -285,7 +290,7 @@ async fn log_entry_is_frozen() {
     };
     let dir = tempfile::tempdir().unwrap();
     {
-        let (mut log, _sm) = colony_store::open(dir.path()).unwrap();
+        let (mut log, _sm) = colony_store::open(dir.path(), &CHECKED).unwrap();
         log.blocking_append([entry.clone()]).await.unwrap();
     }
     // The bytes the log store put in RocksDB, read back without it.
@@ -402,7 +407,7 @@ async fn snapshot_file_is_frozen() {
         },
     ];
     let dir = tempfile::tempdir().unwrap();
-    let (_log, mut sm) = colony_store::open(dir.path()).unwrap();
+    let (_log, mut sm) = colony_store::open(dir.path(), &CHECKED).unwrap();
     let responses = sm.apply(entries).await.unwrap();
     for (command, result) in proposal.commands.iter().zip(&responses[1].results) {
         assert!(result.is_ok(), "{command:?}: {result:?}");
