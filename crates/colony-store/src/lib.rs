@@ -61,7 +61,9 @@ pub enum StoreError {
     #[error("the applied state's lock was poisoned by a panic while applying")]
     Poisoned,
     #[error("state machine invariant broken after applying log entry {log_id}: {violation}")]
-    InvariantViolated { log_id: LogId<u64>, violation: InvariantViolation },
+    // Boxed: a violation can carry whole resource sets, and every `Result` of this type pays
+    // for its largest variant.
+    InvariantViolated { log_id: LogId<u64>, violation: Box<InvariantViolation> },
 }
 
 /// How a store runs, beyond where it lives.

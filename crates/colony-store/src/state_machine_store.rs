@@ -91,7 +91,7 @@ impl StateMachineStore {
         if !self.check_invariants {
             return Ok(());
         }
-        machine.check_invariants().map_err(|violation| StoreError::InvariantViolated { log_id, violation })
+        machine.check_invariants().map_err(|violation| StoreError::InvariantViolated { log_id, violation: Box::new(violation) })
     }
 
     fn read_state(&self) -> Result<RwLockReadGuard<'_, Applied>, StoreError> {
@@ -283,7 +283,7 @@ mod tests {
         match store.checked(&machine, log_id) {
             Err(StoreError::InvariantViolated { log_id: at, violation }) => {
                 assert_eq!(at, log_id);
-                assert_eq!(violation, InvariantViolation::CurrentModelMissing { version: ModelVersion(5) });
+                assert_eq!(*violation, InvariantViolation::CurrentModelMissing { version: ModelVersion(5) });
             }
             other => panic!("expected an invariant violation, got {other:?}"),
         }

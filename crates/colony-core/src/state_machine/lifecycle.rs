@@ -106,7 +106,12 @@ impl StateMachine {
 
     /// Ends a task. Success releases dependents whose dependencies have all succeeded; any other
     /// end cancels every unfinished dependent, transitively. Returns the tasks cancelled so.
-    pub(super) fn end(&mut self, id: TaskId, state: TaskState, reason: Option<String>) -> Vec<TaskId> {
+    pub(super) fn end(
+        &mut self,
+        id: TaskId,
+        state: TaskState,
+        reason: Option<String>,
+    ) -> Vec<TaskId> {
         self.release(id);
         self.set_state(id, state);
         let now = self.now_unix_ms;
