@@ -40,8 +40,11 @@ pub fn executor_host(i: usize) -> Host {
     Host { name: format!("e{}", i + 1), ip: Ipv4Addr::new(10, 213, 0, 31 + i as u8) }
 }
 
+/// Every server checks the state machine's invariants after each entry it applies, so a
+/// corrupted state stops the run at the entry that broke it, not at the end-of-run checks.
 fn restart_args(data_dir: &Path, unsafe_stale_reads: bool) -> Vec<String> {
-    let mut args = vec!["server".to_owned(), "--data-dir".to_owned(), data_dir.display().to_string()];
+    let data_dir = data_dir.display().to_string();
+    let mut args = vec!["server".to_owned(), "--data-dir".to_owned(), data_dir, "--check-invariants".to_owned()];
     if unsafe_stale_reads {
         args.push("--unsafe-stale-reads".to_owned());
     }

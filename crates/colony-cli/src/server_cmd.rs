@@ -79,6 +79,10 @@ pub struct ServerArgs {
     /// control, which must catch it.
     #[arg(long, hide = true)]
     unsafe_stale_reads: bool,
+    /// Check every state-machine invariant after each applied entry and abort on a violation.
+    /// Walks the whole state each time: for the chaos suite and tests, not for real clusters.
+    #[arg(long, hide = true)]
+    check_invariants: bool,
 }
 
 fn config(args: &ServerArgs) -> Result<ServerConfig> {
@@ -120,6 +124,7 @@ fn config(args: &ServerArgs) -> Result<ServerConfig> {
     config.executor_leader_grace = args.executor_leader_grace;
     config.preemption_priority_gap_min = args.preemption_priority_gap_min;
     config.unsafe_stale_reads = args.unsafe_stale_reads;
+    config.check_invariants = args.check_invariants;
     Ok(config)
 }
 

@@ -17,10 +17,10 @@ pub mod task;
 pub use ids::{ExecutorId, FencingToken, ModelVersion, NodeId, TaskId};
 pub use limits::Limits;
 pub use model::{ModelMetrics, ModelRecord};
-pub use resources::{parse_cpu_millis, parse_memory_bytes, QuantityError, Resources};
+pub use resources::{parse_cpu_millis, parse_memory_bytes, QuantityError, ResourceKind, Resources, Shortfall};
 pub use executor::{ClusterCaRecord, Executor, ExecutorSpec, ExecutorState, JoinTokenRecord};
 pub use state_machine::{
-    Assignment, AttemptOutcome, AttemptResult, AttemptStatus, Command, CommandError, Outcome, Placement, Proposal, StateMachine,
-    TaskFilter,
+    Assignment, AttemptOutcome, AttemptResult, AttemptStatus, Command, CommandError, ConstraintMismatch, InvariantViolation, Outcome,
+    Placement, PlacementRejection, Proposal, StateMachine, TaskFilter,
 };
 pub use task::{PlacementPolicy, RunSpec, SpecError, Task, TaskSpec, TaskState};

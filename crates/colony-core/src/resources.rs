@@ -17,6 +17,52 @@ pub struct Resources {
     pub custom: BTreeMap<String, u64>,
 }
 
+/// One kind of resource, to say which one does not fit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResourceKind {
+    Cpu,
+    Memory,
+    Gpus,
+    Custom(String),
+}
+
+impl ResourceKind {
+    /// An amount of this resource the way a person reads it (`250m`, `64Mi`, `2`).
+    pub fn format(&self, amount: u64) -> String {
+        match self {
+            ResourceKind::Cpu => format_cpu_millis(amount),
+            ResourceKind::Memory => format_memory_bytes(amount),
+            ResourceKind::Gpus | ResourceKind::Custom(_) => amount.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for ResourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ResourceKind::Cpu => f.write_str("cpu"),
+            ResourceKind::Memory => f.write_str("memory"),
+            ResourceKind::Gpus => f.write_str("gpus"),
+            ResourceKind::Custom(name) => f.write_str(name),
+        }
+    }
+}
+
+/// A quantity asked for that does not fit in what is available. Displayed as what was asked
+/// (`64Gi memory`), the way "no executor has ..." reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shortfall {
+    pub resource: ResourceKind,
+    pub requested: u64,
+    pub available: u64,
+}
+
+impl fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.resource.format(self.requested), self.resource)
+    }
+}
+
 impl Resources {
     /// True when every quantity here is at most the same quantity in `available`.
     pub fn fits_in(&self, available: &Resources) -> bool {
@@ -26,22 +72,20 @@ impl Resources {
             && self.custom.iter().all(|(name, &amount)| amount <= available.custom.get(name).copied().unwrap_or(0))
     }
 
-    /// The first quantity that does not fit in `available`, named the way a person reads it
-    /// (`64Gi memory`), or None when everything fits.
-    pub fn first_shortfall(&self, available: &Resources) -> Option<String> {
-        if self.memory_bytes > available.memory_bytes {
-            return Some(format!("{} memory", format_memory_bytes(self.memory_bytes)));
-        }
-        if self.cpu_millis > available.cpu_millis {
-            return Some(format!("{} cpu", format_cpu_millis(self.cpu_millis)));
-        }
-        if self.gpus > available.gpus {
-            return Some(format!("{} gpus", self.gpus));
-        }
-        self.custom
-            .iter()
-            .find(|(name, &amount)| amount > available.custom.get(*name).copied().unwrap_or(0))
-            .map(|(name, amount)| format!("{amount} {name}"))
+    /// The first quantity that does not fit in `available` (memory, then cpu, gpus, custom), or
+    /// None when everything fits.
+    pub fn first_shortfall(&self, available: &Resources) -> Option<Shortfall> {
+        let short = |resource: ResourceKind, requested: u64, available: u64| {
+            (requested > available).then_some(Shortfall { resource, requested, available })
+        };
+        short(ResourceKind::Memory, self.memory_bytes, available.memory_bytes)
+            .or_else(|| short(ResourceKind::Cpu, self.cpu_millis, available.cpu_millis))
+            .or_else(|| short(ResourceKind::Gpus, u64::from(self.gpus), u64::from(available.gpus)))
+            .or_else(|| {
+                self.custom.iter().find_map(|(name, &amount)| {
+                    short(ResourceKind::Custom(name.clone()), amount, available.custom.get(name).copied().unwrap_or(0))
+                })
+            })
     }
 
     /// Adds `other` in place, saturating (quantities are validated far below u64::MAX).

@@ -247,7 +247,8 @@ fn never_fits(candidates: &[Candidate], task: &Task, request: &Resources) -> Opt
             }
         }
     }
-    shortfall.or(mismatch).map(|why| format!("unschedulable: no executor has {why}"))
+    let why = shortfall.map(|s| s.to_string()).or(mismatch.map(|m| m.to_string()))?;
+    Some(format!("unschedulable: no executor has {why}"))
 }
 
 /// The executor where evicting the fewest, lowest-priority attempts makes room, and those

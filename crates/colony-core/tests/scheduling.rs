@@ -5,8 +5,8 @@
 
 use colony_core::scheduler::{plan, PlanConfig};
 use colony_core::{
-    AttemptOutcome, AttemptResult, AttemptStatus, Command, CommandError, ExecutorId, ExecutorSpec, ExecutorState, Outcome, Proposal,
-    Resources, RunSpec, StateMachine, TaskId, TaskSpec, TaskState,
+    AttemptOutcome, AttemptResult, AttemptStatus, Command, CommandError, ConstraintMismatch, ExecutorId, ExecutorSpec, ExecutorState, Outcome,
+    PlacementRejection, Proposal, ResourceKind, Resources, RunSpec, StateMachine, TaskId, TaskSpec, TaskState,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -147,10 +147,41 @@ fn placements_never_overcommit_even_when_planned_against_a_stale_state() {
     match w.apply(Command::PlaceTasks { placements: forged, unschedulable: vec![] }).unwrap() {
         Outcome::Placed { assigned, rejected, .. } => {
             assert!(assigned.is_empty());
-            assert!(rejected[0].1.contains("no longer has room"), "{rejected:?}");
+            assert!(
+                matches!(&rejected[0].1, PlacementRejection::Insufficient { resource: ResourceKind::Cpu, requested: 1000, free: 0, .. }),
+                "{rejected:?}"
+            );
         }
         other => panic!("unexpected {other:?}"),
     }
+}
+
+#[test]
+fn refused_placements_say_why_in_typed_fields() {
+    let mut w = World::new();
+    let e = w.executor(1000, &[("zone", "a")]);
+    let mut zoned = spec("zoned", 100, 10);
+    zoned.labels.insert("zone".into(), "b".into());
+    let zoned = w.submit(zoned);
+    let placed = w.submit(spec("placed", 100, 10));
+    w.schedule();
+    let place = |task, executor| colony_core::Placement { task, executor, evict: vec![], memory_bytes: None };
+    let placements = vec![place(zoned, e), place(placed, e), place(TaskId(99), e), place(zoned, ExecutorId(42))];
+    let Outcome::Placed { assigned, rejected, .. } = w.apply(Command::PlaceTasks { placements, unschedulable: vec![] }).unwrap() else {
+        panic!("not a placement outcome");
+    };
+    assert!(assigned.is_empty());
+    let label = ConstraintMismatch::Label { key: "zone".into(), value: "b".into() };
+    assert_eq!(
+        rejected,
+        vec![
+            (zoned, PlacementRejection::ConstraintMismatch { task: zoned, executor: e, mismatch: label }),
+            (placed, PlacementRejection::TaskNotPending { task: placed, state: TaskState::Assigned }),
+            (TaskId(99), PlacementRejection::UnknownTask { task: TaskId(99) }),
+            (zoned, PlacementRejection::UnknownExecutor { executor: ExecutorId(42) }),
+        ]
+    );
+    assert_eq!(rejected[0].1.to_string(), format!("executor {e} cannot run task {zoned}: it lacks label zone=b"));
 }
 
 #[test]
@@ -340,13 +371,17 @@ fn memory_auto_is_sized_by_the_model_with_a_margin_or_falls_back() {
         .apply(Command::PlaceTasks { placements: vec![colony_core::Placement { task, executor, evict: vec![], memory_bytes }], unschedulable: vec![] })
         .unwrap()
     {
-        Outcome::Placed { rejected, .. } => rejected.len(),
+        Outcome::Placed { rejected, .. } => rejected.into_iter().map(|(_, why)| why).collect::<Vec<_>>(),
         other => panic!("unexpected {other:?}"),
     };
-    assert_eq!(refuse(&mut w, declared, Some(1 << 30)), 1);
+    assert_eq!(refuse(&mut w, declared, Some(1 << 30)), vec![PlacementRejection::MemorySizedButDeclared { task: declared }]);
     let tiny = w.submit(auto);
-    assert_eq!(refuse(&mut w, tiny, Some(1 << 20)), 1, "below the 64 MiB floor");
-    assert_eq!(refuse(&mut w, tiny, None), 1, "memory auto needs a size");
+    assert_eq!(
+        refuse(&mut w, tiny, Some(1 << 20)),
+        vec![PlacementRejection::MemoryBelowFloor { task: tiny, memory_bytes: 1 << 20, floor_bytes: 64 << 20 }],
+        "below the 64 MiB floor"
+    );
+    assert_eq!(refuse(&mut w, tiny, None), vec![PlacementRejection::MemoryNotSized { task: tiny }], "memory auto needs a size");
 }
 
 #[test]

@@ -41,6 +41,9 @@ pub struct ServerConfig {
     /// Serve every read from this server's applied state, as if each asked for `stale`. Breaks
     /// linearizability on purpose: the chaos suite's negative control, never for real clusters.
     pub unsafe_stale_reads: bool,
+    /// Check every state-machine invariant after each applied entry and abort on a violation
+    /// (debug builds always do). Walks the whole state each time: for the chaos suite and tests.
+    pub check_invariants: bool,
 }
 
 impl ServerConfig {
@@ -64,6 +67,7 @@ impl ServerConfig {
             preemption_priority_gap_min: 100,
             model_stale_after: Duration::from_secs(7 * 24 * 3600),
             unsafe_stale_reads: false,
+            check_invariants: false,
         }
     }
 }

@@ -95,7 +95,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
 async fn open_node(config: &ServerConfig, identity: &Identity, peers: &Peers) -> anyhow::Result<Node> {
     let id = identity.node_id;
     let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
-    let (log, sm) = colony_store::open(&config.data_dir).with_context(|| format!("cannot open storage in {}", config.data_dir.display()))?;
+    let store_options = colony_store::StoreOptions { check_invariants: config.check_invariants };
+    let (log, sm) = colony_store::open(&config.data_dir, &store_options)
+        .with_context(|| format!("cannot open storage in {}", config.data_dir.display()))?;
     let (state, snapshot_stats) = (sm.shared(), sm.stats());
     let raft_config = openraft::Config {
         cluster_name: "colony".into(),

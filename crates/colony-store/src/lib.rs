@@ -9,7 +9,7 @@ pub mod log_store;
 pub mod snapshot_file;
 pub mod state_machine_store;
 
-use colony_core::{CommandError, Outcome, Proposal, StateMachine};
+use colony_core::{CommandError, InvariantViolation, Outcome, Proposal, StateMachine};
 use openraft::{BasicNode, LogId, StoredMembership};
 use serde::{Deserialize, Serialize};
 use std::io::Cursor;
@@ -60,13 +60,26 @@ pub enum StoreError {
     Encode { what: String, source: codec::CodecError },
     #[error("the applied state's lock was poisoned by a panic while applying")]
     Poisoned,
+    #[error("state machine invariant broken after applying log entry {log_id}: {violation}")]
+    // Boxed: a violation can carry whole resource sets, and every `Result` of this type pays
+    // for its largest variant.
+    InvariantViolated { log_id: LogId<u64>, violation: Box<InvariantViolation> },
+}
+
+/// How a store runs, beyond where it lives.
+#[derive(Clone, Debug, Default)]
+pub struct StoreOptions {
+    /// Check every state-machine invariant after each applied proposal, and crash on a
+    /// violation. The check walks the whole state, so it is for the chaos suite and tests, not
+    /// for production; debug builds check whatever this says.
+    pub check_invariants: bool,
 }
 
 /// Opens (creating if absent) the store under `dir`: RocksDB in `dir/raft`, snapshots in
 /// `dir/snapshots`. The state machine is restored from the latest snapshot; openraft re-applies
 /// committed log entries after it on start.
-pub fn open(dir: &std::path::Path) -> Result<(LogStore, StateMachineStore), StoreError> {
+pub fn open(dir: &std::path::Path, options: &StoreOptions) -> Result<(LogStore, StateMachineStore), StoreError> {
     let log = LogStore::open(&dir.join("raft"))?;
-    let sm = StateMachineStore::open(&dir.join("snapshots"))?;
+    let sm = StateMachineStore::open(&dir.join("snapshots"), options)?;
     Ok((log, sm))
 }

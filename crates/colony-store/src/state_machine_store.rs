@@ -6,7 +6,8 @@
 //! the latest snapshot.
 
 use crate::snapshot_file::{Meta, SnapshotFile, StoredSnapshot};
-use crate::{codec, Applied, ProposalResponse, SharedState, StoreError, TypeConfig};
+use crate::{codec, Applied, ProposalResponse, SharedState, StoreError, StoreOptions, TypeConfig};
+use colony_core::StateMachine;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use openraft::{
     BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, StorageError, StorageIOError, StoredMembership,
@@ -22,6 +23,9 @@ pub struct StateMachineStore {
     state: SharedState,
     snapshots: Arc<SnapshotFile>,
     stats: Arc<SnapshotStats>,
+    /// Check the state machine's invariants after every applied proposal (and crash on a
+    /// violation): always in debug builds, in release builds when the options ask for it.
+    check_invariants: bool,
 }
 
 /// How often and how long snapshots took, for the server's metrics (this crate has no metrics
@@ -59,7 +63,7 @@ impl SnapshotStats {
 impl StateMachineStore {
     /// Opens the snapshot directory `dir` and restores the applied state from the latest
     /// snapshot in it, if any. A corrupt snapshot is an error, not an empty state.
-    pub fn open(dir: &Path) -> Result<StateMachineStore, StoreError> {
+    pub fn open(dir: &Path, options: &StoreOptions) -> Result<StateMachineStore, StoreError> {
         let (snapshots, latest) = SnapshotFile::open(dir)?;
         let applied = match latest {
             Some(snapshot) => decode_applied(&snapshot.meta, &snapshot.data)?,
@@ -69,6 +73,7 @@ impl StateMachineStore {
             state: Arc::new(RwLock::new(applied)),
             snapshots: Arc::new(snapshots),
             stats: Arc::default(),
+            check_invariants: options.check_invariants || cfg!(debug_assertions),
         })
     }
 
@@ -79,6 +84,14 @@ impl StateMachineStore {
 
     pub fn stats(&self) -> Arc<SnapshotStats> {
         Arc::clone(&self.stats)
+    }
+
+    /// The invariant check after the entry at `log_id`, when this store runs it.
+    fn checked(&self, machine: &StateMachine, log_id: LogId<u64>) -> Result<(), StoreError> {
+        if !self.check_invariants {
+            return Ok(());
+        }
+        machine.check_invariants().map_err(|violation| StoreError::InvariantViolated { log_id, violation: Box::new(violation) })
     }
 
     fn read_state(&self) -> Result<RwLockReadGuard<'_, Applied>, StoreError> {
@@ -129,7 +142,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let response = match entry.payload {
                 EntryPayload::Blank => ProposalResponse::default(),
                 EntryPayload::Normal(proposal) => {
-                    ProposalResponse { results: applied.machine.apply_proposal(&proposal) }
+                    let results = applied.machine.apply_proposal(&proposal);
+                    if let Err(error) = self.checked(&applied.machine, entry.log_id) {
+                        crash(&error);
+                    }
+                    ProposalResponse { results }
                 }
                 EntryPayload::Membership(membership) => {
                     applied.membership = StoredMembership::new(Some(entry.log_id), membership);
@@ -209,6 +226,99 @@ fn decode_applied(meta: &Meta, data: &[u8]) -> Result<Applied, StoreError> {
     Ok(applied)
 }
 
+/// A state machine that broke an invariant is corrupt: every later entry would be applied to
+/// wrong state and answered wrongly, so the process stops here, loudly, instead of limping on.
+/// An abort, not a panic: openraft runs `apply` on a task whose panic would not end the process.
+fn crash(error: &StoreError) -> ! {
+    tracing::error!(%error, "stopping: the applied state is corrupt");
+    eprintln!("fatal: {error}");
+    std::process::abort()
+}
+
 fn state_error(verb: ErrorVerb, error: &StoreError) -> StorageError<u64> {
     StorageIOError::new(ErrorSubject::StateMachine, verb, error).into()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use colony_core::{Command, InvariantViolation, ModelVersion, Proposal, TaskId};
+    use openraft::CommittedLeaderId;
+
+    /// Set in the child process of `enabled_check_crashes_apply_on_a_corrupted_state`.
+    const CHILD: &str = "COLONY_STORE_CRASH_CHILD";
+
+    /// A state machine whose current model is not in the registry, built from bytes because
+    /// nothing in colony-core's API can corrupt state. A new state machine encodes as
+    /// `..., models: 0 entries, current_model: None, next_model_version: 1`; this makes
+    /// `current_model` `Some(5)`.
+    fn corrupted() -> StateMachine {
+        let config = bincode::config::standard();
+        let mut bytes = bincode::serde::encode_to_vec(StateMachine::new(), config).unwrap();
+        assert_eq!(bytes[bytes.len() - 3..], [0x00, 0x00, 0x01], "the state machine's encoding moved; update this test");
+        bytes.truncate(bytes.len() - 2);
+        bytes.extend_from_slice(&[0x01, 0x05, 0x01]);
+        bincode::serde::decode_from_slice(&bytes, config).unwrap().0
+    }
+
+    fn store(dir: &Path, check_invariants: bool) -> StateMachineStore {
+        let store = StateMachineStore::open(dir, &StoreOptions { check_invariants }).unwrap();
+        store.shared().write().unwrap().machine = corrupted();
+        store
+    }
+
+    /// A proposal that changes nothing but the clock, so only the corruption can fail the check.
+    fn entry() -> Entry<TypeConfig> {
+        let proposal = Proposal { now_unix_ms: 1_000, commands: vec![Command::CancelTask { id: TaskId(9), reason: String::new() }] };
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), 1), payload: EntryPayload::Normal(proposal) }
+    }
+
+    #[test]
+    fn enabled_check_catches_a_corrupted_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), true);
+        let machine = store.shared().read().unwrap().machine.clone();
+        let log_id = entry().log_id;
+        match store.checked(&machine, log_id) {
+            Err(StoreError::InvariantViolated { log_id: at, violation }) => {
+                assert_eq!(at, log_id);
+                assert_eq!(*violation, InvariantViolation::CurrentModelMissing { version: ModelVersion(5) });
+            }
+            other => panic!("expected an invariant violation, got {other:?}"),
+        }
+    }
+
+    /// The whole path: applying an entry to a corrupted state with the check on ends the process
+    /// (run in a child process, which must die by abort with the violation on stderr).
+    #[tokio::test]
+    async fn enabled_check_crashes_apply_on_a_corrupted_state() {
+        if std::env::var_os(CHILD).is_some() {
+            let dir = tempfile::tempdir().unwrap();
+            let mut store = store(dir.path(), true);
+            let _ = store.apply([entry()]).await;
+            return;
+        }
+        let name = "state_machine_store::tests::enabled_check_crashes_apply_on_a_corrupted_state";
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "apply went on after a violation; stderr: {stderr}");
+        assert!(stderr.contains("fatal: state machine invariant broken after applying log entry"), "{stderr}");
+        assert!(stderr.contains("current model 5 is not in the registry"), "{stderr}");
+    }
+
+    /// Release builds check only when asked: the ordinary apply path never walks the whole state.
+    #[cfg(not(debug_assertions))]
+    #[tokio::test]
+    async fn default_release_apply_does_not_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store(dir.path(), false);
+        let responses = store.apply([entry()]).await.unwrap();
+        assert_eq!(responses.len(), 1);
+        assert_eq!(store.shared().read().unwrap().machine.now_unix_ms(), 1_000);
+    }
 }

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)] // A test that cannot set up or whose check fails should panic.
 
 use colony_core::{Command, CommandError, Proposal, TaskId};
-use colony_store::{LogStore, StateMachineStore, StoreError, TypeConfig};
+use colony_store::{LogStore, StateMachineStore, StoreError, StoreOptions, TypeConfig};
 use openraft::storage::{
     RaftLogReader, RaftLogStorage, RaftLogStorageExt, RaftSnapshotBuilder, RaftStateMachine, StorageHelper,
 };
@@ -11,6 +11,9 @@ use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership, Vote};
 use std::collections::BTreeSet;
 use std::io::Cursor;
 use std::path::Path;
+
+/// Every store here checks the state machine's invariants after each entry it applies.
+const CHECKED: StoreOptions = StoreOptions { check_invariants: true };
 
 fn log_id(index: u64) -> LogId<u64> {
     LogId::new(CommittedLeaderId::new(2, 1), index)
@@ -66,7 +69,7 @@ async fn vote_log_committed_and_snapshot_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
     let vote = Vote::new_committed(2, 1);
     {
-        let (mut log, mut sm) = colony_store::open(dir.path()).unwrap();
+        let (mut log, mut sm) = colony_store::open(dir.path(), &CHECKED).unwrap();
         log.save_vote(&vote).await.unwrap();
         log.blocking_append(entries(0..=10)).await.unwrap();
         log.save_committed(Some(log_id(10))).await.unwrap();
@@ -83,7 +86,7 @@ async fn vote_log_committed_and_snapshot_survive_restart() {
         assert_eq!(clock_ms(&sm), 10_000);
     }
 
-    let (mut log, mut sm) = colony_store::open(dir.path()).unwrap();
+    let (mut log, mut sm) = colony_store::open(dir.path(), &CHECKED).unwrap();
     assert_eq!(log.read_vote().await.unwrap(), Some(vote));
     assert_eq!(log.read_committed().await.unwrap(), Some(log_id(10)));
     assert_eq!(log.committed_index(), Some(10));
@@ -109,12 +112,12 @@ async fn vote_log_committed_and_snapshot_survive_restart() {
 async fn flipped_bit_in_a_log_entry_is_a_checksum_error() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (mut log, _sm) = colony_store::open(dir.path()).unwrap();
+        let (mut log, _sm) = colony_store::open(dir.path(), &CHECKED).unwrap();
         log.blocking_append(entries(1..=5)).await.unwrap();
     }
     flip_stored_bit(&dir.path().join("raft"), "log", &3u64.to_be_bytes());
 
-    let (mut log, _sm) = colony_store::open(dir.path()).unwrap();
+    let (mut log, _sm) = colony_store::open(dir.path(), &CHECKED).unwrap();
     assert_eq!(log.try_get_log_entries(1..3).await.unwrap(), entries(1..=2));
     let error = log.try_get_log_entries(1..=5).await.unwrap_err().to_string();
     assert!(error.contains("checksum mismatch"), "{error}");
@@ -127,12 +130,12 @@ async fn flipped_bit_in_a_log_entry_is_a_checksum_error() {
 async fn flipped_bit_in_the_last_entry_fails_log_state() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (mut log, _sm) = colony_store::open(dir.path()).unwrap();
+        let (mut log, _sm) = colony_store::open(dir.path(), &CHECKED).unwrap();
         log.blocking_append(entries(1..=5)).await.unwrap();
     }
     flip_stored_bit(&dir.path().join("raft"), "log", &5u64.to_be_bytes());
 
-    let (mut log, _sm) = colony_store::open(dir.path()).unwrap();
+    let (mut log, _sm) = colony_store::open(dir.path(), &CHECKED).unwrap();
     let error = log.get_log_state().await.unwrap_err().to_string();
     assert!(error.contains("checksum mismatch") && error.contains("index 5"), "{error}");
 }
@@ -141,12 +144,12 @@ async fn flipped_bit_in_the_last_entry_fails_log_state() {
 async fn flipped_bit_in_the_vote_is_a_checksum_error() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (mut log, _sm) = colony_store::open(dir.path()).unwrap();
+        let (mut log, _sm) = colony_store::open(dir.path(), &CHECKED).unwrap();
         log.save_vote(&Vote::new(7, 1)).await.unwrap();
     }
     flip_stored_bit(&dir.path().join("raft"), "meta", b"vote");
 
-    let (mut log, _sm) = colony_store::open(dir.path()).unwrap();
+    let (mut log, _sm) = colony_store::open(dir.path(), &CHECKED).unwrap();
     let error = log.read_vote().await.unwrap_err().to_string();
     assert!(error.contains("checksum mismatch") && error.contains("vote"), "{error}");
 }
@@ -155,7 +158,7 @@ async fn flipped_bit_in_the_vote_is_a_checksum_error() {
 async fn flipped_bit_in_the_committed_id_fails_open() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (mut log, _sm) = colony_store::open(dir.path()).unwrap();
+        let (mut log, _sm) = colony_store::open(dir.path(), &CHECKED).unwrap();
         log.save_committed(Some(log_id(4))).await.unwrap();
     }
     flip_stored_bit(&dir.path().join("raft"), "meta", b"committed");
@@ -173,13 +176,13 @@ async fn flipped_bit_in_the_committed_id_fails_open() {
 async fn flipped_bit_in_the_snapshot_file_fails_open() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (_log, mut sm) = colony_store::open(dir.path()).unwrap();
+        let (_log, mut sm) = colony_store::open(dir.path(), &CHECKED).unwrap();
         sm.apply(entries(1..=3)).await.unwrap();
         sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
     }
     flip_file_bit(&dir.path().join("snapshots").join("snapshot.bin"));
 
-    match colony_store::open(dir.path()) {
+    match colony_store::open(dir.path(), &CHECKED) {
         Err(StoreError::Corrupt { what, detail }) => {
             assert!(what.contains("snapshot.bin") && detail.contains("checksum mismatch"), "{what}: {detail}")
         }
@@ -192,8 +195,8 @@ async fn flipped_bit_in_the_snapshot_file_fails_open() {
 async fn corrupt_snapshot_is_not_installed() {
     let leader_dir = tempfile::tempdir().unwrap();
     let follower_dir = tempfile::tempdir().unwrap();
-    let (_leader_log, mut leader) = colony_store::open(leader_dir.path()).unwrap();
-    let (_follower_log, mut follower) = colony_store::open(follower_dir.path()).unwrap();
+    let (_leader_log, mut leader) = colony_store::open(leader_dir.path(), &CHECKED).unwrap();
+    let (_follower_log, mut follower) = colony_store::open(follower_dir.path(), &CHECKED).unwrap();
     leader.apply(entries(1..=4)).await.unwrap();
     let snapshot = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
 
@@ -210,15 +213,15 @@ async fn corrupt_snapshot_is_not_installed() {
 async fn installed_snapshot_replaces_state_and_survives_restart() {
     let leader_dir = tempfile::tempdir().unwrap();
     let follower_dir = tempfile::tempdir().unwrap();
-    let (_leader_log, mut leader) = colony_store::open(leader_dir.path()).unwrap();
+    let (_leader_log, mut leader) = colony_store::open(leader_dir.path(), &CHECKED).unwrap();
     leader.apply(entries(1..=4)).await.unwrap();
     let snapshot = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
     {
-        let (_follower_log, mut follower) = colony_store::open(follower_dir.path()).unwrap();
+        let (_follower_log, mut follower) = colony_store::open(follower_dir.path(), &CHECKED).unwrap();
         follower.install_snapshot(&snapshot.meta, snapshot.snapshot).await.unwrap();
         assert_eq!(clock_ms(&follower), 4_000);
     }
-    let (_follower_log, mut follower) = colony_store::open(follower_dir.path()).unwrap();
+    let (_follower_log, mut follower) = colony_store::open(follower_dir.path(), &CHECKED).unwrap();
     assert_eq!(follower.applied_state().await.unwrap().0, Some(log_id(4)));
     assert_eq!(clock_ms(&follower), 4_000);
     let current = follower.get_current_snapshot().await.unwrap().unwrap();
@@ -230,7 +233,7 @@ async fn concurrent_appends_all_complete_and_share_fsyncs() {
     const APPENDS: u64 = 100;
     const ENTRIES_PER_APPEND: u64 = 10;
     let dir = tempfile::tempdir().unwrap();
-    let (log, _sm) = colony_store::open(dir.path()).unwrap();
+    let (log, _sm) = colony_store::open(dir.path(), &CHECKED).unwrap();
 
     let appends: Vec<_> = (0..APPENDS)
         .map(|append| {

@@ -1,0 +1,208 @@
+//! The replicated state machine: `apply(command) -> result`, deterministic on every replica.
+//!
+//! Time comes in with the proposal (`now_unix_ms`, stamped by the leader); nothing here reads a
+//! clock, a random number generator or a file. A command that would break an invariant is
+//! rejected with a typed error and changes nothing.
+//!
+//! This file holds the state and the dispatch; each aggregate's commands live in their own file
+//! (`tasks`, `placement`, `executors`, `security` for the CA, join tokens and admission,
+//! `models`) over the state moves they share (`lifecycle`), with the read accessors in `queries`
+//! and the whole-state check in `invariants`.
+
+mod command;
+mod executors;
+mod invariants;
+mod lifecycle;
+mod models;
+mod placement;
+mod queries;
+mod security;
+mod tasks;
+
+pub use command::{
+    Assignment, AttemptOutcome, AttemptResult, AttemptStatus, Command, CommandError, Outcome,
+    Placement, Proposal,
+};
+pub use invariants::InvariantViolation;
+pub use placement::{constraint_mismatch, ConstraintMismatch, PlacementRejection};
+pub use queries::TaskFilter;
+
+use crate::executor::{ClusterCaRecord, Executor, JoinTokenRecord};
+use crate::ids::{ExecutorId, ModelVersion, TaskId};
+use crate::limits::Limits;
+use crate::model::ModelRecord;
+use crate::task::{Task, TaskState};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A pending task's place in the scheduling order: priority (highest first), then deadline
+/// (earliest first, none last), then age (lowest id first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PendingKey {
+    /// 1000 - priority, so that ascending order is highest priority first.
+    pub rank: u16,
+    pub deadline_unix_ms: u64,
+    pub id: TaskId,
+}
+
+fn pending_key(task: &Task) -> Option<PendingKey> {
+    (task.state == TaskState::Pending).then(|| PendingKey {
+        rank: 1000u16.saturating_sub(task.spec.priority),
+        deadline_unix_ms: task.spec.deadline_unix_ms.unwrap_or(u64::MAX),
+        id: task.id,
+    })
+}
+
+/// Tasks that have not started are indexed by deadline, so expiry never scans every task.
+fn deadline_key(task: &Task) -> Option<(u64, TaskId)> {
+    let waiting = matches!(task.state, TaskState::Blocked | TaskState::Pending);
+    task.spec
+        .deadline_unix_ms
+        .filter(|_| waiting)
+        .map(|deadline| (deadline, task.id))
+}
+
+fn holds_resources(state: TaskState) -> bool {
+    matches!(state, TaskState::Assigned | TaskState::Running)
+}
+
+fn check_text(what: &'static str, text: &str, max: usize) -> Result<(), CommandError> {
+    if text.len() > max {
+        return Err(CommandError::TooLong {
+            what: what.to_owned(),
+            len: text.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// The authoritative state of the cluster, identical on every replica at the same applied index.
+// Persisted in snapshots with bincode: the field order, names and types are a format, frozen by
+// colony-store's tests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateMachine {
+    limits: Limits,
+    tasks: BTreeMap<TaskId, Task>,
+    /// The id the next submitted task gets; ids start at 1 and are never reused.
+    next_task_id: u64,
+    idempotency: BTreeMap<String, TaskId>,
+    /// For each task, the unfinished-or-not tasks that named it as a dependency.
+    dependents: BTreeMap<TaskId, BTreeSet<TaskId>>,
+    /// The latest time any proposal carried: time on the replicated clock never goes backwards,
+    /// even when a new leader's wall clock is behind the old one's.
+    now_unix_ms: u64,
+    /// Exactly the pending tasks, in scheduling order.
+    pending: BTreeSet<PendingKey>,
+    /// Exactly the blocked or pending tasks that have a deadline.
+    deadlines: BTreeSet<(u64, TaskId)>,
+    executors: BTreeMap<ExecutorId, Executor>,
+    next_executor_id: u64,
+    /// The token the next assignment gets: tokens only grow, across every task.
+    next_fencing_token: u64,
+    /// Keyed by the SHA-256 of the token's secret; the secret itself is never stored.
+    join_tokens: BTreeMap<[u8; 32], JoinTokenRecord>,
+    ca: Option<ClusterCaRecord>,
+    /// Finished tasks by the order they finished in (bounded: the oldest entries go first).
+    finished_order: BTreeMap<u64, TaskId>,
+    next_finish_seq: u64,
+    models: BTreeMap<ModelVersion, ModelRecord>,
+    current_model: Option<ModelVersion>,
+    next_model_version: u64,
+}
+
+impl Default for StateMachine {
+    fn default() -> Self {
+        StateMachine::new()
+    }
+}
+
+impl StateMachine {
+    pub fn new() -> Self {
+        StateMachine {
+            limits: Limits::default(),
+            tasks: BTreeMap::new(),
+            next_task_id: 1,
+            idempotency: BTreeMap::new(),
+            dependents: BTreeMap::new(),
+            now_unix_ms: 0,
+            pending: BTreeSet::new(),
+            deadlines: BTreeSet::new(),
+            executors: BTreeMap::new(),
+            next_executor_id: 1,
+            next_fencing_token: 1,
+            join_tokens: BTreeMap::new(),
+            ca: None,
+            finished_order: BTreeMap::new(),
+            next_finish_seq: 1,
+            models: BTreeMap::new(),
+            current_model: None,
+            next_model_version: 1,
+        }
+    }
+
+    /// Applies every command of a proposal in order; each succeeds or fails on its own.
+    pub fn apply_proposal(&mut self, proposal: &Proposal) -> Vec<Result<Outcome, CommandError>> {
+        self.now_unix_ms = self.now_unix_ms.max(proposal.now_unix_ms);
+        if proposal.commands.len() > self.limits.batch_commands_max {
+            let error = CommandError::BatchTooLarge {
+                count: proposal.commands.len(),
+                max: self.limits.batch_commands_max,
+            };
+            return proposal
+                .commands
+                .iter()
+                .map(|_| Err(error.clone()))
+                .collect();
+        }
+        proposal
+            .commands
+            .iter()
+            .map(|command| self.apply(command))
+            .collect()
+    }
+
+    /// Applies one command at the replicated clock's current time.
+    pub fn apply(&mut self, command: &Command) -> Result<Outcome, CommandError> {
+        match command {
+            Command::SubmitTask(spec) => self.submit(spec),
+            Command::CancelTask { id, reason } => self.cancel(*id, reason),
+            Command::InitCa(ca) => self.init_ca(ca),
+            Command::CreateJoinToken {
+                secret_hash,
+                expires_unix_ms,
+            } => self.create_join_token(*secret_hash, *expires_unix_ms),
+            Command::AdmitExecutor {
+                secret_hash,
+                expected_id,
+                name,
+                cert_fingerprint,
+            } => self.admit_executor(secret_hash, *expected_id, name, *cert_fingerprint),
+            Command::RegisterExecutor { id, spec } => self.register_executor(*id, spec),
+            Command::MarkExecutorDown { id, reason } => self.mark_executor_down(*id, reason),
+            Command::DrainExecutor {
+                id,
+                deadline_unix_ms,
+            } => self.drain_executor(*id, *deadline_unix_ms),
+            Command::PlaceTasks {
+                placements,
+                unschedulable,
+            } => self.place_tasks(placements, unschedulable),
+            Command::Report {
+                executor,
+                task,
+                token,
+                status,
+            } => self.report(*executor, *task, *token, status),
+            Command::ExpireTasks { ids } => Ok(self.expire_tasks(ids)),
+            Command::PublishModel {
+                device,
+                feature_schema,
+                weights,
+                metrics,
+            } => self.publish_model(device, feature_schema, weights, metrics),
+            Command::RollbackModel { version } => self.rollback_model(*version),
+            Command::EvictTasks { ids, reason } => self.evict_tasks(ids, reason),
+        }
+    }
+}

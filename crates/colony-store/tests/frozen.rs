@@ -1,0 +1,445 @@
+//! Frozen bytes for every persisted format: a proposal holding every command, a Raft log entry as
+//! the log store writes it, and a snapshot file as the state machine store writes it.
+//!
+//! The expected bytes live in `tests/frozen/*.hex`. A test here failing means the bytes written
+//! today differ from the bytes an older build wrote: that is a format change. Bump
+//! `codec::FORMAT_VERSION` and keep a reader for the old version; never just replace the file.
+
+#![allow(clippy::unwrap_used)] // A test that cannot set up or whose check fails should panic.
+
+use colony_core::{
+    AttemptOutcome, AttemptResult, AttemptStatus, ClusterCaRecord, Command, ExecutorId,
+    ExecutorSpec, FencingToken, ModelMetrics, ModelVersion, Outcome, Placement, PlacementPolicy,
+    Proposal, Resources, RunSpec, StateMachine, TaskId, TaskSpec,
+};
+use colony_store::snapshot_file::SnapshotFile;
+use colony_store::{codec, Applied, StoreOptions, TypeConfig};
+use openraft::storage::{RaftLogStorageExt, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+const FORMAT_CHANGE: &str =
+    "a change here is a format change: bump codec::FORMAT_VERSION and keep a \
+                             reader for the old format; do not just replace the frozen file";
+
+/// The stores here check the state machine's invariants after each entry they apply.
+const CHECKED: StoreOptions = StoreOptions {
+    check_invariants: true,
+};
+
+fn frozen(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/frozen")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    digits
+        .chunks(2)
+        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap())
+        .collect()
+}
+
+/// Lowercase hex, 64 digits a line, as the frozen files are written.
+fn hex(bytes: &[u8]) -> String {
+    let digits: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let lines: Vec<&str> = digits
+        .as_bytes()
+        .chunks(64)
+        .map(|line| std::str::from_utf8(line).unwrap())
+        .collect();
+    lines.join("\n") + "\n"
+}
+
+fn assert_frozen(name: &str, written: &[u8]) {
+    let expected = frozen(name);
+    assert!(
+        written == expected.as_slice(),
+        "{name}: the bytes written differ from the frozen bytes; {FORMAT_CHANGE}.\nwritten now:\n{}",
+        hex(written)
+    );
+}
+
+fn spec(name: &str) -> TaskSpec {
+    TaskSpec {
+        name: name.to_owned(),
+        namespace: "default".to_owned(),
+        labels: BTreeMap::new(),
+        capabilities: BTreeSet::new(),
+        resources: Resources {
+            cpu_millis: 500,
+            memory_bytes: 64 << 20,
+            gpus: 0,
+            custom: BTreeMap::new(),
+        },
+        priority: 10,
+        deadline_unix_ms: None,
+        timeout_ms: None,
+        max_retries: 0,
+        dependencies: BTreeSet::new(),
+        run: RunSpec::Builtin {
+            handler: "sleep".to_owned(),
+            input: "1s".to_owned(),
+        },
+        idempotency_key: None,
+        placement: PlacementPolicy::BinPack,
+        memory_auto: false,
+    }
+}
+
+/// A spec with every optional field set, so their encodings are frozen too.
+fn full_spec() -> TaskSpec {
+    TaskSpec {
+        labels: BTreeMap::from([("zone".to_owned(), "a".to_owned())]),
+        capabilities: BTreeSet::from(["gpu".to_owned()]),
+        resources: Resources {
+            cpu_millis: 1500,
+            memory_bytes: 1 << 30,
+            gpus: 1,
+            custom: BTreeMap::from([("fpga".to_owned(), 2)]),
+        },
+        priority: 900,
+        deadline_unix_ms: Some(1_700_000_600_000),
+        timeout_ms: Some(60_000),
+        max_retries: 3,
+        dependencies: BTreeSet::from([TaskId(1), TaskId(2)]),
+        run: RunSpec::Process {
+            program: "/bin/train".to_owned(),
+            args: vec!["--epochs".to_owned(), "3".to_owned()],
+            env: BTreeMap::from([("SEED".to_owned(), "7".to_owned())]),
+        },
+        idempotency_key: Some("train-7".to_owned()),
+        placement: PlacementPolicy::Spread,
+        memory_auto: true,
+        ..spec("train")
+    }
+}
+
+fn metrics() -> ModelMetrics {
+    ModelMetrics {
+        holdout_mse: 0.25,
+        baseline_mse: 0.5,
+        previous_mse: Some(0.375),
+        train_rows: 900,
+        holdout_rows: 100,
+    }
+}
+
+/// Which variant a command is. The match has no wildcard on purpose: a new `Command` variant does
+/// not compile here until it gets a number, and `proposal_with_every_command_is_frozen` then
+/// fails until the frozen proposal carries it.
+fn variant(command: &Command) -> usize {
+    match command {
+        Command::SubmitTask(_) => 0,
+        Command::CancelTask { .. } => 1,
+        Command::InitCa(_) => 2,
+        Command::CreateJoinToken { .. } => 3,
+        Command::AdmitExecutor { .. } => 4,
+        Command::RegisterExecutor { .. } => 5,
+        Command::MarkExecutorDown { .. } => 6,
+        Command::DrainExecutor { .. } => 7,
+        Command::PlaceTasks { .. } => 8,
+        Command::Report { .. } => 9,
+        Command::ExpireTasks { .. } => 10,
+        Command::PublishModel { .. } => 11,
+        Command::RollbackModel { .. } => 12,
+        Command::EvictTasks { .. } => 13,
+    }
+}
+
+const VARIANTS: usize = 14;
+
+/// One of every command (two where a nested enum has two shapes), with every field set.
+fn every_command() -> Vec<Command> {
+    vec![
+        Command::SubmitTask(full_spec()),
+        Command::SubmitTask(spec("sleep")),
+        Command::CancelTask {
+            id: TaskId(3),
+            reason: "no longer needed".to_owned(),
+        },
+        Command::InitCa(ClusterCaRecord {
+            cert_pem: "CERT".to_owned(),
+            key_pem: "KEY".to_owned(),
+        }),
+        Command::CreateJoinToken {
+            secret_hash: [0xa5; 32],
+            expires_unix_ms: 1_700_000_900_000,
+        },
+        Command::AdmitExecutor {
+            secret_hash: [0xa5; 32],
+            expected_id: ExecutorId(1),
+            name: "e1".to_owned(),
+            cert_fingerprint: [0x3c; 32],
+        },
+        Command::RegisterExecutor {
+            id: ExecutorId(1),
+            spec: executor_spec(),
+        },
+        Command::MarkExecutorDown {
+            id: ExecutorId(2),
+            reason: "silent for 3s".to_owned(),
+        },
+        Command::DrainExecutor {
+            id: ExecutorId(1),
+            deadline_unix_ms: 1_700_000_700_000,
+        },
+        Command::PlaceTasks {
+            placements: vec![Placement {
+                task: TaskId(1),
+                executor: ExecutorId(1),
+                evict: vec![TaskId(4)],
+                memory_bytes: Some(256 << 20),
+            }],
+            unschedulable: vec![(
+                TaskId(5),
+                "unschedulable: no executor has 2 gpus".to_owned(),
+            )],
+        },
+        Command::Report {
+            executor: ExecutorId(1),
+            task: TaskId(1),
+            token: FencingToken(6),
+            status: AttemptStatus::Started,
+        },
+        Command::Report {
+            executor: ExecutorId(1),
+            task: TaskId(1),
+            token: FencingToken(6),
+            status: AttemptStatus::Finished(AttemptResult {
+                outcome: AttemptOutcome::Failed,
+                exit_code: Some(2),
+                stdout_tail: "out".to_owned(),
+                stderr_tail: "err".to_owned(),
+                message: "exited with code 2".to_owned(),
+                peak_memory_bytes: Some(100 << 20),
+            }),
+        },
+        Command::ExpireTasks {
+            ids: vec![TaskId(7), TaskId(8)],
+        },
+        Command::PublishModel {
+            device: "cpu".to_owned(),
+            feature_schema: "colony-features-v1".to_owned(),
+            weights: vec![1, 2, 3, 4],
+            metrics: metrics(),
+        },
+        Command::RollbackModel {
+            version: ModelVersion(1),
+        },
+        Command::EvictTasks {
+            ids: vec![TaskId(9)],
+            reason: "drain deadline passed".to_owned(),
+        },
+    ]
+}
+
+fn executor_spec() -> ExecutorSpec {
+    ExecutorSpec {
+        name: "e1".to_owned(),
+        capacity: Resources {
+            cpu_millis: 4000,
+            memory_bytes: 8 << 30,
+            gpus: 1,
+            custom: BTreeMap::new(),
+        },
+        labels: BTreeMap::from([("zone".to_owned(), "a".to_owned())]),
+        capabilities: BTreeSet::from(["gpu".to_owned(), "shell".to_owned()]),
+    }
+}
+
+#[test]
+fn proposal_with_every_command_is_frozen() {
+    let proposal = Proposal {
+        now_unix_ms: 1_700_000_000_000,
+        commands: every_command(),
+    };
+    let covered: BTreeSet<usize> = proposal.commands.iter().map(variant).collect();
+    assert_eq!(
+        covered,
+        (0..VARIANTS).collect::<BTreeSet<usize>>(),
+        "the frozen proposal must carry one of every Command variant; {FORMAT_CHANGE}"
+    );
+    let frame = codec::encode(&proposal).unwrap();
+    assert_frozen("proposal_v1.hex", &frame);
+    assert_eq!(
+        codec::decode::<Proposal>(&frozen("proposal_v1.hex")).unwrap(),
+        proposal
+    );
+}
+
+fn log_id(index: u64) -> LogId<u64> {
+    LogId::new(CommittedLeaderId::new(3, 1), index)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_entry_is_frozen() {
+    let proposal = Proposal {
+        now_unix_ms: 1_700_000_000_000,
+        commands: vec![
+            Command::SubmitTask(spec("sleep")),
+            Command::CancelTask {
+                id: TaskId(1),
+                reason: String::new(),
+            },
+        ],
+    };
+    let entry: Entry<TypeConfig> = Entry {
+        log_id: log_id(42),
+        payload: EntryPayload::Normal(proposal),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut log, _sm) = colony_store::open(dir.path(), &CHECKED).unwrap();
+        log.blocking_append([entry.clone()]).await.unwrap();
+    }
+    // The bytes the log store put in RocksDB, read back without it.
+    let raft_dir = dir.path().join("raft");
+    let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), raft_dir, ["log", "meta"]).unwrap();
+    let stored = db
+        .get_cf(db.cf_handle("log").unwrap(), 42u64.to_be_bytes())
+        .unwrap()
+        .unwrap();
+    assert_frozen("log_entry_v1.hex", &stored);
+    assert_eq!(
+        codec::decode::<Entry<TypeConfig>>(&frozen("log_entry_v1.hex")).unwrap(),
+        entry
+    );
+}
+
+/// A small state with something in every part: tasks blocked, pending, running, succeeded and
+/// cancelled; an up executor holding an allocation; a join token; the CA; a model.
+fn snapshot_commands() -> Vec<Command> {
+    let placed = Placement {
+        task: TaskId(1),
+        executor: ExecutorId(1),
+        evict: Vec::new(),
+        memory_bytes: None,
+    };
+    let done = Placement {
+        task: TaskId(4),
+        executor: ExecutorId(1),
+        evict: Vec::new(),
+        memory_bytes: None,
+    };
+    vec![
+        Command::InitCa(ClusterCaRecord {
+            cert_pem: "CERT".to_owned(),
+            key_pem: "KEY".to_owned(),
+        }),
+        Command::CreateJoinToken {
+            secret_hash: [0xa5; 32],
+            expires_unix_ms: 1_700_000_900_000,
+        },
+        Command::AdmitExecutor {
+            secret_hash: [0xa5; 32],
+            expected_id: ExecutorId(1),
+            name: "e1".to_owned(),
+            cert_fingerprint: [0x3c; 32],
+        },
+        Command::RegisterExecutor {
+            id: ExecutorId(1),
+            spec: executor_spec(),
+        },
+        Command::SubmitTask(spec("running")),
+        Command::SubmitTask(TaskSpec {
+            dependencies: BTreeSet::from([TaskId(1)]),
+            ..spec("blocked")
+        }),
+        Command::SubmitTask(TaskSpec {
+            idempotency_key: Some("pending-1".to_owned()),
+            deadline_unix_ms: Some(1_700_000_600_000),
+            ..spec("pending")
+        }),
+        Command::SubmitTask(spec("done")),
+        Command::SubmitTask(spec("cancelled")),
+        Command::PlaceTasks {
+            placements: vec![placed, done],
+            unschedulable: Vec::new(),
+        },
+        Command::Report {
+            executor: ExecutorId(1),
+            task: TaskId(1),
+            token: FencingToken(1),
+            status: AttemptStatus::Started,
+        },
+        Command::Report {
+            executor: ExecutorId(1),
+            task: TaskId(4),
+            token: FencingToken(2),
+            status: AttemptStatus::Finished(AttemptResult {
+                outcome: AttemptOutcome::Succeeded,
+                exit_code: Some(0),
+                stdout_tail: "ok".to_owned(),
+                stderr_tail: String::new(),
+                message: String::new(),
+                peak_memory_bytes: Some(10 << 20),
+            }),
+        },
+        Command::CancelTask {
+            id: TaskId(5),
+            reason: "not needed".to_owned(),
+        },
+        Command::PublishModel {
+            device: "cpu".to_owned(),
+            feature_schema: "colony-features-v1".to_owned(),
+            weights: vec![1, 2, 3, 4],
+            metrics: metrics(),
+        },
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_file_is_frozen() {
+    let membership = Entry::<TypeConfig> {
+        log_id: log_id(1),
+        payload: EntryPayload::Membership(Membership::new(vec![BTreeSet::from([1])], None)),
+    };
+    let proposal = Proposal {
+        now_unix_ms: 1_700_000_000_000,
+        commands: snapshot_commands(),
+    };
+    let entries = [
+        membership,
+        Entry {
+            log_id: log_id(2),
+            payload: EntryPayload::Normal(proposal.clone()),
+        },
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = colony_store::open(dir.path(), &CHECKED).unwrap();
+    let responses = sm.apply(entries).await.unwrap();
+    for (command, result) in proposal.commands.iter().zip(&responses[1].results) {
+        assert!(result.is_ok(), "{command:?}: {result:?}");
+    }
+    assert!(matches!(
+        responses[1].results[10],
+        Ok(Outcome::Reported { .. })
+    ));
+    sm.get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+
+    let written = std::fs::read(dir.path().join("snapshots/snapshot.bin")).unwrap();
+    assert_frozen("snapshot_v1.hex", &written);
+
+    let frozen_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        frozen_dir.path().join("snapshot.bin"),
+        frozen("snapshot_v1.hex"),
+    )
+    .unwrap();
+    let (_, stored) = SnapshotFile::open(frozen_dir.path()).unwrap();
+    let stored = stored.unwrap();
+    let applied: Applied = codec::decode(&stored.data).unwrap();
+    let mut expected = StateMachine::new();
+    for result in expected.apply_proposal(&proposal) {
+        result.unwrap();
+    }
+    assert_eq!(applied.machine, expected);
+    assert_eq!(applied.last_applied, Some(log_id(2)));
+    assert_eq!(stored.meta.last_log_id, Some(log_id(2)));
+    assert_eq!(stored.meta.snapshot_id, "3-2-1");
+}
