@@ -5,7 +5,7 @@
 use crate::node::{unix_ms, Node};
 use colony_core::scheduler::{plan_with, Oracle, PlanConfig};
 use colony_core::{ClusterCaRecord, Command, CommandError, ExecutorSpec, ExecutorState, ModelVersion, Outcome, TaskSpec};
-use colony_learn::Predictor;
+use colony_model::Predictor;
 use colony_quic::ClusterCa;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
