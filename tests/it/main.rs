@@ -1,5 +1,6 @@
 //! Cross-crate integration tests: real `colony server` and `colony executor` processes on loopback.
 
+mod t00_boundaries;
 mod t10_cluster;
 mod t20_kill_leader;
 mod t30_snapshot;

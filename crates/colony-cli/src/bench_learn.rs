@@ -47,7 +47,7 @@ fn measure<B: Backend>(backend: &B, reps: usize) -> Result<(Vec<Gemm>, f64)> {
         let gflops = colony_learn::bench::gemm_gflops(backend, m, k, n, reps).with_context(|| format!("GEMM {m}x{k}x{n}"))?;
         gemm.push(Gemm { m, k, n, gflops, cublas_gflops: None });
     }
-    let config = MlpConfig { inputs: colony_learn::features::FEATURES, hidden: vec![32, 32], outputs: 2, seed: 1 };
+    let config = MlpConfig { inputs: colony_model::features::FEATURES, hidden: vec![32, 32], outputs: 2, seed: 1 };
     let step = colony_learn::bench::train_step_time(backend, &config, 1024, reps).context("training step")?;
     Ok((gemm, step.as_secs_f64() * 1000.0))
 }

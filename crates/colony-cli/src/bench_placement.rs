@@ -193,8 +193,8 @@ pub async fn run(args: PlacementBenchArgs, global: &GlobalArgs) -> Result<()> {
     }
     let model = pb::Model {
         device: "cpu".into(),
-        feature_schema: colony_learn::features::SCHEMA.into(),
-        weights: colony_learn::encode_weights(decision.model.mlp()),
+        feature_schema: colony_model::features::SCHEMA.into(),
+        weights: colony_model::encode_weights(decision.model.mlp()),
         metrics: Some(pb::ModelMetrics {
             holdout_mse: evaluation.holdout_mse,
             baseline_mse: evaluation.baseline_mse,

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::example::Example;
-use crate::features::TARGETS;
+use colony_model::features::TARGETS;
 
 /// Running sums in f64, so the means do not depend on the order of tens of thousands of rows.
 #[derive(Clone, Debug, Default)]
@@ -66,7 +66,7 @@ impl Baseline {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::features::FEATURES;
+    use colony_model::features::FEATURES;
 
     fn example(kind: &str, targets: [f32; TARGETS]) -> Example {
         Example {

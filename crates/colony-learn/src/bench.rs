@@ -7,7 +7,7 @@ use thiserror::Error;
 
 use crate::adam::AdamConfig;
 use crate::backend::{Backend, BackendError, Epilogue, GemmDims};
-use crate::mlp::{Mlp, MlpConfig};
+use crate::init::{new_mlp, MlpConfig};
 use crate::train::{TrainError, Trainer};
 
 /// The most timed repetitions one benchmark runs.
@@ -75,7 +75,7 @@ pub fn train_step_time<B: Backend>(
     reps: usize,
 ) -> Result<Duration, BenchError> {
     check_reps(reps)?;
-    let mlp = Mlp::new(config).map_err(TrainError::from)?;
+    let mlp = new_mlp(config).map_err(TrainError::from)?;
     let mut trainer = Trainer::new(backend, &mlp, AdamConfig::default())?;
     let x = filler(rows * mlp.inputs(), 3);
     let y = filler(rows * mlp.outputs(), 4);

@@ -7,6 +7,8 @@
 //! with the training set's means and deviations, and folds that scaling into the first and last
 //! layers afterwards, so the published model takes raw features and gives raw targets.
 
+use colony_model::features::{fnv1a64, FEATURES, TARGETS};
+use colony_model::{Mlp, MlpError, ModelError, Predictor};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -16,9 +18,7 @@ use crate::adam::AdamConfig;
 use crate::backend::Backend;
 use crate::baseline::Baseline;
 use crate::example::Example;
-use crate::features::{fnv1a64, FEATURES, TARGETS};
-use crate::mlp::{Mlp, MlpConfig, MlpError};
-use crate::predictor::{ModelError, Predictor};
+use crate::init::{new_mlp, MlpConfig};
 use crate::train::{TrainError, Trainer, BATCH_ROWS_MAX};
 
 /// The most Adam steps one round may take, whatever the configuration says.
@@ -113,7 +113,7 @@ impl TrainConfig {
         }
         self.adam.validate().map_err(TrainError::from)?;
         // The shape is checked by building it once; the seed does not matter here.
-        Mlp::new(&self.mlp_config()).map_err(TrainError::from)?;
+        new_mlp(&self.mlp_config()).map_err(TrainError::from)?;
         Ok(())
     }
 
@@ -304,7 +304,7 @@ fn train_model<B: Backend>(
         .iter()
         .flat_map(|example| outputs.apply(&example.targets))
         .collect();
-    let mut trainer = Trainer::new(backend, &Mlp::new(&config.mlp_config())?, config.adam)?;
+    let mut trainer = Trainer::new(backend, &new_mlp(&config.mlp_config())?, config.adam)?;
     // Every step takes a full minibatch, so the trainer's workspace is allocated once.
     let rows = config.batch_rows.min(train.len());
     let mut order: Vec<usize> = (0..train.len()).collect();
@@ -366,8 +366,8 @@ pub(crate) mod tests {
     use crate::cpu::CpuBackend;
     use crate::example::tests::finished;
     use crate::example::{example, Rejected};
-    use crate::features::tests::process_task;
-    use crate::features::{self, SCHEMA};
+    use colony_model::features::{self, SCHEMA};
+    use colony_model::fixtures::process_task;
     use colony_proto::pb;
     use rand::Rng;
 
@@ -441,7 +441,7 @@ pub(crate) mod tests {
         let refs: Vec<&Example> = examples.iter().collect();
         let inputs = standardization(refs.iter().map(|e| e.features));
         let outputs = standardization(refs.iter().map(|e| e.targets));
-        let mlp = Mlp::new(&MlpConfig {
+        let mlp = new_mlp(&MlpConfig {
             inputs: FEATURES,
             hidden: vec![8],
             outputs: TARGETS,
@@ -482,7 +482,7 @@ pub(crate) mod tests {
         assert_eq!(decision.verdict, Verdict::Publish);
 
         // The published encoding is what the scheduler loads, and it predicts the same.
-        let weights = crate::predictor::encode_weights(decision.model.mlp());
+        let weights = colony_model::encode_weights(decision.model.mlp());
         let loaded = Predictor::from_model(SCHEMA, &weights)?;
         assert_eq!(&loaded, &decision.model);
         let spec = process_task("train-9", &["--rows", &"r".repeat(200)]);
@@ -534,7 +534,7 @@ pub(crate) mod tests {
         }
         // The best constant: the mean of all targets, as a model with zero weights.
         let mean = standardization(examples.iter().map(|e| e.targets)).mean;
-        let mut constant = Mlp::new(&MlpConfig {
+        let mut constant = new_mlp(&MlpConfig {
             inputs: FEATURES,
             hidden: vec![4],
             outputs: TARGETS,

@@ -4,17 +4,12 @@
 use std::collections::VecDeque;
 
 use colony_core::{ExecutorSpec, Resources, TaskSpec};
+use colony_model::features::{self, FEATURES, PEAK_MEMORY_BYTES_MAX, RUNTIME_MS_MAX, TARGETS};
 use colony_proto::pb;
 use thiserror::Error;
 
-use crate::features::{self, FEATURES, TARGETS};
-
 /// The most examples the learner keeps; the oldest go first.
 pub const EXAMPLES_MAX: usize = 50_000;
-/// A longer runtime is taken for a clock error, not a measurement.
-pub const RUNTIME_MS_MAX: u64 = 7 * 24 * 60 * 60 * 1000;
-/// A larger peak is taken for a measurement error: no executor has that much memory.
-pub const PEAK_MEMORY_BYTES_MAX: u64 = 16 << 40;
 
 /// One observed run.
 #[derive(Clone, Debug, PartialEq)]
@@ -219,7 +214,7 @@ impl Examples {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::features::tests::process_task;
+    use colony_model::fixtures::process_task;
 
     /// A succeeded task that ran `runtime_ms` and peaked at `bytes`.
     pub(crate) fn finished(

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context as _};
+use colony_model::features::SCHEMA;
+use colony_model::{encode_weights, ModelError, Predictor, WEIGHTS_BYTES_MAX};
 use colony_proto::pb;
 use colony_proto::pb::admin_client::AdminClient;
 use thiserror::Error;
@@ -27,9 +29,7 @@ use tracing::{debug, info, warn};
 use crate::decide::{decide, DecideError, Decision, TrainConfig, Verdict};
 use crate::device::{Device, SelectedBackend};
 use crate::example::{example, Example, Examples};
-use crate::features::SCHEMA;
 use crate::metrics::{self, Metrics, RoundOutcome};
-use crate::predictor::{encode_weights, ModelError, Predictor, WEIGHTS_BYTES_MAX};
 use crate::store::Store;
 
 /// How long to wait for a TCP connection to one server before trying the next.
@@ -752,7 +752,7 @@ pub async fn run(config: LearnerConfig, shutdown: impl Future<Output = ()>) -> a
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::features::SCHEMA;
+    use colony_model::features::SCHEMA;
 
     #[test]
     fn config_defaults_and_validation() {

@@ -302,7 +302,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::example::tests::finished;
-    use crate::features::tests::process_task;
+    use colony_model::fixtures::process_task;
 
     fn record(seq: u64) -> pb::FinishedTask {
         let mut record = finished(seq, &process_task("etl-1", &["x"]), 100, Some(1 << 20));

@@ -5,11 +5,11 @@
 //! dW_l = H_{l-1}ᵀ·dZ_l (`gemm_atb`), db_l = column sums of dZ_l, and
 //! dZ_{l-1} = (dZ_l·W_lᵀ) masked where H_{l-1} is zero (`gemm_abt`, `relu_backward`).
 
+use colony_model::{Layer, Mlp, MlpError};
 use thiserror::Error;
 
 use crate::adam::{AdamConfig, AdamError};
 use crate::backend::{Backend, BackendError, Epilogue, GemmDims};
-use crate::mlp::{Layer, Mlp, MlpError};
 
 /// The most rows one training step or prediction may take.
 pub const BATCH_ROWS_MAX: usize = 65_536;
@@ -390,7 +390,7 @@ fn backward<B: Backend>(
 mod tests {
     use super::*;
     use crate::cpu::CpuBackend;
-    use crate::mlp::MlpConfig;
+    use crate::init::{new_mlp, MlpConfig};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
@@ -446,7 +446,7 @@ mod tests {
 
     #[test]
     fn backward_matches_finite_differences() -> Result<(), TrainError> {
-        let mlp = Mlp::new(&MlpConfig {
+        let mlp = new_mlp(&MlpConfig {
             inputs: 3,
             hidden: vec![5, 4],
             outputs: 2,
@@ -530,7 +530,7 @@ mod tests {
     }
 
     fn loss_curve(steps: usize) -> Result<(Vec<f32>, Mlp), TrainError> {
-        let mlp = Mlp::new(&MlpConfig {
+        let mlp = new_mlp(&MlpConfig {
             inputs: 3,
             hidden: vec![32, 32],
             outputs: 2,
@@ -565,14 +565,14 @@ mod tests {
         let (x, y) = synthetic(99, 128);
         let predictions = trained.predict(&x, 128)?;
         let (held_out, _) =
-            crate::cpu::mse_loss_and_grad(&predictions, &y).map_err(MlpError::from)?;
+            crate::cpu::mse_loss_and_grad(&predictions, &y).map_err(BackendError::from)?;
         assert!(held_out < 0.1 * first, "held-out loss {held_out}");
         Ok(())
     }
 
     #[test]
     fn trainer_predicts_like_the_model() -> Result<(), TrainError> {
-        let mlp = Mlp::new(&MlpConfig {
+        let mlp = new_mlp(&MlpConfig {
             inputs: 3,
             hidden: vec![8],
             outputs: 2,
@@ -588,7 +588,7 @@ mod tests {
 
     #[test]
     fn trainer_rejects_bad_batches() -> Result<(), TrainError> {
-        let mlp = Mlp::new(&MlpConfig {
+        let mlp = new_mlp(&MlpConfig {
             inputs: 3,
             hidden: vec![4],
             outputs: 2,

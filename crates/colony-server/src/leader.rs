@@ -7,7 +7,7 @@ use crate::proposer::ProposeError;
 use colony_core::leader::{round_commands, ModelDecision, ModelTracker};
 use colony_core::scheduler::{plan_with, NoModel, Oracle, PlanConfig};
 use colony_core::{ClusterCaRecord, Command, CommandError, ExecutorSpec, ModelVersion, Outcome, TaskSpec};
-use colony_learn::Predictor;
+use colony_model::Predictor;
 use colony_quic::ClusterCa;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -10,8 +10,8 @@ use rand::{Rng, SeedableRng};
 use super::*;
 use crate::backend::{Backend, GemmForm};
 use crate::cpu::{self, CpuBackend};
+use crate::init::{new_mlp, MlpConfig};
 use crate::kernels::{parse_ptxas_log, ENTRY_POINTS};
-use crate::mlp::{Mlp, MlpConfig};
 use crate::train::Trainer;
 
 /// Writes straight to the process's stderr, which the test harness does not capture, so a
@@ -376,7 +376,7 @@ fn gpu_training_follows_the_cpu_loss_curve() -> Result<(), crate::train::TrainEr
     let Some(gpu) = cuda_or_skip("gpu_training_follows_the_cpu_loss_curve") else {
         return Ok(());
     };
-    let mlp = Mlp::new(&MlpConfig {
+    let mlp = new_mlp(&MlpConfig {
         inputs: 3,
         hidden: vec![64, 64],
         outputs: 2,
@@ -411,8 +411,7 @@ fn gpu_training_follows_the_cpu_loss_curve() -> Result<(), crate::train::TrainEr
     let cpu_model = on_cpu.to_mlp()?;
     let gpu_model = on_gpu.to_mlp()?;
     let (cpu_out, gpu_out) = (cpu_model.predict(&x, rows)?, gpu_model.predict(&x, rows)?);
-    let (gap, _) =
-        cpu::mse_loss_and_grad(&cpu_out, &gpu_out).map_err(crate::mlp::MlpError::from)?;
+    let (gap, _) = cpu::mse_loss_and_grad(&cpu_out, &gpu_out).map_err(BackendError::from)?;
     eprintln!("mean squared gap between CPU- and GPU-trained predictions: {gap:.3e}");
     assert!(
         gap < 1e-3,

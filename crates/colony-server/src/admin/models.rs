@@ -17,7 +17,7 @@ impl AdminService {
         let metrics = model.metrics.as_ref().map(model_metrics_from_proto).ok_or_else(|| Status::invalid_argument("missing model metrics"))?;
         // The scheduler must be able to use what is published: decode and check it here, so a
         // bad model is refused at the door and never reaches the registry.
-        colony_learn::Predictor::from_model(&model.feature_schema, &model.weights).map_err(|e| Status::invalid_argument(format!("invalid model: {e}")))?;
+        colony_model::Predictor::from_model(&model.feature_schema, &model.weights).map_err(|e| Status::invalid_argument(format!("invalid model: {e}")))?;
         let command = Command::PublishModel { device: model.device, feature_schema: model.feature_schema, weights: model.weights, metrics };
         match self.propose(command).await? {
             Outcome::ModelPublished { version } => {

@@ -36,6 +36,12 @@ pub const SCHEMA: &str = "colony-features-v1";
 pub const FEATURES: usize = 43;
 /// The length of a target vector: ln(1 + runtime ms), ln(1 + peak memory bytes).
 pub const TARGETS: usize = 2;
+/// A longer runtime is taken for a clock error, not a measurement: no example is accepted above
+/// it and no prediction exceeds it.
+pub const RUNTIME_MS_MAX: u64 = 7 * 24 * 60 * 60 * 1000;
+/// A larger peak is taken for a measurement error (no executor has that much memory): no example
+/// is accepted above it and no prediction exceeds it.
+pub const PEAK_MEMORY_BYTES_MAX: u64 = 16 << 40;
 
 const KIND_BUCKETS: usize = 16;
 const NAMESPACE_BUCKETS: usize = 4;
@@ -152,53 +158,9 @@ pub fn from_targets(targets: [f32; TARGETS]) -> (f64, f64) {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use colony_core::{PlacementPolicy, Resources};
-    use std::collections::BTreeMap;
-
-    /// A process task with these args and a 500m / 256Mi request.
-    pub(crate) fn process_task(name: &str, args: &[&str]) -> TaskSpec {
-        TaskSpec {
-            name: name.to_owned(),
-            namespace: "default".to_owned(),
-            labels: BTreeMap::new(),
-            capabilities: Default::default(),
-            resources: Resources {
-                cpu_millis: 500,
-                memory_bytes: 256 << 20,
-                gpus: 0,
-                custom: BTreeMap::new(),
-            },
-            priority: 0,
-            deadline_unix_ms: None,
-            timeout_ms: None,
-            max_retries: 0,
-            dependencies: Default::default(),
-            run: RunSpec::Process {
-                program: "/bin/true".to_owned(),
-                args: args.iter().map(|arg| (*arg).to_owned()).collect(),
-                env: BTreeMap::new(),
-            },
-            idempotency_key: None,
-            placement: PlacementPolicy::BinPack,
-            memory_auto: false,
-        }
-    }
-
-    pub(crate) fn executor() -> ExecutorSpec {
-        ExecutorSpec {
-            name: "exec-1".to_owned(),
-            capacity: Resources {
-                cpu_millis: 8000,
-                memory_bytes: 16 << 30,
-                gpus: 0,
-                custom: BTreeMap::new(),
-            },
-            labels: BTreeMap::from([("zone".to_owned(), "a".to_owned())]),
-            capabilities: Default::default(),
-        }
-    }
+    use crate::fixtures::{executor, process_task};
 
     #[test]
     fn fnv1a64_matches_the_published_vectors() {

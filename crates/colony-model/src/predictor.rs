@@ -5,8 +5,7 @@
 use colony_core::{ExecutorSpec, TaskSpec};
 use thiserror::Error;
 
-use crate::example::{PEAK_MEMORY_BYTES_MAX, RUNTIME_MS_MAX};
-use crate::features::{self, FEATURES, SCHEMA, TARGETS};
+use crate::features::{self, FEATURES, PEAK_MEMORY_BYTES_MAX, RUNTIME_MS_MAX, SCHEMA, TARGETS};
 use crate::mlp::{Mlp, MlpError};
 
 /// The largest encoded model accepted. The default shape (43·32 + 32·32 + 32·2 weights) encodes
@@ -123,30 +122,10 @@ impl Predictor {
 
     /// The model's targets for one feature vector, clamped to the accepted ranges.
     ///
-    /// This is [`Mlp::predict`]'s forward pass for one row, in the same order of operations
-    /// (accumulate from zero in ascending input order, add the bias, then ReLU), written out so
-    /// that it cannot fail: the shapes were checked when the model was loaded.
+    /// This is [`Mlp::predict`]'s forward pass for one row without its checks, so that it cannot
+    /// fail: the shapes were checked when the model was loaded.
     pub fn predict_targets(&self, features: &[f32; FEATURES]) -> [f32; TARGETS] {
-        let last = self.mlp.layers.len() - 1;
-        let mut activation = features.to_vec();
-        for (index, layer) in self.mlp.layers.iter().enumerate() {
-            activation = (0..layer.outputs)
-                .map(|output| {
-                    let sum = activation
-                        .iter()
-                        .enumerate()
-                        .fold(0.0_f32, |sum, (input, &x)| {
-                            sum + x * layer.w[input * layer.outputs + output]
-                        });
-                    let z = sum + layer.b[output];
-                    if index == last {
-                        z
-                    } else {
-                        z.max(0.0)
-                    }
-                })
-                .collect();
-        }
+        let activation = self.mlp.forward(features, 1);
         let mut targets = [0.0_f32; TARGETS];
         for ((target, &value), (low, high)) in
             targets.iter_mut().zip(&activation).zip(target_bounds())
@@ -176,22 +155,16 @@ impl Predictor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::features::tests::{executor, process_task};
-    use crate::mlp::MlpConfig;
+    use crate::fixtures::{self, executor, process_task};
 
-    fn model(inputs: usize, outputs: usize) -> Result<Mlp, MlpError> {
-        Mlp::new(&MlpConfig {
-            inputs,
-            hidden: vec![8, 8],
-            outputs,
-            seed: 11,
-        })
+    fn model(inputs: usize, outputs: usize) -> Mlp {
+        fixtures::mlp(inputs, &[8, 8], outputs)
     }
 
     #[test]
     fn a_good_model_round_trips_and_predicts_like_the_mlp() -> Result<(), Box<dyn std::error::Error>>
     {
-        let mlp = model(FEATURES, TARGETS)?;
+        let mlp = model(FEATURES, TARGETS);
         let weights = encode_weights(&mlp);
         let predictor = Predictor::from_model(SCHEMA, &weights)?;
         assert_eq!(predictor.mlp(), &mlp);
@@ -211,7 +184,7 @@ mod tests {
 
     #[test]
     fn predictions_are_clamped() -> Result<(), Box<dyn std::error::Error>> {
-        let mut mlp = model(FEATURES, TARGETS)?;
+        let mut mlp = model(FEATURES, TARGETS);
         if let Some(last) = mlp.layers.last_mut() {
             last.b = vec![1000.0, -1000.0];
             last.w.iter_mut().for_each(|w| *w = 0.0);
@@ -228,7 +201,7 @@ mod tests {
 
     #[test]
     fn refuses_another_schema() -> Result<(), MlpError> {
-        let weights = encode_weights(&model(FEATURES, TARGETS)?);
+        let weights = encode_weights(&model(FEATURES, TARGETS));
         let error = Predictor::from_model("colony-features-v0", &weights);
         assert!(matches!(error, Err(ModelError::Schema { .. })));
         assert_eq!(
@@ -243,7 +216,7 @@ mod tests {
 
     #[test]
     fn refuses_non_finite_weights() -> Result<(), MlpError> {
-        let mut mlp = model(FEATURES, TARGETS)?;
+        let mut mlp = model(FEATURES, TARGETS);
         mlp.layers[1].w[5] = f32::NAN;
         let error = Predictor::from_mlp(mlp.clone());
         assert_eq!(
@@ -256,7 +229,7 @@ mod tests {
             Err(ModelError::Decode(_))
         ));
         // A literal beyond f32's range decodes as infinity and is caught by validation.
-        let text = String::from_utf8_lossy(&encode_weights(&model(FEATURES, TARGETS)?)).replacen(
+        let text = String::from_utf8_lossy(&encode_weights(&model(FEATURES, TARGETS))).replacen(
             "\"b\":[0.0",
             "\"b\":[1e39",
             1,
@@ -283,12 +256,12 @@ mod tests {
 
     #[test]
     fn refuses_the_wrong_widths_and_garbage() -> Result<(), MlpError> {
-        let narrow = encode_weights(&model(FEATURES - 1, TARGETS)?);
+        let narrow = encode_weights(&model(FEATURES - 1, TARGETS));
         assert!(matches!(
             Predictor::from_model(SCHEMA, &narrow),
             Err(ModelError::Inputs { inputs }) if inputs == FEATURES - 1
         ));
-        let one_output = encode_weights(&model(FEATURES, 1)?);
+        let one_output = encode_weights(&model(FEATURES, 1));
         assert!(matches!(
             Predictor::from_model(SCHEMA, &one_output),
             Err(ModelError::Outputs { outputs: 1 })

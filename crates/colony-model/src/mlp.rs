@@ -1,14 +1,13 @@
-//! The MLP regressor's weights: shape, deterministic initialisation, validation and CPU inference.
+//! The MLP regressor's weights: shape, validation and the forward pass (inference only).
 //!
 //! Hidden layers use ReLU and the output layer is linear, so one model predicts several targets
 //! at once (typically log-runtime and log-peak-memory). Weights are row-major, `inputs x outputs`
-//! per layer, and serialize with serde for the model registry. Training lives in [`crate::train`].
+//! per layer, and serialize with serde for the model registry. Initialisation and training live in
+//! `colony-learn`, whose CPU backend computes the forward pass in the same order of operations as
+//! [`Mlp::predict`] here, so a model predicts bit for bit what the CPU trainer computed.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-
-use crate::backend::{Epilogue, OpError};
-use crate::cpu;
 
 /// The most layers a model may have, hidden and output together.
 pub const LAYERS_MAX: usize = 16;
@@ -29,15 +28,6 @@ pub struct Layer {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Mlp {
     pub layers: Vec<Layer>,
-}
-
-/// The shape of a new model and the seed of its initial weights.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MlpConfig {
-    pub inputs: usize,
-    pub hidden: Vec<usize>,
-    pub outputs: usize,
-    pub seed: u64,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -80,64 +70,9 @@ pub enum MlpError {
         inputs: usize,
         actual: usize,
     },
-    #[error("a primitive rejected its arguments")]
-    Op(#[from] OpError),
 }
 
 impl Mlp {
-    /// A model with the given shape, initialised deterministically from `config.seed`: weights
-    /// uniform in ±sqrt(6 / fan_in) (He, for the ReLU that follows) on hidden layers and
-    /// ±sqrt(6 / (fan_in + fan_out)) (Glorot) on the linear output layer; biases zero.
-    pub fn new(config: &MlpConfig) -> Result<Self, MlpError> {
-        let widths: Vec<usize> = std::iter::once(config.inputs)
-            .chain(config.hidden.iter().copied())
-            .chain(std::iter::once(config.outputs))
-            .collect();
-        let layer_count = widths.len() - 1;
-        if layer_count > LAYERS_MAX {
-            return Err(MlpError::TooManyLayers {
-                layers: layer_count,
-                max: LAYERS_MAX,
-            });
-        }
-        for (index, &width) in widths.iter().enumerate() {
-            if !(1..=LAYER_WIDTH_MAX).contains(&width) {
-                // Width i is layer i's input (or the last layer's output).
-                let layer = index.min(layer_count - 1);
-                return Err(MlpError::Width {
-                    layer,
-                    width,
-                    max: LAYER_WIDTH_MAX,
-                });
-            }
-        }
-        let mut rng = SplitMix64::new(config.seed);
-        let layers = widths
-            .windows(2)
-            .enumerate()
-            .map(|(index, pair)| {
-                let (inputs, outputs) = (pair[0], pair[1]);
-                let bound = if index + 1 == layer_count {
-                    (6.0 / (inputs + outputs) as f64).sqrt()
-                } else {
-                    (6.0 / inputs as f64).sqrt()
-                };
-                let w = (0..inputs * outputs)
-                    .map(|_| ((rng.next_unit() * 2.0 - 1.0) * bound) as f32)
-                    .collect();
-                Layer {
-                    inputs,
-                    outputs,
-                    w,
-                    b: vec![0.0; outputs],
-                }
-            })
-            .collect();
-        let mlp = Mlp { layers };
-        mlp.validate()?;
-        Ok(mlp)
-    }
-
     /// The number of features a prediction takes. Zero for a model with no layers.
     pub fn inputs(&self) -> usize {
         self.layers.first().map_or(0, |layer| layer.inputs)
@@ -226,7 +161,7 @@ impl Mlp {
     }
 
     /// Predicts `rows` samples given row-major in `x` (`rows x inputs`); returns `rows x outputs`.
-    /// Runs the same forward pass as training, on the CPU reference primitives.
+    /// Validates the model and the input's length first, so a corrupt model never predicts.
     pub fn predict(&self, x: &[f32], rows: usize) -> Result<Vec<f32>, MlpError> {
         self.validate()?;
         let expected = rows.checked_mul(self.inputs()).ok_or(MlpError::Input {
@@ -241,48 +176,35 @@ impl Mlp {
                 actual: x.len(),
             });
         }
+        Ok(self.forward(x, rows))
+    }
+
+    /// The forward pass over `rows` samples of a validated model with an input of the right
+    /// length. Each output starts from zero and accumulates its products in ascending input
+    /// order, then adds the bias, then (on hidden layers) takes the ReLU as `max(0)`, which maps
+    /// NaN to 0: the order and the operations of `colony-learn`'s CPU `gemm_ab` and its epilogue.
+    pub(crate) fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let last = self.layers.len() - 1;
         let mut activation = x.to_vec();
         for (index, layer) in self.layers.iter().enumerate() {
-            let epilogue = Epilogue {
-                bias: Some(layer.b.as_slice()),
-                relu: index != last,
-            };
-            activation = cpu::gemm_ab(
-                &activation,
-                &layer.w,
-                rows,
-                layer.inputs,
-                layer.outputs,
-                epilogue,
-            )?;
+            let mut next = vec![0.0_f32; rows * layer.outputs];
+            for (row, out) in next.chunks_exact_mut(layer.outputs).enumerate() {
+                let inputs = &activation[row * layer.inputs..(row + 1) * layer.inputs];
+                for (&input, w_row) in inputs.iter().zip(layer.w.chunks_exact(layer.outputs)) {
+                    for (sum, &w) in out.iter_mut().zip(w_row) {
+                        *sum += input * w;
+                    }
+                }
+                for (value, &b) in out.iter_mut().zip(&layer.b) {
+                    *value += b;
+                    if index != last {
+                        *value = value.max(0.0);
+                    }
+                }
+            }
+            activation = next;
         }
-        Ok(activation)
-    }
-}
-
-/// Steele, Lea and Flood's SplitMix64: a fixed, documented generator, so a seed gives the same
-/// initial weights on every machine and with every version of every dependency.
-struct SplitMix64 {
-    state: u64,
-}
-
-impl SplitMix64 {
-    fn new(seed: u64) -> Self {
-        Self { state: seed }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1) from the top 53 bits.
-    fn next_unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        activation
     }
 }
 
@@ -290,72 +212,15 @@ impl SplitMix64 {
 mod tests {
     use super::*;
 
-    fn config() -> MlpConfig {
-        MlpConfig {
-            inputs: 3,
-            hidden: vec![4],
-            outputs: 2,
-            seed: 42,
-        }
-    }
+    use crate::fixtures;
 
-    #[test]
-    fn new_is_deterministic_and_shaped() -> Result<(), MlpError> {
-        let mlp = Mlp::new(&config())?;
-        assert_eq!(mlp, Mlp::new(&config())?);
-        assert_ne!(
-            mlp,
-            Mlp::new(&MlpConfig {
-                seed: 43,
-                ..config()
-            })?
-        );
-        assert_eq!((mlp.inputs(), mlp.outputs()), (3, 2));
-        assert_eq!(mlp.parameter_count(), 3 * 4 + 4 + 4 * 2 + 2);
-        let bound = (6.0_f32 / 3.0).sqrt();
-        assert!(mlp.layers[0].w.iter().all(|w| w.abs() <= bound));
-        assert!(mlp
-            .layers
-            .iter()
-            .all(|layer| layer.b.iter().all(|&b| b == 0.0)));
-        Ok(())
-    }
-
-    #[test]
-    fn new_rejects_bad_shapes() {
-        let zero = MlpConfig {
-            hidden: vec![4, 0],
-            ..config()
-        };
-        assert_eq!(
-            Mlp::new(&zero),
-            Err(MlpError::Width {
-                layer: 2,
-                width: 0,
-                max: LAYER_WIDTH_MAX
-            })
-        );
-        let wide = MlpConfig {
-            inputs: LAYER_WIDTH_MAX + 1,
-            ..config()
-        };
-        assert!(matches!(
-            Mlp::new(&wide),
-            Err(MlpError::Width { layer: 0, .. })
-        ));
-        let deep = MlpConfig {
-            hidden: vec![2; LAYERS_MAX],
-            ..config()
-        };
-        assert!(matches!(
-            Mlp::new(&deep),
-            Err(MlpError::TooManyLayers { .. })
-        ));
+    fn small() -> Mlp {
+        fixtures::mlp(3, &[4], 2)
     }
 
     #[test]
     fn validate_rejects_non_finite_weights_and_bad_shapes() -> Result<(), MlpError> {
-        let good = Mlp::new(&config())?;
+        let good = small();
         good.validate()?;
 
         let mut nan = good.clone();
@@ -428,12 +293,7 @@ mod tests {
 
     #[test]
     fn serde_round_trip_is_exact() -> Result<(), Box<dyn std::error::Error>> {
-        let mlp = Mlp::new(&MlpConfig {
-            inputs: 5,
-            hidden: vec![7, 3],
-            outputs: 2,
-            seed: 9,
-        })?;
+        let mlp = fixtures::mlp(5, &[7, 3], 2);
         let json = serde_json::to_string(&mlp)?;
         let back: Mlp = serde_json::from_str(&json)?;
         assert_eq!(back, mlp);
@@ -462,7 +322,7 @@ mod tests {
 
     #[test]
     fn predict_checks_its_input() -> Result<(), MlpError> {
-        let mlp = Mlp::new(&config())?;
+        let mlp = small();
         assert_eq!(mlp.predict(&[0.0; 6], 2)?.len(), 4);
         assert_eq!(
             mlp.predict(&[0.0; 5], 2),
