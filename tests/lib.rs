@@ -299,16 +299,18 @@ impl Cluster {
         servers.chain(executors).collect::<Vec<_>>().join("\n")
     }
 
+    /// A client of every server, each call retried across them for up to `timeout`.
+    pub fn any_server(&self, timeout: Duration) -> anyhow::Result<colony_client::Client> {
+        Ok(colony_client::Client::new(&self.addrs(), timeout)?)
+    }
+
     /// A fresh join token, once the cluster CA exists.
     pub async fn join_token(&self) -> anyhow::Result<String> {
-        let addrs = self.addrs();
-        wait_for("a join token", Duration::from_secs(20), || {
-            let addrs = addrs.clone();
-            async move {
-                let mut c = client(&addrs[0]).await?;
-                let token = c.create_join_token(pb::CreateJoinTokenRequest { ttl_ms: 3_600_000 }).await?.into_inner().token;
-                Ok(Some(token))
-            }
+        let any_server = self.any_server(Duration::from_secs(3))?;
+        wait_for("a join token", Duration::from_secs(20), || async {
+            let request = pb::CreateJoinTokenRequest { ttl_ms: 3_600_000 };
+            let token = any_server.call("create a join token", |mut c| async move { c.create_join_token(request).await }).await?.token;
+            Ok(Some(token))
         })
         .await
     }
@@ -345,16 +347,9 @@ impl Cluster {
 
     /// The leader's view of the executors (linearizable, through any server).
     pub async fn executors(&self) -> anyhow::Result<Vec<pb::Executor>> {
-        let mut last = anyhow::anyhow!("no server answered");
-        for addr in self.addrs() {
-            let mut c = client(&addr).await?;
-            match tokio::time::timeout(Duration::from_secs(3), c.list_executors(pb::ListExecutorsRequest::default())).await {
-                Ok(Ok(response)) => return Ok(response.into_inner().executors),
-                Ok(Err(e)) => last = e.into(),
-                Err(_) => last = anyhow::anyhow!("{addr} did not answer in time"),
-            }
-        }
-        Err(last)
+        let any_server = self.any_server(Duration::from_secs(3))?;
+        let request = pb::ListExecutorsRequest::default();
+        Ok(any_server.call("list executors", |mut c| async move { c.list_executors(request).await }).await?.executors)
     }
 
     /// Waits until exactly `n` executors are up.

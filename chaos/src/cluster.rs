@@ -4,6 +4,7 @@
 use crate::net::{Host, Net, PROXY_GID};
 use crate::procs::{Proc, Role, SERVER_PORT};
 use anyhow::{bail, Context as _, Result};
+use colony_client::{Client, ClientConfig};
 use colony_proto::pb::admin_client::AdminClient;
 use colony_proto::pb::{self, ReadConsistency};
 use std::net::Ipv4Addr;
@@ -145,13 +146,14 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// A join token from any server, once the cluster CA exists (until then the servers refuse).
     async fn join_token(&self) -> Result<String> {
-        let channel = self.channels[0].1.clone();
+        let any_server = Client::from_channels(self.channels.clone(), ClientConfig::new(STATUS_TIMEOUT))?;
         wait_until("a join token", FORM_TIMEOUT, || {
-            let channel = channel.clone();
+            let any_server = any_server.clone();
             async move {
-                let mut client = AdminClient::new(channel);
-                tokio::time::timeout(STATUS_TIMEOUT, client.create_join_token(pb::CreateJoinTokenRequest { ttl_ms: 3_600_000 })).await.ok()?.ok().map(|r| r.into_inner().token)
+                let request = pb::CreateJoinTokenRequest { ttl_ms: 3_600_000 };
+                any_server.call("create a join token", |mut c| async move { c.create_join_token(request).await }).await.ok().map(|r| r.token)
             }
         })
         .await

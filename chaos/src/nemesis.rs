@@ -5,7 +5,7 @@
 use crate::cluster::{Cluster, FILL_FILE};
 use crate::procs::SERVER_PORT;
 use anyhow::{bail, Context as _, Result};
-use colony_proto::pb::admin_client::AdminClient;
+use colony_client::{Client, ClientConfig, ClientError};
 use colony_proto::pb;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom as _;
@@ -317,22 +317,16 @@ async fn membership(cluster: &mut Cluster, rng: &mut StdRng) -> Result<String> {
     cluster.net.lose(&hosts, 10).await?;
     let old_id = cluster.servers[target].node_id;
     // Elections may be under way (10% loss): any server forwards to the leader, so try them in
-    // turn until one answers or 20 s pass.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let mut turn = leader;
-    loop {
-        let channel = cluster.channels[turn % servers.len()].1.clone();
-        turn += 1;
-        let removed = tokio::time::timeout(Duration::from_secs(5), AdminClient::new(channel).remove_node(pb::RemoveNodeRequest { node_id: old_id })).await;
-        match removed {
-            Ok(Ok(_)) => break,
-            Ok(Err(status)) if status.code() == tonic::Code::NotFound => break,
-            Ok(Err(status)) if status.code() != tonic::Code::Unavailable || tokio::time::Instant::now() >= deadline => {
-                bail!("removing node {old_id} failed: {}", status.message())
-            }
-            Err(_) if tokio::time::Instant::now() >= deadline => bail!("removing node {old_id} did not answer within 20 s"),
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
+    // turn, the leader first, until one answers or 20 s pass.
+    let mut channels = cluster.channels.clone();
+    channels.rotate_left(leader);
+    let any_server = Client::from_channels(channels, ClientConfig::new(Duration::from_secs(20)))?;
+    let request = pb::RemoveNodeRequest { node_id: old_id };
+    match any_server.call("remove node", |mut c| async move { c.remove_node(request).await }).await {
+        Ok(_) => {}
+        // Already removed: an earlier attempt committed but its answer was lost.
+        Err(ClientError::Answered { status, .. }) if status.code() == tonic::Code::NotFound => {}
+        Err(e) => bail!("removing node {old_id} failed: {e}"),
     }
     let new_id = cluster.next_node_id();
     let args = cluster.rejoin_args(target, new_id);

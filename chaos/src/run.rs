@@ -10,6 +10,7 @@ use crate::nemesis::{self, Nemesis, Planned};
 use crate::report::{self, FaultRecord, Report};
 use crate::workload::{Pool, Workload};
 use anyhow::{bail, Context as _, Result};
+use colony_client::{Client, ClientConfig};
 use colony_proto::pb::admin_client::AdminClient;
 use colony_proto::pb::{self, ReadConsistency};
 use std::path::PathBuf;
@@ -17,6 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tonic::transport::Channel;
+
+/// The longest one page of a task listing may take, retries included.
+const LIST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ChaosCommand {
@@ -116,23 +120,12 @@ pub async fn run(command: ChaosCommand, json: bool) -> Result<bool> {
     }
 }
 
-async fn interrupted() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
-}
-
 async fn run_suite(args: ChaosArgs, json: bool) -> Result<bool> {
     let seed = args.seed.unwrap_or_else(rand::random);
     let set = Nemesis::parse_set(&args.nemesis)?;
     let set = if args.negative_control.is_some() { vec![Nemesis::PartitionOne, Nemesis::PartitionLeader] } else { set };
     crate::net::preflight().await?;
-    let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let unix = colony_process::unix_ms() / 1000;
     let dir = args.dir.clone().unwrap_or_else(|| PathBuf::from(format!("/tmp/colony-chaos/{unix}-seed-{seed}")));
     if std::fs::read_dir(&dir).is_ok_and(|mut entries| entries.next().is_some()) {
         bail!("{} is not empty; give a new --dir so this run's history, logs and data are not mixed with another's", dir.display());
@@ -152,7 +145,7 @@ async fn run_suite(args: ChaosArgs, json: bool) -> Result<bool> {
     eprintln!("chaos: cluster up in {:.1} s", started.elapsed().as_secs_f64());
     let outcome = tokio::select! {
         outcome = play(&args, seed, &set, &dir, &mut cluster) => outcome,
-        signal = interrupted() => Err(anyhow::anyhow!("{signal} received; the run was stopped and its hosts removed ({})", dir.display())),
+        signal = colony_process::shutdown_signal() => Err(anyhow::anyhow!("{signal} received; the run was stopped and its hosts removed ({})", dir.display())),
     };
     cluster.shutdown().await;
     let (report, valid) = outcome?;
@@ -221,7 +214,8 @@ async fn play(args: &ChaosArgs, seed: u64, set: &[Nemesis], dir: &std::path::Pat
     }
     workload.settle().await;
     eprintln!("chaos: faults over after {:.1} s; waiting for the submitted work to finish", faults_started.elapsed().as_secs_f64());
-    let unfinished = wait_for_work(&cluster.channels, Duration::from_secs(120)).await;
+    let any_server = Client::from_channels(cluster.channels.clone(), ClientConfig::new(LIST_TIMEOUT))?;
+    let unfinished = wait_for_work(&any_server, Duration::from_secs(120)).await;
     let finals = collect_finals(cluster, Duration::from_secs(60)).await;
     let _ = sampler.await;
     let (ops, write_error) = history.finish();
@@ -333,12 +327,18 @@ async fn sample_statuses(channels: Vec<(String, Channel)>, samples: Arc<Mutex<Ve
     }
 }
 
-async fn list_all(channel: &Channel, stale: bool) -> Result<Vec<pb::Task>> {
+/// Every task, page by page; a linearizable listing may take its pages from different servers.
+async fn list_all(client: &Client, stale: bool) -> Result<Vec<pb::Task>> {
     let mut tasks = Vec::new();
     let mut after_id = 0;
     loop {
         let request = pb::ListTasksRequest { after_id, page_size: 5000, consistency: Some(ReadConsistency { stale }), ..Default::default() };
-        let page = tokio::time::timeout(Duration::from_secs(10), AdminClient::new(channel.clone()).list_tasks(request)).await.context("listing tasks timed out")??.into_inner();
+        let page = client
+            .call("list tasks", |mut c| {
+                let request = request.clone();
+                async move { c.list_tasks(request).await }
+            })
+            .await?;
         tasks.extend(page.tasks);
         if page.next_after_id == 0 {
             return Ok(tasks);
@@ -348,19 +348,16 @@ async fn list_all(channel: &Channel, stale: bool) -> Result<Vec<pb::Task>> {
 }
 
 /// Waits until no task is left unfinished; returns how many still were at the limit.
-async fn wait_for_work(channels: &[(String, Channel)], limit: Duration) -> Option<u64> {
+async fn wait_for_work(any_server: &Client, limit: Duration) -> Option<u64> {
     let started = Instant::now();
     let mut left = None;
     while started.elapsed() < limit {
-        for (_, channel) in channels {
-            if let Ok(tasks) = list_all(channel, false).await {
-                let unfinished = tasks.iter().filter(|t| crate::history::status_of(t.state).is_some_and(|s| !s.is_finished())).count() as u64;
-                if unfinished == 0 {
-                    return None;
-                }
-                left = Some(unfinished);
-                break;
+        if let Ok(tasks) = list_all(any_server, false).await {
+            let unfinished = tasks.iter().filter(|t| crate::history::status_of(t.state).is_some_and(|s| !s.is_finished())).count() as u64;
+            if unfinished == 0 {
+                return None;
             }
+            left = Some(unfinished);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -388,7 +385,9 @@ async fn collect_finals(cluster: &Cluster, limit: Duration) -> Result<Vec<Server
     let mut finals = Vec::new();
     for ((name, channel), digest) in cluster.channels.iter().zip(digests) {
         let digest = digest.with_context(|| format!("{name} did not report its state digest"))?;
-        let tasks = list_all(channel, true).await.with_context(|| format!("cannot read {name}'s tasks"))?;
+        // A stale read of this server's own state, so only this server may answer.
+        let this_server = Client::from_channels(vec![(name.clone(), channel.clone())], ClientConfig::new(LIST_TIMEOUT))?;
+        let tasks = list_all(&this_server, true).await.with_context(|| format!("cannot read {name}'s tasks"))?;
         let request = pb::ListExecutorsRequest { consistency: Some(ReadConsistency { stale: true }) };
         let executors = AdminClient::new(channel.clone()).list_executors(request).await.with_context(|| format!("cannot read {name}'s executors"))?.into_inner();
         finals.push(ServerFinal {

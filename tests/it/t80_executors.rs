@@ -2,6 +2,7 @@
 //! executor and of the leader, no attempt runs on two executors, and no executor is ever over
 //! capacity; then dependencies, retries, deadlines, timeouts, preemption and drain, one by one.
 
+use colony_client::Client;
 use colony_proto::pb;
 use colony_tests::{client, wait_for, Cluster};
 use rand::{Rng, SeedableRng};
@@ -34,35 +35,20 @@ fn shell(name: &str, script: &str, cpu_millis: u64, memory_mib: u64, priority: u
 
 /// Submits through any server, retrying through elections (the idempotency key makes that safe).
 async fn submit(cluster_addrs: &[String], spec: pb::TaskSpec) -> anyhow::Result<u64> {
-    wait_for("a submission to be acknowledged", Duration::from_secs(30), || {
-        let spec = spec.clone();
-        async move {
-            for addr in cluster_addrs {
-                let mut c = client(addr).await?;
-                let request = pb::SubmitTaskRequest { spec: Some(spec.clone()) };
-                match tokio::time::timeout(Duration::from_secs(5), c.submit_task(request)).await {
-                    Ok(Ok(reply)) => return Ok(reply.into_inner().task.map(|t| t.id)),
-                    Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => anyhow::bail!("refused: {status}"),
-                    _ => {}
-                }
-            }
-            Ok(None)
-        }
-    })
-    .await
+    let any_server = Client::new(cluster_addrs, Duration::from_secs(30))?;
+    let reply = any_server
+        .call("submit a task", |mut c| {
+            let request = pb::SubmitTaskRequest { spec: Some(spec.clone()) };
+            async move { c.submit_task(request).await }
+        })
+        .await?;
+    reply.task.map(|t| t.id).ok_or_else(|| anyhow::anyhow!("no task in the answer"))
 }
 
 async fn get(cluster_addrs: &[String], id: u64) -> anyhow::Result<pb::Task> {
-    let mut last = anyhow::anyhow!("no server answered");
-    for addr in cluster_addrs {
-        let mut c = client(addr).await?;
-        match tokio::time::timeout(Duration::from_secs(3), c.get_task(pb::GetTaskRequest { id, consistency: None })).await {
-            Ok(Ok(reply)) => return reply.into_inner().task.ok_or_else(|| anyhow::anyhow!("no task in the answer")),
-            Ok(Err(e)) => last = e.into(),
-            Err(_) => last = anyhow::anyhow!("{addr} did not answer"),
-        }
-    }
-    Err(last)
+    let any_server = Client::new(cluster_addrs, Duration::from_secs(3))?;
+    let reply = any_server.call("get a task", |mut c| async move { c.get_task(pb::GetTaskRequest { id, consistency: None }).await }).await?;
+    reply.task.ok_or_else(|| anyhow::anyhow!("no task in the answer"))
 }
 
 fn state(task: &pb::Task) -> pb::TaskState {
@@ -286,7 +272,7 @@ async fn dependencies_retries_deadlines_and_timeouts() -> anyhow::Result<()> {
 
     // A task no executor can take stays pending with the reason, then misses its deadline.
     let mut huge = shell("huge", "true", 100, 64 << 10, 10, 0);
-    huge.deadline_unix_ms = Some(unix_ms() + 3000);
+    huge.deadline_unix_ms = Some(colony_process::unix_ms() + 3000);
     let huge = submit(&addrs, huge).await?;
     let pending = wait_task(&addrs, huge, "to be marked unschedulable", long, |t| t.reason.is_some()).await?;
     assert_eq!(state(&pending), pb::TaskState::Pending);
@@ -371,8 +357,4 @@ async fn executors_with_bad_tokens_are_refused_clearly() -> anyhow::Result<()> {
     let text = String::from_utf8_lossy(&forged.stderr);
     assert!(text.contains("unknown or has expired"), "{text}");
     Ok(())
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

@@ -6,7 +6,7 @@
 //! latency is measured from the slot's due time, not from when a client got round to it, so a
 //! slow server shows up as latency instead of hiding in fewer samples (coordinated omission).
 
-use crate::client::{lazy_channel, status_message};
+use colony_client::{lazy_channel, status_message, ClientConfig};
 use crate::output::{self, OutputFormat};
 use crate::GlobalArgs;
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -193,7 +193,7 @@ async fn bench_submit(args: SubmitBenchArgs, global: &GlobalArgs) -> Result<()> 
         bail!("no endpoint given (--endpoint or COLONY_ENDPOINT)");
     }
     let template = pb::TaskSpec::from(&bench_spec(&args)?);
-    let channels = global.endpoint.iter().map(|addr| lazy_channel(addr)).collect::<Result<Vec<Channel>>>()?;
+    let channels = global.endpoint.iter().map(|addr| lazy_channel(addr, &ClientConfig::new(global.timeout))).collect::<Result<Vec<Channel>, _>>()?;
     let histogram = Histogram::<u64>::new_with_bounds(1, LATENCY_MAX_US, 3).map_err(|e| anyhow!("cannot make a histogram: {e}"))?;
     // Idempotency keys as the CLI sends them, unique to this run, so the server does the same work
     // for a benchmark submission as for an operator's.

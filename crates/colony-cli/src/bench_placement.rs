@@ -8,7 +8,7 @@
 //! makespan, and memory reserved over memory used.
 
 use crate::bench::machine;
-use crate::client::{lazy_channel, Client};
+use colony_client::{lazy_channel, Client, ClientConfig};
 use crate::output::{self, OutputFormat};
 use crate::GlobalArgs;
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -100,13 +100,13 @@ fn spec(kind: &str, runtime_ms: u64, i: u64, now_ms: u64) -> pb::TaskSpec {
     }
 }
 
-async fn run_phase(channels: &[AdminClient<tonic::transport::Channel>], client: &mut Client, tasks: u64, rate: f64, model: Option<u64>) -> Result<Phase> {
+async fn run_phase(channels: &[AdminClient<tonic::transport::Channel>], client: &Client, tasks: u64, rate: f64, model: Option<u64>) -> Result<Phase> {
     let mut submitted = JoinSet::new();
     let start = tokio::time::Instant::now();
     let interval = Duration::from_secs_f64(1.0 / rate);
     for i in 0..tasks {
         tokio::time::sleep_until(start + interval.mul_f64(i as f64)).await;
-        let now = output::now_unix_ms();
+        let now = colony_process::unix_ms();
         let (kind, runtime_ms, _) = KINDS[(i % KINDS.len() as u64) as usize];
         let mut channel = channels[i as usize % channels.len()].clone();
         let request = pb::SubmitTaskRequest { spec: Some(spec(kind, runtime_ms, i, now)) };
@@ -147,12 +147,12 @@ pub async fn run(args: PlacementBenchArgs, global: &GlobalArgs) -> Result<()> {
         bail!("--rate must be a positive number");
     }
     let endpoints = global.endpoint.clone();
-    let mut client = Client::new(&endpoints, global.timeout)?;
+    let client = Client::new(&endpoints, global.timeout)?;
     let models = client.call("list models", |mut c| async move { c.list_models(pb::ListModelsRequest {}).await }).await?;
     if models.current.is_some() {
         bail!("this cluster already has a model; `bench placement` compares against none, so run it on a fresh cluster");
     }
-    let token = crate::cluster_cmd::create_join_token(&mut client, Duration::from_secs(3600)).await?.token;
+    let token = crate::cluster_cmd::create_join_token(&client, Duration::from_secs(3600)).await?.token;
     eprintln!("joining {} simulated executors", args.executors);
     let endpoint = colony_quic::client_endpoint().context("cannot open a QUIC endpoint")?;
     let (events, mut incoming) = tokio::sync::mpsc::unbounded_channel();
@@ -166,12 +166,12 @@ pub async fn run(args: PlacementBenchArgs, global: &GlobalArgs) -> Result<()> {
         let labels = BTreeMap::from([("class".to_owned(), if big { "big" } else { "small" }.to_owned())]);
         sims.spawn(SimExecutor::run(endpoint.clone(), endpoints.clone(), creds, capacity, labels, behaviour(), events.clone()));
     }
-    crate::bench_schedule::wait_for_sims_up(&mut client, &mut sims, args.executors, &indicatif::ProgressBar::hidden()).await?;
+    crate::bench_schedule::wait_for_sims_up(&client, &mut sims, args.executors, &indicatif::ProgressBar::hidden()).await?;
     let channels: Vec<AdminClient<tonic::transport::Channel>> =
-        endpoints.iter().map(|e| lazy_channel(e).map(AdminClient::new)).collect::<Result<_>>()?;
+        endpoints.iter().map(|e| lazy_channel(e, &ClientConfig::new(global.timeout)).map(AdminClient::new)).collect::<Result<_, _>>()?;
 
     eprintln!("run 1: {} tasks, no model", args.tasks);
-    let without_model = run_phase(&channels, &mut client, args.tasks, args.rate, None).await?;
+    let without_model = run_phase(&channels, &client, args.tasks, args.rate, None).await?;
 
     eprintln!("training on run 1's finished tasks");
     let mut feed = channels[0].clone().watch_finished_tasks(pb::WatchFinishedTasksRequest { after_seq: 0 }).await?.into_inner();
@@ -208,7 +208,7 @@ pub async fn run(args: PlacementBenchArgs, global: &GlobalArgs) -> Result<()> {
     let version = client.call("publish model", |mut c| { let request = request.clone(); async move { c.publish_model(request).await } }).await?.version;
 
     eprintln!("run 2: {} tasks, model {version}", args.tasks);
-    let with_model = run_phase(&channels, &mut client, args.tasks, args.rate, Some(version)).await?;
+    let with_model = run_phase(&channels, &client, args.tasks, args.rate, Some(version)).await?;
     sims.abort_all();
     drain.abort();
 

@@ -8,7 +8,7 @@
 //! to the moment its assignment reached the simulated executor (same process, same clock).
 
 use crate::bench::machine;
-use crate::client::{lazy_channel, Client};
+use colony_client::{lazy_channel, Client, ClientConfig};
 use crate::output::{self, OutputFormat};
 use crate::GlobalArgs;
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -95,8 +95,8 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
         bail!("--rate must be a positive number");
     }
     let endpoints = global.endpoint.clone();
-    let mut client = Client::new(&endpoints, global.timeout)?;
-    let token = crate::cluster_cmd::create_join_token(&mut client, Duration::from_secs(3600)).await?.token;
+    let client = Client::new(&endpoints, global.timeout)?;
+    let token = crate::cluster_cmd::create_join_token(&client, Duration::from_secs(3600)).await?.token;
 
     let bar = ProgressBar::new(args.executors).with_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}").map_err(|e| anyhow!("{e}"))?);
     bar.set_message("joining simulated executors");
@@ -140,13 +140,13 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
     }
     bar.set_message("waiting for executors to be up");
     bar.set_position(0);
-    wait_for_sims_up(&mut client, &mut sims, args.executors, &bar).await?;
+    wait_for_sims_up(&client, &mut sims, args.executors, &bar).await?;
     bar.finish_and_clear();
 
     // Throughput: a backlog released all at once.
     let channels: Vec<AdminClient<tonic::transport::Channel>> =
-        endpoints.iter().map(|e| lazy_channel(e).map(AdminClient::new)).collect::<Result<_>>()?;
-    let gate = crate::task_cmd::submit_wire(&mut client, spec("gate", Vec::new())).await?;
+        endpoints.iter().map(|e| lazy_channel(e, &ClientConfig::new(global.timeout)).map(AdminClient::new)).collect::<Result<_, _>>()?;
+    let gate = crate::task_cmd::submit_wire(&client, spec("gate", Vec::new())).await?;
     let bar = ProgressBar::new(args.tasks).with_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}").map_err(|e| anyhow!("{e}"))?);
     bar.set_message("submitting the backlog behind a gate task");
     let backlog = submit_many(&channels, args.tasks, |i| spec(&format!("backlog-{i}"), vec![gate]), &bar).await?;
@@ -214,7 +214,7 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let status = crate::cluster_cmd::cluster_status(&mut client).await?;
+    let status = crate::cluster_cmd::cluster_status(&client).await?;
     let leader_rss = leader_rss(&endpoints, status.leader_id).await;
     sims.abort_all();
     collector.abort();
@@ -252,7 +252,7 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
 
 /// Waits until `wanted` simulated executors are up, counting them on `bar`; fails as soon as one
 /// of `sims` stops.
-pub async fn wait_for_sims_up(client: &mut Client, sims: &mut JoinSet<Result<()>>, wanted: u64, bar: &ProgressBar) -> Result<()> {
+pub async fn wait_for_sims_up(client: &Client, sims: &mut JoinSet<Result<()>>, wanted: u64, bar: &ProgressBar) -> Result<()> {
     loop {
         let executors = client.call("list executors", |mut c| async move { c.list_executors(pb::ListExecutorsRequest::default()).await }).await?;
         let up = executors.executors.iter().filter(|e| e.state == "up" && e.name.starts_with("sim-")).count() as u64;
@@ -300,7 +300,7 @@ async fn submit_many(
 /// The leader's resident memory, asked of the leader itself.
 async fn leader_rss(endpoints: &[String], leader: Option<u64>) -> u64 {
     for endpoint in endpoints {
-        let Ok(channel) = lazy_channel(endpoint) else { continue };
+        let Ok(channel) = lazy_channel(endpoint, &ClientConfig::new(Duration::from_secs(2))) else { continue };
         if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), AdminClient::new(channel).cluster_status(pb::ClusterStatusRequest {})).await {
             let status = status.into_inner();
             if Some(status.node_id) == leader {

@@ -1,6 +1,6 @@
 //! `colony cluster`: the cluster's status and membership changes.
 
-use crate::client::Client;
+use colony_client::Client;
 use crate::output::{self, OutputFormat};
 use crate::GlobalArgs;
 use anyhow::Result;
@@ -107,12 +107,12 @@ impl From<pb::Executor> for ExecutorJson {
 }
 
 /// A new join token that lives for `ttl`.
-pub async fn create_join_token(client: &mut Client, ttl: Duration) -> Result<pb::CreateJoinTokenResponse> {
+pub async fn create_join_token(client: &Client, ttl: Duration) -> Result<pb::CreateJoinTokenResponse> {
     let request = pb::CreateJoinTokenRequest { ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX) };
-    client.call("create join token", |mut c| async move { c.create_join_token(request).await }).await
+    Ok(client.call("create join token", |mut c| async move { c.create_join_token(request).await }).await?)
 }
 
-pub async fn list_executors(client: &mut Client, stale: bool) -> Result<Vec<ExecutorJson>> {
+pub async fn list_executors(client: &Client, stale: bool) -> Result<Vec<ExecutorJson>> {
     let request = pb::ListExecutorsRequest { consistency: stale.then_some(pb::ReadConsistency { stale: true }) };
     let response = client.call("list executors", |mut c| async move { c.list_executors(request).await }).await?;
     Ok(response.executors.into_iter().map(ExecutorJson::from).collect())
@@ -200,11 +200,11 @@ impl From<pb::ClusterStatusResponse> for StatusJson {
 }
 
 pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> Result<()> {
-    let mut client = Client::new(&global.endpoint, global.timeout)?;
+    let client = Client::new(&global.endpoint, global.timeout)?;
     match command {
-        ClusterCommand::Status { watch: true, interval } => watch_status(&mut client, interval, global.output).await?,
+        ClusterCommand::Status { watch: true, interval } => watch_status(&client, interval, global.output).await?,
         ClusterCommand::Status { watch: false, .. } => {
-            let status = StatusJson::from(cluster_status(&mut client).await?);
+            let status = StatusJson::from(cluster_status(&client).await?);
             match global.output {
                 OutputFormat::Table => print_status(&status)?,
                 OutputFormat::Json => output::print_json(&status)?,
@@ -228,7 +228,7 @@ pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> Result<()> {
             }
         }
         ClusterCommand::Token(TokenCommand::Create { ttl }) => {
-            let response = create_join_token(&mut client, ttl).await?;
+            let response = create_join_token(&client, ttl).await?;
             match global.output {
                 OutputFormat::Table => {
                     output::out(&response.token)?;
@@ -240,7 +240,7 @@ pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> Result<()> {
             }
         }
         ClusterCommand::Executors { stale } => {
-            let executors = list_executors(&mut client, stale).await?;
+            let executors = list_executors(&client, stale).await?;
             match global.output {
                 OutputFormat::Table => print_executors(&executors)?,
                 OutputFormat::Json => output::print_json(&executors)?,
@@ -266,8 +266,8 @@ pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> Result<()> {
     Ok(())
 }
 
-pub async fn cluster_status(client: &mut Client) -> Result<pb::ClusterStatusResponse> {
-    client.call("cluster status", |mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await }).await
+pub async fn cluster_status(client: &Client) -> Result<pb::ClusterStatusResponse> {
+    Ok(client.call("cluster status", |mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await }).await?)
 }
 
 /// Rates between two status answers.
@@ -278,7 +278,7 @@ struct Throughput {
 }
 
 /// `cluster status --watch`: redraws the status with queue depth and throughput until Ctrl-C.
-async fn watch_status(client: &mut Client, interval: Duration, format: OutputFormat) -> Result<()> {
+async fn watch_status(client: &Client, interval: Duration, format: OutputFormat) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     // One stream for the whole watch: it keeps a Ctrl-C that arrives while a request is in flight.
     let mut interrupt = signal(SignalKind::interrupt())?;

@@ -6,7 +6,7 @@
 //! `Child` handle is dropped on an error path, and ask the kernel to stop them if we die without
 //! a chance to clean up.
 
-use crate::client::Client;
+use colony_client::Client;
 use crate::cluster_cmd::{self, StatusJson};
 use crate::output;
 use crate::task_cmd;
@@ -308,10 +308,10 @@ async fn serve(servers: &mut [Server], executors: &mut [Server], dir: &Path, res
         (s.members.len() != wanted || voters != wanted).then(|| format!("{voters} of {wanted} servers are voters"))
     })
     .await?;
-    let mut client = Client::new(&endpoints, global.timeout)?;
+    let client = Client::new(&endpoints, global.timeout)?;
     let executor_count = executors.iter().filter(|e| e.kind == "executor").count();
     if !executors.is_empty() {
-        start_executors(&mut client, executors, &exe, &endpoints, &spinner).await?;
+        start_executors(&client, executors, &exe, &endpoints, &spinner).await?;
         let wanted = executor_count;
         wait_until(servers, &endpoints, deadline, &spinner, |s| {
             let up = s.executors_by_state.get("up").copied().unwrap_or(0) as usize;
@@ -322,13 +322,13 @@ async fn serve(servers: &mut [Server], executors: &mut [Server], dir: &Path, res
     drop(spinner);
     print_welcome(&status, servers, executors, dir)?;
 
-    let ids: Vec<u64> = submit_demo(&mut client).await?.iter().map(|t| t.id.0).collect();
+    let ids: Vec<u64> = submit_demo(&client).await?.iter().map(|t| t.id.0).collect();
     if executor_count == 0 {
         println!("No executors (--executors 0): the demo workflow's tasks stay pending.");
     } else {
         println!("Demo workflow (fetch, then train and evaluate, then report) on {executor_count} executors:");
         let finished = tokio::select! {
-            finished = task_cmd::wait(&mut client, &ids, Some(READY_TIMEOUT), POLL_INTERVAL, true) => finished?,
+            finished = task_cmd::wait(&client, &ids, Some(READY_TIMEOUT), POLL_INTERVAL, true) => finished?,
             failed = watch_children(servers, executors) => return failed,
         };
         output::print_task_table(&finished)?;
@@ -351,7 +351,7 @@ async fn watch_children(servers: &mut [Server], executors: &mut [Server]) -> Res
 }
 
 /// Starts the executors: new ones join with a fresh token, earlier ones restart from their data.
-async fn start_executors(client: &mut Client, executors: &mut [Server], exe: &Path, endpoints: &[String], spinner: &ProgressBar) -> Result<()> {
+async fn start_executors(client: &Client, executors: &mut [Server], exe: &Path, endpoints: &[String], spinner: &ProgressBar) -> Result<()> {
     let mut token = None;
     for executor in executors.iter_mut() {
         if executor.kind == "learner" {
@@ -391,7 +391,7 @@ async fn wait_until(
     spinner: &ProgressBar,
     pending: impl Fn(&StatusJson) -> Option<String>,
 ) -> Result<StatusJson> {
-    let mut client = Client::new(endpoints, POLL_INTERVAL * 5)?;
+    let client = Client::new(endpoints, POLL_INTERVAL * 5)?;
     let mut last = String::from("no answer yet");
     loop {
         for server in servers.iter_mut() {
@@ -405,7 +405,7 @@ async fn wait_until(
                 logs.join(" ")
             );
         }
-        match cluster_cmd::cluster_status(&mut client).await {
+        match cluster_cmd::cluster_status(&client).await {
             Ok(status) => {
                 let status = StatusJson::from(status);
                 let missing = match status.leader_id {
@@ -454,7 +454,7 @@ fn print_welcome(status: &StatusJson, servers: &[Server], executors: &[Server], 
 
 /// A small DAG: fetch, then train and evaluate, then report. Fixed idempotency keys make a
 /// restarted `colony dev --dir` find the tasks it submitted before instead of adding more.
-async fn submit_demo(client: &mut Client) -> Result<Vec<Task>> {
+async fn submit_demo(client: &Client) -> Result<Vec<Task>> {
     let steps: [(&str, &[&str], u64, &str); 4] = [
         ("fetch", &[], 250, "echo fetching the dataset; sleep 1"),
         ("train", &["fetch"], 1000, "echo training the model; sleep 2"),

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 #[derive(Debug, Args)]
 pub struct ExecutorArgs {
     /// Servers to connect to (comma-separated HOST:PORT); any one finds the leader.
-    #[arg(long, required = true, value_delimiter = ',', value_parser = crate::client::parse_endpoint)]
+    #[arg(long, required = true, value_delimiter = ',', value_parser = colony_client::parse_endpoint)]
     join: Vec<String>,
     /// A join token from `colony cluster token create`; needed only the first time.
     #[arg(long, env = "COLONY_JOIN_TOKEN", hide_env_values = true)]
@@ -92,5 +92,5 @@ pub async fn run(args: ExecutorArgs) -> Result<()> {
         exit_with_parent(parent)?;
     }
     init_logging(args.log_format)?;
-    colony_executor::run(config, crate::server_cmd::shutdown_signal()).await
+    colony_executor::run(config, async { colony_process::shutdown_signal().await; }).await
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 #[derive(Debug, Args)]
 pub struct LearnerArgs {
     /// Servers to follow and publish through (comma-separated HOST:PORT).
-    #[arg(long, required = true, value_delimiter = ',', value_parser = crate::client::parse_endpoint)]
+    #[arg(long, required = true, value_delimiter = ',', value_parser = colony_client::parse_endpoint)]
     join: Vec<String>,
     /// A join token from `colony cluster token create`: publishing a model needs one.
     #[arg(long, env = "COLONY_JOIN_TOKEN", hide_env_values = true)]
@@ -53,5 +53,5 @@ pub async fn run(args: LearnerArgs) -> Result<()> {
         exit_with_parent(parent)?;
     }
     init_logging(args.log_format)?;
-    colony_learn::learner::run(config, crate::server_cmd::shutdown_signal()).await
+    colony_learn::learner::run(config, async { colony_process::shutdown_signal().await; }).await
 }

@@ -7,7 +7,6 @@ mod bench;
 mod bench_learn;
 mod bench_placement;
 mod bench_schedule;
-mod client;
 mod cluster_cmd;
 mod dev;
 mod executor_cmd;
@@ -43,7 +42,7 @@ pub struct GlobalArgs {
         env = "COLONY_ENDPOINT",
         default_value = "127.0.0.1:7101",
         value_delimiter = ',',
-        value_parser = client::parse_endpoint
+        value_parser = colony_client::parse_endpoint
     )]
     pub endpoint: Vec<String>,
     /// How results are printed.

@@ -1,6 +1,6 @@
 //! `colony model`: the model registry the learner publishes to and the scheduler reads.
 
-use crate::client::Client;
+use colony_client::Client;
 use crate::output::{self, OutputFormat};
 use crate::GlobalArgs;
 use anyhow::{anyhow, Result};
@@ -58,7 +58,7 @@ fn mse(x: Option<f64>) -> String {
 }
 
 fn print_models(models: &[ModelJson]) -> Result<()> {
-    let now = output::now_unix_ms();
+    let now = colony_process::unix_ms();
     let mut table = output::table(["VERSION", "CURRENT", "AGE", "DEVICE", "HOLDOUT MSE", "BASELINE MSE", "ROWS", "WEIGHTS"]);
     for m in models {
         table.add_row(vec![
@@ -76,7 +76,7 @@ fn print_models(models: &[ModelJson]) -> Result<()> {
 }
 
 pub async fn run(command: ModelCommand, global: &GlobalArgs) -> Result<()> {
-    let mut client = Client::new(&global.endpoint, global.timeout)?;
+    let client = Client::new(&global.endpoint, global.timeout)?;
     match command {
         ModelCommand::List => {
             let response = client.call("list models", |mut c| async move { c.list_models(pb::ListModelsRequest {}).await }).await?;

@@ -5,7 +5,7 @@ use colony_core::resources::{format_cpu_millis, format_memory_bytes};
 use colony_core::{ExecutorId, FencingToken, RunSpec, Task, TaskId, TaskSpec, TaskState};
 use comfy_table::{presets, ContentArrangement, Table};
 use serde::Serialize;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 /// `--output`: how a command prints what it read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -116,11 +116,6 @@ impl<'a> From<&'a Task> for TaskJson<'a> {
     }
 }
 
-/// Milliseconds since the Unix epoch by this machine's clock.
-pub fn now_unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0)
-}
-
 /// A short age the way `kubectl` prints it: `45s`, `12m`, `3h`, `5d`.
 pub fn format_age(since_unix_ms: u64, now_unix_ms: u64) -> String {
     let seconds = now_unix_ms.saturating_sub(since_unix_ms) / 1000;
@@ -134,7 +129,7 @@ pub fn format_age(since_unix_ms: u64, now_unix_ms: u64) -> String {
 
 /// The task-list table: ID, NAME, STATE, PRIORITY, CPU, MEMORY, ATTEMPT, AGE.
 pub fn print_task_table(tasks: &[Task]) -> Result<()> {
-    let now = now_unix_ms();
+    let now = colony_process::unix_ms();
     let mut t = table(["ID", "NAME", "STATE", "PRIORITY", "CPU", "MEMORY", "ATTEMPT", "AGE"]);
     for task in tasks {
         t.add_row(vec![
@@ -154,7 +149,7 @@ pub fn print_task_table(tasks: &[Task]) -> Result<()> {
 /// Every field of one task, one per line.
 pub fn print_task_details(task: &Task) -> Result<()> {
     let spec = &task.spec;
-    let now = now_unix_ms();
+    let now = colony_process::unix_ms();
     let mut fields = vec![
         ("id", task.id.to_string()),
         ("name", spec.name.clone()),

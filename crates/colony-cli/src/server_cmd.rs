@@ -26,13 +26,13 @@ pub struct ServerArgs {
     #[arg(long)]
     data_dir: PathBuf,
     /// HOST:PORT to serve on and advertise to peers; needed the first time.
-    #[arg(long, value_parser = crate::client::parse_endpoint)]
+    #[arg(long, value_parser = colony_client::parse_endpoint)]
     listen: Option<String>,
     /// Create a new cluster with this server as its first member.
     #[arg(long, conflicts_with = "join")]
     bootstrap: bool,
     /// Join an existing cluster through any of these servers (comma-separated HOST:PORT).
-    #[arg(long, value_delimiter = ',', value_parser = crate::client::parse_endpoint)]
+    #[arg(long, value_delimiter = ',', value_parser = colony_client::parse_endpoint)]
     join: Vec<String>,
     /// Build a snapshot, and purge the log behind it, after this many log entries.
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -54,7 +54,7 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=4096))]
     proposal_commands_max: u64,
     /// Serve Prometheus metrics (`/metrics`), `/healthz` and `/readyz` over HTTP on HOST:PORT.
-    #[arg(long, value_parser = crate::client::parse_endpoint)]
+    #[arg(long, value_parser = colony_client::parse_endpoint)]
     metrics_listen: Option<String>,
     /// How often executors heartbeat to the leader.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
@@ -147,18 +147,6 @@ pub fn exit_with_parent(parent: i32) -> Result<()> {
         bail!("the parent process {parent} has already exited");
     }
     Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
 
 pub async fn run(args: ServerArgs) -> Result<()> {

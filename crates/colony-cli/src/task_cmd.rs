@@ -1,6 +1,6 @@
 //! `colony task`: submit, get, list and cancel tasks.
 
-use crate::client::Client;
+use colony_client::Client;
 use crate::output::{self, OutputFormat, TaskJson};
 use crate::GlobalArgs;
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -150,9 +150,9 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
     match command {
         TaskCommand::Submit(args) => {
             // Everything is checked before anything is sent.
-            let spec = build_spec(&args, output::now_unix_ms())?;
-            let mut client = Client::new(&global.endpoint, global.timeout)?;
-            let (task, existing) = submit(&mut client, &spec).await?;
+            let spec = build_spec(&args, colony_process::unix_ms())?;
+            let client = Client::new(&global.endpoint, global.timeout)?;
+            let (task, existing) = submit(&client, &spec).await?;
             if existing && args.idempotency_key.is_some() {
                 eprintln!("note: idempotency key matched task {}, submitted earlier; no new task was created", task.id);
             }
@@ -163,7 +163,7 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
             Ok(())
         }
         TaskCommand::Get(args) => {
-            let mut client = Client::new(&global.endpoint, global.timeout)?;
+            let client = Client::new(&global.endpoint, global.timeout)?;
             let request = pb::GetTaskRequest { id: args.id, consistency: consistency(args.stale) };
             let response = client
                 .call("get task", |mut c| async move { c.get_task(request).await })
@@ -179,8 +179,8 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
             Ok(())
         }
         TaskCommand::List(args) => {
-            let mut client = Client::new(&global.endpoint, global.timeout)?;
-            let tasks = list(&mut client, &args).await?;
+            let client = Client::new(&global.endpoint, global.timeout)?;
+            let tasks = list(&client, &args).await?;
             match global.output {
                 OutputFormat::Table => output::print_task_table(&tasks)?,
                 OutputFormat::Json => output::print_json(&tasks.iter().map(TaskJson::from).collect::<Vec<_>>())?,
@@ -188,9 +188,9 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
             Ok(())
         }
         TaskCommand::Wait(args) => {
-            let mut client = Client::new(&global.endpoint, global.timeout)?;
+            let client = Client::new(&global.endpoint, global.timeout)?;
             let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr()) && global.output == OutputFormat::Table;
-            let tasks = wait(&mut client, &args.ids, args.max_wait, args.poll, interactive).await?;
+            let tasks = wait(&client, &args.ids, args.max_wait, args.poll, interactive).await?;
             match global.output {
                 OutputFormat::Table => output::print_task_table(&tasks)?,
                 OutputFormat::Json => output::print_json(&tasks.iter().map(TaskJson::from).collect::<Vec<_>>())?,
@@ -203,7 +203,7 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
             Ok(())
         }
         TaskCommand::Cancel(args) => {
-            let mut client = Client::new(&global.endpoint, global.timeout)?;
+            let client = Client::new(&global.endpoint, global.timeout)?;
             let request = pb::CancelTaskRequest { id: args.id, reason: args.reason };
             let response = client
                 .call("cancel task", |mut c| {
@@ -231,7 +231,7 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
 
 /// Polls the tasks until every one has finished; a progress bar shows how many have, and the
 /// state of the first unfinished one.
-pub async fn wait(client: &mut Client, ids: &[u64], max_wait: Option<Duration>, poll: Duration, show_progress: bool) -> Result<Vec<Task>> {
+pub async fn wait(client: &Client, ids: &[u64], max_wait: Option<Duration>, poll: Duration, show_progress: bool) -> Result<Vec<Task>> {
     let started = std::time::Instant::now();
     let bar = if show_progress { indicatif::ProgressBar::new(ids.len() as u64) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
@@ -271,16 +271,16 @@ pub async fn wait(client: &mut Client, ids: &[u64], max_wait: Option<Duration>, 
 /// Submits one spec, giving it a random idempotency key when it has none, so that the client's
 /// retries through leader changes cannot create two tasks. Returns the task and whether it
 /// existed already.
-pub async fn submit(client: &mut Client, spec: &TaskSpec) -> Result<(Task, bool)> {
+pub async fn submit(client: &Client, spec: &TaskSpec) -> Result<(Task, bool)> {
     submit_spec(client, pb::TaskSpec::from(spec)).await
 }
 
 /// Submits a wire spec and returns the new task's id.
-pub async fn submit_wire(client: &mut Client, spec: pb::TaskSpec) -> Result<u64> {
+pub async fn submit_wire(client: &Client, spec: pb::TaskSpec) -> Result<u64> {
     Ok(submit_spec(client, spec).await?.0.id.0)
 }
 
-async fn submit_spec(client: &mut Client, mut wire: pb::TaskSpec) -> Result<(Task, bool)> {
+async fn submit_spec(client: &Client, mut wire: pb::TaskSpec) -> Result<(Task, bool)> {
     if wire.idempotency_key.is_none() {
         wire.idempotency_key = Some(format!("cli-{:016x}", rand::random::<u64>()));
     }
@@ -295,7 +295,7 @@ async fn submit_spec(client: &mut Client, mut wire: pb::TaskSpec) -> Result<(Tas
 }
 
 /// Every task matching `args`, following ListTasks pages until the last one or `--limit`.
-async fn list(client: &mut Client, args: &ListArgs) -> Result<Vec<Task>> {
+async fn list(client: &Client, args: &ListArgs) -> Result<Vec<Task>> {
     let limit = args.limit;
     let mut tasks = Vec::new();
     let mut after_id = 0;

@@ -6,7 +6,7 @@ use crate::identity::{self, IdentityError};
 use crate::join::{self, JoinError};
 use crate::journal::Journal;
 use crate::link::{Launcher, Link, LinkError, Profile};
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::runner;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -78,7 +78,19 @@ async fn run_agent(config: ExecutorConfig, shutdown: impl Future<Output = ()>) -
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::MetricsListen { addr, source })?;
             tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "serving metrics");
-            Some(metrics::serve(listener, metrics.clone())?)
+            metrics.add_process_collector()?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let shutdown = async {
+                // A dropped sender stops the endpoint as well.
+                let _ = stopped.await;
+            };
+            let served = colony_process::serve_http(listener, metrics.clone(), shutdown);
+            let task = tokio::spawn(async move {
+                if let Err(e) = served.await {
+                    tracing::error!(error = %e, "metrics endpoint stopped");
+                }
+            });
+            Some((stop, task))
         }
         None => None,
     };
@@ -126,8 +138,10 @@ async fn run_agent(config: ExecutorConfig, shutdown: impl Future<Output = ()>) -
         journal: Some(journal),
     };
     let result = link.run(&endpoint, &client, shutdown).await;
-    if let Some(http) = http {
-        http.abort();
+    if let Some((stop, task)) = http {
+        // The endpoint stops accepting and ends once its open requests are answered.
+        let _ = stop.send(());
+        let _ = task.await;
     }
     endpoint.close(colony_quic::CloseCode::Ok.into(), b"executor stopped");
     let _ = tokio::time::timeout(ENDPOINT_CLOSE_MAX, endpoint.wait_idle()).await;

@@ -2,14 +2,8 @@
 //! and `/readyz` (connected to the leader and welcomed).
 
 use crate::attempt::Outcome;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
 use colony_core::Resources;
-use prometheus::{Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
-use std::sync::Arc;
+use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use std::time::Duration;
 
 /// The resource types exported as `resource_type` label values, in the units of their names.
@@ -99,7 +93,7 @@ impl Metrics {
 
     /// Adds the process collector (CPU, memory, file descriptors of this process); only an
     /// executor that serves its metrics pays for it.
-    fn add_process_collector(&self) -> Result<(), prometheus::Error> {
+    pub(crate) fn add_process_collector(&self) -> Result<(), prometheus::Error> {
         self.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
     }
 
@@ -107,10 +101,6 @@ impl Metrics {
         self.connected.set(i64::from(connected));
         self.system_health.with_label_values(&["executor", "healthy"]).set(i64::from(connected));
         self.system_health.with_label_values(&["executor", "degraded"]).set(i64::from(!connected));
-    }
-
-    pub(crate) fn is_connected(&self) -> bool {
-        self.connected.get() == 1
     }
 
     pub(crate) fn attempt_ended(&self, outcome: Outcome) {
@@ -130,11 +120,20 @@ impl Metrics {
     pub(crate) fn observe_report_round_trip(&self, elapsed: Duration) {
         self.communication_seconds.with_label_values(&["executor", "leader"]).observe(elapsed.as_secs_f64());
     }
+}
 
-    pub(crate) fn render(&self) -> Result<String, prometheus::Error> {
-        let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
-        String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
+/// Ready while connected to the leader and welcomed.
+impl colony_process::Probe for Metrics {
+    fn metrics_text(&self) -> Result<String, String> {
+        colony_process::encode(&self.registry)
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.connected.get() == 1 {
+            Ok(())
+        } else {
+            Err("not ready: not connected to a leader\n".to_owned())
+        }
     }
 }
 
@@ -146,42 +145,10 @@ fn saturating_i64(amount: u64) -> i64 {
     i64::try_from(amount).unwrap_or(i64::MAX)
 }
 
-async fn serve_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    match metrics.render() {
-        Ok(text) => (StatusCode::OK, text),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
-}
-
-async fn serve_ready(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    if metrics.is_connected() {
-        (StatusCode::OK, "ready: connected to the leader\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: not connected to a leader\n")
-    }
-}
-
-fn router(metrics: Arc<Metrics>) -> Router {
-    Router::new()
-        .route("/metrics", get(serve_metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(serve_ready))
-        .with_state(metrics)
-}
-
-/// Serves the metrics routes on `listener` until the returned task is aborted.
-pub(crate) fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> Result<tokio::task::JoinHandle<()>, prometheus::Error> {
-    metrics.add_process_collector()?;
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(metrics)).await {
-            tracing::error!(error = %e, "metrics endpoint stopped");
-        }
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use colony_process::Probe as _;
 
     #[test]
     fn exposition_has_the_contract_names() {
@@ -191,7 +158,8 @@ mod tests {
         metrics.set_connected(true);
         metrics.attempt_ended(Outcome::TimedOut);
         metrics.observe_report_round_trip(Duration::from_millis(3));
-        let text = metrics.render().expect("render");
+        let text = metrics.metrics_text().expect("render");
+        assert_eq!(metrics.ready(), Ok(()));
         for line in [
             "colony_executor_connected 1",
             "colony_executor_capacity{resource_type=\"cpu_millis\"} 4000",

@@ -2,17 +2,11 @@
 //! and `/readyz` (following the cluster's feed of finished tasks).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use crate::decide::Evaluation;
@@ -173,10 +167,6 @@ impl Metrics {
             .set(i64::from(!following));
     }
 
-    pub fn is_following(&self) -> bool {
-        self.following.load(Ordering::Relaxed)
-    }
-
     pub fn watch_reconnected(&self) {
         self.watch_reconnects.inc();
     }
@@ -204,66 +194,37 @@ impl Metrics {
         self.published_version.set(saturating_i64(version));
     }
 
-    pub fn render(&self) -> Result<String, prometheus::Error> {
-        let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
-        String::from_utf8(out).map_err(|error| prometheus::Error::Msg(error.to_string()))
-    }
-
     /// Adds the process collector (CPU, memory, file descriptors of this process); only a
     /// learner that serves its metrics pays for it.
-    fn add_process_collector(&self) -> Result<(), prometheus::Error> {
+    pub fn add_process_collector(&self) -> Result<(), prometheus::Error> {
         self.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))
     }
 }
 
-async fn serve_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    match metrics.render() {
-        Ok(text) => (StatusCode::OK, text),
-        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
+/// Ready while following the cluster's feed of finished tasks.
+impl colony_process::Probe for Metrics {
+    fn metrics_text(&self) -> Result<String, String> {
+        colony_process::encode(&self.registry)
     }
-}
 
-async fn serve_ready(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    if metrics.is_following() {
-        (StatusCode::OK, "ready: following finished tasks\n")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the feed of finished tasks is not open\n",
-        )
-    }
-}
-
-fn router(metrics: Arc<Metrics>) -> Router {
-    Router::new()
-        .route("/metrics", get(serve_metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(serve_ready))
-        .with_state(metrics)
-}
-
-/// Serves the metrics routes on `listener` until the returned task is aborted.
-pub fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-) -> Result<tokio::task::JoinHandle<()>, prometheus::Error> {
-    metrics.add_process_collector()?;
-    Ok(tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, router(metrics)).await {
-            tracing::error!(%error, "metrics endpoint stopped");
+    fn ready(&self) -> Result<(), String> {
+        if self.following.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("not ready: the feed of finished tasks is not open\n".to_owned())
         }
-    }))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use colony_process::Probe as _;
 
     #[test]
-    fn exposition_has_the_contract_names() -> Result<(), prometheus::Error> {
+    fn exposition_has_the_contract_names() -> Result<(), Box<dyn std::error::Error>> {
         let metrics = Metrics::new()?;
         metrics.set_examples(120);
         metrics.rejected(&Rejected::MemoryZero);
@@ -280,7 +241,8 @@ mod tests {
         metrics.round_ended(RoundOutcome::Published);
         metrics.published(7);
         metrics.set_following(true);
-        let text = metrics.render()?;
+        assert!(metrics.ready().is_ok());
+        let text = metrics.metrics_text()?;
         for line in [
             "colony_learner_examples 120",
             "colony_learner_examples_rejected_total{reason=\"memory_zero\"} 1",

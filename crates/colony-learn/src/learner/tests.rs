@@ -1,0 +1,373 @@
+//! The learner against a fake Admin service: following, training, publishing, resuming.
+
+use std::net::SocketAddr;
+
+use tonic::Status;
+
+use super::*;
+use crate::device::Device;
+use colony_model::features::SCHEMA;
+use colony_model::Predictor;
+
+/// With no server reachable the learner stays up, not ready, and stops cleanly on shutdown,
+/// leaving its data directory behind.
+#[tokio::test]
+async fn runs_without_a_cluster_and_shuts_down() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config = LearnerConfig::new(
+        vec!["127.0.0.1:1".to_owned()],
+        "token".to_owned(),
+        dir.path().join("learner"),
+    );
+    config.device = Device::Cpu;
+    run(config, tokio::time::sleep(Duration::from_millis(500))).await?;
+    assert!(dir.path().join("learner").join("examples.log").exists());
+    Ok(())
+}
+
+/// An Admin service with only what the learner calls: a feed of fixed records that ends the
+/// first stream after `first_stream_records` (a server going away), then a model registry.
+struct FakeAdmin {
+    records: Vec<pb::FinishedTask>,
+    first_stream_records: usize,
+    state: Arc<std::sync::Mutex<FakeState>>,
+}
+
+#[derive(Default)]
+struct FakeState {
+    watch_after: Vec<u64>,
+    models: Vec<pb::Model>,
+    tokens: Vec<String>,
+    get_model_calls: usize,
+    /// Keeps later streams open, as a live server does.
+    open_streams: Vec<mpsc::Sender<Result<pb::FinishedTask, Status>>>,
+}
+
+fn fake_state(state: &std::sync::Mutex<FakeState>) -> std::sync::MutexGuard<'_, FakeState> {
+    // A test thread that panicked while holding the lock has already failed the test.
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+type Reply<T> = Result<tonic::Response<T>, Status>;
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for FakeAdmin {
+    type WatchFinishedTasksStream =
+        tonic::codegen::tokio_stream::wrappers::ReceiverStream<Result<pb::FinishedTask, Status>>;
+
+    async fn watch_finished_tasks(
+        &self,
+        request: tonic::Request<pb::WatchFinishedTasksRequest>,
+    ) -> Reply<Self::WatchFinishedTasksStream> {
+        let after_seq = request.into_inner().after_seq;
+        let (sender, receiver) = mpsc::channel(self.records.len() + 1);
+        let mut state = fake_state(&self.state);
+        let first = state.watch_after.is_empty();
+        state.watch_after.push(after_seq);
+        let mut pending = self.records.iter().filter(|r| r.seq > after_seq);
+        let take = if first {
+            self.first_stream_records
+        } else {
+            usize::MAX
+        };
+        for record in pending.by_ref().take(take) {
+            sender
+                .try_send(Ok(record.clone()))
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        if !first {
+            state.open_streams.push(sender);
+        }
+        Ok(tonic::Response::new(
+            tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(receiver),
+        ))
+    }
+
+    async fn publish_model(
+        &self,
+        request: tonic::Request<pb::PublishModelRequest>,
+    ) -> Reply<pb::PublishModelResponse> {
+        let request = request.into_inner();
+        let mut state = fake_state(&self.state);
+        let version = state.models.len() as u64 + 1;
+        let mut model = request
+            .model
+            .ok_or_else(|| Status::invalid_argument("no model"))?;
+        model.version = version;
+        state.models.push(model);
+        state.tokens.push(request.token);
+        Ok(tonic::Response::new(pb::PublishModelResponse { version }))
+    }
+
+    async fn list_models(
+        &self,
+        _: tonic::Request<pb::ListModelsRequest>,
+    ) -> Reply<pb::ListModelsResponse> {
+        let state = fake_state(&self.state);
+        Ok(tonic::Response::new(pb::ListModelsResponse {
+            models: vec![],
+            current: state.models.last().map(|model| model.version),
+        }))
+    }
+
+    async fn get_model(
+        &self,
+        request: tonic::Request<pb::GetModelRequest>,
+    ) -> Reply<pb::GetModelResponse> {
+        let version = request.into_inner().version;
+        let mut state = fake_state(&self.state);
+        state.get_model_calls += 1;
+        let model = state.models.iter().find(|m| m.version == version).cloned();
+        Ok(tonic::Response::new(pb::GetModelResponse { model }))
+    }
+
+    async fn submit_task(
+        &self,
+        _: tonic::Request<pb::SubmitTaskRequest>,
+    ) -> Reply<pb::SubmitTaskResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn get_task(&self, _: tonic::Request<pb::GetTaskRequest>) -> Reply<pb::GetTaskResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn list_tasks(
+        &self,
+        _: tonic::Request<pb::ListTasksRequest>,
+    ) -> Reply<pb::ListTasksResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn cancel_task(
+        &self,
+        _: tonic::Request<pb::CancelTaskRequest>,
+    ) -> Reply<pb::CancelTaskResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn cluster_status(
+        &self,
+        _: tonic::Request<pb::ClusterStatusRequest>,
+    ) -> Reply<pb::ClusterStatusResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn state_digest(
+        &self,
+        _: tonic::Request<pb::StateDigestRequest>,
+    ) -> Reply<pb::StateDigestResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn cluster_info(
+        &self,
+        _: tonic::Request<pb::ClusterInfoRequest>,
+    ) -> Reply<pb::ClusterInfoResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn join_cluster(
+        &self,
+        _: tonic::Request<pb::JoinClusterRequest>,
+    ) -> Reply<pb::JoinClusterResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn remove_node(
+        &self,
+        _: tonic::Request<pb::RemoveNodeRequest>,
+    ) -> Reply<pb::RemoveNodeResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn create_join_token(
+        &self,
+        _: tonic::Request<pb::CreateJoinTokenRequest>,
+    ) -> Reply<pb::CreateJoinTokenResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn list_executors(
+        &self,
+        _: tonic::Request<pb::ListExecutorsRequest>,
+    ) -> Reply<pb::ListExecutorsResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn drain_executor(
+        &self,
+        _: tonic::Request<pb::DrainExecutorRequest>,
+    ) -> Reply<pb::DrainExecutorResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn rollback_model(
+        &self,
+        _: tonic::Request<pb::RollbackModelRequest>,
+    ) -> Reply<pb::RollbackModelResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+}
+
+/// Polls `done` every 50 ms for up to 60 s.
+async fn wait_for<F, Fut>(what: &str, mut done: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    for _ in 0..1200 {
+        if done().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(anyhow!("timed out waiting for {what}"))
+}
+
+/// A plain HTTP/1.1 GET: the status code and the body, or `None` while nothing listens.
+async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: learner\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+async fn metric_line(addr: SocketAddr, line: &str) -> bool {
+    http_get(addr, "/metrics")
+        .await
+        .is_some_and(|(_, body)| body.lines().any(|l| l == line))
+}
+
+/// A port nothing listens on now; the learner binds it a moment later.
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn start(config: &LearnerConfig) -> (oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let learner = tokio::spawn(run(config.clone(), async move {
+        // Either a stop or a dropped sender ends the learner.
+        let _ = stopped.await;
+    }));
+    (stop, learner)
+}
+
+/// The whole agent against a fake server: it follows the feed across a dropped stream,
+/// counts failed tasks as rejected, trains, publishes a model that beats the baseline with the
+/// token, serves its metrics and readiness, and persists its cursor; restarted, it resumes
+/// after the cursor, and a round that cannot improve on the current model publishes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_trains_publishes_and_resumes() -> anyhow::Result<()> {
+    let mut records = crate::decide::tests::synthetic_records(600, 7);
+    for record in records.iter_mut().step_by(10) {
+        if let Some(task) = record.task.as_mut() {
+            task.state = pb::TaskState::Failed as i32;
+        }
+    }
+    let accepted = records.len() - records.len().div_ceil(10);
+    let last_seq = records.iter().map(|r| r.seq).max().unwrap_or(0);
+    let state = Arc::new(std::sync::Mutex::new(FakeState::default()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
+        .map_err(|e| anyhow!("{e}"))?;
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::admin_server::AdminServer::new(FakeAdmin {
+                records,
+                first_stream_records: 250,
+                state: state.clone(),
+            }))
+            .serve_with_incoming(incoming),
+    );
+
+    let dir = tempfile::tempdir()?;
+    let metrics_addr = free_addr()?;
+    let mut config = LearnerConfig::new(
+        vec![addr.to_string()],
+        "secret".to_owned(),
+        dir.path().to_owned(),
+    );
+    config.device = Device::Cpu;
+    config.metrics_listen = Some(metrics_addr);
+    config.retrain_interval = Duration::from_millis(300);
+    config.train.steps = 400;
+    let models = || fake_state(&state).models.clone();
+
+    // First run: everything from the start of the feed.
+    let (stop, learner) = start(&config);
+    wait_for("readiness", || async {
+        http_get(metrics_addr, "/readyz")
+            .await
+            .map(|(status, _)| status)
+            == Some(200)
+    })
+    .await?;
+    wait_for("a published model", || async { !models().is_empty() }).await?;
+    let cursor = format!("{{\"version\":1,\"after_seq\":{last_seq}}}");
+    wait_for("the cursor", || async {
+        std::fs::read_to_string(dir.path().join("cursor.json")).is_ok_and(|text| text == cursor)
+    })
+    .await?;
+    for line in [
+        "colony_learner_examples_rejected_total{reason=\"not_succeeded\"} 60".to_owned(),
+        format!("colony_learner_examples {accepted}"),
+        "colony_system_health{component=\"learner\",status=\"healthy\"} 1".to_owned(),
+        "colony_learner_watch_reconnects_total 1".to_owned(),
+    ] {
+        assert!(metric_line(metrics_addr, &line).await, "missing {line}");
+    }
+    let _ = stop.send(());
+    learner.await??;
+    {
+        let state = fake_state(&state);
+        assert_eq!(state.watch_after[..2], [0, 250], "{:?}", state.watch_after);
+        assert!(state.tokens.iter().all(|token| token == "secret"));
+        let model = &state.models[0];
+        assert_eq!(model.feature_schema, SCHEMA);
+        assert_eq!(model.device, "cpu");
+        assert_eq!(model.weights_bytes, model.weights.len() as u64);
+        Predictor::from_model(&model.feature_schema, &model.weights)?;
+        let metrics = model.metrics.unwrap_or_default();
+        assert!(metrics.holdout_mse < metrics.baseline_mse, "{metrics:?}");
+        assert_eq!(metrics.previous_mse, None);
+        // The first round starts once enough records arrived, never with more than exist.
+        assert!(metrics.train_rows + metrics.holdout_rows <= accepted as u64);
+    }
+
+    // Second run: resumes after the cursor and trains on the logged examples, all of them.
+    let (stop, learner) = start(&config);
+    wait_for("the resumed feed", || async {
+        fake_state(&state).watch_after.last() == Some(&last_seq)
+    })
+    .await?;
+    wait_for("a round", || async {
+        metric_line(
+            metrics_addr,
+            "colony_learner_trainings_total{outcome=\"published\"} 1",
+        )
+        .await
+            || metric_line(
+                metrics_addr,
+                "colony_learner_trainings_total{outcome=\"rejected\"} 1",
+            )
+            .await
+    })
+    .await?;
+    let _ = stop.send(());
+    learner.await??;
+
+    // Third run: the same examples and seed give the same model as the second run's, which
+    // either is the current model or lost to it, so it is not published.
+    let published = models().len();
+    let (stop, learner) = start(&config);
+    wait_for("a rejected round", || async {
+        metric_line(
+            metrics_addr,
+            "colony_learner_trainings_total{outcome=\"rejected\"} 1",
+        )
+        .await
+    })
+    .await?;
+    let _ = stop.send(());
+    learner.await??;
+    assert_eq!(models().len(), published);
+    server.abort();
+    Ok(())
+}
