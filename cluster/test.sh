@@ -22,6 +22,9 @@ export LD_LIBRARY_PATH="$nvrtc_dir/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRAR
 # One feature resolution for everything: `--workspace --all-targets` builds the `colony` binary the
 # integration tests run and every test, so RocksDB's C++ is compiled once, not once per command.
 cargo build --release --workspace --all-targets
+# Formatting and lints are part of the suite. clippy in release mode reuses the build above.
+cargo fmt --all --check
+cargo clippy --release --workspace --all-targets -- -D warnings
 cargo test --release --workspace -- --test-threads 2
 # The chaos suite, CI-sized: every nemesis once or more in about three minutes, then the negative
 # control, which must be caught (servers serving stale reads make the history non-linearizable).
