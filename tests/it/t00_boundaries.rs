@@ -137,8 +137,20 @@ fn pure_crates_reach_no_shell_and_the_server_no_trainer() -> anyhow::Result<()> 
         .parent()
         .context("workspace root")?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let version = Command::new(&cargo)
+        .arg("-vV")
+        .output()
+        .with_context(|| format!("run {cargo:?} -vV"))?;
+    let version = String::from_utf8_lossy(&version.stdout);
+    let host = version
+        .lines()
+        .find_map(|line| line.strip_prefix("host: "))
+        .with_context(|| format!("no host triple in cargo -vV: {version}"))?;
+    // Only the host's dependencies: those of other platforms never build here, and offline
+    // cargo cannot resolve the ones it never downloaded.
     let output = Command::new(&cargo)
         .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        .args(["--filter-platform", host])
         .current_dir(root)
         .output()
         .with_context(|| format!("run {cargo:?} metadata"))?;
