@@ -20,7 +20,11 @@ pub fn colony_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(Path::parent).expect("target directory");
     let bin = dir.join("colony");
-    assert!(bin.exists(), "{} is missing: build it first with `cargo build --release --bin colony`", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --release --bin colony`",
+        bin.display()
+    );
     bin
 }
 
@@ -138,14 +142,17 @@ impl Drop for Server {
 
 /// A gRPC client for one server.
 pub async fn client(addr: &str) -> anyhow::Result<AdminClient<Channel>> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(Duration::from_secs(1)).connect_lazy();
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .connect_lazy();
     Ok(AdminClient::new(channel))
 }
 
 /// One server's `cluster status` answer, within `timeout`.
 pub async fn status(addr: &str, timeout: Duration) -> anyhow::Result<pb::ClusterStatusResponse> {
     let mut client = client(addr).await?;
-    let status = tokio::time::timeout(timeout, client.cluster_status(ClusterStatusRequest {})).await??;
+    let status =
+        tokio::time::timeout(timeout, client.cluster_status(ClusterStatusRequest {})).await??;
     Ok(status.into_inner())
 }
 
@@ -218,7 +225,12 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` servers: the first bootstraps, the rest join it; returns when all are voters.
     pub async fn start(n: usize, snapshot_logs: u64) -> anyhow::Result<Cluster> {
-        let mut cluster = Cluster { dir: tempfile::tempdir()?, servers: Vec::new(), executors: Vec::new(), snapshot_logs };
+        let mut cluster = Cluster {
+            dir: tempfile::tempdir()?,
+            servers: Vec::new(),
+            executors: Vec::new(),
+            snapshot_logs,
+        };
         cluster.add_server(true).await?;
         cluster.wait_for_leader(Duration::from_secs(20)).await?;
         for _ in 1..n {
@@ -269,7 +281,12 @@ impl Cluster {
 
     /// Waits until some running server reports a leader, and returns that leader's index in `servers`.
     pub async fn wait_for_leader(&mut self, timeout: Duration) -> anyhow::Result<usize> {
-        let servers: Vec<(usize, String)> = self.servers.iter_mut().enumerate().filter_map(|(i, s)| s.is_running().then(|| (i, s.addr.clone()))).collect();
+        let servers: Vec<(usize, String)> = self
+            .servers
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, s)| s.is_running().then(|| (i, s.addr.clone())))
+            .collect();
         wait_for("a leader", timeout, || {
             let servers = servers.clone();
             async move { Ok(leader_status(&servers).await.map(|(index, _)| index)) }
@@ -284,7 +301,8 @@ impl Cluster {
             let servers = servers.clone();
             async move {
                 let settled = leader_status(&servers).await.filter(|(_, status)| {
-                    status.members.iter().filter(|m| m.role == "voter").count() == n && !status.joint
+                    status.members.iter().filter(|m| m.role == "voter").count() == n
+                        && !status.joint
                 });
                 Ok(settled.map(|_| ()))
             }
@@ -294,8 +312,12 @@ impl Cluster {
 
     /// Every server's and executor's log, for failure messages.
     pub fn logs(&self) -> String {
-        let servers = self.servers.iter().map(|s| format!("--- server {} ---\n{}", s.id, tail(&s.log(), 40)));
-        let executors = self.executors.iter().map(|e| format!("--- executor {} ---\n{}", e.name, tail(&e.log(), 20)));
+        let servers =
+            self.servers.iter().map(|s| format!("--- server {} ---\n{}", s.id, tail(&s.log(), 40)));
+        let executors = self
+            .executors
+            .iter()
+            .map(|e| format!("--- executor {} ---\n{}", e.name, tail(&e.log(), 20)));
         servers.chain(executors).collect::<Vec<_>>().join("\n")
     }
 
@@ -309,14 +331,25 @@ impl Cluster {
         let any_server = self.any_server(Duration::from_secs(3))?;
         wait_for("a join token", Duration::from_secs(20), || async {
             let request = pb::CreateJoinTokenRequest { ttl_ms: 3_600_000 };
-            let token = any_server.call("create a join token", |mut c| async move { c.create_join_token(request).await }).await?.token;
+            let token = any_server
+                .call(
+                    "create a join token",
+                    |mut c| async move { c.create_join_token(request).await },
+                )
+                .await?
+                .token;
             Ok(Some(token))
         })
         .await
     }
 
     /// Starts an executor joined with a new token, offering `cpu` and `memory`, plus `extra` flags.
-    pub async fn add_executor(&mut self, cpu: &str, memory: &str, extra: &[&str]) -> anyhow::Result<usize> {
+    pub async fn add_executor(
+        &mut self,
+        cpu: &str,
+        memory: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<usize> {
         let token = self.join_token().await?;
         let index = self.executors.len();
         let name = format!("e{}", index + 1);
@@ -339,7 +372,14 @@ impl Cluster {
             metrics_addr.clone(),
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
-        let mut executor = Executor { name: name.clone(), log_path: self.dir.path().join(format!("{name}.log")), data_dir, metrics_addr, args, child: None };
+        let mut executor = Executor {
+            name: name.clone(),
+            log_path: self.dir.path().join(format!("{name}.log")),
+            data_dir,
+            metrics_addr,
+            args,
+            child: None,
+        };
         executor.start()?;
         self.executors.push(executor);
         Ok(index)
@@ -349,11 +389,18 @@ impl Cluster {
     pub async fn executors(&self) -> anyhow::Result<Vec<pb::Executor>> {
         let any_server = self.any_server(Duration::from_secs(3))?;
         let request = pb::ListExecutorsRequest::default();
-        Ok(any_server.call("list executors", |mut c| async move { c.list_executors(request).await }).await?.executors)
+        Ok(any_server
+            .call("list executors", |mut c| async move { c.list_executors(request).await })
+            .await?
+            .executors)
     }
 
     /// Waits until exactly `n` executors are up.
-    pub async fn wait_for_executors_up(&self, n: usize, timeout: Duration) -> anyhow::Result<Vec<pb::Executor>> {
+    pub async fn wait_for_executors_up(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<pb::Executor>> {
         wait_for(&format!("{n} executors up"), timeout, || async move {
             let executors = self.executors().await?;
             let up = executors.iter().filter(|e| e.state == "up").count();
@@ -373,9 +420,18 @@ pub fn task_spec(name: &str, idempotency_key: Option<String>) -> pb::TaskSpec {
     pb::TaskSpec {
         name: name.to_owned(),
         namespace: "default".to_owned(),
-        resources: Some(pb::Resources { cpu_millis: 250, memory_bytes: 64 << 20, gpus: 0, custom: Default::default() }),
+        resources: Some(pb::Resources {
+            cpu_millis: 250,
+            memory_bytes: 64 << 20,
+            gpus: 0,
+            custom: Default::default(),
+        }),
         priority: 10,
-        run: Some(pb::task_spec::Run::Process(pb::ProcessRun { program: "/bin/echo".into(), args: vec!["hi".into()], env: Default::default() })),
+        run: Some(pb::task_spec::Run::Process(pb::ProcessRun {
+            program: "/bin/echo".into(),
+            args: vec!["hi".into()],
+            env: Default::default(),
+        })),
         idempotency_key,
         ..Default::default()
     }
@@ -388,7 +444,12 @@ pub async fn local_task_ids(addr: &str) -> anyhow::Result<Vec<u64>> {
     let mut after_id = 0;
     loop {
         let page = c
-            .list_tasks(pb::ListTasksRequest { after_id, page_size: 5000, consistency: Some(pb::ReadConsistency { stale: true }), ..Default::default() })
+            .list_tasks(pb::ListTasksRequest {
+                after_id,
+                page_size: 5000,
+                consistency: Some(pb::ReadConsistency { stale: true }),
+                ..Default::default()
+            })
             .await?
             .into_inner();
         ids.extend(page.tasks.iter().map(|t| t.id));
@@ -401,17 +462,28 @@ pub async fn local_task_ids(addr: &str) -> anyhow::Result<Vec<u64>> {
 
 /// Waits until the server at `addr` holds exactly `expected` in its own applied state. A task the
 /// clients never had acknowledged fails at once: it would be a write nobody asked for.
-pub async fn wait_for_exact_tasks(server: &Server, expected: &BTreeSet<u64>, timeout: Duration) -> anyhow::Result<()> {
+pub async fn wait_for_exact_tasks(
+    server: &Server,
+    expected: &BTreeSet<u64>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let addr = server.addr.clone();
-    wait_for(&format!("server {} to hold exactly the {} acknowledged tasks", server.id, expected.len()), timeout, || {
-        let addr = addr.clone();
-        async move {
-            let ids: BTreeSet<u64> = local_task_ids(&addr).await?.into_iter().collect();
-            let unexpected: Vec<&u64> = ids.difference(expected).collect();
-            anyhow::ensure!(unexpected.is_empty(), "server holds tasks that were never acknowledged: {unexpected:?}");
-            Ok((&ids == expected).then_some(()))
-        }
-    })
+    wait_for(
+        &format!("server {} to hold exactly the {} acknowledged tasks", server.id, expected.len()),
+        timeout,
+        || {
+            let addr = addr.clone();
+            async move {
+                let ids: BTreeSet<u64> = local_task_ids(&addr).await?.into_iter().collect();
+                let unexpected: Vec<&u64> = ids.difference(expected).collect();
+                anyhow::ensure!(
+                    unexpected.is_empty(),
+                    "server holds tasks that were never acknowledged: {unexpected:?}"
+                );
+                Ok((&ids == expected).then_some(()))
+            }
+        },
+    )
     .await
 }
 
@@ -430,5 +502,7 @@ pub fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
 
 /// The value of an unlabelled sample in a Prometheus text exposition.
 pub fn sample(exposition: &str, name: &str) -> Option<f64> {
-    exposition.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

@@ -42,7 +42,14 @@ pub fn parse_ledger(text: &str) -> (Vec<LedgerLine>, u64) {
         let words: Vec<&str> = line.split_whitespace().collect();
         let parsed = match words.as_slice() {
             [kind @ ("start" | "end"), task, token, executor] => {
-                task.parse().ok().zip(token.parse().ok()).zip(executor.parse().ok()).map(|((task, token), executor)| LedgerLine { end: *kind == "end", task, token, executor })
+                task.parse().ok().zip(token.parse().ok()).zip(executor.parse().ok()).map(
+                    |((task, token), executor)| LedgerLine {
+                        end: *kind == "end",
+                        task,
+                        token,
+                        executor,
+                    },
+                )
             }
             _ => None,
         };
@@ -98,18 +105,34 @@ pub fn acknowledged_present(ops: &[Op], finals: &[ServerFinal]) -> (CheckResult,
             _ => None,
         })
         .collect();
-    let invoked: BTreeSet<&str> = ops.iter().filter(|op| op.call == Call::Submit).filter_map(|op| op.key.as_deref()).collect();
+    let invoked: BTreeSet<&str> = ops
+        .iter()
+        .filter(|op| op.call == Call::Submit)
+        .filter_map(|op| op.key.as_deref())
+        .collect();
     for server in finals {
         for (key, id) in &acked {
             match server.tasks.get(id) {
                 Some(task) if task.key.as_deref() == Some(*key) => {}
-                Some(task) => lost.add(|| format!("{}: task {id} acknowledged for key {key} holds key {:?}", server.name, task.key)),
-                None => lost.add(|| format!("{}: task {id} (key {key}) was acknowledged but is missing", server.name)),
+                Some(task) => lost.add(|| {
+                    format!(
+                        "{}: task {id} acknowledged for key {key} holds key {:?}",
+                        server.name, task.key
+                    )
+                }),
+                None => lost.add(|| {
+                    format!(
+                        "{}: task {id} (key {key}) was acknowledged but is missing",
+                        server.name
+                    )
+                }),
             }
         }
         for (id, task) in &server.tasks {
             if !task.key.as_deref().is_some_and(|k| invoked.contains(k)) {
-                phantom.add(|| format!("{}: task {id} (key {:?}) was never submitted", server.name, task.key));
+                phantom.add(|| {
+                    format!("{}: task {id} (key {:?}) was never submitted", server.name, task.key)
+                });
             }
         }
     }
@@ -133,7 +156,11 @@ pub fn capacity(ops: &[Op], finals: &[ServerFinal]) -> CheckResult {
     }
     for server in finals {
         let mut held: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
-        for task in server.tasks.values().filter(|t| matches!(t.status, Some(TaskState::Assigned | TaskState::Running))) {
+        for task in server
+            .tasks
+            .values()
+            .filter(|t| matches!(t.status, Some(TaskState::Assigned | TaskState::Running)))
+        {
             if let Some(executor) = task.executor {
                 let entry = held.entry(executor).or_default();
                 entry.0 += task.cpu_millis;
@@ -143,7 +170,14 @@ pub fn capacity(ops: &[Op], finals: &[ServerFinal]) -> CheckResult {
         for view in &server.executors {
             let sum = held.get(&view.id).copied().unwrap_or_default();
             if over(view) || sum.0 > view.cpu_millis.1 || sum.1 > view.memory_bytes.1 {
-                result.add(|| format!("{}: executor {} over capacity: allocated {:?}, tasks hold {sum:?}", server.name, view.id, (view.cpu_millis, view.memory_bytes)));
+                result.add(|| {
+                    format!(
+                        "{}: executor {} over capacity: allocated {:?}, tasks hold {sum:?}",
+                        server.name,
+                        view.id,
+                        (view.cpu_millis, view.memory_bytes)
+                    )
+                });
             }
         }
     }
@@ -153,7 +187,11 @@ pub fn capacity(ops: &[Op], finals: &[ServerFinal]) -> CheckResult {
 /// At most one completion per attempt, and no task finished by a report from a superseded
 /// attempt: a succeeded task's token is the newest any attempt of it ever had, and that
 /// attempt did finish.
-pub fn completions(ledger: &[LedgerLine], ops: &[Op], finals: &[ServerFinal]) -> (CheckResult, CheckResult) {
+pub fn completions(
+    ledger: &[LedgerLine],
+    ops: &[Op],
+    finals: &[ServerFinal],
+) -> (CheckResult, CheckResult) {
     let mut duplicates = CheckResult::default();
     let mut stale = CheckResult::default();
     // The executors each (task, token) ended on, once per ending.
@@ -168,7 +206,9 @@ pub fn completions(ledger: &[LedgerLine], ops: &[Op], finals: &[ServerFinal]) ->
     }
     for op in ops {
         let obs = match &op.outcome {
-            Outcome::Read { obs: Some(obs) } | Outcome::Cancelled { obs } | Outcome::Submitted { obs, .. } => obs,
+            Outcome::Read { obs: Some(obs) }
+            | Outcome::Cancelled { obs }
+            | Outcome::Submitted { obs, .. } => obs,
             _ => continue,
         };
         if let (Some(task), Some(token)) = (op.task, obs.token) {
@@ -180,11 +220,14 @@ pub fn completions(ledger: &[LedgerLine], ops: &[Op], finals: &[ServerFinal]) ->
         duplicates.add(|| format!("task {task} attempt with token {token} completed {} times (on executors {executors:?})", executors.len()));
     }
     let Some(reference) = finals.first() else { return (duplicates, stale) };
-    for (id, task) in reference.tasks.iter().filter(|(_, t)| t.status == Some(TaskState::Succeeded)) {
+    for (id, task) in reference.tasks.iter().filter(|(_, t)| t.status == Some(TaskState::Succeeded))
+    {
         let token = task.token.unwrap_or(0);
         let top = newest.get(id).copied().unwrap_or(0);
         if token < top {
-            stale.add(|| format!("task {id} succeeded with token {token}, but token {top} had been issued"));
+            stale.add(|| {
+                format!("task {id} succeeded with token {token}, but token {top} had been issued")
+            });
         } else if !ends.contains_key(&(*id, token)) {
             stale.add(|| format!("task {id} succeeded with token {token}, but no attempt with that token finished"));
         }
@@ -212,7 +255,16 @@ pub fn leaders(samples: &[StatusSample]) -> (CheckResult, CheckResult, u64) {
     for sample in sorted {
         if let Some(&(term, at)) = last.get(&sample.node_id) {
             if sample.term < term {
-                backwards.add(|| format!("node {} ({}) went from term {term} (at {} ms) back to {} (at {} ms)", sample.node_id, sample.server, at / 1_000_000, sample.term, sample.time_ns / 1_000_000));
+                backwards.add(|| {
+                    format!(
+                        "node {} ({}) went from term {term} (at {} ms) back to {} (at {} ms)",
+                        sample.node_id,
+                        sample.server,
+                        at / 1_000_000,
+                        sample.term,
+                        sample.time_ns / 1_000_000
+                    )
+                });
             }
         }
         let entry = last.entry(sample.node_id).or_insert((sample.term, sample.time_ns));
@@ -226,9 +278,13 @@ pub fn leaders(samples: &[StatusSample]) -> (CheckResult, CheckResult, u64) {
 /// Every server ends at the same applied index with the same state digest.
 pub fn converged(finals: &[ServerFinal]) -> CheckResult {
     let mut result = CheckResult::default();
-    let distinct: BTreeSet<(u64, &str)> = finals.iter().map(|f| (f.applied_index, f.digest.as_str())).collect();
+    let distinct: BTreeSet<(u64, &str)> =
+        finals.iter().map(|f| (f.applied_index, f.digest.as_str())).collect();
     if distinct.len() > 1 {
-        let views: Vec<String> = finals.iter().map(|f| format!("{}: index {} sha256 {:.12}", f.name, f.applied_index, f.digest)).collect();
+        let views: Vec<String> = finals
+            .iter()
+            .map(|f| format!("{}: index {} sha256 {:.12}", f.name, f.applied_index, f.digest))
+            .collect();
         result.add(|| format!("servers disagree: {}", views.join("; ")));
     }
     result
@@ -256,7 +312,9 @@ pub struct Linearizability {
 fn as_model_op(op: &Op) -> Option<Operation<Input, Output>> {
     let (input, output) = match (&op.call, &op.outcome) {
         (_, Outcome::Fail { .. }) | (Call::Executors, _) => return None,
-        (Call::Submit, Outcome::Submitted { existing, obs, .. }) => (Input::Submit, Output::Submitted { existing: *existing, obs: *obs }),
+        (Call::Submit, Outcome::Submitted { existing, obs, .. }) => {
+            (Input::Submit, Output::Submitted { existing: *existing, obs: *obs })
+        }
         (Call::Read, Outcome::Read { obs }) => (Input::Read, Output::Read(*obs)),
         (Call::Cancel, Outcome::Cancelled { obs }) => (Input::Cancel, Output::Cancelled(*obs)),
         (Call::Cancel, Outcome::CancelRefused) => (Input::Cancel, Output::CancelRefused),
@@ -265,7 +323,14 @@ fn as_model_op(op: &Op) -> Option<Operation<Input, Output>> {
         (Call::Cancel, Outcome::Unknown { .. }) => (Input::Cancel, Output::Unknown),
         _ => return None,
     };
-    Some(Operation { id: op.index, client: op.client, call: op.invoke_ns, ret: op.complete_ns, input, output })
+    Some(Operation {
+        id: op.index,
+        client: op.client,
+        call: op.invoke_ns,
+        ret: op.complete_ns,
+        input,
+        output,
+    })
 }
 
 /// The Wing-Gong-Lowe search on each task's own history (a task is independent of the others in
@@ -279,7 +344,15 @@ pub fn linearizable(ops: &[Op], budget_per_key: Duration) -> Linearizability {
         }
     }
     let by_index: BTreeMap<usize, &Op> = ops.iter().map(|op| (op.index, op)).collect();
-    let mut result = Linearizability { verdict: LinearVerdict::Valid, keys: by_key.len() as u64, operations: 0, invalid_keys: 0, unknown_keys: 0, examples: Vec::new(), seconds: 0.0 };
+    let mut result = Linearizability {
+        verdict: LinearVerdict::Valid,
+        keys: by_key.len() as u64,
+        operations: 0,
+        invalid_keys: 0,
+        unknown_keys: 0,
+        examples: Vec::new(),
+        seconds: 0.0,
+    };
     for (key, history) in &by_key {
         result.operations += history.len() as u64;
         match wgl::check(&TaskModel, history, budget_per_key) {
@@ -287,8 +360,18 @@ pub fn linearizable(ops: &[Op], budget_per_key: Duration) -> Linearizability {
             Verdict::NotLinearizable(witness) => {
                 result.invalid_keys += 1;
                 if result.examples.len() < EXAMPLES_MAX {
-                    let placed: Vec<String> = witness.linearized.iter().filter_map(|i| by_index.get(i)).map(|op| describe(op)).collect();
-                    let stuck: Vec<String> = witness.unplaceable.iter().filter_map(|i| by_index.get(i)).map(|op| describe(op)).collect();
+                    let placed: Vec<String> = witness
+                        .linearized
+                        .iter()
+                        .filter_map(|i| by_index.get(i))
+                        .map(|op| describe(op))
+                        .collect();
+                    let stuck: Vec<String> = witness
+                        .unplaceable
+                        .iter()
+                        .filter_map(|i| by_index.get(i))
+                        .map(|op| describe(op))
+                        .collect();
                     result.examples.push(format!(
                         "task {key}: after [{}] the model is in {}, where none of [{}] can happen",
                         placed.join(", "),
@@ -300,7 +383,9 @@ pub fn linearizable(ops: &[Op], budget_per_key: Duration) -> Linearizability {
             Verdict::Unknown { explored } => {
                 result.unknown_keys += 1;
                 if result.examples.len() < EXAMPLES_MAX {
-                    result.examples.push(format!("key {key}: search budget spent after {explored} steps"));
+                    result
+                        .examples
+                        .push(format!("key {key}: search budget spent after {explored} steps"));
                 }
             }
         }
@@ -323,7 +408,12 @@ fn describe(op: &Op) -> String {
         None => format!("{} ms-?", op.invoke_ns / 1_000_000),
     };
     let what = match &op.outcome {
-        Outcome::Submitted { existing, obs, .. } => format!("submitted{} {:?}/{:?}", if *existing { " (existing)" } else { "" }, obs.status, obs.token),
+        Outcome::Submitted { existing, obs, .. } => format!(
+            "submitted{} {:?}/{:?}",
+            if *existing { " (existing)" } else { "" },
+            obs.status,
+            obs.token
+        ),
         Outcome::Read { obs: Some(obs) } => format!("read {:?}/{:?}", obs.status, obs.token),
         Outcome::Read { obs: None } => "read not found".to_owned(),
         Outcome::Cancelled { obs } => format!("cancelled {:?}", obs.token),
@@ -351,8 +441,25 @@ mod tests {
     use super::*;
     use crate::history::Call;
 
-    fn op(index: usize, call: Call, key: &str, task: Option<u64>, span: (u64, Option<u64>), outcome: Outcome) -> Op {
-        Op { index, client: 1, server: "s1".into(), call, key: Some(key.into()), task, invoke_ns: span.0, complete_ns: span.1, outcome }
+    fn op(
+        index: usize,
+        call: Call,
+        key: &str,
+        task: Option<u64>,
+        span: (u64, Option<u64>),
+        outcome: Outcome,
+    ) -> Op {
+        Op {
+            index,
+            client: 1,
+            server: "s1".into(),
+            call,
+            key: Some(key.into()),
+            task,
+            invoke_ns: span.0,
+            complete_ns: span.1,
+            outcome,
+        }
     }
 
     fn obs(status: TaskState, token: Option<u64>) -> Obs {
@@ -360,30 +467,67 @@ mod tests {
     }
 
     fn final_task(key: &str, status: TaskState, token: Option<u64>) -> FinalTask {
-        FinalTask { key: Some(key.into()), status: Some(status), token, executor: Some(1), cpu_millis: 500, memory_bytes: 1 << 20 }
+        FinalTask {
+            key: Some(key.into()),
+            status: Some(status),
+            token,
+            executor: Some(1),
+            cpu_millis: 500,
+            memory_bytes: 1 << 20,
+        }
     }
 
     fn server(name: &str, tasks: &[(u64, FinalTask)]) -> ServerFinal {
-        ServerFinal { name: name.into(), tasks: tasks.iter().cloned().collect(), digest: "d".into(), applied_index: 10, ..Default::default() }
+        ServerFinal {
+            name: name.into(),
+            tasks: tasks.iter().cloned().collect(),
+            digest: "d".into(),
+            applied_index: 10,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn a_lost_acknowledged_submission_and_a_phantom_task_are_counted() {
         let ops = vec![
-            op(0, Call::Submit, "a", None, (0, Some(5)), Outcome::Submitted { id: 1, existing: false, obs: obs(TaskState::Pending, None) }),
+            op(
+                0,
+                Call::Submit,
+                "a",
+                None,
+                (0, Some(5)),
+                Outcome::Submitted { id: 1, existing: false, obs: obs(TaskState::Pending, None) },
+            ),
             op(1, Call::Submit, "b", None, (0, None), Outcome::Unknown { error: "timeout".into() }),
         ];
-        let good = server("s1", &[(1, final_task("a", TaskState::Succeeded, Some(3))), (2, final_task("b", TaskState::Pending, None))]);
+        let good = server(
+            "s1",
+            &[
+                (1, final_task("a", TaskState::Succeeded, Some(3))),
+                (2, final_task("b", TaskState::Pending, None)),
+            ],
+        );
         let (lost, phantom) = acknowledged_present(&ops, std::slice::from_ref(&good));
         assert_eq!((lost.violations, phantom.violations), (0, 0));
-        let bad = server("s2", &[(2, final_task("b", TaskState::Pending, None)), (3, final_task("zzz", TaskState::Pending, None))]);
+        let bad = server(
+            "s2",
+            &[
+                (2, final_task("b", TaskState::Pending, None)),
+                (3, final_task("zzz", TaskState::Pending, None)),
+            ],
+        );
         let (lost, phantom) = acknowledged_present(&ops, &[good, bad]);
         assert_eq!((lost.violations, phantom.violations), (1, 1), "{lost:?} {phantom:?}");
     }
 
     #[test]
     fn over_capacity_in_a_read_or_in_final_tasks_is_counted() {
-        let view = |allocated| ExecutorView { id: 1, state: "up".into(), cpu_millis: (allocated, 1000), memory_bytes: (0, 1 << 30) };
+        let view = |allocated| ExecutorView {
+            id: 1,
+            state: "up".into(),
+            cpu_millis: (allocated, 1000),
+            memory_bytes: (0, 1 << 30),
+        };
         let ops = vec![Op {
             index: 0,
             client: 1,
@@ -396,7 +540,14 @@ mod tests {
             outcome: Outcome::Executors { executors: vec![view(500), view(1500)] },
         }];
         assert_eq!(capacity(&ops, &[]).violations, 1);
-        let mut running = server("s1", &[(1, final_task("a", TaskState::Running, Some(1))), (2, final_task("b", TaskState::Running, Some(2))), (3, final_task("c", TaskState::Running, Some(3)))]);
+        let mut running = server(
+            "s1",
+            &[
+                (1, final_task("a", TaskState::Running, Some(1))),
+                (2, final_task("b", TaskState::Running, Some(2))),
+                (3, final_task("c", TaskState::Running, Some(3))),
+            ],
+        );
         running.executors = vec![view(1000)];
         // Three running tasks of 500m on a 1000m executor: the tasks hold more than it has.
         assert_eq!(capacity(&[], &[running]).violations, 1);
@@ -405,8 +556,22 @@ mod tests {
     #[test]
     fn duplicate_and_superseded_completions_are_counted() {
         let line = |end, task, token| LedgerLine { end, task, token, executor: 1 };
-        let ledger = vec![line(false, 1, 5), line(true, 1, 5), line(false, 2, 6), line(true, 2, 6), line(false, 2, 7), line(true, 2, 7), line(true, 2, 7)];
-        let finals = [server("s1", &[(1, final_task("a", TaskState::Succeeded, Some(5))), (2, final_task("b", TaskState::Succeeded, Some(6)))])];
+        let ledger = vec![
+            line(false, 1, 5),
+            line(true, 1, 5),
+            line(false, 2, 6),
+            line(true, 2, 6),
+            line(false, 2, 7),
+            line(true, 2, 7),
+            line(true, 2, 7),
+        ];
+        let finals = [server(
+            "s1",
+            &[
+                (1, final_task("a", TaskState::Succeeded, Some(5))),
+                (2, final_task("b", TaskState::Succeeded, Some(6))),
+            ],
+        )];
         let (duplicates, stale) = completions(&ledger, &[], &finals);
         assert_eq!(duplicates.violations, 1, "token 7 ended twice");
         assert_eq!(stale.violations, 1, "task 2 finished with token 6 after 7 was issued");
@@ -416,11 +581,28 @@ mod tests {
 
     #[test]
     fn two_leaders_in_a_term_and_a_term_going_back_are_counted() {
-        let sample = |time_ns, node_id, term, state: &str| StatusSample { time_ns, server: format!("s{node_id}"), node_id, term, state: state.into(), leader_id: None };
-        let fine = [sample(1, 1, 2, "leader"), sample(1, 2, 2, "follower"), sample(2, 2, 3, "leader"), sample(3, 1, 3, "follower")];
+        let sample = |time_ns, node_id, term, state: &str| StatusSample {
+            time_ns,
+            server: format!("s{node_id}"),
+            node_id,
+            term,
+            state: state.into(),
+            leader_id: None,
+        };
+        let fine = [
+            sample(1, 1, 2, "leader"),
+            sample(1, 2, 2, "follower"),
+            sample(2, 2, 3, "leader"),
+            sample(3, 1, 3, "follower"),
+        ];
         let (two, back, terms) = leaders(&fine);
         assert_eq!((two.violations, back.violations, terms), (0, 0, 2));
-        let broken = [sample(1, 1, 4, "leader"), sample(1, 2, 4, "leader"), sample(2, 3, 5, "follower"), sample(3, 3, 4, "follower")];
+        let broken = [
+            sample(1, 1, 4, "leader"),
+            sample(1, 2, 4, "leader"),
+            sample(2, 3, 5, "follower"),
+            sample(3, 3, 4, "follower"),
+        ];
         let (two, back, _) = leaders(&broken);
         assert_eq!((two.violations, back.violations), (1, 1));
     }
@@ -437,14 +619,42 @@ mod tests {
     #[test]
     fn a_stale_read_makes_the_history_invalid_and_a_failed_read_is_ignored() {
         let ops = vec![
-            op(0, Call::Submit, "a", None, (0, Some(10)), Outcome::Submitted { id: 1, existing: false, obs: obs(TaskState::Pending, None) }),
-            op(1, Call::Cancel, "a", Some(1), (20, Some(30)), Outcome::Cancelled { obs: obs(TaskState::Cancelled, None) }),
-            op(2, Call::Read, "a", Some(1), (40, Some(50)), Outcome::Fail { error: "unavailable".into() }),
+            op(
+                0,
+                Call::Submit,
+                "a",
+                None,
+                (0, Some(10)),
+                Outcome::Submitted { id: 1, existing: false, obs: obs(TaskState::Pending, None) },
+            ),
+            op(
+                1,
+                Call::Cancel,
+                "a",
+                Some(1),
+                (20, Some(30)),
+                Outcome::Cancelled { obs: obs(TaskState::Cancelled, None) },
+            ),
+            op(
+                2,
+                Call::Read,
+                "a",
+                Some(1),
+                (40, Some(50)),
+                Outcome::Fail { error: "unavailable".into() },
+            ),
         ];
         let valid = linearizable(&ops, Duration::from_secs(1));
         assert!(matches!(valid.verdict, LinearVerdict::Valid), "{valid:?}");
         let mut stale = ops.clone();
-        stale.push(op(3, Call::Read, "a", Some(1), (60, Some(70)), Outcome::Read { obs: Some(obs(TaskState::Pending, None)) }));
+        stale.push(op(
+            3,
+            Call::Read,
+            "a",
+            Some(1),
+            (60, Some(70)),
+            Outcome::Read { obs: Some(obs(TaskState::Pending, None)) },
+        ));
         let invalid = linearizable(&stale, Duration::from_secs(1));
         assert!(matches!(invalid.verdict, LinearVerdict::Invalid), "{invalid:?}");
         assert!(invalid.examples[0].contains("#3 read Pending"), "{:?}", invalid.examples);

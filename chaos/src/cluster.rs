@@ -45,7 +45,12 @@ pub fn executor_host(i: usize) -> Host {
 /// corrupted state stops the run at the entry that broke it, not at the end-of-run checks.
 fn restart_args(data_dir: &Path, unsafe_stale_reads: bool) -> Vec<String> {
     let data_dir = data_dir.display().to_string();
-    let mut args = vec!["server".to_owned(), "--data-dir".to_owned(), data_dir, "--check-invariants".to_owned()];
+    let mut args = vec![
+        "server".to_owned(),
+        "--data-dir".to_owned(),
+        data_dir,
+        "--check-invariants".to_owned(),
+    ];
     if unsafe_stale_reads {
         args.push("--unsafe-stale-reads".to_owned());
     }
@@ -71,13 +76,22 @@ where
 
 pub async fn status(channel: &Channel) -> Option<pb::ClusterStatusResponse> {
     let mut client = AdminClient::new(channel.clone());
-    tokio::time::timeout(STATUS_TIMEOUT, client.cluster_status(pb::ClusterStatusRequest {})).await.ok()?.ok().map(tonic::Response::into_inner)
+    tokio::time::timeout(STATUS_TIMEOUT, client.cluster_status(pb::ClusterStatusRequest {}))
+        .await
+        .ok()?
+        .ok()
+        .map(tonic::Response::into_inner)
 }
 
 impl Cluster {
     /// Builds the hosts, then starts the servers one by one (the first bootstraps, the others
     /// join it), then the executors with a fresh join token.
-    pub async fn start(run_dir: &Path, servers: usize, executors: usize, unsafe_stale_reads: bool) -> Result<Cluster> {
+    pub async fn start(
+        run_dir: &Path,
+        servers: usize,
+        executors: usize,
+        unsafe_stale_reads: bool,
+    ) -> Result<Cluster> {
         let server_hosts: Vec<Host> = (0..servers).map(server_host).collect();
         let executor_hosts: Vec<Host> = (0..executors).map(executor_host).collect();
         let all: Vec<Host> = server_hosts.iter().chain(&executor_hosts).cloned().collect();
@@ -96,8 +110,18 @@ impl Cluster {
         for (i, host) in server_hosts.into_iter().enumerate() {
             let id = i as u64 + 1;
             let mut proc = Proc::new(host, Role::Server, id, run_dir, Vec::new());
-            let mut args = vec!["server".to_owned(), "--id".to_owned(), id.to_string(), "--listen".to_owned(), proc.addr()];
-            args.extend(if i == 0 { vec!["--bootstrap".to_owned()] } else { vec!["--join".to_owned(), first.clone()] });
+            let mut args = vec![
+                "server".to_owned(),
+                "--id".to_owned(),
+                id.to_string(),
+                "--listen".to_owned(),
+                proc.addr(),
+            ];
+            args.extend(if i == 0 {
+                vec!["--bootstrap".to_owned()]
+            } else {
+                vec!["--join".to_owned(), first.clone()]
+            });
             args.extend(restart_args(&proc.data_dir, unsafe_stale_reads).into_iter().skip(1));
             proc.set_args(args);
             proc.mount_data().await?;
@@ -107,10 +131,19 @@ impl Cluster {
             proc.set_args(restart_args(&proc.data_dir, unsafe_stale_reads));
             cluster.servers.push(proc);
             let voters = i + 1;
-            wait_until(&format!("server {id} to join (a leader and {voters} members)"), FORM_TIMEOUT, || {
-                let channel = channel.clone();
-                async move { status(&channel).await.filter(|s| s.leader_id.is_some() && s.members.len() >= voters).map(|_| ()) }
-            })
+            wait_until(
+                &format!("server {id} to join (a leader and {voters} members)"),
+                FORM_TIMEOUT,
+                || {
+                    let channel = channel.clone();
+                    async move {
+                        status(&channel)
+                            .await
+                            .filter(|s| s.leader_id.is_some() && s.members.len() >= voters)
+                            .map(|_| ())
+                    }
+                },
+            )
             .await?;
         }
         let token = cluster.join_token().await?;
@@ -121,7 +154,18 @@ impl Cluster {
             let data_dir = proc.data_dir.display().to_string();
             proc.set_args(
                 [
-                    "executor", "--join", &joins.join(","), "--token", &token, "--data-dir", &data_dir, "--name", &name, "--cpu", EXECUTOR_CPU, "--memory",
+                    "executor",
+                    "--join",
+                    &joins.join(","),
+                    "--token",
+                    &token,
+                    "--data-dir",
+                    &data_dir,
+                    "--name",
+                    &name,
+                    "--cpu",
+                    EXECUTOR_CPU,
+                    "--memory",
                     EXECUTOR_MEMORY,
                 ]
                 .map(str::to_owned)
@@ -129,7 +173,11 @@ impl Cluster {
             );
             proc.mount_data().await?;
             proc.start()?;
-            proc.set_args(["executor", "--join", &joins.join(","), "--data-dir", &data_dir, "--name", &name].map(str::to_owned).to_vec());
+            proc.set_args(
+                ["executor", "--join", &joins.join(","), "--data-dir", &data_dir, "--name", &name]
+                    .map(str::to_owned)
+                    .to_vec(),
+            );
             cluster.executors.push(proc);
         }
         let wanted = executors;
@@ -137,9 +185,18 @@ impl Cluster {
         wait_until(&format!("{wanted} executors to be up"), FORM_TIMEOUT, || {
             let channel = channel.clone();
             async move {
-                let request = pb::ListExecutorsRequest { consistency: Some(ReadConsistency { stale: false }) };
-                let answer = tokio::time::timeout(STATUS_TIMEOUT, AdminClient::new(channel).list_executors(request)).await.ok()?.ok()?;
-                (answer.into_inner().executors.iter().filter(|e| e.state == "up").count() >= wanted).then_some(())
+                let request = pb::ListExecutorsRequest {
+                    consistency: Some(ReadConsistency { stale: false }),
+                };
+                let answer = tokio::time::timeout(
+                    STATUS_TIMEOUT,
+                    AdminClient::new(channel).list_executors(request),
+                )
+                .await
+                .ok()?
+                .ok()?;
+                (answer.into_inner().executors.iter().filter(|e| e.state == "up").count() >= wanted)
+                    .then_some(())
             }
         })
         .await?;
@@ -148,12 +205,19 @@ impl Cluster {
 
     /// A join token from any server, once the cluster CA exists (until then the servers refuse).
     async fn join_token(&self) -> Result<String> {
-        let any_server = Client::from_channels(self.channels.clone(), ClientConfig::new(STATUS_TIMEOUT))?;
+        let any_server =
+            Client::from_channels(self.channels.clone(), ClientConfig::new(STATUS_TIMEOUT))?;
         wait_until("a join token", FORM_TIMEOUT, || {
             let any_server = any_server.clone();
             async move {
                 let request = pb::CreateJoinTokenRequest { ttl_ms: 3_600_000 };
-                any_server.call("create a join token", |mut c| async move { c.create_join_token(request).await }).await.ok().map(|r| r.token)
+                any_server
+                    .call("create a join token", |mut c| async move {
+                        c.create_join_token(request).await
+                    })
+                    .await
+                    .ok()
+                    .map(|r| r.token)
             }
         })
         .await
@@ -162,8 +226,16 @@ impl Cluster {
     /// The index in `servers` of the server that a majority of the running servers' answers
     /// name as leader in the highest term seen, if any.
     pub async fn leader(&self) -> Option<usize> {
-        let answers = futures::future::join_all(self.servers.iter().zip(&self.channels).filter(|(p, _)| p.running() && !p.paused).map(|(_, (_, c))| status(c))).await;
-        let best = answers.iter().flatten().filter(|s| s.state == "leader").max_by_key(|s| s.term)?;
+        let answers = futures::future::join_all(
+            self.servers
+                .iter()
+                .zip(&self.channels)
+                .filter(|(p, _)| p.running() && !p.paused)
+                .map(|(_, (_, c))| status(c)),
+        )
+        .await;
+        let best =
+            answers.iter().flatten().filter(|s| s.state == "leader").max_by_key(|s| s.term)?;
         self.servers.iter().position(|p| p.node_id == best.node_id)
     }
 
@@ -176,18 +248,37 @@ impl Cluster {
     }
 
     /// Starts the proxy for a set of links inside one host, as the group the redirect rules skip.
-    pub fn start_proxy(&mut self, host: &str, links: &[String], faults: &[String], seed: u64) -> Result<()> {
+    pub fn start_proxy(
+        &mut self,
+        host: &str,
+        links: &[String],
+        faults: &[String],
+        seed: u64,
+    ) -> Result<()> {
         let ns = format!("colony-chaos-{host}");
         let exe = std::env::current_exe().context("cannot find the colony binary")?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.run_dir.join("logs").join(format!("proxy-{host}.log")))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.run_dir.join("logs").join(format!("proxy-{host}.log")))?;
         let mut command = std::process::Command::new("ip");
-        command.args(["netns", "exec", &ns]).arg(exe).args(["chaos", "proxy", "--seed", &seed.to_string()]);
+        command.args(["netns", "exec", &ns]).arg(exe).args([
+            "chaos",
+            "proxy",
+            "--seed",
+            &seed.to_string(),
+        ]);
         for link in links {
             command.arg("--link").arg(link);
         }
         command.args(faults).arg("--parent-pid").arg(std::process::id().to_string());
-        command.gid(PROXY_GID).stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
-        self.proxies.push(command.spawn().with_context(|| format!("cannot start the proxy in {host}"))?);
+        command
+            .gid(PROXY_GID)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.proxies
+            .push(command.spawn().with_context(|| format!("cannot start the proxy in {host}"))?);
         Ok(())
     }
 
@@ -214,7 +305,8 @@ impl Cluster {
             proc.resume()?;
             let fill = proc.data_dir.join(FILL_FILE);
             if fill.exists() {
-                std::fs::remove_file(&fill).with_context(|| format!("cannot remove {}", fill.display()))?;
+                std::fs::remove_file(&fill)
+                    .with_context(|| format!("cannot remove {}", fill.display()))?;
             }
             if let Some(how) = proc.exited() {
                 exited.push(format!("{} ({how})", proc.host.name));
@@ -246,8 +338,22 @@ impl Cluster {
     /// through the others.
     pub fn rejoin_args(&self, index: usize, id: u64) -> Vec<String> {
         let proc = &self.servers[index];
-        let others: Vec<String> = self.servers.iter().enumerate().filter(|(i, _)| *i != index).map(|(_, p)| p.addr()).collect();
-        let mut args = vec!["server".to_owned(), "--id".to_owned(), id.to_string(), "--listen".to_owned(), proc.addr(), "--join".to_owned(), others.join(",")];
+        let others: Vec<String> = self
+            .servers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != index)
+            .map(|(_, p)| p.addr())
+            .collect();
+        let mut args = vec![
+            "server".to_owned(),
+            "--id".to_owned(),
+            id.to_string(),
+            "--listen".to_owned(),
+            proc.addr(),
+            "--join".to_owned(),
+            others.join(","),
+        ];
         args.extend(restart_args(&proc.data_dir, self.unsafe_stale_reads).into_iter().skip(1));
         args
     }

@@ -32,16 +32,30 @@ pub struct ExecutorView {
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "snake_case", tag = "outcome")]
 pub enum Outcome {
-    Submitted { id: u64, existing: bool, obs: Obs },
-    Read { obs: Option<Obs> },
-    Cancelled { obs: Obs },
+    Submitted {
+        id: u64,
+        existing: bool,
+        obs: Obs,
+    },
+    Read {
+        obs: Option<Obs>,
+    },
+    Cancelled {
+        obs: Obs,
+    },
     CancelRefused,
     CancelNotFound,
-    Executors { executors: Vec<ExecutorView> },
+    Executors {
+        executors: Vec<ExecutorView>,
+    },
     /// Known not to have taken effect.
-    Fail { error: String },
+    Fail {
+        error: String,
+    },
     /// May or may not have taken effect.
-    Unknown { error: String },
+    Unknown {
+        error: String,
+    },
 }
 
 impl Outcome {
@@ -112,8 +126,17 @@ pub struct Pending {
 
 impl History {
     pub fn create(path: &Path, started: Instant) -> anyhow::Result<History> {
-        let file = std::fs::File::create(path).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
-        Ok(History { started, inner: Arc::new(Mutex::new(Inner { ops: Vec::new(), next_index: 0, file: std::io::BufWriter::new(file), write_error: None })) })
+        let file = std::fs::File::create(path)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+        Ok(History {
+            started,
+            inner: Arc::new(Mutex::new(Inner {
+                ops: Vec::new(),
+                next_index: 0,
+                file: std::io::BufWriter::new(file),
+                write_error: None,
+            })),
+        })
     }
 
     pub fn now_ns(&self) -> u64 {
@@ -125,19 +148,39 @@ impl History {
     }
 
     fn write(inner: &mut Inner, line: &Line<'_>) {
-        let written = serde_json::to_writer(&mut inner.file, line).map_err(|e| e.to_string()).and_then(|()| inner.file.write_all(b"\n").map_err(|e| e.to_string()));
+        let written = serde_json::to_writer(&mut inner.file, line)
+            .map_err(|e| e.to_string())
+            .and_then(|()| inner.file.write_all(b"\n").map_err(|e| e.to_string()));
         if let Err(e) = written {
             inner.write_error.get_or_insert(e);
         }
     }
 
-    pub fn invoke(&self, client: u64, server: &str, call: Call, key: Option<String>, task: Option<u64>) -> Pending {
+    pub fn invoke(
+        &self,
+        client: u64,
+        server: &str,
+        call: Call,
+        key: Option<String>,
+        task: Option<u64>,
+    ) -> Pending {
         let mut inner = self.lock();
         let invoke_ns = self.now_ns();
         let index = inner.next_index;
         inner.next_index += 1;
-        let pending = Pending { index, client, server: server.to_owned(), call, key, task, invoke_ns };
-        let line = Line { index: pending.index, kind: "invoke", time_ns: invoke_ns, client, server, f: call, key: pending.key.as_deref(), task, value: None };
+        let pending =
+            Pending { index, client, server: server.to_owned(), call, key, task, invoke_ns };
+        let line = Line {
+            index: pending.index,
+            kind: "invoke",
+            time_ns: invoke_ns,
+            client,
+            server,
+            f: call,
+            key: pending.key.as_deref(),
+            task,
+            value: None,
+        };
         Self::write(&mut inner, &line);
         pending
     }

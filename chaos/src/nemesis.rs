@@ -79,7 +79,10 @@ impl Nemesis {
     ];
 
     pub fn name(self) -> String {
-        serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
     }
 
     /// `all`, a group (`partition`, `kill`), or one name.
@@ -88,12 +91,17 @@ impl Nemesis {
         for word in text.split(',').map(str::trim).filter(|w| !w.is_empty()) {
             let matched: Vec<Nemesis> = match word {
                 "all" => Self::ALL.to_vec(),
-                "partition" | "kill" => Self::ALL.iter().copied().filter(|n| n.name().starts_with(word)).collect(),
+                "partition" | "kill" => {
+                    Self::ALL.iter().copied().filter(|n| n.name().starts_with(word)).collect()
+                }
                 _ => Self::ALL.iter().copied().filter(|n| n.name() == word).collect(),
             };
             if matched.is_empty() {
                 let names: Vec<String> = Self::ALL.iter().map(|n| n.name()).collect();
-                bail!("unknown nemesis {word:?}; use all, partition, kill, or one of {}", names.join(", "));
+                bail!(
+                    "unknown nemesis {word:?}; use all, partition, kill, or one of {}",
+                    names.join(", ")
+                );
             }
             set.extend(matched);
         }
@@ -117,7 +125,10 @@ pub struct Planned {
 }
 
 mod humantime_serde_ms {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_u64(d.as_millis() as u64)
     }
 }
@@ -156,7 +167,12 @@ fn describe(grudge: &BTreeMap<String, BTreeSet<String>>) -> String {
     grudge
         .iter()
         .filter(|(_, from)| !from.is_empty())
-        .map(|(host, from)| format!("{host} hears nothing from {}", from.iter().cloned().collect::<Vec<_>>().join(",")))
+        .map(|(host, from)| {
+            format!(
+                "{host} hears nothing from {}",
+                from.iter().cloned().collect::<Vec<_>>().join(",")
+            )
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }
@@ -169,9 +185,14 @@ pub async fn apply(cluster: &mut Cluster, planned: &Planned) -> Result<String> {
     let random = rng.gen_range(0..n);
     match planned.nemesis {
         Nemesis::PartitionOne | Nemesis::PartitionLeader => {
-            let target = if planned.nemesis == Nemesis::PartitionLeader { cluster.leader().await.unwrap_or(random) } else { random };
+            let target = if planned.nemesis == Nemesis::PartitionLeader {
+                cluster.leader().await.unwrap_or(random)
+            } else {
+                random
+            };
             let alone = vec![servers[target].clone()];
-            let others: Vec<String> = servers.iter().filter(|s| **s != servers[target]).cloned().collect();
+            let others: Vec<String> =
+                servers.iter().filter(|s| **s != servers[target]).cloned().collect();
             let mut grudge = BTreeMap::new();
             cut(&mut grudge, &alone, &others);
             cluster.net.partition(&grudge).await?;
@@ -190,8 +211,11 @@ pub async fn apply(cluster: &mut Cluster, planned: &Planned) -> Result<String> {
             let mut ring = servers.clone();
             ring.shuffle(&mut rng);
             let hears = n / 2;
-            let grudge: BTreeMap<String, BTreeSet<String>> =
-                (0..n).map(|i| (ring[i].clone(), (hears + 1..n).map(|d| ring[(i + d) % n].clone()).collect())).collect();
+            let grudge: BTreeMap<String, BTreeSet<String>> = (0..n)
+                .map(|i| {
+                    (ring[i].clone(), (hears + 1..n).map(|d| ring[(i + d) % n].clone()).collect())
+                })
+                .collect();
             cluster.net.partition(&grudge).await?;
             Ok(format!("ring {}: {}", ring.join("→"), describe(&grudge)))
         }
@@ -206,9 +230,13 @@ pub async fn apply(cluster: &mut Cluster, planned: &Planned) -> Result<String> {
             Ok(format!("{} | bridge {bridge} | {}", left.join(","), right.join(",")))
         }
         Nemesis::PartitionOneWay => {
-            let target = if rng.gen_bool(0.5) { cluster.leader().await.unwrap_or(random) } else { random };
+            let target =
+                if rng.gen_bool(0.5) { cluster.leader().await.unwrap_or(random) } else { random };
             let deaf = servers[target].clone();
-            let grudge = BTreeMap::from([(deaf.clone(), servers.iter().filter(|s| **s != deaf).cloned().collect())]);
+            let grudge = BTreeMap::from([(
+                deaf.clone(),
+                servers.iter().filter(|s| **s != deaf).cloned().collect(),
+            )]);
             cluster.net.partition(&grudge).await?;
             Ok(format!("{deaf} hears no server; they hear it"))
         }
@@ -224,7 +252,8 @@ pub async fn apply(cluster: &mut Cluster, planned: &Planned) -> Result<String> {
         }
         Nemesis::Loss => {
             let percent = rng.gen_range(10..=35);
-            let hosts: Vec<String> = servers.iter().cloned().chain(cluster.executor_names()).collect();
+            let hosts: Vec<String> =
+                servers.iter().cloned().chain(cluster.executor_names()).collect();
             cluster.net.lose(&hosts, percent).await?;
             Ok(format!("{percent}% of packets dropped on every host"))
         }
@@ -244,7 +273,10 @@ pub async fn apply(cluster: &mut Cluster, planned: &Planned) -> Result<String> {
             for &i in &victims {
                 cluster.servers[i].kill().await;
             }
-            Ok(format!("kill -9 {}", victims.iter().map(|&i| servers[i].clone()).collect::<Vec<_>>().join(",")))
+            Ok(format!(
+                "kill -9 {}",
+                victims.iter().map(|&i| servers[i].clone()).collect::<Vec<_>>().join(",")
+            ))
         }
         Nemesis::KillExecutor => {
             let index = rng.gen_range(0..cluster.executors.len());
@@ -252,21 +284,35 @@ pub async fn apply(cluster: &mut Cluster, planned: &Planned) -> Result<String> {
             Ok(format!("kill -9 {}", cluster.executors[index].host.name))
         }
         Nemesis::Pause => {
-            let target = if rng.gen_bool(0.7) { cluster.leader().await.unwrap_or(random) } else { random };
+            let target =
+                if rng.gen_bool(0.7) { cluster.leader().await.unwrap_or(random) } else { random };
             cluster.servers[target].pause()?;
             Ok(format!("SIGSTOP {}", servers[target]))
         }
         Nemesis::Slow => {
             let delay_ms = rng.gen_range(20..=120u64);
             let jitter_ms = rng.gen_range(10..=80u64);
-            let faults = ["--delay".to_owned(), format!("{delay_ms}ms"), "--jitter".to_owned(), format!("{jitter_ms}ms"), "--duplicate".to_owned(), "0.05".to_owned(), "--reorder".to_owned()];
-            let ips: Vec<(String, std::net::Ipv4Addr)> = cluster.servers.iter().map(|p| (p.host.name.clone(), p.host.ip)).collect();
+            let faults = [
+                "--delay".to_owned(),
+                format!("{delay_ms}ms"),
+                "--jitter".to_owned(),
+                format!("{jitter_ms}ms"),
+                "--duplicate".to_owned(),
+                "0.05".to_owned(),
+                "--reorder".to_owned(),
+            ];
+            let ips: Vec<(String, std::net::Ipv4Addr)> =
+                cluster.servers.iter().map(|p| (p.host.name.clone(), p.host.ip)).collect();
             for (name, _) in &ips {
                 let mut links = Vec::new();
                 for (peer, ip) in ips.iter().filter(|(p, _)| p != name) {
                     let proxy_port = 17_000 + u16::from(ip.octets()[3]);
                     links.push(format!("tcp:127.0.0.1:{proxy_port}={ip}:{SERVER_PORT}"));
-                    cluster.net.redirect(name, *ip, &[("tcp", SERVER_PORT, proxy_port)]).await.with_context(|| format!("slowing {name}→{peer}"))?;
+                    cluster
+                        .net
+                        .redirect(name, *ip, &[("tcp", SERVER_PORT, proxy_port)])
+                        .await
+                        .with_context(|| format!("slowing {name}→{peer}"))?;
                 }
                 cluster.start_proxy(name, &links, &faults, rng.gen())?;
             }
@@ -275,7 +321,10 @@ pub async fn apply(cluster: &mut Cluster, planned: &Planned) -> Result<String> {
                 for (_, ip) in &ips {
                     let proxy_port = 17_000 + u16::from(ip.octets()[3]);
                     links.push(format!("udp:127.0.0.1:{proxy_port}={ip}:{SERVER_PORT}"));
-                    cluster.net.redirect(&executor, *ip, &[("udp", SERVER_PORT, proxy_port)]).await?;
+                    cluster
+                        .net
+                        .redirect(&executor, *ip, &[("udp", SERVER_PORT, proxy_port)])
+                        .await?;
                 }
                 cluster.start_proxy(&executor, &links, &faults, rng.gen())?;
             }
@@ -298,7 +347,11 @@ pub async fn apply(cluster: &mut Cluster, planned: &Planned) -> Result<String> {
             crate::net::run("sh", &["-c", &script], None).await?;
             let dir = proc.data_dir.display().to_string();
             let avail = crate::net::run("df", &["-B1", "--output=avail", &dir], None).await?;
-            let left: u64 = avail.lines().nth(1).and_then(|l| l.trim().parse().ok()).context("cannot read df's answer")?;
+            let left: u64 = avail
+                .lines()
+                .nth(1)
+                .and_then(|l| l.trim().parse().ok())
+                .context("cannot read df's answer")?;
             if left > 64 << 10 {
                 bail!("{} still has {left} bytes free after filling", servers[random]);
             }
@@ -322,7 +375,8 @@ async fn membership(cluster: &mut Cluster, rng: &mut StdRng) -> Result<String> {
     channels.rotate_left(leader);
     let any_server = Client::from_channels(channels, ClientConfig::new(Duration::from_secs(20)))?;
     let request = pb::RemoveNodeRequest { node_id: old_id };
-    match any_server.call("remove node", |mut c| async move { c.remove_node(request).await }).await {
+    match any_server.call("remove node", |mut c| async move { c.remove_node(request).await }).await
+    {
         Ok(_) => {}
         // Already removed: an earlier attempt committed but its answer was lost.
         Err(ClientError::Answered { status, .. }) if status.code() == tonic::Code::NotFound => {}
@@ -333,7 +387,9 @@ async fn membership(cluster: &mut Cluster, rng: &mut StdRng) -> Result<String> {
     let restart = cluster.restart_args(target);
     let proc = &mut cluster.servers[target];
     proc.stop().await;
-    for entry in std::fs::read_dir(&proc.data_dir).with_context(|| format!("cannot list {}", proc.data_dir.display()))? {
+    for entry in std::fs::read_dir(&proc.data_dir)
+        .with_context(|| format!("cannot list {}", proc.data_dir.display()))?
+    {
         let path = entry?.path();
         if path.is_dir() {
             std::fs::remove_dir_all(&path)?;
@@ -345,7 +401,10 @@ async fn membership(cluster: &mut Cluster, rng: &mut StdRng) -> Result<String> {
     proc.set_args(args);
     proc.start()?;
     proc.set_args(restart);
-    Ok(format!("removed {} (node {old_id}) under 10% loss, wiped it, re-added it as node {new_id}", servers[target]))
+    Ok(format!(
+        "removed {} (node {old_id}) under 10% loss, wiped it, re-added it as node {new_id}",
+        servers[target]
+    ))
 }
 
 #[cfg(test)]
@@ -355,14 +414,18 @@ mod tests {
     #[test]
     fn a_seed_replays_the_same_schedule_and_another_does_not() -> Result<()> {
         let set = Nemesis::parse_set("all")?;
-        let names = |plan: &[Planned]| plan.iter().map(|p| (p.nemesis, p.fault_for, p.seed)).collect::<Vec<_>>();
+        let names = |plan: &[Planned]| {
+            plan.iter().map(|p| (p.nemesis, p.fault_for, p.seed)).collect::<Vec<_>>()
+        };
         let first = schedule(&set, 42, Duration::from_secs(6), 2);
         assert_eq!(names(&first), names(&schedule(&set, 42, Duration::from_secs(6), 2)));
         assert_ne!(names(&first), names(&schedule(&set, 43, Duration::from_secs(6), 2)));
         // Every round holds every nemesis once, so a run long enough for one round tries them all.
         let round: BTreeSet<Nemesis> = first[..set.len()].iter().map(|p| p.nemesis).collect();
         assert_eq!(round.len(), Nemesis::ALL.len());
-        assert!(first.iter().all(|p| p.fault_for >= Duration::from_secs(3) && p.fault_for <= Duration::from_secs(9)));
+        assert!(first.iter().all(
+            |p| p.fault_for >= Duration::from_secs(3) && p.fault_for <= Duration::from_secs(9)
+        ));
         Ok(())
     }
 
@@ -372,7 +435,11 @@ mod tests {
         assert_eq!(Nemesis::parse_set("partition")?.len(), 7);
         assert_eq!(Nemesis::parse_set("kill,pause")?.len(), 6);
         assert_eq!(Nemesis::parse_set("disk-full")?, vec![Nemesis::DiskFull]);
-        let error = Nemesis::parse_set("partition,fire").map(|_| ()).err().map(|e| e.to_string()).unwrap_or_default();
+        let error = Nemesis::parse_set("partition,fire")
+            .map(|_| ())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(error.contains("\"fire\"") && error.contains("disk-full"), "{error}");
         assert!(Nemesis::parse_set(" , ").is_err());
         Ok(())

@@ -41,17 +41,33 @@ impl Host {
 pub async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
     use tokio::io::AsyncWriteExt as _;
     let mut command = Command::new(program);
-    command.args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
-    command.stdin(if stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() });
+    command
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    command.stdin(if stdin.is_some() {
+        std::process::Stdio::piped()
+    } else {
+        std::process::Stdio::null()
+    });
     let mut child = command.spawn().with_context(|| format!("cannot run {program}"))?;
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes()).await.with_context(|| format!("cannot write to {program}"))?;
+        pipe.write_all(text.as_bytes())
+            .await
+            .with_context(|| format!("cannot write to {program}"))?;
     }
-    let output = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
-        .await
-        .with_context(|| format!("{program} {} did not finish in {COMMAND_TIMEOUT:?}", args.join(" ")))??;
+    let output =
+        tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output()).await.with_context(
+            || format!("{program} {} did not finish in {COMMAND_TIMEOUT:?}", args.join(" ")),
+        )??;
     if !output.status.success() {
-        bail!("{program} {} failed ({}): {}", args.join(" "), output.status, String::from_utf8_lossy(&output.stderr).trim());
+        bail!(
+            "{program} {} failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
@@ -59,8 +75,13 @@ pub async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<St
 /// Checks, before anything is started, that this process can build the test hosts, and says
 /// exactly what is missing when it cannot.
 pub async fn preflight() -> Result<()> {
-    let status = std::fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
-    let euid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|l| l.split_whitespace().nth(1)).unwrap_or("?");
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("?");
     if euid != "0" {
         bail!("the chaos suite needs root (it creates network namespaces and nftables rules); running as uid {euid}");
     }
@@ -71,8 +92,11 @@ pub async fn preflight() -> Result<()> {
     }
     let probe = format!("{NS_PREFIX}probe");
     let _ = run("ip", &["netns", "del", &probe], None).await;
-    run("ip", &["netns", "add", &probe], None).await.context("cannot create a network namespace")?;
-    let nft = run("ip", &["netns", "exec", &probe, "nft", "add", "table", "inet", "probe"], None).await;
+    run("ip", &["netns", "add", &probe], None)
+        .await
+        .context("cannot create a network namespace")?;
+    let nft =
+        run("ip", &["netns", "exec", &probe, "nft", "add", "table", "inet", "probe"], None).await;
     run("ip", &["netns", "del", &probe], None).await?;
     nft.context("cannot create nftables rules inside a namespace")?;
     Ok(())
@@ -90,36 +114,53 @@ impl Net {
             if let Ok(pid) = text.trim().parse::<i32>() {
                 let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
                 if alive && pid != std::process::id() as i32 {
-                    bail!("another chaos run (pid {pid}) owns the test hosts; wait for it or kill it");
+                    bail!(
+                        "another chaos run (pid {pid}) owns the test hosts; wait for it or kill it"
+                    );
                 }
             }
         }
-        std::fs::write(PID_FILE, std::process::id().to_string()).with_context(|| format!("cannot write {PID_FILE}"))?;
+        std::fs::write(PID_FILE, std::process::id().to_string())
+            .with_context(|| format!("cannot write {PID_FILE}"))?;
         Self::remove_all().await;
         Ok(())
     }
 
     async fn remove_all() {
         if let Ok(list) = run("ip", &["netns", "list"], None).await {
-            for ns in list.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(NS_PREFIX)) {
+            for ns in list
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|n| n.starts_with(NS_PREFIX))
+            {
                 // Anything still inside (a task's orphaned child) would keep the namespace and
                 // its veth alive after the name is gone.
                 if let Ok(pids) = run("ip", &["netns", "pids", ns], None).await {
                     for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
                     }
                 }
                 let _ = run("ip", &["netns", "del", ns], None).await;
             }
         }
         if let Ok(links) = run("ip", &["-o", "link", "show"], None).await {
-            for link in links.lines().filter_map(|l| l.split(": ").nth(1)).filter_map(|n| n.split('@').next()).filter(|n| n.starts_with("cc-")) {
+            for link in links
+                .lines()
+                .filter_map(|l| l.split(": ").nth(1))
+                .filter_map(|n| n.split('@').next())
+                .filter(|n| n.starts_with("cc-"))
+            {
                 let _ = run("ip", &["link", "del", link], None).await;
             }
         }
         let _ = run("ip", &["link", "del", BRIDGE], None).await;
         if let Ok(mounts) = std::fs::read_to_string("/proc/mounts") {
-            for point in mounts.lines().filter_map(|l| l.strip_prefix(MOUNT_SOURCE).and_then(|rest| rest.split_whitespace().next())) {
+            for point in mounts.lines().filter_map(|l| {
+                l.strip_prefix(MOUNT_SOURCE).and_then(|rest| rest.split_whitespace().next())
+            }) {
                 let _ = run("umount", &["-l", point], None).await;
             }
         }
@@ -128,13 +169,19 @@ impl Net {
     /// Creates the bridge (with the controller's address) and one namespace per host.
     pub async fn create(hosts: &[Host]) -> Result<Net> {
         run("ip", &["link", "add", BRIDGE, "type", "bridge"], None).await?;
-        run("ip", &["addr", "add", &format!("{CONTROLLER_IP}/{PREFIX_LEN}"), "dev", BRIDGE], None).await?;
+        run("ip", &["addr", "add", &format!("{CONTROLLER_IP}/{PREFIX_LEN}"), "dev", BRIDGE], None)
+            .await?;
         run("ip", &["link", "set", BRIDGE, "up"], None).await?;
         for host in hosts {
             let ns = host.namespace();
             let outer = format!("cc-{}", host.name);
             run("ip", &["netns", "add", &ns], None).await?;
-            run("ip", &["link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns], None).await?;
+            run(
+                "ip",
+                &["link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns],
+                None,
+            )
+            .await?;
             run("ip", &["link", "set", &outer, "master", BRIDGE, "up"], None).await?;
             let inside: [&[&str]; 3] = [
                 &["addr", "add", &format!("{}/{PREFIX_LEN}", host.ip), "dev", "eth0"],
@@ -176,7 +223,9 @@ impl Net {
 
     async fn drop_table(&self, host: &str, family: &str, table: &str) -> Result<()> {
         let ns = self.host(host)?.namespace();
-        match run("ip", &["netns", "exec", &ns, "nft", "delete", "table", family, table], None).await {
+        match run("ip", &["netns", "exec", &ns, "nft", "delete", "table", family, table], None)
+            .await
+        {
             Err(e) if e.to_string().contains("No such file") => Ok(()),
             other => other.map(|_| ()),
         }
@@ -186,7 +235,11 @@ impl Net {
     /// (a "grudge", as Jepsen calls it). A symmetric cut names each side in the other's grudge.
     pub async fn partition(&self, grudge: &BTreeMap<String, BTreeSet<String>>) -> Result<()> {
         for (host, from) in grudge.iter().filter(|(_, from)| !from.is_empty()) {
-            let addrs = from.iter().map(|h| self.ip(h).map(|ip| ip.to_string())).collect::<Result<Vec<_>>>()?.join(", ");
+            let addrs = from
+                .iter()
+                .map(|h| self.ip(h).map(|ip| ip.to_string()))
+                .collect::<Result<Vec<_>>>()?
+                .join(", ");
             let script = format!(
                 "table inet chaos_partition {{\n  chain input {{ type filter hook input priority -10; ip saddr {{ {addrs} }} drop; }}\n}}\n"
             );
@@ -201,7 +254,9 @@ impl Net {
             let script = format!(
                 "table inet chaos_loss {{\n  chain input {{ type filter hook input priority -10; ip saddr 10.213.0.0/{PREFIX_LEN} numgen random mod 100 < {percent} drop; }}\n}}\n"
             );
-            self.nft(host, &script).await.with_context(|| format!("cannot add packet loss on {host}"))?;
+            self.nft(host, &script)
+                .await
+                .with_context(|| format!("cannot add packet loss on {host}"))?;
         }
         Ok(())
     }
@@ -209,14 +264,21 @@ impl Net {
     /// Sends this host's new TCP connections and UDP flows to `to` through local ports where the
     /// proxy listens (`redirects`: destination port -> proxy port, per protocol), and forgets
     /// tracked flows so established ones are redirected (or reset) too.
-    pub async fn redirect(&self, host: &str, to: Ipv4Addr, redirects: &[(&str, u16, u16)]) -> Result<()> {
+    pub async fn redirect(
+        &self,
+        host: &str,
+        to: Ipv4Addr,
+        redirects: &[(&str, u16, u16)],
+    ) -> Result<()> {
         let rules: String = redirects
             .iter()
             .map(|(proto, port, proxy)| format!("    ip daddr {to} {proto} dport {port} meta skgid != {PROXY_GID} redirect to :{proxy};\n"))
             .collect();
         let table = format!("chaos_slow_{}", to.octets()[3]);
         let script = format!("table ip {table} {{\n  chain output {{\n    type nat hook output priority -100;\n{rules}  }}\n}}\n");
-        self.nft(host, &script).await.with_context(|| format!("cannot redirect {host}'s traffic to {to}"))?;
+        self.nft(host, &script)
+            .await
+            .with_context(|| format!("cannot redirect {host}'s traffic to {to}"))?;
         self.forget_flows(host).await
     }
 

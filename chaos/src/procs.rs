@@ -62,10 +62,23 @@ impl Proc {
 
     /// Gives a server's data directory its own small tmpfs.
     pub async fn mount_data(&self) -> Result<()> {
-        std::fs::create_dir_all(&self.data_dir).with_context(|| format!("cannot create {}", self.data_dir.display()))?;
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("cannot create {}", self.data_dir.display()))?;
         if self.role == Role::Server {
             let dir = self.data_dir.to_string_lossy();
-            crate::net::run("mount", &["-t", "tmpfs", "-o", &format!("size={DATA_TMPFS_BYTES}"), crate::net::MOUNT_SOURCE, &dir], None).await?;
+            crate::net::run(
+                "mount",
+                &[
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={DATA_TMPFS_BYTES}"),
+                    crate::net::MOUNT_SOURCE,
+                    &dir,
+                ],
+                None,
+            )
+            .await?;
         }
         Ok(())
     }
@@ -79,8 +92,10 @@ impl Proc {
         let kept = format!("{dir}.kept");
         crate::net::run("cp", &["-a", &dir, &kept], None).await?;
         crate::net::run("umount", &[&dir], None).await?;
-        std::fs::remove_dir(&self.data_dir).with_context(|| format!("cannot remove the mount point {dir}"))?;
-        std::fs::rename(&kept, &self.data_dir).with_context(|| format!("cannot move {kept} to {dir}"))?;
+        std::fs::remove_dir(&self.data_dir)
+            .with_context(|| format!("cannot remove the mount point {dir}"))?;
+        std::fs::rename(&kept, &self.data_dir)
+            .with_context(|| format!("cannot move {kept} to {dir}"))?;
         Ok(())
     }
 
@@ -91,18 +106,30 @@ impl Proc {
     }
 
     pub fn start(&mut self) -> Result<()> {
-        std::fs::create_dir_all(self.log.parent().unwrap_or(Path::new("."))).context("cannot create the logs directory")?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).with_context(|| format!("cannot open {}", self.log.display()))?;
+        std::fs::create_dir_all(self.log.parent().unwrap_or(Path::new(".")))
+            .context("cannot create the logs directory")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("cannot open {}", self.log.display()))?;
         let exe = std::env::current_exe().context("cannot find the colony binary")?;
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.host.namespace()]).arg(exe).args(&self.args);
         command.arg("--parent-pid").arg(std::process::id().to_string());
         command.env("RUST_LOG", "info");
         if let Some(skew) = &self.clock_skew {
-            command.env("LD_PRELOAD", LIBFAKETIME).env("FAKETIME", skew).env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+            command
+                .env("LD_PRELOAD", LIBFAKETIME)
+                .env("FAKETIME", skew)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }
-        command.stdin(std::process::Stdio::null()).stdout(log.try_clone().context("cannot share the log file")?).stderr(log);
-        self.child = Some(command.spawn().with_context(|| format!("cannot start {}", self.host.name))?);
+        command
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().context("cannot share the log file")?)
+            .stderr(log);
+        self.child =
+            Some(command.spawn().with_context(|| format!("cannot start {}", self.host.name))?);
         self.paused = false;
         self.starts += 1;
         Ok(())
@@ -140,14 +167,16 @@ impl Proc {
 
     pub fn pause(&mut self) -> Result<()> {
         let pid = self.pid().with_context(|| format!("{} is not running", self.host.name))?;
-        nix::sys::signal::kill(pid, Signal::SIGSTOP).with_context(|| format!("cannot pause {}", self.host.name))?;
+        nix::sys::signal::kill(pid, Signal::SIGSTOP)
+            .with_context(|| format!("cannot pause {}", self.host.name))?;
         self.paused = true;
         Ok(())
     }
 
     pub fn resume(&mut self) -> Result<()> {
         if let (true, Some(pid)) = (self.paused, self.pid()) {
-            nix::sys::signal::kill(pid, Signal::SIGCONT).with_context(|| format!("cannot resume {}", self.host.name))?;
+            nix::sys::signal::kill(pid, Signal::SIGCONT)
+                .with_context(|| format!("cannot resume {}", self.host.name))?;
         }
         self.paused = false;
         Ok(())

@@ -113,17 +113,29 @@ impl Report {
         }
         match self.linearizability.verdict {
             crate::checks::LinearVerdict::Valid => {}
-            crate::checks::LinearVerdict::Invalid => found.push(format!("not linearizable: {} tasks", self.linearizability.invalid_keys)),
-            crate::checks::LinearVerdict::Unknown => found.push(format!("linearizability unknown: {} tasks ran out of search budget", self.linearizability.unknown_keys)),
+            crate::checks::LinearVerdict::Invalid => {
+                found.push(format!("not linearizable: {} tasks", self.linearizability.invalid_keys))
+            }
+            crate::checks::LinearVerdict::Unknown => found.push(format!(
+                "linearizability unknown: {} tasks ran out of search budget",
+                self.linearizability.unknown_keys
+            )),
         }
         if self.not_recovered > 0 {
-            found.push(format!("no write acknowledged within a minute of {} heals", self.not_recovered));
+            found.push(format!(
+                "no write acknowledged within a minute of {} heals",
+                self.not_recovered
+            ));
         }
         if let Some(e) = &self.final_state_error {
             found.push(format!("final state unreadable: {e}"));
         }
         if self.servers_read.len() != usize::from(self.servers) {
-            found.push(format!("final state read from {} of {} servers", self.servers_read.len(), self.servers));
+            found.push(format!(
+                "final state read from {} of {} servers",
+                self.servers_read.len(),
+                self.servers
+            ));
         }
         if self.ledger_unreadable > 0 {
             found.push(format!("{} unreadable ledger lines", self.ledger_unreadable));
@@ -142,7 +154,12 @@ pub fn count_operations(ops: &[Op]) -> BTreeMap<String, OperationCounts> {
             Call::Cancel => "cancel",
             Call::Executors => "read executors",
         };
-        let entry = counts.entry(name.to_owned()).or_insert(OperationCounts { invoked: 0, ok: 0, fail: 0, unknown: 0 });
+        let entry = counts.entry(name.to_owned()).or_insert(OperationCounts {
+            invoked: 0,
+            ok: 0,
+            fail: 0,
+            unknown: 0,
+        });
         entry.invoked += 1;
         match op.outcome {
             Outcome::Fail { .. } => entry.fail += 1,
@@ -171,7 +188,10 @@ pub fn faults_by_kind(faults: &[FaultRecord]) -> BTreeMap<String, u64> {
 
 fn table(header: &[&str]) -> Table {
     let mut table = Table::new();
-    table.load_preset(presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled).set_header(header.to_vec());
+    table
+        .load_preset(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.to_vec());
     table
 }
 
@@ -185,13 +205,23 @@ fn verdict(check: &CheckResult) -> String {
 
 /// Prints the report for people.
 pub fn print(report: &Report) {
-    println!("Chaos run: seed {}, {} servers, {} executors, {} s of faults", report.seed, report.servers, report.executors, report.duration_s);
+    println!(
+        "Chaos run: seed {}, {} servers, {} executors, {} s of faults",
+        report.seed, report.servers, report.executors, report.duration_s
+    );
     println!();
-    let mut faults = table(&["FAULT", "INJECTED", "RECOVERY P50 (ms)", "RECOVERY MAX (ms)", "FAILED TO APPLY"]);
+    let mut faults =
+        table(&["FAULT", "INJECTED", "RECOVERY P50 (ms)", "RECOVERY MAX (ms)", "FAILED TO APPLY"]);
     for (kind, count) in &report.faults_by_kind {
-        let mut times: Vec<u64> = report.faults.iter().filter(|f| &f.nemesis == kind).filter_map(|f| f.recovery_ms).collect();
+        let mut times: Vec<u64> = report
+            .faults
+            .iter()
+            .filter(|f| &f.nemesis == kind)
+            .filter_map(|f| f.recovery_ms)
+            .collect();
         times.sort_unstable();
-        let errors = report.faults.iter().filter(|f| &f.nemesis == kind && f.error.is_some()).count();
+        let errors =
+            report.faults.iter().filter(|f| &f.nemesis == kind && f.error.is_some()).count();
         let (p50, max) = match times.last() {
             Some(max) => (percentile(&times, 0.5).to_string(), max.to_string()),
             None => ("-".to_owned(), "-".to_owned()),
@@ -202,7 +232,13 @@ pub fn print(report: &Report) {
     println!();
     let mut ops = table(&["OPERATION", "INVOKED", "OK", "FAIL", "UNKNOWN"]);
     for (name, c) in &report.operations {
-        ops.add_row(vec![name.clone(), c.invoked.to_string(), c.ok.to_string(), c.fail.to_string(), c.unknown.to_string()]);
+        ops.add_row(vec![
+            name.clone(),
+            c.invoked.to_string(),
+            c.ok.to_string(),
+            c.fail.to_string(),
+            c.unknown.to_string(),
+        ]);
     }
     println!("{ops}");
     println!();
@@ -211,18 +247,44 @@ pub fn print(report: &Report) {
     checks.add_row(vec!["acknowledged writes lost".to_owned(), verdict(&report.lost_acknowledged)]);
     checks.add_row(vec!["tasks nobody submitted".to_owned(), verdict(&report.phantom_tasks)]);
     checks.add_row(vec!["over-commits seen".to_owned(), verdict(&report.over_commits)]);
-    checks.add_row(vec!["duplicate completions".to_owned(), verdict(&report.duplicate_completions)]);
-    checks.add_row(vec!["completions from stale tokens".to_owned(), verdict(&report.stale_completions)]);
-    checks.add_row(vec![format!("terms with >1 leader (of {} seen)", report.terms_seen), verdict(&report.leaders_per_term)]);
+    checks
+        .add_row(vec!["duplicate completions".to_owned(), verdict(&report.duplicate_completions)]);
+    checks.add_row(vec![
+        "completions from stale tokens".to_owned(),
+        verdict(&report.stale_completions),
+    ]);
+    checks.add_row(vec![
+        format!("terms with >1 leader (of {} seen)", report.terms_seen),
+        verdict(&report.leaders_per_term),
+    ]);
     checks.add_row(vec!["terms going backwards".to_owned(), verdict(&report.terms_backwards)]);
     checks.add_row(vec!["servers diverged at the end".to_owned(), verdict(&report.divergence)]);
     checks.add_row(vec![
         "linearizability".to_owned(),
-        format!("{:?} ({} tasks, {} operations, searched in {:.0} ms)", lin.verdict, lin.keys, lin.operations, lin.seconds * 1000.0).to_lowercase(),
+        format!(
+            "{:?} ({} tasks, {} operations, searched in {:.0} ms)",
+            lin.verdict,
+            lin.keys,
+            lin.operations,
+            lin.seconds * 1000.0
+        )
+        .to_lowercase(),
     ]);
-    checks.add_row(vec!["recovery after heal p50 / max".to_owned(), format!("{} ms / {} ms ({} heals without recovery)", report.recovery_ms_p50, report.recovery_ms_max, report.not_recovered)]);
-    checks.add_row(vec!["unfinished tasks at the end".to_owned(), report.unfinished_tasks.map_or("0".to_owned(), |n| n.to_string())]);
-    checks.add_row(vec!["processes that exited on their own".to_owned(), report.unexpected_exits.len().to_string()]);
+    checks.add_row(vec![
+        "recovery after heal p50 / max".to_owned(),
+        format!(
+            "{} ms / {} ms ({} heals without recovery)",
+            report.recovery_ms_p50, report.recovery_ms_max, report.not_recovered
+        ),
+    ]);
+    checks.add_row(vec![
+        "unfinished tasks at the end".to_owned(),
+        report.unfinished_tasks.map_or("0".to_owned(), |n| n.to_string()),
+    ]);
+    checks.add_row(vec![
+        "processes that exited on their own".to_owned(),
+        report.unexpected_exits.len().to_string(),
+    ]);
     println!("{checks}");
     let examples = [
         &report.lost_acknowledged,
@@ -247,7 +309,10 @@ pub fn print(report: &Report) {
     println!("report  {}", report.paths.report.display());
     println!();
     if let Some(caught) = report.negative_control_caught {
-        println!("negative control: the deliberate bug was {}", if caught { "CAUGHT" } else { "NOT caught" });
+        println!(
+            "negative control: the deliberate bug was {}",
+            if caught { "CAUGHT" } else { "NOT caught" }
+        );
     }
     let violations = report.violations();
     if violations.is_empty() {

@@ -104,7 +104,8 @@ pub async fn run(command: ChaosCommand, json: bool) -> Result<bool> {
         ChaosCommand::Run(args) => run_suite(args, json).await,
         ChaosCommand::Proxy(args) => {
             if let Some(parent) = args.parent_pid {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).context("cannot ask to be stopped with the parent")?;
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .context("cannot ask to be stopped with the parent")?;
                 if nix::unistd::getppid().as_raw() != parent {
                     bail!("the parent process {parent} has already exited");
                 }
@@ -112,8 +113,17 @@ pub async fn run(command: ChaosCommand, json: bool) -> Result<bool> {
             if !(0.0..=1.0).contains(&args.duplicate) {
                 bail!("--duplicate must be between 0 and 1");
             }
-            let links = args.links.iter().map(|l| crate::proxy::parse_link(l)).collect::<Result<Vec<_>>>()?;
-            let faults = crate::proxy::Faults { delay: args.delay, jitter: args.jitter, duplicate: args.duplicate, reorder: args.reorder };
+            let links = args
+                .links
+                .iter()
+                .map(|l| crate::proxy::parse_link(l))
+                .collect::<Result<Vec<_>>>()?;
+            let faults = crate::proxy::Faults {
+                delay: args.delay,
+                jitter: args.jitter,
+                duplicate: args.duplicate,
+                reorder: args.reorder,
+            };
             crate::proxy::run(crate::proxy::ProxyConfig { links, faults, seed: args.seed }).await?;
             Ok(true)
         }
@@ -123,23 +133,52 @@ pub async fn run(command: ChaosCommand, json: bool) -> Result<bool> {
 async fn run_suite(args: ChaosArgs, json: bool) -> Result<bool> {
     let seed = args.seed.unwrap_or_else(rand::random);
     let set = Nemesis::parse_set(&args.nemesis)?;
-    let set = if args.negative_control.is_some() { vec![Nemesis::PartitionOne, Nemesis::PartitionLeader] } else { set };
+    let set = if args.negative_control.is_some() {
+        vec![Nemesis::PartitionOne, Nemesis::PartitionLeader]
+    } else {
+        set
+    };
     crate::net::preflight().await?;
     let unix = colony_process::unix_ms() / 1000;
-    let dir = args.dir.clone().unwrap_or_else(|| PathBuf::from(format!("/tmp/colony-chaos/{unix}-seed-{seed}")));
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/tmp/colony-chaos/{unix}-seed-{seed}")));
     if std::fs::read_dir(&dir).is_ok_and(|mut entries| entries.next().is_some()) {
         bail!("{} is not empty; give a new --dir so this run's history, logs and data are not mixed with another's", dir.display());
     }
-    std::fs::create_dir_all(dir.join("logs")).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("logs"))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
-    eprintln!("chaos: seed {seed}, {} servers, {} executors, {} of faults ({}), keeping everything in {}", args.servers, args.executors, humantime::format_duration(args.duration), if set.len() == Nemesis::ALL.len() { "all".to_owned() } else { set.iter().map(|n| n.name()).collect::<Vec<_>>().join(",") }, dir.display());
+    eprintln!(
+        "chaos: seed {seed}, {} servers, {} executors, {} of faults ({}), keeping everything in {}",
+        args.servers,
+        args.executors,
+        humantime::format_duration(args.duration),
+        if set.len() == Nemesis::ALL.len() {
+            "all".to_owned()
+        } else {
+            set.iter().map(|n| n.name()).collect::<Vec<_>>().join(",")
+        },
+        dir.display()
+    );
     crate::net::Net::claim().await?;
     let started = Instant::now();
-    let mut cluster = match Cluster::start(&dir, args.servers.into(), args.executors.into(), args.negative_control.is_some()).await {
+    let mut cluster = match Cluster::start(
+        &dir,
+        args.servers.into(),
+        args.executors.into(),
+        args.negative_control.is_some(),
+    )
+    .await
+    {
         Ok(cluster) => cluster,
         Err(e) => {
             crate::net::Net::release().await;
-            return Err(e.context(format!("the cluster did not start (logs in {})", dir.join("logs").display())));
+            return Err(e.context(format!(
+                "the cluster did not start (logs in {})",
+                dir.join("logs").display()
+            )));
         }
     };
     eprintln!("chaos: cluster up in {:.1} s", started.elapsed().as_secs_f64());
@@ -150,7 +189,8 @@ async fn run_suite(args: ChaosArgs, json: bool) -> Result<bool> {
     cluster.shutdown().await;
     let (report, valid) = outcome?;
     let path = dir.join("report.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -160,22 +200,48 @@ async fn run_suite(args: ChaosArgs, json: bool) -> Result<bool> {
 }
 
 /// Everything between a started cluster and its shutdown.
-async fn play(args: &ChaosArgs, seed: u64, set: &[Nemesis], dir: &std::path::Path, cluster: &mut Cluster) -> Result<(Report, bool)> {
+async fn play(
+    args: &ChaosArgs,
+    seed: u64,
+    set: &[Nemesis],
+    dir: &std::path::Path,
+    cluster: &mut Cluster,
+) -> Result<(Report, bool)> {
     let clock = Instant::now();
     let history = History::create(&dir.join("history.jsonl"), clock)?;
     let ledger = dir.join("ledger");
     std::fs::write(&ledger, b"").context("cannot create the ledger")?;
-    let workload = Workload { history: history.clone(), pool: Arc::new(Mutex::new(Pool::default())), ledger: ledger.clone(), probes: Default::default() };
+    let workload = Workload {
+        history: history.clone(),
+        pool: Arc::new(Mutex::new(Pool::default())),
+        ledger: ledger.clone(),
+        probes: Default::default(),
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut clients = Vec::new();
     for client in 1..=args.clients {
-        let (name, channel) = cluster.channels[(client as usize - 1) % cluster.channels.len()].clone();
-        clients.push(tokio::spawn(workload.clone().client(client, name, channel, seed, stop_rx.clone())));
+        let (name, channel) =
+            cluster.channels[(client as usize - 1) % cluster.channels.len()].clone();
+        clients.push(tokio::spawn(workload.clone().client(
+            client,
+            name,
+            channel,
+            seed,
+            stop_rx.clone(),
+        )));
     }
     let samples = Arc::new(Mutex::new(Vec::<StatusSample>::new()));
-    let sampler = tokio::spawn(sample_statuses(cluster.channels.clone(), samples.clone(), clock, stop_rx.clone()));
+    let sampler = tokio::spawn(sample_statuses(
+        cluster.channels.clone(),
+        samples.clone(),
+        clock,
+        stop_rx.clone(),
+    ));
 
-    let rounds = (args.duration.as_secs_f64() / (args.fault_time.as_secs_f64() + 2.0) / set.len() as f64).ceil() as usize + 1;
+    let rounds =
+        (args.duration.as_secs_f64() / (args.fault_time.as_secs_f64() + 2.0) / set.len() as f64)
+            .ceil() as usize
+            + 1;
     let plan: Vec<Planned> = nemesis::schedule(set, seed, args.fault_time, rounds);
     let mut faults = Vec::new();
     let mut unexpected_exits = Vec::new();
@@ -191,11 +257,21 @@ async fn play(args: &ChaosArgs, seed: u64, set: &[Nemesis], dir: &std::path::Pat
             Ok(detail) => (detail, None),
             Err(e) => (String::new(), Some(format!("{e:#}"))),
         };
-        eprintln!("chaos: {:>6.1} s  {:<20} {}{}", start_ms as f64 / 1000.0, planned.nemesis.name(), detail, error.as_deref().map(|e| format!(" (failed: {e})")).unwrap_or_default());
+        eprintln!(
+            "chaos: {:>6.1} s  {:<20} {}{}",
+            start_ms as f64 / 1000.0,
+            planned.nemesis.name(),
+            detail,
+            error.as_deref().map(|e| format!(" (failed: {e})")).unwrap_or_default()
+        );
         tokio::time::sleep(planned.fault_for).await;
-        let exited = cluster.heal().await.context("healing failed; the hosts are left as they are for inspection")?;
+        let exited = cluster
+            .heal()
+            .await
+            .context("healing failed; the hosts are left as they are for inspection")?;
         let healed_ms = clock.elapsed().as_millis() as u64;
-        unexpected_exits.extend(exited.iter().map(|e| format!("{e} during {}", planned.nemesis.name())));
+        unexpected_exits
+            .extend(exited.iter().map(|e| format!("{e} during {}", planned.nemesis.name())));
         let recovery = workload.probe(&cluster.channels, Duration::from_secs(60)).await;
         faults.push(FaultRecord {
             nemesis: planned.nemesis.name(),
@@ -213,8 +289,12 @@ async fn play(args: &ChaosArgs, seed: u64, set: &[Nemesis], dir: &std::path::Pat
         let _ = client.await;
     }
     workload.settle().await;
-    eprintln!("chaos: faults over after {:.1} s; waiting for the submitted work to finish", faults_started.elapsed().as_secs_f64());
-    let any_server = Client::from_channels(cluster.channels.clone(), ClientConfig::new(LIST_TIMEOUT))?;
+    eprintln!(
+        "chaos: faults over after {:.1} s; waiting for the submitted work to finish",
+        faults_started.elapsed().as_secs_f64()
+    );
+    let any_server =
+        Client::from_channels(cluster.channels.clone(), ClientConfig::new(LIST_TIMEOUT))?;
     let unfinished = wait_for_work(&any_server, Duration::from_secs(120)).await;
     let finals = collect_finals(cluster, Duration::from_secs(60)).await;
     let _ = sampler.await;
@@ -225,7 +305,19 @@ async fn play(args: &ChaosArgs, seed: u64, set: &[Nemesis], dir: &std::path::Pat
     let ledger_text = std::fs::read_to_string(&ledger).context("cannot read the ledger")?;
     let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
     eprintln!("chaos: checking {} operations", ops.len());
-    let report = check(args, seed, set, dir, &ops, &ledger_text, &samples, finals, faults, unexpected_exits, unfinished);
+    let report = check(
+        args,
+        seed,
+        set,
+        dir,
+        &ops,
+        &ledger_text,
+        &samples,
+        finals,
+        faults,
+        unexpected_exits,
+        unfinished,
+    );
     let valid = report.valid;
     Ok((report, valid))
 }
@@ -295,12 +387,18 @@ fn check(
     };
     report.valid = report.violations().is_empty();
     if args.negative_control.is_some() {
-        report.negative_control_caught = Some(matches!(report.linearizability.verdict, LinearVerdict::Invalid));
+        report.negative_control_caught =
+            Some(matches!(report.linearizability.verdict, LinearVerdict::Invalid));
     }
     report
 }
 
-async fn sample_statuses(channels: Vec<(String, Channel)>, samples: Arc<Mutex<Vec<StatusSample>>>, clock: Instant, mut stop: watch::Receiver<bool>) {
+async fn sample_statuses(
+    channels: Vec<(String, Channel)>,
+    samples: Arc<Mutex<Vec<StatusSample>>>,
+    clock: Instant,
+    mut stop: watch::Receiver<bool>,
+) {
     // Samples until the final states are read, a little after the workload stops.
     let mut stopped_at: Option<Instant> = None;
     loop {
@@ -310,13 +408,24 @@ async fn sample_statuses(channels: Vec<(String, Channel)>, samples: Arc<Mutex<Ve
         if stopped_at.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
             return;
         }
-        let answers = futures::future::join_all(channels.iter().map(|(name, channel)| async move { (name.clone(), crate::cluster::status(channel).await) })).await;
+        let answers =
+            futures::future::join_all(channels.iter().map(|(name, channel)| async move {
+                (name.clone(), crate::cluster::status(channel).await)
+            }))
+            .await;
         let time_ns = clock.elapsed().as_nanos() as u64;
         {
             let mut samples = samples.lock().unwrap_or_else(|p| p.into_inner());
             for (server, status) in answers {
                 if let Some(s) = status {
-                    samples.push(StatusSample { time_ns, server, node_id: s.node_id, term: s.term, state: s.state, leader_id: s.leader_id });
+                    samples.push(StatusSample {
+                        time_ns,
+                        server,
+                        node_id: s.node_id,
+                        term: s.term,
+                        state: s.state,
+                        leader_id: s.leader_id,
+                    });
                 }
             }
         }
@@ -332,7 +441,12 @@ async fn list_all(client: &Client, stale: bool) -> Result<Vec<pb::Task>> {
     let mut tasks = Vec::new();
     let mut after_id = 0;
     loop {
-        let request = pb::ListTasksRequest { after_id, page_size: 5000, consistency: Some(ReadConsistency { stale }), ..Default::default() };
+        let request = pb::ListTasksRequest {
+            after_id,
+            page_size: 5000,
+            consistency: Some(ReadConsistency { stale }),
+            ..Default::default()
+        };
         let page = client
             .call("list tasks", |mut c| {
                 let request = request.clone();
@@ -353,7 +467,10 @@ async fn wait_for_work(any_server: &Client, limit: Duration) -> Option<u64> {
     let mut left = None;
     while started.elapsed() < limit {
         if let Ok(tasks) = list_all(any_server, false).await {
-            let unfinished = tasks.iter().filter(|t| crate::history::status_of(t.state).is_some_and(|s| !s.is_finished())).count() as u64;
+            let unfinished = tasks
+                .iter()
+                .filter(|t| crate::history::status_of(t.state).is_some_and(|s| !s.is_finished()))
+                .count() as u64;
             if unfinished == 0 {
                 return None;
             }
@@ -366,7 +483,11 @@ async fn wait_for_work(any_server: &Client, limit: Duration) -> Option<u64> {
 
 async fn digest(channel: &Channel) -> Option<pb::StateDigestResponse> {
     let mut client = AdminClient::new(channel.clone());
-    tokio::time::timeout(Duration::from_secs(5), client.state_digest(pb::StateDigestRequest {})).await.ok()?.ok().map(tonic::Response::into_inner)
+    tokio::time::timeout(Duration::from_secs(5), client.state_digest(pb::StateDigestRequest {}))
+        .await
+        .ok()?
+        .ok()
+        .map(tonic::Response::into_inner)
 }
 
 /// Waits for every server to reach the same applied index and digest (or the limit), then reads
@@ -376,7 +497,14 @@ async fn collect_finals(cluster: &Cluster, limit: Duration) -> Result<Vec<Server
     let mut digests;
     loop {
         digests = futures::future::join_all(cluster.channels.iter().map(|(_, c)| digest(c))).await;
-        let agreed = digests.iter().all(|d| d.is_some()) && digests.iter().flatten().map(|d| (d.applied_index, d.sha256.clone())).collect::<std::collections::BTreeSet<_>>().len() == 1;
+        let agreed = digests.iter().all(|d| d.is_some())
+            && digests
+                .iter()
+                .flatten()
+                .map(|d| (d.applied_index, d.sha256.clone()))
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                == 1;
         if agreed || started.elapsed() > limit {
             break;
         }
@@ -386,10 +514,20 @@ async fn collect_finals(cluster: &Cluster, limit: Duration) -> Result<Vec<Server
     for ((name, channel), digest) in cluster.channels.iter().zip(digests) {
         let digest = digest.with_context(|| format!("{name} did not report its state digest"))?;
         // A stale read of this server's own state, so only this server may answer.
-        let this_server = Client::from_channels(vec![(name.clone(), channel.clone())], ClientConfig::new(LIST_TIMEOUT))?;
-        let tasks = list_all(&this_server, true).await.with_context(|| format!("cannot read {name}'s tasks"))?;
-        let request = pb::ListExecutorsRequest { consistency: Some(ReadConsistency { stale: true }) };
-        let executors = AdminClient::new(channel.clone()).list_executors(request).await.with_context(|| format!("cannot read {name}'s executors"))?.into_inner();
+        let this_server = Client::from_channels(
+            vec![(name.clone(), channel.clone())],
+            ClientConfig::new(LIST_TIMEOUT),
+        )?;
+        let tasks = list_all(&this_server, true)
+            .await
+            .with_context(|| format!("cannot read {name}'s tasks"))?;
+        let request =
+            pb::ListExecutorsRequest { consistency: Some(ReadConsistency { stale: true }) };
+        let executors = AdminClient::new(channel.clone())
+            .list_executors(request)
+            .await
+            .with_context(|| format!("cannot read {name}'s executors"))?
+            .into_inner();
         finals.push(ServerFinal {
             name: name.clone(),
             tasks: tasks

@@ -24,7 +24,10 @@ const RECENT_KEYS: usize = 64;
 
 /// A channel to one server, reconnecting as needed.
 pub fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true).connect_lazy())
+    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .connect_lazy())
 }
 
 /// The task a key stands for; the same key always gives the same spec, so submitting it again
@@ -40,11 +43,19 @@ pub fn spec(key: &str, number: u64, ledger: &Path) -> pb::TaskSpec {
     pb::TaskSpec {
         name: key.to_owned(),
         namespace: "chaos".to_owned(),
-        resources: Some(pb::Resources { cpu_millis: 250 + (number * 53) % 4 * 250, memory_bytes: (64 + (number * 29) % 8 * 64) << 20, ..Default::default() }),
+        resources: Some(pb::Resources {
+            cpu_millis: 250 + (number * 53) % 4 * 250,
+            memory_bytes: (64 + (number * 29) % 8 * 64) << 20,
+            ..Default::default()
+        }),
         priority: (number % 100) as u32,
         timeout_ms: Some(30_000),
         max_retries: 20,
-        run: Some(pb::task_spec::Run::Process(pb::ProcessRun { program: "/bin/sh".into(), args: vec!["-c".into(), script], env: Default::default() })),
+        run: Some(pb::task_spec::Run::Process(pb::ProcessRun {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script],
+            env: Default::default(),
+        })),
         idempotency_key: Some(key.to_owned()),
         ..Default::default()
     }
@@ -70,7 +81,13 @@ impl Pool {
     }
 
     fn recent_id(&self, rng: &mut StdRng) -> Option<(String, u64)> {
-        let known: Vec<(&String, &u64)> = self.keys.iter().rev().take(RECENT_KEYS).filter_map(|(k, _)| self.ids.get_key_value(k)).collect();
+        let known: Vec<(&String, &u64)> = self
+            .keys
+            .iter()
+            .rev()
+            .take(RECENT_KEYS)
+            .filter_map(|(k, _)| self.ids.get_key_value(k))
+            .collect();
         if known.is_empty() {
             return None;
         }
@@ -79,7 +96,8 @@ impl Pool {
     }
 
     fn unacknowledged(&self, rng: &mut StdRng) -> Option<(String, u64)> {
-        let waiting: Vec<&(String, u64)> = self.keys.iter().filter(|(k, _)| !self.ids.contains_key(k)).collect();
+        let waiting: Vec<&(String, u64)> =
+            self.keys.iter().filter(|(k, _)| !self.ids.contains_key(k)).collect();
         (!waiting.is_empty()).then(|| waiting[rng.gen_range(0..waiting.len())].clone())
     }
 }
@@ -87,10 +105,18 @@ impl Pool {
 /// A server error that proves the request was not carried out: refused before it was proposed.
 fn refused_before_proposing(status: &Status) -> bool {
     status.code() == Code::Unavailable
-        && ["no leader is elected right now", "this server is no longer the leader", "is not in this server's membership view"].iter().any(|m| status.message().contains(m))
+        && [
+            "no leader is elected right now",
+            "this server is no longer the leader",
+            "is not in this server's membership view",
+        ]
+        .iter()
+        .any(|m| status.message().contains(m))
 }
 
-async fn timed<T>(call: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>) -> Result<T, Status> {
+async fn timed<T>(
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, Status> {
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
         Ok(answer) => answer.map(tonic::Response::into_inner),
         Err(_) => Err(Status::deadline_exceeded("no answer in time")),
@@ -116,18 +142,30 @@ impl Workload {
         self.pool.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub async fn submit(&self, client: u64, server: &str, channel: &Channel, key: String, number: u64) -> Op {
+    pub async fn submit(
+        &self,
+        client: u64,
+        server: &str,
+        channel: &Channel,
+        key: String,
+        number: u64,
+    ) -> Op {
         let pending = self.history.invoke(client, server, Call::Submit, Some(key.clone()), None);
         let request = pb::SubmitTaskRequest { spec: Some(spec(&key, number, &self.ledger)) };
         let outcome = match timed(AdminClient::new(channel.clone()).submit_task(request)).await {
-            Ok(answer) => match answer.task.as_ref().and_then(|t| obs_of(t).map(|obs| (t.id, obs))) {
+            Ok(answer) => match answer.task.as_ref().and_then(|t| obs_of(t).map(|obs| (t.id, obs)))
+            {
                 Some((id, obs)) => {
                     self.pool().learn(&key, id);
                     Outcome::Submitted { id, existing: answer.existing, obs }
                 }
                 None => Outcome::Unknown { error: "the answer carried no readable task".into() },
             },
-            Err(status) if status.code() == Code::InvalidArgument || refused_before_proposing(&status) => Outcome::Fail { error: describe(&status) },
+            Err(status)
+                if status.code() == Code::InvalidArgument || refused_before_proposing(&status) =>
+            {
+                Outcome::Fail { error: describe(&status) }
+            }
             Err(status) => Outcome::Unknown { error: describe(&status) },
         };
         self.history.complete(pending, outcome)
@@ -135,7 +173,8 @@ impl Workload {
 
     async fn read(&self, client: u64, server: &str, channel: &Channel, key: String, id: u64) -> Op {
         let pending = self.history.invoke(client, server, Call::Read, Some(key), Some(id));
-        let request = pb::GetTaskRequest { id, consistency: Some(ReadConsistency { stale: false }) };
+        let request =
+            pb::GetTaskRequest { id, consistency: Some(ReadConsistency { stale: false }) };
         let outcome = match timed(AdminClient::new(channel.clone()).get_task(request)).await {
             Ok(answer) => match answer.task.as_ref().and_then(obs_of) {
                 Some(obs) => Outcome::Read { obs: Some(obs) },
@@ -148,7 +187,14 @@ impl Workload {
         self.history.complete(pending, outcome)
     }
 
-    async fn cancel(&self, client: u64, server: &str, channel: &Channel, key: String, id: u64) -> Op {
+    async fn cancel(
+        &self,
+        client: u64,
+        server: &str,
+        channel: &Channel,
+        key: String,
+        id: u64,
+    ) -> Op {
         let pending = self.history.invoke(client, server, Call::Cancel, Some(key), Some(id));
         let request = pb::CancelTaskRequest { id, reason: "chaos workload".into() };
         let outcome = match timed(AdminClient::new(channel.clone()).cancel_task(request)).await {
@@ -158,7 +204,9 @@ impl Workload {
             },
             Err(status) if status.code() == Code::FailedPrecondition => Outcome::CancelRefused,
             Err(status) if status.code() == Code::NotFound => Outcome::CancelNotFound,
-            Err(status) if refused_before_proposing(&status) => Outcome::Fail { error: describe(&status) },
+            Err(status) if refused_before_proposing(&status) => {
+                Outcome::Fail { error: describe(&status) }
+            }
             Err(status) => Outcome::Unknown { error: describe(&status) },
         };
         self.history.complete(pending, outcome)
@@ -166,16 +214,26 @@ impl Workload {
 
     async fn executors(&self, client: u64, server: &str, channel: &Channel) -> Op {
         let pending = self.history.invoke(client, server, Call::Executors, None, None);
-        let request = pb::ListExecutorsRequest { consistency: Some(ReadConsistency { stale: false }) };
+        let request =
+            pb::ListExecutorsRequest { consistency: Some(ReadConsistency { stale: false }) };
         let outcome = match timed(AdminClient::new(channel.clone()).list_executors(request)).await {
-            Ok(answer) => Outcome::Executors { executors: answer.executors.iter().map(executor_view).collect() },
+            Ok(answer) => Outcome::Executors {
+                executors: answer.executors.iter().map(executor_view).collect(),
+            },
             Err(status) => Outcome::Fail { error: describe(&status) },
         };
         self.history.complete(pending, outcome)
     }
 
     /// One client: picks a call, makes it, thinks a little, until told to stop.
-    pub async fn client(self, client: u64, server: String, channel: Channel, seed: u64, mut stop: watch::Receiver<bool>) {
+    pub async fn client(
+        self,
+        client: u64,
+        server: String,
+        channel: Channel,
+        seed: u64,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut rng = StdRng::seed_from_u64(seed ^ client.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         while !*stop.borrow() {
             let roll: f64 = rng.gen();
@@ -194,10 +252,18 @@ impl Workload {
                 }
             };
             match picked {
-                Some((Call::Submit, (key, number), _)) => drop(self.submit(client, &server, &channel, key, number).await),
-                Some((Call::Read, (key, _), id)) => drop(self.read(client, &server, &channel, key, id).await),
-                Some((Call::Cancel, (key, _), id)) => drop(self.cancel(client, &server, &channel, key, id).await),
-                Some((Call::Executors, _, _)) => drop(self.executors(client, &server, &channel).await),
+                Some((Call::Submit, (key, number), _)) => {
+                    drop(self.submit(client, &server, &channel, key, number).await)
+                }
+                Some((Call::Read, (key, _), id)) => {
+                    drop(self.read(client, &server, &channel, key, id).await)
+                }
+                Some((Call::Cancel, (key, _), id)) => {
+                    drop(self.cancel(client, &server, &channel, key, id).await)
+                }
+                Some((Call::Executors, _, _)) => {
+                    drop(self.executors(client, &server, &channel).await)
+                }
                 None => {}
             }
             let think = Duration::from_millis(rng.gen_range(20..60));
@@ -243,7 +309,8 @@ impl Workload {
 
     /// Waits for every probe still in flight, so the history holds its outcome.
     pub async fn settle(&self) {
-        let probes: Vec<_> = std::mem::take(&mut *self.probes.lock().unwrap_or_else(|p| p.into_inner()));
+        let probes: Vec<_> =
+            std::mem::take(&mut *self.probes.lock().unwrap_or_else(|p| p.into_inner()));
         for probe in probes {
             let _ = probe.await;
         }

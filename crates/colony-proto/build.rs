@@ -15,9 +15,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(&files, [&root])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("colony_descriptor.bin"), prost::Message::encode_to_vec(&descriptors))?;
-    tonic_build::configure()
-        .build_server(true)
-        .build_client(true)
-        .compile_fds(descriptors)?;
+    tonic_build::configure().build_server(true).build_client(true).compile_fds(descriptors)?;
     Ok(())
 }

@@ -29,15 +29,11 @@ struct Graph {
 }
 
 fn field<'a>(value: &'a Value, key: &str) -> anyhow::Result<&'a Value> {
-    value
-        .get(key)
-        .with_context(|| format!("cargo metadata: no {key:?} in {value}"))
+    value.get(key).with_context(|| format!("cargo metadata: no {key:?} in {value}"))
 }
 
 fn text<'a>(value: &'a Value, key: &str) -> anyhow::Result<&'a str> {
-    field(value, key)?
-        .as_str()
-        .with_context(|| format!("cargo metadata: {key:?} is not a string"))
+    field(value, key)?.as_str().with_context(|| format!("cargo metadata: {key:?} is not a string"))
 }
 
 fn array<'a>(value: &'a Value, key: &str) -> anyhow::Result<&'a Vec<Value>> {
@@ -51,10 +47,7 @@ fn array<'a>(value: &'a Value, key: &str) -> anyhow::Result<&'a Vec<Value>> {
 fn graph(metadata: &Value) -> anyhow::Result<Graph> {
     let mut names = BTreeMap::new();
     for package in array(metadata, "packages")? {
-        names.insert(
-            text(package, "id")?.to_owned(),
-            text(package, "name")?.to_owned(),
-        );
+        names.insert(text(package, "id")?.to_owned(), text(package, "name")?.to_owned());
     }
     let mut edges = BTreeMap::new();
     for node in array(field(metadata, "resolve")?, "nodes")? {
@@ -81,12 +74,8 @@ fn forbidden_paths(
     forbidden: &[&str],
 ) -> anyhow::Result<Vec<Vec<String>>> {
     let name = |id: &str| graph.names.get(id).map_or(id, String::as_str).to_owned();
-    let roots: Vec<&String> = graph
-        .names
-        .iter()
-        .filter(|(_, n)| *n == root)
-        .map(|(id, _)| id)
-        .collect();
+    let roots: Vec<&String> =
+        graph.names.iter().filter(|(_, n)| *n == root).map(|(id, _)| id).collect();
     ensure!(!roots.is_empty(), "{root} is not in the dependency graph");
     let mut parent: BTreeMap<&str, Option<&str>> =
         roots.iter().map(|id| (id.as_str(), None)).collect();
@@ -133,14 +122,10 @@ fn violations(graph: &Graph, rules: &[(&str, &[&str])]) -> anyhow::Result<Vec<St
 
 #[test]
 fn pure_crates_reach_no_shell_and_the_server_no_trainer() -> anyhow::Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let version = Command::new(&cargo)
-        .arg("-vV")
-        .output()
-        .with_context(|| format!("run {cargo:?} -vV"))?;
+    let version =
+        Command::new(&cargo).arg("-vV").output().with_context(|| format!("run {cargo:?} -vV"))?;
     let version = String::from_utf8_lossy(&version.stdout);
     let host = version
         .lines()
@@ -155,10 +140,7 @@ fn pure_crates_reach_no_shell_and_the_server_no_trainer() -> anyhow::Result<()> 
         .output()
         .with_context(|| format!("run {cargo:?} metadata"))?;
     if !output.status.success() {
-        bail!(
-            "cargo metadata failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        bail!("cargo metadata failed: {}", String::from_utf8_lossy(&output.stderr));
     }
     let metadata: Value = serde_json::from_slice(&output.stdout).context("parse cargo metadata")?;
     let broken = violations(&graph(&metadata)?, RULES)?;
@@ -177,17 +159,10 @@ fn pure_crates_reach_no_shell_and_the_server_no_trainer() -> anyhow::Result<()> 
 fn the_walker_reports_forbidden_chains_and_ignores_dev_dependencies() -> anyhow::Result<()> {
     let dep = |pkg: &str, kinds: Value| json!({ "name": pkg, "pkg": pkg, "dep_kinds": kinds });
     let normal = || json!([{ "kind": null, "target": null }]);
-    let packages: Vec<Value> = [
-        "colony-model",
-        "serde",
-        "tokio",
-        "cc",
-        "cudarc",
-        "proptest",
-        "rocksdb",
-    ]
-    .map(|name| json!({ "id": name, "name": name }))
-    .into();
+    let packages: Vec<Value> =
+        ["colony-model", "serde", "tokio", "cc", "cudarc", "proptest", "rocksdb"]
+            .map(|name| json!({ "id": name, "name": name }))
+            .into();
     let metadata = json!({
         "packages": packages,
         "resolve": { "nodes": [
@@ -212,10 +187,7 @@ fn the_walker_reports_forbidden_chains_and_ignores_dev_dependencies() -> anyhow:
             "colony-model reaches cudarc: colony-model -> cc -> cudarc",
         ]
     );
-    assert_eq!(
-        violations(&graph, &[("serde", &["rocksdb"])])?,
-        Vec::<String>::new()
-    );
+    assert_eq!(violations(&graph, &[("serde", &["rocksdb"])])?, Vec::<String>::new());
     assert!(forbidden_paths(&graph, "colony-nothing", SHELL).is_err());
     Ok(())
 }

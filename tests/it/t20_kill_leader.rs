@@ -20,7 +20,12 @@ async fn submit_until_acked(addrs: &[String], key: String) -> anyhow::Result<u64
         let request = pb::SubmitTaskRequest { spec: Some(task_spec("durable", Some(key.clone()))) };
         match tokio::time::timeout(Duration::from_secs(5), c.submit_task(request)).await {
             Ok(Ok(reply)) => return Ok(reply.into_inner().task.map(|t| t.id).unwrap_or(0)),
-            Ok(Err(status)) if matches!(status.code(), tonic::Code::InvalidArgument | tonic::Code::AlreadyExists) => {
+            Ok(Err(status))
+                if matches!(
+                    status.code(),
+                    tonic::Code::InvalidArgument | tonic::Code::AlreadyExists
+                ) =>
+            {
                 anyhow::bail!("submission {key} refused: {status}")
             }
             _ if Instant::now() > deadline => anyhow::bail!("submission {key} never acknowledged"),
@@ -84,9 +89,15 @@ async fn kill_leader_mid_stream_loses_nothing() -> anyhow::Result<()> {
 
     cluster.servers[leader].restart()?;
     let acked: BTreeSet<u64> = acked.lock().unwrap().clone();
-    assert_eq!(acked.len(), TASKS, "every submission has its own task (idempotency keys deduplicate retries)");
+    assert_eq!(
+        acked.len(),
+        TASKS,
+        "every submission has its own task (idempotency keys deduplicate retries)"
+    );
     for server in &cluster.servers {
-        wait_for_exact_tasks(server, &acked, Duration::from_secs(30)).await.map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
+        wait_for_exact_tasks(server, &acked, Duration::from_secs(30))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
     }
     Ok(())
 }

@@ -17,22 +17,34 @@ async fn lagging_server_catches_up_by_snapshot() -> anyhow::Result<()> {
     let mut ids = BTreeSet::new();
     for n in 0..400 {
         let spec = task_spec(&format!("snap-{n}"), None);
-        ids.insert(c.submit_task(pb::SubmitTaskRequest { spec: Some(spec) }).await?.into_inner().task.map_or(0, |t| t.id));
+        ids.insert(
+            c.submit_task(pb::SubmitTaskRequest { spec: Some(spec) })
+                .await?
+                .into_inner()
+                .task
+                .map_or(0, |t| t.id),
+        );
     }
     // openraft purges the log behind a snapshot in the background, after the snapshot is built.
     let leader_addr = cluster.servers[leader].addr.clone();
-    let purged = colony_tests::wait_for("the leader to snapshot and purge its log", Duration::from_secs(20), || {
-        let addr = leader_addr.clone();
-        async move {
-            let status = colony_tests::status(&addr, Duration::from_secs(3)).await?;
-            let purged = status.purged_index.unwrap_or(0);
-            Ok((status.snapshot_index.is_some() && purged > 100).then_some(purged))
-        }
-    })
+    let purged = colony_tests::wait_for(
+        "the leader to snapshot and purge its log",
+        Duration::from_secs(20),
+        || {
+            let addr = leader_addr.clone();
+            async move {
+                let status = colony_tests::status(&addr, Duration::from_secs(3)).await?;
+                let purged = status.purged_index.unwrap_or(0);
+                Ok((status.snapshot_index.is_some() && purged > 100).then_some(purged))
+            }
+        },
+    )
     .await?;
 
     cluster.servers[lagging].restart()?;
-    wait_for_exact_tasks(&cluster.servers[lagging], &ids, Duration::from_secs(30)).await.map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
+    wait_for_exact_tasks(&cluster.servers[lagging], &ids, Duration::from_secs(30))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
     let caught_up = cluster.servers[lagging].status().await?;
     assert!(
         caught_up.snapshot_index.is_some_and(|s| s >= purged),

@@ -29,7 +29,12 @@ async fn grow_and_shrink_while_submitting() -> anyhow::Result<()> {
                             acked.lock().unwrap().extend(reply.into_inner().task.map(|t| t.id));
                             break;
                         }
-                        Err(status) if matches!(status.code(), tonic::Code::InvalidArgument | tonic::Code::AlreadyExists) => {
+                        Err(status)
+                            if matches!(
+                                status.code(),
+                                tonic::Code::InvalidArgument | tonic::Code::AlreadyExists
+                            ) =>
+                        {
                             anyhow::bail!("submit refused during membership change: {status}")
                         }
                         Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -41,14 +46,22 @@ async fn grow_and_shrink_while_submitting() -> anyhow::Result<()> {
     };
 
     let fourth = cluster.add_server(false).await?;
-    cluster.wait_for_voters(4, Duration::from_secs(60)).await.map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
+    cluster
+        .wait_for_voters(4, Duration::from_secs(60))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
 
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
     let removed = (0..3).find(|&i| i != leader).expect("a follower");
     let removed_id = cluster.servers[removed].id;
     let mut via_new = cluster.servers[fourth].client().await?;
-    let reply = via_new.remove_node(pb::RemoveNodeRequest { node_id: removed_id }).await?.into_inner();
-    assert!(!reply.voters.contains(&removed_id) && reply.voters.len() == 3, "voters after removal: {:?}", reply.voters);
+    let reply =
+        via_new.remove_node(pb::RemoveNodeRequest { node_id: removed_id }).await?.into_inner();
+    assert!(
+        !reply.voters.contains(&removed_id) && reply.voters.len() == 3,
+        "voters after removal: {:?}",
+        reply.voters
+    );
     cluster.servers[removed].terminate()?;
     cluster.wait_for_voters(3, Duration::from_secs(30)).await?;
 
@@ -66,6 +79,10 @@ async fn grow_and_shrink_while_submitting() -> anyhow::Result<()> {
         wait_for_exact_tasks(server, &expected, Duration::from_secs(30)).await?;
     }
     let status = cluster.servers[fourth].status().await?;
-    assert!(status.members.iter().all(|m| m.id != removed_id), "removed server still listed: {:?}", status.members);
+    assert!(
+        status.members.iter().all(|m| m.id != removed_id),
+        "removed server still listed: {:?}",
+        status.members
+    );
     Ok(())
 }

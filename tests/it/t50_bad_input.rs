@@ -14,12 +14,29 @@ fn fails<S: AsRef<str>>(args: &[S], expected: &str) -> String {
     let args = args.as_slice();
     let out = colony(args);
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    assert!(!out.status.success(), "`colony {}` should fail; stdout: {}", args.join(" "), String::from_utf8_lossy(&out.stdout));
-    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "`colony {}` panicked: {stderr}", args.join(" "));
+    assert!(
+        !out.status.success(),
+        "`colony {}` should fail; stdout: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "`colony {}` panicked: {stderr}",
+        args.join(" ")
+    );
     // The error is the first line; clap's usage errors add a "For more information" hint after it.
     let first = stderr.lines().next().unwrap_or_default();
-    assert!(first.starts_with("error: "), "`colony {}`: error line expected, got {stderr:?}", args.join(" "));
-    assert!(first.to_lowercase().contains(&expected.to_lowercase()), "`colony {}`: {first:?} should mention {expected:?}", args.join(" "));
+    assert!(
+        first.starts_with("error: "),
+        "`colony {}`: error line expected, got {stderr:?}",
+        args.join(" ")
+    );
+    assert!(
+        first.to_lowercase().contains(&expected.to_lowercase()),
+        "`colony {}`: {first:?} should mention {expected:?}",
+        args.join(" ")
+    );
     stderr
 }
 
@@ -29,12 +46,23 @@ async fn bad_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
     let endpoint = cluster.addrs().join(",");
     let ep = endpoint.as_str();
     let submit = |extra: &[&str]| -> Vec<String> {
-        let mut args: Vec<String> = ["--endpoint", ep, "task", "submit"].iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> =
+            ["--endpoint", ep, "task", "submit"].iter().map(|s| s.to_string()).collect();
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     };
 
-    let ok = colony(&submit(&["--name", "good", "--cpu", "250m", "--memory", "64Mi", "--", "/bin/echo", "hi"]));
+    let ok = colony(&submit(&[
+        "--name",
+        "good",
+        "--cpu",
+        "250m",
+        "--memory",
+        "64Mi",
+        "--",
+        "/bin/echo",
+        "hi",
+    ]));
     assert!(ok.status.success(), "good submit failed: {}", String::from_utf8_lossy(&ok.stderr));
     let good_id = String::from_utf8_lossy(&ok.stdout).trim().to_owned();
     assert!(good_id.parse::<u64>().is_ok(), "submit prints the new id, got {good_id:?}");
@@ -55,9 +83,16 @@ async fn bad_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
     // `colony task list | head`: stdout's reader is gone before anything is written.
     let (reader, writer) = std::io::pipe()?;
     drop(reader);
-    let out = Command::new(colony_bin()).args(["--endpoint", ep, "task", "list"]).stdout(writer).output()?;
+    let out = Command::new(colony_bin())
+        .args(["--endpoint", ep, "task", "list"])
+        .stdout(writer)
+        .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && stderr.is_empty(), "a closed stdout must end the command quietly: {} {stderr}", out.status);
+    assert!(
+        out.status.success() && stderr.is_empty(),
+        "a closed stdout must end the command quietly: {} {stderr}",
+        out.status
+    );
     Ok(())
 }
 
@@ -80,12 +115,28 @@ async fn servers_refuse_wrong_clusters_and_duplicate_ids() -> anyhow::Result<()>
     let dir = scratch.path().join("impostor");
     let listen = format!("127.0.0.1:{}", free_port());
     let dir_s = dir.to_string_lossy().to_string();
-    fails(&["server", "--id", "7", "--data-dir", &dir_s, "--listen", &listen, "--join", &impostor_addr], "not a colony server");
+    fails(
+        &[
+            "server",
+            "--id",
+            "7",
+            "--data-dir",
+            &dir_s,
+            "--listen",
+            &listen,
+            "--join",
+            &impostor_addr,
+        ],
+        "not a colony server",
+    );
 
     // A second server claiming an id that is already a member.
     let dup = scratch.path().join("dup").to_string_lossy().to_string();
     let listen = format!("127.0.0.1:{}", free_port());
-    fails(&["server", "--id", "2", "--data-dir", &dup, "--listen", &listen, "--join", &leader_addr], "already a member");
+    fails(
+        &["server", "--id", "2", "--data-dir", &dup, "--listen", &listen, "--join", &leader_addr],
+        "already a member",
+    );
 
     // A data directory of this cluster pointed at another cluster.
     let other = Cluster::start(1, 20_000).await?;
@@ -105,7 +156,15 @@ async fn servers_refuse_wrong_clusters_and_duplicate_ids() -> anyhow::Result<()>
     let addr = cluster.servers[2].addr.clone();
     wait_for("server 3 to rejoin its own cluster", Duration::from_secs(20), || {
         let addr = addr.clone();
-        async move { Ok(colony_tests::client(&addr).await?.cluster_status(colony_proto::pb::ClusterStatusRequest {}).await.ok().filter(|s| s.get_ref().leader_id.is_some()).map(|_| ())) }
+        async move {
+            Ok(colony_tests::client(&addr)
+                .await?
+                .cluster_status(colony_proto::pb::ClusterStatusRequest {})
+                .await
+                .ok()
+                .filter(|s| s.get_ref().leader_id.is_some())
+                .map(|_| ()))
+        }
     })
     .await?;
     Ok(())

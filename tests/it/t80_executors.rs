@@ -15,12 +15,24 @@ use std::time::{Duration, Instant};
 const TASKS: usize = 300;
 
 /// A `/bin/sh -c SCRIPT` task needing the `shell` capability.
-fn shell(name: &str, script: &str, cpu_millis: u64, memory_mib: u64, priority: u32, retries: u32) -> pb::TaskSpec {
+fn shell(
+    name: &str,
+    script: &str,
+    cpu_millis: u64,
+    memory_mib: u64,
+    priority: u32,
+    retries: u32,
+) -> pb::TaskSpec {
     pb::TaskSpec {
         name: name.to_owned(),
         namespace: "default".to_owned(),
         capabilities: vec!["shell".to_owned()],
-        resources: Some(pb::Resources { cpu_millis, memory_bytes: memory_mib << 20, gpus: 0, custom: Default::default() }),
+        resources: Some(pb::Resources {
+            cpu_millis,
+            memory_bytes: memory_mib << 20,
+            gpus: 0,
+            custom: Default::default(),
+        }),
         priority,
         max_retries: retries,
         run: Some(pb::task_spec::Run::Process(pb::ProcessRun {
@@ -47,7 +59,11 @@ async fn submit(cluster_addrs: &[String], spec: pb::TaskSpec) -> anyhow::Result<
 
 async fn get(cluster_addrs: &[String], id: u64) -> anyhow::Result<pb::Task> {
     let any_server = Client::new(cluster_addrs, Duration::from_secs(3))?;
-    let reply = any_server.call("get a task", |mut c| async move { c.get_task(pb::GetTaskRequest { id, consistency: None }).await }).await?;
+    let reply = any_server
+        .call("get a task", |mut c| async move {
+            c.get_task(pb::GetTaskRequest { id, consistency: None }).await
+        })
+        .await?;
     reply.task.ok_or_else(|| anyhow::anyhow!("no task in the answer"))
 }
 
@@ -58,12 +74,22 @@ fn state(task: &pb::Task) -> pb::TaskState {
 fn finished(task: &pb::Task) -> bool {
     matches!(
         state(task),
-        pb::TaskState::Succeeded | pb::TaskState::Failed | pb::TaskState::Cancelled | pb::TaskState::TimedOut | pb::TaskState::Lost
+        pb::TaskState::Succeeded
+            | pb::TaskState::Failed
+            | pb::TaskState::Cancelled
+            | pb::TaskState::TimedOut
+            | pb::TaskState::Lost
     )
 }
 
 /// Waits until the task satisfies `done`, returning it.
-async fn wait_task(addrs: &[String], id: u64, what: &str, timeout: Duration, done: impl Fn(&pb::Task) -> bool) -> anyhow::Result<pb::Task> {
+async fn wait_task(
+    addrs: &[String],
+    id: u64,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&pb::Task) -> bool,
+) -> anyhow::Result<pb::Task> {
     wait_for(&format!("task {id} {what}"), timeout, || async {
         let task = get(addrs, id).await?;
         Ok(done(&task).then_some(task))
@@ -89,13 +115,20 @@ async fn watch_capacity(addrs: Vec<String>, stop: Arc<AtomicBool>) -> anyhow::Re
     while !stop.load(Ordering::Relaxed) {
         for addr in &addrs {
             let mut c = client(addr).await?;
-            let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(2), c.list_executors(pb::ListExecutorsRequest::default())).await else {
+            let Ok(Ok(reply)) = tokio::time::timeout(
+                Duration::from_secs(2),
+                c.list_executors(pb::ListExecutorsRequest::default()),
+            )
+            .await
+            else {
                 continue;
             };
             for e in reply.into_inner().executors {
                 let (cap, used) = (e.capacity.unwrap_or_default(), e.allocated.unwrap_or_default());
                 anyhow::ensure!(
-                    used.cpu_millis <= cap.cpu_millis && used.memory_bytes <= cap.memory_bytes && used.gpus <= cap.gpus,
+                    used.cpu_millis <= cap.cpu_millis
+                        && used.memory_bytes <= cap.memory_bytes
+                        && used.gpus <= cap.gpus,
                     "executor {} over capacity: {used:?} of {cap:?}",
                     e.id
                 );
@@ -135,7 +168,9 @@ async fn run_workload(fault: Fault) -> anyhow::Result<()> {
             "echo \"$COLONY_TASK_ID $COLONY_ATTEMPT $COLONY_FENCING_TOKEN $COLONY_EXECUTOR_ID\" >> {}; sleep {sleep}",
             ledger.display()
         );
-        ids.push(submit(&addrs, shell(&format!("mixed-{i}"), &script, cpu, memory, priority, 5)).await?);
+        ids.push(
+            submit(&addrs, shell(&format!("mixed-{i}"), &script, cpu, memory, priority, 5)).await?,
+        );
     }
 
     // Strike once a third of the work is done.
@@ -149,9 +184,18 @@ async fn run_workload(fault: Fault) -> anyhow::Result<()> {
     let mut victim_id = 0;
     let victim = match fault {
         Fault::KillExecutor => {
-            let busiest = cluster.executors().await?.into_iter().max_by_key(|e| e.tasks.len()).expect("three executors");
+            let busiest = cluster
+                .executors()
+                .await?
+                .into_iter()
+                .max_by_key(|e| e.tasks.len())
+                .expect("three executors");
             (stranded, victim_id) = (busiest.tasks.clone(), busiest.id);
-            let executor = cluster.executors.iter_mut().find(|e| e.name == busiest.name).expect("the executor exists");
+            let executor = cluster
+                .executors
+                .iter_mut()
+                .find(|e| e.name == busiest.name)
+                .expect("the executor exists");
             executor.kill9();
             format!("executor {}", busiest.name)
         }
@@ -162,7 +206,8 @@ async fn run_workload(fault: Fault) -> anyhow::Result<()> {
         }
     };
     let killed_at = Instant::now();
-    let live_addrs: Vec<String> = cluster.servers.iter_mut().filter_map(|s| s.is_running().then(|| s.addr.clone())).collect();
+    let live_addrs: Vec<String> =
+        cluster.servers.iter_mut().filter_map(|s| s.is_running().then(|| s.addr.clone())).collect();
     // How long until the attempts the dead executor held run elsewhere (reported, not asserted:
     // speed is the benchmark's business).
     for &id in &stranded {
@@ -175,17 +220,25 @@ async fn run_workload(fault: Fault) -> anyhow::Result<()> {
 
     let mut tasks = Vec::with_capacity(TASKS);
     for &id in &ids {
-        tasks.push(wait_task(&live_addrs, id, "to finish", Duration::from_secs(180), finished).await.map_err(|e| {
-            anyhow::anyhow!("{e:#}\n{}", cluster.logs())
-        })?);
+        tasks.push(
+            wait_task(&live_addrs, id, "to finish", Duration::from_secs(180), finished)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e:#}\n{}", cluster.logs()))?,
+        );
     }
     let drained_after = killed_at.elapsed();
     stop.store(true, Ordering::Relaxed);
     let samples = watcher.await??;
 
-    let not_succeeded: Vec<String> =
-        tasks.iter().filter(|t| state(t) != pb::TaskState::Succeeded).map(|t| format!("{} {:?} {:?}", t.id, state(t), t.reason)).collect();
-    assert!(not_succeeded.is_empty(), "after killing the {victim}, tasks did not succeed: {not_succeeded:?}");
+    let not_succeeded: Vec<String> = tasks
+        .iter()
+        .filter(|t| state(t) != pb::TaskState::Succeeded)
+        .map(|t| format!("{} {:?} {:?}", t.id, state(t), t.reason))
+        .collect();
+    assert!(
+        not_succeeded.is_empty(),
+        "after killing the {victim}, tasks did not succeed: {not_succeeded:?}"
+    );
     // Exactly one executor per fencing token: an attempt never ran on two executors.
     let mut runs: BTreeMap<(u64, u64), BTreeSet<u64>> = BTreeMap::new();
     for (task, _attempt, token, executor) in read_ledger(&ledger) {
@@ -197,15 +250,30 @@ async fn run_workload(fault: Fault) -> anyhow::Result<()> {
     assert_eq!(ran.len(), TASKS, "every task ran at least once");
     assert!(samples >= 10, "the capacity watcher took only {samples} samples");
     let retried = tasks.iter().filter(|t| t.attempt > 1).count();
-    let moved = if stranded.is_empty() { String::new() } else { format!("its {} attempts ran elsewhere {moved_after:.1?} later; ", stranded.len()) };
+    let moved = if stranded.is_empty() {
+        String::new()
+    } else {
+        format!("its {} attempts ran elsewhere {moved_after:.1?} later; ", stranded.len())
+    };
     eprintln!(
         "killed the {victim}: {moved}all {TASKS} tasks succeeded {drained_after:.1?} later; \
          {retried} needed another attempt (preemption or loss); {samples} capacity samples, none over"
     );
-    let down: Vec<String> = cluster.executors().await?.into_iter().filter(|e| e.state == "down").map(|e| e.name).collect();
+    let down: Vec<String> = cluster
+        .executors()
+        .await?
+        .into_iter()
+        .filter(|e| e.state == "down")
+        .map(|e| e.name)
+        .collect();
     match fault {
-        Fault::KillExecutor => assert_eq!(down.len(), 1, "exactly the killed executor is declared down: {down:?}"),
-        Fault::KillLeader => assert!(down.is_empty(), "a leader change must not declare healthy executors down: {down:?}"),
+        Fault::KillExecutor => {
+            assert_eq!(down.len(), 1, "exactly the killed executor is declared down: {down:?}")
+        }
+        Fault::KillLeader => assert!(
+            down.is_empty(),
+            "a leader change must not declare healthy executors down: {down:?}"
+        ),
     }
     Ok(())
 }
@@ -250,7 +318,10 @@ async fn dependencies_retries_deadlines_and_timeouts() -> anyhow::Result<()> {
     assert_eq!(state(&report), pb::TaskState::Succeeded);
     for dependency in [test_a, test_b] {
         let dependency = get(&addrs, dependency).await?;
-        assert!(report.started_unix_ms >= dependency.finished_unix_ms, "report started before a dependency finished");
+        assert!(
+            report.started_unix_ms >= dependency.finished_unix_ms,
+            "report started before a dependency finished"
+        );
     }
     assert_eq!(report.stdout_tail.trim(), "report", "the output tail is kept with the task");
 
@@ -266,19 +337,27 @@ async fn dependencies_retries_deadlines_and_timeouts() -> anyhow::Result<()> {
     assert_eq!(state(&after), pb::TaskState::Cancelled);
 
     // A failed attempt is retried, and the second one succeeds.
-    let flaky = submit(&addrs, shell("flaky", "[ \"$COLONY_ATTEMPT\" -ge 2 ]", 100, 64, 10, 2)).await?;
+    let flaky =
+        submit(&addrs, shell("flaky", "[ \"$COLONY_ATTEMPT\" -ge 2 ]", 100, 64, 10, 2)).await?;
     let flaky = wait_task(&addrs, flaky, "to finish", long, finished).await?;
-    assert_eq!((state(&flaky), flaky.attempt, flaky.retries_used), (pb::TaskState::Succeeded, 2, 1));
+    assert_eq!(
+        (state(&flaky), flaky.attempt, flaky.retries_used),
+        (pb::TaskState::Succeeded, 2, 1)
+    );
 
     // A task no executor can take stays pending with the reason, then misses its deadline.
     let mut huge = shell("huge", "true", 100, 64 << 10, 10, 0);
     huge.deadline_unix_ms = Some(colony_process::unix_ms() + 3000);
     let huge = submit(&addrs, huge).await?;
-    let pending = wait_task(&addrs, huge, "to be marked unschedulable", long, |t| t.reason.is_some()).await?;
+    let pending =
+        wait_task(&addrs, huge, "to be marked unschedulable", long, |t| t.reason.is_some()).await?;
     assert_eq!(state(&pending), pb::TaskState::Pending);
     assert_eq!(pending.reason.as_deref(), Some("unschedulable: no executor has 64Gi memory"));
     let huge = wait_task(&addrs, huge, "to time out", long, finished).await?;
-    assert_eq!((state(&huge), huge.reason.as_deref()), (pb::TaskState::TimedOut, Some("not started by its deadline")));
+    assert_eq!(
+        (state(&huge), huge.reason.as_deref()),
+        (pb::TaskState::TimedOut, Some("not started by its deadline"))
+    );
 
     // A running attempt past its timeout is killed.
     let mut slow = shell("slow", "sleep 30", 100, 64, 10, 0);
@@ -301,11 +380,16 @@ async fn higher_priority_preempts_without_spending_a_retry() -> anyhow::Result<(
     let high = submit(&addrs, shell("high", "echo high", 1000, 64, 900, 0)).await?;
     let high = wait_task(&addrs, high, "to finish", long, finished).await?;
     assert_eq!(state(&high), pb::TaskState::Succeeded);
-    let low = wait_task(&addrs, low, "to be placed again after its eviction", long, |t| t.attempt >= 2).await?;
+    let low =
+        wait_task(&addrs, low, "to be placed again after its eviction", long, |t| t.attempt >= 2)
+            .await?;
     assert_eq!(low.retries_used, 0, "eviction spends no retry");
     let close = wait_task(&addrs, close, "to finish", long, finished).await?;
     assert_eq!(state(&close), pb::TaskState::Succeeded);
-    assert!(close.started_unix_ms >= high.finished_unix_ms, "a priority gap below the minimum must not preempt");
+    assert!(
+        close.started_unix_ms >= high.finished_unix_ms,
+        "a priority gap below the minimum must not preempt"
+    );
     for id in [low.id, close.id] {
         let mut c = client(&addrs[0]).await?;
         let _ = c.cancel_task(pb::CancelTaskRequest { id, reason: "test over".into() }).await;
@@ -319,17 +403,27 @@ async fn drain_moves_work_away_and_refuses_bad_requests() -> anyhow::Result<()> 
     let addrs = cluster.addrs();
     let long = Duration::from_secs(60);
     let sleeper = submit(&addrs, shell("sleeper", "sleep 60", 1000, 64, 10, 0)).await?;
-    let running = wait_task(&addrs, sleeper, "to run", long, |t| state(t) == pb::TaskState::Running).await?;
+    let running =
+        wait_task(&addrs, sleeper, "to run", long, |t| state(t) == pb::TaskState::Running).await?;
     let drained = running.executor_id.expect("a running task has an executor");
     let mut c = client(&addrs[0]).await?;
     c.drain_executor(pb::DrainExecutorRequest { id: drained, deadline_ms: 1000 }).await?;
-    let moved = wait_task(&addrs, sleeper, "to run elsewhere", long, |t| t.executor_id.is_some_and(|e| e != drained) && state(t) == pb::TaskState::Running).await?;
+    let moved = wait_task(&addrs, sleeper, "to run elsewhere", long, |t| {
+        t.executor_id.is_some_and(|e| e != drained) && state(t) == pb::TaskState::Running
+    })
+    .await?;
     assert_eq!((moved.attempt, moved.retries_used), (2, 0), "a drain eviction spends no retry");
 
-    let again = c.drain_executor(pb::DrainExecutorRequest { id: drained, deadline_ms: 1000 }).await.expect_err("a second drain is refused");
+    let again = c
+        .drain_executor(pb::DrainExecutorRequest { id: drained, deadline_ms: 1000 })
+        .await
+        .expect_err("a second drain is refused");
     assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again}");
     assert!(again.message().contains("draining"), "{again}");
-    let unknown = c.drain_executor(pb::DrainExecutorRequest { id: 99, deadline_ms: 1000 }).await.expect_err("an unknown executor is refused");
+    let unknown = c
+        .drain_executor(pb::DrainExecutorRequest { id: 99, deadline_ms: 1000 })
+        .await
+        .expect_err("an unknown executor is refused");
     assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown}");
     c.cancel_task(pb::CancelTaskRequest { id: sleeper, reason: "test over".into() }).await?;
     Ok(())
@@ -351,7 +445,8 @@ async fn executors_with_bad_tokens_are_refused_clearly() -> anyhow::Result<()> {
     let text = String::from_utf8_lossy(&garbage.stderr);
     assert!(text.contains("error:") && text.contains("token"), "{text}");
     // Same CA pin, a secret the cluster never issued.
-    let forged = format!("{}.{}", real.rsplit_once('.').map_or("", |(head, _)| head), "00".repeat(32));
+    let forged =
+        format!("{}.{}", real.rsplit_once('.').map_or("", |(head, _)| head), "00".repeat(32));
     let forged = run(forged, "f")?;
     assert!(!forged.status.success());
     let text = String::from_utf8_lossy(&forged.stderr);

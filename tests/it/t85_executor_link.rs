@@ -15,10 +15,16 @@ struct Raw {
     recv: quinn::RecvStream,
 }
 
-async fn connect(endpoint: &quinn::Endpoint, leader: &str, creds: &colony_executor::Credentials) -> anyhow::Result<Raw> {
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    leader: &str,
+    creds: &colony_executor::Credentials,
+) -> anyhow::Result<Raw> {
     let config = colony_quic::mutual_client_config(&creds.ca_pem, &creds.cert_pem, &creds.key_pem)?;
     let addr: std::net::SocketAddr = leader.parse()?;
-    let connection = tokio::time::timeout(STEP, endpoint.connect_with(config, addr, colony_quic::SERVER_NAME)?).await??;
+    let connection =
+        tokio::time::timeout(STEP, endpoint.connect_with(config, addr, colony_quic::SERVER_NAME)?)
+            .await??;
     let (send, recv) = connection.open_bi().await?;
     Ok(Raw { connection, send, recv })
 }
@@ -28,14 +34,23 @@ fn hello(id: u64) -> pb::ExecutorMessage {
         body: Some(pb::executor_message::Body::Hello(pb::Hello {
             executor_id: id,
             name: "raw".into(),
-            capacity: Some(pb::Resources { cpu_millis: 1000, memory_bytes: 1 << 30, gpus: 0, custom: Default::default() }),
+            capacity: Some(pb::Resources {
+                cpu_millis: 1000,
+                memory_bytes: 1 << 30,
+                gpus: 0,
+                custom: Default::default(),
+            }),
             ..Default::default()
         })),
     }
 }
 
 async fn next(raw: &mut Raw) -> anyhow::Result<Option<pb::ServerMessage>> {
-    let read = tokio::time::timeout(STEP, colony_quic::read_frame(&mut raw.recv, colony_quic::FRAME_BYTES_MAX)).await?;
+    let read = tokio::time::timeout(
+        STEP,
+        colony_quic::read_frame(&mut raw.recv, colony_quic::FRAME_BYTES_MAX),
+    )
+    .await?;
     read.map_err(|e| anyhow::anyhow!("{e} ({:?})", raw.connection.close_reason()))
 }
 
@@ -60,7 +75,10 @@ async fn malformed_and_forged_messages_are_refused() -> anyhow::Result<()> {
     // Bytes that are not a message: the connection is dropped as the peer's fault.
     let mut raw = connect(&endpoint, &leader_addr, &creds).await?;
     colony_quic::write_frame(&mut raw.send, &hello(creds.executor_id.0)).await?;
-    assert!(matches!(next(&mut raw).await?.and_then(|m| m.body), Some(pb::server_message::Body::Welcome(_))));
+    assert!(matches!(
+        next(&mut raw).await?.and_then(|m| m.body),
+        Some(pb::server_message::Body::Welcome(_))
+    ));
     raw.send.write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff]).await?;
     let why = closed(&raw).await?;
     assert!(why.contains("malformed"), "{why}");
@@ -107,13 +125,17 @@ async fn malformed_and_forged_messages_are_refused() -> anyhow::Result<()> {
     let mut raw = connect(&endpoint, &leader_addr, &creds).await?;
     colony_quic::write_frame(&mut raw.send, &hello(9999)).await?;
     let answer = next(&mut raw).await?.and_then(|m| m.body);
-    assert!(matches!(&answer, Some(pb::server_message::Body::Error(e)) if e.code() == pb::LinkErrorCode::UnknownExecutor && e.message.contains("unknown")), "{answer:?}");
+    assert!(
+        matches!(&answer, Some(pb::server_message::Body::Error(e)) if e.code() == pb::LinkErrorCode::UnknownExecutor && e.message.contains("unknown")),
+        "{answer:?}"
+    );
 
     for server in cluster.servers.iter_mut() {
         assert!(server.is_running(), "server {} must survive bad executor input", server.id);
     }
     let after = cluster.executors().await?;
-    let ids = |list: &[pb::Executor]| list.iter().map(|e| (e.id, e.name.clone())).collect::<Vec<_>>();
+    let ids =
+        |list: &[pb::Executor]| list.iter().map(|e| (e.id, e.name.clone())).collect::<Vec<_>>();
     assert_eq!(ids(&before), ids(&after), "bad messages admitted or removed nobody");
     assert!(after.iter().all(|e| e.tasks.is_empty()), "bad messages assigned nothing");
     Ok(())

@@ -12,7 +12,8 @@ use super::wgl;
 pub use colony_core::TaskState;
 
 /// The terminal states an executor can produce; Cancelled is the client's alone.
-const FINISHED_BY_EXECUTOR: [TaskState; 4] = [TaskState::Succeeded, TaskState::Failed, TaskState::TimedOut, TaskState::Lost];
+const FINISHED_BY_EXECUTOR: [TaskState; 4] =
+    [TaskState::Succeeded, TaskState::Failed, TaskState::TimedOut, TaskState::Lost];
 
 /// What a client saw of a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -113,21 +114,33 @@ impl wgl::Model for TaskModel {
             {
                 vec![State::Live { token: None }]
             }
-            (Input::Submit, Output::Submitted { existing: true, obs }) => observe(state, obs).into_iter().collect(),
+            (Input::Submit, Output::Submitted { existing: true, obs }) => {
+                observe(state, obs).into_iter().collect()
+            }
             (Input::Read, Output::Unknown) => vec![state],
-            (Input::Read, Output::Read(None)) | (Input::Cancel, Output::CancelNotFound) if state == State::Absent => {
+            (Input::Read, Output::Read(None)) | (Input::Cancel, Output::CancelNotFound)
+                if state == State::Absent =>
+            {
                 vec![state]
             }
             (Input::Read, Output::Read(Some(obs))) => observe(state, obs).into_iter().collect(),
             (Input::Cancel, Output::Unknown) => match state {
                 State::Live { token } => {
-                    vec![state, State::Done { status: TaskState::Cancelled, token: Token::AtLeast(token) }]
+                    vec![
+                        state,
+                        State::Done { status: TaskState::Cancelled, token: Token::AtLeast(token) },
+                    ]
                 }
                 _ => vec![state],
             },
             (Input::Cancel, Output::Cancelled(obs)) => match state {
-                State::Live { token } if obs.status == TaskState::Cancelled && obs.token >= token => {
-                    vec![State::Done { status: TaskState::Cancelled, token: Token::Exact(obs.token) }]
+                State::Live { token }
+                    if obs.status == TaskState::Cancelled && obs.token >= token =>
+                {
+                    vec![State::Done {
+                        status: TaskState::Cancelled,
+                        token: Token::Exact(obs.token),
+                    }]
                 }
                 _ => vec![],
             },
@@ -154,7 +167,9 @@ fn observe(state: State, obs: Obs) -> Option<State> {
         State::Live { .. } if !obs.status.is_finished() => Some(State::Live { token: obs.token }),
         // Only a client cancel makes a task Cancelled, and it goes through `Done`.
         State::Live { .. } if obs.status == TaskState::Cancelled => None,
-        State::Live { .. } => Some(State::Done { status: obs.status, token: Token::Exact(obs.token) }),
+        State::Live { .. } => {
+            Some(State::Done { status: obs.status, token: Token::Exact(obs.token) })
+        }
         State::Done { status, .. } if status != obs.status => None,
         State::Done { token: Token::Exact(token), .. } => (obs.token == token).then_some(state),
         State::Done { status, token: Token::AtLeast(token) } => {
@@ -254,19 +269,31 @@ mod tests {
 
     #[test]
     fn not_found_after_submit_ack_is_not_linearizable() {
-        assert!(!linearizable(&[(1, 0, Some(5), Submit, created()), (2, 6, Some(8), Read, Output::Read(None))]));
+        assert!(!linearizable(&[
+            (1, 0, Some(5), Submit, created()),
+            (2, 6, Some(8), Read, Output::Read(None))
+        ]));
     }
 
     #[test]
     fn two_creating_submits_are_not_linearizable() {
-        assert!(!linearizable(&[(1, 0, Some(5), Submit, created()), (2, 1, Some(6), Submit, created())]));
+        assert!(!linearizable(&[
+            (1, 0, Some(5), Submit, created()),
+            (2, 1, Some(6), Submit, created())
+        ]));
     }
 
     #[test]
     fn duplicate_submit_returns_the_existing_task() {
         assert!(linearizable(&[
             (1, 0, Some(5), Submit, created()),
-            (2, 1, Some(9), Submit, Output::Submitted { existing: true, obs: obs(Running, Some(1)) }),
+            (
+                2,
+                1,
+                Some(9),
+                Submit,
+                Output::Submitted { existing: true, obs: obs(Running, Some(1)) }
+            ),
         ]));
     }
 
@@ -295,7 +322,9 @@ mod tests {
             (2, 6, Some(8), Read, seen(Running, Some(1))),
             (1, 10, None, Cancel, Output::Unknown),
         ];
-        ops.extend(reads.iter().zip(0..).map(|(&read, i)| (2, 20 + 10 * i, Some(25 + 10 * i), Read, read)));
+        ops.extend(
+            reads.iter().zip(0..).map(|(&read, i)| (2, 20 + 10 * i, Some(25 + 10 * i), Read, read)),
+        );
         ops
     }
 
@@ -312,7 +341,10 @@ mod tests {
 
     #[test]
     fn succeeded_after_cancelled_is_not_linearizable() {
-        assert!(!linearizable(&after_unknown_cancel(&[seen(Cancelled, Some(1)), seen(Succeeded, Some(1))])));
+        assert!(!linearizable(&after_unknown_cancel(&[
+            seen(Cancelled, Some(1)),
+            seen(Succeeded, Some(1))
+        ])));
     }
 
     #[test]
@@ -427,7 +459,13 @@ mod tests {
                 }
                 let call = instant - random(150);
                 let ret = (!lost).then(|| instant + random(150));
-                ops.push((random(3), call, ret, input, if lost { Output::Unknown } else { output }));
+                ops.push((
+                    random(3),
+                    call,
+                    ret,
+                    input,
+                    if lost { Output::Unknown } else { output },
+                ));
             }
             assert!(linearizable(&ops), "{ops:?}");
         }

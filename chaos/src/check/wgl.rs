@@ -35,7 +35,12 @@ pub trait Model {
     fn init(&self) -> Vec<Self::State>;
     /// Every state the model may be in after `input` returned `output` in `state`; empty when
     /// that output is impossible there.
-    fn step(&self, state: &Self::State, input: &Self::Input, output: &Self::Output) -> Vec<Self::State>;
+    fn step(
+        &self,
+        state: &Self::State,
+        input: &Self::Input,
+        output: &Self::Output,
+    ) -> Vec<Self::State>;
 }
 
 /// One client operation as the history recorded it.
@@ -84,7 +89,11 @@ pub struct Witness {
 
 /// Decides whether `ops` is linearizable with respect to `model`, giving up with
 /// [`Verdict::Unknown`] once `budget` has passed.
-pub fn check<M: Model>(model: &M, ops: &[Operation<M::Input, M::Output>], budget: Duration) -> Verdict {
+pub fn check<M: Model>(
+    model: &M,
+    ops: &[Operation<M::Input, M::Output>],
+    budget: Duration,
+) -> Verdict {
     let started = Instant::now();
     let mut search = Search {
         model,
@@ -106,7 +115,8 @@ pub fn check<M: Model>(model: &M, ops: &[Operation<M::Input, M::Output>], budget
         let Node { ret, next, .. } = search.events.nodes[entry];
         match ret {
             Some(ret) => {
-                entry = if search.place(entry, ret) { search.events.nodes[HEAD].next } else { next };
+                entry =
+                    if search.place(entry, ret) { search.events.nodes[HEAD].next } else { next };
             }
             None => {
                 // An operation returned before it could be placed: the prefix on the stack is a
@@ -116,7 +126,11 @@ pub fn check<M: Model>(model: &M, ops: &[Operation<M::Input, M::Output>], budget
                 }
                 match search.backtrack() {
                     Some(call) => entry = search.events.nodes[call].next,
-                    None => return Verdict::NotLinearizable(deepest.unwrap_or_else(|| search.witness())),
+                    None => {
+                        return Verdict::NotLinearizable(
+                            deepest.unwrap_or_else(|| search.witness()),
+                        )
+                    }
                 }
             }
         }
@@ -144,8 +158,9 @@ impl<M: Model> Search<'_, M> {
     fn place(&mut self, call: usize, ret: usize) -> bool {
         let op_index = self.events.nodes[call].op;
         let op = &self.ops[op_index];
-        let next: Vec<M::State> =
-            normalize(self.states.iter().flat_map(|s| self.model.step(s, &op.input, &op.output)).collect());
+        let next: Vec<M::State> = normalize(
+            self.states.iter().flat_map(|s| self.model.step(s, &op.input, &op.output)).collect(),
+        );
         if next.is_empty() {
             return false;
         }
@@ -234,7 +249,8 @@ impl EventList {
             prev: HEAD,
             next: TAIL,
         }));
-        let order: Vec<usize> = std::iter::once(HEAD).chain(first..nodes.len()).chain(std::iter::once(TAIL)).collect();
+        let order: Vec<usize> =
+            std::iter::once(HEAD).chain(first..nodes.len()).chain(std::iter::once(TAIL)).collect();
         for pair in order.windows(2) {
             nodes[pair[0]].next = pair[1];
             nodes[pair[1]].prev = pair[0];
@@ -332,7 +348,13 @@ mod tests {
         }
     }
 
-    fn op(id: usize, call: u64, ret: Option<u64>, input: RegIn, output: RegOut) -> Operation<RegIn, RegOut> {
+    fn op(
+        id: usize,
+        call: u64,
+        ret: Option<u64>,
+        input: RegIn,
+        output: RegOut,
+    ) -> Operation<RegIn, RegOut> {
         Operation { id, client: id as u64, call, ret, input, output }
     }
 
@@ -399,19 +421,31 @@ mod tests {
 
     #[test]
     fn unknown_write_no_read_sees_is_linearizable() {
-        let ops = [op(0, 0, None, RegIn::Write(1), RegOut::Unknown), read(1, 50, 60, 0), read(2, 70, 80, 0)];
+        let ops = [
+            op(0, 0, None, RegIn::Write(1), RegOut::Unknown),
+            read(1, 50, 60, 0),
+            read(2, 70, 80, 0),
+        ];
         assert_eq!(check_register(&ops), Verdict::Linearizable);
     }
 
     #[test]
     fn unknown_write_cannot_be_unseen() {
-        let ops = [op(0, 0, None, RegIn::Write(1), RegOut::Unknown), read(1, 50, 60, 1), read(2, 70, 80, 0)];
+        let ops = [
+            op(0, 0, None, RegIn::Write(1), RegOut::Unknown),
+            read(1, 50, 60, 1),
+            read(2, 70, 80, 0),
+        ];
         assert!(matches!(check_register(&ops), Verdict::NotLinearizable(_)));
     }
 
     /// Whether some order of `ops` that respects real time satisfies `Register`, by trying
     /// every such order.
-    fn brute_force(ops: &[Operation<RegIn, RegOut>], placed: &mut Vec<bool>, states: &[u64]) -> bool {
+    fn brute_force(
+        ops: &[Operation<RegIn, RegOut>],
+        placed: &mut Vec<bool>,
+        states: &[u64],
+    ) -> bool {
         if placed.iter().all(|&p| p) {
             return true;
         }
@@ -420,7 +454,12 @@ mod tests {
             if placed[i] || (0..ops.len()).any(|j| !placed[j] && returned_before(i, j)) {
                 continue;
             }
-            let next = normalize(states.iter().flat_map(|s| Register.step(s, &ops[i].input, &ops[i].output)).collect());
+            let next = normalize(
+                states
+                    .iter()
+                    .flat_map(|s| Register.step(s, &ops[i].input, &ops[i].output))
+                    .collect(),
+            );
             if next.is_empty() {
                 continue;
             }
@@ -451,7 +490,8 @@ mod tests {
                 .map(|id| {
                     let call = random(20);
                     let ret = (random(6) != 0).then(|| call + random(10));
-                    let input = if random(2) == 0 { RegIn::Write(1 + random(2)) } else { RegIn::Read };
+                    let input =
+                        if random(2) == 0 { RegIn::Write(1 + random(2)) } else { RegIn::Read };
                     let output = match (&input, ret) {
                         (_, None) => RegOut::Unknown,
                         (RegIn::Write(_), Some(_)) => RegOut::Ok,
@@ -472,7 +512,8 @@ mod tests {
     /// nobody wrote: not linearizable, but only after trying every subset of the writes.
     fn exploding_history(writes: usize) -> Vec<Operation<RegIn, RegOut>> {
         let end = 1_000_000;
-        let mut ops: Vec<_> = (0..writes).map(|i| write(i, i as u64, end + i as u64, i as u64 + 1)).collect();
+        let mut ops: Vec<_> =
+            (0..writes).map(|i| write(i, i as u64, end + i as u64, i as u64 + 1)).collect();
         ops.push(read(writes, writes as u64, end + writes as u64, u64::MAX));
         ops
     }

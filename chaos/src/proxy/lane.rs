@@ -47,9 +47,7 @@ impl<T> Lane<T> {
     }
 
     pub(super) fn next_release(&self) -> Option<Instant> {
-        self.held
-            .first_key_value()
-            .map(|(&(release, _), _)| release)
+        self.held.first_key_value().map(|(&(release, _), _)| release)
     }
 
     /// Takes the item with the earliest release time, whether or not that time has come.
@@ -97,10 +95,7 @@ mod tests {
         }
         let mut released = Vec::new();
         while let (Some(release), Some(item)) = (lane.next_release(), lane.pop_next()) {
-            assert!(
-                release >= start + faults.delay,
-                "item {item} released before the delay"
-            );
+            assert!(release >= start + faults.delay, "item {item} released before the delay");
             released.push(item);
         }
         assert_eq!(released, (0..100).collect::<Vec<_>>());
@@ -117,11 +112,7 @@ mod tests {
             std::iter::from_fn(|| lane.pop_next()).collect::<Vec<u64>>()
         };
         let first = releases(9);
-        assert_ne!(
-            first,
-            (0..100).collect::<Vec<_>>(),
-            "jitter reordered nothing"
-        );
+        assert_ne!(first, (0..100).collect::<Vec<_>>(), "jitter reordered nothing");
         assert_eq!(first, releases(9), "the same seed chose differently");
     }
 }

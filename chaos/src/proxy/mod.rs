@@ -84,14 +84,8 @@ pub struct Bound {
 
 #[derive(Debug)]
 enum Listener {
-    Tcp {
-        listener: TcpListener,
-        upstream: SocketAddr,
-    },
-    Udp {
-        socket: UdpSocket,
-        upstream: SocketAddr,
-    },
+    Tcp { listener: TcpListener, upstream: SocketAddr },
+    Udp { socket: UdpSocket, upstream: SocketAddr },
 }
 
 /// Binds every link of `config` and serves them until a listener fails, returning that error.
@@ -116,9 +110,8 @@ pub async fn bind(config: &ProxyConfig) -> anyhow::Result<Bound> {
                 (Listener::Tcp { listener, upstream }, local_addr)
             }
             Link::Udp { listen, upstream } => {
-                let socket = UdpSocket::bind(listen)
-                    .await
-                    .with_context(|| format!("bind udp {listen}"))?;
+                let socket =
+                    UdpSocket::bind(listen).await.with_context(|| format!("bind udp {listen}"))?;
                 let local_addr = socket.local_addr()?;
                 (Listener::Udp { socket, upstream }, local_addr)
             }
@@ -126,12 +119,7 @@ pub async fn bind(config: &ProxyConfig) -> anyhow::Result<Bound> {
         listeners.push(listener);
         local_addrs.push(local_addr);
     }
-    Ok(Bound {
-        listeners,
-        local_addrs,
-        faults: config.faults,
-        seed: config.seed,
-    })
+    Ok(Bound { listeners, local_addrs, faults: config.faults, seed: config.seed })
 }
 
 impl Bound {
@@ -169,15 +157,13 @@ impl Bound {
 /// socket addresses such as `127.0.0.1:17001` or `[::1]:7000`.
 pub fn parse_link(spec: &str) -> anyhow::Result<Link> {
     let syntax = "expected tcp:LISTEN=UPSTREAM or udp:LISTEN=UPSTREAM";
-    let (protocol, addrs) = spec
-        .split_once(':')
-        .with_context(|| format!("link {spec:?}: {syntax}"))?;
+    let (protocol, addrs) =
+        spec.split_once(':').with_context(|| format!("link {spec:?}: {syntax}"))?;
     if protocol != "tcp" && protocol != "udp" {
         bail!("link {spec:?}: unknown protocol {protocol:?}; {syntax}");
     }
-    let (listen, upstream) = addrs
-        .split_once('=')
-        .with_context(|| format!("link {spec:?}: {syntax}"))?;
+    let (listen, upstream) =
+        addrs.split_once('=').with_context(|| format!("link {spec:?}: {syntax}"))?;
     let listen: SocketAddr = listen
         .parse()
         .with_context(|| format!("link {spec:?}: listen address {listen:?} is not IP:PORT"))?;
@@ -198,9 +184,7 @@ impl Faults {
             self.duplicate
         );
         ensure!(
-            self.delay
-                .checked_add(self.jitter)
-                .is_some_and(|most| most <= DELAY_MAX),
+            self.delay.checked_add(self.jitter).is_some_and(|most| most <= DELAY_MAX),
             "delay {:?} plus jitter {:?} is more than {DELAY_MAX:?}",
             self.delay,
             self.jitter
@@ -216,48 +200,22 @@ mod tests {
 
     #[tokio::test]
     async fn bind_rejects_bad_configs() {
-        let link = Link::Tcp {
-            listen: LOCAL,
-            upstream: LOCAL,
-        };
+        let link = Link::Tcp { listen: LOCAL, upstream: LOCAL };
         let bad = [
             (vec![], Faults::default(), "no links"),
+            (vec![link], Faults { duplicate: 1.5, ..Faults::default() }, "duplicate probability"),
             (
                 vec![link],
-                Faults {
-                    duplicate: 1.5,
-                    ..Faults::default()
-                },
+                Faults { duplicate: f64::NAN, ..Faults::default() },
                 "duplicate probability",
             ),
-            (
-                vec![link],
-                Faults {
-                    duplicate: f64::NAN,
-                    ..Faults::default()
-                },
-                "duplicate probability",
-            ),
-            (
-                vec![link],
-                Faults {
-                    delay: Duration::MAX,
-                    ..Faults::default()
-                },
-                "plus jitter",
-            ),
+            (vec![link], Faults { delay: Duration::MAX, ..Faults::default() }, "plus jitter"),
         ];
         for (links, faults, expected) in bad {
-            let config = ProxyConfig {
-                links,
-                faults,
-                seed: 0,
-            };
+            let config = ProxyConfig { links, faults, seed: 0 };
             let error = bind(&config).await.err().map(|error| error.to_string());
             assert!(
-                error
-                    .as_deref()
-                    .is_some_and(|error| error.contains(expected)),
+                error.as_deref().is_some_and(|error| error.contains(expected)),
                 "{config:?}: expected an error about {expected:?}, got {error:?}"
             );
         }
@@ -268,17 +226,11 @@ mod tests {
         let addr = |s: &str| s.parse::<SocketAddr>().expect("test address");
         assert_eq!(
             parse_link("tcp:127.0.0.1:17001=10.77.0.12:7000").expect("tcp spec"),
-            Link::Tcp {
-                listen: addr("127.0.0.1:17001"),
-                upstream: addr("10.77.0.12:7000")
-            }
+            Link::Tcp { listen: addr("127.0.0.1:17001"), upstream: addr("10.77.0.12:7000") }
         );
         assert_eq!(
             parse_link("udp:0.0.0.0:7000=[fd00::2]:7000").expect("udp spec"),
-            Link::Udp {
-                listen: addr("0.0.0.0:7000"),
-                upstream: addr("[fd00::2]:7000")
-            }
+            Link::Udp { listen: addr("0.0.0.0:7000"), upstream: addr("[fd00::2]:7000") }
         );
     }
 
@@ -290,22 +242,14 @@ mod tests {
             ("sctp:127.0.0.1:1=127.0.0.1:2", "unknown protocol \"sctp\""),
             ("tcp:127.0.0.1:1", "expected tcp:LISTEN=UPSTREAM"),
             ("tcp:127.0.0.1=127.0.0.1:2", "listen address \"127.0.0.1\""),
-            (
-                "udp:127.0.0.1:1=localhost:2",
-                "upstream address \"localhost:2\"",
-            ),
-            (
-                "tcp:127.0.0.1:1=127.0.0.1:2=127.0.0.1:3",
-                "upstream address",
-            ),
+            ("udp:127.0.0.1:1=localhost:2", "upstream address \"localhost:2\""),
+            ("tcp:127.0.0.1:1=127.0.0.1:2=127.0.0.1:3", "upstream address"),
             ("TCP:127.0.0.1:1=127.0.0.1:2", "unknown protocol"),
         ];
         for (spec, expected) in bad {
             let error = parse_link(spec).err().map(|error| format!("{error:#}"));
             assert!(
-                error
-                    .as_deref()
-                    .is_some_and(|error| error.contains(expected)),
+                error.as_deref().is_some_and(|error| error.contains(expected)),
                 "{spec:?}: expected an error containing {expected:?}, got {error:?}"
             );
         }

@@ -96,11 +96,7 @@ async fn proxy_tcp(
         // The first error drops both directions, which closes both connections.
         tokio::try_join!(
             pipe(client_read, server_write, Lane::new(faults, true, up_seed)),
-            pipe(
-                server_read,
-                client_write,
-                Lane::new(faults, true, down_seed)
-            ),
+            pipe(server_read, client_write, Lane::new(faults, true, down_seed)),
         )
     };
     match forwarded.await {
@@ -149,9 +145,7 @@ mod tests {
     use crate::proxy::Link;
 
     async fn tcp_echo() -> SocketAddr {
-        let listener = TcpListener::bind(LOCAL)
-            .await
-            .expect("bind the echo server");
+        let listener = TcpListener::bind(LOCAL).await.expect("bind the echo server");
         let addr = listener.local_addr().expect("echo server address");
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
@@ -169,23 +163,12 @@ mod tests {
     #[tokio::test]
     async fn tcp_stream_arrives_intact_and_in_order() {
         let upstream = tcp_echo().await;
-        let proxy = start(
-            Link::Tcp {
-                listen: LOCAL,
-                upstream,
-            },
-            delayed(50, 30),
-            1,
-        )
-        .await;
-        let stream = within("connection", TcpStream::connect(proxy))
-            .await
-            .expect("connect");
+        let proxy = start(Link::Tcp { listen: LOCAL, upstream }, delayed(50, 30), 1).await;
+        let stream = within("connection", TcpStream::connect(proxy)).await.expect("connect");
         let (mut read, mut write) = stream.into_split();
         let mut rng = StdRng::seed_from_u64(7);
-        let writes: Vec<Vec<u8>> = (0..200)
-            .map(|_| (0..rng.gen_range(1..=2000)).map(|_| rng.gen()).collect())
-            .collect();
+        let writes: Vec<Vec<u8>> =
+            (0..200).map(|_| (0..rng.gen_range(1..=2000)).map(|_| rng.gen()).collect()).collect();
         let sent = writes.concat();
         let writer = tokio::spawn(async move {
             for bytes in writes {
@@ -197,13 +180,8 @@ mod tests {
             write.shutdown().await
         });
         let mut received = Vec::new();
-        within("end of the echo", read.read_to_end(&mut received))
-            .await
-            .expect("read the echo");
-        within("writer", writer)
-            .await
-            .expect("writer task")
-            .expect("write");
+        within("end of the echo", read.read_to_end(&mut received)).await.expect("read the echo");
+        within("writer", writer).await.expect("writer task").expect("write");
         assert_eq!(received.len(), sent.len(), "echoed length");
         let first_difference = received.iter().zip(&sent).position(|(a, b)| a != b);
         assert_eq!(first_difference, None, "echo differs from what was sent");
@@ -213,24 +191,12 @@ mod tests {
     async fn tcp_round_trip_pays_the_delay_each_way() {
         let faults = delayed(50, 30);
         let upstream = tcp_echo().await;
-        let proxy = start(
-            Link::Tcp {
-                listen: LOCAL,
-                upstream,
-            },
-            faults,
-            2,
-        )
-        .await;
-        let mut stream = within("connection", TcpStream::connect(proxy))
-            .await
-            .expect("connect");
+        let proxy = start(Link::Tcp { listen: LOCAL, upstream }, faults, 2).await;
+        let mut stream = within("connection", TcpStream::connect(proxy)).await.expect("connect");
         let started = Instant::now();
         stream.write_all(b"ping").await.expect("write");
         let mut reply = [0; 4];
-        within("echo", stream.read_exact(&mut reply))
-            .await
-            .expect("read");
+        within("echo", stream.read_exact(&mut reply)).await.expect("read");
         let round_trip = started.elapsed();
         assert_eq!(&reply, b"ping");
         let least = 2 * faults.delay;
@@ -253,29 +219,14 @@ mod tests {
             stream.write_all(reply.as_bytes()).await?;
             stream.shutdown().await
         });
-        let proxy = start(
-            Link::Tcp {
-                listen: LOCAL,
-                upstream,
-            },
-            delayed(20, 10),
-            3,
-        )
-        .await;
-        let mut stream = within("connection", TcpStream::connect(proxy))
-            .await
-            .expect("connect");
+        let proxy = start(Link::Tcp { listen: LOCAL, upstream }, delayed(20, 10), 3).await;
+        let mut stream = within("connection", TcpStream::connect(proxy)).await.expect("connect");
         stream.write_all(b"hello").await.expect("write");
         stream.shutdown().await.expect("shut down the write half");
         let mut reply = String::new();
-        within("reply and EOF", stream.read_to_string(&mut reply))
-            .await
-            .expect("read the reply");
+        within("reply and EOF", stream.read_to_string(&mut reply)).await.expect("read the reply");
         assert_eq!(reply, "got 5 bytes after EOF");
-        within("upstream", server)
-            .await
-            .expect("upstream task")
-            .expect("upstream I/O");
+        within("upstream", server).await.expect("upstream task").expect("upstream I/O");
     }
 
     #[tokio::test]
@@ -284,20 +235,12 @@ mod tests {
             let listener = TcpListener::bind(LOCAL).await.expect("bind");
             listener.local_addr().expect("address")
         };
-        let proxy = start(
-            Link::Tcp {
-                listen: LOCAL,
-                upstream: refusing,
-            },
-            Faults::default(),
-            4,
-        )
-        .await;
+        let proxy =
+            start(Link::Tcp { listen: LOCAL, upstream: refusing }, Faults::default(), 4).await;
         // The second connection closing proves the proxy accepted and handled it after the first.
         for attempt in ["first", "second"] {
-            let mut stream = within("connection", TcpStream::connect(proxy))
-                .await
-                .expect("connect");
+            let mut stream =
+                within("connection", TcpStream::connect(proxy)).await.expect("connect");
             let mut buf = [0; 1];
             let read = within("close", stream.read(&mut buf)).await;
             assert!(

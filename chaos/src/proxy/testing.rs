@@ -25,20 +25,12 @@ pub(super) fn ms(millis: u64) -> Duration {
 }
 
 pub(super) fn delayed(delay_ms: u64, jitter_ms: u64) -> Faults {
-    Faults {
-        delay: ms(delay_ms),
-        jitter: ms(jitter_ms),
-        ..Faults::default()
-    }
+    Faults { delay: ms(delay_ms), jitter: ms(jitter_ms), ..Faults::default() }
 }
 
 /// Binds a proxy for `link` and serves it in the background; returns where it listens.
 pub(super) async fn start(link: Link, faults: Faults, seed: u64) -> SocketAddr {
-    let config = ProxyConfig {
-        links: vec![link],
-        faults,
-        seed,
-    };
+    let config = ProxyConfig { links: vec![link], faults, seed };
     let bound = bind(&config).await.expect("bind the proxy");
     let listen = bound.local_addrs()[0];
     tokio::spawn(bound.run());

@@ -206,19 +206,8 @@ mod tests {
 
     #[tokio::test]
     async fn udp_duplicate_sends_every_datagram_twice() {
-        let faults = Faults {
-            duplicate: 1.0,
-            ..Faults::default()
-        };
-        let proxy = start(
-            Link::Udp {
-                listen: LOCAL,
-                upstream: udp_echo().await,
-            },
-            faults,
-            5,
-        )
-        .await;
+        let faults = Faults { duplicate: 1.0, ..Faults::default() };
+        let proxy = start(Link::Udp { listen: LOCAL, upstream: udp_echo().await }, faults, 5).await;
         let client = udp_client(proxy).await;
         for number in 0..20u32 {
             client.send(&number.to_be_bytes()).await.expect("send");
@@ -232,28 +221,14 @@ mod tests {
             }
         })
         .await;
-        assert!(
-            copies.keys().all(|&number| number < 20),
-            "unknown datagrams: {copies:?}"
-        );
+        assert!(copies.keys().all(|&number| number < 20), "unknown datagrams: {copies:?}");
     }
 
     /// Sends 200 numbered datagrams back to back through a jittery proxy and returns the echoes
     /// in arrival order, checking that none was lost.
     async fn echo_200_with_jitter(reorder: bool) -> Vec<u32> {
-        let faults = Faults {
-            reorder,
-            ..delayed(10, 50)
-        };
-        let proxy = start(
-            Link::Udp {
-                listen: LOCAL,
-                upstream: udp_echo().await,
-            },
-            faults,
-            6,
-        )
-        .await;
+        let faults = Faults { reorder, ..delayed(10, 50) };
+        let proxy = start(Link::Udp { listen: LOCAL, upstream: udp_echo().await }, faults, 6).await;
         let client = udp_client(proxy).await;
         for number in 0..200u32 {
             client.send(&number.to_be_bytes()).await.expect("send");
@@ -281,36 +256,18 @@ mod tests {
 
     #[tokio::test]
     async fn udp_clients_get_only_their_own_replies() {
-        let faults = Faults {
-            reorder: true,
-            ..delayed(5, 5)
-        };
-        let proxy = start(
-            Link::Udp {
-                listen: LOCAL,
-                upstream: udp_echo().await,
-            },
-            faults,
-            7,
-        )
-        .await;
+        let faults = Faults { reorder: true, ..delayed(5, 5) };
+        let proxy = start(Link::Udp { listen: LOCAL, upstream: udp_echo().await }, faults, 7).await;
         let clients = [udp_client(proxy).await, udp_client(proxy).await];
         for number in 0..10u32 {
             for (base, client) in [0, 1000].into_iter().zip(&clients) {
-                client
-                    .send(&(base + number).to_be_bytes())
-                    .await
-                    .expect("send");
+                client.send(&(base + number).to_be_bytes()).await.expect("send");
             }
         }
         for (base, client) in [0, 1000].into_iter().zip(&clients) {
             let received = within("own replies", receive_numbers(client, 10)).await;
             let distinct: BTreeSet<u32> = received.into_iter().collect();
-            assert_eq!(
-                distinct,
-                (base..base + 10).collect(),
-                "client {base} got others' replies"
-            );
+            assert_eq!(distinct, (base..base + 10).collect(), "client {base} got others' replies");
         }
     }
 }

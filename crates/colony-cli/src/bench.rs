@@ -6,11 +6,11 @@
 //! latency is measured from the slot's due time, not from when a client got round to it, so a
 //! slow server shows up as latency instead of hiding in fewer samples (coordinated omission).
 
-use colony_client::{lazy_channel, status_message, ClientConfig};
 use crate::output::{self, OutputFormat};
 use crate::GlobalArgs;
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Args, Subcommand};
+use colony_client::{lazy_channel, status_message, ClientConfig};
 use colony_core::{parse_cpu_millis, parse_memory_bytes, Limits, Resources, RunSpec, TaskSpec};
 use colony_proto::pb;
 use colony_proto::pb::admin_client::AdminClient;
@@ -162,7 +162,11 @@ fn bench_spec(args: &SubmitBenchArgs) -> Result<TaskSpec> {
         timeout_ms: None,
         max_retries: 0,
         dependencies: Default::default(),
-        run: RunSpec::Process { program: "/bin/true".to_owned(), args: Vec::new(), env: BTreeMap::new() },
+        run: RunSpec::Process {
+            program: "/bin/true".to_owned(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+        },
         idempotency_key: None,
         placement: Default::default(),
         memory_auto: false,
@@ -193,8 +197,13 @@ async fn bench_submit(args: SubmitBenchArgs, global: &GlobalArgs) -> Result<()> 
         bail!("no endpoint given (--endpoint or COLONY_ENDPOINT)");
     }
     let template = pb::TaskSpec::from(&bench_spec(&args)?);
-    let channels = global.endpoint.iter().map(|addr| lazy_channel(addr, &ClientConfig::new(global.timeout))).collect::<Result<Vec<Channel>, _>>()?;
-    let histogram = Histogram::<u64>::new_with_bounds(1, LATENCY_MAX_US, 3).map_err(|e| anyhow!("cannot make a histogram: {e}"))?;
+    let channels = global
+        .endpoint
+        .iter()
+        .map(|addr| lazy_channel(addr, &ClientConfig::new(global.timeout)))
+        .collect::<Result<Vec<Channel>, _>>()?;
+    let histogram = Histogram::<u64>::new_with_bounds(1, LATENCY_MAX_US, 3)
+        .map_err(|e| anyhow!("cannot make a histogram: {e}"))?;
     // Idempotency keys as the CLI sends them, unique to this run, so the server does the same work
     // for a benchmark submission as for an operator's.
     let run_id = rand::random::<u32>();
@@ -315,7 +324,11 @@ async fn run_client(
         tokio::time::sleep_until(due).await;
         let mut spec = template.clone();
         spec.idempotency_key = Some(format!("{key_prefix}{sequence}"));
-        let outcome = tokio::time::timeout(REQUEST_TIMEOUT, client.submit_task(pb::SubmitTaskRequest { spec: Some(spec) })).await;
+        let outcome = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            client.submit_task(pb::SubmitTaskRequest { spec: Some(spec) }),
+        )
+        .await;
         let measured = due >= schedule.measure_from;
         match outcome {
             Ok(Ok(_)) => {
@@ -346,7 +359,11 @@ async fn server_reports(endpoints: &[String], channels: &[Channel]) -> Vec<Serve
     let mut reports = Vec::new();
     for (endpoint, channel) in endpoints.iter().zip(channels) {
         let mut client = AdminClient::new(channel.clone());
-        let answer = tokio::time::timeout(STATUS_TIMEOUT, client.cluster_status(pb::ClusterStatusRequest {})).await;
+        let answer = tokio::time::timeout(
+            STATUS_TIMEOUT,
+            client.cluster_status(pb::ClusterStatusRequest {}),
+        )
+        .await;
         reports.push(match answer {
             Ok(Ok(status)) => {
                 let status = status.into_inner();
@@ -359,7 +376,10 @@ async fn server_reports(endpoints: &[String], channels: &[Channel]) -> Vec<Serve
                 }
             }
             Ok(Err(status)) => ServerReport::failed(endpoint, status_message(&status)),
-            Err(_) => ServerReport::failed(endpoint, format!("no answer within {}", humantime::format_duration(STATUS_TIMEOUT))),
+            Err(_) => ServerReport::failed(
+                endpoint,
+                format!("no answer within {}", humantime::format_duration(STATUS_TIMEOUT)),
+            ),
         });
     }
     reports
@@ -367,7 +387,13 @@ async fn server_reports(endpoints: &[String], channels: &[Channel]) -> Vec<Serve
 
 impl ServerReport {
     fn failed(endpoint: &str, error: String) -> ServerReport {
-        ServerReport { endpoint: endpoint.to_owned(), node_id: None, state: None, rss_bytes: None, error: Some(error) }
+        ServerReport {
+            endpoint: endpoint.to_owned(),
+            node_id: None,
+            state: None,
+            rss_bytes: None,
+            error: Some(error),
+        }
     }
 }
 
@@ -380,7 +406,9 @@ pub fn machine() -> Machine {
     Machine {
         cpu_model,
         cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        hostname: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".to_owned()),
+        hostname: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "unknown".to_owned()),
     }
 }
 
@@ -393,23 +421,34 @@ fn cpu_model(cpuinfo: &str) -> Option<String> {
 
 fn print_report(r: &Report) -> Result<()> {
     let mut fields = vec![
-        ("machine", format!("{} ({} cores), {}", r.machine.cpu_model, r.machine.cores, r.machine.hostname)),
+        (
+            "machine",
+            format!("{} ({} cores), {}", r.machine.cpu_model, r.machine.cores, r.machine.hostname),
+        ),
         ("endpoints", r.endpoints.join(", ")),
         ("clients", r.clients.to_string()),
-        ("rate target", r.rate_target.map_or_else(|| "closed loop".to_owned(), |rate| format!("{rate}/s (open loop)"))),
+        (
+            "rate target",
+            r.rate_target
+                .map_or_else(|| "closed loop".to_owned(), |rate| format!("{rate}/s (open loop)")),
+        ),
         ("duration", format!("{}s after {}s warmup", r.duration_s, r.warmup_s)),
         ("submitted ok", r.submitted_ok.to_string()),
     ];
     let errors = if r.errors_by_code.is_empty() {
         "0".to_owned()
     } else {
-        let by_code: Vec<String> = r.errors_by_code.iter().map(|(code, n)| format!("{code} {n}")).collect();
+        let by_code: Vec<String> =
+            r.errors_by_code.iter().map(|(code, n)| format!("{code} {n}")).collect();
         format!("{} ({})", r.errors, by_code.join(", "))
     };
     fields.push(("errors", errors));
     fields.push(("tasks/s", format!("{:.1}", r.tasks_per_second)));
     let latency = match &r.latency_ms {
-        Some(l) => format!("p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}", l.p50, l.p90, l.p99, l.p999, l.max),
+        Some(l) => format!(
+            "p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+            l.p50, l.p90, l.p99, l.p999, l.max
+        ),
         None => "no successful submissions".to_owned(),
     };
     fields.push(("latency ms", latency));
@@ -418,7 +457,11 @@ fn print_report(r: &Report) -> Result<()> {
     let mut table = output::table(["ENDPOINT", "NODE", "STATE", "RSS MiB"]);
     for s in &r.servers {
         let (node, state, rss) = match (&s.error, s.node_id, &s.state, s.rss_bytes) {
-            (None, Some(node), Some(state), Some(rss)) => (node.to_string(), state.clone(), format!("{:.1}", rss as f64 / f64::from(1u32 << 20))),
+            (None, Some(node), Some(state), Some(rss)) => (
+                node.to_string(),
+                state.clone(),
+                format!("{:.1}", rss as f64 / f64::from(1u32 << 20)),
+            ),
             (error, ..) => ("-".to_owned(), error.clone().unwrap_or_default(), "-".to_owned()),
         };
         table.add_row(vec![s.endpoint.clone(), node, state, rss]);
@@ -438,7 +481,8 @@ mod tests {
     }
 
     fn parse(argv: &[&str]) -> Result<SubmitBenchArgs> {
-        let harness = Harness::try_parse_from(std::iter::once("submit").chain(argv.iter().copied()))?;
+        let harness =
+            Harness::try_parse_from(std::iter::once("submit").chain(argv.iter().copied()))?;
         check_args(&harness.args)?;
         bench_spec(&harness.args)?;
         Ok(harness.args)
@@ -464,7 +508,8 @@ mod tests {
         assert!(parse(&["--rate", "-5"]).is_err());
         assert!(parse(&["--rate", "NaN"]).is_err());
         assert!(parse(&["--cpu", "-1"]).is_err_and(|e| format!("{e:#}").contains("invalid --cpu")));
-        assert!(parse(&["--memory", "12Q"]).is_err_and(|e| format!("{e:#}").contains("invalid --memory")));
+        assert!(parse(&["--memory", "12Q"])
+            .is_err_and(|e| format!("{e:#}").contains("invalid --memory")));
     }
 
     #[test]

@@ -44,11 +44,18 @@ const SIZES: [(usize, usize, usize); 3] = [(256, 256, 256), (512, 512, 512), (10
 fn measure<B: Backend>(backend: &B, reps: usize) -> Result<(Vec<Gemm>, f64)> {
     let mut gemm = Vec::new();
     for (m, k, n) in SIZES {
-        let gflops = colony_learn::bench::gemm_gflops(backend, m, k, n, reps).with_context(|| format!("GEMM {m}x{k}x{n}"))?;
+        let gflops = colony_learn::bench::gemm_gflops(backend, m, k, n, reps)
+            .with_context(|| format!("GEMM {m}x{k}x{n}"))?;
         gemm.push(Gemm { m, k, n, gflops, cublas_gflops: None });
     }
-    let config = MlpConfig { inputs: colony_model::features::FEATURES, hidden: vec![32, 32], outputs: 2, seed: 1 };
-    let step = colony_learn::bench::train_step_time(backend, &config, 1024, reps).context("training step")?;
+    let config = MlpConfig {
+        inputs: colony_model::features::FEATURES,
+        hidden: vec![32, 32],
+        outputs: 2,
+        seed: 1,
+    };
+    let step = colony_learn::bench::train_step_time(backend, &config, 1024, reps)
+        .context("training step")?;
     Ok((gemm, step.as_secs_f64() * 1000.0))
 }
 
@@ -61,7 +68,10 @@ pub async fn run(args: LearnBenchArgs, global: &GlobalArgs) -> Result<()> {
         SelectedBackend::Cuda(gpu) => {
             let (mut gemm, step) = measure(gpu.as_ref(), reps)?;
             for g in &mut gemm {
-                g.cublas_gflops = Some(colony_learn::gpu::cublas_gemm_gflops(gpu, g.m, g.k, g.n, reps).context("cuBLAS")?);
+                g.cublas_gflops = Some(
+                    colony_learn::gpu::cublas_gemm_gflops(gpu, g.m, g.k, g.n, reps)
+                        .context("cuBLAS")?,
+                );
             }
             (gpu.describe(), (gemm, step))
         }
@@ -72,15 +82,27 @@ pub async fn run(args: LearnBenchArgs, global: &GlobalArgs) -> Result<()> {
         OutputFormat::Table => {
             output::out(format!(
                 "machine: {} ({} cores, {}); device: {}",
-                report.machine.cpu_model, report.machine.cores, report.machine.hostname, report.device
+                report.machine.cpu_model,
+                report.machine.cores,
+                report.machine.hostname,
+                report.device
             ))?;
             let mut table = output::table(["GEMM (m x k x n)", "GFLOP/s", "CUBLAS GFLOP/s"]);
             for g in &report.gemm {
-                let cublas = g.cublas_gflops.map_or_else(|| "- (GPU only)".to_owned(), |x| format!("{x:.2}"));
-                table.add_row(vec![format!("{} x {} x {}", g.m, g.k, g.n), format!("{:.2}", g.gflops), cublas]);
+                let cublas = g
+                    .cublas_gflops
+                    .map_or_else(|| "- (GPU only)".to_owned(), |x| format!("{x:.2}"));
+                table.add_row(vec![
+                    format!("{} x {} x {}", g.m, g.k, g.n),
+                    format!("{:.2}", g.gflops),
+                    cublas,
+                ]);
             }
             output::print_table(table)?;
-            output::out(format!("training step (32x32 MLP, 1,024 rows): {:.3} ms", report.train_step_ms))
+            output::out(format!(
+                "training step (32x32 MLP, 1,024 rows): {:.3} ms",
+                report.train_step_ms
+            ))
         }
     }
 }

@@ -8,11 +8,11 @@
 //! makespan, and memory reserved over memory used.
 
 use crate::bench::machine;
-use colony_client::{lazy_channel, Client, ClientConfig};
 use crate::output::{self, OutputFormat};
 use crate::GlobalArgs;
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::Args;
+use colony_client::{lazy_channel, Client, ClientConfig};
 use colony_core::{Resources, TaskSpec};
 use colony_executor::sim::{self, Behaviour, SimExecutor, SimRun};
 use colony_proto::pb;
@@ -26,7 +26,8 @@ use tokio_stream::StreamExt as _;
 
 /// Kinds of work: (name, runtime on a big executor in ms, peak memory in MiB). On a small
 /// executor everything takes three times as long.
-const KINDS: [(&str, u64, u64); 4] = [("etl", 200, 96), ("train", 1200, 1536), ("render", 600, 384), ("index", 300, 192)];
+const KINDS: [(&str, u64, u64); 4] =
+    [("etl", 200, 96), ("train", 1200, 1536), ("render", 600, 384), ("index", 300, 192)];
 const SMALL_SLOWDOWN: f64 = 3.0;
 const BIG_CPU_MILLIS: u64 = 16_000;
 /// A task's completion target: this many times its runtime on a big executor, plus a constant.
@@ -80,7 +81,10 @@ fn behaviour() -> Behaviour {
     Arc::new(|task: &TaskSpec, capacity: &Resources| {
         let (runtime_ms, memory_mib) = kind_of(&task.name).unwrap_or((100, 64));
         let slowdown = if capacity.cpu_millis >= BIG_CPU_MILLIS { 1.0 } else { SMALL_SLOWDOWN };
-        SimRun { hold: Duration::from_millis((runtime_ms as f64 * slowdown) as u64), peak_memory_bytes: Some(memory_mib << 20) }
+        SimRun {
+            hold: Duration::from_millis((runtime_ms as f64 * slowdown) as u64),
+            peak_memory_bytes: Some(memory_mib << 20),
+        }
     })
 }
 
@@ -89,18 +93,32 @@ fn spec(kind: &str, runtime_ms: u64, i: u64, now_ms: u64) -> pb::TaskSpec {
     pb::TaskSpec {
         name: format!("{kind}-{i}"),
         namespace: "bench".into(),
-        resources: Some(pb::Resources { cpu_millis: 1000, memory_bytes: 0, gpus: 0, custom: Default::default() }),
+        resources: Some(pb::Resources {
+            cpu_millis: 1000,
+            memory_bytes: 0,
+            gpus: 0,
+            custom: Default::default(),
+        }),
         priority: 100,
         memory_auto: true,
         // The completion target, which the scheduler reads as the deadline to order by.
         deadline_unix_ms: Some(now_ms + target_ms),
-        run: Some(pb::task_spec::Run::Builtin(pb::BuiltinRun { handler: "sleep".into(), input: format!("{runtime_ms}ms") })),
+        run: Some(pb::task_spec::Run::Builtin(pb::BuiltinRun {
+            handler: "sleep".into(),
+            input: format!("{runtime_ms}ms"),
+        })),
         idempotency_key: Some(format!("bench-placement-{:016x}", rand::random::<u64>())),
         ..Default::default()
     }
 }
 
-async fn run_phase(channels: &[AdminClient<tonic::transport::Channel>], client: &Client, tasks: u64, rate: f64, model: Option<u64>) -> Result<Phase> {
+async fn run_phase(
+    channels: &[AdminClient<tonic::transport::Channel>],
+    client: &Client,
+    tasks: u64,
+    rate: f64,
+    model: Option<u64>,
+) -> Result<Phase> {
     let mut submitted = JoinSet::new();
     let start = tokio::time::Instant::now();
     let interval = Duration::from_secs_f64(1.0 / rate);
@@ -110,19 +128,34 @@ async fn run_phase(channels: &[AdminClient<tonic::transport::Channel>], client: 
         let (kind, runtime_ms, _) = KINDS[(i % KINDS.len() as u64) as usize];
         let mut channel = channels[i as usize % channels.len()].clone();
         let request = pb::SubmitTaskRequest { spec: Some(spec(kind, runtime_ms, i, now)) };
-        submitted.spawn(async move { channel.submit_task(request).await.map(|r| r.into_inner().task.map(|t| t.id)) });
+        submitted.spawn(async move {
+            channel.submit_task(request).await.map(|r| r.into_inner().task.map(|t| t.id))
+        });
     }
     let mut ids = Vec::new();
     while let Some(done) = submitted.join_next().await {
-        ids.push(done.context("submit")?.map_err(|s| anyhow!("submit: {}", s.message()))?.context("no task in the answer")?);
+        ids.push(
+            done.context("submit")?
+                .map_err(|s| anyhow!("submit: {}", s.message()))?
+                .context("no task in the answer")?,
+        );
     }
-    let finished = crate::task_cmd::wait(client, &ids, Some(Duration::from_secs(600)), Duration::from_millis(200), false).await?;
+    let finished = crate::task_cmd::wait(
+        client,
+        &ids,
+        Some(Duration::from_secs(600)),
+        Duration::from_millis(200),
+        false,
+    )
+    .await?;
     let mut missed = 0;
     let (mut reserved, mut used) = (0u64, 0u64);
     let (mut first, mut last) = (u64::MAX, 0u64);
     for task in &finished {
         let end = task.finished_unix_ms.unwrap_or(u64::MAX);
-        if task.state != colony_core::TaskState::Succeeded || task.spec.deadline_unix_ms.is_some_and(|d| end > d) {
+        if task.state != colony_core::TaskState::Succeeded
+            || task.spec.deadline_unix_ms.is_some_and(|d| end > d)
+        {
             missed += 1;
         }
         first = first.min(task.created_unix_ms);
@@ -148,11 +181,14 @@ pub async fn run(args: PlacementBenchArgs, global: &GlobalArgs) -> Result<()> {
     }
     let endpoints = global.endpoint.clone();
     let client = Client::new(&endpoints, global.timeout)?;
-    let models = client.call("list models", |mut c| async move { c.list_models(pb::ListModelsRequest {}).await }).await?;
+    let models = client
+        .call("list models", |mut c| async move { c.list_models(pb::ListModelsRequest {}).await })
+        .await?;
     if models.current.is_some() {
         bail!("this cluster already has a model; `bench placement` compares against none, so run it on a fresh cluster");
     }
-    let token = crate::cluster_cmd::create_join_token(&client, Duration::from_secs(3600)).await?.token;
+    let token =
+        crate::cluster_cmd::create_join_token(&client, Duration::from_secs(3600)).await?.token;
     eprintln!("joining {} simulated executors", args.executors);
     let endpoint = colony_quic::client_endpoint().context("cannot open a QUIC endpoint")?;
     let (events, mut incoming) = tokio::sync::mpsc::unbounded_channel();
@@ -161,35 +197,69 @@ pub async fn run(args: PlacementBenchArgs, global: &GlobalArgs) -> Result<()> {
     for i in 0..args.executors {
         let big = i % 2 == 1;
         let creds = sim::join(&endpoints, &token, &format!("sim-{i}")).await?;
-        let (cpu_millis, memory_bytes) = if big { (BIG_CPU_MILLIS, 32u64 << 30) } else { (4_000, 8u64 << 30) };
+        let (cpu_millis, memory_bytes) =
+            if big { (BIG_CPU_MILLIS, 32u64 << 30) } else { (4_000, 8u64 << 30) };
         let capacity = Resources { cpu_millis, memory_bytes, gpus: 0, custom: Default::default() };
-        let labels = BTreeMap::from([("class".to_owned(), if big { "big" } else { "small" }.to_owned())]);
-        sims.spawn(SimExecutor::run(endpoint.clone(), endpoints.clone(), creds, capacity, labels, behaviour(), events.clone()));
+        let labels =
+            BTreeMap::from([("class".to_owned(), if big { "big" } else { "small" }.to_owned())]);
+        sims.spawn(SimExecutor::run(
+            endpoint.clone(),
+            endpoints.clone(),
+            creds,
+            capacity,
+            labels,
+            behaviour(),
+            events.clone(),
+        ));
     }
-    crate::bench_schedule::wait_for_sims_up(&client, &mut sims, args.executors, &indicatif::ProgressBar::hidden()).await?;
-    let channels: Vec<AdminClient<tonic::transport::Channel>> =
-        endpoints.iter().map(|e| lazy_channel(e, &ClientConfig::new(global.timeout)).map(AdminClient::new)).collect::<Result<_, _>>()?;
+    crate::bench_schedule::wait_for_sims_up(
+        &client,
+        &mut sims,
+        args.executors,
+        &indicatif::ProgressBar::hidden(),
+    )
+    .await?;
+    let channels: Vec<AdminClient<tonic::transport::Channel>> = endpoints
+        .iter()
+        .map(|e| lazy_channel(e, &ClientConfig::new(global.timeout)).map(AdminClient::new))
+        .collect::<Result<_, _>>()?;
 
     eprintln!("run 1: {} tasks, no model", args.tasks);
     let without_model = run_phase(&channels, &client, args.tasks, args.rate, None).await?;
 
     eprintln!("training on run 1's finished tasks");
-    let mut feed = channels[0].clone().watch_finished_tasks(pb::WatchFinishedTasksRequest { after_seq: 0 }).await?.into_inner();
+    let mut feed = channels[0]
+        .clone()
+        .watch_finished_tasks(pb::WatchFinishedTasksRequest { after_seq: 0 })
+        .await?
+        .into_inner();
     let mut examples = Vec::new();
     let mut seen = 0u64;
     while seen < args.tasks {
-        let item = tokio::time::timeout(Duration::from_secs(30), feed.next()).await.context("the finished-task feed stalled")?;
+        let item = tokio::time::timeout(Duration::from_secs(30), feed.next())
+            .await
+            .context("the finished-task feed stalled")?;
         let Some(item) = item else { bail!("the finished-task feed ended early") };
         seen += 1;
         if let Ok(example) = colony_learn::example::example(&item?) {
             examples.push(example);
         }
     }
-    let decision = colony_learn::decide::decide(&colony_learn::CpuBackend, &examples, None, &colony_learn::decide::TrainConfig::default())
-        .map_err(|e| anyhow!("training failed: {e}"))?;
+    let decision = colony_learn::decide::decide(
+        &colony_learn::CpuBackend,
+        &examples,
+        None,
+        &colony_learn::decide::TrainConfig::default(),
+    )
+    .map_err(|e| anyhow!("training failed: {e}"))?;
     let evaluation = decision.evaluation.clone();
     if decision.verdict != colony_learn::decide::Verdict::Publish {
-        bail!("the trained model did not earn publishing ({}): holdout mse {:.4}, baseline {:.4}", decision.verdict.as_str(), evaluation.holdout_mse, evaluation.baseline_mse);
+        bail!(
+            "the trained model did not earn publishing ({}): holdout mse {:.4}, baseline {:.4}",
+            decision.verdict.as_str(),
+            evaluation.holdout_mse,
+            evaluation.baseline_mse
+        );
     }
     let model = pb::Model {
         device: "cpu".into(),
@@ -205,7 +275,13 @@ pub async fn run(args: PlacementBenchArgs, global: &GlobalArgs) -> Result<()> {
         ..Default::default()
     };
     let request = pb::PublishModelRequest { token: token.clone(), model: Some(model) };
-    let version = client.call("publish model", |mut c| { let request = request.clone(); async move { c.publish_model(request).await } }).await?.version;
+    let version = client
+        .call("publish model", |mut c| {
+            let request = request.clone();
+            async move { c.publish_model(request).await }
+        })
+        .await?
+        .version;
 
     eprintln!("run 2: {} tasks, model {version}", args.tasks);
     let with_model = run_phase(&channels, &client, args.tasks, args.rate, Some(version)).await?;
@@ -227,9 +303,17 @@ pub async fn run(args: PlacementBenchArgs, global: &GlobalArgs) -> Result<()> {
                 "machine: {} ({} cores); {} simulated executors (half 4-CPU, half 16-CPU); model {version}: holdout mse {:.4} vs baseline {:.4}",
                 report.machine.cpu_model, report.machine.cores, report.executors, report.holdout_mse, report.baseline_mse
             ))?;
-            let mut table = output::table(["RUN", "TASKS", "MISSED TARGET", "MAKESPAN", "MEMORY RESERVED / USED"]);
+            let mut table = output::table([
+                "RUN",
+                "TASKS",
+                "MISSED TARGET",
+                "MAKESPAN",
+                "MEMORY RESERVED / USED",
+            ]);
             output::out(format!("each run: {} tasks submitted at {}/s", args.tasks, args.rate))?;
-            for (name, phase) in [("no model", &report.without_model), ("with model", &report.with_model)] {
+            for (name, phase) in
+                [("no model", &report.without_model), ("with model", &report.with_model)]
+            {
                 table.add_row(vec![
                     name.to_owned(),
                     phase.tasks.to_string(),

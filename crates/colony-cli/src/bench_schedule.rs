@@ -8,11 +8,11 @@
 //! to the moment its assignment reached the simulated executor (same process, same clock).
 
 use crate::bench::machine;
-use colony_client::{lazy_channel, Client, ClientConfig};
 use crate::output::{self, OutputFormat};
 use crate::GlobalArgs;
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::Args;
+use colony_client::{lazy_channel, Client, ClientConfig};
 use colony_core::{Resources, TaskId};
 use colony_executor::sim::{self, SimEvent, SimExecutor};
 use colony_proto::pb;
@@ -78,10 +78,18 @@ fn spec(name: &str, dependencies: Vec<u64>) -> pb::TaskSpec {
     pb::TaskSpec {
         name: name.to_owned(),
         namespace: "bench".to_owned(),
-        resources: Some(pb::Resources { cpu_millis: 50, memory_bytes: 64 << 20, gpus: 0, custom: Default::default() }),
+        resources: Some(pb::Resources {
+            cpu_millis: 50,
+            memory_bytes: 64 << 20,
+            gpus: 0,
+            custom: Default::default(),
+        }),
         priority: 100,
         dependencies,
-        run: Some(pb::task_spec::Run::Builtin(pb::BuiltinRun { handler: "sleep".into(), input: "1s".into() })),
+        run: Some(pb::task_spec::Run::Builtin(pb::BuiltinRun {
+            handler: "sleep".into(),
+            input: "1s".into(),
+        })),
         idempotency_key: Some(format!("bench-{name}-{:016x}", rand::random::<u64>())),
         ..Default::default()
     }
@@ -96,9 +104,12 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
     }
     let endpoints = global.endpoint.clone();
     let client = Client::new(&endpoints, global.timeout)?;
-    let token = crate::cluster_cmd::create_join_token(&client, Duration::from_secs(3600)).await?.token;
+    let token =
+        crate::cluster_cmd::create_join_token(&client, Duration::from_secs(3600)).await?.token;
 
-    let bar = ProgressBar::new(args.executors).with_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}").map_err(|e| anyhow!("{e}"))?);
+    let bar = ProgressBar::new(args.executors).with_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}").map_err(|e| anyhow!("{e}"))?,
+    );
     bar.set_message("joining simulated executors");
     let mut joins: JoinSet<Result<colony_executor::Credentials>> = JoinSet::new();
     let mut credentials: Vec<colony_executor::Credentials> = Vec::new();
@@ -127,7 +138,12 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
         })
     };
     // A 16-core, 32 GiB host: 320 of the benchmark's tasks each, so placements spread over the fleet.
-    let capacity = Resources { cpu_millis: 16_000, memory_bytes: 32 << 30, gpus: 0, custom: Default::default() };
+    let capacity = Resources {
+        cpu_millis: 16_000,
+        memory_bytes: 32 << 30,
+        gpus: 0,
+        custom: Default::default(),
+    };
     let mut sims = JoinSet::new();
     let mut endpoint = None;
     for (i, creds) in credentials.into_iter().enumerate() {
@@ -136,7 +152,15 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
         }
         let endpoint = endpoint.clone().context("an endpoint exists")?;
         let behaviour = sim::fixed(args.hold);
-        sims.spawn(SimExecutor::run(endpoint, endpoints.clone(), creds, capacity.clone(), Default::default(), behaviour, events.clone()));
+        sims.spawn(SimExecutor::run(
+            endpoint,
+            endpoints.clone(),
+            creds,
+            capacity.clone(),
+            Default::default(),
+            behaviour,
+            events.clone(),
+        ));
     }
     bar.set_message("waiting for executors to be up");
     bar.set_position(0);
@@ -144,13 +168,23 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
     bar.finish_and_clear();
 
     // Throughput: a backlog released all at once.
-    let channels: Vec<AdminClient<tonic::transport::Channel>> =
-        endpoints.iter().map(|e| lazy_channel(e, &ClientConfig::new(global.timeout)).map(AdminClient::new)).collect::<Result<_, _>>()?;
+    let channels: Vec<AdminClient<tonic::transport::Channel>> = endpoints
+        .iter()
+        .map(|e| lazy_channel(e, &ClientConfig::new(global.timeout)).map(AdminClient::new))
+        .collect::<Result<_, _>>()?;
     let gate = crate::task_cmd::submit_wire(&client, spec("gate", Vec::new())).await?;
-    let bar = ProgressBar::new(args.tasks).with_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}").map_err(|e| anyhow!("{e}"))?);
+    let bar = ProgressBar::new(args.tasks).with_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}").map_err(|e| anyhow!("{e}"))?,
+    );
     bar.set_message("submitting the backlog behind a gate task");
-    let backlog = submit_many(&channels, args.tasks, |i| spec(&format!("backlog-{i}"), vec![gate]), &bar).await?;
-    let gate_state = client.call("get task", |mut c| async move { c.get_task(pb::GetTaskRequest { id: gate, consistency: None }).await }).await?;
+    let backlog =
+        submit_many(&channels, args.tasks, |i| spec(&format!("backlog-{i}"), vec![gate]), &bar)
+            .await?;
+    let gate_state = client
+        .call("get task", |mut c| async move {
+            c.get_task(pb::GetTaskRequest { id: gate, consistency: None }).await
+        })
+        .await?;
     if gate_state.task.is_some_and(|t| t.state == pb::TaskState::Succeeded as i32) {
         bail!("the gate task finished before the backlog was submitted: pass a longer --hold");
     }
@@ -180,16 +214,24 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
     let count = (args.rate * args.latency_duration.as_secs_f64()).ceil() as u64;
     let interval = Duration::from_secs_f64(1.0 / args.rate);
     let start = Instant::now() + Duration::from_millis(100);
-    let bar = ProgressBar::new(count).with_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}").map_err(|e| anyhow!("{e}"))?);
+    let bar = ProgressBar::new(count).with_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}").map_err(|e| anyhow!("{e}"))?,
+    );
     bar.set_message(format!("latency phase at {} tasks/s", args.rate));
     let mut submitted: JoinSet<Result<(TaskId, Instant)>> = JoinSet::new();
     for i in 0..count {
         let due = start + interval.mul_f64(i as f64);
         tokio::time::sleep_until(due).await;
         let mut channel = channels[i as usize % channels.len()].clone();
-        let request = pb::SubmitTaskRequest { spec: Some(spec(&format!("latency-{i}"), Vec::new())) };
+        let request =
+            pb::SubmitTaskRequest { spec: Some(spec(&format!("latency-{i}"), Vec::new())) };
         submitted.spawn(async move {
-            let task = channel.submit_task(request).await.map_err(|s| anyhow!("submit: {}", s.message()))?.into_inner().task;
+            let task = channel
+                .submit_task(request)
+                .await
+                .map_err(|s| anyhow!("submit: {}", s.message()))?
+                .into_inner()
+                .task;
             Ok((TaskId(task.context("no task in the answer")?.id), due))
         });
         bar.inc(1);
@@ -203,9 +245,12 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
     let mut latency_us = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
     loop {
         let arrivals = arrivals.lock().await;
-        if due_by_task.iter().all(|(id, _)| arrivals.contains_key(id)) || Instant::now() > deadline {
+        if due_by_task.iter().all(|(id, _)| arrivals.contains_key(id)) || Instant::now() > deadline
+        {
             for (id, due) in &due_by_task {
-                let Some(at) = arrivals.get(id) else { bail!("task {id} was never assigned within 60s") };
+                let Some(at) = arrivals.get(id) else {
+                    bail!("task {id} was never assigned within 60s")
+                };
                 latency_us.saturating_record(at.saturating_duration_since(*due).as_micros() as u64);
             }
             break;
@@ -227,22 +272,45 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
         backlog_placed_seconds: window,
         latency_rate_per_second: args.rate,
         latency_tasks: count,
-        submit_to_assigned_ms: LatencyMs { p50: ms(0.5), p90: ms(0.9), p99: ms(0.99), max: latency_us.max() as f64 / 1000.0 },
+        submit_to_assigned_ms: LatencyMs {
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            max: latency_us.max() as f64 / 1000.0,
+        },
         leader_rss_bytes: leader_rss,
     };
     match global.output {
         OutputFormat::Json => output::print_json(&report),
         OutputFormat::Table => output::print_fields(&[
-            ("machine", format!("{} ({} cores, {})", report.machine.cpu_model, report.machine.cores, report.machine.hostname)),
+            (
+                "machine",
+                format!(
+                    "{} ({} cores, {})",
+                    report.machine.cpu_model, report.machine.cores, report.machine.hostname
+                ),
+            ),
             ("simulated executors", report.executors.to_string()),
-            ("backlog", format!("{} tasks placed in {:.2}s", report.backlog_tasks, report.backlog_placed_seconds)),
+            (
+                "backlog",
+                format!(
+                    "{} tasks placed in {:.2}s",
+                    report.backlog_tasks, report.backlog_placed_seconds
+                ),
+            ),
             ("placements/s", format!("{:.0}", report.placements_per_second)),
-            ("submit-to-assigned", format!("{} tasks at {}/s", report.latency_tasks, report.latency_rate_per_second)),
+            (
+                "submit-to-assigned",
+                format!("{} tasks at {}/s", report.latency_tasks, report.latency_rate_per_second),
+            ),
             (
                 "  latency ms",
                 format!(
                     "p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
-                    report.submit_to_assigned_ms.p50, report.submit_to_assigned_ms.p90, report.submit_to_assigned_ms.p99, report.submit_to_assigned_ms.max
+                    report.submit_to_assigned_ms.p50,
+                    report.submit_to_assigned_ms.p90,
+                    report.submit_to_assigned_ms.p99,
+                    report.submit_to_assigned_ms.max
                 ),
             ),
             ("leader RSS", format!("{:.0} MiB", report.leader_rss_bytes as f64 / (1 << 20) as f64)),
@@ -252,10 +320,23 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
 
 /// Waits until `wanted` simulated executors are up, counting them on `bar`; fails as soon as one
 /// of `sims` stops.
-pub async fn wait_for_sims_up(client: &Client, sims: &mut JoinSet<Result<()>>, wanted: u64, bar: &ProgressBar) -> Result<()> {
+pub async fn wait_for_sims_up(
+    client: &Client,
+    sims: &mut JoinSet<Result<()>>,
+    wanted: u64,
+    bar: &ProgressBar,
+) -> Result<()> {
     loop {
-        let executors = client.call("list executors", |mut c| async move { c.list_executors(pb::ListExecutorsRequest::default()).await }).await?;
-        let up = executors.executors.iter().filter(|e| e.state == "up" && e.name.starts_with("sim-")).count() as u64;
+        let executors = client
+            .call("list executors", |mut c| async move {
+                c.list_executors(pb::ListExecutorsRequest::default()).await
+            })
+            .await?;
+        let up = executors
+            .executors
+            .iter()
+            .filter(|e| e.state == "up" && e.name.starts_with("sim-"))
+            .count() as u64;
         bar.set_position(up);
         if up >= wanted {
             return Ok(());
@@ -278,13 +359,21 @@ async fn submit_many(
     let queue = Arc::new(Mutex::new(specs));
     let mut workers = JoinSet::new();
     for w in 0..SUBMITTERS {
-        let (queue, mut channel, bar) = (queue.clone(), channels[w % channels.len()].clone(), bar.clone());
+        let (queue, mut channel, bar) =
+            (queue.clone(), channels[w % channels.len()].clone(), bar.clone());
         workers.spawn(async move {
             let mut ids = Vec::new();
             loop {
-                let Some(spec) = queue.lock().await.pop() else { return Ok::<_, anyhow::Error>(ids) };
+                let Some(spec) = queue.lock().await.pop() else {
+                    return Ok::<_, anyhow::Error>(ids);
+                };
                 let request = pb::SubmitTaskRequest { spec: Some(spec) };
-                let task = channel.submit_task(request).await.map_err(|s| anyhow!("submit: {}", s.message()))?.into_inner().task;
+                let task = channel
+                    .submit_task(request)
+                    .await
+                    .map_err(|s| anyhow!("submit: {}", s.message()))?
+                    .into_inner()
+                    .task;
                 ids.push(TaskId(task.context("no task in the answer")?.id));
                 bar.inc(1);
             }
@@ -300,8 +389,15 @@ async fn submit_many(
 /// The leader's resident memory, asked of the leader itself.
 async fn leader_rss(endpoints: &[String], leader: Option<u64>) -> u64 {
     for endpoint in endpoints {
-        let Ok(channel) = lazy_channel(endpoint, &ClientConfig::new(Duration::from_secs(2))) else { continue };
-        if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), AdminClient::new(channel).cluster_status(pb::ClusterStatusRequest {})).await {
+        let Ok(channel) = lazy_channel(endpoint, &ClientConfig::new(Duration::from_secs(2))) else {
+            continue;
+        };
+        if let Ok(Ok(status)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            AdminClient::new(channel).cluster_status(pb::ClusterStatusRequest {}),
+        )
+        .await
+        {
             let status = status.into_inner();
             if Some(status.node_id) == leader {
                 return status.rss_bytes;

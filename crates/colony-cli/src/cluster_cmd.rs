@@ -1,10 +1,10 @@
 //! `colony cluster`: the cluster's status and membership changes.
 
-use colony_client::Client;
 use crate::output::{self, OutputFormat};
 use crate::GlobalArgs;
 use anyhow::Result;
 use clap::Subcommand;
+use colony_client::Client;
 use colony_proto::pb;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -82,7 +82,12 @@ pub struct ResourcesJson {
 impl From<Option<pb::Resources>> for ResourcesJson {
     fn from(r: Option<pb::Resources>) -> Self {
         let r = r.unwrap_or_default();
-        ResourcesJson { cpu_millis: r.cpu_millis, memory_bytes: r.memory_bytes, gpus: r.gpus, custom: r.custom.into_iter().collect() }
+        ResourcesJson {
+            cpu_millis: r.cpu_millis,
+            memory_bytes: r.memory_bytes,
+            gpus: r.gpus,
+            custom: r.custom.into_iter().collect(),
+        }
     }
 }
 
@@ -107,31 +112,60 @@ impl From<pb::Executor> for ExecutorJson {
 }
 
 /// A new join token that lives for `ttl`.
-pub async fn create_join_token(client: &Client, ttl: Duration) -> Result<pb::CreateJoinTokenResponse> {
-    let request = pb::CreateJoinTokenRequest { ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX) };
-    Ok(client.call("create join token", |mut c| async move { c.create_join_token(request).await }).await?)
+pub async fn create_join_token(
+    client: &Client,
+    ttl: Duration,
+) -> Result<pb::CreateJoinTokenResponse> {
+    let request =
+        pb::CreateJoinTokenRequest { ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX) };
+    Ok(client
+        .call("create join token", |mut c| async move { c.create_join_token(request).await })
+        .await?)
 }
 
 pub async fn list_executors(client: &Client, stale: bool) -> Result<Vec<ExecutorJson>> {
-    let request = pb::ListExecutorsRequest { consistency: stale.then_some(pb::ReadConsistency { stale: true }) };
-    let response = client.call("list executors", |mut c| async move { c.list_executors(request).await }).await?;
+    let request = pb::ListExecutorsRequest {
+        consistency: stale.then_some(pb::ReadConsistency { stale: true }),
+    };
+    let response = client
+        .call("list executors", |mut c| async move { c.list_executors(request).await })
+        .await?;
     Ok(response.executors.into_iter().map(ExecutorJson::from).collect())
 }
 
 pub fn print_executors(executors: &[ExecutorJson]) -> Result<()> {
     use colony_core::resources::{format_cpu_millis, format_memory_bytes};
-    let mut table = output::table(["ID", "NAME", "STATE", "CPU", "MEMORY", "GPUS", "TASKS", "HEARTBEAT", "LABELS"]);
+    let mut table = output::table([
+        "ID",
+        "NAME",
+        "STATE",
+        "CPU",
+        "MEMORY",
+        "GPUS",
+        "TASKS",
+        "HEARTBEAT",
+        "LABELS",
+    ]);
     for e in executors {
         let labels: Vec<String> = e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         table.add_row(vec![
             e.id.to_string(),
             e.name.clone(),
             e.state.clone(),
-            format!("{}/{}", format_cpu_millis(e.allocated.cpu_millis), format_cpu_millis(e.capacity.cpu_millis)),
-            format!("{}/{}", format_memory_bytes(e.allocated.memory_bytes), format_memory_bytes(e.capacity.memory_bytes)),
+            format!(
+                "{}/{}",
+                format_cpu_millis(e.allocated.cpu_millis),
+                format_cpu_millis(e.capacity.cpu_millis)
+            ),
+            format!(
+                "{}/{}",
+                format_memory_bytes(e.allocated.memory_bytes),
+                format_memory_bytes(e.capacity.memory_bytes)
+            ),
             format!("{}/{}", e.allocated.gpus, e.capacity.gpus),
             e.tasks.len().to_string(),
-            e.heartbeat_age_ms.map_or_else(|| "-".to_owned(), |ms| format!("{:.1}s ago", ms as f64 / 1000.0)),
+            e.heartbeat_age_ms
+                .map_or_else(|| "-".to_owned(), |ms| format!("{:.1}s ago", ms as f64 / 1000.0)),
             if labels.is_empty() { "-".to_owned() } else { labels.join(",") },
         ]);
     }
@@ -188,7 +222,13 @@ impl From<pb::ClusterStatusResponse> for StatusJson {
             members: s
                 .members
                 .into_iter()
-                .map(|m| MemberJson { id: m.id, addr: m.addr, role: m.role, reachable: m.reachable, matched_index: m.matched_index })
+                .map(|m| MemberJson {
+                    id: m.id,
+                    addr: m.addr,
+                    role: m.role,
+                    reachable: m.reachable,
+                    matched_index: m.matched_index,
+                })
                 .collect(),
             task_count: s.task_count,
             tasks_by_state: s.tasks_by_state.into_iter().collect(),
@@ -202,7 +242,9 @@ impl From<pb::ClusterStatusResponse> for StatusJson {
 pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> Result<()> {
     let client = Client::new(&global.endpoint, global.timeout)?;
     match command {
-        ClusterCommand::Status { watch: true, interval } => watch_status(&client, interval, global.output).await?,
+        ClusterCommand::Status { watch: true, interval } => {
+            watch_status(&client, interval, global.output).await?
+        }
         ClusterCommand::Status { watch: false, .. } => {
             let status = StatusJson::from(cluster_status(&client).await?);
             match global.output {
@@ -218,7 +260,11 @@ pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> Result<()> {
             match global.output {
                 OutputFormat::Table => {
                     let voters: Vec<String> = response.voters.iter().map(u64::to_string).collect();
-                    output::out(format!("removed node {id}; voters now {} (leader {})", voters.join(", "), response.leader_id))?;
+                    output::out(format!(
+                        "removed node {id}; voters now {} (leader {})",
+                        voters.join(", "),
+                        response.leader_id
+                    ))?;
                 }
                 OutputFormat::Json => output::print_json(&serde_json::json!({
                     "removed": id,
@@ -232,11 +278,14 @@ pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> Result<()> {
             match global.output {
                 OutputFormat::Table => {
                     output::out(&response.token)?;
-                    eprintln!("expires in {}; pass it to `colony executor --token`", humantime::format_duration(ttl));
+                    eprintln!(
+                        "expires in {}; pass it to `colony executor --token`",
+                        humantime::format_duration(ttl)
+                    );
                 }
-                OutputFormat::Json => {
-                    output::print_json(&serde_json::json!({ "token": response.token, "expires_unix_ms": response.expires_unix_ms }))?
-                }
+                OutputFormat::Json => output::print_json(
+                    &serde_json::json!({ "token": response.token, "expires_unix_ms": response.expires_unix_ms }),
+                )?,
             }
         }
         ClusterCommand::Executors { stale } => {
@@ -249,8 +298,13 @@ pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> Result<()> {
         ClusterCommand::Drain { executor, deadline } => {
             let deadline_ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
             let request = pb::DrainExecutorRequest { id: executor, deadline_ms };
-            let response = client.call("drain executor", |mut c| async move { c.drain_executor(request).await }).await?;
-            let executor = response.executor.map(ExecutorJson::from).ok_or_else(|| anyhow::anyhow!("the server's answer has no executor"))?;
+            let response = client
+                .call("drain executor", |mut c| async move { c.drain_executor(request).await })
+                .await?;
+            let executor = response
+                .executor
+                .map(ExecutorJson::from)
+                .ok_or_else(|| anyhow::anyhow!("the server's answer has no executor"))?;
             match global.output {
                 OutputFormat::Table => output::out(format!(
                     "executor {} ({}) is draining: {} task(s) may run up to {} more",
@@ -267,7 +321,11 @@ pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> Result<()> {
 }
 
 pub async fn cluster_status(client: &Client) -> Result<pb::ClusterStatusResponse> {
-    Ok(client.call("cluster status", |mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await }).await?)
+    Ok(client
+        .call("cluster status", |mut c| async move {
+            c.cluster_status(pb::ClusterStatusRequest {}).await
+        })
+        .await?)
 }
 
 /// Rates between two status answers.
@@ -310,11 +368,19 @@ async fn watch_status(client: &Client, interval: Duration, format: OutputFormat)
                 let pending = status.tasks_by_state.get("pending").copied().unwrap_or(0);
                 let rates = throughput.map_or_else(
                     || "measuring...".to_owned(),
-                    |t| format!("{:.1} tasks/s submitted, {:.1} log entries/s committed", t.tasks_per_second, t.entries_per_second),
+                    |t| {
+                        format!(
+                            "{:.1} tasks/s submitted, {:.1} log entries/s committed",
+                            t.tasks_per_second, t.entries_per_second
+                        )
+                    },
                 );
                 output::out("")?;
                 output::out(format!("queue depth {pending}  throughput {rates}"))?;
-                output::out(format!("refreshing every {}; Ctrl-C to stop", humantime::format_duration(interval)))?;
+                output::out(format!(
+                    "refreshing every {}; Ctrl-C to stop",
+                    humantime::format_duration(interval)
+                ))?;
             }
         }
         tokio::select! {
@@ -348,13 +414,19 @@ fn print_status(s: &StatusJson) -> Result<()> {
     if s.joint {
         output::out("membership change in progress (joint consensus)")?;
     }
-    let by_state: Vec<String> = s.tasks_by_state.iter().filter(|(_, n)| **n > 0).map(|(state, n)| format!("{state} {n}")).collect();
+    let by_state: Vec<String> = s
+        .tasks_by_state
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(state, n)| format!("{state} {n}"))
+        .collect();
     if by_state.is_empty() {
         output::out(format!("tasks {}", s.task_count))?;
     } else {
         output::out(format!("tasks {} ({})", s.task_count, by_state.join(", ")))?;
     }
-    let executors: Vec<String> = s.executors_by_state.iter().map(|(state, n)| format!("{state} {n}")).collect();
+    let executors: Vec<String> =
+        s.executors_by_state.iter().map(|(state, n)| format!("{state} {n}")).collect();
     if !executors.is_empty() {
         output::out(format!("executors {}", executors.join(", ")))?;
     }

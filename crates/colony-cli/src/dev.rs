@@ -6,13 +6,13 @@
 //! `Child` handle is dropped on an error path, and ask the kernel to stop them if we die without
 //! a chance to clean up.
 
-use colony_client::Client;
 use crate::cluster_cmd::{self, StatusJson};
 use crate::output;
 use crate::task_cmd;
 use crate::GlobalArgs;
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::Args;
+use colony_client::Client;
 use colony_core::{Resources, RunSpec, Task, TaskId, TaskSpec};
 use indicatif::{ProgressBar, ProgressFinish};
 use nix::sys::signal::{kill, Signal};
@@ -81,12 +81,20 @@ impl Server {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("cannot open {}", self.log.display()))?;
-        let log_err: File = log.try_clone().with_context(|| format!("cannot open {}", self.log.display()))?;
+        let log_err: File =
+            log.try_clone().with_context(|| format!("cannot open {}", self.log.display()))?;
         let mut command = Command::new(exe);
         if self.kind == "server" {
             command
                 .arg("server")
-                .args(["--id", &self.id.to_string(), "--listen", &self.addr, "--metrics-listen", &self.metrics_addr])
+                .args([
+                    "--id",
+                    &self.id.to_string(),
+                    "--listen",
+                    &self.addr,
+                    "--metrics-listen",
+                    &self.metrics_addr,
+                ])
                 .arg("--data-dir")
                 .arg(&self.data_dir);
         }
@@ -98,7 +106,9 @@ impl Server {
             .stderr(log_err)
             .process_group(0)
             .kill_on_drop(true);
-        let child = command.spawn().with_context(|| format!("cannot start {} {} ({})", self.kind, self.id, exe.display()))?;
+        let child = command.spawn().with_context(|| {
+            format!("cannot start {} {} ({})", self.kind, self.id, exe.display())
+        })?;
         self.child = Some(child);
         Ok(())
     }
@@ -110,7 +120,12 @@ impl Server {
             Ok(None) => Ok(()),
             Ok(Some(status)) => {
                 self.child = None;
-                Err(anyhow!("{} {} exited unexpectedly ({status}); see its log {}", self.kind, self.id, self.log.display()))
+                Err(anyhow!(
+                    "{} {} exited unexpectedly ({status}); see its log {}",
+                    self.kind,
+                    self.id,
+                    self.log.display()
+                ))
             }
             Err(e) => Err(anyhow!("cannot check on {} {}: {e}", self.kind, self.id)),
         }
@@ -150,7 +165,9 @@ pub async fn run(args: DevArgs, global: &GlobalArgs) -> Result<()> {
     let restart = restarting(&servers)?;
     let mut executors = plan_executors(&dir, args.base_port, args.executors)?;
     if !args.no_learner {
-        let metrics_port = args.base_port.checked_add(1020).ok_or_else(|| anyhow!("--base-port {} leaves no room for the learner's metrics port", args.base_port))?;
+        let metrics_port = args.base_port.checked_add(1020).ok_or_else(|| {
+            anyhow!("--base-port {} leaves no room for the learner's metrics port", args.base_port)
+        })?;
         executors.push(Server {
             kind: "learner",
             id: 1,
@@ -187,15 +204,23 @@ pub async fn run(args: DevArgs, global: &GlobalArgs) -> Result<()> {
 /// Writes the servers' metrics endpoints as a Prometheus file_sd list, atomically (Prometheus
 /// watches the file and must never read half of it).
 fn write_prometheus_targets(path: &Path, servers: &[Server], executors: &[Server]) -> Result<()> {
-    let targets = |processes: &[Server]| processes.iter().map(|s| s.metrics_addr.clone()).collect::<Vec<_>>();
-    let of_kind = |kind: &str| executors.iter().filter(|e| e.kind == kind).map(|s| s.metrics_addr.clone()).collect::<Vec<_>>();
+    let targets =
+        |processes: &[Server]| processes.iter().map(|s| s.metrics_addr.clone()).collect::<Vec<_>>();
+    let of_kind = |kind: &str| {
+        executors
+            .iter()
+            .filter(|e| e.kind == kind)
+            .map(|s| s.metrics_addr.clone())
+            .collect::<Vec<_>>()
+    };
     let list = serde_json::json!([
         { "targets": targets(servers), "labels": { "job": "colony-server", "cluster": "dev" } },
         { "targets": of_kind("executor"), "labels": { "job": "colony-executor", "cluster": "dev" } },
         { "targets": of_kind("learner"), "labels": { "job": "colony-learner", "cluster": "dev" } },
     ]);
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
     }
     let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_string_pretty(&list).context("cannot encode the target list")?;
@@ -207,12 +232,15 @@ fn write_prometheus_targets(path: &Path, servers: &[Server], executors: &[Server
 fn prepare_dir(dir: Option<&Path>) -> Result<PathBuf> {
     let dir = match dir {
         Some(dir) => {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
             dir.to_path_buf()
         }
         None => {
-            let dir = std::env::temp_dir().join(format!("colony-dev-{:08x}", rand::random::<u32>()));
-            std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            let dir =
+                std::env::temp_dir().join(format!("colony-dev-{:08x}", rand::random::<u32>()));
+            std::fs::create_dir(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
             dir
         }
     };
@@ -223,9 +251,12 @@ fn prepare_dir(dir: Option<&Path>) -> Result<PathBuf> {
 fn plan(dir: &Path, base_port: u16, count: u64) -> Result<Vec<Server>> {
     (1..=count)
         .map(|id| {
-            let port = u16::try_from(u64::from(base_port) + id - 1)
-                .map_err(|_| anyhow!("--base-port {base_port} leaves no room for {count} servers"))?;
-            let metrics_port = port.checked_add(1000).ok_or_else(|| anyhow!("--base-port {base_port} leaves no room for metrics ports"))?;
+            let port = u16::try_from(u64::from(base_port) + id - 1).map_err(|_| {
+                anyhow!("--base-port {base_port} leaves no room for {count} servers")
+            })?;
+            let metrics_port = port.checked_add(1000).ok_or_else(|| {
+                anyhow!("--base-port {base_port} leaves no room for metrics ports")
+            })?;
             Ok(Server {
                 kind: "server",
                 id,
@@ -243,7 +274,9 @@ fn plan(dir: &Path, base_port: u16, count: u64) -> Result<Vec<Server>> {
 fn plan_executors(dir: &Path, base_port: u16, count: u64) -> Result<Vec<Server>> {
     (1..=count)
         .map(|id| {
-            let metrics_port = u16::try_from(u64::from(base_port) + 1009 + id).map_err(|_| anyhow!("--base-port {base_port} leaves no room for executor metrics ports"))?;
+            let metrics_port = u16::try_from(u64::from(base_port) + 1009 + id).map_err(|_| {
+                anyhow!("--base-port {base_port} leaves no room for executor metrics ports")
+            })?;
             Ok(Server {
                 kind: "executor",
                 id,
@@ -260,7 +293,9 @@ fn plan_executors(dir: &Path, base_port: u16, count: u64) -> Result<Vec<Server>>
 /// Whether every server already has data from an earlier run (then they restart from it) or none
 /// has (a new cluster); a mix cannot be started safely.
 fn restarting(servers: &[Server]) -> Result<bool> {
-    let has_data = |s: &Server| std::fs::read_dir(&s.data_dir).map(|mut entries| entries.next().is_some()).unwrap_or(false);
+    let has_data = |s: &Server| {
+        std::fs::read_dir(&s.data_dir).map(|mut entries| entries.next().is_some()).unwrap_or(false)
+    };
     let with_data = servers.iter().filter(|s| has_data(s)).count();
     if with_data == 0 {
         Ok(false)
@@ -279,8 +314,15 @@ fn check_port_free(addr: &str) -> Result<()> {
 
 /// Starts the servers, waits for them, runs the demo and then watches the children until one
 /// exits. Returns only on an error; a stop signal ends it from outside.
-async fn serve(servers: &mut [Server], executors: &mut [Server], dir: &Path, restart: bool, global: &GlobalArgs) -> Result<()> {
-    let exe = std::env::current_exe().context("cannot find this executable to start servers with")?;
+async fn serve(
+    servers: &mut [Server],
+    executors: &mut [Server],
+    dir: &Path,
+    restart: bool,
+    global: &GlobalArgs,
+) -> Result<()> {
+    let exe =
+        std::env::current_exe().context("cannot find this executable to start servers with")?;
     let endpoints: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
     // Cleared however this ends (ready, error, or a stop signal dropping this future).
     let spinner = ProgressBar::new_spinner().with_finish(ProgressFinish::AndClear);
@@ -305,7 +347,8 @@ async fn serve(servers: &mut [Server], executors: &mut [Server], dir: &Path, res
     let wanted = servers.len();
     let status = wait_until(servers, &endpoints, deadline, &spinner, |s| {
         let voters = s.members.iter().filter(|m| m.role == "voter").count();
-        (s.members.len() != wanted || voters != wanted).then(|| format!("{voters} of {wanted} servers are voters"))
+        (s.members.len() != wanted || voters != wanted)
+            .then(|| format!("{voters} of {wanted} servers are voters"))
     })
     .await?;
     let client = Client::new(&endpoints, global.timeout)?;
@@ -332,7 +375,10 @@ async fn serve(servers: &mut [Server], executors: &mut [Server], dir: &Path, res
             failed = watch_children(servers, executors) => return failed,
         };
         output::print_task_table(&finished)?;
-        println!("Output of the last step: {}", finished.last().map_or("", |t| t.stdout_tail.trim()));
+        println!(
+            "Output of the last step: {}",
+            finished.last().map_or("", |t| t.stdout_tail.trim())
+        );
     }
     println!();
     println!("Press Ctrl-C to stop the cluster.");
@@ -351,28 +397,63 @@ async fn watch_children(servers: &mut [Server], executors: &mut [Server]) -> Res
 }
 
 /// Starts the executors: new ones join with a fresh token, earlier ones restart from their data.
-async fn start_executors(client: &Client, executors: &mut [Server], exe: &Path, endpoints: &[String], spinner: &ProgressBar) -> Result<()> {
+async fn start_executors(
+    client: &Client,
+    executors: &mut [Server],
+    exe: &Path,
+    endpoints: &[String],
+    spinner: &ProgressBar,
+) -> Result<()> {
     let mut token = None;
     for executor in executors.iter_mut() {
         if executor.kind == "learner" {
             // Publishing needs a live token; a dev cluster's learner gets the longest one.
-            let response = cluster_cmd::create_join_token(client, Duration::from_secs(7 * 24 * 3600)).await?;
-            let mut args: Vec<String> = vec!["learner".into(), "--join".into(), endpoints.join(","), "--token".into(), response.token];
-            args.extend(["--metrics-listen".into(), executor.metrics_addr.clone(), "--data-dir".into(), executor.data_dir.display().to_string()]);
+            let response =
+                cluster_cmd::create_join_token(client, Duration::from_secs(7 * 24 * 3600)).await?;
+            let mut args: Vec<String> = vec![
+                "learner".into(),
+                "--join".into(),
+                endpoints.join(","),
+                "--token".into(),
+                response.token,
+            ];
+            args.extend([
+                "--metrics-listen".into(),
+                executor.metrics_addr.clone(),
+                "--data-dir".into(),
+                executor.data_dir.display().to_string(),
+            ]);
             spinner.set_message("starting the learner");
             executor.spawn(exe, &args)?;
             continue;
         }
         let mut args: Vec<String> = vec!["executor".into(), "--join".into(), endpoints.join(",")];
-        args.extend(["--name".into(), format!("e{}", executor.id), "--metrics-listen".into(), executor.metrics_addr.clone()]);
-        args.extend(["--cpu".into(), "2".into(), "--memory".into(), "2Gi".into(), "--capability".into(), "shell".into()]);
-        args.extend(["--label".into(), format!("zone={}", if executor.id % 2 == 1 { "a" } else { "b" })]);
+        args.extend([
+            "--name".into(),
+            format!("e{}", executor.id),
+            "--metrics-listen".into(),
+            executor.metrics_addr.clone(),
+        ]);
+        args.extend([
+            "--cpu".into(),
+            "2".into(),
+            "--memory".into(),
+            "2Gi".into(),
+            "--capability".into(),
+            "shell".into(),
+        ]);
+        args.extend([
+            "--label".into(),
+            format!("zone={}", if executor.id % 2 == 1 { "a" } else { "b" }),
+        ]);
         args.push("--data-dir".into());
         args.push(executor.data_dir.display().to_string());
         if !executor.data_dir.join("identity.json").exists() {
             if token.is_none() {
                 spinner.set_message("creating a join token");
-                token = Some(cluster_cmd::create_join_token(client, Duration::from_secs(600)).await?.token);
+                token = Some(
+                    cluster_cmd::create_join_token(client, Duration::from_secs(600)).await?.token,
+                );
             }
             args.extend(["--token".into(), token.clone().unwrap_or_default()]);
         }
@@ -424,14 +505,27 @@ async fn wait_until(
     }
 }
 
-fn print_welcome(status: &StatusJson, servers: &[Server], executors: &[Server], dir: &Path) -> Result<()> {
+fn print_welcome(
+    status: &StatusJson,
+    servers: &[Server],
+    executors: &[Server],
+    dir: &Path,
+) -> Result<()> {
     let endpoints: Vec<&str> = servers.iter().map(|s| s.addr.as_str()).collect();
     let leader = status.leader_id.map_or_else(|| "none".to_owned(), |id| id.to_string());
-    println!("Colony dev cluster {} is up: {} servers, leader {leader}.", status.cluster_id, servers.len());
+    println!(
+        "Colony dev cluster {} is up: {} servers, leader {leader}.",
+        status.cluster_id,
+        servers.len()
+    );
     println!();
     cluster_cmd::print_members(&status.members)?;
     println!();
-    let metrics: Vec<String> = servers.iter().chain(executors).map(|s| format!("http://{}/metrics", s.metrics_addr)).collect();
+    let metrics: Vec<String> = servers
+        .iter()
+        .chain(executors)
+        .map(|s| format!("http://{}/metrics", s.metrics_addr))
+        .collect();
     println!("Metrics: {}", metrics.join("  "));
     println!();
     println!("Reach it from another shell:");
@@ -441,12 +535,20 @@ fn print_welcome(status: &StatusJson, servers: &[Server], executors: &[Server], 
     println!("  colony task submit --name hello -- /bin/echo hello");
     println!("  colony task wait ID");
     println!("  colony task list");
-    println!("  colony model list                   # the learner publishes once it beats the baseline");
+    println!(
+        "  colony model list                   # the learner publishes once it beats the baseline"
+    );
     println!("  colony bench submit --duration 5s");
     println!();
     println!("Data: {}/server{{1..{}}}", dir.display(), servers.len());
     let executor_count = executors.iter().filter(|e| e.kind == "executor").count();
-    println!("Logs: {}/server{{1..{}}}.log, {}/executor{{1..{executor_count}}}.log, {}/learner.log", dir.display(), servers.len(), dir.display(), dir.display());
+    println!(
+        "Logs: {}/server{{1..{}}}.log, {}/executor{{1..{executor_count}}}.log, {}/learner.log",
+        dir.display(),
+        servers.len(),
+        dir.display(),
+        dir.display()
+    );
     println!("Restart this cluster later with: colony dev --dir {}", dir.display());
     println!();
     Ok(())
@@ -459,7 +561,12 @@ async fn submit_demo(client: &Client) -> Result<Vec<Task>> {
         ("fetch", &[], 250, "echo fetching the dataset; sleep 1"),
         ("train", &["fetch"], 1000, "echo training the model; sleep 2"),
         ("evaluate", &["fetch"], 500, "echo evaluating the baseline; sleep 1"),
-        ("report", &["train", "evaluate"], 100, "echo \"report written by executor $COLONY_EXECUTOR_ID\""),
+        (
+            "report",
+            &["train", "evaluate"],
+            100,
+            "echo \"report written by executor $COLONY_EXECUTOR_ID\"",
+        ),
     ];
     let mut ids: BTreeMap<&str, TaskId> = BTreeMap::new();
     let mut tasks = Vec::new();
@@ -470,18 +577,29 @@ async fn submit_demo(client: &Client) -> Result<Vec<Task>> {
             namespace: "demo".to_owned(),
             labels: BTreeMap::new(),
             capabilities: ["shell".to_owned()].into(),
-            resources: Resources { cpu_millis, memory_bytes: 64 << 20, gpus: 0, custom: BTreeMap::new() },
+            resources: Resources {
+                cpu_millis,
+                memory_bytes: 64 << 20,
+                gpus: 0,
+                custom: BTreeMap::new(),
+            },
             priority: 100,
             deadline_unix_ms: None,
             timeout_ms: Some(60_000),
             max_retries: 1,
             dependencies,
-            run: RunSpec::Process { program: "/bin/sh".to_owned(), args: vec!["-c".to_owned(), script.to_owned()], env: BTreeMap::new() },
+            run: RunSpec::Process {
+                program: "/bin/sh".to_owned(),
+                args: vec!["-c".to_owned(), script.to_owned()],
+                env: BTreeMap::new(),
+            },
             idempotency_key: Some(format!("colony-dev-demo-{name}")),
             placement: Default::default(),
             memory_auto: false,
         };
-        let (task, _) = task_cmd::submit(client, &spec).await.with_context(|| format!("cannot submit the demo task {name}"))?;
+        let (task, _) = task_cmd::submit(client, &spec)
+            .await
+            .with_context(|| format!("cannot submit the demo task {name}"))?;
         ids.insert(name, task.id);
         tasks.push(task);
     }
@@ -492,7 +610,9 @@ async fn submit_demo(client: &Client) -> Result<Vec<Task>> {
 /// is killed.
 async fn stop(servers: &mut [Server]) -> Result<()> {
     for server in servers.iter_mut() {
-        if let Some(pid) = server.child.as_ref().and_then(Child::id).and_then(|pid| i32::try_from(pid).ok()) {
+        if let Some(pid) =
+            server.child.as_ref().and_then(Child::id).and_then(|pid| i32::try_from(pid).ok())
+        {
             // ESRCH means it is gone already, which is what we want.
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         }
@@ -502,18 +622,24 @@ async fn stop(servers: &mut [Server]) -> Result<()> {
     let mut stopped = 0;
     for server in servers.iter_mut() {
         let Some(mut child) = server.child.take() else { continue };
-        let exit: std::io::Result<ExitStatus> = match tokio::time::timeout_at(deadline, child.wait()).await {
-            Ok(exit) => exit,
-            Err(_) => {
-                killed.push(format!("{} {}", server.kind, server.id));
-                // Kill errors mean it has exited meanwhile; wait() reaps it either way.
-                let _ = child.start_kill();
-                child.wait().await
-            }
-        };
+        let exit: std::io::Result<ExitStatus> =
+            match tokio::time::timeout_at(deadline, child.wait()).await {
+                Ok(exit) => exit,
+                Err(_) => {
+                    killed.push(format!("{} {}", server.kind, server.id));
+                    // Kill errors mean it has exited meanwhile; wait() reaps it either way.
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
         match exit {
             Ok(status) if status.success() => stopped += 1,
-            Ok(status) => eprintln!("{} {} stopped with {status}; see its log {}", server.kind, server.id, server.log.display()),
+            Ok(status) => eprintln!(
+                "{} {} stopped with {status}; see its log {}",
+                server.kind,
+                server.id,
+                server.log.display()
+            ),
             Err(e) => eprintln!("cannot wait for {} {}: {e}", server.kind, server.id),
         }
     }
@@ -549,7 +675,8 @@ mod tests {
 
     #[test]
     fn a_dir_is_new_or_a_whole_earlier_cluster() {
-        let dir = std::env::temp_dir().join(format!("colony-dev-test-{:08x}", rand::random::<u32>()));
+        let dir =
+            std::env::temp_dir().join(format!("colony-dev-test-{:08x}", rand::random::<u32>()));
         let servers = match plan(&dir, 7101, 2) {
             Ok(servers) => servers,
             Err(e) => panic!("{e:#}"),

@@ -65,7 +65,9 @@ fn config(args: &ExecutorArgs) -> Result<ExecutorConfig> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .filter(|n| !n.is_empty())
-            .ok_or_else(|| anyhow!("cannot name the executor after {}; pass --name", args.data_dir.display()))?,
+            .ok_or_else(|| {
+                anyhow!("cannot name the executor after {}; pass --name", args.data_dir.display())
+            })?,
     };
     let spec = colony_core::ExecutorSpec {
         name: name.clone(),
@@ -92,5 +94,8 @@ pub async fn run(args: ExecutorArgs) -> Result<()> {
         exit_with_parent(parent)?;
     }
     init_logging(args.log_format)?;
-    colony_executor::run(config, async { colony_process::shutdown_signal().await; }).await
+    colony_executor::run(config, async {
+        colony_process::shutdown_signal().await;
+    })
+    .await
 }

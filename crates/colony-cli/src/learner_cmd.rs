@@ -42,7 +42,8 @@ pub struct LearnerArgs {
 }
 
 pub async fn run(args: LearnerArgs) -> Result<()> {
-    let mut config = LearnerConfig::new(args.join.clone(), args.token.clone(), args.data_dir.clone());
+    let mut config =
+        LearnerConfig::new(args.join.clone(), args.token.clone(), args.data_dir.clone());
     config.device = args.device.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     config.metrics_listen = args.metrics_listen;
     config.retrain_every_examples = args.retrain_every;
@@ -53,5 +54,8 @@ pub async fn run(args: LearnerArgs) -> Result<()> {
         exit_with_parent(parent)?;
     }
     init_logging(args.log_format)?;
-    colony_learn::learner::run(config, async { colony_process::shutdown_signal().await; }).await
+    colony_learn::learner::run(config, async {
+        colony_process::shutdown_signal().await;
+    })
+    .await
 }

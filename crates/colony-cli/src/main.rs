@@ -126,10 +126,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Learner(args) => learner_cmd::run(args).await,
             Command::Dev(args) => dev::run(args, &global).await,
             Command::Bench(command) => bench::run(command, &global).await,
-            Command::Chaos(command) => match colony_chaos::run(command, global.output == OutputFormat::Json).await? {
-                true => Ok(()),
-                false => Err(anyhow::anyhow!("the chaos run found violations (see the report above)")),
-            },
+            Command::Chaos(command) => {
+                match colony_chaos::run(command, global.output == OutputFormat::Json).await? {
+                    true => Ok(()),
+                    false => Err(anyhow::anyhow!(
+                        "the chaos run found violations (see the report above)"
+                    )),
+                }
+            }
         }
     })
 }
@@ -146,7 +150,17 @@ mod tests {
 
     #[test]
     fn global_options_apply_to_subcommands() {
-        let cli = Cli::try_parse_from(["colony", "task", "list", "--endpoint", "a:1,b:2", "--output", "json", "--timeout", "3s"]);
+        let cli = Cli::try_parse_from([
+            "colony",
+            "task",
+            "list",
+            "--endpoint",
+            "a:1,b:2",
+            "--output",
+            "json",
+            "--timeout",
+            "3s",
+        ]);
         let cli = cli.map_err(|e| e.to_string());
         let Ok(cli) = cli else { panic!("parse failed: {cli:?}") };
         assert_eq!(cli.global.endpoint, vec!["a:1".to_owned(), "b:2".to_owned()]);
@@ -157,7 +171,10 @@ mod tests {
     #[test]
     fn bad_endpoints_are_usage_errors() {
         for bad in ["nohost", "host:", ":7101", "host:notaport", "a:1,,b:2"] {
-            assert!(Cli::try_parse_from(["colony", "task", "list", "--endpoint", bad]).is_err(), "{bad}");
+            assert!(
+                Cli::try_parse_from(["colony", "task", "list", "--endpoint", bad]).is_err(),
+                "{bad}"
+            );
         }
     }
 }

@@ -1,10 +1,10 @@
 //! `colony model`: the model registry the learner publishes to and the scheduler reads.
 
-use colony_client::Client;
 use crate::output::{self, OutputFormat};
 use crate::GlobalArgs;
 use anyhow::{anyhow, Result};
 use clap::Subcommand;
+use colony_client::Client;
 use colony_proto::pb;
 use serde::Serialize;
 
@@ -59,7 +59,16 @@ fn mse(x: Option<f64>) -> String {
 
 fn print_models(models: &[ModelJson]) -> Result<()> {
     let now = colony_process::unix_ms();
-    let mut table = output::table(["VERSION", "CURRENT", "AGE", "DEVICE", "HOLDOUT MSE", "BASELINE MSE", "ROWS", "WEIGHTS"]);
+    let mut table = output::table([
+        "VERSION",
+        "CURRENT",
+        "AGE",
+        "DEVICE",
+        "HOLDOUT MSE",
+        "BASELINE MSE",
+        "ROWS",
+        "WEIGHTS",
+    ]);
     for m in models {
         table.add_row(vec![
             m.version.to_string(),
@@ -79,17 +88,29 @@ pub async fn run(command: ModelCommand, global: &GlobalArgs) -> Result<()> {
     let client = Client::new(&global.endpoint, global.timeout)?;
     match command {
         ModelCommand::List => {
-            let response = client.call("list models", |mut c| async move { c.list_models(pb::ListModelsRequest {}).await }).await?;
+            let response = client
+                .call("list models", |mut c| async move {
+                    c.list_models(pb::ListModelsRequest {}).await
+                })
+                .await?;
             let models: Vec<ModelJson> = response.models.into_iter().map(ModelJson::from).collect();
             match global.output {
-                OutputFormat::Table if models.is_empty() => output::out("no models yet: the learner publishes one once it beats the baseline")?,
+                OutputFormat::Table if models.is_empty() => output::out(
+                    "no models yet: the learner publishes one once it beats the baseline",
+                )?,
                 OutputFormat::Table => print_models(&models)?,
                 OutputFormat::Json => output::print_json(&models)?,
             }
         }
         ModelCommand::Show { version } => {
-            let response = client.call("get model", |mut c| async move { c.get_model(pb::GetModelRequest { version }).await }).await?;
-            let model = ModelJson::from(response.model.ok_or_else(|| anyhow!("the server's answer has no model"))?);
+            let response = client
+                .call("get model", |mut c| async move {
+                    c.get_model(pb::GetModelRequest { version }).await
+                })
+                .await?;
+            let model = ModelJson::from(
+                response.model.ok_or_else(|| anyhow!("the server's answer has no model"))?,
+            );
             match global.output {
                 OutputFormat::Table => output::print_fields(&[
                     ("version", model.version.to_string()),
@@ -100,14 +121,27 @@ pub async fn run(command: ModelCommand, global: &GlobalArgs) -> Result<()> {
                     ("holdout mse", mse(model.holdout_mse)),
                     ("baseline mse", mse(model.baseline_mse)),
                     ("previous mse", mse(model.previous_mse)),
-                    ("train/holdout rows", format!("{}/{}", model.train_rows.unwrap_or(0), model.holdout_rows.unwrap_or(0))),
+                    (
+                        "train/holdout rows",
+                        format!(
+                            "{}/{}",
+                            model.train_rows.unwrap_or(0),
+                            model.holdout_rows.unwrap_or(0)
+                        ),
+                    ),
                 ])?,
                 OutputFormat::Json => output::print_json(&model)?,
             }
         }
         ModelCommand::Rollback { version } => {
-            let response = client.call("roll back model", |mut c| async move { c.rollback_model(pb::RollbackModelRequest { version }).await }).await?;
-            let model = ModelJson::from(response.model.ok_or_else(|| anyhow!("the server's answer has no model"))?);
+            let response = client
+                .call("roll back model", |mut c| async move {
+                    c.rollback_model(pb::RollbackModelRequest { version }).await
+                })
+                .await?;
+            let model = ModelJson::from(
+                response.model.ok_or_else(|| anyhow!("the server's answer has no model"))?,
+            );
             match global.output {
                 OutputFormat::Table => output::out(format!("model {} is current", model.version))?,
                 OutputFormat::Json => output::print_json(&model)?,

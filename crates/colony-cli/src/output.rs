@@ -22,7 +22,10 @@ where
     S: Into<comfy_table::Cell>,
 {
     let mut table = Table::new();
-    table.load_preset(presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled).set_header(header);
+    table
+        .load_preset(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header);
     table
 }
 
@@ -35,7 +38,11 @@ pub fn out(line: impl std::fmt::Display) -> Result<()> {
 
 /// Whether `error` is stdout's reader having gone away.
 pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Prints a table with no leading space and two spaces between columns.
@@ -164,30 +171,47 @@ pub fn print_task_details(task: &Task) -> Result<()> {
         fields.push(("executor", executor.to_string()));
     }
     let run = match &spec.run {
-        RunSpec::Process { program, args, .. } => std::iter::once(program).chain(args).cloned().collect::<Vec<_>>().join(" "),
+        RunSpec::Process { program, args, .. } => {
+            std::iter::once(program).chain(args).cloned().collect::<Vec<_>>().join(" ")
+        }
         RunSpec::Builtin { handler, input } if input.is_empty() => format!("builtin {handler}"),
         RunSpec::Builtin { handler, input } => format!("builtin {handler} (input {input:?})"),
     };
     fields.push(("run", run));
     if let RunSpec::Process { env, .. } = &spec.run {
         if !env.is_empty() {
-            fields.push(("env", env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")));
+            fields.push((
+                "env",
+                env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "),
+            ));
         }
     }
     if !spec.dependencies.is_empty() {
-        fields.push(("after", spec.dependencies.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")));
+        fields.push((
+            "after",
+            spec.dependencies.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "),
+        ));
     }
     if !spec.labels.is_empty() {
-        fields.push(("labels", spec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")));
+        fields.push((
+            "labels",
+            spec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", "),
+        ));
     }
     if !spec.capabilities.is_empty() {
-        fields.push(("capabilities", spec.capabilities.iter().cloned().collect::<Vec<_>>().join(", ")));
+        fields.push((
+            "capabilities",
+            spec.capabilities.iter().cloned().collect::<Vec<_>>().join(", "),
+        ));
     }
     if let Some(deadline) = spec.deadline_unix_ms {
         fields.push(("deadline", format_unix_ms(deadline)));
     }
     if let Some(timeout) = spec.timeout_ms {
-        fields.push(("timeout", humantime::format_duration(std::time::Duration::from_millis(timeout)).to_string()));
+        fields.push((
+            "timeout",
+            humantime::format_duration(std::time::Duration::from_millis(timeout)).to_string(),
+        ));
     }
     if let Some(key) = &spec.idempotency_key {
         fields.push(("idempotency key", key.clone()));
@@ -195,7 +219,14 @@ pub fn print_task_details(task: &Task) -> Result<()> {
     if let Some(token) = task.fencing_token {
         fields.push(("fencing token", token.to_string()));
     }
-    fields.push(("created", format!("{} ({} ago)", format_unix_ms(task.created_unix_ms), format_age(task.created_unix_ms, now))));
+    fields.push((
+        "created",
+        format!(
+            "{} ({} ago)",
+            format_unix_ms(task.created_unix_ms),
+            format_age(task.created_unix_ms, now)
+        ),
+    ));
     fields.push(("updated", format_unix_ms(task.updated_unix_ms)));
     if let Some(finished) = task.finished_unix_ms {
         fields.push(("finished", format_unix_ms(finished)));
@@ -210,7 +241,11 @@ pub fn print_task_details(task: &Task) -> Result<()> {
         fields.push(("exit code", code.to_string()));
     }
     if spec.memory_auto {
-        let given = if task.attempt > 0 { format_memory_bytes(task.allocated.memory_bytes) } else { "not placed yet".to_owned() };
+        let given = if task.attempt > 0 {
+            format_memory_bytes(task.allocated.memory_bytes)
+        } else {
+            "not placed yet".to_owned()
+        };
         fields.push(("memory", format!("auto: {given}")));
     }
     if let Some(peak) = task.peak_memory_bytes {
@@ -228,7 +263,8 @@ pub fn print_task_details(task: &Task) -> Result<()> {
 
 /// An RFC 3339 timestamp (UTC, seconds) of a Unix time in milliseconds.
 fn format_unix_ms(unix_ms: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_millis(unix_ms)).to_string()
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_millis(unix_ms))
+        .to_string()
 }
 
 #[cfg(test)]
@@ -255,13 +291,22 @@ mod tests {
                 namespace: "default".into(),
                 labels: Default::default(),
                 capabilities: Default::default(),
-                resources: colony_core::Resources { cpu_millis: 250, memory_bytes: 64 << 20, gpus: 0, custom: Default::default() },
+                resources: colony_core::Resources {
+                    cpu_millis: 250,
+                    memory_bytes: 64 << 20,
+                    gpus: 0,
+                    custom: Default::default(),
+                },
                 priority: 10,
                 deadline_unix_ms: None,
                 timeout_ms: None,
                 max_retries: 0,
                 dependencies: Default::default(),
-                run: RunSpec::Process { program: "/bin/echo".into(), args: vec!["hi".into()], env: Default::default() },
+                run: RunSpec::Process {
+                    program: "/bin/echo".into(),
+                    args: vec!["hi".into()],
+                    env: Default::default(),
+                },
                 idempotency_key: None,
                 placement: Default::default(),
                 memory_auto: false,

@@ -112,7 +112,9 @@ fn config(args: &ServerArgs) -> Result<ServerConfig> {
     config.proposals_in_flight_max = args.proposals_in_flight as usize;
     config.proposal_commands_max = args.proposal_commands_max as usize;
     config.metrics_listen = args.metrics_listen.clone();
-    if args.executor_heartbeat_interval.is_zero() || args.executor_heartbeat_interval >= args.executor_heartbeat_timeout {
+    if args.executor_heartbeat_interval.is_zero()
+        || args.executor_heartbeat_interval >= args.executor_heartbeat_timeout
+    {
         bail!(
             "--executor-heartbeat-interval ({}) must be above zero and below --executor-heartbeat-timeout ({})",
             humantime::format_duration(args.executor_heartbeat_interval),
@@ -129,9 +131,14 @@ fn config(args: &ServerArgs) -> Result<ServerConfig> {
 }
 
 pub fn init_logging(format: LogFormat) -> Result<()> {
-    let filter = EnvFilter::builder().with_default_directive(LevelFilter::INFO.into()).from_env().context("invalid RUST_LOG")?;
+    let filter = EnvFilter::builder()
+        .with_default_directive(LevelFilter::INFO.into())
+        .from_env()
+        .context("invalid RUST_LOG")?;
     // Logs go to stdout, so a server that fails has only its `error:` line on stderr.
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stdout().is_terminal());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     let installed = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -142,7 +149,8 @@ pub fn init_logging(format: LogFormat) -> Result<()> {
 /// Asks the kernel to send SIGTERM when the parent exits, then checks the parent is still the one
 /// that started us (it may have exited before the request took effect).
 pub fn exit_with_parent(parent: i32) -> Result<()> {
-    nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).context("cannot ask to be stopped with the parent")?;
+    nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)
+        .context("cannot ask to be stopped with the parent")?;
     if nix::unistd::getppid() != Pid::from_raw(parent) {
         bail!("the parent process {parent} has already exited");
     }
@@ -170,13 +178,25 @@ mod tests {
     }
 
     fn parse(argv: &[&str]) -> Result<ServerConfig> {
-        let harness = Harness::try_parse_from(std::iter::once("server").chain(argv.iter().copied()))?;
+        let harness =
+            Harness::try_parse_from(std::iter::once("server").chain(argv.iter().copied()))?;
         config(&harness.args)
     }
 
     #[test]
     fn flags_become_the_config() {
-        let config = match parse(&["--id", "2", "--data-dir", "/d", "--listen", "127.0.0.1:7102", "--join", "a:1,b:2", "--heartbeat-ms", "50"]) {
+        let config = match parse(&[
+            "--id",
+            "2",
+            "--data-dir",
+            "/d",
+            "--listen",
+            "127.0.0.1:7102",
+            "--join",
+            "a:1,b:2",
+            "--heartbeat-ms",
+            "50",
+        ]) {
             Ok(config) => config,
             Err(e) => panic!("{e:#}"),
         };
@@ -198,7 +218,9 @@ mod tests {
         assert!(parse(&["--data-dir", "/d", "--bootstrap", "--join", "a:1"]).is_err());
         assert!(parse(&["--bootstrap"]).is_err());
         assert!(parse(&["--data-dir", "/d", "--listen", "nohost"]).is_err());
-        assert!(parse(&["--data-dir", "/d", "--election-timeout-ms-min", "900"]).is_err_and(|e| e.to_string().contains("must be below")));
-        assert!(parse(&["--data-dir", "/d", "--heartbeat-ms", "500"]).is_err_and(|e| e.to_string().contains("must be below")));
+        assert!(parse(&["--data-dir", "/d", "--election-timeout-ms-min", "900"])
+            .is_err_and(|e| e.to_string().contains("must be below")));
+        assert!(parse(&["--data-dir", "/d", "--heartbeat-ms", "500"])
+            .is_err_and(|e| e.to_string().contains("must be below")));
     }
 }

@@ -1,11 +1,14 @@
 //! `colony task`: submit, get, list and cancel tasks.
 
-use colony_client::Client;
 use crate::output::{self, OutputFormat, TaskJson};
 use crate::GlobalArgs;
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Args, Subcommand};
-use colony_core::{parse_cpu_millis, parse_memory_bytes, Limits, PlacementPolicy, Resources, RunSpec, Task, TaskId, TaskSpec, TaskState};
+use colony_client::Client;
+use colony_core::{
+    parse_cpu_millis, parse_memory_bytes, Limits, PlacementPolicy, Resources, RunSpec, Task,
+    TaskId, TaskSpec, TaskState,
+};
 use colony_proto::pb;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -165,9 +168,8 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
         TaskCommand::Get(args) => {
             let client = Client::new(&global.endpoint, global.timeout)?;
             let request = pb::GetTaskRequest { id: args.id, consistency: consistency(args.stale) };
-            let response = client
-                .call("get task", |mut c| async move { c.get_task(request).await })
-                .await?;
+            let response =
+                client.call("get task", |mut c| async move { c.get_task(request).await }).await?;
             if args.stale {
                 stale_note(&client, response.applied_index);
             }
@@ -183,20 +185,28 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
             let tasks = list(&client, &args).await?;
             match global.output {
                 OutputFormat::Table => output::print_task_table(&tasks)?,
-                OutputFormat::Json => output::print_json(&tasks.iter().map(TaskJson::from).collect::<Vec<_>>())?,
+                OutputFormat::Json => {
+                    output::print_json(&tasks.iter().map(TaskJson::from).collect::<Vec<_>>())?
+                }
             }
             Ok(())
         }
         TaskCommand::Wait(args) => {
             let client = Client::new(&global.endpoint, global.timeout)?;
-            let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr()) && global.output == OutputFormat::Table;
+            let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && global.output == OutputFormat::Table;
             let tasks = wait(&client, &args.ids, args.max_wait, args.poll, interactive).await?;
             match global.output {
                 OutputFormat::Table => output::print_task_table(&tasks)?,
-                OutputFormat::Json => output::print_json(&tasks.iter().map(TaskJson::from).collect::<Vec<_>>())?,
+                OutputFormat::Json => {
+                    output::print_json(&tasks.iter().map(TaskJson::from).collect::<Vec<_>>())?
+                }
             }
-            let failed: Vec<String> =
-                tasks.iter().filter(|t| t.state != TaskState::Succeeded).map(|t| format!("task {} ended {}", t.id, t.state)).collect();
+            let failed: Vec<String> = tasks
+                .iter()
+                .filter(|t| t.state != TaskState::Succeeded)
+                .map(|t| format!("task {} ended {}", t.id, t.state))
+                .collect();
             if !failed.is_empty() {
                 bail!("{}", failed.join("; "));
             }
@@ -216,12 +226,15 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
                 OutputFormat::Table => {
                     output::out(format!("cancelled task {}", task.id))?;
                     if !response.cascaded.is_empty() {
-                        let ids: Vec<String> = response.cascaded.iter().map(u64::to_string).collect();
+                        let ids: Vec<String> =
+                            response.cascaded.iter().map(u64::to_string).collect();
                         output::out(format!("also cancelled its dependents: {}", ids.join(", ")))?;
                     }
                 }
                 OutputFormat::Json => {
-                    output::print_json(&serde_json::json!({ "task": TaskJson::from(&task), "cascaded": response.cascaded }))?;
+                    output::print_json(
+                        &serde_json::json!({ "task": TaskJson::from(&task), "cascaded": response.cascaded }),
+                    )?;
                 }
             }
             Ok(())
@@ -231,21 +244,35 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
 
 /// Polls the tasks until every one has finished; a progress bar shows how many have, and the
 /// state of the first unfinished one.
-pub async fn wait(client: &Client, ids: &[u64], max_wait: Option<Duration>, poll: Duration, show_progress: bool) -> Result<Vec<Task>> {
+pub async fn wait(
+    client: &Client,
+    ids: &[u64],
+    max_wait: Option<Duration>,
+    poll: Duration,
+    show_progress: bool,
+) -> Result<Vec<Task>> {
     let started = std::time::Instant::now();
-    let bar = if show_progress { indicatif::ProgressBar::new(ids.len() as u64) } else { indicatif::ProgressBar::hidden() };
+    let bar = if show_progress {
+        indicatif::ProgressBar::new(ids.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} finished  {msg}")
-            .map_err(|e| anyhow!("progress bar: {e}"))?,
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} finished  {msg}",
+        )
+        .map_err(|e| anyhow!("progress bar: {e}"))?,
     );
     bar.enable_steady_tick(Duration::from_millis(120));
     let mut done: BTreeMap<u64, Task> = BTreeMap::new();
     loop {
         let mut waiting_on = None;
-        let unfinished: Vec<u64> = ids.iter().copied().filter(|id| !done.contains_key(id)).collect();
+        let unfinished: Vec<u64> =
+            ids.iter().copied().filter(|id| !done.contains_key(id)).collect();
         for id in unfinished {
             let request = pb::GetTaskRequest { id, consistency: None };
-            let response = client.call("get task", |mut c| async move { c.get_task(request).await }).await?;
+            let response =
+                client.call("get task", |mut c| async move { c.get_task(request).await }).await?;
             let task = task_from_proto(response.task)?;
             if task.state.is_finished() {
                 done.insert(id, task);
@@ -257,10 +284,18 @@ pub async fn wait(client: &Client, ids: &[u64], max_wait: Option<Duration>, poll
         let Some(task) = waiting_on else { break };
         let place = task.executor.map_or_else(String::new, |e| format!(" on executor {e}"));
         let why = task.reason.as_deref().map_or_else(String::new, |r| format!(" ({r})"));
-        bar.set_message(format!("task {} {}{place}, attempt {}{why}", task.id, task.state, task.attempt));
+        bar.set_message(format!(
+            "task {} {}{place}, attempt {}{why}",
+            task.id, task.state, task.attempt
+        ));
         if max_wait.is_some_and(|max| started.elapsed() >= max) {
             bar.abandon();
-            bail!("gave up after {}: task {} is still {}", humantime::format_duration(max_wait.unwrap_or_default()), task.id, task.state);
+            bail!(
+                "gave up after {}: task {} is still {}",
+                humantime::format_duration(max_wait.unwrap_or_default()),
+                task.id,
+                task.state
+            );
         }
         tokio::time::sleep(poll).await;
     }
@@ -311,9 +346,8 @@ async fn list(client: &Client, args: &ListArgs) -> Result<Vec<Task>> {
             page_size,
             consistency: consistency(args.stale),
         };
-        let response = client
-            .call("list tasks", |mut c| async move { c.list_tasks(request).await })
-            .await?;
+        let response =
+            client.call("list tasks", |mut c| async move { c.list_tasks(request).await }).await?;
         applied_index = applied_index.max(response.applied_index);
         for task in response.tasks {
             tasks.push(Task::try_from(task).context("the server sent a malformed task")?);
@@ -329,7 +363,10 @@ async fn list(client: &Client, args: &ListArgs) -> Result<Vec<Task>> {
         }
         // Pages must move forward; a server that says otherwise would keep us here forever.
         if response.next_after_id <= after_id {
-            bail!("the server returned page cursor {} after {after_id}; refusing to loop", response.next_after_id);
+            bail!(
+                "the server returned page cursor {} after {after_id}; refusing to loop",
+                response.next_after_id
+            );
         }
         after_id = response.next_after_id;
     }
@@ -380,7 +417,9 @@ pub fn pairs(flag: &str, items: &[String]) -> Result<BTreeMap<String, String>> {
 pub fn custom_resources(items: &[String]) -> Result<BTreeMap<String, u64>> {
     let mut custom = BTreeMap::new();
     for (name, count) in pairs("resource", items)? {
-        let count: u64 = count.parse().map_err(|_| anyhow!("--resource {name}={count}: COUNT must be a whole number"))?;
+        let count: u64 = count
+            .parse()
+            .map_err(|_| anyhow!("--resource {name}={count}: COUNT must be a whole number"))?;
         custom.insert(name, count);
     }
     Ok(custom)
@@ -395,7 +434,11 @@ fn millis(flag: &str, duration: Duration) -> Result<u64> {
 fn build_spec(args: &SubmitArgs, now_unix_ms: u64) -> Result<TaskSpec> {
     let cpu_millis = parse_cpu_millis(&args.cpu).context("invalid --cpu")?;
     let memory_auto = args.memory == "auto";
-    let memory_bytes = if memory_auto { 0 } else { parse_memory_bytes(&args.memory).context("invalid --memory")? };
+    let memory_bytes = if memory_auto {
+        0
+    } else {
+        parse_memory_bytes(&args.memory).context("invalid --memory")?
+    };
     let custom = custom_resources(&args.resources)?;
     let priority = u16::try_from(args.priority)
         .ok()
@@ -403,7 +446,11 @@ fn build_spec(args: &SubmitArgs, now_unix_ms: u64) -> Result<TaskSpec> {
         .ok_or_else(|| anyhow!("--priority {} is out of range 0..=1000", args.priority))?;
     let deadline_unix_ms = match args.deadline {
         Some(d) if d.is_zero() => bail!("--deadline must be greater than zero"),
-        Some(d) => Some(now_unix_ms.checked_add(millis("deadline", d)?).ok_or_else(|| anyhow!("--deadline is too long"))?),
+        Some(d) => Some(
+            now_unix_ms
+                .checked_add(millis("deadline", d)?)
+                .ok_or_else(|| anyhow!("--deadline is too long"))?,
+        ),
         None => None,
     };
     let timeout_ms = args.task_timeout.map(|d| millis("task-timeout", d)).transpose()?;
@@ -411,8 +458,15 @@ fn build_spec(args: &SubmitArgs, now_unix_ms: u64) -> Result<TaskSpec> {
         bail!("--input is the input of a --builtin handler; a program gets arguments after `--`");
     }
     let run = match (&args.builtin, args.command.split_first()) {
-        (Some(handler), _) => RunSpec::Builtin { handler: handler.clone(), input: args.input.clone().unwrap_or_default() },
-        (None, Some((program, rest))) => RunSpec::Process { program: program.clone(), args: rest.to_vec(), env: pairs("env", &args.env)? },
+        (Some(handler), _) => RunSpec::Builtin {
+            handler: handler.clone(),
+            input: args.input.clone().unwrap_or_default(),
+        },
+        (None, Some((program, rest))) => RunSpec::Process {
+            program: program.clone(),
+            args: rest.to_vec(),
+            env: pairs("env", &args.env)?,
+        },
         (None, None) => bail!("nothing to run: give `-- PROGRAM [ARGS]...` or --builtin HANDLER"),
     };
     let spec = TaskSpec {
@@ -462,10 +516,42 @@ mod tests {
     #[test]
     fn full_spec() {
         let spec = spec(&[
-            "--name", "train", "--namespace", "ml", "--cpu", "2", "--memory", "8Gi", "--gpus", "1", "--resource", "license=2",
-            "--priority", "500", "--label", "zone=a", "--capability", "cuda", "--deadline", "1m", "--task-timeout", "90s",
-            "--retries", "3", "--after", "4", "--after", "5", "--env", "A=b=c", "--idempotency-key", "k1", "--", "/bin/train",
-            "--epochs", "3",
+            "--name",
+            "train",
+            "--namespace",
+            "ml",
+            "--cpu",
+            "2",
+            "--memory",
+            "8Gi",
+            "--gpus",
+            "1",
+            "--resource",
+            "license=2",
+            "--priority",
+            "500",
+            "--label",
+            "zone=a",
+            "--capability",
+            "cuda",
+            "--deadline",
+            "1m",
+            "--task-timeout",
+            "90s",
+            "--retries",
+            "3",
+            "--after",
+            "4",
+            "--after",
+            "5",
+            "--env",
+            "A=b=c",
+            "--idempotency-key",
+            "k1",
+            "--",
+            "/bin/train",
+            "--epochs",
+            "3",
         ]);
         let spec = match spec {
             Ok(spec) => spec,
@@ -508,25 +594,58 @@ mod tests {
     #[test]
     fn bad_input_is_refused_with_a_clear_message() {
         let cases: &[(&[&str], &str)] = &[
-            (&["--name", "x", "--cpu", "-1", "--", "/bin/true"], "invalid --cpu: quantity \"-1\" is negative"),
-            (&["--name", "x", "--memory", "12Q", "--", "/bin/true"], "invalid --memory: quantity \"12Q\" has unknown unit"),
-            (&["--name", "x", "--label", "novalue", "--", "/bin/true"], "--label \"novalue\" is not KEY=VALUE"),
+            (
+                &["--name", "x", "--cpu", "-1", "--", "/bin/true"],
+                "invalid --cpu: quantity \"-1\" is negative",
+            ),
+            (
+                &["--name", "x", "--memory", "12Q", "--", "/bin/true"],
+                "invalid --memory: quantity \"12Q\" has unknown unit",
+            ),
+            (
+                &["--name", "x", "--label", "novalue", "--", "/bin/true"],
+                "--label \"novalue\" is not KEY=VALUE",
+            ),
             (&["--name", "x", "--label", "=v", "--", "/bin/true"], "is not KEY=VALUE"),
-            (&["--name", "x", "--label", "a=1", "--label", "a=2", "--", "/bin/true"], "--label a is given twice"),
+            (
+                &["--name", "x", "--label", "a=1", "--label", "a=2", "--", "/bin/true"],
+                "--label a is given twice",
+            ),
             (&["--name", "", "--", "/bin/true"], "invalid task: name must not be empty"),
             (&["--name", "a b", "--", "/bin/true"], "invalid task: name \"a b\" may contain only"),
-            (&["--name", "x", "--priority", "1001", "--", "/bin/true"], "--priority 1001 is out of range 0..=1000"),
-            (&["--name", "x", "--priority", "-3", "--", "/bin/true"], "--priority -3 is out of range"),
-            (&["--name", "x", "--resource", "lic=many", "--", "/bin/true"], "COUNT must be a whole number"),
-            (&["--name", "x", "--task-timeout", "0s", "--", "/bin/true"], "timeout must be greater than zero"),
-            (&["--name", "x", "--deadline", "0s", "--", "/bin/true"], "--deadline must be greater than zero"),
+            (
+                &["--name", "x", "--priority", "1001", "--", "/bin/true"],
+                "--priority 1001 is out of range 0..=1000",
+            ),
+            (
+                &["--name", "x", "--priority", "-3", "--", "/bin/true"],
+                "--priority -3 is out of range",
+            ),
+            (
+                &["--name", "x", "--resource", "lic=many", "--", "/bin/true"],
+                "COUNT must be a whole number",
+            ),
+            (
+                &["--name", "x", "--task-timeout", "0s", "--", "/bin/true"],
+                "timeout must be greater than zero",
+            ),
+            (
+                &["--name", "x", "--deadline", "0s", "--", "/bin/true"],
+                "--deadline must be greater than zero",
+            ),
             (&["--name", "x"], "nothing to run"),
-            (&["--name", "x", "--input", "i", "--", "/bin/true"], "--input is the input of a --builtin handler"),
+            (
+                &["--name", "x", "--input", "i", "--", "/bin/true"],
+                "--input is the input of a --builtin handler",
+            ),
             (&["--name", "x", "--retries", "1000", "--", "/bin/true"], "retries"),
         ];
         for (argv, expected) in cases {
             let message = error(argv);
-            assert!(message.contains(expected), "{argv:?}: {message:?} does not contain {expected:?}");
+            assert!(
+                message.contains(expected),
+                "{argv:?}: {message:?} does not contain {expected:?}"
+            );
             assert!(!message.contains('\n'), "{message:?}");
         }
     }

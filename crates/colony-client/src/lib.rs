@@ -75,20 +75,13 @@ pub enum ClientError {
         humantime::format_duration(*.timeout),
         .tried.join(", ")
     )]
-    Unanswered {
-        what: String,
-        timeout: Duration,
-        tried: Vec<String>,
-        last_error: String,
-    },
+    Unanswered { what: String, timeout: Duration, tried: Vec<String>, last_error: String },
 }
 
 /// Checks one `HOST:PORT` (IPv6 hosts in brackets) and returns it trimmed.
 pub fn parse_endpoint(text: &str) -> Result<String, String> {
     let text = text.trim();
-    let (host, port) = text
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{text:?} is not HOST:PORT"))?;
+    let (host, port) = text.rsplit_once(':').ok_or_else(|| format!("{text:?} is not HOST:PORT"))?;
     if host.is_empty() || host.contains('/') {
         return Err(format!("{text:?} is not HOST:PORT"));
     }
@@ -100,10 +93,7 @@ pub fn parse_endpoint(text: &str) -> Result<String, String> {
 /// A channel to one server that connects on first use and reconnects when needed.
 pub fn lazy_channel(addr: &str, config: &ClientConfig) -> Result<Channel, ClientError> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|source| ClientError::Endpoint {
-            addr: addr.to_owned(),
-            source,
-        })?
+        .map_err(|source| ClientError::Endpoint { addr: addr.to_owned(), source })?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true);
     let endpoint = match config.keepalive {
@@ -195,11 +185,7 @@ impl Client {
                 (name, client)
             })
             .collect();
-        Ok(Client {
-            servers,
-            config,
-            preferred: Arc::new(AtomicUsize::new(0)),
-        })
+        Ok(Client { servers, config, preferred: Arc::new(AtomicUsize::new(0)) })
     }
 
     /// Every server's name and client, in the order given, for calls that are not one unary
@@ -282,24 +268,10 @@ mod tests {
 
     #[test]
     fn endpoints() {
-        assert_eq!(
-            parse_endpoint(" 127.0.0.1:7101 "),
-            Ok("127.0.0.1:7101".to_owned())
-        );
+        assert_eq!(parse_endpoint(" 127.0.0.1:7101 "), Ok("127.0.0.1:7101".to_owned()));
         assert_eq!(parse_endpoint("[::1]:7101"), Ok("[::1]:7101".to_owned()));
-        assert_eq!(
-            parse_endpoint("colony-1.example:80"),
-            Ok("colony-1.example:80".to_owned())
-        );
-        for bad in [
-            "",
-            "host",
-            "host:",
-            ":1",
-            "host:70000",
-            "http://host:1",
-            "host:-1",
-        ] {
+        assert_eq!(parse_endpoint("colony-1.example:80"), Ok("colony-1.example:80".to_owned()));
+        for bad in ["", "host", "host:", ":1", "host:70000", "http://host:1", "host:-1"] {
             assert!(parse_endpoint(bad).is_err(), "{bad}");
         }
     }
@@ -315,14 +287,9 @@ mod tests {
 
     #[test]
     fn answers_read_as_one_line() {
-        let answered = |status| ClientError::Answered {
-            server: "a:1".to_owned(),
-            status: Box::new(status),
-        };
-        assert_eq!(
-            answered(Status::not_found("task 9 not found")).to_string(),
-            "task 9 not found"
-        );
+        let answered =
+            |status| ClientError::Answered { server: "a:1".to_owned(), status: Box::new(status) };
+        assert_eq!(answered(Status::not_found("task 9 not found")).to_string(), "task 9 not found");
         assert_eq!(
             answered(Status::permission_denied("bad token")).to_string(),
             "bad token (PermissionDenied)"
@@ -342,15 +309,11 @@ mod tests {
         };
         let result = client
             .call("list tasks", |mut c| async move {
-                c.list_tasks(colony_proto::pb::ListTasksRequest::default())
-                    .await
+                c.list_tasks(colony_proto::pb::ListTasksRequest::default()).await
             })
             .await;
         let message = result.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(
-            message.contains("list tasks: no server could answer within 300ms"),
-            "{message}"
-        );
+        assert!(message.contains("list tasks: no server could answer within 300ms"), "{message}");
         assert!(message.contains("127.0.0.1:1"), "{message}");
     }
 }

@@ -31,7 +31,11 @@ impl ExecutorSpec {
         for capability in &self.capabilities {
             crate::task::check_name("capability", capability, limits.name_bytes_max)?;
         }
-        crate::task::check_count("custom resources", self.capacity.custom.len(), limits.custom_resources_max)?;
+        crate::task::check_count(
+            "custom resources",
+            self.capacity.custom.len(),
+            limits.custom_resources_max,
+        )?;
         for name in self.capacity.custom.keys() {
             crate::task::check_name("custom resource name", name, limits.name_bytes_max)?;
         }
@@ -53,7 +57,8 @@ pub enum ExecutorState {
 }
 
 impl ExecutorState {
-    pub const ALL: [ExecutorState; 4] = [ExecutorState::Admitted, ExecutorState::Up, ExecutorState::Draining, ExecutorState::Down];
+    pub const ALL: [ExecutorState; 4] =
+        [ExecutorState::Admitted, ExecutorState::Up, ExecutorState::Draining, ExecutorState::Down];
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -14,13 +14,16 @@ pub mod scheduler;
 pub mod state_machine;
 pub mod task;
 
+pub use executor::{ClusterCaRecord, Executor, ExecutorSpec, ExecutorState, JoinTokenRecord};
 pub use ids::{ExecutorId, FencingToken, ModelVersion, NodeId, TaskId};
 pub use limits::Limits;
 pub use model::{ModelMetrics, ModelRecord};
-pub use resources::{parse_cpu_millis, parse_memory_bytes, QuantityError, ResourceKind, Resources, Shortfall};
-pub use executor::{ClusterCaRecord, Executor, ExecutorSpec, ExecutorState, JoinTokenRecord};
+pub use resources::{
+    parse_cpu_millis, parse_memory_bytes, QuantityError, ResourceKind, Resources, Shortfall,
+};
 pub use state_machine::{
-    Assignment, AttemptOutcome, AttemptResult, AttemptStatus, Command, CommandError, ConstraintMismatch, InvariantViolation, Outcome,
-    Placement, PlacementRejection, Proposal, StateMachine, TaskFilter,
+    Assignment, AttemptOutcome, AttemptResult, AttemptStatus, Command, CommandError,
+    ConstraintMismatch, InvariantViolation, Outcome, Placement, PlacementRejection, Proposal,
+    StateMachine, TaskFilter,
 };
 pub use task::{PlacementPolicy, RunSpec, SpecError, Task, TaskSpec, TaskState};

@@ -22,7 +22,13 @@ impl Eq for ModelMetrics {}
 
 impl ModelMetrics {
     pub fn validate(&self) -> Result<(), String> {
-        let finite = |what: &str, x: f64| if x.is_finite() && x >= 0.0 { Ok(()) } else { Err(format!("{what} {x} is not a finite, non-negative number")) };
+        let finite = |what: &str, x: f64| {
+            if x.is_finite() && x >= 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{what} {x} is not a finite, non-negative number"))
+            }
+        };
         finite("holdout mse", self.holdout_mse)?;
         finite("baseline mse", self.baseline_mse)?;
         if let Some(previous) = self.previous_mse {

@@ -69,7 +69,10 @@ impl Resources {
         self.cpu_millis <= available.cpu_millis
             && self.memory_bytes <= available.memory_bytes
             && self.gpus <= available.gpus
-            && self.custom.iter().all(|(name, &amount)| amount <= available.custom.get(name).copied().unwrap_or(0))
+            && self
+                .custom
+                .iter()
+                .all(|(name, &amount)| amount <= available.custom.get(name).copied().unwrap_or(0))
     }
 
     /// The first quantity that does not fit in `available` (memory, then cpu, gpus, custom), or
@@ -83,7 +86,11 @@ impl Resources {
             .or_else(|| short(ResourceKind::Gpus, u64::from(self.gpus), u64::from(available.gpus)))
             .or_else(|| {
                 self.custom.iter().find_map(|(name, &amount)| {
-                    short(ResourceKind::Custom(name.clone()), amount, available.custom.get(name).copied().unwrap_or(0))
+                    short(
+                        ResourceKind::Custom(name.clone()),
+                        amount,
+                        available.custom.get(name).copied().unwrap_or(0),
+                    )
                 })
             })
     }
@@ -145,7 +152,10 @@ const MEMORY_EXAMPLES: &str = "64Mi, 8Gi, 512M, 1048576";
 const MEMORY_UNITS: &str = "Ki Mi Gi Ti Pi Ei k K M G T P E";
 
 /// Splits `"1.5Gi"` into the decimal number (as integer part, fraction digits) and the unit.
-fn split_number(text: &str, examples: &'static str) -> Result<(u128, u128, u32, String), QuantityError> {
+fn split_number(
+    text: &str,
+    examples: &'static str,
+) -> Result<(u128, u128, u32, String), QuantityError> {
     let t = text.trim();
     if t.is_empty() {
         return Err(QuantityError::Empty);
@@ -160,17 +170,29 @@ fn split_number(text: &str, examples: &'static str) -> Result<(u128, u128, u32, 
         Some((i, f)) => (i, f),
         None => (number, ""),
     };
-    if (int_part.is_empty() && frac_part.is_empty()) || frac_part.contains('.') || frac_part.len() > 18 {
+    if (int_part.is_empty() && frac_part.is_empty())
+        || frac_part.contains('.')
+        || frac_part.len() > 18
+    {
         return Err(QuantityError::Malformed(text.to_owned(), examples));
     }
     let overflow = || QuantityError::Overflow(text.to_owned());
-    let int: u128 = if int_part.is_empty() { 0 } else { int_part.parse().map_err(|_| overflow())? };
-    let frac: u128 = if frac_part.is_empty() { 0 } else { frac_part.parse().map_err(|_| overflow())? };
+    let int: u128 =
+        if int_part.is_empty() { 0 } else { int_part.parse().map_err(|_| overflow())? };
+    let frac: u128 =
+        if frac_part.is_empty() { 0 } else { frac_part.parse().map_err(|_| overflow())? };
     Ok((int, frac, frac_part.len() as u32, unit.to_owned()))
 }
 
 /// Multiplies `int.frac` by `multiplier` and requires an exact integer result.
-fn scale(text: &str, int: u128, frac: u128, frac_digits: u32, multiplier: u128, finest: &'static str) -> Result<u64, QuantityError> {
+fn scale(
+    text: &str,
+    int: u128,
+    frac: u128,
+    frac_digits: u32,
+    multiplier: u128,
+    finest: &'static str,
+) -> Result<u64, QuantityError> {
     let overflow = || QuantityError::Overflow(text.to_owned());
     let denominator = 10u128.pow(frac_digits);
     let whole = int.checked_mul(multiplier).ok_or_else(overflow)?;
@@ -188,7 +210,13 @@ pub fn parse_cpu_millis(text: &str) -> Result<u64, QuantityError> {
     let multiplier = match unit.as_str() {
         "" => 1000,
         "m" => 1,
-        other => return Err(QuantityError::UnknownUnit(text.to_owned(), other.to_owned(), "m (millicores) or none (cores)")),
+        other => {
+            return Err(QuantityError::UnknownUnit(
+                text.to_owned(),
+                other.to_owned(),
+                "m (millicores) or none (cores)",
+            ))
+        }
     };
     scale(text, int, frac, digits, multiplier, "1m")
 }
@@ -210,14 +238,17 @@ pub fn parse_memory_bytes(text: &str) -> Result<u64, QuantityError> {
         "Ti" => 1 << 40,
         "Pi" => 1 << 50,
         "Ei" => 1 << 60,
-        other => return Err(QuantityError::UnknownUnit(text.to_owned(), other.to_owned(), MEMORY_UNITS)),
+        other => {
+            return Err(QuantityError::UnknownUnit(text.to_owned(), other.to_owned(), MEMORY_UNITS))
+        }
     };
     scale(text, int, frac, digits, multiplier, "1 byte")
 }
 
 /// Formats bytes the short way people read them (`64Mi`, `1.5Gi`, `100`).
 pub fn format_memory_bytes(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)];
+    const UNITS: [(&str, u64); 4] =
+        [("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)];
     for (unit, size) in UNITS {
         if bytes >= size {
             return if bytes.is_multiple_of(size) {
@@ -241,7 +272,12 @@ pub fn format_cpu_millis(millis: u64) -> String {
 
 impl fmt::Display for Resources {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cpu={} mem={}", format_cpu_millis(self.cpu_millis), format_memory_bytes(self.memory_bytes))?;
+        write!(
+            f,
+            "cpu={} mem={}",
+            format_cpu_millis(self.cpu_millis),
+            format_memory_bytes(self.memory_bytes)
+        )?;
         if self.gpus > 0 {
             write!(f, " gpu={}", self.gpus)?;
         }
@@ -270,7 +306,10 @@ mod tests {
         assert!(matches!(parse_cpu_millis("abc"), Err(QuantityError::Malformed(..))));
         assert!(matches!(parse_cpu_millis("."), Err(QuantityError::Malformed(..))));
         assert!(matches!(parse_cpu_millis("1.2.3"), Err(QuantityError::Malformed(..))));
-        assert!(matches!(parse_cpu_millis("99999999999999999999999"), Err(QuantityError::Overflow(_))));
+        assert!(matches!(
+            parse_cpu_millis("99999999999999999999999"),
+            Err(QuantityError::Overflow(_))
+        ));
     }
 
     #[test]

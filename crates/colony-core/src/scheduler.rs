@@ -78,7 +78,10 @@ pub struct Plan {
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.placements.is_empty() && self.unschedulable.is_empty() && self.expire.is_empty() && self.drain_evictions.is_empty()
+        self.placements.is_empty()
+            && self.unschedulable.is_empty()
+            && self.expire.is_empty()
+            && self.drain_evictions.is_empty()
     }
 }
 
@@ -91,7 +94,13 @@ struct Candidate<'a> {
 /// smallest, spreading the largest.
 fn leftover(candidate: &Candidate, request: &Resources) -> f64 {
     let capacity = &candidate.executor.spec.capacity;
-    let share = |free: u64, want: u64, total: u64| if total == 0 { 0.0 } else { free.saturating_sub(want) as f64 / total as f64 };
+    let share = |free: u64, want: u64, total: u64| {
+        if total == 0 {
+            0.0
+        } else {
+            free.saturating_sub(want) as f64 / total as f64
+        }
+    };
     share(candidate.free.cpu_millis, request.cpu_millis, capacity.cpu_millis)
         + share(candidate.free.memory_bytes, request.memory_bytes, capacity.memory_bytes)
 }
@@ -103,12 +112,24 @@ pub fn plan(state: &StateMachine, now_unix_ms: u64, config: &PlanConfig) -> Plan
 
 /// What a task asks for this round: its declared resources, with memory sized for `memory_auto`
 /// (the largest prediction over the executor classes, so it fits wherever it lands).
-fn request(task: &Task, state: &StateMachine, config: &PlanConfig, oracle: &dyn Oracle, classes: &[&ExecutorSpec]) -> Resources {
+fn request(
+    task: &Task,
+    state: &StateMachine,
+    config: &PlanConfig,
+    oracle: &dyn Oracle,
+    classes: &[&ExecutorSpec],
+) -> Resources {
     let mut request = task.spec.resources.clone();
     if task.spec.memory_auto {
-        let peak = classes.iter().filter_map(|class| oracle.peak_memory_bytes(&task.spec, class)).fold(None, |max: Option<f64>, x| Some(max.map_or(x, |m| m.max(x))));
-        let predicted = peak.map(|bytes| (bytes * config.memory_auto_margin).min(u64::MAX as f64) as u64);
-        request.memory_bytes = predicted.unwrap_or(config.memory_auto_fallback_bytes).max(state.limits().memory_auto_floor_bytes);
+        let peak = classes
+            .iter()
+            .filter_map(|class| oracle.peak_memory_bytes(&task.spec, class))
+            .fold(None, |max: Option<f64>, x| Some(max.map_or(x, |m| m.max(x))));
+        let predicted =
+            peak.map(|bytes| (bytes * config.memory_auto_margin).min(u64::MAX as f64) as u64);
+        request.memory_bytes = predicted
+            .unwrap_or(config.memory_auto_fallback_bytes)
+            .max(state.limits().memory_auto_floor_bytes);
     }
     request
 }
@@ -121,16 +142,28 @@ fn class_key(spec: &ExecutorSpec) -> (u64, &BTreeMap<String, String>) {
 /// One scheduling round at time `now_unix_ms`, using `oracle`'s predictions: deadline-bound
 /// tasks are ordered by their latest start (deadline minus predicted runtime) within a priority
 /// and go to the executor predicted to finish them soonest; `memory_auto` tasks are sized.
-pub fn plan_with(state: &StateMachine, now_unix_ms: u64, config: &PlanConfig, oracle: &dyn Oracle) -> Plan {
-    let mut plan = Plan { expire: state.overdue(now_unix_ms).take(config.placements_max).collect(), ..Plan::default() };
+pub fn plan_with(
+    state: &StateMachine,
+    now_unix_ms: u64,
+    config: &PlanConfig,
+    oracle: &dyn Oracle,
+) -> Plan {
+    let mut plan = Plan {
+        expire: state.overdue(now_unix_ms).take(config.placements_max).collect(),
+        ..Plan::default()
+    };
     for executor in state.executors() {
-        let due = executor.state == ExecutorState::Draining && executor.drain_deadline_unix_ms.is_some_and(|d| d <= now_unix_ms);
+        let due = executor.state == ExecutorState::Draining
+            && executor.drain_deadline_unix_ms.is_some_and(|d| d <= now_unix_ms);
         if due {
             plan.drain_evictions.extend(executor.tasks.iter().copied());
         }
     }
-    let mut candidates: Vec<Candidate> =
-        state.executors().filter(|e| e.state == ExecutorState::Up).map(|executor| Candidate { executor, free: executor.free() }).collect();
+    let mut candidates: Vec<Candidate> = state
+        .executors()
+        .filter(|e| e.state == ExecutorState::Up)
+        .map(|executor| Candidate { executor, free: executor.free() })
+        .collect();
     let expiring: BTreeSet<TaskId> = plan.expire.iter().copied().collect();
     let mut evicted: BTreeSet<TaskId> = BTreeSet::new();
     let mut misses = 0;
@@ -147,7 +180,10 @@ pub fn plan_with(state: &StateMachine, now_unix_ms: u64, config: &PlanConfig, or
         .map(|task| {
             // The latest start that still meets the deadline, on the fastest class.
             let latest_start = task.spec.deadline_unix_ms.map(|deadline| {
-                let fastest = classes.iter().filter_map(|c| oracle.runtime_ms(&task.spec, c)).fold(f64::INFINITY, f64::min);
+                let fastest = classes
+                    .iter()
+                    .filter_map(|c| oracle.runtime_ms(&task.spec, c))
+                    .fold(f64::INFINITY, f64::min);
                 let runtime = if fastest.is_finite() { fastest as u64 } else { 0 };
                 deadline.saturating_sub(runtime)
             });
@@ -155,7 +191,9 @@ pub fn plan_with(state: &StateMachine, now_unix_ms: u64, config: &PlanConfig, or
         })
         .collect();
     // Stable: priority first, as the index orders it; within a priority, least slack first.
-    scanned.sort_by_key(|(task, latest_start)| (std::cmp::Reverse(task.spec.priority), latest_start.unwrap_or(u64::MAX)));
+    scanned.sort_by_key(|(task, latest_start)| {
+        (std::cmp::Reverse(task.spec.priority), latest_start.unwrap_or(u64::MAX))
+    });
     for (task, _) in scanned {
         if plan.placements.len() >= config.placements_max || misses >= config.misses_in_a_row_max {
             break;
@@ -164,7 +202,12 @@ pub fn plan_with(state: &StateMachine, now_unix_ms: u64, config: &PlanConfig, or
         let memory_bytes = task.spec.memory_auto.then_some(request.memory_bytes);
         if let Some(index) = best_fit(&candidates, task, &request, oracle) {
             candidates[index].free.sub(&request);
-            plan.placements.push(Placement { task: task.id, executor: candidates[index].executor.id, evict: Vec::new(), memory_bytes });
+            plan.placements.push(Placement {
+                task: task.id,
+                executor: candidates[index].executor.id,
+                evict: Vec::new(),
+                memory_bytes,
+            });
             misses = 0;
             continue;
         }
@@ -177,7 +220,14 @@ pub fn plan_with(state: &StateMachine, now_unix_ms: u64, config: &PlanConfig, or
         }
         let preemptions = plan.placements.iter().filter(|p| !p.evict.is_empty()).count();
         if config.preemption_priority_gap_min > 0 && preemptions < config.preemptions_max {
-            if let Some((index, victims)) = preemption(state, &candidates, task, &request, &evicted, config.preemption_priority_gap_min) {
+            if let Some((index, victims)) = preemption(
+                state,
+                &candidates,
+                task,
+                &request,
+                &evicted,
+                config.preemption_priority_gap_min,
+            ) {
                 let candidate = &mut candidates[index];
                 for victim in &victims {
                     if let Some(victim_task) = state.get_task(*victim) {
@@ -186,7 +236,12 @@ pub fn plan_with(state: &StateMachine, now_unix_ms: u64, config: &PlanConfig, or
                     evicted.insert(*victim);
                 }
                 candidate.free.sub(&request);
-                plan.placements.push(Placement { task: task.id, executor: candidate.executor.id, evict: victims, memory_bytes });
+                plan.placements.push(Placement {
+                    task: task.id,
+                    executor: candidate.executor.id,
+                    evict: victims,
+                    memory_bytes,
+                });
                 misses = 0;
             }
         }
@@ -196,11 +251,18 @@ pub fn plan_with(state: &StateMachine, now_unix_ms: u64, config: &PlanConfig, or
 
 /// The executor to place on: for a deadline-bound task with a model, the one predicted to finish
 /// it soonest; otherwise (and among equals) by bin-packing or spreading.
-fn best_fit(candidates: &[Candidate], task: &Task, request: &Resources, oracle: &dyn Oracle) -> Option<usize> {
+fn best_fit(
+    candidates: &[Candidate],
+    task: &Task,
+    request: &Resources,
+    oracle: &dyn Oracle,
+) -> Option<usize> {
     let mut best: Option<(usize, (f64, f64))> = None;
     let mut runtimes: Vec<(&ExecutorSpec, f64)> = Vec::new();
     for (index, candidate) in candidates.iter().enumerate() {
-        if !request.fits_in(&candidate.free) || constraint_mismatch(&task.spec, &candidate.executor.spec).is_some() {
+        if !request.fits_in(&candidate.free)
+            || constraint_mismatch(&task.spec, &candidate.executor.spec).is_some()
+        {
             continue;
         }
         let runtime = if task.spec.deadline_unix_ms.is_some() {
@@ -263,7 +325,9 @@ fn preemption(
 ) -> Option<(usize, Vec<TaskId>)> {
     let mut best: Option<(usize, Vec<TaskId>, (u16, usize))> = None;
     for (index, candidate) in candidates.iter().enumerate() {
-        if constraint_mismatch(&task.spec, &candidate.executor.spec).is_some() || !request.fits_in(&candidate.executor.spec.capacity) {
+        if constraint_mismatch(&task.spec, &candidate.executor.spec).is_some()
+            || !request.fits_in(&candidate.executor.spec.capacity)
+        {
             continue;
         }
         let mut victims: Vec<&Task> = candidate

@@ -15,16 +15,9 @@ use std::fmt;
 #[serde(rename_all = "snake_case")]
 pub enum RunSpec {
     /// A program started as a child process of the executor.
-    Process {
-        program: String,
-        args: Vec<String>,
-        env: BTreeMap<String, String>,
-    },
+    Process { program: String, args: Vec<String>, env: BTreeMap<String, String> },
     /// A handler built into the executor, named, with an opaque input.
-    Builtin {
-        handler: String,
-        input: String,
-    },
+    Builtin { handler: String, input: String },
 }
 
 /// How the scheduler chooses among executors that fit.
@@ -97,7 +90,11 @@ impl TaskState {
     pub fn is_finished(self) -> bool {
         matches!(
             self,
-            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled | TaskState::TimedOut | TaskState::Lost
+            TaskState::Succeeded
+                | TaskState::Failed
+                | TaskState::Cancelled
+                | TaskState::TimedOut
+                | TaskState::Lost
         )
     }
 
@@ -126,13 +123,10 @@ impl std::str::FromStr for TaskState {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        TaskState::ALL
-            .into_iter()
-            .find(|state| state.as_str() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = TaskState::ALL.iter().map(|s| s.as_str()).collect();
-                format!("unknown task state {s:?} (one of: {})", names.join(", "))
-            })
+        TaskState::ALL.into_iter().find(|state| state.as_str() == s).ok_or_else(|| {
+            let names: Vec<&str> = TaskState::ALL.iter().map(|s| s.as_str()).collect();
+            format!("unknown task state {s:?} (one of: {})", names.join(", "))
+        })
     }
 }
 
@@ -223,9 +217,13 @@ pub(crate) fn check_count(field: &'static str, count: usize, max: usize) -> Resu
 impl TaskSpec {
     /// The bytes of every string the spec carries, plus 8 per dependency.
     pub fn size_bytes(&self) -> usize {
-        let pairs = |map: &BTreeMap<String, String>| map.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        let pairs = |map: &BTreeMap<String, String>| {
+            map.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        };
         let run = match &self.run {
-            RunSpec::Process { program, args, env } => program.len() + args.iter().map(String::len).sum::<usize>() + pairs(env),
+            RunSpec::Process { program, args, env } => {
+                program.len() + args.iter().map(String::len).sum::<usize>() + pairs(env)
+            }
             RunSpec::Builtin { handler, input } => handler.len() + input.len(),
         };
         self.name.len()
@@ -242,7 +240,11 @@ impl TaskSpec {
     pub fn validate(&self, limits: &Limits) -> Result<(), SpecError> {
         let size = self.size_bytes();
         if size > limits.spec_bytes_max {
-            return Err(SpecError::TooLong { field: "task spec", len: size, max: limits.spec_bytes_max });
+            return Err(SpecError::TooLong {
+                field: "task spec",
+                len: size,
+                max: limits.spec_bytes_max,
+            });
         }
         check_name("name", &self.name, limits.name_bytes_max)?;
         check_name("namespace", &self.namespace, limits.name_bytes_max)?;
@@ -267,7 +269,11 @@ impl TaskSpec {
             return Err(SpecError::Zero { field: "timeout" });
         }
         if self.max_retries > limits.retries_max {
-            return Err(SpecError::TooMany { field: "retries", count: self.max_retries as usize, max: limits.retries_max as usize });
+            return Err(SpecError::TooMany {
+                field: "retries",
+                count: self.max_retries as usize,
+                max: limits.retries_max as usize,
+            });
         }
         if let Some(key) = &self.idempotency_key {
             if key.is_empty() {

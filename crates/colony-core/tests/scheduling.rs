@@ -5,8 +5,9 @@
 
 use colony_core::scheduler::{plan, PlanConfig};
 use colony_core::{
-    AttemptOutcome, AttemptResult, AttemptStatus, Command, CommandError, ConstraintMismatch, ExecutorId, ExecutorSpec, ExecutorState, Outcome,
-    PlacementRejection, Proposal, ResourceKind, Resources, RunSpec, StateMachine, TaskId, TaskSpec, TaskState,
+    AttemptOutcome, AttemptResult, AttemptStatus, Command, CommandError, ConstraintMismatch,
+    ExecutorId, ExecutorSpec, ExecutorState, Outcome, PlacementRejection, Proposal, ResourceKind,
+    Resources, RunSpec, StateMachine, TaskId, TaskSpec, TaskState,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -40,7 +41,14 @@ fn spec(name: &str, cpu_millis: u64, priority: u16) -> TaskSpec {
 }
 
 fn finished(outcome: AttemptOutcome) -> AttemptStatus {
-    AttemptStatus::Finished(AttemptResult { outcome, exit_code: Some(0), stdout_tail: String::new(), stderr_tail: String::new(), message: String::new(), peak_memory_bytes: Some(1 << 20) })
+    AttemptStatus::Finished(AttemptResult {
+        outcome,
+        exit_code: Some(0),
+        stdout_tail: String::new(),
+        stderr_tail: String::new(),
+        message: String::new(),
+        peak_memory_bytes: Some(1 << 20),
+    })
 }
 
 impl World {
@@ -49,15 +57,28 @@ impl World {
     }
 
     fn apply(&mut self, command: Command) -> Result<Outcome, CommandError> {
-        let result = self.sm.apply_proposal(&Proposal { now_unix_ms: self.now, commands: vec![command] }).remove(0);
+        let result = self
+            .sm
+            .apply_proposal(&Proposal { now_unix_ms: self.now, commands: vec![command] })
+            .remove(0);
         self.sm.check_invariants().unwrap();
         result
     }
 
     fn executor(&mut self, cpu_millis: u64, labels: &[(&str, &str)]) -> ExecutorId {
         let id = self.sm.next_executor_id();
-        self.apply(Command::CreateJoinToken { secret_hash: [1; 32], expires_unix_ms: self.now + 60_000 }).unwrap();
-        self.apply(Command::AdmitExecutor { secret_hash: [1; 32], expected_id: id, name: format!("e{id}"), cert_fingerprint: [0; 32] }).unwrap();
+        self.apply(Command::CreateJoinToken {
+            secret_hash: [1; 32],
+            expires_unix_ms: self.now + 60_000,
+        })
+        .unwrap();
+        self.apply(Command::AdmitExecutor {
+            secret_hash: [1; 32],
+            expected_id: id,
+            name: format!("e{id}"),
+            cert_fingerprint: [0; 32],
+        })
+        .unwrap();
         let spec = ExecutorSpec {
             name: format!("e{id}"),
             capacity: resources(cpu_millis, 4096),
@@ -79,8 +100,16 @@ impl World {
     fn schedule(&mut self) -> Outcome {
         let plan = plan(&self.sm, self.now, &self.config);
         self.apply(Command::ExpireTasks { ids: plan.expire }).unwrap();
-        self.apply(Command::EvictTasks { ids: plan.drain_evictions, reason: "drain deadline passed".to_owned() }).unwrap();
-        self.apply(Command::PlaceTasks { placements: plan.placements, unschedulable: plan.unschedulable }).unwrap()
+        self.apply(Command::EvictTasks {
+            ids: plan.drain_evictions,
+            reason: "drain deadline passed".to_owned(),
+        })
+        .unwrap();
+        self.apply(Command::PlaceTasks {
+            placements: plan.placements,
+            unschedulable: plan.unschedulable,
+        })
+        .unwrap()
     }
 
     fn task(&self, id: TaskId) -> colony_core::Task {
@@ -89,7 +118,12 @@ impl World {
 
     fn report(&mut self, id: TaskId, status: AttemptStatus) -> Result<Outcome, CommandError> {
         let task = self.task(id);
-        self.apply(Command::Report { executor: task.executor.unwrap(), task: id, token: task.fencing_token.unwrap(), status })
+        self.apply(Command::Report {
+            executor: task.executor.unwrap(),
+            task: id,
+            token: task.fencing_token.unwrap(),
+            status,
+        })
     }
 }
 
@@ -101,7 +135,11 @@ fn bin_packing_fills_one_executor_before_the_next_and_spread_does_the_opposite()
     let first = w.submit(spec("one", 1000, 10));
     let second = w.submit(spec("two", 1000, 10));
     w.schedule();
-    assert_eq!(w.task(first).executor, w.task(second).executor, "bin-packing puts both on one executor");
+    assert_eq!(
+        w.task(first).executor,
+        w.task(second).executor,
+        "bin-packing puts both on one executor"
+    );
     let mut spread = spec("three", 1000, 10);
     spread.placement = colony_core::PlacementPolicy::Spread;
     let third = w.submit(spread);
@@ -126,10 +164,17 @@ fn a_task_that_fits_nowhere_stays_pending_with_a_reason() {
     zoned.labels.insert("zone".into(), "c".into());
     let zoned = w.submit(zoned);
     w.schedule();
-    assert_eq!(w.task(zoned).reason.as_deref(), Some("unschedulable: no executor has label zone=c"));
+    assert_eq!(
+        w.task(zoned).reason.as_deref(),
+        Some("unschedulable: no executor has label zone=c")
+    );
     let before = w.sm.clone();
     w.schedule();
-    assert_eq!(w.sm.get_task(zoned), before.get_task(zoned), "an unchanged reason is not re-committed");
+    assert_eq!(
+        w.sm.get_task(zoned),
+        before.get_task(zoned),
+        "an unchanged reason is not re-committed"
+    );
 }
 
 #[test]
@@ -141,14 +186,23 @@ fn placements_never_overcommit_even_when_planned_against_a_stale_state() {
     // Two leaders' worth of plans made against the same state: the second must be refused.
     let stale = plan(&w.sm, w.now, &w.config);
     assert_eq!(stale.placements.len(), 1);
-    w.apply(Command::PlaceTasks { placements: stale.placements.clone(), unschedulable: vec![] }).unwrap();
+    w.apply(Command::PlaceTasks { placements: stale.placements.clone(), unschedulable: vec![] })
+        .unwrap();
     let mut forged = stale.placements.clone();
     forged[0].task = if forged[0].task == a { b } else { a };
     match w.apply(Command::PlaceTasks { placements: forged, unschedulable: vec![] }).unwrap() {
         Outcome::Placed { assigned, rejected, .. } => {
             assert!(assigned.is_empty());
             assert!(
-                matches!(&rejected[0].1, PlacementRejection::Insufficient { resource: ResourceKind::Cpu, requested: 1000, free: 0, .. }),
+                matches!(
+                    &rejected[0].1,
+                    PlacementRejection::Insufficient {
+                        resource: ResourceKind::Cpu,
+                        requested: 1000,
+                        free: 0,
+                        ..
+                    }
+                ),
                 "{rejected:?}"
             );
         }
@@ -165,9 +219,17 @@ fn refused_placements_say_why_in_typed_fields() {
     let zoned = w.submit(zoned);
     let placed = w.submit(spec("placed", 100, 10));
     w.schedule();
-    let place = |task, executor| colony_core::Placement { task, executor, evict: vec![], memory_bytes: None };
-    let placements = vec![place(zoned, e), place(placed, e), place(TaskId(99), e), place(zoned, ExecutorId(42))];
-    let Outcome::Placed { assigned, rejected, .. } = w.apply(Command::PlaceTasks { placements, unschedulable: vec![] }).unwrap() else {
+    let place = |task, executor| colony_core::Placement {
+        task,
+        executor,
+        evict: vec![],
+        memory_bytes: None,
+    };
+    let placements =
+        vec![place(zoned, e), place(placed, e), place(TaskId(99), e), place(zoned, ExecutorId(42))];
+    let Outcome::Placed { assigned, rejected, .. } =
+        w.apply(Command::PlaceTasks { placements, unschedulable: vec![] }).unwrap()
+    else {
         panic!("not a placement outcome");
     };
     assert!(assigned.is_empty());
@@ -175,13 +237,26 @@ fn refused_placements_say_why_in_typed_fields() {
     assert_eq!(
         rejected,
         vec![
-            (zoned, PlacementRejection::ConstraintMismatch { task: zoned, executor: e, mismatch: label }),
-            (placed, PlacementRejection::TaskNotPending { task: placed, state: TaskState::Assigned }),
+            (
+                zoned,
+                PlacementRejection::ConstraintMismatch {
+                    task: zoned,
+                    executor: e,
+                    mismatch: label
+                }
+            ),
+            (
+                placed,
+                PlacementRejection::TaskNotPending { task: placed, state: TaskState::Assigned }
+            ),
             (TaskId(99), PlacementRejection::UnknownTask { task: TaskId(99) }),
             (zoned, PlacementRejection::UnknownExecutor { executor: ExecutorId(42) }),
         ]
     );
-    assert_eq!(rejected[0].1.to_string(), format!("executor {e} cannot run task {zoned}: it lacks label zone=b"));
+    assert_eq!(
+        rejected[0].1.to_string(),
+        format!("executor {e} cannot run task {zoned}: it lacks label zone=b")
+    );
 }
 
 #[test]
@@ -193,7 +268,11 @@ fn preemption_evicts_lower_priority_without_spending_a_retry() {
     w.report(low, AttemptStatus::Started).unwrap();
     let close = w.submit(spec("close", 2000, 50));
     w.schedule();
-    assert_eq!(w.task(close).state, TaskState::Pending, "a priority gap below the minimum does not preempt");
+    assert_eq!(
+        w.task(close).state,
+        TaskState::Pending,
+        "a priority gap below the minimum does not preempt"
+    );
     let high = w.submit(spec("high", 2000, 500));
     match w.schedule() {
         Outcome::Placed { evicted, .. } => assert_eq!(evicted, vec![low]),
@@ -284,11 +363,27 @@ fn an_executor_going_down_loses_its_attempts_to_retries_and_old_reports_are_fenc
     let new = w.task(id);
     assert_eq!((new.executor, new.attempt), (Some(second), 2));
     assert!(new.fencing_token > old.fencing_token);
-    let stale = Command::Report { executor: first, task: id, token: old.fencing_token.unwrap(), status: finished(AttemptOutcome::Succeeded) };
-    assert!(matches!(w.apply(stale), Err(CommandError::StaleReport { .. })), "the old attempt cannot complete the task");
+    let stale = Command::Report {
+        executor: first,
+        task: id,
+        token: old.fencing_token.unwrap(),
+        status: finished(AttemptOutcome::Succeeded),
+    };
+    assert!(
+        matches!(w.apply(stale), Err(CommandError::StaleReport { .. })),
+        "the old attempt cannot complete the task"
+    );
     w.report(id, finished(AttemptOutcome::Succeeded)).unwrap();
-    let duplicate = Command::Report { executor: second, task: id, token: new.fencing_token.unwrap(), status: finished(AttemptOutcome::Succeeded) };
-    assert!(matches!(w.apply(duplicate), Err(CommandError::StaleReport { .. })), "an attempt completes at most once");
+    let duplicate = Command::Report {
+        executor: second,
+        task: id,
+        token: new.fencing_token.unwrap(),
+        status: finished(AttemptOutcome::Succeeded),
+    };
+    assert!(
+        matches!(w.apply(duplicate), Err(CommandError::StaleReport { .. })),
+        "an attempt completes at most once"
+    );
     // Back from the dead: registering again brings it up, holding nothing.
     let spec = w.sm.get_executor(first).unwrap().spec.clone();
     w.apply(Command::RegisterExecutor { id: first, spec }).unwrap();
@@ -306,11 +401,18 @@ fn drain_stops_new_placements_then_evicts_at_the_deadline() {
         w.apply(Command::DrainExecutor { id: drained, deadline_unix_ms: w.now }),
         Err(CommandError::ExecutorState { state: ExecutorState::Draining, .. })
     ));
-    assert!(matches!(w.apply(Command::DrainExecutor { id: ExecutorId(99), deadline_unix_ms: w.now }), Err(CommandError::UnknownExecutor(_))));
+    assert!(matches!(
+        w.apply(Command::DrainExecutor { id: ExecutorId(99), deadline_unix_ms: w.now }),
+        Err(CommandError::UnknownExecutor(_))
+    ));
     let queued = w.submit(spec("queued", 100, 10));
     w.schedule();
     assert_eq!(w.task(queued).state, TaskState::Pending, "a draining executor takes no new work");
-    assert_eq!(w.task(id).state, TaskState::Assigned, "before the deadline the attempt keeps running");
+    assert_eq!(
+        w.task(id).state,
+        TaskState::Assigned,
+        "before the deadline the attempt keeps running"
+    );
     w.now += 5000;
     w.schedule();
     let evicted = w.task(id);
@@ -323,15 +425,30 @@ fn drain_stops_new_placements_then_evicts_at_the_deadline() {
 #[test]
 fn join_tokens_expire_and_admissions_race_safely() {
     let mut w = World::new();
-    w.apply(Command::CreateJoinToken { secret_hash: [9; 32], expires_unix_ms: w.now + 100 }).unwrap();
+    w.apply(Command::CreateJoinToken { secret_hash: [9; 32], expires_unix_ms: w.now + 100 })
+        .unwrap();
     let id = w.sm.next_executor_id();
-    let admit = |expected_id| Command::AdmitExecutor { secret_hash: [9; 32], expected_id, name: "e".into(), cert_fingerprint: [0; 32] };
+    let admit = |expected_id| Command::AdmitExecutor {
+        secret_hash: [9; 32],
+        expected_id,
+        name: "e".into(),
+        cert_fingerprint: [0; 32],
+    };
     w.apply(admit(id)).unwrap();
     assert!(matches!(w.apply(admit(id)), Err(CommandError::AdmissionRaced { .. })));
-    let wrong = Command::AdmitExecutor { secret_hash: [8; 32], expected_id: w.sm.next_executor_id(), name: "e".into(), cert_fingerprint: [0; 32] };
+    let wrong = Command::AdmitExecutor {
+        secret_hash: [8; 32],
+        expected_id: w.sm.next_executor_id(),
+        name: "e".into(),
+        cert_fingerprint: [0; 32],
+    };
     assert_eq!(w.apply(wrong), Err(CommandError::InvalidJoinToken));
     w.now += 100;
-    assert_eq!(w.apply(admit(w.sm.next_executor_id())), Err(CommandError::InvalidJoinToken), "an expired token is refused");
+    assert_eq!(
+        w.apply(admit(w.sm.next_executor_id())),
+        Err(CommandError::InvalidJoinToken),
+        "an expired token is refused"
+    );
 }
 
 /// Predicts 100 MiB of memory for every task, and a runtime that depends on the executor's size.
@@ -356,10 +473,15 @@ fn memory_auto_is_sized_by_the_model_with_a_margin_or_falls_back() {
     let sized = w.submit(auto.clone());
     let plan = colony_core::scheduler::plan_with(&w.sm, w.now, &w.config, &FixedModel);
     assert_eq!(plan.placements[0].memory_bytes, Some(125 << 20), "100 MiB predicted, 25% margin");
-    w.apply(Command::PlaceTasks { placements: plan.placements, unschedulable: plan.unschedulable }).unwrap();
+    w.apply(Command::PlaceTasks { placements: plan.placements, unschedulable: plan.unschedulable })
+        .unwrap();
     assert_eq!(w.task(sized).allocated.memory_bytes, 125 << 20);
     let executor = w.task(sized).executor.unwrap();
-    assert_eq!(w.sm.get_executor(executor).unwrap().allocated.memory_bytes, 125 << 20, "the executor holds the sized memory");
+    assert_eq!(
+        w.sm.get_executor(executor).unwrap().allocated.memory_bytes,
+        125 << 20,
+        "the executor holds the sized memory"
+    );
 
     let fallback = w.submit(auto.clone());
     w.schedule();
@@ -368,20 +490,41 @@ fn memory_auto_is_sized_by_the_model_with_a_margin_or_falls_back() {
     // apply refuses a placement that sizes a declared task or sizes below the floor.
     let declared = w.submit(spec("declared", 100, 10));
     let refuse = |w: &mut World, task, memory_bytes| match w
-        .apply(Command::PlaceTasks { placements: vec![colony_core::Placement { task, executor, evict: vec![], memory_bytes }], unschedulable: vec![] })
+        .apply(Command::PlaceTasks {
+            placements: vec![colony_core::Placement {
+                task,
+                executor,
+                evict: vec![],
+                memory_bytes,
+            }],
+            unschedulable: vec![],
+        })
         .unwrap()
     {
-        Outcome::Placed { rejected, .. } => rejected.into_iter().map(|(_, why)| why).collect::<Vec<_>>(),
+        Outcome::Placed { rejected, .. } => {
+            rejected.into_iter().map(|(_, why)| why).collect::<Vec<_>>()
+        }
         other => panic!("unexpected {other:?}"),
     };
-    assert_eq!(refuse(&mut w, declared, Some(1 << 30)), vec![PlacementRejection::MemorySizedButDeclared { task: declared }]);
+    assert_eq!(
+        refuse(&mut w, declared, Some(1 << 30)),
+        vec![PlacementRejection::MemorySizedButDeclared { task: declared }]
+    );
     let tiny = w.submit(auto);
     assert_eq!(
         refuse(&mut w, tiny, Some(1 << 20)),
-        vec![PlacementRejection::MemoryBelowFloor { task: tiny, memory_bytes: 1 << 20, floor_bytes: 64 << 20 }],
+        vec![PlacementRejection::MemoryBelowFloor {
+            task: tiny,
+            memory_bytes: 1 << 20,
+            floor_bytes: 64 << 20
+        }],
         "below the 64 MiB floor"
     );
-    assert_eq!(refuse(&mut w, tiny, None), vec![PlacementRejection::MemoryNotSized { task: tiny }], "memory auto needs a size");
+    assert_eq!(
+        refuse(&mut w, tiny, None),
+        vec![PlacementRejection::MemoryNotSized { task: tiny }],
+        "memory auto needs a size"
+    );
 }
 
 #[test]
@@ -393,16 +536,28 @@ fn with_a_model_deadline_work_goes_to_the_executor_that_finishes_soonest_and_lea
     urgent.deadline_unix_ms = Some(w.now + 60_000);
     let urgent = w.submit(urgent);
     let plan = colony_core::scheduler::plan_with(&w.sm, w.now, &w.config, &FixedModel);
-    assert_eq!(plan.placements[0].executor, big, "the 8-core executor is predicted to finish first");
+    assert_eq!(
+        plan.placements[0].executor, big,
+        "the 8-core executor is predicted to finish first"
+    );
     let plan = colony_core::scheduler::plan(&w.sm, w.now, &w.config);
-    assert_eq!(plan.placements[0].executor, small, "without a model, bin-packing picks the fuller (smaller) one");
+    assert_eq!(
+        plan.placements[0].executor, small,
+        "without a model, bin-packing picks the fuller (smaller) one"
+    );
     assert_eq!(plan.placements[0].task, urgent);
 }
 
 #[test]
 fn the_model_registry_publishes_rolls_back_and_refuses_bad_models() {
     let mut w = World::new();
-    let metrics = colony_core::ModelMetrics { holdout_mse: 0.1, baseline_mse: 0.5, previous_mse: None, train_rows: 80, holdout_rows: 20 };
+    let metrics = colony_core::ModelMetrics {
+        holdout_mse: 0.1,
+        baseline_mse: 0.5,
+        previous_mse: None,
+        train_rows: 80,
+        holdout_rows: 20,
+    };
     let publish = |metrics: colony_core::ModelMetrics, weights: Vec<u8>| Command::PublishModel {
         device: "cpu".into(),
         feature_schema: "colony-features-v1".into(),
@@ -418,10 +573,16 @@ fn the_model_registry_publishes_rolls_back_and_refuses_bad_models() {
     w.apply(Command::RollbackModel { version: first }).unwrap();
     assert_eq!(w.sm.current_model().unwrap().version, first);
     let before = w.sm.clone();
-    assert_eq!(w.apply(Command::RollbackModel { version: colony_core::ModelVersion(99) }), Err(CommandError::UnknownModel(colony_core::ModelVersion(99))));
+    assert_eq!(
+        w.apply(Command::RollbackModel { version: colony_core::ModelVersion(99) }),
+        Err(CommandError::UnknownModel(colony_core::ModelVersion(99)))
+    );
     let nan = colony_core::ModelMetrics { holdout_mse: f64::NAN, ..metrics.clone() };
     assert!(matches!(w.apply(publish(nan, vec![1])), Err(CommandError::InvalidModel(_))));
-    assert!(matches!(w.apply(publish(metrics.clone(), vec![0; 5 << 20])), Err(CommandError::TooLong { .. })));
+    assert!(matches!(
+        w.apply(publish(metrics.clone(), vec![0; 5 << 20])),
+        Err(CommandError::TooLong { .. })
+    ));
     assert!(matches!(w.apply(publish(metrics, vec![])), Err(CommandError::TooLong { .. })));
     assert_eq!(w.sm, before, "refused models change nothing");
 }

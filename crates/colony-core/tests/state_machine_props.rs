@@ -4,27 +4,57 @@
 
 use colony_core::scheduler::{plan, PlanConfig};
 use colony_core::{
-    AttemptOutcome, AttemptResult, AttemptStatus, Command, CommandError, ExecutorId, ExecutorSpec, FencingToken, Outcome, Placement,
-    PlacementPolicy, Proposal, Resources, RunSpec, StateMachine, TaskId, TaskSpec, TaskState,
+    AttemptOutcome, AttemptResult, AttemptStatus, Command, CommandError, ExecutorId, ExecutorSpec,
+    FencingToken, Outcome, Placement, PlacementPolicy, Proposal, Resources, RunSpec, StateMachine,
+    TaskId, TaskSpec, TaskState,
 };
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Clone, Debug)]
 enum Op {
-    Submit { name: String, deps: Vec<u64>, key: Option<u8>, priority: u16, deadline_in_ms: Option<i64>, cpu: u64 },
-    Cancel { id: u64 },
+    Submit {
+        name: String,
+        deps: Vec<u64>,
+        key: Option<u8>,
+        priority: u16,
+        deadline_in_ms: Option<i64>,
+        cpu: u64,
+    },
+    Cancel {
+        id: u64,
+    },
     /// Admits an executor and registers it with this much cpu.
-    AddExecutor { cpu: u64 },
-    Register { executor: u64, cpu: u64 },
-    Down { executor: u64 },
-    Drain { executor: u64, deadline_in_ms: u64 },
+    AddExecutor {
+        cpu: u64,
+    },
+    Register {
+        executor: u64,
+        cpu: u64,
+    },
+    Down {
+        executor: u64,
+    },
+    Drain {
+        executor: u64,
+        deadline_in_ms: u64,
+    },
     /// Runs the planner and applies its plan.
-    Schedule { gap: u16 },
+    Schedule {
+        gap: u16,
+    },
     /// An arbitrary placement, most of them invalid: `apply` must refuse those.
-    Place { task: u64, executor: u64, evict: Vec<u64> },
+    Place {
+        task: u64,
+        executor: u64,
+        evict: Vec<u64>,
+    },
     /// A report for a task; `stale` sends an older token than the current one.
-    Report { task: u64, stale: bool, outcome: u8 },
+    Report {
+        task: u64,
+        stale: bool,
+        outcome: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -52,7 +82,12 @@ fn op() -> impl Strategy<Value = Op> {
 fn executor_spec(cpu: u64) -> ExecutorSpec {
     ExecutorSpec {
         name: "exec".to_owned(),
-        capacity: Resources { cpu_millis: cpu, memory_bytes: 1 << 30, gpus: 0, custom: BTreeMap::new() },
+        capacity: Resources {
+            cpu_millis: cpu,
+            memory_bytes: 1 << 30,
+            gpus: 0,
+            custom: BTreeMap::new(),
+        },
         labels: BTreeMap::new(),
         capabilities: BTreeSet::new(),
     }
@@ -70,24 +105,48 @@ fn commands(op: &Op, sm: &StateMachine, now: u64) -> Vec<Command> {
             let id = sm.next_executor_id();
             vec![
                 Command::CreateJoinToken { secret_hash: [7; 32], expires_unix_ms: now + 1_000_000 },
-                Command::AdmitExecutor { secret_hash: [7; 32], expected_id: id, name: format!("e{id}"), cert_fingerprint: [id.0 as u8; 32] },
+                Command::AdmitExecutor {
+                    secret_hash: [7; 32],
+                    expected_id: id,
+                    name: format!("e{id}"),
+                    cert_fingerprint: [id.0 as u8; 32],
+                },
                 Command::RegisterExecutor { id, spec: executor_spec(*cpu) },
             ]
         }
-        Op::Register { executor, cpu } => vec![Command::RegisterExecutor { id: ExecutorId(*executor), spec: executor_spec(*cpu) }],
-        Op::Down { executor } => vec![Command::MarkExecutorDown { id: ExecutorId(*executor), reason: "silent".to_owned() }],
-        Op::Drain { executor, deadline_in_ms } => vec![Command::DrainExecutor { id: ExecutorId(*executor), deadline_unix_ms: now + deadline_in_ms }],
+        Op::Register { executor, cpu } => {
+            vec![Command::RegisterExecutor { id: ExecutorId(*executor), spec: executor_spec(*cpu) }]
+        }
+        Op::Down { executor } => vec![Command::MarkExecutorDown {
+            id: ExecutorId(*executor),
+            reason: "silent".to_owned(),
+        }],
+        Op::Drain { executor, deadline_in_ms } => vec![Command::DrainExecutor {
+            id: ExecutorId(*executor),
+            deadline_unix_ms: now + deadline_in_ms,
+        }],
         Op::Schedule { gap } => {
             let config = PlanConfig { preemption_priority_gap_min: *gap, ..PlanConfig::default() };
             let plan = plan(sm, now, &config);
             vec![
                 Command::ExpireTasks { ids: plan.expire },
-                Command::EvictTasks { ids: plan.drain_evictions, reason: "drain deadline".to_owned() },
-                Command::PlaceTasks { placements: plan.placements, unschedulable: plan.unschedulable },
+                Command::EvictTasks {
+                    ids: plan.drain_evictions,
+                    reason: "drain deadline".to_owned(),
+                },
+                Command::PlaceTasks {
+                    placements: plan.placements,
+                    unschedulable: plan.unschedulable,
+                },
             ]
         }
         Op::Place { task, executor, evict } => vec![Command::PlaceTasks {
-            placements: vec![Placement { task: TaskId(*task), executor: ExecutorId(*executor), evict: evict.iter().map(|&t| TaskId(t)).collect(), memory_bytes: None }],
+            placements: vec![Placement {
+                task: TaskId(*task),
+                executor: ExecutorId(*executor),
+                evict: evict.iter().map(|&t| TaskId(t)).collect(),
+                memory_bytes: None,
+            }],
             unschedulable: vec![],
         }],
         Op::Report { task, stale, outcome } => {
@@ -98,7 +157,11 @@ fn commands(op: &Op, sm: &StateMachine, now: u64) -> Vec<Command> {
             let status = match outcome {
                 0 => AttemptStatus::Started,
                 n => AttemptStatus::Finished(AttemptResult {
-                    outcome: [AttemptOutcome::Succeeded, AttemptOutcome::Failed, AttemptOutcome::TimedOut][usize::from(*n - 1)],
+                    outcome: [
+                        AttemptOutcome::Succeeded,
+                        AttemptOutcome::Failed,
+                        AttemptOutcome::TimedOut,
+                    ][usize::from(*n - 1)],
                     exit_code: Some(i32::from(*n) - 1),
                     stdout_tail: "out".to_owned(),
                     stderr_tail: String::new(),
@@ -111,21 +174,41 @@ fn commands(op: &Op, sm: &StateMachine, now: u64) -> Vec<Command> {
     }
 }
 
-fn spec(name: &str, deps: &[u64], key: Option<u8>, priority: u16, deadline: Option<u64>, cpu: u64) -> TaskSpec {
+fn spec(
+    name: &str,
+    deps: &[u64],
+    key: Option<u8>,
+    priority: u16,
+    deadline: Option<u64>,
+    cpu: u64,
+) -> TaskSpec {
     TaskSpec {
         name: name.to_owned(),
         namespace: "default".to_owned(),
         labels: BTreeMap::new(),
         capabilities: BTreeSet::new(),
-        resources: Resources { cpu_millis: cpu, memory_bytes: 64 << 20, gpus: 0, custom: BTreeMap::new() },
+        resources: Resources {
+            cpu_millis: cpu,
+            memory_bytes: 64 << 20,
+            gpus: 0,
+            custom: BTreeMap::new(),
+        },
         priority,
         deadline_unix_ms: deadline,
         timeout_ms: None,
         max_retries: u32::from(priority % 3),
         dependencies: deps.iter().map(|&d| TaskId(d)).collect(),
-        run: RunSpec::Process { program: "/bin/true".to_owned(), args: vec![], env: BTreeMap::new() },
+        run: RunSpec::Process {
+            program: "/bin/true".to_owned(),
+            args: vec![],
+            env: BTreeMap::new(),
+        },
         idempotency_key: key.map(|k| format!("key-{k}")),
-        placement: if cpu.is_multiple_of(2) { PlacementPolicy::BinPack } else { PlacementPolicy::Spread },
+        placement: if cpu.is_multiple_of(2) {
+            PlacementPolicy::BinPack
+        } else {
+            PlacementPolicy::Spread
+        },
         memory_auto: false,
     }
 }
@@ -196,14 +279,23 @@ proptest! {
 #[test]
 fn dependency_chain_blocks_then_cascades_on_cancel() {
     let mut sm = StateMachine::new();
-    let submit = |sm: &mut StateMachine, deps: &[u64]| match sm.apply_proposal(&Proposal { now_unix_ms: 10, commands: vec![Command::SubmitTask(spec("step", deps, None, 1, None, 100))] }).remove(0) {
+    let submit = |sm: &mut StateMachine, deps: &[u64]| match sm
+        .apply_proposal(&Proposal {
+            now_unix_ms: 10,
+            commands: vec![Command::SubmitTask(spec("step", deps, None, 1, None, 100))],
+        })
+        .remove(0)
+    {
         Ok(Outcome::Submitted { task, .. }) => task,
         other => panic!("submit failed: {other:?}"),
     };
     let a = submit(&mut sm, &[]);
     let b = submit(&mut sm, &[a.id.0]);
     let c = submit(&mut sm, &[b.id.0]);
-    assert_eq!((a.state, b.state, c.state), (TaskState::Pending, TaskState::Blocked, TaskState::Blocked));
+    assert_eq!(
+        (a.state, b.state, c.state),
+        (TaskState::Pending, TaskState::Blocked, TaskState::Blocked)
+    );
 
     let result = sm.apply(&Command::CancelTask { id: a.id, reason: "operator".into() });
     match result {
@@ -213,9 +305,15 @@ fn dependency_chain_blocks_then_cascades_on_cancel() {
         }
         other => panic!("cancel failed: {other:?}"),
     }
-    assert_eq!(sm.apply(&Command::CancelTask { id: c.id, reason: String::new() }), Err(CommandError::AlreadyFinished { id: c.id, state: TaskState::Cancelled }));
+    assert_eq!(
+        sm.apply(&Command::CancelTask { id: c.id, reason: String::new() }),
+        Err(CommandError::AlreadyFinished { id: c.id, state: TaskState::Cancelled })
+    );
     let after_cancel = sm.apply(&Command::SubmitTask(spec("late", &[a.id.0], None, 1, None, 1)));
-    assert_eq!(after_cancel, Err(CommandError::DependencyEnded { dependency: a.id, state: TaskState::Cancelled }));
+    assert_eq!(
+        after_cancel,
+        Err(CommandError::DependencyEnded { dependency: a.id, state: TaskState::Cancelled })
+    );
     sm.check_invariants().unwrap();
 }
 
@@ -223,15 +321,33 @@ fn dependency_chain_blocks_then_cascades_on_cancel() {
 fn bad_input_is_rejected_with_typed_errors() {
     let mut sm = StateMachine::new();
     let reject = |sm: &mut StateMachine, spec: TaskSpec| sm.apply(&Command::SubmitTask(spec));
-    assert!(matches!(reject(&mut sm, spec("", &[], None, 1, None, 1)), Err(CommandError::InvalidSpec(m)) if m.contains("name must not be empty")));
-    assert!(matches!(reject(&mut sm, spec(&"x".repeat(300), &[], None, 1, None, 1)), Err(CommandError::InvalidSpec(m)) if m.contains("253")));
-    assert!(matches!(reject(&mut sm, spec("p", &[], None, 1001, None, 1)), Err(CommandError::InvalidSpec(m)) if m.contains("priority")));
-    assert_eq!(reject(&mut sm, spec("d", &[7], None, 1, None, 1)), Err(CommandError::UnknownDependency(TaskId(7))));
-    assert_eq!(sm.apply(&Command::CancelTask { id: TaskId(99), reason: String::new() }), Err(CommandError::UnknownTask(TaskId(99))));
+    assert!(
+        matches!(reject(&mut sm, spec("", &[], None, 1, None, 1)), Err(CommandError::InvalidSpec(m)) if m.contains("name must not be empty"))
+    );
+    assert!(
+        matches!(reject(&mut sm, spec(&"x".repeat(300), &[], None, 1, None, 1)), Err(CommandError::InvalidSpec(m)) if m.contains("253"))
+    );
+    assert!(
+        matches!(reject(&mut sm, spec("p", &[], None, 1001, None, 1)), Err(CommandError::InvalidSpec(m)) if m.contains("priority"))
+    );
+    assert_eq!(
+        reject(&mut sm, spec("d", &[7], None, 1, None, 1)),
+        Err(CommandError::UnknownDependency(TaskId(7)))
+    );
+    assert_eq!(
+        sm.apply(&Command::CancelTask { id: TaskId(99), reason: String::new() }),
+        Err(CommandError::UnknownTask(TaskId(99)))
+    );
     // Each argument is within its own limit; together they are not.
     let mut huge = spec("huge", &[], None, 1, None, 1);
-    huge.run = RunSpec::Process { program: "/bin/true".into(), args: vec!["a".repeat(8000); 20], env: BTreeMap::new() };
-    assert!(matches!(reject(&mut sm, huge), Err(CommandError::InvalidSpec(m)) if m.contains("task spec") && m.contains("65536")));
+    huge.run = RunSpec::Process {
+        program: "/bin/true".into(),
+        args: vec!["a".repeat(8000); 20],
+        env: BTreeMap::new(),
+    };
+    assert!(
+        matches!(reject(&mut sm, huge), Err(CommandError::InvalidSpec(m)) if m.contains("task spec") && m.contains("65536"))
+    );
     assert_eq!(sm.task_count(), 0);
 }
 
@@ -240,12 +356,19 @@ fn idempotency_key_returns_the_first_task_and_refuses_a_different_spec() {
     let mut sm = StateMachine::new();
     let first = sm.apply(&Command::SubmitTask(spec("once", &[], Some(1), 5, None, 1)));
     let again = sm.apply(&Command::SubmitTask(spec("once", &[], Some(1), 5, None, 1)));
-    let (Ok(Outcome::Submitted { task: a, existing: false }), Ok(Outcome::Submitted { task: b, existing: true })) = (first, again) else {
+    let (
+        Ok(Outcome::Submitted { task: a, existing: false }),
+        Ok(Outcome::Submitted { task: b, existing: true }),
+    ) = (first, again)
+    else {
         panic!("idempotent resubmission did not return the first task");
     };
     assert_eq!(a.id, b.id);
     let conflict = sm.apply(&Command::SubmitTask(spec("other", &[], Some(1), 5, None, 1)));
-    assert_eq!(conflict, Err(CommandError::IdempotencyConflict { key: "key-1".into(), existing: a.id }));
+    assert_eq!(
+        conflict,
+        Err(CommandError::IdempotencyConflict { key: "key-1".into(), existing: a.id })
+    );
     assert_eq!(sm.task_count(), 1);
 }
 
@@ -259,7 +382,8 @@ fn task_states_are_lowercase_in_json() {
 
 fn bincode_round_trip<T: serde::Serialize + serde::de::DeserializeOwned>(value: &T) -> T {
     let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard()).expect("encode");
-    let (back, read) = bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).expect("decode");
+    let (back, read) =
+        bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).expect("decode");
     assert_eq!(read, bytes.len(), "every byte consumed");
     back
 }

@@ -63,12 +63,16 @@ pub async fn run(config: ExecutorConfig, shutdown: impl Future<Output = ()>) -> 
     Ok(run_agent(config, shutdown).await?)
 }
 
-async fn run_agent(config: ExecutorConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+async fn run_agent(
+    config: ExecutorConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
     if config.servers.is_empty() {
         return Err(AgentError::NoServers);
     }
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).map_err(|source| AgentError::DataDir { path: data_dir.clone(), source })?;
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|source| AgentError::DataDir { path: data_dir.clone(), source })?;
     let stored = identity::load(&data_dir)?;
     if stored.is_none() && config.token.is_none() {
         return Err(AgentError::NoIdentity(data_dir));
@@ -76,7 +80,9 @@ async fn run_agent(config: ExecutorConfig, shutdown: impl Future<Output = ()>) -
     let metrics = Arc::new(Metrics::new(&config.capacity)?);
     let http = match config.metrics_listen {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::MetricsListen { addr, source })?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::MetricsListen { addr, source })?;
             tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "serving metrics");
             metrics.add_process_collector()?;
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -114,15 +120,20 @@ async fn run_agent(config: ExecutorConfig, shutdown: impl Future<Output = ()>) -
         }
         (None, None) => return Err(AgentError::NoIdentity(data_dir)),
     };
-    let client = colony_quic::mutual_client_config(&creds.ca_pem, &creds.cert_pem, &creds.key_pem).map_err(AgentError::Tls)?;
+    let client = colony_quic::mutual_client_config(&creds.ca_pem, &creds.cert_pem, &creds.key_pem)
+        .map_err(AgentError::Tls)?;
     // Directories of attempts a previous run of this executor left behind: they were cut short,
     // so they are kept like failed ones.
     match runner::retire_leftovers(&data_dir) {
         Ok(0) => {}
-        Ok(count) => tracing::info!(count, "kept the working directories of attempts interrupted by the last stop"),
+        Ok(count) => tracing::info!(
+            count,
+            "kept the working directories of attempts interrupted by the last stop"
+        ),
         Err(e) => tracing::warn!(error = %e, "could not tidy the working directories"),
     }
-    let journal = Journal::open(&data_dir).map_err(|source| AgentError::Journal { path: data_dir.clone(), source })?;
+    let journal = Journal::open(&data_dir)
+        .map_err(|source| AgentError::Journal { path: data_dir.clone(), source })?;
     tracing::info!(executor_id = %creds.executor_id, name = %config.name, capacity = %config.capacity, "executor starting");
     let link = Link {
         servers: config.servers,
@@ -170,15 +181,26 @@ mod tests {
     #[tokio::test]
     async fn first_start_without_a_token_is_a_clear_error() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let error = run(config(dir.path().to_owned(), None), std::future::pending()).await.expect_err("no identity");
-        assert_eq!(error.to_string(), format!("no identity in {}: pass --token to join", dir.path().display()));
+        let error = run(config(dir.path().to_owned(), None), std::future::pending())
+            .await
+            .expect_err("no identity");
+        assert_eq!(
+            error.to_string(),
+            format!("no identity in {}: pass --token to join", dir.path().display())
+        );
     }
 
     #[tokio::test]
     async fn a_malformed_token_is_refused_before_dialing() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let error = run(config(dir.path().to_owned(), Some("nonsense".to_owned())), std::future::pending()).await.expect_err("bad token");
-        assert!(format!("{error:#}").starts_with("cannot join the cluster: invalid join token"), "{error:#}");
+        let error =
+            run(config(dir.path().to_owned(), Some("nonsense".to_owned())), std::future::pending())
+                .await
+                .expect_err("bad token");
+        assert!(
+            format!("{error:#}").starts_with("cannot join the cluster: invalid join token"),
+            "{error:#}"
+        );
     }
 
     #[tokio::test]
@@ -187,12 +209,19 @@ mod tests {
         let ca = colony_quic::ClusterCa::generate("test").expect("ca");
         let (key_pem, csr_pem) = colony_quic::new_executor_key().expect("key");
         let cert_pem = ca.sign_executor_csr(&csr_pem, 5).expect("cert");
-        let creds = crate::identity::Credentials { executor_id: colony_core::ExecutorId(5), key_pem, cert_pem, ca_pem: ca.cert_pem().to_owned() };
+        let creds = crate::identity::Credentials {
+            executor_id: colony_core::ExecutorId(5),
+            key_pem,
+            cert_pem,
+            ca_pem: ca.cert_pem().to_owned(),
+        };
         identity::store(dir.path(), &creds).expect("store");
         // A token that would not parse proves it is ignored; nobody listens on the server port.
         let started = std::time::Instant::now();
         let stop = tokio::time::sleep(Duration::from_millis(300));
-        run(config(dir.path().to_owned(), Some("ignored".to_owned())), stop).await.expect("clean stop");
+        run(config(dir.path().to_owned(), Some("ignored".to_owned())), stop)
+            .await
+            .expect("clean stop");
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

@@ -61,7 +61,14 @@ impl AttemptResult {
     }
 
     pub(crate) fn ended(outcome: Outcome, message: String) -> AttemptResult {
-        AttemptResult { outcome, exit_code: None, stdout_tail: String::new(), stderr_tail: String::new(), message, peak_memory_bytes: None }
+        AttemptResult {
+            outcome,
+            exit_code: None,
+            stdout_tail: String::new(),
+            stderr_tail: String::new(),
+            message,
+            peak_memory_bytes: None,
+        }
     }
 
     /// The report body, or `None` for a killed attempt, which is not reported.
@@ -100,7 +107,10 @@ mod tests {
     fn killed_attempts_are_not_reported() {
         assert_eq!(AttemptResult::ended(Outcome::Killed, "x".into()).finished(), None);
         let finished = AttemptResult::failed("boom").finished();
-        assert_eq!(finished.map(|f| (f.outcome, f.message)), Some((pb::AttemptOutcome::Failed as i32, "boom".to_owned())));
+        assert_eq!(
+            finished.map(|f| (f.outcome, f.message)),
+            Some((pb::AttemptOutcome::Failed as i32, "boom".to_owned()))
+        );
     }
 
     #[test]

@@ -9,7 +9,12 @@ use std::time::Duration;
 const HANDLERS: &str = "sleep, echo, fail";
 
 /// Runs `handler` on `input` until it ends, the timeout passes or a kill is requested.
-pub(crate) async fn run(handler: &str, input: &str, timeout: Option<Duration>, kill: KillSignal) -> AttemptResult {
+pub(crate) async fn run(
+    handler: &str,
+    input: &str,
+    timeout: Option<Duration>,
+    kill: KillSignal,
+) -> AttemptResult {
     let deadline = async {
         match timeout {
             Some(after) => {
@@ -33,11 +38,18 @@ async fn handle(handler: &str, input: &str) -> AttemptResult {
                 tokio::time::sleep(duration).await;
                 AttemptResult::succeeded()
             }
-            Err(e) => AttemptResult::failed(format!("sleep: {input:?} is not a duration (examples: 500ms, 2s, 1m): {e}")),
+            Err(e) => AttemptResult::failed(format!(
+                "sleep: {input:?} is not a duration (examples: 500ms, 2s, 1m): {e}"
+            )),
         },
-        "echo" => AttemptResult { stdout_tail: str_tail(input, OUTPUT_TAIL_BYTES_MAX).to_owned(), ..AttemptResult::succeeded() },
+        "echo" => AttemptResult {
+            stdout_tail: str_tail(input, OUTPUT_TAIL_BYTES_MAX).to_owned(),
+            ..AttemptResult::succeeded()
+        },
         "fail" => AttemptResult::failed(input),
-        other => AttemptResult::failed(format!("unknown builtin handler {other:?} (known: {HANDLERS})")),
+        other => {
+            AttemptResult::failed(format!("unknown builtin handler {other:?} (known: {HANDLERS})"))
+        }
     }
 }
 
@@ -75,7 +87,10 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
 
         let timed_out = run_alone("sleep", "30s", Some(Duration::from_millis(100))).await;
-        assert_eq!((timed_out.outcome, timed_out.message.as_str()), (Outcome::TimedOut, "timed out after 100ms"));
+        assert_eq!(
+            (timed_out.outcome, timed_out.message.as_str()),
+            (Outcome::TimedOut, "timed out after 100ms")
+        );
     }
 
     #[tokio::test]
@@ -88,6 +103,9 @@ mod tests {
         assert_eq!((fail.outcome, fail.message.as_str()), (Outcome::Failed, "disk on fire"));
         let unknown = run_alone("teleport", "", None).await;
         assert_eq!(unknown.outcome, Outcome::Failed);
-        assert_eq!(unknown.message, "unknown builtin handler \"teleport\" (known: sleep, echo, fail)");
+        assert_eq!(
+            unknown.message,
+            "unknown builtin handler \"teleport\" (known: sleep, echo, fail)"
+        );
     }
 }

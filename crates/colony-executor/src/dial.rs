@@ -73,29 +73,44 @@ impl Stream {
 
 /// Resolves `addr` (`host:port`) to an IPv4 address, the family of our endpoints.
 async fn resolve(addr: &str) -> Result<SocketAddr, DialError> {
-    let mut found = tokio::net::lookup_host(addr).await.map_err(|source| DialError::Resolve { addr: addr.to_owned(), source })?;
+    let mut found = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|source| DialError::Resolve { addr: addr.to_owned(), source })?;
     found.find(SocketAddr::is_ipv4).ok_or_else(|| DialError::NoAddress { addr: addr.to_owned() })
 }
 
 /// Connects to `addr` and opens the control stream.
-pub(crate) async fn open(endpoint: &Endpoint, config: &ClientConfig, addr: &str) -> Result<Stream, DialError> {
+pub(crate) async fn open(
+    endpoint: &Endpoint,
+    config: &ClientConfig,
+    addr: &str,
+) -> Result<Stream, DialError> {
     let connect = async {
         let target = resolve(addr).await?;
         let conn = endpoint.connect_with(config.clone(), target, colony_quic::SERVER_NAME)?.await?;
         let (send, recv) = conn.open_bi().await?;
         Ok(Stream { conn, send, recv })
     };
-    tokio::time::timeout(CONNECT_TIMEOUT, connect).await.map_err(|_| DialError::Timeout(CONNECT_TIMEOUT))?
+    tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| DialError::Timeout(CONNECT_TIMEOUT))?
 }
 
 /// Sends the first message on the control stream and reads the server's answer.
-pub(crate) async fn request(stream: &mut Stream, message: pb::executor_message::Body) -> Result<pb::server_message::Body, DialError> {
+pub(crate) async fn request(
+    stream: &mut Stream,
+    message: pb::executor_message::Body,
+) -> Result<pb::server_message::Body, DialError> {
     let exchange = async {
-        colony_quic::write_frame(&mut stream.send, &pb::ExecutorMessage { body: Some(message) }).await?;
-        let answer: Option<pb::ServerMessage> = colony_quic::read_frame(&mut stream.recv, FRAME_BYTES_MAX).await?;
+        colony_quic::write_frame(&mut stream.send, &pb::ExecutorMessage { body: Some(message) })
+            .await?;
+        let answer: Option<pb::ServerMessage> =
+            colony_quic::read_frame(&mut stream.recv, FRAME_BYTES_MAX).await?;
         answer.ok_or(DialError::Closed)?.body.ok_or(DialError::Empty)
     };
-    tokio::time::timeout(ANSWER_TIMEOUT, exchange).await.map_err(|_| DialError::Timeout(ANSWER_TIMEOUT))?
+    tokio::time::timeout(ANSWER_TIMEOUT, exchange)
+        .await
+        .map_err(|_| DialError::Timeout(ANSWER_TIMEOUT))?
 }
 
 /// What trying one server came to.
@@ -139,8 +154,12 @@ where
                 tracing::debug!(from = %addr, to = %to, "redirected to the leader");
                 queue.push_front(to);
             }
-            Step::Redirect(to) => last = format!("{addr}: redirected to {to}, one redirect too many"),
-            Step::NoLeader => return RoundEnd::Exhausted(format!("{addr}: the cluster has no leader yet")),
+            Step::Redirect(to) => {
+                last = format!("{addr}: redirected to {to}, one redirect too many")
+            }
+            Step::NoLeader => {
+                return RoundEnd::Exhausted(format!("{addr}: the cluster has no leader yet"))
+            }
             Step::Failed(reason) => last = format!("{addr}: {reason}"),
             Step::Fatal(reason) => return RoundEnd::Fatal(reason),
         }
@@ -206,6 +225,8 @@ mod tests {
         let end = round(&servers, |_| std::future::ready(Step::<()>::NoLeader)).await;
         assert!(matches!(end, RoundEnd::Exhausted(ref why) if why.contains("no leader")));
         let end = round(&servers, |addr| std::future::ready(Step::<()>::Redirect(addr))).await;
-        assert!(matches!(end, RoundEnd::Exhausted(ref why) if why.contains("one redirect too many")));
+        assert!(
+            matches!(end, RoundEnd::Exhausted(ref why) if why.contains("one redirect too many"))
+        );
     }
 }

@@ -70,14 +70,20 @@ pub(crate) fn load(data_dir: &Path) -> Result<Option<Credentials>, IdentityError
     };
     // Only the error's kind and position: serde's own message may quote a value, and one value
     // here is the private key.
-    let file: IdentityFile = serde_json::from_slice(&bytes).map_err(|e| IdentityError::Malformed {
-        path: path.clone(),
-        detail: format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column()),
-    })?;
+    let file: IdentityFile =
+        serde_json::from_slice(&bytes).map_err(|e| IdentityError::Malformed {
+            path: path.clone(),
+            detail: format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column()),
+        })?;
     if file.format_version != FORMAT_VERSION {
         return Err(IdentityError::Version { path, found: file.format_version });
     }
-    Ok(Some(Credentials { executor_id: file.executor_id, key_pem: file.key_pem, cert_pem: file.cert_pem, ca_pem: file.ca_pem }))
+    Ok(Some(Credentials {
+        executor_id: file.executor_id,
+        key_pem: file.key_pem,
+        cert_pem: file.cert_pem,
+        ca_pem: file.ca_pem,
+    }))
 }
 
 /// Writes the identity durably into `data_dir`.
@@ -95,8 +101,15 @@ pub(crate) fn store(data_dir: &Path, creds: &Credentials) -> Result<(), Identity
         ca_pem: creds.ca_pem.clone(),
     };
     let tmp = data_dir.join(format!("{FILE_NAME}.tmp"));
-    let bytes = serde_json::to_vec_pretty(&file).map_err(|e| IdentityError::Malformed { path: tmp.clone(), detail: e.to_string() })?;
-    let mut out = OpenOptions::new().write(true).create(true).truncate(true).mode(FILE_MODE).open(&tmp).map_err(io(&tmp))?;
+    let bytes = serde_json::to_vec_pretty(&file)
+        .map_err(|e| IdentityError::Malformed { path: tmp.clone(), detail: e.to_string() })?;
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
     out.write_all(&bytes).map_err(io(&tmp))?;
     out.sync_all().map_err(io(&tmp))?;
     let path = data_dir.join(FILE_NAME);
@@ -144,7 +157,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         fs::write(dir.path().join(FILE_NAME), "{").expect("write");
         assert!(matches!(load(dir.path()), Err(IdentityError::Malformed { .. })));
-        fs::write(dir.path().join(FILE_NAME), r#"{"format_version":9,"executor_id":1,"key_pem":"","cert_pem":"","ca_pem":""}"#).expect("write");
+        fs::write(
+            dir.path().join(FILE_NAME),
+            r#"{"format_version":9,"executor_id":1,"key_pem":"","cert_pem":"","ca_pem":""}"#,
+        )
+        .expect("write");
         assert!(matches!(load(dir.path()), Err(IdentityError::Version { found: 9, .. })));
     }
 }

@@ -25,7 +25,13 @@ pub enum JoinError {
 
 /// Joins through `servers` (following redirects to the leader), retrying with backoff for at
 /// most `rounds_max` rounds, or forever when it is `None`.
-pub(crate) async fn join(endpoint: &Endpoint, servers: &[String], token: &str, name: &str, rounds_max: Option<u32>) -> Result<Credentials, JoinError> {
+pub(crate) async fn join(
+    endpoint: &Endpoint,
+    servers: &[String],
+    token: &str,
+    name: &str,
+    rounds_max: Option<u32>,
+) -> Result<Credentials, JoinError> {
     let token = token.trim();
     let parsed: JoinToken = token.parse().map_err(JoinError::Token)?;
     let (key_pem, csr_pem) = colony_quic::new_executor_key().map_err(JoinError::Key)?;
@@ -36,12 +42,20 @@ pub(crate) async fn join(endpoint: &Endpoint, servers: &[String], token: &str, n
     let (config, csr_pem) = (&config, csr_pem.as_str());
     loop {
         rounds += 1;
-        let end = dial::round(servers, |addr| async move { try_join(endpoint, config, &addr, token, csr_pem, name).await }).await;
+        let end = dial::round(servers, |addr| async move {
+            try_join(endpoint, config, &addr, token, csr_pem, name).await
+        })
+        .await;
         match end {
             RoundEnd::Done(accepted, addr) => {
                 let executor_id = ExecutorId(accepted.executor_id);
                 tracing::info!(executor_id = %executor_id, server = %addr, "joined the cluster");
-                return Ok(Credentials { executor_id, key_pem, cert_pem: accepted.cert_pem, ca_pem: accepted.ca_pem });
+                return Ok(Credentials {
+                    executor_id,
+                    key_pem,
+                    cert_pem: accepted.cert_pem,
+                    ca_pem: accepted.ca_pem,
+                });
             }
             RoundEnd::Fatal(reason) => return Err(JoinError::Rejected(reason)),
             RoundEnd::Exhausted(last) => {
@@ -66,19 +80,35 @@ fn is_permanent_refusal(message: &str) -> bool {
     message.contains("token") || message.contains("certificate request")
 }
 
-async fn try_join(endpoint: &Endpoint, config: &ClientConfig, addr: &str, token: &str, csr_pem: &str, name: &str) -> Step<pb::JoinAccepted> {
+async fn try_join(
+    endpoint: &Endpoint,
+    config: &ClientConfig,
+    addr: &str,
+    token: &str,
+    csr_pem: &str,
+    name: &str,
+) -> Step<pb::JoinAccepted> {
     let mut stream = match dial::open(endpoint, config, addr).await {
         Ok(stream) => stream,
         Err(e) => return Step::Failed(describe(&e)),
     };
-    let join = pb::Join { token: token.to_owned(), csr_pem: csr_pem.to_owned(), name: name.to_owned() };
+    let join =
+        pb::Join { token: token.to_owned(), csr_pem: csr_pem.to_owned(), name: name.to_owned() };
     let step = match dial::request(&mut stream, pb::executor_message::Body::Join(join)).await {
         Ok(pb::server_message::Body::JoinAccepted(accepted)) => Step::Done(accepted),
-        Ok(pb::server_message::Body::Redirect(redirect)) if redirect.leader_address.is_empty() => Step::NoLeader,
+        Ok(pb::server_message::Body::Redirect(redirect)) if redirect.leader_address.is_empty() => {
+            Step::NoLeader
+        }
         Ok(pb::server_message::Body::Redirect(redirect)) => Step::Redirect(redirect.leader_address),
-        Ok(pb::server_message::Body::Error(error)) if is_permanent_refusal(&error.message) => Step::Fatal(format!("{addr}: {}", error.message)),
-        Ok(pb::server_message::Body::Error(error)) => Step::Failed(format!("refused: {}", error.message)),
-        Ok(_) => Step::Failed("the server answered Join with something other than JoinAccepted".to_owned()),
+        Ok(pb::server_message::Body::Error(error)) if is_permanent_refusal(&error.message) => {
+            Step::Fatal(format!("{addr}: {}", error.message))
+        }
+        Ok(pb::server_message::Body::Error(error)) => {
+            Step::Failed(format!("refused: {}", error.message))
+        }
+        Ok(_) => Step::Failed(
+            "the server answered Join with something other than JoinAccepted".to_owned(),
+        ),
         Err(e) => Step::Failed(describe(&e)),
     };
     stream.close("join done");

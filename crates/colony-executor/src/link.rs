@@ -5,25 +5,25 @@
 //! by a closed set of events.
 
 use crate::attempt::{Attempt, AttemptResult, KillSignal, Outcome};
+use crate::builtin;
 use crate::dial::{self, describe, Backoff, RoundEnd, Step, Stream};
+use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::runner::{self, ProcessRun};
 use crate::sim::{self, SimEvent};
-use crate::builtin;
 use colony_core::{ExecutorId, FencingToken, Resources, RunSpec, TaskId, TaskSpec};
 use colony_proto::pb;
 use colony_quic::FRAME_BYTES_MAX;
-use tracing::Instrument as _;
 use quinn::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
-use crate::journal::Journal;
 use std::path::Path;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 /// Attempts running at once; an assignment beyond this fails at once rather than overcommit
 /// the host (the scheduler's capacity accounting should never get here).
@@ -73,7 +73,11 @@ pub(crate) enum Launcher {
     Run { data_dir: Arc<Path> },
     /// For the benchmarks: note the assignment, hold the resources as long as `behaviour` says,
     /// succeed with the peak memory it says.
-    Simulate { behaviour: sim::Behaviour, capacity: Resources, events: mpsc::UnboundedSender<SimEvent> },
+    Simulate {
+        behaviour: sim::Behaviour,
+        capacity: Resources,
+        events: mpsc::UnboundedSender<SimEvent>,
+    },
 }
 
 impl Launcher {
@@ -84,7 +88,9 @@ impl Launcher {
                 let run = ProcessRun { attempt, program, args, env, timeout, data_dir: &data_dir };
                 runner::run(run, kill).await
             }
-            (Launcher::Run { .. }, RunSpec::Builtin { handler, input }) => builtin::run(handler, input, timeout, kill).await,
+            (Launcher::Run { .. }, RunSpec::Builtin { handler, input }) => {
+                builtin::run(handler, input, timeout, kill).await
+            }
             (Launcher::Simulate { behaviour, capacity, events }, _) => {
                 let run = behaviour(spec, &capacity);
                 sim::hold(attempt.task_id, run, &events, kill).await
@@ -163,7 +169,8 @@ struct Session {
 
 impl Session {
     fn start(stream: Stream, heartbeat_interval_ms: u64) -> Session {
-        let interval = Duration::from_millis(heartbeat_interval_ms).clamp(HEARTBEAT_INTERVAL_MIN, HEARTBEAT_INTERVAL_MAX);
+        let interval = Duration::from_millis(heartbeat_interval_ms)
+            .clamp(HEARTBEAT_INTERVAL_MIN, HEARTBEAT_INTERVAL_MAX);
         let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (inbox_tx, inbox) = mpsc::channel(SERVER_MESSAGES_QUEUE_MAX);
@@ -174,7 +181,12 @@ impl Session {
 
     async fn send(&mut self, body: pb::executor_message::Body) -> Result<(), SessionEnd> {
         let message = pb::ExecutorMessage { body: Some(body) };
-        match tokio::time::timeout(WRITE_TIMEOUT, colony_quic::write_frame(&mut self.send, &message)).await {
+        match tokio::time::timeout(
+            WRITE_TIMEOUT,
+            colony_quic::write_frame(&mut self.send, &message),
+        )
+        .await
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(SessionEnd::Lost(describe(&e))),
             Err(_) => Err(SessionEnd::Lost(format!("a write took longer than {WRITE_TIMEOUT:?}"))),
@@ -196,11 +208,12 @@ impl Drop for Session {
 /// own task. Ends after passing on the first error (a malformed message included).
 async fn read_server(mut recv: RecvStream, inbox: mpsc::Sender<Result<pb::ServerMessage, String>>) {
     loop {
-        let item = match colony_quic::read_frame::<pb::ServerMessage>(&mut recv, FRAME_BYTES_MAX).await {
-            Ok(Some(message)) => Ok(message),
-            Ok(None) => Err("the server closed the control stream".to_owned()),
-            Err(e) => Err(describe(&e)),
-        };
+        let item =
+            match colony_quic::read_frame::<pb::ServerMessage>(&mut recv, FRAME_BYTES_MAX).await {
+                Ok(Some(message)) => Ok(message),
+                Ok(None) => Err("the server closed the control stream".to_owned()),
+                Err(e) => Err(describe(&e)),
+            };
         let last = item.is_err();
         if inbox.send(item).await.is_err() || last {
             return;
@@ -209,7 +222,13 @@ async fn read_server(mut recv: RecvStream, inbox: mpsc::Sender<Result<pb::Server
 }
 
 /// Connects to `addr` and says Hello; a Welcome makes a session.
-async fn connect(endpoint: &Endpoint, client: &ClientConfig, addr: &str, hello: &pb::Hello, metrics: &Metrics) -> Step<Session> {
+async fn connect(
+    endpoint: &Endpoint,
+    client: &ClientConfig,
+    addr: &str,
+    hello: &pb::Hello,
+    metrics: &Metrics,
+) -> Step<Session> {
     let mut stream = match dial::open(endpoint, client, addr).await {
         Ok(stream) => stream,
         Err(e) => {
@@ -217,12 +236,27 @@ async fn connect(endpoint: &Endpoint, client: &ClientConfig, addr: &str, hello: 
             return Step::Failed(describe(&e));
         }
     };
-    let (step, why) = match dial::request(&mut stream, pb::executor_message::Body::Hello(hello.clone())).await {
-        Ok(pb::server_message::Body::Welcome(welcome)) => return Step::Done(Session::start(stream, welcome.heartbeat_interval_ms)),
-        Ok(pb::server_message::Body::Redirect(redirect)) if redirect.leader_address.is_empty() => (Step::NoLeader, "no leader"),
-        Ok(pb::server_message::Body::Redirect(redirect)) => (Step::Redirect(redirect.leader_address), "redirected"),
-        Ok(pb::server_message::Body::Error(error)) if is_unknown_executor(&error) => (Step::Fatal(error.message), "unknown executor"),
-        Ok(pb::server_message::Body::Error(error)) => (Step::Failed(format!("refused: {}", error.message)), "refused"),
+    let (step, why) = match dial::request(
+        &mut stream,
+        pb::executor_message::Body::Hello(hello.clone()),
+    )
+    .await
+    {
+        Ok(pb::server_message::Body::Welcome(welcome)) => {
+            return Step::Done(Session::start(stream, welcome.heartbeat_interval_ms))
+        }
+        Ok(pb::server_message::Body::Redirect(redirect)) if redirect.leader_address.is_empty() => {
+            (Step::NoLeader, "no leader")
+        }
+        Ok(pb::server_message::Body::Redirect(redirect)) => {
+            (Step::Redirect(redirect.leader_address), "redirected")
+        }
+        Ok(pb::server_message::Body::Error(error)) if is_unknown_executor(&error) => {
+            (Step::Fatal(error.message), "unknown executor")
+        }
+        Ok(pb::server_message::Body::Error(error)) => {
+            (Step::Failed(format!("refused: {}", error.message)), "refused")
+        }
         Ok(_) => {
             metrics.quic_errors.inc();
             (Step::Failed("the server answered Hello with something other than Welcome, Redirect or LinkError".to_owned()), "protocol error")
@@ -255,7 +289,12 @@ struct State {
 impl Link {
     /// Runs until `shutdown` resolves (then stops gracefully) or the cluster disowns this
     /// executor.
-    pub(crate) async fn run(self, endpoint: &Endpoint, client: &ClientConfig, shutdown: impl Future<Output = ()>) -> Result<(), LinkError> {
+    pub(crate) async fn run(
+        self,
+        endpoint: &Endpoint,
+        client: &ClientConfig,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), LinkError> {
         // Every running attempt sends exactly one message, so this bound is never reached.
         let (attempts_tx, mut attempts_rx) = mpsc::channel(ATTEMPTS_RUNNING_MAX);
         let metrics = self.metrics.clone();
@@ -280,11 +319,19 @@ impl Link {
         let mut sessions: u64 = 0;
         loop {
             // The last leader first: after a dropped connection it is the likeliest to answer.
-            let candidates: Vec<String> = leader.iter().chain(self.servers.iter().filter(|s| Some(*s) != leader.as_ref())).cloned().collect();
+            let candidates: Vec<String> = leader
+                .iter()
+                .chain(self.servers.iter().filter(|s| Some(*s) != leader.as_ref()))
+                .cloned()
+                .collect();
             let hello = state.hello();
             let (hello, counters) = (&hello, &*metrics);
-            let round = dial::round(&candidates, |addr| async move { connect(endpoint, client, &addr, hello, counters).await });
-            let Some(end) = state.while_disconnected(round, &mut attempts_rx, shutdown.as_mut()).await else {
+            let round = dial::round(&candidates, |addr| async move {
+                connect(endpoint, client, &addr, hello, counters).await
+            });
+            let Some(end) =
+                state.while_disconnected(round, &mut attempts_rx, shutdown.as_mut()).await
+            else {
                 state.drain(None, &mut attempts_rx).await;
                 return Ok(());
             };
@@ -334,7 +381,8 @@ impl Link {
                 }
             }
             let pause = tokio::time::sleep(backoff.next_delay());
-            if state.while_disconnected(pause, &mut attempts_rx, shutdown.as_mut()).await.is_none() {
+            if state.while_disconnected(pause, &mut attempts_rx, shutdown.as_mut()).await.is_none()
+            {
                 state.drain(None, &mut attempts_rx).await;
                 return Ok(());
             }
@@ -397,7 +445,11 @@ impl State {
         }
     }
 
-    async fn on_server(&mut self, message: pb::ServerMessage, session: &mut Session) -> Result<(), SessionEnd> {
+    async fn on_server(
+        &mut self,
+        message: pb::ServerMessage,
+        session: &mut Session,
+    ) -> Result<(), SessionEnd> {
         use pb::server_message::Body;
         match message.body {
             Some(Body::Assign(assign)) => {
@@ -412,10 +464,16 @@ impl State {
                 self.on_ack(ack);
                 Ok(())
             }
-            Some(Body::Error(error)) if is_unknown_executor(&error) => Err(SessionEnd::Fatal(error.message)),
-            Some(Body::Error(error)) => Err(SessionEnd::Lost(format!("the server ended the session: {}", error.message))),
+            Some(Body::Error(error)) if is_unknown_executor(&error) => {
+                Err(SessionEnd::Fatal(error.message))
+            }
+            Some(Body::Error(error)) => {
+                Err(SessionEnd::Lost(format!("the server ended the session: {}", error.message)))
+            }
             Some(Body::Welcome(_) | Body::Redirect(_) | Body::JoinAccepted(_)) => {
-                Err(SessionEnd::Lost("the server sent a handshake message in an established session".to_owned()))
+                Err(SessionEnd::Lost(
+                    "the server sent a handshake message in an established session".to_owned(),
+                ))
             }
             None => Err(SessionEnd::Lost("the server sent an empty message".to_owned())),
         }
@@ -433,10 +491,17 @@ impl State {
             return;
         }
         // A newer token for the task supersedes any older attempt of it still running here.
-        for running in self.running.range_mut((task, FencingToken(0))..(task, token)).map(|(_, r)| r) {
+        for running in
+            self.running.range_mut((task, FencingToken(0))..(task, token)).map(|(_, r)| r)
+        {
             running.kill();
         }
-        let attempt = Attempt { task_id: task, attempt: assign.attempt, fencing_token: token, executor_id: self.profile.executor_id };
+        let attempt = Attempt {
+            task_id: task,
+            attempt: assign.attempt,
+            fencing_token: token,
+            executor_id: self.profile.executor_id,
+        };
         self.queue_report(task, token, pb::status_report::Status::Started(pb::Started {}));
         if self.journal.as_ref().is_some_and(|j| j.started_before_restart((task, token))) {
             return self.refuse(&attempt, "this executor restarted while the attempt was starting or running; an attempt never starts twice".to_owned());
@@ -447,23 +512,37 @@ impl State {
             None => return self.refuse(&attempt, "the assignment carries no task spec".to_owned()),
         };
         if self.running.len() >= ATTEMPTS_RUNNING_MAX {
-            return self.refuse(&attempt, format!("the executor already runs {ATTEMPTS_RUNNING_MAX} attempts"));
+            return self.refuse(
+                &attempt,
+                format!("the executor already runs {ATTEMPTS_RUNNING_MAX} attempts"),
+            );
         }
         if let Some(Err(e)) = self.journal.as_mut().map(|j| j.record((task, token))) {
-            return self.refuse(&attempt, format!("cannot record the attempt before starting it: {e}"));
+            return self
+                .refuse(&attempt, format!("cannot record the attempt before starting it: {e}"));
         }
         tracing::info!(%task, attempt = attempt.attempt, %token, name = %spec.name, "starting attempt");
         let (kill_tx, kill_rx) = oneshot::channel();
-        self.running.insert((task, token), Running { resources: spec.resources.clone(), kill: Some(kill_tx) });
+        self.running.insert(
+            (task, token),
+            Running { resources: spec.resources.clone(), kill: Some(kill_tx) },
+        );
         let launcher = self.launcher.clone();
         let attempts_tx = self.attempts_tx.clone();
         // Everything logged while the attempt runs carries its task, attempt and token.
-        let span = tracing::info_span!("attempt", task_id = %task, attempt = attempt.attempt, %token);
+        let span =
+            tracing::info_span!("attempt", task_id = %task, attempt = attempt.attempt, %token);
         tokio::spawn(
             async move {
                 let result = launcher.run(&attempt, &spec, kill_rx).await;
                 // Only a stopped executor has no receiver, and then nobody is left to tell.
-                let _ = attempts_tx.send(AttemptEnded { task: attempt.task_id, token: attempt.fencing_token, result }).await;
+                let _ = attempts_tx
+                    .send(AttemptEnded {
+                        task: attempt.task_id,
+                        token: attempt.fencing_token,
+                        result,
+                    })
+                    .await;
             }
             .instrument(span),
         );
@@ -476,7 +555,11 @@ impl State {
         self.metrics.attempt_ended(Outcome::Failed);
         self.remember_finished((attempt.task_id, attempt.fencing_token));
         if let Some(finished) = AttemptResult::failed(message).finished() {
-            self.queue_report(attempt.task_id, attempt.fencing_token, pb::status_report::Status::Finished(finished));
+            self.queue_report(
+                attempt.task_id,
+                attempt.fencing_token,
+                pb::status_report::Status::Finished(finished),
+            );
         }
     }
 
@@ -494,7 +577,8 @@ impl State {
     }
 
     fn on_ack(&mut self, ack: pb::ReportAck) {
-        let Some(index) = self.pending.iter().position(|p| p.report.report_id == ack.report_id) else {
+        let Some(index) = self.pending.iter().position(|p| p.report.report_id == ack.report_id)
+        else {
             tracing::debug!(report_id = ack.report_id, "acknowledgement for an unknown report");
             return;
         };
@@ -524,7 +608,11 @@ impl State {
         tracing::info!(task = %ended.task, token = %ended.token, outcome = result.outcome.label(), message = %result.message, "attempt ended");
         if let Some(finished) = result.finished() {
             self.remember_finished(key);
-            self.queue_report(ended.task, ended.token, pb::status_report::Status::Finished(finished));
+            self.queue_report(
+                ended.task,
+                ended.token,
+                pb::status_report::Status::Finished(finished),
+            );
         }
     }
 
@@ -539,15 +627,28 @@ impl State {
         }
     }
 
-    fn queue_report(&mut self, task: TaskId, token: FencingToken, status: pb::status_report::Status) {
+    fn queue_report(
+        &mut self,
+        task: TaskId,
+        token: FencingToken,
+        status: pb::status_report::Status,
+    ) {
         if self.pending.len() >= REPORTS_PENDING_MAX {
             if let Some(dropped) = self.pending.pop_front() {
-                tracing::warn!(task = dropped.report.task_id, "too many unacknowledged reports; dropped the oldest");
+                tracing::warn!(
+                    task = dropped.report.task_id,
+                    "too many unacknowledged reports; dropped the oldest"
+                );
             }
         }
         let report_id = self.next_report_id;
         self.next_report_id += 1;
-        let report = pb::StatusReport { report_id, task_id: task.0, fencing_token: token.0, status: Some(status) };
+        let report = pb::StatusReport {
+            report_id,
+            task_id: task.0,
+            fencing_token: token.0,
+            status: Some(status),
+        };
         self.pending.push_back(Pending { report, sent_at: None });
         self.metrics.reports_pending.set(saturating_i64(self.pending.len()));
     }
@@ -580,7 +681,9 @@ impl State {
             .filter(|p| matches!(p.report.status, Some(pb::status_report::Status::Finished(_))))
             .map(|p| (TaskId(p.report.task_id), FencingToken(p.report.fencing_token)));
         let all: BTreeSet<(TaskId, FencingToken)> = live.chain(unreported).collect();
-        all.into_iter().map(|(task, token)| pb::RunningTask { task_id: task.0, fencing_token: token.0 }).collect()
+        all.into_iter()
+            .map(|(task, token)| pb::RunningTask { task_id: task.0, fencing_token: token.0 })
+            .collect()
     }
 
     fn hello(&self) -> pb::Hello {
@@ -602,8 +705,10 @@ impl State {
     fn update_gauges(&self) {
         let mut allocated = Resources::default();
         for running in self.running.values().filter(|r| r.is_live()) {
-            allocated.cpu_millis = allocated.cpu_millis.saturating_add(running.resources.cpu_millis);
-            allocated.memory_bytes = allocated.memory_bytes.saturating_add(running.resources.memory_bytes);
+            allocated.cpu_millis =
+                allocated.cpu_millis.saturating_add(running.resources.cpu_millis);
+            allocated.memory_bytes =
+                allocated.memory_bytes.saturating_add(running.resources.memory_bytes);
             allocated.gpus = allocated.gpus.saturating_add(running.resources.gpus);
         }
         self.metrics.set_allocated(&allocated);
@@ -620,7 +725,11 @@ impl State {
     /// Graceful stop: refuse new work, kill running attempts (they are not reported: the
     /// leader reschedules them once this executor is gone), give outstanding reports up to
     /// `REPORT_FLUSH_MAX` to be acknowledged, and close the connection with code 0.
-    async fn drain(&mut self, session: Option<Session>, attempts_rx: &mut mpsc::Receiver<AttemptEnded>) {
+    async fn drain(
+        &mut self,
+        session: Option<Session>,
+        attempts_rx: &mut mpsc::Receiver<AttemptEnded>,
+    ) {
         self.draining = true;
         // Attempts that ended before the stop are reported, not mistaken for killed ones.
         while let Ok(ended) = attempts_rx.try_recv() {
@@ -676,8 +785,14 @@ mod tests {
 
     #[test]
     fn only_the_unknown_executor_code_is_final() {
-        let error = |code: pb::LinkErrorCode, message: &str| pb::LinkError { message: message.to_owned(), code: code.into() };
-        assert!(is_unknown_executor(&error(pb::LinkErrorCode::UnknownExecutor, "executor 7 is unknown to this cluster")));
+        let error = |code: pb::LinkErrorCode, message: &str| pb::LinkError {
+            message: message.to_owned(),
+            code: code.into(),
+        };
+        assert!(is_unknown_executor(&error(
+            pb::LinkErrorCode::UnknownExecutor,
+            "executor 7 is unknown to this cluster"
+        )));
         // The words alone mean nothing: only the code is read.
         assert!(!is_unknown_executor(&error(pb::LinkErrorCode::Unspecified, "unknown executor 7")));
         assert!(!is_unknown_executor(&error(pb::LinkErrorCode::Rejected, "not the leader")));

@@ -3,12 +3,16 @@
 
 use crate::attempt::Outcome;
 use colony_core::Resources;
-use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 use std::time::Duration;
 
 /// The resource types exported as `resource_type` label values, in the units of their names.
 const RESOURCE_TYPES: [&str; 3] = ["cpu_millis", "memory_bytes", "gpus"];
-const OUTCOMES: [Outcome; 4] = [Outcome::Succeeded, Outcome::Failed, Outcome::TimedOut, Outcome::Killed];
+const OUTCOMES: [Outcome; 4] =
+    [Outcome::Succeeded, Outcome::Failed, Outcome::TimedOut, Outcome::Killed];
 
 /// Every metric an executor exports. Names start with `colony_`; no label carries a task id.
 pub(crate) struct Metrics {
@@ -27,7 +31,10 @@ pub(crate) struct Metrics {
     capacity: [u64; 3],
 }
 
-fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, collector: C) -> Result<C, prometheus::Error> {
+fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: C,
+) -> Result<C, prometheus::Error> {
     registry.register(Box::new(collector.clone()))?;
     Ok(collector)
 }
@@ -42,42 +49,78 @@ impl Metrics {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str| register(&registry, IntGauge::new(name, help)?);
         let counter = |name: &str, help: &str| register(&registry, IntCounter::new(name, help)?);
-        let by_resource = |name: &str, help: &str| register(&registry, IntGaugeVec::new(Opts::new(name, help), &["resource_type"])?);
+        let by_resource = |name: &str, help: &str| {
+            register(&registry, IntGaugeVec::new(Opts::new(name, help), &["resource_type"])?)
+        };
         let metrics = Metrics {
-            connected: gauge("colony_executor_connected", "1 while connected to the leader and welcomed.")?,
+            connected: gauge(
+                "colony_executor_connected",
+                "1 while connected to the leader and welcomed.",
+            )?,
             running_tasks: gauge("colony_executor_running_tasks", "Attempts running now.")?,
             attempts: register(
                 &registry,
-                IntCounterVec::new(Opts::new("colony_executor_attempts_total", "Attempts ended, by outcome."), &["outcome"])?,
+                IntCounterVec::new(
+                    Opts::new("colony_executor_attempts_total", "Attempts ended, by outcome."),
+                    &["outcome"],
+                )?,
             )?,
-            allocated: by_resource("colony_executor_allocated", "Resources requested by the running attempts.")?,
-            reconnects: counter("colony_executor_reconnects_total", "Sessions with a leader established after the first.")?,
-            quic_errors: counter("colony_executor_quic_errors_total", "Failed connection attempts, lost connections and malformed server messages.")?,
+            allocated: by_resource(
+                "colony_executor_allocated",
+                "Resources requested by the running attempts.",
+            )?,
+            reconnects: counter(
+                "colony_executor_reconnects_total",
+                "Sessions with a leader established after the first.",
+            )?,
+            quic_errors: counter(
+                "colony_executor_quic_errors_total",
+                "Failed connection attempts, lost connections and malformed server messages.",
+            )?,
             heartbeats: counter("colony_executor_heartbeats_total", "Heartbeats sent.")?,
-            reports_pending: gauge("colony_executor_reports_pending", "Status reports not yet acknowledged by the leader.")?,
+            reports_pending: gauge(
+                "colony_executor_reports_pending",
+                "Status reports not yet acknowledged by the leader.",
+            )?,
             utilization: register(
                 &registry,
                 GaugeVec::new(
-                    Opts::new("colony_resource_utilization", "Allocated share of capacity, 0 to 1."),
+                    Opts::new(
+                        "colony_resource_utilization",
+                        "Allocated share of capacity, 0 to 1.",
+                    ),
                     &["resource_type", "agent"],
                 )?,
             )?,
             system_health: register(
                 &registry,
-                IntGaugeVec::new(Opts::new("colony_system_health", "1 for the component's current status."), &["component", "status"])?,
+                IntGaugeVec::new(
+                    Opts::new("colony_system_health", "1 for the component's current status."),
+                    &["component", "status"],
+                )?,
             )?,
             communication_seconds: register(
                 &registry,
                 HistogramVec::new(
-                    HistogramOpts::new("colony_agent_communication_seconds", "Round-trip time of messages between agents.")
-                        .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+                    HistogramOpts::new(
+                        "colony_agent_communication_seconds",
+                        "Round-trip time of messages between agents.",
+                    )
+                    .buckets(vec![
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                        0.25, 0.5, 1.0,
+                    ]),
                     &["source", "destination"],
                 )?,
             )?,
             capacity: amounts(capacity),
             registry,
         };
-        let capacity_gauge = by_resource_on(&metrics.registry, "colony_executor_capacity", "Resources this executor offers.")?;
+        let capacity_gauge = by_resource_on(
+            &metrics.registry,
+            "colony_executor_capacity",
+            "Resources this executor offers.",
+        )?;
         for (resource, amount) in RESOURCE_TYPES.iter().zip(metrics.capacity) {
             capacity_gauge.with_label_values(&[resource]).set(saturating_i64(amount));
         }
@@ -94,7 +137,8 @@ impl Metrics {
     /// Adds the process collector (CPU, memory, file descriptors of this process); only an
     /// executor that serves its metrics pays for it.
     pub(crate) fn add_process_collector(&self) -> Result<(), prometheus::Error> {
-        self.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+        self.registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
     }
 
     pub(crate) fn set_connected(&self, connected: bool) {
@@ -109,16 +153,21 @@ impl Metrics {
 
     /// Sets the allocation gauges to `allocated`, the sum over running attempts' requests.
     pub(crate) fn set_allocated(&self, allocated: &Resources) {
-        for ((resource, amount), capacity) in RESOURCE_TYPES.iter().zip(amounts(allocated)).zip(self.capacity) {
+        for ((resource, amount), capacity) in
+            RESOURCE_TYPES.iter().zip(amounts(allocated)).zip(self.capacity)
+        {
             self.allocated.with_label_values(&[resource]).set(saturating_i64(amount));
-            let share = if capacity == 0 { 0.0 } else { (amount as f64 / capacity as f64).clamp(0.0, 1.0) };
+            let share =
+                if capacity == 0 { 0.0 } else { (amount as f64 / capacity as f64).clamp(0.0, 1.0) };
             self.utilization.with_label_values(&[resource, "executor"]).set(share);
         }
     }
 
     /// Records a report's round trip, from sending it to its acknowledgement.
     pub(crate) fn observe_report_round_trip(&self, elapsed: Duration) {
-        self.communication_seconds.with_label_values(&["executor", "leader"]).observe(elapsed.as_secs_f64());
+        self.communication_seconds
+            .with_label_values(&["executor", "leader"])
+            .observe(elapsed.as_secs_f64());
     }
 }
 
@@ -137,7 +186,11 @@ impl colony_process::Probe for Metrics {
     }
 }
 
-fn by_resource_on(registry: &Registry, name: &str, help: &str) -> Result<IntGaugeVec, prometheus::Error> {
+fn by_resource_on(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+) -> Result<IntGaugeVec, prometheus::Error> {
     register(registry, IntGaugeVec::new(Opts::new(name, help), &["resource_type"])?)
 }
 
@@ -152,9 +205,15 @@ mod tests {
 
     #[test]
     fn exposition_has_the_contract_names() {
-        let capacity = Resources { cpu_millis: 4000, memory_bytes: 8 << 30, gpus: 0, ..Resources::default() };
+        let capacity =
+            Resources { cpu_millis: 4000, memory_bytes: 8 << 30, gpus: 0, ..Resources::default() };
         let metrics = Metrics::new(&capacity).expect("metrics");
-        metrics.set_allocated(&Resources { cpu_millis: 1000, memory_bytes: 2 << 30, gpus: 0, ..Resources::default() });
+        metrics.set_allocated(&Resources {
+            cpu_millis: 1000,
+            memory_bytes: 2 << 30,
+            gpus: 0,
+            ..Resources::default()
+        });
         metrics.set_connected(true);
         metrics.attempt_ended(Outcome::TimedOut);
         metrics.observe_report_round_trip(Duration::from_millis(3));

@@ -46,7 +46,8 @@ impl Peer {
     }
 
     async fn next(&mut self) -> anyhow::Result<Up> {
-        let message: Option<pb::ExecutorMessage> = within("read", colony_quic::read_frame(&mut self.recv, FRAME_BYTES_MAX)).await??;
+        let message: Option<pb::ExecutorMessage> =
+            within("read", colony_quic::read_frame(&mut self.recv, FRAME_BYTES_MAX)).await??;
         message.and_then(|m| m.body).context("stream ended")
     }
 
@@ -89,7 +90,12 @@ impl Peer {
 }
 
 fn assign(task_id: u64, fencing_token: u64, run: pb::task_spec::Run) -> Down {
-    let spec = pb::TaskSpec { name: format!("t{task_id}"), run: Some(run), resources: Some(pb::Resources { cpu_millis: 500, ..Default::default() }), ..Default::default() };
+    let spec = pb::TaskSpec {
+        name: format!("t{task_id}"),
+        run: Some(run),
+        resources: Some(pb::Resources { cpu_millis: 500, ..Default::default() }),
+        ..Default::default()
+    };
     Down::Assign(pb::Assign { task_id, attempt: 1, fencing_token, spec: Some(spec) })
 }
 
@@ -109,7 +115,12 @@ async fn agent_joins_follows_redirects_reports_and_stops() -> anyhow::Result<()>
         token: Some(token.to_string()),
         data_dir: data_dir.path().to_owned(),
         name: "worker-1".to_owned(),
-        capacity: Resources { cpu_millis: 2000, memory_bytes: 1 << 30, gpus: 0, ..Resources::default() },
+        capacity: Resources {
+            cpu_millis: 2000,
+            memory_bytes: 1 << 30,
+            gpus: 0,
+            ..Resources::default()
+        },
         labels: [("zone".to_owned(), "a".to_owned())].into(),
         capabilities: ["shell".to_owned()].into(),
         metrics_listen: None,
@@ -127,12 +138,20 @@ async fn agent_joins_follows_redirects_reports_and_stops() -> anyhow::Result<()>
     let mut peer = Peer::accept(&leader).await?;
     let Up::Join(join) = peer.next().await? else { bail!("expected Join") };
     let cert_pem = ca.sign_executor_csr(&join.csr_pem, 5)?;
-    peer.send(Down::JoinAccepted(pb::JoinAccepted { executor_id: 5, cert_pem, ca_pem: ca.cert_pem().to_owned() })).await?;
+    peer.send(Down::JoinAccepted(pb::JoinAccepted {
+        executor_id: 5,
+        cert_pem,
+        ca_pem: ca.cert_pem().to_owned(),
+    }))
+    .await?;
 
     // Session: Hello goes to the follower first (the configured server), which redirects again.
     let mut peer = Peer::accept(&follower).await?;
     let hello = peer.hello().await?;
-    assert_eq!((hello.executor_id, hello.name.as_str(), hello.capabilities.as_slice()), (5, "worker-1", ["shell".to_owned()].as_slice()));
+    assert_eq!(
+        (hello.executor_id, hello.name.as_str(), hello.capabilities.as_slice()),
+        (5, "worker-1", ["shell".to_owned()].as_slice())
+    );
     peer.send(Down::Redirect(pb::Redirect { leader_address: leader_addr.to_string() })).await?;
     let mut peer = Peer::accept(&leader).await?;
     assert!(peer.hello().await?.running.is_empty());
@@ -140,15 +159,25 @@ async fn agent_joins_follows_redirects_reports_and_stops() -> anyhow::Result<()>
     assert!(data_dir.path().join("identity.json").exists());
 
     // An assignment is started, reported, and an Assign repeated for it changes nothing.
-    let echo = pb::task_spec::Run::Builtin(pb::BuiltinRun { handler: "echo".into(), input: "hi".into() });
+    let echo =
+        pb::task_spec::Run::Builtin(pb::BuiltinRun { handler: "echo".into(), input: "hi".into() });
     peer.send(assign(1, 10, echo.clone())).await?;
     peer.send(assign(1, 10, echo)).await?;
     let started = peer.next_report().await?;
     assert!(matches!(started.status, Some(pb::status_report::Status::Started(_))));
     let finished = peer.next_report().await?;
-    let Some(pb::status_report::Status::Finished(result)) = &finished.status else { bail!("expected Finished") };
-    assert_eq!((result.outcome, result.stdout_tail.as_str()), (pb::AttemptOutcome::Succeeded as i32, "hi"));
-    peer.send(Down::ReportAck(pb::ReportAck { report_id: started.report_id, error: String::new() })).await?;
+    let Some(pb::status_report::Status::Finished(result)) = &finished.status else {
+        bail!("expected Finished")
+    };
+    assert_eq!(
+        (result.outcome, result.stdout_tail.as_str()),
+        (pb::AttemptOutcome::Succeeded as i32, "hi")
+    );
+    peer.send(Down::ReportAck(pb::ReportAck {
+        report_id: started.report_id,
+        error: String::new(),
+    }))
+    .await?;
 
     // Until Finished is acknowledged the attempt still counts as running; the connection drops.
     assert_eq!(running(&peer.next_heartbeat().await?.running), [(1, 10)]);
@@ -160,7 +189,8 @@ async fn agent_joins_follows_redirects_reports_and_stops() -> anyhow::Result<()>
     peer.send(Down::Welcome(pb::Welcome { heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS })).await?;
     let resent = peer.next_report().await?;
     assert_eq!((resent.report_id, resent.fencing_token), (finished.report_id, 10));
-    peer.send(Down::ReportAck(pb::ReportAck { report_id: resent.report_id, error: String::new() })).await?;
+    peer.send(Down::ReportAck(pb::ReportAck { report_id: resent.report_id, error: String::new() }))
+        .await?;
     // Acknowledged: no longer running, and not reported again.
     let mut heartbeat = peer.next_heartbeat().await?;
     while !heartbeat.running.is_empty() {
@@ -170,13 +200,22 @@ async fn agent_joins_follows_redirects_reports_and_stops() -> anyhow::Result<()>
     // A process attempt, killed by the leader: its group dies and nothing is reported.
     let pid_file = data_dir.path().join("pid");
     let script = format!("sleep 30 & echo $! > {}; wait", pid_file.display());
-    let sleeper = pb::task_spec::Run::Process(pb::ProcessRun { program: "sh".into(), args: vec!["-c".into(), script], env: Default::default() });
+    let sleeper = pb::task_spec::Run::Process(pb::ProcessRun {
+        program: "sh".into(),
+        args: vec!["-c".into(), script],
+        env: Default::default(),
+    });
     peer.send(assign(2, 20, sleeper)).await?;
     let started = peer.next_report().await?;
     assert_eq!((started.task_id, started.fencing_token), (2, 20));
-    peer.send(Down::ReportAck(pb::ReportAck { report_id: started.report_id, error: String::new() })).await?;
+    peer.send(Down::ReportAck(pb::ReportAck {
+        report_id: started.report_id,
+        error: String::new(),
+    }))
+    .await?;
     assert_eq!(running(&peer.next_heartbeat().await?.running), [(2, 20)]);
-    peer.send(Down::Kill(pb::Kill { task_id: 2, fencing_token: 20, reason: "superseded".into() })).await?;
+    peer.send(Down::Kill(pb::Kill { task_id: 2, fencing_token: 20, reason: "superseded".into() }))
+        .await?;
     let mut heartbeat = peer.next_heartbeat().await?;
     while !heartbeat.running.is_empty() {
         heartbeat = peer.next_heartbeat().await?;
@@ -184,21 +223,34 @@ async fn agent_joins_follows_redirects_reports_and_stops() -> anyhow::Result<()>
 
     // A failing attempt then a graceful stop: the Finished report arrives and is acknowledged,
     // then the agent closes with code 0 and returns.
-    let fail = pb::task_spec::Run::Builtin(pb::BuiltinRun { handler: "fail".into(), input: "no".into() });
+    let fail =
+        pb::task_spec::Run::Builtin(pb::BuiltinRun { handler: "fail".into(), input: "no".into() });
     peer.send(assign(3, 30, fail)).await?;
     let mut reports = Vec::new();
     while reports.len() < 2 {
         let report = peer.next_report().await?;
-        peer.send(Down::ReportAck(pb::ReportAck { report_id: report.report_id, error: String::new() })).await?;
+        peer.send(Down::ReportAck(pb::ReportAck {
+            report_id: report.report_id,
+            error: String::new(),
+        }))
+        .await?;
         reports.push(report);
     }
     // The killed attempt sent only Started: the next reports are the failure's.
     assert_eq!(reports.iter().map(|r| r.task_id).collect::<Vec<_>>(), [3, 3]);
-    let Some(pb::status_report::Status::Finished(result)) = &reports[1].status else { bail!("expected Finished") };
-    assert_eq!((result.outcome, result.message.as_str()), (pb::AttemptOutcome::Failed as i32, "no"));
+    let Some(pb::status_report::Status::Finished(result)) = &reports[1].status else {
+        bail!("expected Finished")
+    };
+    assert_eq!(
+        (result.outcome, result.message.as_str()),
+        (pb::AttemptOutcome::Failed as i32, "no")
+    );
     let _ = stop.send(());
     let closed = within("close", peer.conn.closed()).await?;
-    assert!(matches!(closed, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == 0u32.into()), "{closed:?}");
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == 0u32.into()),
+        "{closed:?}"
+    );
     within("agent exit", agent).await??.context("agent")?;
     Ok(())
 }
@@ -209,7 +261,12 @@ async fn unknown_executor_is_fatal() -> anyhow::Result<()> {
     let (leader, leader_addr) = server(&ca)?;
     let data_dir = tempfile::tempdir()?;
     let (key_pem, csr_pem) = colony_quic::new_executor_key()?;
-    let creds = crate::Credentials { executor_id: colony_core::ExecutorId(9), key_pem, cert_pem: ca.sign_executor_csr(&csr_pem, 9)?, ca_pem: ca.cert_pem().to_owned() };
+    let creds = crate::Credentials {
+        executor_id: colony_core::ExecutorId(9),
+        key_pem,
+        cert_pem: ca.sign_executor_csr(&csr_pem, 9)?,
+        ca_pem: ca.cert_pem().to_owned(),
+    };
     crate::identity::store(data_dir.path(), &creds)?;
     let config = ExecutorConfig {
         servers: vec![leader_addr.to_string()],
@@ -224,7 +281,11 @@ async fn unknown_executor_is_fatal() -> anyhow::Result<()> {
     let agent = tokio::spawn(crate::run(config, std::future::pending()));
     let mut peer = Peer::accept(&leader).await?;
     peer.hello().await?;
-    peer.send(Down::Error(pb::LinkError { message: "executor 9 is unknown to this cluster".into(), code: pb::LinkErrorCode::UnknownExecutor.into() })).await?;
+    peer.send(Down::Error(pb::LinkError {
+        message: "executor 9 is unknown to this cluster".into(),
+        code: pb::LinkErrorCode::UnknownExecutor.into(),
+    }))
+    .await?;
     let error = within("agent exit", agent).await??.expect_err("fatal");
     assert!(format!("{error:#}").contains("executor 9 is unknown to this cluster"), "{error:#}");
     Ok(())
@@ -238,7 +299,12 @@ async fn a_restarted_agent_never_starts_an_attempt_twice() -> anyhow::Result<()>
     let (leader, leader_addr) = server(&ca)?;
     let data_dir = tempfile::tempdir()?;
     let (key_pem, csr_pem) = colony_quic::new_executor_key()?;
-    let creds = crate::Credentials { executor_id: colony_core::ExecutorId(4), key_pem, cert_pem: ca.sign_executor_csr(&csr_pem, 4)?, ca_pem: ca.cert_pem().to_owned() };
+    let creds = crate::Credentials {
+        executor_id: colony_core::ExecutorId(4),
+        key_pem,
+        cert_pem: ca.sign_executor_csr(&csr_pem, 4)?,
+        ca_pem: ca.cert_pem().to_owned(),
+    };
     crate::identity::store(data_dir.path(), &creds)?;
     let config = ExecutorConfig {
         servers: vec![leader_addr.to_string()],
@@ -250,7 +316,10 @@ async fn a_restarted_agent_never_starts_an_attempt_twice() -> anyhow::Result<()>
         capabilities: Default::default(),
         metrics_listen: None,
     };
-    let echo = pb::task_spec::Run::Builtin(pb::BuiltinRun { handler: "echo".into(), input: "once".into() });
+    let echo = pb::task_spec::Run::Builtin(pb::BuiltinRun {
+        handler: "echo".into(),
+        input: "once".into(),
+    });
 
     // First life: the attempt starts; the agent is then stopped without a word (as kill -9 would).
     let first = tokio::spawn(crate::run(config.clone(), std::future::pending()));
@@ -273,8 +342,13 @@ async fn a_restarted_agent_never_starts_an_attempt_twice() -> anyhow::Result<()>
     if matches!(refused.status, Some(pb::status_report::Status::Started(_))) {
         refused = peer.next_report().await?;
     }
-    let Some(pb::status_report::Status::Finished(result)) = &refused.status else { bail!("expected Finished, got {refused:?}") };
-    assert_eq!((refused.task_id, refused.fencing_token, result.outcome), (1, 10, pb::AttemptOutcome::Failed as i32));
+    let Some(pb::status_report::Status::Finished(result)) = &refused.status else {
+        bail!("expected Finished, got {refused:?}")
+    };
+    assert_eq!(
+        (refused.task_id, refused.fencing_token, result.outcome),
+        (1, 10, pb::AttemptOutcome::Failed as i32)
+    );
     assert!(result.message.contains("restarted") && result.stdout_tail.is_empty(), "{result:?}");
     peer.send(assign(2, 20, echo)).await?;
     let mut reports = Vec::new();
@@ -284,8 +358,13 @@ async fn a_restarted_agent_never_starts_an_attempt_twice() -> anyhow::Result<()>
             reports.push(report);
         }
     }
-    let Some(pb::status_report::Status::Finished(result)) = &reports[1].status else { bail!("expected Finished") };
-    assert_eq!((result.outcome, result.stdout_tail.as_str()), (pb::AttemptOutcome::Succeeded as i32, "once"));
+    let Some(pb::status_report::Status::Finished(result)) = &reports[1].status else {
+        bail!("expected Finished")
+    };
+    assert_eq!(
+        (result.outcome, result.stdout_tail.as_str()),
+        (pb::AttemptOutcome::Succeeded as i32, "once")
+    );
     second.abort();
     Ok(())
 }
@@ -303,7 +382,12 @@ async fn simulated_executor_holds_then_succeeds() -> anyhow::Result<()> {
     let mut peer = Peer::accept(&leader).await?;
     let Up::Join(join) = peer.next().await? else { bail!("expected Join") };
     let cert_pem = ca.sign_executor_csr(&join.csr_pem, 77)?;
-    peer.send(Down::JoinAccepted(pb::JoinAccepted { executor_id: 77, cert_pem, ca_pem: ca.cert_pem().to_owned() })).await?;
+    peer.send(Down::JoinAccepted(pb::JoinAccepted {
+        executor_id: 77,
+        cert_pem,
+        ca_pem: ca.cert_pem().to_owned(),
+    }))
+    .await?;
     let creds = within("join", joining).await???;
     assert_eq!(creds.executor_id, colony_core::ExecutorId(77));
 
@@ -311,21 +395,40 @@ async fn simulated_executor_holds_then_succeeds() -> anyhow::Result<()> {
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let hold = Duration::from_millis(200);
     let capacity = Resources { cpu_millis: 1000, ..Resources::default() };
-    let sim = tokio::spawn(crate::sim::SimExecutor::run(endpoint, servers, creds, capacity, Default::default(), crate::sim::fixed(hold), events_tx));
+    let sim = tokio::spawn(crate::sim::SimExecutor::run(
+        endpoint,
+        servers,
+        creds,
+        capacity,
+        Default::default(),
+        crate::sim::fixed(hold),
+        events_tx,
+    ));
     let mut peer = Peer::accept(&leader).await?;
     let hello = peer.hello().await?;
     assert_eq!((hello.executor_id, hello.capacity.map(|c| c.cpu_millis)), (77, Some(1000)));
     peer.send(Down::Welcome(pb::Welcome { heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS })).await?;
     let sent = std::time::Instant::now();
-    peer.send(assign(4, 40, pb::task_spec::Run::Builtin(pb::BuiltinRun { handler: "sleep".into(), input: "1h".into() }))).await?;
-    let Some(crate::sim::SimEvent::Assigned { task_id, at }) = within("event", events.recv()).await? else { bail!("events closed") };
+    peer.send(assign(
+        4,
+        40,
+        pb::task_spec::Run::Builtin(pb::BuiltinRun { handler: "sleep".into(), input: "1h".into() }),
+    ))
+    .await?;
+    let Some(crate::sim::SimEvent::Assigned { task_id, at }) =
+        within("event", events.recv()).await?
+    else {
+        bail!("events closed")
+    };
     assert_eq!(task_id, colony_core::TaskId(4));
     assert!(at >= sent);
     let started = peer.next_report().await?;
     assert!(matches!(started.status, Some(pb::status_report::Status::Started(_))));
     let finished = peer.next_report().await?;
     assert!(at.elapsed() >= hold);
-    let Some(pb::status_report::Status::Finished(result)) = finished.status else { bail!("expected Finished") };
+    let Some(pb::status_report::Status::Finished(result)) = finished.status else {
+        bail!("expected Finished")
+    };
     assert_eq!(result.outcome, pb::AttemptOutcome::Succeeded as i32);
     sim.abort();
     Ok(())

@@ -54,7 +54,10 @@ fn failed_dir(data_dir: &Path) -> PathBuf {
 pub(crate) async fn run(run: ProcessRun<'_>, kill: KillSignal) -> AttemptResult {
     let dir = work_dir(run.data_dir, run.attempt);
     if let Err(e) = prepare_dir(&dir).await {
-        return AttemptResult::failed(format!("cannot create working directory {}: {e}", dir.display()));
+        return AttemptResult::failed(format!(
+            "cannot create working directory {}: {e}",
+            dir.display()
+        ));
     }
     let result = run_in(&run, &dir, kill).await;
     let keep = matches!(result.outcome, Outcome::Failed | Outcome::TimedOut);
@@ -63,8 +66,12 @@ pub(crate) async fn run(run: ProcessRun<'_>, kill: KillSignal) -> AttemptResult 
     let retired = tokio::task::spawn_blocking(move || retire(&data_dir, &dir, keep)).await;
     match retired {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(task = %run.attempt.task_id, error = %e, "could not clean up a working directory"),
-        Err(e) => tracing::warn!(task = %run.attempt.task_id, error = %e, "working directory clean-up did not finish"),
+        Ok(Err(e)) => {
+            tracing::warn!(task = %run.attempt.task_id, error = %e, "could not clean up a working directory")
+        }
+        Err(e) => {
+            tracing::warn!(task = %run.attempt.task_id, error = %e, "working directory clean-up did not finish")
+        }
     }
     result
 }
@@ -171,7 +178,9 @@ async fn run_in(run: &ProcessRun<'_>, dir: &Path, mut kill: KillSignal) -> Attem
     let mut stderr_tail = Tail::default();
     let mut peak_memory_bytes = child.id().map_or(0, group_memory_bytes);
     let ending = {
-        let mut readers = pin!(async { tokio::join!(drain(stdout, &mut stdout_tail), drain(stderr, &mut stderr_tail)) });
+        let mut readers = pin!(async {
+            tokio::join!(drain(stdout, &mut stdout_tail), drain(stderr, &mut stderr_tail))
+        });
         let mut supervised = pin!(supervise(&mut child, &group, run.timeout, &mut kill));
         let mut readers_done = false;
         let mut sampler = tokio::time::interval(MEMORY_SAMPLE_INTERVAL);
@@ -198,7 +207,10 @@ async fn run_in(run: &ProcessRun<'_>, dir: &Path, mut kill: KillSignal) -> Attem
     };
     let mut result = match ending {
         Ending::Exited(status) => exit_result(status),
-        Ending::TimedOut(after) => AttemptResult::ended(Outcome::TimedOut, format!("timed out after {}", humantime::format_duration(after))),
+        Ending::TimedOut(after) => AttemptResult::ended(
+            Outcome::TimedOut,
+            format!("timed out after {}", humantime::format_duration(after)),
+        ),
         Ending::Killed => AttemptResult::ended(Outcome::Killed, "killed on request".to_owned()),
         Ending::WaitFailed(e) => AttemptResult::failed(format!("lost track of the process: {e}")),
     };
@@ -215,10 +227,15 @@ fn group_memory_bytes(leader: u32) -> u64 {
     let mut total = 0u64;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else {
+            continue;
+        };
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
         // The command name (field 2) may hold spaces: fields after its closing parenthesis.
-        let pgrp = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(2)).and_then(|f| f.parse::<u32>().ok());
+        let pgrp = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+            .and_then(|f| f.parse::<u32>().ok());
         if pgrp != Some(leader) {
             continue;
         }
@@ -244,7 +261,10 @@ fn spawn_failure(program: &str, e: &io::Error) -> String {
 fn exit_result(status: ExitStatus) -> AttemptResult {
     match (status.code(), status.signal()) {
         (Some(0), _) => AttemptResult { exit_code: Some(0), ..AttemptResult::succeeded() },
-        (Some(code), _) => AttemptResult { exit_code: Some(code), ..AttemptResult::failed(format!("exited with status {code}")) },
+        (Some(code), _) => AttemptResult {
+            exit_code: Some(code),
+            ..AttemptResult::failed(format!("exited with status {code}"))
+        },
         (None, Some(signal)) => {
             let name = Signal::try_from(signal).map(Signal::as_str).unwrap_or("unknown");
             AttemptResult::failed(format!("killed by signal {signal} ({name})"))
@@ -254,7 +274,12 @@ fn exit_result(status: ExitStatus) -> AttemptResult {
 }
 
 /// Waits for the process, stopping its group at the timeout or on a kill request.
-async fn supervise(child: &mut Child, group: &GroupGuard, timeout: Option<Duration>, kill: &mut KillSignal) -> Ending {
+async fn supervise(
+    child: &mut Child,
+    group: &GroupGuard,
+    timeout: Option<Duration>,
+    kill: &mut KillSignal,
+) -> Ending {
     let deadline = async {
         match timeout {
             Some(after) => {
@@ -375,19 +400,42 @@ mod tests {
     use tokio::sync::oneshot;
 
     fn attempt(task: u64) -> Attempt {
-        Attempt { task_id: TaskId(task), attempt: 1, fencing_token: FencingToken(task * 10), executor_id: ExecutorId(3) }
+        Attempt {
+            task_id: TaskId(task),
+            attempt: 1,
+            fencing_token: FencingToken(task * 10),
+            executor_id: ExecutorId(3),
+        }
     }
 
-    async fn sh(data_dir: &Path, task: u64, script: &str, timeout: Option<Duration>) -> AttemptResult {
+    async fn sh(
+        data_dir: &Path,
+        task: u64,
+        script: &str,
+        timeout: Option<Duration>,
+    ) -> AttemptResult {
         let (_kill, kill_rx) = oneshot::channel();
         run_sh(data_dir, task, script, timeout, kill_rx).await
     }
 
-    async fn run_sh(data_dir: &Path, task: u64, script: &str, timeout: Option<Duration>, kill: KillSignal) -> AttemptResult {
+    async fn run_sh(
+        data_dir: &Path,
+        task: u64,
+        script: &str,
+        timeout: Option<Duration>,
+        kill: KillSignal,
+    ) -> AttemptResult {
         let attempt = attempt(task);
         let args = vec!["-c".to_owned(), script.to_owned()];
         let env = BTreeMap::from([("GREETING".to_owned(), "hello there".to_owned())]);
-        let spec = ProcessRun { attempt: &attempt, program: "sh", args: &args, env: &env, timeout, data_dir };
+        let spec = ProcessRun {
+            attempt: &attempt,
+            program: "sh",
+            args: &args,
+            env: &env,
+            timeout,
+            data_dir,
+        };
         run(spec, kill).await
     }
 
@@ -457,7 +505,8 @@ mod tests {
     async fn sigterm_ignored_means_sigkill_after_the_grace() {
         let dir = tempfile::tempdir().expect("temp dir");
         let started = std::time::Instant::now();
-        let result = sh(dir.path(), 1, "trap '' TERM; sleep 30", Some(Duration::from_millis(200))).await;
+        let result =
+            sh(dir.path(), 1, "trap '' TERM; sleep 30", Some(Duration::from_millis(200))).await;
         assert_eq!(result.outcome, Outcome::TimedOut);
         assert!(started.elapsed() >= TERM_GRACE, "SIGKILL came before the grace ended");
         assert!(started.elapsed() < TERM_GRACE + Duration::from_secs(5));
@@ -479,7 +528,8 @@ mod tests {
         kill.send(()).expect("attempt is running");
         let result = running.await.expect("attempt task");
         assert_eq!(result.outcome, Outcome::Killed);
-        let pid: i32 = std::fs::read_to_string(&pid_file).expect("pid").trim().parse().expect("pid");
+        let pid: i32 =
+            std::fs::read_to_string(&pid_file).expect("pid").trim().parse().expect("pid");
         assert!(!process_alive(pid).await);
         // A killed attempt was superseded: nothing worth keeping.
         assert!(!dir.path().join("work/1-1").exists());
@@ -490,7 +540,13 @@ mod tests {
     async fn peak_memory_of_the_group_is_measured() {
         let dir = tempfile::tempdir().expect("tempdir");
         // A child of the shell holds about 64 MiB for a moment.
-        let result = sh(dir.path(), 31, "python3 -c 'b = bytearray(64 << 20); import time; time.sleep(0.6)'", None).await;
+        let result = sh(
+            dir.path(),
+            31,
+            "python3 -c 'b = bytearray(64 << 20); import time; time.sleep(0.6)'",
+            None,
+        )
+        .await;
         assert_eq!(result.outcome, Outcome::Succeeded, "{result:?}");
         let peak = result.peak_memory_bytes.expect("a peak was sampled");
         assert!(peak >= 64 << 20, "peak {peak} bytes should include the 64 MiB the child held");
@@ -501,7 +557,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let attempt = attempt(1);
         let (_kill, kill_rx) = oneshot::channel();
-        let spec = ProcessRun { attempt: &attempt, program: "./report.sh", args: &[], env: &BTreeMap::new(), timeout: None, data_dir: dir.path() };
+        let spec = ProcessRun {
+            attempt: &attempt,
+            program: "./report.sh",
+            args: &[],
+            env: &BTreeMap::new(),
+            timeout: None,
+            data_dir: dir.path(),
+        };
         let result = run(spec, kill_rx).await;
         assert_eq!(result.outcome, Outcome::Failed);
         assert_eq!(result.message, "program not found: ./report.sh");

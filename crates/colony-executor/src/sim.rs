@@ -65,8 +65,14 @@ impl SimExecutor {
         behaviour: Behaviour,
         events: mpsc::UnboundedSender<SimEvent>,
     ) -> anyhow::Result<()> {
-        let client = colony_quic::mutual_client_config(&creds.ca_pem, &creds.cert_pem, &creds.key_pem)
-            .with_context(|| format!("simulated executor {}: the credentials do not form a TLS configuration", creds.executor_id))?;
+        let client =
+            colony_quic::mutual_client_config(&creds.ca_pem, &creds.cert_pem, &creds.key_pem)
+                .with_context(|| {
+                    format!(
+                        "simulated executor {}: the credentials do not form a TLS configuration",
+                        creds.executor_id
+                    )
+                })?;
         let metrics = Arc::new(Metrics::new(&capacity)?);
         let link = Link {
             servers,
@@ -81,13 +87,20 @@ impl SimExecutor {
             metrics,
             journal: None,
         };
-        link.run(&endpoint, &client, std::future::pending()).await.with_context(|| format!("simulated executor {}", creds.executor_id))?;
+        link.run(&endpoint, &client, std::future::pending())
+            .await
+            .with_context(|| format!("simulated executor {}", creds.executor_id))?;
         Ok(())
     }
 }
 
 /// A simulated attempt: announce it, hold it, succeed (unless killed first).
-pub(crate) async fn hold(task_id: TaskId, run: SimRun, events: &mpsc::UnboundedSender<SimEvent>, kill: KillSignal) -> AttemptResult {
+pub(crate) async fn hold(
+    task_id: TaskId,
+    run: SimRun,
+    events: &mpsc::UnboundedSender<SimEvent>,
+    kill: KillSignal,
+) -> AttemptResult {
     // A benchmark that stopped listening still wants its executors to behave.
     let _ = events.send(SimEvent::Assigned { task_id, at: Instant::now() });
     tokio::select! {

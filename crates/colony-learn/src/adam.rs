@@ -25,12 +25,7 @@ pub enum AdamError {
 impl Default for AdamConfig {
     /// Kingma and Ba's suggested settings, with a learning rate suited to small regressors.
     fn default() -> Self {
-        Self {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-        }
+        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
     }
 }
 
@@ -68,26 +63,11 @@ mod tests {
     fn validate_rejects_bad_settings() {
         assert!(AdamConfig::default().validate().is_ok());
         let bad = [
-            AdamConfig {
-                lr: 0.0,
-                ..AdamConfig::default()
-            },
-            AdamConfig {
-                lr: f32::NAN,
-                ..AdamConfig::default()
-            },
-            AdamConfig {
-                beta1: 1.0,
-                ..AdamConfig::default()
-            },
-            AdamConfig {
-                beta2: -0.1,
-                ..AdamConfig::default()
-            },
-            AdamConfig {
-                eps: 0.0,
-                ..AdamConfig::default()
-            },
+            AdamConfig { lr: 0.0, ..AdamConfig::default() },
+            AdamConfig { lr: f32::NAN, ..AdamConfig::default() },
+            AdamConfig { beta1: 1.0, ..AdamConfig::default() },
+            AdamConfig { beta2: -0.1, ..AdamConfig::default() },
+            AdamConfig { eps: 0.0, ..AdamConfig::default() },
         ];
         for config in bad {
             assert!(config.validate().is_err(), "{config:?} was accepted");

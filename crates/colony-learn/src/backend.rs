@@ -55,10 +55,7 @@ impl<T: ?Sized> Copy for Epilogue<'_, T> {}
 impl<T: ?Sized> Epilogue<'_, T> {
     /// A plain product.
     pub fn none() -> Self {
-        Self {
-            bias: None,
-            relu: false,
-        }
+        Self { bias: None, relu: false }
     }
 }
 
@@ -66,12 +63,7 @@ impl<T: ?Sized> Epilogue<'_, T> {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum OpError {
     #[error("{op}: {operand} holds {actual} values, expected {expected}")]
-    Length {
-        op: &'static str,
-        operand: &'static str,
-        expected: usize,
-        actual: usize,
-    },
+    Length { op: &'static str, operand: &'static str, expected: usize, actual: usize },
     #[error("{op}: the dimensions' product overflows")]
     Overflow { op: &'static str },
     #[error("{op}: the input is empty")]
@@ -175,12 +167,7 @@ pub(crate) fn check_len(
     if expected == actual {
         Ok(())
     } else {
-        Err(OpError::Length {
-            op,
-            operand,
-            expected,
-            actual,
-        })
+        Err(OpError::Length { op, operand, expected, actual })
     }
 }
 

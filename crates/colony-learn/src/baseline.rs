@@ -43,10 +43,7 @@ impl Baseline {
         let mut per_kind: BTreeMap<&str, Sums> = BTreeMap::new();
         for example in examples {
             global.add(&example.targets);
-            per_kind
-                .entry(example.kind.as_str())
-                .or_default()
-                .add(&example.targets);
+            per_kind.entry(example.kind.as_str()).or_default().add(&example.targets);
         }
         Self {
             per_kind: per_kind
@@ -69,13 +66,7 @@ mod tests {
     use colony_model::features::FEATURES;
 
     fn example(kind: &str, targets: [f32; TARGETS]) -> Example {
-        Example {
-            seq: 0,
-            task_id: 0,
-            kind: kind.to_owned(),
-            features: [0.0; FEATURES],
-            targets,
-        }
+        Example { seq: 0, task_id: 0, kind: kind.to_owned(), features: [0.0; FEATURES], targets }
     }
 
     #[test]

@@ -27,18 +27,13 @@ fn check_reps(reps: usize) -> Result<(), BenchError> {
     if (1..=REPS_MAX).contains(&reps) {
         Ok(())
     } else {
-        Err(BenchError::Reps {
-            reps,
-            max: REPS_MAX,
-        })
+        Err(BenchError::Reps { reps, max: REPS_MAX })
     }
 }
 
 /// Deterministic values in [-0.5, 0.5): benchmark inputs need no randomness, only no zeros.
 fn filler(len: usize, salt: usize) -> Vec<f32> {
-    (0..len)
-        .map(|i| ((i * 7919 + salt * 104_729) % 1000) as f32 / 1000.0 - 0.5)
-        .collect()
+    (0..len).map(|i| ((i * 7919 + salt * 104_729) % 1000) as f32 / 1000.0 - 0.5).collect()
 }
 
 /// GFLOP/s of C = A·B (2·m·k·n flops each) averaged over `reps` runs after one warm-up run.
@@ -99,18 +94,10 @@ mod tests {
     fn benchmarks_run_on_the_cpu() -> Result<(), BenchError> {
         let gflops = gemm_gflops(&CpuBackend, 33, 17, 65, 3)?;
         assert!(gflops.is_finite() && gflops > 0.0);
-        let config = MlpConfig {
-            inputs: 8,
-            hidden: vec![16, 16],
-            outputs: 2,
-            seed: 1,
-        };
+        let config = MlpConfig { inputs: 8, hidden: vec![16, 16], outputs: 2, seed: 1 };
         let step = train_step_time(&CpuBackend, &config, 64, 3)?;
         assert!(step > Duration::ZERO);
-        assert!(matches!(
-            gemm_gflops(&CpuBackend, 1, 1, 1, 0),
-            Err(BenchError::Reps { .. })
-        ));
+        assert!(matches!(gemm_gflops(&CpuBackend, 1, 1, 1, 0), Err(BenchError::Reps { .. })));
         Ok(())
     }
 }

@@ -21,14 +21,8 @@ pub fn gemm_ab(
     epilogue: Epilogue<'_, [f32]>,
 ) -> Result<Vec<f32>, OpError> {
     let dims = GemmDims { m, k, n };
-    let lens = check_gemm(
-        GemmForm::Ab,
-        dims,
-        a.len(),
-        b.len(),
-        epilogue.bias.map(<[f32]>::len),
-        None,
-    )?;
+    let lens =
+        check_gemm(GemmForm::Ab, dims, a.len(), b.len(), epilogue.bias.map(<[f32]>::len), None)?;
     let mut c = vec![0.0_f32; lens.c];
     if n > 0 {
         for (i, c_row) in c.chunks_exact_mut(n).enumerate() {
@@ -54,14 +48,8 @@ pub fn gemm_atb(
     epilogue: Epilogue<'_, [f32]>,
 ) -> Result<Vec<f32>, OpError> {
     let dims = GemmDims { m, k, n };
-    let lens = check_gemm(
-        GemmForm::Atb,
-        dims,
-        a.len(),
-        b.len(),
-        epilogue.bias.map(<[f32]>::len),
-        None,
-    )?;
+    let lens =
+        check_gemm(GemmForm::Atb, dims, a.len(), b.len(), epilogue.bias.map(<[f32]>::len), None)?;
     let mut c = vec![0.0_f32; lens.c];
     if n > 0 {
         // p outermost keeps each output's sum in ascending k while reading A and B row by row.
@@ -89,14 +77,8 @@ pub fn gemm_abt(
     epilogue: Epilogue<'_, [f32]>,
 ) -> Result<Vec<f32>, OpError> {
     let dims = GemmDims { m, k, n };
-    let lens = check_gemm(
-        GemmForm::Abt,
-        dims,
-        a.len(),
-        b.len(),
-        epilogue.bias.map(<[f32]>::len),
-        None,
-    )?;
+    let lens =
+        check_gemm(GemmForm::Abt, dims, a.len(), b.len(), epilogue.bias.map(<[f32]>::len), None)?;
     let mut c = vec![0.0_f32; lens.c];
     if n > 0 {
         for (i, c_row) in c.chunks_exact_mut(n).enumerate() {
@@ -137,11 +119,7 @@ fn apply_epilogue(c: &mut [f32], n: usize, epilogue: Epilogue<'_, [f32]>) {
 /// out = grad where activation > 0, else 0.
 pub fn relu_backward(grad: &[f32], activation: &[f32]) -> Result<Vec<f32>, OpError> {
     check_len("relu_backward", "activation", grad.len(), activation.len())?;
-    Ok(grad
-        .iter()
-        .zip(activation)
-        .map(|(&g, &a)| if a > 0.0 { g } else { 0.0 })
-        .collect())
+    Ok(grad.iter().zip(activation).map(|(&g, &a)| if a > 0.0 { g } else { 0.0 }).collect())
 }
 
 /// The factor in d(loss)/d(pred) = scale · (pred - target) for the mean over `len` elements,
@@ -173,12 +151,7 @@ pub fn mse_loss_and_grad(pred: &[f32], target: &[f32]) -> Result<(f32, Vec<f32>)
 
 /// out[c] = Σ_r a[r][c] for a rows x cols matrix: the bias gradient of a layer.
 pub fn column_sums(a: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>, OpError> {
-    check_len(
-        "column_sums",
-        "a",
-        product("column_sums", rows, cols)?,
-        a.len(),
-    )?;
+    check_len("column_sums", "a", product("column_sums", rows, cols)?, a.len())?;
     let mut out = vec![0.0_f32; cols];
     if cols > 0 {
         for row in a.chunks_exact(cols) {
@@ -219,10 +192,7 @@ pub fn adam_update(
 pub struct CpuBackend;
 
 fn epilogue_slice<'a>(epilogue: Epilogue<'a, Vec<f32>>) -> Epilogue<'a, [f32]> {
-    Epilogue {
-        bias: epilogue.bias.map(Vec::as_slice),
-        relu: epilogue.relu,
-    }
+    Epilogue { bias: epilogue.bias.map(Vec::as_slice), relu: epilogue.relu }
 }
 
 /// Stores a freshly computed result into the caller's output buffer, whose length must match.
@@ -394,10 +364,7 @@ mod tests {
         assert_eq!(actual.len(), expected.len(), "{what}: length");
         for (index, (&a, &e)) in actual.iter().zip(expected).enumerate() {
             let tolerance = 1e-5 * (1.0 + e.abs());
-            assert!(
-                (f64::from(a) - e).abs() <= tolerance,
-                "{what}[{index}]: {a} vs {e}"
-            );
+            assert!((f64::from(a) - e).abs() <= tolerance, "{what}[{index}]: {a} vs {e}");
         }
     }
 
@@ -407,53 +374,29 @@ mod tests {
         for (m, k, n) in SHAPES {
             let bias = random(&mut rng, n);
             for (with_bias, relu) in [(false, false), (true, false), (false, true), (true, true)] {
-                let epilogue = Epilogue {
-                    bias: with_bias.then_some(bias.as_slice()),
-                    relu,
-                };
+                let epilogue = Epilogue { bias: with_bias.then_some(bias.as_slice()), relu };
                 let what = format!("{m}x{k}x{n} bias={with_bias} relu={relu}");
                 let a = random(&mut rng, m * k);
                 let b = random(&mut rng, k * n);
                 // A·B with A m x k, B k x n.
-                let expected = naive(
-                    m,
-                    k,
-                    n,
-                    |i, p| a[i * k + p],
-                    |p, j| b[p * n + j],
-                    epilogue.bias,
-                    relu,
-                );
+                let expected =
+                    naive(m, k, n, |i, p| a[i * k + p], |p, j| b[p * n + j], epilogue.bias, relu);
                 assert_close(
                     &gemm_ab(&a, &b, m, k, n, epilogue)?,
                     &expected,
                     &format!("ab {what}"),
                 );
                 // Aᵀ·B with A stored k x m.
-                let expected = naive(
-                    m,
-                    k,
-                    n,
-                    |i, p| a[p * m + i],
-                    |p, j| b[p * n + j],
-                    epilogue.bias,
-                    relu,
-                );
+                let expected =
+                    naive(m, k, n, |i, p| a[p * m + i], |p, j| b[p * n + j], epilogue.bias, relu);
                 assert_close(
                     &gemm_atb(&a, &b, m, k, n, epilogue)?,
                     &expected,
                     &format!("atb {what}"),
                 );
                 // A·Bᵀ with B stored n x k.
-                let expected = naive(
-                    m,
-                    k,
-                    n,
-                    |i, p| a[i * k + p],
-                    |p, j| b[j * k + p],
-                    epilogue.bias,
-                    relu,
-                );
+                let expected =
+                    naive(m, k, n, |i, p| a[i * k + p], |p, j| b[j * k + p], epilogue.bias, relu);
                 assert_close(
                     &gemm_abt(&a, &b, m, k, n, epilogue)?,
                     &expected,
@@ -471,42 +414,17 @@ mod tests {
         let bias = [0.0; 2];
         assert_eq!(
             gemm_ab(&a, &b, 2, 3, 3, Epilogue::none()),
-            Err(OpError::Length {
-                op: "gemm_ab",
-                operand: "B",
-                expected: 9,
-                actual: 6
-            })
+            Err(OpError::Length { op: "gemm_ab", operand: "B", expected: 9, actual: 6 })
         );
         assert_eq!(
-            gemm_atb(
-                &a,
-                &b,
-                2,
-                3,
-                2,
-                Epilogue {
-                    bias: Some(&bias[..1]),
-                    relu: false
-                }
-            ),
-            Err(OpError::Length {
-                op: "gemm_atb",
-                operand: "bias",
-                expected: 2,
-                actual: 1
-            })
+            gemm_atb(&a, &b, 2, 3, 2, Epilogue { bias: Some(&bias[..1]), relu: false }),
+            Err(OpError::Length { op: "gemm_atb", operand: "bias", expected: 2, actual: 1 })
         );
         assert_eq!(
             gemm_abt(&a, &b, usize::MAX, 2, 2, Epilogue::none()),
             Err(OpError::Overflow { op: "gemm_abt" })
         );
-        assert_eq!(
-            mse_loss_and_grad(&[], &[]),
-            Err(OpError::Empty {
-                op: "mse_loss_and_grad"
-            })
-        );
+        assert_eq!(mse_loss_and_grad(&[], &[]), Err(OpError::Empty { op: "mse_loss_and_grad" }));
         assert!(relu_backward(&a, &b[..5]).is_err());
         assert!(column_sums(&a, 4, 2).is_err());
     }
@@ -517,19 +435,16 @@ mod tests {
         for (rows, cols) in [(1, 1), (7, 3), (33, 65), (300, 2)] {
             let len = rows * cols;
             let grad = random(&mut rng, len);
-            let activation: Vec<f32> = random(&mut rng, len)
-                .into_iter()
-                .map(|x| x.max(0.0))
-                .collect();
+            let activation: Vec<f32> =
+                random(&mut rng, len).into_iter().map(|x| x.max(0.0)).collect();
             let masked = relu_backward(&grad, &activation)?;
             for i in 0..len {
                 assert_eq!(masked[i], if activation[i] > 0.0 { grad[i] } else { 0.0 });
             }
 
             let sums = column_sums(&grad, rows, cols)?;
-            let expected: Vec<f64> = (0..cols)
-                .map(|c| (0..rows).map(|r| f64::from(grad[r * cols + c])).sum())
-                .collect();
+            let expected: Vec<f64> =
+                (0..cols).map(|c| (0..rows).map(|r| f64::from(grad[r * cols + c])).sum()).collect();
             assert_close(&sums, &expected, "column_sums");
 
             let target = random(&mut rng, len);
@@ -554,12 +469,7 @@ mod tests {
     #[test]
     fn adam_matches_the_textbook_update() -> Result<(), OpError> {
         let mut rng = StdRng::seed_from_u64(13);
-        let adam = AdamConfig {
-            lr: 0.01,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-        };
+        let adam = AdamConfig { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8 };
         let len = 37;
         let mut param = random(&mut rng, len);
         let (mut m, mut v) = (vec![0.0; len], vec![0.0; len]);

@@ -53,10 +53,7 @@ impl Default for TrainConfig {
             hidden: vec![32, 32],
             steps: 2_000,
             batch_rows: 256,
-            adam: AdamConfig {
-                lr: 3e-3,
-                ..AdamConfig::default()
-            },
+            adam: AdamConfig { lr: 3e-3, ..AdamConfig::default() },
             holdout_fraction: 0.2,
             improvement_min: 0.01,
             seed: 1,
@@ -77,10 +74,7 @@ pub enum DecideError {
     #[error(
         "the split left {train_rows} training and {holdout_rows} holdout rows; both need some"
     )]
-    EmptySplit {
-        train_rows: usize,
-        holdout_rows: usize,
-    },
+    EmptySplit { train_rows: usize, holdout_rows: usize },
     #[error("training failed")]
     Train(#[from] TrainError),
     #[error("the trained model is unusable")]
@@ -90,26 +84,16 @@ pub enum DecideError {
 impl TrainConfig {
     pub fn validate(&self) -> Result<(), DecideError> {
         if !(self.holdout_fraction > 0.0 && self.holdout_fraction < 1.0) {
-            return Err(DecideError::HoldoutFraction {
-                fraction: self.holdout_fraction,
-            });
+            return Err(DecideError::HoldoutFraction { fraction: self.holdout_fraction });
         }
         if !(0.0..1.0).contains(&self.improvement_min) {
-            return Err(DecideError::ImprovementMin {
-                value: self.improvement_min,
-            });
+            return Err(DecideError::ImprovementMin { value: self.improvement_min });
         }
         if !(1..=STEPS_MAX).contains(&self.steps) {
-            return Err(DecideError::Steps {
-                steps: self.steps,
-                max: STEPS_MAX,
-            });
+            return Err(DecideError::Steps { steps: self.steps, max: STEPS_MAX });
         }
         if !(1..=BATCH_ROWS_MAX).contains(&self.batch_rows) {
-            return Err(DecideError::BatchRows {
-                rows: self.batch_rows,
-                max: BATCH_ROWS_MAX,
-            });
+            return Err(DecideError::BatchRows { rows: self.batch_rows, max: BATCH_ROWS_MAX });
         }
         self.adam.validate().map_err(TrainError::from)?;
         // The shape is checked by building it once; the seed does not matter here.
@@ -191,9 +175,8 @@ pub fn decide<B: Backend>(
     config: &TrainConfig,
 ) -> Result<Decision, DecideError> {
     config.validate()?;
-    let (holdout, train): (Vec<&Example>, Vec<&Example>) = examples
-        .iter()
-        .partition(|example| is_holdout(example.task_id, config.holdout_fraction));
+    let (holdout, train): (Vec<&Example>, Vec<&Example>) =
+        examples.iter().partition(|example| is_holdout(example.task_id, config.holdout_fraction));
     if train.is_empty() || holdout.is_empty() {
         return Err(DecideError::EmptySplit {
             train_rows: train.len(),
@@ -205,30 +188,20 @@ pub fn decide<B: Backend>(
     let evaluation = Evaluation {
         holdout_mse: mse(&holdout, |example| model.predict_targets(&example.features)),
         baseline_mse: mse(&holdout, |example| baseline.predict(&example.kind)),
-        previous_mse: current.map(|current| {
-            mse(&holdout, |example| {
-                current.predict_targets(&example.features)
-            })
-        }),
+        previous_mse: current
+            .map(|current| mse(&holdout, |example| current.predict_targets(&example.features))),
         train_rows: train.len(),
         holdout_rows: holdout.len(),
     };
     let beats = |other: f64| evaluation.holdout_mse < other * (1.0 - config.improvement_min);
     let verdict = if !beats(evaluation.baseline_mse) {
         Verdict::NotBetterThanBaseline
-    } else if evaluation
-        .previous_mse
-        .is_some_and(|previous| !beats(previous))
-    {
+    } else if evaluation.previous_mse.is_some_and(|previous| !beats(previous)) {
         Verdict::NotBetterThanCurrent
     } else {
         Verdict::Publish
     };
-    Ok(Decision {
-        model,
-        evaluation,
-        verdict,
-    })
+    Ok(Decision { model, evaluation, verdict })
 }
 
 fn mse(examples: &[&Example], predict: impl Fn(&Example) -> [f32; TARGETS]) -> f64 {
@@ -296,24 +269,16 @@ fn train_model<B: Backend>(
 ) -> Result<Mlp, TrainError> {
     let inputs = standardization(train.iter().map(|example| example.features));
     let outputs = standardization(train.iter().map(|example| example.targets));
-    let x: Vec<f32> = train
-        .iter()
-        .flat_map(|example| inputs.apply(&example.features))
-        .collect();
-    let y: Vec<f32> = train
-        .iter()
-        .flat_map(|example| outputs.apply(&example.targets))
-        .collect();
+    let x: Vec<f32> = train.iter().flat_map(|example| inputs.apply(&example.features)).collect();
+    let y: Vec<f32> = train.iter().flat_map(|example| outputs.apply(&example.targets)).collect();
     let mut trainer = Trainer::new(backend, &new_mlp(&config.mlp_config())?, config.adam)?;
     // Every step takes a full minibatch, so the trainer's workspace is allocated once.
     let rows = config.batch_rows.min(train.len());
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut rng = StdRng::seed_from_u64(config.seed);
     let mut next = order.len();
-    let (mut batch_x, mut batch_y) = (
-        Vec::with_capacity(rows * FEATURES),
-        Vec::with_capacity(rows * TARGETS),
-    );
+    let (mut batch_x, mut batch_y) =
+        (Vec::with_capacity(rows * FEATURES), Vec::with_capacity(rows * TARGETS));
     for _ in 0..config.steps {
         if next + rows > order.len() {
             order.shuffle(&mut rng);
@@ -394,11 +359,7 @@ pub(crate) mod tests {
                     .unwrap_or(usize::MAX)
             })
             .collect();
-        assert_eq!(
-            buckets.len(),
-            kinds.len(),
-            "the test's kinds share a bucket"
-        );
+        assert_eq!(buckets.len(), kinds.len(), "the test's kinds share a bucket");
         let mut rng = StdRng::seed_from_u64(seed);
         (0..rows)
             .map(|i| {
@@ -421,11 +382,7 @@ pub(crate) mod tests {
     }
 
     fn config() -> TrainConfig {
-        TrainConfig {
-            steps: 1_500,
-            batch_rows: 128,
-            ..TrainConfig::default()
-        }
+        TrainConfig { steps: 1_500, batch_rows: 128, ..TrainConfig::default() }
     }
 
     #[test]
@@ -441,12 +398,8 @@ pub(crate) mod tests {
         let refs: Vec<&Example> = examples.iter().collect();
         let inputs = standardization(refs.iter().map(|e| e.features));
         let outputs = standardization(refs.iter().map(|e| e.targets));
-        let mlp = new_mlp(&MlpConfig {
-            inputs: FEATURES,
-            hidden: vec![8],
-            outputs: TARGETS,
-            seed: 4,
-        })?;
+        let mlp =
+            new_mlp(&MlpConfig { inputs: FEATURES, hidden: vec![8], outputs: TARGETS, seed: 4 })?;
         let folded = fold(mlp.clone(), &inputs, &outputs)?;
         for example in &examples {
             let x: Vec<f32> = inputs.apply(&example.features).collect();
@@ -454,10 +407,7 @@ pub(crate) mod tests {
             let raw = folded.predict(&example.features, 1)?;
             for (k, (&s, &r)) in standardized.iter().zip(&raw).enumerate() {
                 let expected = s * outputs.std[k] + outputs.mean[k];
-                assert!(
-                    (expected - r).abs() < 1e-3 * expected.abs().max(1.0),
-                    "{expected} vs {r}"
-                );
+                assert!((expected - r).abs() < 1e-3 * expected.abs().max(1.0), "{expected} vs {r}");
             }
         }
         Ok(())
@@ -470,14 +420,8 @@ pub(crate) mod tests {
         let decision = decide(&CpuBackend, &examples, None, &config())?;
         let evaluation = &decision.evaluation;
         eprintln!("signal: {evaluation:?}");
-        assert_eq!(
-            evaluation.train_rows + evaluation.holdout_rows,
-            examples.len()
-        );
-        assert!(
-            evaluation.holdout_mse < 0.5 * evaluation.baseline_mse,
-            "{evaluation:?}"
-        );
+        assert_eq!(evaluation.train_rows + evaluation.holdout_rows, examples.len());
+        assert!(evaluation.holdout_mse < 0.5 * evaluation.baseline_mse, "{evaluation:?}");
         assert!(evaluation.error_ratio() < 0.5);
         assert_eq!(decision.verdict, Verdict::Publish);
 
@@ -488,15 +432,9 @@ pub(crate) mod tests {
         let spec = process_task("train-9", &["--rows", &"r".repeat(200)]);
         let prediction = loaded.predict(&spec, None);
         // train: 5000 ms · (1 + 200/20) = 55 s, 2 GiB · 3 = 6 GiB.
-        assert!(
-            (20_000.0..150_000.0).contains(&prediction.runtime_ms),
-            "{prediction:?}"
-        );
+        assert!((20_000.0..150_000.0).contains(&prediction.runtime_ms), "{prediction:?}");
         let gib = (1u64 << 30) as f64;
-        assert!(
-            (3.0 * gib..12.0 * gib).contains(&prediction.peak_memory_bytes),
-            "{prediction:?}"
-        );
+        assert!((3.0 * gib..12.0 * gib).contains(&prediction.peak_memory_bytes), "{prediction:?}");
 
         // The same model again is no improvement on itself: the registry keeps the current one.
         let again = decide(&CpuBackend, &examples, Some(&decision.model), &config())?;
@@ -534,12 +472,8 @@ pub(crate) mod tests {
         }
         // The best constant: the mean of all targets, as a model with zero weights.
         let mean = standardization(examples.iter().map(|e| e.targets)).mean;
-        let mut constant = new_mlp(&MlpConfig {
-            inputs: FEATURES,
-            hidden: vec![4],
-            outputs: TARGETS,
-            seed: 1,
-        })?;
+        let mut constant =
+            new_mlp(&MlpConfig { inputs: FEATURES, hidden: vec![4], outputs: TARGETS, seed: 1 })?;
         for layer in &mut constant.layers {
             layer.w.iter_mut().for_each(|w| *w = 0.0);
         }
@@ -551,10 +485,7 @@ pub(crate) mod tests {
         let decision = decide(&CpuBackend, &examples, Some(&current), &config())?;
         let evaluation = &decision.evaluation;
         eprintln!("noise: {evaluation:?} -> {:?}", decision.verdict);
-        assert!(
-            evaluation.holdout_mse > 0.9 * evaluation.baseline_mse,
-            "{evaluation:?}"
-        );
+        assert!(evaluation.holdout_mse > 0.9 * evaluation.baseline_mse, "{evaluation:?}");
         assert_ne!(decision.verdict, Verdict::Publish);
         Ok(())
     }
@@ -563,53 +494,24 @@ pub(crate) mod tests {
     fn rejects_bad_configs_and_empty_splits() -> Result<(), Rejected> {
         let examples = synthetic(20, 5)?;
         let bad = [
-            TrainConfig {
-                holdout_fraction: 0.0,
-                ..config()
-            },
-            TrainConfig {
-                holdout_fraction: 1.0,
-                ..config()
-            },
-            TrainConfig {
-                steps: 0,
-                ..config()
-            },
-            TrainConfig {
-                batch_rows: 0,
-                ..config()
-            },
-            TrainConfig {
-                hidden: vec![0],
-                ..config()
-            },
-            TrainConfig {
-                improvement_min: 1.0,
-                ..config()
-            },
+            TrainConfig { holdout_fraction: 0.0, ..config() },
+            TrainConfig { holdout_fraction: 1.0, ..config() },
+            TrainConfig { steps: 0, ..config() },
+            TrainConfig { batch_rows: 0, ..config() },
+            TrainConfig { hidden: vec![0], ..config() },
+            TrainConfig { improvement_min: 1.0, ..config() },
         ];
         for config in bad {
-            assert!(
-                decide(&CpuBackend, &examples, None, &config).is_err(),
-                "{config:?}"
-            );
+            assert!(decide(&CpuBackend, &examples, None, &config).is_err(), "{config:?}");
         }
-        let only_train: Vec<Example> = examples
-            .into_iter()
-            .filter(|e| !is_holdout(e.task_id, 0.2))
-            .collect();
+        let only_train: Vec<Example> =
+            examples.into_iter().filter(|e| !is_holdout(e.task_id, 0.2)).collect();
         assert!(matches!(
             decide(&CpuBackend, &only_train, None, &config()),
-            Err(DecideError::EmptySplit {
-                holdout_rows: 0,
-                ..
-            })
+            Err(DecideError::EmptySplit { holdout_rows: 0, .. })
         ));
         // Keeps the import of `features` honest: the examples carry the schema's width.
-        assert_eq!(
-            only_train.first().map(|e| e.features.len()),
-            Some(features::FEATURES)
-        );
+        assert_eq!(only_train.first().map(|e| e.features.len()), Some(features::FEATURES));
         Ok(())
     }
 }

@@ -52,24 +52,17 @@ impl FromStr for Device {
             "auto" => Ok(Device::Auto),
             "cpu" => Ok(Device::Cpu),
             _ => {
-                let ordinal =
-                    input
-                        .strip_prefix("cuda:")
-                        .ok_or_else(|| DeviceParseError::Unknown {
-                            input: input.to_string(),
-                        })?;
+                let ordinal = input
+                    .strip_prefix("cuda:")
+                    .ok_or_else(|| DeviceParseError::Unknown { input: input.to_string() })?;
                 // `parse` alone would accept "+0"; a device number is plain digits.
                 if ordinal.is_empty() || !ordinal.bytes().all(|byte| byte.is_ascii_digit()) {
-                    return Err(DeviceParseError::BadOrdinal {
-                        input: input.to_string(),
-                    });
+                    return Err(DeviceParseError::BadOrdinal { input: input.to_string() });
                 }
                 ordinal
                     .parse()
                     .map(Device::Cuda)
-                    .map_err(|_| DeviceParseError::BadOrdinal {
-                        input: input.to_string(),
-                    })
+                    .map_err(|_| DeviceParseError::BadOrdinal { input: input.to_string() })
             }
         }
     }
@@ -133,37 +126,19 @@ mod tests {
     fn rejects_bad_devices_with_clear_errors() {
         for input in ["", "gpu", "CPU", "cuda", " auto", "cuda0"] {
             let error = input.parse::<Device>();
-            assert_eq!(
-                error,
-                Err(DeviceParseError::Unknown {
-                    input: input.to_string()
-                })
-            );
+            assert_eq!(error, Err(DeviceParseError::Unknown { input: input.to_string() }));
         }
-        for input in [
-            "cuda:",
-            "cuda:x",
-            "cuda:-1",
-            "cuda:+0",
-            "cuda:1.5",
-            "cuda:99999999999999999999999",
-        ] {
+        for input in
+            ["cuda:", "cuda:x", "cuda:-1", "cuda:+0", "cuda:1.5", "cuda:99999999999999999999999"]
+        {
             let error = input.parse::<Device>();
-            assert_eq!(
-                error,
-                Err(DeviceParseError::BadOrdinal {
-                    input: input.to_string()
-                })
-            );
+            assert_eq!(error, Err(DeviceParseError::BadOrdinal { input: input.to_string() }));
         }
         let message = match "gpu".parse::<Device>() {
             Err(error) => error.to_string(),
             Ok(device) => panic!("parsed {device}"),
         };
-        assert_eq!(
-            message,
-            "unknown device \"gpu\": expected `auto`, `cpu` or `cuda:N`"
-        );
+        assert_eq!(message, "unknown device \"gpu\": expected `auto`, `cpu` or `cuda:N`");
     }
 
     /// On a machine without a CUDA driver (this crate's usual test machine) `auto` must pick the
@@ -177,16 +152,10 @@ mod tests {
             );
             return;
         }
-        assert!(matches!(
-            Device::Auto.resolve(),
-            Ok(SelectedBackend::Cpu(_))
-        ));
+        assert!(matches!(Device::Auto.resolve(), Ok(SelectedBackend::Cpu(_))));
         assert!(matches!(
             Device::Cuda(0).resolve(),
-            Err(DeviceError::Unavailable {
-                index: 0,
-                source: GpuError::NoDriver
-            })
+            Err(DeviceError::Unavailable { index: 0, source: GpuError::NoDriver })
         ));
     }
 

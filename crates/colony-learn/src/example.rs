@@ -36,10 +36,7 @@ pub enum Rejected {
     #[error("the task has no start or finish time")]
     MissingTimes,
     #[error("the task finished at {finished_unix_ms} but started at {started_unix_ms}")]
-    RuntimeNotPositive {
-        started_unix_ms: u64,
-        finished_unix_ms: u64,
-    },
+    RuntimeNotPositive { started_unix_ms: u64, finished_unix_ms: u64 },
     #[error("a runtime of {runtime_ms} ms exceeds the limit of {max} ms")]
     RuntimeTooLong { runtime_ms: u64, max: u64 },
     #[error("the task has no peak memory measurement")]
@@ -88,16 +85,8 @@ impl Rejected {
 pub fn executor_spec(executor: &pb::Executor) -> ExecutorSpec {
     ExecutorSpec {
         name: executor.name.clone(),
-        capacity: executor
-            .capacity
-            .clone()
-            .map(Resources::from)
-            .unwrap_or_default(),
-        labels: executor
-            .labels
-            .iter()
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect(),
+        capacity: executor.capacity.clone().map(Resources::from).unwrap_or_default(),
+        labels: executor.labels.iter().map(|(key, value)| (key.clone(), value.clone())).collect(),
         capabilities: executor.capabilities.iter().cloned().collect(),
     }
 }
@@ -108,12 +97,10 @@ pub fn example(finished: &pb::FinishedTask) -> Result<Example, Rejected> {
     if task.state != pb::TaskState::Succeeded as i32 {
         return Err(Rejected::NotSucceeded { state: task.state });
     }
-    let spec = task.spec.clone().ok_or_else(|| Rejected::BadSpec {
-        reason: "missing".to_owned(),
-    })?;
-    let spec = TaskSpec::try_from(spec).map_err(|error| Rejected::BadSpec {
-        reason: error.to_string(),
-    })?;
+    let spec =
+        task.spec.clone().ok_or_else(|| Rejected::BadSpec { reason: "missing".to_owned() })?;
+    let spec = TaskSpec::try_from(spec)
+        .map_err(|error| Rejected::BadSpec { reason: error.to_string() })?;
     let (Some(started_unix_ms), Some(finished_unix_ms)) =
         (task.started_unix_ms, task.finished_unix_ms)
     else {
@@ -121,35 +108,21 @@ pub fn example(finished: &pb::FinishedTask) -> Result<Example, Rejected> {
     };
     let runtime_ms = match finished_unix_ms.checked_sub(started_unix_ms) {
         Some(runtime_ms) if runtime_ms > 0 => runtime_ms,
-        _ => {
-            return Err(Rejected::RuntimeNotPositive {
-                started_unix_ms,
-                finished_unix_ms,
-            })
-        }
+        _ => return Err(Rejected::RuntimeNotPositive { started_unix_ms, finished_unix_ms }),
     };
     if runtime_ms > RUNTIME_MS_MAX {
-        return Err(Rejected::RuntimeTooLong {
-            runtime_ms,
-            max: RUNTIME_MS_MAX,
-        });
+        return Err(Rejected::RuntimeTooLong { runtime_ms, max: RUNTIME_MS_MAX });
     }
     let bytes = task.peak_memory_bytes.ok_or(Rejected::MissingMemory)?;
     if bytes == 0 {
         return Err(Rejected::MemoryZero);
     }
     if bytes > PEAK_MEMORY_BYTES_MAX {
-        return Err(Rejected::MemoryTooLarge {
-            bytes,
-            max: PEAK_MEMORY_BYTES_MAX,
-        });
+        return Err(Rejected::MemoryTooLarge { bytes, max: PEAK_MEMORY_BYTES_MAX });
     }
     let executor = finished.executor.as_ref().map(executor_spec);
     let features = features::features(&spec, executor.as_ref());
-    if let Some((index, &value)) = features
-        .iter()
-        .enumerate()
-        .find(|(_, value)| !value.is_finite())
+    if let Some((index, &value)) = features.iter().enumerate().find(|(_, value)| !value.is_finite())
     {
         return Err(Rejected::NonFiniteFeature { index, value });
     }
@@ -179,10 +152,7 @@ impl Examples {
     /// A buffer of at most `capacity` examples (at least one).
     pub fn with_limit(capacity: usize) -> Self {
         let capacity = capacity.max(1);
-        Self {
-            items: VecDeque::with_capacity(capacity.min(EXAMPLES_MAX)),
-            capacity,
-        }
+        Self { items: VecDeque::with_capacity(capacity.min(EXAMPLES_MAX)), capacity }
     }
 
     /// Adds an example, dropping the oldest when full.
@@ -254,15 +224,9 @@ pub(crate) mod tests {
         let example = example(&record)?;
         assert_eq!((example.seq, example.task_id), (7, 1007));
         assert_eq!(example.kind, "etl");
-        assert_eq!(
-            example.targets,
-            features::targets(1500.0, (64u64 << 20) as f64)
-        );
+        assert_eq!(example.targets, features::targets(1500.0, (64u64 << 20) as f64));
         let executor = record.executor.as_ref().map(executor_spec);
-        assert_eq!(
-            example.features,
-            features::features(&spec, executor.as_ref())
-        );
+        assert_eq!(example.features, features::features(&spec, executor.as_ref()));
         Ok(())
     }
 
@@ -278,10 +242,7 @@ pub(crate) mod tests {
             example(&record).map(|_| ()).map_err(|error| error.reason())
         };
         assert_eq!(with(&|_| {}), Ok(()));
-        assert_eq!(
-            with(&|t| t.state = pb::TaskState::Failed as i32),
-            Err("not_succeeded")
-        );
+        assert_eq!(with(&|t| t.state = pb::TaskState::Failed as i32), Err("not_succeeded"));
         assert_eq!(with(&|t| t.spec = None), Err("bad_spec"));
         assert_eq!(
             with(&|t| if let Some(spec) = t.spec.as_mut() {
@@ -291,22 +252,13 @@ pub(crate) mod tests {
         );
         assert_eq!(with(&|t| t.started_unix_ms = None), Err("missing_times"));
         assert_eq!(with(&|t| t.finished_unix_ms = None), Err("missing_times"));
-        assert_eq!(
-            with(&|t| t.finished_unix_ms = t.started_unix_ms),
-            Err("runtime_not_positive")
-        );
-        assert_eq!(
-            with(&|t| t.finished_unix_ms = Some(1)),
-            Err("runtime_not_positive")
-        );
+        assert_eq!(with(&|t| t.finished_unix_ms = t.started_unix_ms), Err("runtime_not_positive"));
+        assert_eq!(with(&|t| t.finished_unix_ms = Some(1)), Err("runtime_not_positive"));
         assert_eq!(
             with(&|t| t.finished_unix_ms = Some(1_000_000 + RUNTIME_MS_MAX + 1)),
             Err("runtime_too_long")
         );
-        assert_eq!(
-            with(&|t| t.finished_unix_ms = Some(1_000_000 + RUNTIME_MS_MAX)),
-            Ok(())
-        );
+        assert_eq!(with(&|t| t.finished_unix_ms = Some(1_000_000 + RUNTIME_MS_MAX)), Ok(()));
         assert_eq!(with(&|t| t.peak_memory_bytes = None), Err("missing_memory"));
         assert_eq!(with(&|t| t.peak_memory_bytes = Some(0)), Err("memory_zero"));
         assert_eq!(
@@ -328,26 +280,15 @@ pub(crate) mod tests {
     fn every_reason_is_listed() {
         let all = [
             Rejected::MissingTask,
-            Rejected::BadSpec {
-                reason: String::new(),
-            },
+            Rejected::BadSpec { reason: String::new() },
             Rejected::NotSucceeded { state: 0 },
             Rejected::MissingTimes,
-            Rejected::RuntimeNotPositive {
-                started_unix_ms: 0,
-                finished_unix_ms: 0,
-            },
-            Rejected::RuntimeTooLong {
-                runtime_ms: 0,
-                max: 0,
-            },
+            Rejected::RuntimeNotPositive { started_unix_ms: 0, finished_unix_ms: 0 },
+            Rejected::RuntimeTooLong { runtime_ms: 0, max: 0 },
             Rejected::MissingMemory,
             Rejected::MemoryZero,
             Rejected::MemoryTooLarge { bytes: 0, max: 0 },
-            Rejected::NonFiniteFeature {
-                index: 0,
-                value: f32::NAN,
-            },
+            Rejected::NonFiniteFeature { index: 0, value: f32::NAN },
         ];
         let reasons: Vec<&str> = all.iter().map(Rejected::reason).collect();
         assert_eq!(reasons, Rejected::REASONS);

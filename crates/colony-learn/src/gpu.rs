@@ -53,12 +53,7 @@ pub enum GpuError {
     #[error("NVRTC could not compile the kernels for {arch}: {log}")]
     Compile { arch: String, log: String },
     #[error("{op}: {what} = {value} exceeds the kernel's limit of {max}")]
-    TooLarge {
-        op: &'static str,
-        what: &'static str,
-        value: usize,
-        max: usize,
-    },
+    TooLarge { op: &'static str, what: &'static str, value: usize, max: usize },
     #[error("the cuBLAS library (libcublas) was not found")]
     NoCublas,
     #[error("cuBLAS failed while {during}")]
@@ -71,17 +66,29 @@ pub enum GpuError {
 
 /// GFLOP/s of row-major C = A·B through cuBLAS's SGEMM on `backend`'s stream, averaged over `reps`
 /// runs after one warm-up run: the yardstick `colony bench learn` prints beside our own GEMM.
-pub fn cublas_gemm_gflops(backend: &CudaBackend, m: usize, k: usize, n: usize, reps: usize) -> Result<f64, GpuError> {
+pub fn cublas_gemm_gflops(
+    backend: &CudaBackend,
+    m: usize,
+    k: usize,
+    n: usize,
+    reps: usize,
+) -> Result<f64, GpuError> {
     // SAFETY: `is_culib_present` only attempts `dlopen`; see `driver_available`.
     if !unsafe { cudarc::cublas::sys::is_culib_present() } {
         return Err(GpuError::NoCublas);
     }
     let dim = |what: &'static str, value: usize| {
-        i32::try_from(value).map_err(|_| GpuError::TooLarge { op: "cublas gemm", what, value, max: i32::MAX as usize })
+        i32::try_from(value).map_err(|_| GpuError::TooLarge {
+            op: "cublas gemm",
+            what,
+            value,
+            max: i32::MAX as usize,
+        })
     };
     let (mi, ki, ni) = (dim("m", m)?, dim("k", k)?, dim("n", n)?);
     let stream = &backend.stream;
-    let blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(|source| GpuError::Cublas { during: "creating a handle", source })?;
+    let blas = cudarc::cublas::CudaBlas::new(stream.clone())
+        .map_err(|source| GpuError::Cublas { during: "creating a handle", source })?;
     let a = stream.clone_htod(&vec![0.5f32; m * k]).map_err(driver_error("uploading A"))?;
     let b = stream.clone_htod(&vec![0.25f32; k * n]).map_err(driver_error("uploading B"))?;
     let mut c = stream.alloc_zeros::<f32>(m * n).map_err(driver_error("allocating C"))?;
@@ -103,7 +110,8 @@ pub fn cublas_gemm_gflops(backend: &CudaBackend, m: usize, k: usize, n: usize, r
         use cudarc::cublas::Gemm as _;
         // SAFETY: A holds m*k, B k*n and C m*n floats, exactly what the leading dimensions and
         // sizes above describe, so SGEMM reads and writes inside the three buffers.
-        unsafe { blas.gemm(config, &b, &a, &mut c) }.map_err(|source| GpuError::Cublas { during: "running SGEMM", source })
+        unsafe { blas.gemm(config, &b, &a, &mut c) }
+            .map_err(|source| GpuError::Cublas { during: "running SGEMM", source })
     };
     run()?;
     stream.synchronize().map_err(driver_error("synchronizing"))?;
@@ -180,10 +188,7 @@ pub fn ptxas_report(arch: &str) -> Result<String, GpuError> {
     if !nvrtc_available() {
         return Err(GpuError::NoNvrtc);
     }
-    let compile_error = |log: String| GpuError::Compile {
-        arch: arch.to_string(),
-        log,
-    };
+    let compile_error = |log: String| GpuError::Compile { arch: arch.to_string(), log };
     // Neither string contains NUL; these conversions cannot fail, but stay errors, not panics.
     let source =
         CString::new(kernels::SOURCE).map_err(|_| compile_error("NUL in source".into()))?;
@@ -201,11 +206,7 @@ pub fn ptxas_report(arch: &str) -> Result<String, GpuError> {
     // SAFETY: see above; `program` is not used after this.
     let destroyed = unsafe { result::destroy_program(program) };
     let log = log.map_err(|error| compile_error(format!("nvrtcGetProgramLog: {error}")))?;
-    let log_bytes: Vec<u8> = log
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as u8)
-        .collect();
+    let log_bytes: Vec<u8> = log.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
     let log = String::from_utf8_lossy(&log_bytes).into_owned();
     compiled.map_err(|_| compile_error(log.clone()))?;
     destroyed.map_err(|error| compile_error(format!("nvrtcDestroyProgram: {error}")))?;
@@ -236,10 +237,7 @@ impl Kernels {
         let load = |name: &'static str| {
             module
                 .load_function(name)
-                .map_err(|source| GpuError::Driver {
-                    during: "looking up a kernel",
-                    source,
-                })
+                .map_err(|source| GpuError::Driver { during: "looking up a kernel", source })
         };
         Ok(Self {
             gemm_ab: load(kernels::GEMM_AB)?,
@@ -283,11 +281,8 @@ impl CudaBackend {
         }
         // cudarc also panics when a driver lacks a symbol it expects (a driver older than the
         // CUDA 13.0 API it is built against). Keep that an error, so `auto` can use the CPU.
-        std::panic::catch_unwind(|| Self::open(device_index)).unwrap_or(Err(
-            GpuError::DriverPanicked {
-                index: device_index,
-            },
-        ))
+        std::panic::catch_unwind(|| Self::open(device_index))
+            .unwrap_or(Err(GpuError::DriverPanicked { index: device_index }))
     }
 
     fn open(index: usize) -> Result<Self, GpuError> {
@@ -295,31 +290,19 @@ impl CudaBackend {
             Ok(count) => usize::try_from(count).unwrap_or(0),
             // cuInit reports a machine with a driver but no GPU as an error, not as zero devices.
             Err(DriverError(cudarc::driver::sys::cudaError_enum::CUDA_ERROR_NO_DEVICE)) => 0,
-            Err(source) => {
-                return Err(GpuError::Driver {
-                    during: "counting devices",
-                    source,
-                })
-            }
+            Err(source) => return Err(GpuError::Driver { during: "counting devices", source }),
         };
         if index >= count {
             return Err(GpuError::NoDevice { index, count });
         }
         let context = CudaContext::new(index).map_err(driver_error("creating a context"))?;
-        let compute_capability = context
-            .compute_capability()
-            .map_err(driver_error("reading the compute capability"))?;
-        let device_name = context
-            .name()
-            .map_err(driver_error("reading the device name"))?;
-        let stream = context
-            .new_stream()
-            .map_err(driver_error("creating a stream"))?;
+        let compute_capability =
+            context.compute_capability().map_err(driver_error("reading the compute capability"))?;
+        let device_name = context.name().map_err(driver_error("reading the device name"))?;
+        let stream = context.new_stream().map_err(driver_error("creating a stream"))?;
         let (module, origin) = load_module(&context, compute_capability)?;
         let kernels = Kernels::load(&module)?;
-        let no_bias = stream
-            .alloc_zeros::<f32>(1)
-            .map_err(driver_error("allocating"))?;
+        let no_bias = stream.alloc_zeros::<f32>(1).map_err(driver_error("allocating"))?;
         info!(
             device = index,
             name = %device_name,
@@ -384,11 +367,7 @@ impl CudaBackend {
             return Err(too_large(op, "m / tile", grid_y, GRID_Y_BLOCKS_MAX));
         }
         let config = LaunchConfig {
-            grid_dim: (
-                grid_u32(op, dims.n.div_ceil(tile))?,
-                grid_u32(op, grid_y)?,
-                1,
-            ),
+            grid_dim: (grid_u32(op, dims.n.div_ceil(tile))?, grid_u32(op, grid_y)?, 1),
             block_dim: (kernels::GEMM_TILE, kernels::GEMM_BLOCK_ROWS, 1),
             shared_mem_bytes: 0,
         };
@@ -411,15 +390,7 @@ impl CudaBackend {
             GemmForm::Abt => &self.kernels.gemm_abt,
         };
         let mut launch = self.stream.launch_builder(function);
-        launch
-            .arg(a)
-            .arg(b)
-            .arg(bias)
-            .arg(c)
-            .arg(&m)
-            .arg(&k)
-            .arg(&n)
-            .arg(&flags);
+        launch.arg(a).arg(b).arg(bias).arg(c).arg(&m).arg(&k).arg(&n).arg(&flags);
         // SAFETY: the arguments match the kernel's signature (const float* a, b, bias;
         // float* c; int m, k, n, flags). check_gemm proved a, b and c hold exactly m*k, k*n and
         // m*n floats and the bias (when flagged) n; the kernel reads bias only when flagged,
@@ -452,21 +423,15 @@ fn load_module(
     } else {
         info!("libnvrtc not found; using the checked-in compute_90 PTX");
     }
-    let module = context
-        .load_module(Ptx::from_src(kernels::CHECKED_IN_PTX))
-        .map_err(driver_error(
+    let module =
+        context.load_module(Ptx::from_src(kernels::CHECKED_IN_PTX)).map_err(driver_error(
             "loading the checked-in compute_90 PTX (needs compute capability 9.0+ or libnvrtc)",
         ))?;
     Ok((module, KernelOrigin::CheckedInPtx))
 }
 
 fn too_large(op: &'static str, what: &'static str, value: usize, max: usize) -> BackendError {
-    BackendError::Gpu(GpuError::TooLarge {
-        op,
-        what,
-        value,
-        max,
-    })
+    BackendError::Gpu(GpuError::TooLarge { op, what, value, max })
 }
 
 /// `value` as a kernel `int`, or an error if it does not fit.
@@ -481,11 +446,7 @@ fn grid_u32(op: &'static str, blocks: usize) -> Result<u32, BackendError> {
 /// One thread per element, ELEMENTWISE_THREADS per block.
 fn elementwise_config(op: &'static str, len: usize) -> Result<LaunchConfig, BackendError> {
     Ok(LaunchConfig {
-        grid_dim: (
-            grid_u32(op, len.div_ceil(kernels::ELEMENTWISE_THREADS as usize))?,
-            1,
-            1,
-        ),
+        grid_dim: (grid_u32(op, len.div_ceil(kernels::ELEMENTWISE_THREADS as usize))?, 1, 1),
         block_dim: (kernels::ELEMENTWISE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     })
@@ -496,36 +457,25 @@ impl Backend for CudaBackend {
 
     fn describe(&self) -> String {
         let (major, minor) = self.compute_capability;
-        format!(
-            "cuda:{} ({}, sm_{major}{minor})",
-            self.device_index, self.device_name
-        )
+        format!("cuda:{} ({}, sm_{major}{minor})", self.device_index, self.device_name)
     }
 
     fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>, BackendError> {
-        self.stream
-            .clone_htod(host)
-            .map_err(gpu_error("copying to the device"))
+        self.stream.clone_htod(host).map_err(gpu_error("copying to the device"))
     }
 
     fn write(&self, host: &[f32], buffer: &mut CudaSlice<f32>) -> Result<(), BackendError> {
         // cudarc asserts dst >= src; an exact match is checked here so that it never fires.
         check_len("write", "buffer", host.len(), buffer.len())?;
-        self.stream
-            .memcpy_htod(host, buffer)
-            .map_err(gpu_error("copying to the device"))
+        self.stream.memcpy_htod(host, buffer).map_err(gpu_error("copying to the device"))
     }
 
     fn download(&self, buffer: &CudaSlice<f32>) -> Result<Vec<f32>, BackendError> {
-        self.stream
-            .clone_dtoh(buffer)
-            .map_err(gpu_error("copying from the device"))
+        self.stream.clone_dtoh(buffer).map_err(gpu_error("copying from the device"))
     }
 
     fn zeros(&self, len: usize) -> Result<CudaSlice<f32>, BackendError> {
-        self.stream
-            .alloc_zeros::<f32>(len)
-            .map_err(gpu_error("allocating"))
+        self.stream.alloc_zeros::<f32>(len).map_err(gpu_error("allocating"))
     }
 
     fn gemm_ab(
@@ -598,14 +548,9 @@ impl Backend for CudaBackend {
         }
         let len = kernel_int(OP, "len", pred.len())?;
         let threads = kernels::REDUCE_THREADS as usize;
-        let blocks = pred
-            .len()
-            .div_ceil(threads)
-            .min(kernels::MSE_BLOCKS_MAX as usize);
-        let mut partial_sums = self
-            .stream
-            .alloc_zeros::<f32>(blocks)
-            .map_err(gpu_error("allocating"))?;
+        let blocks = pred.len().div_ceil(threads).min(kernels::MSE_BLOCKS_MAX as usize);
+        let mut partial_sums =
+            self.stream.alloc_zeros::<f32>(blocks).map_err(gpu_error("allocating"))?;
         let scale = mse_grad_scale(pred.len());
         let config = LaunchConfig {
             grid_dim: (grid_u32(OP, blocks)?, 1, 1),
@@ -613,23 +558,15 @@ impl Backend for CudaBackend {
             shared_mem_bytes: 0,
         };
         let mut launch = self.stream.launch_builder(&self.kernels.mse_loss_grad);
-        launch
-            .arg(pred)
-            .arg(target)
-            .arg(grad)
-            .arg(&mut partial_sums)
-            .arg(&len)
-            .arg(&scale);
+        launch.arg(pred).arg(target).arg(grad).arg(&mut partial_sums).arg(&len).arg(&scale);
         // SAFETY: arguments match (const float* pred, target; float* grad, partial_sums;
         // int len; float grad_scale). pred, target and grad hold exactly len floats; the kernel
         // strides i < len. partial_sums holds `blocks` floats and block b writes only
         // partial_sums[b] for b < gridDim.x = blocks. The block size is REDUCE_THREADS, the size
         // the kernel's shared array and reduction tree are written for.
         unsafe { launch.launch(config) }.map_err(gpu_error("launching mse_loss_grad"))?;
-        let partial_sums = self
-            .stream
-            .clone_dtoh(&partial_sums)
-            .map_err(gpu_error("copying from the device"))?;
+        let partial_sums =
+            self.stream.clone_dtoh(&partial_sums).map_err(gpu_error("copying from the device"))?;
         let sum: f64 = partial_sums.iter().map(|&partial| f64::from(partial)).sum();
         Ok((sum / pred.len() as f64) as f32)
     }
@@ -704,9 +641,7 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<(), BackendError> {
-        self.stream
-            .synchronize()
-            .map_err(gpu_error("synchronizing"))
+        self.stream.synchronize().map_err(gpu_error("synchronizing"))
     }
 }
 

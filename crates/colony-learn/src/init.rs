@@ -23,20 +23,13 @@ pub fn new_mlp(config: &MlpConfig) -> Result<Mlp, MlpError> {
         .collect();
     let layer_count = widths.len() - 1;
     if layer_count > LAYERS_MAX {
-        return Err(MlpError::TooManyLayers {
-            layers: layer_count,
-            max: LAYERS_MAX,
-        });
+        return Err(MlpError::TooManyLayers { layers: layer_count, max: LAYERS_MAX });
     }
     for (index, &width) in widths.iter().enumerate() {
         if !(1..=LAYER_WIDTH_MAX).contains(&width) {
             // Width i is layer i's input (or the last layer's output).
             let layer = index.min(layer_count - 1);
-            return Err(MlpError::Width {
-                layer,
-                width,
-                max: LAYER_WIDTH_MAX,
-            });
+            return Err(MlpError::Width { layer, width, max: LAYER_WIDTH_MAX });
         }
     }
     let mut rng = SplitMix64::new(config.seed);
@@ -53,12 +46,7 @@ pub fn new_mlp(config: &MlpConfig) -> Result<Mlp, MlpError> {
             let w = (0..inputs * outputs)
                 .map(|_| ((rng.next_unit() * 2.0 - 1.0) * bound) as f32)
                 .collect();
-            Layer {
-                inputs,
-                outputs,
-                w,
-                b: vec![0.0; outputs],
-            }
+            Layer { inputs, outputs, w, b: vec![0.0; outputs] }
         })
         .collect();
     let mlp = Mlp { layers };
@@ -96,65 +84,32 @@ mod tests {
     use super::*;
 
     fn config() -> MlpConfig {
-        MlpConfig {
-            inputs: 3,
-            hidden: vec![4],
-            outputs: 2,
-            seed: 42,
-        }
+        MlpConfig { inputs: 3, hidden: vec![4], outputs: 2, seed: 42 }
     }
 
     #[test]
     fn new_is_deterministic_and_shaped() -> Result<(), MlpError> {
         let mlp = new_mlp(&config())?;
         assert_eq!(mlp, new_mlp(&config())?);
-        assert_ne!(
-            mlp,
-            new_mlp(&MlpConfig {
-                seed: 43,
-                ..config()
-            })?
-        );
+        assert_ne!(mlp, new_mlp(&MlpConfig { seed: 43, ..config() })?);
         assert_eq!((mlp.inputs(), mlp.outputs()), (3, 2));
         assert_eq!(mlp.parameter_count(), 3 * 4 + 4 + 4 * 2 + 2);
         let bound = (6.0_f32 / 3.0).sqrt();
         assert!(mlp.layers[0].w.iter().all(|w| w.abs() <= bound));
-        assert!(mlp
-            .layers
-            .iter()
-            .all(|layer| layer.b.iter().all(|&b| b == 0.0)));
+        assert!(mlp.layers.iter().all(|layer| layer.b.iter().all(|&b| b == 0.0)));
         Ok(())
     }
 
     #[test]
     fn new_rejects_bad_shapes() {
-        let zero = MlpConfig {
-            hidden: vec![4, 0],
-            ..config()
-        };
+        let zero = MlpConfig { hidden: vec![4, 0], ..config() };
         assert_eq!(
             new_mlp(&zero),
-            Err(MlpError::Width {
-                layer: 2,
-                width: 0,
-                max: LAYER_WIDTH_MAX
-            })
+            Err(MlpError::Width { layer: 2, width: 0, max: LAYER_WIDTH_MAX })
         );
-        let wide = MlpConfig {
-            inputs: LAYER_WIDTH_MAX + 1,
-            ..config()
-        };
-        assert!(matches!(
-            new_mlp(&wide),
-            Err(MlpError::Width { layer: 0, .. })
-        ));
-        let deep = MlpConfig {
-            hidden: vec![2; LAYERS_MAX],
-            ..config()
-        };
-        assert!(matches!(
-            new_mlp(&deep),
-            Err(MlpError::TooManyLayers { .. })
-        ));
+        let wide = MlpConfig { inputs: LAYER_WIDTH_MAX + 1, ..config() };
+        assert!(matches!(new_mlp(&wide), Err(MlpError::Width { layer: 0, .. })));
+        let deep = MlpConfig { hidden: vec![2; LAYERS_MAX], ..config() };
+        assert!(matches!(new_mlp(&deep), Err(MlpError::TooManyLayers { .. })));
     }
 }

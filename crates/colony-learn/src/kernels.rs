@@ -40,15 +40,8 @@ pub const COLUMN_SUMS: &str = "colony_column_sums";
 pub const ADAM_UPDATE: &str = "colony_adam_update";
 
 /// Every `extern "C"` entry point in [`SOURCE`].
-pub const ENTRY_POINTS: [&str; 7] = [
-    GEMM_AB,
-    GEMM_ATB,
-    GEMM_ABT,
-    RELU_BACKWARD,
-    MSE_LOSS_GRAD,
-    COLUMN_SUMS,
-    ADAM_UPDATE,
-];
+pub const ENTRY_POINTS: [&str; 7] =
+    [GEMM_AB, GEMM_ATB, GEMM_ABT, RELU_BACKWARD, MSE_LOSS_GRAD, COLUMN_SUMS, ADAM_UPDATE];
 
 // Launch geometry. Each value mirrors a `#define` in the sources, which a test checks.
 /// `COLONY_TILE`: a GEMM block computes a GEMM_TILE x GEMM_TILE tile of C.
@@ -75,11 +68,7 @@ pub const MSE_BLOCKS_MAX: u32 = 1024;
 pub fn compile_options(arch: &str, extra: &[&str]) -> CompileOptions {
     let mut options = vec![format!("--gpu-architecture={arch}")];
     options.extend(extra.iter().map(|option| option.to_string()));
-    CompileOptions {
-        options,
-        name: Some(PROGRAM_NAME.to_string()),
-        ..CompileOptions::default()
-    }
+    CompileOptions { options, name: Some(PROGRAM_NAME.to_string()), ..CompileOptions::default() }
 }
 
 /// One kernel's resources as ptxas reports them with `-v`.
@@ -135,19 +124,13 @@ pub fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
 /// The integer just before `marker` in `line`, as in "8448 bytes smem".
 fn number_before(line: &str, marker: &str) -> Option<u32> {
     let head = &line[..line.find(marker)?];
-    head.split(|c: char| !c.is_ascii_digit())
-        .rfind(|part| !part.is_empty())?
-        .parse()
-        .ok()
+    head.split(|c: char| !c.is_ascii_digit()).rfind(|part| !part.is_empty())?.parse().ok()
 }
 
 /// The integer just after `marker` in `line`, as in "Used 40 registers".
 fn number_after(line: &str, marker: &str) -> Option<u32> {
     let tail = &line[line.find(marker)? + marker.len()..];
-    tail.split(|c: char| !c.is_ascii_digit())
-        .find(|part| !part.is_empty())?
-        .parse()
-        .ok()
+    tail.split(|c: char| !c.is_ascii_digit()).find(|part| !part.is_empty())?.parse().ok()
 }
 
 #[cfg(test)]
@@ -162,28 +145,16 @@ mod tests {
         let on_disk = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("{} is missing: {e}", path.display()));
         assert!(!on_disk.trim().is_empty(), "{} is empty", path.display());
-        assert_eq!(
-            on_disk, CHECKED_IN_PTX,
-            "the embedded PTX is stale; rebuild"
-        );
-        assert!(
-            on_disk.contains(".target sm_90"),
-            "the PTX is not for compute_90"
-        );
+        assert_eq!(on_disk, CHECKED_IN_PTX, "the embedded PTX is stale; rebuild");
+        assert!(on_disk.contains(".target sm_90"), "the PTX is not for compute_90");
         for name in ENTRY_POINTS {
             assert!(
                 on_disk.contains(&format!(".entry {name}(")),
                 "the checked-in PTX does not declare {name}"
             );
-            assert!(
-                SOURCE.contains(&format!("\n{name}(")),
-                "the sources do not define {name}"
-            );
+            assert!(SOURCE.contains(&format!("\n{name}(")), "the sources do not define {name}");
         }
-        assert_eq!(
-            SOURCE.matches("extern \"C\" __global__").count(),
-            ENTRY_POINTS.len()
-        );
+        assert_eq!(SOURCE.matches("extern \"C\" __global__").count(), ENTRY_POINTS.len());
     }
 
     #[test]
@@ -201,10 +172,7 @@ mod tests {
             let line = format!("#define {name} {value}\n");
             assert!(SOURCE.contains(&line), "the sources lack `{}`", line.trim());
         }
-        assert!(
-            !SOURCE.contains("#include"),
-            "the kernels must not include headers"
-        );
+        assert!(!SOURCE.contains("#include"), "the kernels must not include headers");
     }
 
     #[test]

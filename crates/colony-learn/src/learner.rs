@@ -30,8 +30,8 @@ use tracing::{debug, info, warn};
 
 use crate::example::{example, Example, Examples};
 use crate::metrics::{Metrics, RoundOutcome};
-use colony_model::WEIGHTS_BYTES_MAX;
 use crate::store::Store;
+use colony_model::WEIGHTS_BYTES_MAX;
 use feed::{follow, FeedEvent};
 use round::{round, RoundContext, RoundReport};
 use training::TrainingThread;
@@ -62,10 +62,7 @@ fn admin_client(servers: &[String]) -> Result<Client, colony_client::ClientError
         timeout: RPC_TIMEOUT,
         attempt_timeout_max: RPC_ATTEMPT_TIMEOUT,
         connect_timeout: CONNECT_TIMEOUT,
-        keepalive: Some(Keepalive {
-            interval: KEEPALIVE_INTERVAL,
-            timeout: KEEPALIVE_TIMEOUT,
-        }),
+        keepalive: Some(Keepalive { interval: KEEPALIVE_INTERVAL, timeout: KEEPALIVE_TIMEOUT }),
         decoding_message_bytes_max: WEIGHTS_BYTES_MAX + MODEL_REPLY_OVERHEAD_BYTES,
     };
     Client::with_config(servers, config)
@@ -118,9 +115,7 @@ impl Learner {
         }
         // The data directory is small appends and one tiny file, so this stays on the loop.
         self.store.append(&accepted).context("logging examples")?;
-        self.store
-            .save_cursor(last_seq)
-            .context("saving the cursor")?;
+        self.store.save_cursor(last_seq).context("saving the cursor")?;
         self.new_examples += accepted.len();
         self.metrics.set_examples(self.examples.len());
         Ok(())
@@ -140,11 +135,7 @@ impl Learner {
         if !self.round_due(now) {
             return;
         }
-        info!(
-            examples = self.examples.len(),
-            new = self.new_examples,
-            "training a model"
-        );
+        info!(examples = self.examples.len(), new = self.new_examples, "training a model");
         self.round_examples = self.new_examples;
         self.new_examples = 0;
         self.last_round = now;
@@ -167,10 +158,7 @@ impl Learner {
                 self.retry_at = None;
             }
             Err(error) => {
-                warn!(
-                    error = format!("{error:#}"),
-                    "training round failed; retrying later"
-                );
+                warn!(error = format!("{error:#}"), "training round failed; retrying later");
                 self.metrics.round_ended(RoundOutcome::Failed);
                 self.new_examples += self.round_examples;
                 self.retry_at = Some(Instant::now() + self.config.retrain_interval);
@@ -187,10 +175,7 @@ pub async fn run(config: LearnerConfig, shutdown: impl Future<Output = ()>) -> a
     let (store, recovered) = Store::open(&config.data_dir)
         .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
     if recovered.torn_bytes > 0 {
-        warn!(
-            bytes = recovered.torn_bytes,
-            "cut a torn record off the end of the example log"
-        );
+        warn!(bytes = recovered.torn_bytes, "cut a torn record off the end of the example log");
     }
     let mut examples = Examples::default();
     for record in &recovered.records {
@@ -201,10 +186,7 @@ pub async fn run(config: LearnerConfig, shutdown: impl Future<Output = ()>) -> a
     }
     let after_seq = recovered.after_seq.max(examples.last_seq().unwrap_or(0));
     let recovered_examples = examples.len();
-    info!(
-        examples = examples.len(),
-        after_seq, "recovered the learner's data"
-    );
+    info!(examples = examples.len(), after_seq, "recovered the learner's data");
 
     let metrics = Arc::new(Metrics::new().context("creating metrics")?);
     metrics.set_examples(examples.len());

@@ -22,11 +22,8 @@ pub enum RoundOutcome {
 }
 
 impl RoundOutcome {
-    const ALL: [RoundOutcome; 3] = [
-        RoundOutcome::Published,
-        RoundOutcome::Rejected,
-        RoundOutcome::Failed,
-    ];
+    const ALL: [RoundOutcome; 3] =
+        [RoundOutcome::Published, RoundOutcome::Rejected, RoundOutcome::Failed];
 
     fn label(self) -> &'static str {
         match self {
@@ -159,12 +156,8 @@ impl Metrics {
     /// Whether the feed of finished tasks is open: the learner's readiness and health.
     pub fn set_following(&self, following: bool) {
         self.following.store(following, Ordering::Relaxed);
-        self.system_health
-            .with_label_values(&["learner", "healthy"])
-            .set(i64::from(following));
-        self.system_health
-            .with_label_values(&["learner", "degraded"])
-            .set(i64::from(!following));
+        self.system_health.with_label_values(&["learner", "healthy"]).set(i64::from(following));
+        self.system_health.with_label_values(&["learner", "degraded"]).set(i64::from(!following));
     }
 
     pub fn watch_reconnected(&self) {
@@ -197,9 +190,8 @@ impl Metrics {
     /// Adds the process collector (CPU, memory, file descriptors of this process); only a
     /// learner that serves its metrics pays for it.
     pub fn add_process_collector(&self) -> Result<(), prometheus::Error> {
-        self.registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))
+        self.registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
     }
 }
 
@@ -258,10 +250,7 @@ mod tests {
             "colony_system_health{component=\"learner\",status=\"healthy\"} 1",
             "colony_system_health{component=\"learner\",status=\"degraded\"} 0",
         ] {
-            assert!(
-                text.lines().any(|l| l == line),
-                "missing {line:?} in\n{text}"
-            );
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
         Ok(())
     }

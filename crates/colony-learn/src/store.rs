@@ -67,19 +67,14 @@ pub struct Recovered {
 }
 
 fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io {
-        action,
-        path: path.to_owned(),
-        source,
-    }
+    move |source| StoreError::Io { action, path: path.to_owned(), source }
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new content.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let temporary = path.with_extension("tmp");
     let mut file = File::create(&temporary).map_err(io_error("creating", &temporary))?;
-    file.write_all(bytes)
-        .map_err(io_error("writing", &temporary))?;
+    file.write_all(bytes).map_err(io_error("writing", &temporary))?;
     file.sync_all().map_err(io_error("syncing", &temporary))?;
     fs::rename(&temporary, path).map_err(io_error("renaming into place", path))?;
     sync_dir(path)
@@ -110,10 +105,7 @@ fn stripped(record: &pb::FinishedTask) -> pb::FinishedTask {
 
 /// Splits the log into records; a record cut short at the end is reported as torn bytes.
 fn parse_log(path: &Path, bytes: &[u8]) -> Result<(Vec<pb::FinishedTask>, usize), StoreError> {
-    let corrupt = |reason: String| StoreError::Corrupt {
-        path: path.to_owned(),
-        reason,
-    };
+    let corrupt = |reason: String| StoreError::Corrupt { path: path.to_owned(), reason };
     let mut records = Vec::new();
     let mut rest = bytes;
     while !rest.is_empty() {
@@ -123,10 +115,7 @@ fn parse_log(path: &Path, bytes: &[u8]) -> Result<(Vec<pb::FinishedTask>, usize)
             if rest.len() < 10 {
                 return Ok((records, rest.len()));
             }
-            return Err(corrupt(format!(
-                "bad length prefix at byte {}",
-                bytes.len() - rest.len()
-            )));
+            return Err(corrupt(format!("bad length prefix at byte {}", bytes.len() - rest.len())));
         };
         let length = usize::try_from(length)
             .ok()
@@ -160,11 +149,9 @@ impl Store {
         let cursor_path = dir.join(CURSOR_FILE);
         let after_seq = match fs::read(&cursor_path) {
             Ok(bytes) => {
-                let cursor: CursorFile =
-                    serde_json::from_slice(&bytes).map_err(|error| StoreError::Corrupt {
-                        path: cursor_path.clone(),
-                        reason: error.to_string(),
-                    })?;
+                let cursor: CursorFile = serde_json::from_slice(&bytes).map_err(|error| {
+                    StoreError::Corrupt { path: cursor_path.clone(), reason: error.to_string() }
+                })?;
                 if cursor.version != CURSOR_VERSION {
                     return Err(StoreError::Corrupt {
                         path: cursor_path,
@@ -178,11 +165,7 @@ impl Store {
             }
             Err(error) if error.kind() == io::ErrorKind::NotFound => 0,
             Err(source) => {
-                return Err(StoreError::Io {
-                    action: "reading",
-                    path: cursor_path,
-                    source,
-                })
+                return Err(StoreError::Io { action: "reading", path: cursor_path, source })
             }
         };
         let log_path = dir.join(LOG_FILE);
@@ -190,11 +173,7 @@ impl Store {
             Ok(bytes) => bytes,
             Err(error) if error.kind() == io::ErrorKind::NotFound => Vec::new(),
             Err(source) => {
-                return Err(StoreError::Io {
-                    action: "reading",
-                    path: log_path,
-                    source,
-                })
+                return Err(StoreError::Io { action: "reading", path: log_path, source })
             }
         };
         let (mut records, torn_bytes) = parse_log(&log_path, &bytes)?;
@@ -211,20 +190,9 @@ impl Store {
         }
         let log_records = records.len();
         records.drain(..records.len().saturating_sub(EXAMPLES_MAX));
-        let mut store = Store {
-            dir: dir.to_owned(),
-            log,
-            log_records,
-        };
+        let mut store = Store { dir: dir.to_owned(), log, log_records };
         store.compact_if_due()?;
-        Ok((
-            store,
-            Recovered {
-                after_seq,
-                records,
-                torn_bytes,
-            },
-        ))
+        Ok((store, Recovered { after_seq, records, torn_bytes }))
     }
 
     /// Appends accepted tasks to the log and syncs it; call before [`Store::save_cursor`] moves
@@ -235,17 +203,15 @@ impl Store {
         }
         let mut bytes = Vec::new();
         for record in records {
-            stripped(record)
-                .encode_length_delimited(&mut bytes)
-                .map_err(|error| StoreError::Corrupt {
+            stripped(record).encode_length_delimited(&mut bytes).map_err(|error| {
+                StoreError::Corrupt {
                     path: self.log_path(),
                     reason: format!("encoding a record: {error}"),
-                })?;
+                }
+            })?;
         }
         let path = self.log_path();
-        self.log
-            .write_all(&bytes)
-            .map_err(io_error("appending to", &path))?;
+        self.log.write_all(&bytes).map_err(io_error("appending to", &path))?;
         self.log.sync_data().map_err(io_error("syncing", &path))?;
         self.log_records += records.len();
         self.compact_if_due()
@@ -253,10 +219,7 @@ impl Store {
 
     /// Records that the feed has been consumed up to and including `after_seq`.
     pub fn save_cursor(&self, after_seq: u64) -> Result<(), StoreError> {
-        let cursor = CursorFile {
-            version: CURSOR_VERSION,
-            after_seq,
-        };
+        let cursor = CursorFile { version: CURSOR_VERSION, after_seq };
         // A struct of two integers always serializes.
         let bytes = serde_json::to_vec(&cursor).map_err(|error| StoreError::Corrupt {
             path: self.dir.join(CURSOR_FILE),
@@ -281,18 +244,14 @@ impl Store {
         let mut kept = Vec::new();
         let newest = &records[records.len().saturating_sub(EXAMPLES_MAX)..];
         for record in newest {
-            record
-                .encode_length_delimited(&mut kept)
-                .map_err(|error| StoreError::Corrupt {
-                    path: path.clone(),
-                    reason: format!("encoding a record: {error}"),
-                })?;
+            record.encode_length_delimited(&mut kept).map_err(|error| StoreError::Corrupt {
+                path: path.clone(),
+                reason: format!("encoding a record: {error}"),
+            })?;
         }
         write_atomically(&path, &kept)?;
-        self.log = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(io_error("reopening", &path))?;
+        self.log =
+            OpenOptions::new().append(true).open(&path).map_err(io_error("reopening", &path))?;
         self.log_records = newest.len();
         Ok(())
     }
@@ -327,10 +286,7 @@ mod tests {
         let seqs: Vec<u64> = recovered.records.iter().map(|r| r.seq).collect();
         assert_eq!(seqs, [1, 2, 4]);
         assert_eq!(recovered.records[0], stripped(&record(1)));
-        assert!(recovered.records[0]
-            .task
-            .as_ref()
-            .is_some_and(|t| t.stdout_tail.is_empty()));
+        assert!(recovered.records[0].task.as_ref().is_some_and(|t| t.stdout_tail.is_empty()));
         Ok(())
     }
 
@@ -356,10 +312,7 @@ mod tests {
 
         // A complete record of garbage is corruption, not an empty log.
         fs::write(&path, [3, 0xff, 0xff, 0xff])?;
-        assert!(matches!(
-            Store::open(dir.path()),
-            Err(StoreError::Corrupt { .. })
-        ));
+        assert!(matches!(Store::open(dir.path()), Err(StoreError::Corrupt { .. })));
         Ok(())
     }
 
@@ -367,25 +320,13 @@ mod tests {
     #[test]
     fn frozen_cursor_still_reads() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
-        fs::write(
-            dir.path().join(CURSOR_FILE),
-            br#"{"version":1,"after_seq":42}"#,
-        )?;
+        fs::write(dir.path().join(CURSOR_FILE), br#"{"version":1,"after_seq":42}"#)?;
         let (store, recovered) = Store::open(dir.path())?;
         assert_eq!(recovered.after_seq, 42);
         store.save_cursor(42)?;
-        assert_eq!(
-            fs::read(dir.path().join(CURSOR_FILE))?,
-            br#"{"version":1,"after_seq":42}"#
-        );
-        fs::write(
-            dir.path().join(CURSOR_FILE),
-            b"{\"version\":2,\"after_seq\":1}",
-        )?;
-        assert!(matches!(
-            Store::open(dir.path()),
-            Err(StoreError::Corrupt { .. })
-        ));
+        assert_eq!(fs::read(dir.path().join(CURSOR_FILE))?, br#"{"version":1,"after_seq":42}"#);
+        fs::write(dir.path().join(CURSOR_FILE), b"{\"version\":2,\"after_seq\":1}")?;
+        assert!(matches!(Store::open(dir.path()), Err(StoreError::Corrupt { .. })));
         Ok(())
     }
 }

@@ -25,11 +25,7 @@ pub enum TrainError {
     #[error("a batch of {rows} rows is outside 1..={max}")]
     BatchRows { rows: usize, max: usize },
     #[error("{what} holds {actual} values, expected {expected}")]
-    Input {
-        what: &'static str,
-        expected: usize,
-        actual: usize,
-    },
+    Input { what: &'static str, expected: usize, actual: usize },
 }
 
 /// A weight matrix and bias vector in backend buffers: parameters, gradients or Adam moments.
@@ -67,19 +63,13 @@ impl<'b, B: Backend> Trainer<'b, B> {
     pub fn new(backend: &'b B, mlp: &Mlp, adam: AdamConfig) -> Result<Self, TrainError> {
         mlp.validate()?;
         adam.validate()?;
-        let shapes: Vec<(usize, usize)> = mlp
-            .layers
-            .iter()
-            .map(|layer| (layer.inputs, layer.outputs))
-            .collect();
+        let shapes: Vec<(usize, usize)> =
+            mlp.layers.iter().map(|layer| (layer.inputs, layer.outputs)).collect();
         let params = mlp
             .layers
             .iter()
             .map(|layer| {
-                Ok(LayerBuffers {
-                    w: backend.upload(&layer.w)?,
-                    b: backend.upload(&layer.b)?,
-                })
+                Ok(LayerBuffers { w: backend.upload(&layer.w)?, b: backend.upload(&layer.b)? })
             })
             .collect::<Result<Vec<_>, BackendError>>()?;
         let zeroed = || {
@@ -174,14 +164,7 @@ impl<'b, B: Backend> Trainer<'b, B> {
 
     /// Predictions for `rows` samples with the current weights.
     pub fn predict(&mut self, x: &[f32], rows: usize) -> Result<Vec<f32>, TrainError> {
-        let workspace = prepare(
-            self.backend,
-            &self.shapes,
-            &mut self.workspace,
-            x,
-            None,
-            rows,
-        )?;
+        let workspace = prepare(self.backend, &self.shapes, &mut self.workspace, x, None, rows)?;
         forward(self.backend, &self.shapes, &self.params, workspace)?;
         let output = &workspace.activations[self.shapes.len()];
         Ok(self.backend.download(output)?)
@@ -210,22 +193,9 @@ impl<'b, B: Backend> Trainer<'b, B> {
 
     /// Runs forward and backward on the batch and leaves the gradients in `self.grads`.
     fn compute_gradients(&mut self, x: &[f32], y: &[f32], rows: usize) -> Result<f32, TrainError> {
-        let workspace = prepare(
-            self.backend,
-            &self.shapes,
-            &mut self.workspace,
-            x,
-            Some(y),
-            rows,
-        )?;
+        let workspace = prepare(self.backend, &self.shapes, &mut self.workspace, x, Some(y), rows)?;
         forward(self.backend, &self.shapes, &self.params, workspace)?;
-        Ok(backward(
-            self.backend,
-            &self.shapes,
-            &self.params,
-            &mut self.grads,
-            workspace,
-        )?)
+        Ok(backward(self.backend, &self.shapes, &self.params, &mut self.grads, workspace)?)
     }
 }
 
@@ -239,28 +209,17 @@ fn prepare<'w, B: Backend>(
     rows: usize,
 ) -> Result<&'w mut Workspace<B::Buffer>, TrainError> {
     if !(1..=BATCH_ROWS_MAX).contains(&rows) {
-        return Err(TrainError::BatchRows {
-            rows,
-            max: BATCH_ROWS_MAX,
-        });
+        return Err(TrainError::BatchRows { rows, max: BATCH_ROWS_MAX });
     }
     let inputs = shapes.first().map_or(0, |&(inputs, _)| inputs);
     let outputs = shapes.last().map_or(0, |&(_, outputs)| outputs);
     // rows and both widths are bounded, so these products cannot overflow.
     if x.len() != rows * inputs {
-        return Err(TrainError::Input {
-            what: "x",
-            expected: rows * inputs,
-            actual: x.len(),
-        });
+        return Err(TrainError::Input { what: "x", expected: rows * inputs, actual: x.len() });
     }
     if let Some(y) = y {
         if y.len() != rows * outputs {
-            return Err(TrainError::Input {
-                what: "y",
-                expected: rows * outputs,
-                actual: y.len(),
-            });
+            return Err(TrainError::Input { what: "y", expected: rows * outputs, actual: y.len() });
         }
     }
     let workspace = match slot.take() {
@@ -295,13 +254,7 @@ fn allocate_workspace<B: Backend>(
         .map(|&(inputs, _)| backend.zeros(rows * inputs))
         .collect::<Result<Vec<_>, _>>()?;
     let target = backend.zeros(rows * outputs)?;
-    Ok(Workspace {
-        rows,
-        activations,
-        deltas,
-        back,
-        target,
-    })
+    Ok(Workspace { rows, activations, deltas, back, target })
 }
 
 /// H_l = ReLU(H_{l-1}·W_l + b_l), linear on the last layer.
@@ -317,15 +270,8 @@ fn forward<B: Backend>(
         backend.gemm_ab(
             &done[layer],
             &param.w,
-            GemmDims {
-                m: workspace.rows,
-                k: inputs,
-                n: outputs,
-            },
-            Epilogue {
-                bias: Some(&param.b),
-                relu: layer != last,
-            },
+            GemmDims { m: workspace.rows, k: inputs, n: outputs },
+            Epilogue { bias: Some(&param.b), relu: layer != last },
             &mut rest[0],
         )?;
     }
@@ -354,11 +300,7 @@ fn backward<B: Backend>(
         backend.gemm_atb(
             &workspace.activations[layer],
             delta,
-            GemmDims {
-                m: inputs,
-                k: rows,
-                n: outputs,
-            },
+            GemmDims { m: inputs, k: rows, n: outputs },
             Epilogue::none(),
             &mut grad.w,
         )?;
@@ -368,11 +310,7 @@ fn backward<B: Backend>(
             backend.gemm_abt(
                 delta,
                 &params[layer].w,
-                GemmDims {
-                    m: rows,
-                    k: outputs,
-                    n: inputs,
-                },
+                GemmDims { m: rows, k: outputs, n: inputs },
                 Epilogue::none(),
                 back,
             )?;
@@ -435,23 +373,14 @@ mod tests {
             }
             h = z;
         }
-        let loss = h
-            .iter()
-            .zip(y)
-            .map(|(&p, &t)| (p - f64::from(t)).powi(2))
-            .sum::<f64>()
+        let loss = h.iter().zip(y).map(|(&p, &t)| (p - f64::from(t)).powi(2)).sum::<f64>()
             / h.len() as f64;
         (loss, signs)
     }
 
     #[test]
     fn backward_matches_finite_differences() -> Result<(), TrainError> {
-        let mlp = new_mlp(&MlpConfig {
-            inputs: 3,
-            hidden: vec![5, 4],
-            outputs: 2,
-            seed: 5,
-        })?;
+        let mlp = new_mlp(&MlpConfig { inputs: 3, hidden: vec![5, 4], outputs: 2, seed: 5 })?;
         let rows = 6;
         let (x, y) = synthetic(1, rows);
         let mut trainer = Trainer::new(&CpuBackend, &mlp, AdamConfig::default())?;
@@ -474,26 +403,16 @@ mod tests {
         let (mut checked, mut skipped, mut worst) = (0, 0, 0.0_f64);
         for layer in 0..layers.len() {
             for is_bias in [false, true] {
-                let count = if is_bias {
-                    layers[layer].b.len()
-                } else {
-                    layers[layer].w.len()
-                };
+                let count = if is_bias { layers[layer].b.len() } else { layers[layer].w.len() };
                 for index in 0..count {
                     let mut evaluate = |delta: f64| {
-                        let params = if is_bias {
-                            &mut layers[layer].b
-                        } else {
-                            &mut layers[layer].w
-                        };
+                        let params =
+                            if is_bias { &mut layers[layer].b } else { &mut layers[layer].w };
                         let original = params[index];
                         params[index] = original + delta;
                         let result = loss64(&layers, &x, &y, rows);
-                        let params = if is_bias {
-                            &mut layers[layer].b
-                        } else {
-                            &mut layers[layer].w
-                        };
+                        let params =
+                            if is_bias { &mut layers[layer].b } else { &mut layers[layer].w };
                         params[index] = original;
                         result
                     };
@@ -505,11 +424,7 @@ mod tests {
                     }
                     let numeric = (plus - minus) / (2.0 * H);
                     let grads = &analytic[layer];
-                    let exact = f64::from(if is_bias {
-                        grads.b[index]
-                    } else {
-                        grads.w[index]
-                    });
+                    let exact = f64::from(if is_bias { grads.b[index] } else { grads.w[index] });
                     let error = (exact - numeric).abs() / (exact.abs() + numeric.abs()).max(1e-3);
                     worst = worst.max(error);
                     assert!(
@@ -522,30 +437,18 @@ mod tests {
             }
         }
         eprintln!("gradient check: {checked} parameters, {skipped} skipped at ReLU kinks, worst relative error {worst:.2e}");
-        assert!(
-            skipped * 10 < checked,
-            "too many parameters sat on ReLU kinks"
-        );
+        assert!(skipped * 10 < checked, "too many parameters sat on ReLU kinks");
         Ok(())
     }
 
     fn loss_curve(steps: usize) -> Result<(Vec<f32>, Mlp), TrainError> {
-        let mlp = new_mlp(&MlpConfig {
-            inputs: 3,
-            hidden: vec![32, 32],
-            outputs: 2,
-            seed: 3,
-        })?;
+        let mlp = new_mlp(&MlpConfig { inputs: 3, hidden: vec![32, 32], outputs: 2, seed: 3 })?;
         let rows = 256;
         let (x, y) = synthetic(2, rows);
-        let adam = AdamConfig {
-            lr: 1e-2,
-            ..AdamConfig::default()
-        };
+        let adam = AdamConfig { lr: 1e-2, ..AdamConfig::default() };
         let mut trainer = Trainer::new(&CpuBackend, &mlp, adam)?;
-        let losses = (0..steps)
-            .map(|_| trainer.train_step(&x, &y, rows))
-            .collect::<Result<Vec<_>, _>>()?;
+        let losses =
+            (0..steps).map(|_| trainer.train_step(&x, &y, rows)).collect::<Result<Vec<_>, _>>()?;
         assert_eq!(trainer.step_count(), steps as u64);
         Ok((losses, trainer.to_mlp()?))
     }
@@ -554,10 +457,7 @@ mod tests {
     fn cpu_training_learns_a_known_function() -> Result<(), TrainError> {
         let (losses, trained) = loss_curve(300)?;
         let (first, last) = (losses[0], losses[losses.len() - 1]);
-        eprintln!(
-            "cpu training: loss {first:.4} -> {last:.5} in {} steps",
-            losses.len()
-        );
+        eprintln!("cpu training: loss {first:.4} -> {last:.5} in {} steps", losses.len());
         assert!(last < 0.05 * first, "loss only fell from {first} to {last}");
         // The same seed gives bit-identical training.
         assert_eq!(loss_curve(300)?.0, losses);
@@ -572,12 +472,7 @@ mod tests {
 
     #[test]
     fn trainer_predicts_like_the_model() -> Result<(), TrainError> {
-        let mlp = new_mlp(&MlpConfig {
-            inputs: 3,
-            hidden: vec![8],
-            outputs: 2,
-            seed: 8,
-        })?;
+        let mlp = new_mlp(&MlpConfig { inputs: 3, hidden: vec![8], outputs: 2, seed: 8 })?;
         let (x, _) = synthetic(4, 10);
         let mut trainer = Trainer::new(&CpuBackend, &mlp, AdamConfig::default())?;
         assert_eq!(trainer.predict(&x, 10)?, mlp.predict(&x, 10)?);
@@ -588,12 +483,7 @@ mod tests {
 
     #[test]
     fn trainer_rejects_bad_batches() -> Result<(), TrainError> {
-        let mlp = new_mlp(&MlpConfig {
-            inputs: 3,
-            hidden: vec![4],
-            outputs: 2,
-            seed: 1,
-        })?;
+        let mlp = new_mlp(&MlpConfig { inputs: 3, hidden: vec![4], outputs: 2, seed: 1 })?;
         let mut trainer = Trainer::new(&CpuBackend, &mlp, AdamConfig::default())?;
         assert!(matches!(
             trainer.train_step(&[], &[], 0),
@@ -601,34 +491,17 @@ mod tests {
         ));
         assert!(matches!(
             trainer.train_step(&[0.0; 6], &[0.0; 3], 2),
-            Err(TrainError::Input {
-                what: "y",
-                expected: 4,
-                actual: 3
-            })
+            Err(TrainError::Input { what: "y", expected: 4, actual: 3 })
         ));
         assert!(matches!(
             trainer.predict(&[0.0; 5], 2),
-            Err(TrainError::Input {
-                what: "x",
-                expected: 6,
-                actual: 5
-            })
+            Err(TrainError::Input { what: "x", expected: 6, actual: 5 })
         ));
         let big = BATCH_ROWS_MAX + 1;
-        assert!(matches!(
-            trainer.predict(&[], big),
-            Err(TrainError::BatchRows { .. })
-        ));
+        assert!(matches!(trainer.predict(&[], big), Err(TrainError::BatchRows { .. })));
         assert_eq!(trainer.step_count(), 0);
-        let bad_adam = AdamConfig {
-            lr: -1.0,
-            ..AdamConfig::default()
-        };
-        assert!(matches!(
-            Trainer::new(&CpuBackend, &mlp, bad_adam),
-            Err(TrainError::Adam(_))
-        ));
+        let bad_adam = AdamConfig { lr: -1.0, ..AdamConfig::default() };
+        assert!(matches!(Trainer::new(&CpuBackend, &mlp, bad_adam), Err(TrainError::Adam(_))));
         Ok(())
     }
 }

@@ -151,10 +151,7 @@ pub fn targets(runtime_ms: f64, peak_memory_bytes: f64) -> [f32; TARGETS] {
 
 /// The inverse of [`targets`]: (runtime ms, peak memory bytes).
 pub fn from_targets(targets: [f32; TARGETS]) -> (f64, f64) {
-    (
-        f64::from(targets[0]).exp_m1(),
-        f64::from(targets[1]).exp_m1(),
-    )
+    (f64::from(targets[0]).exp_m1(), f64::from(targets[1]).exp_m1())
 }
 
 #[cfg(test)]
@@ -223,18 +220,12 @@ mod tests {
     #[test]
     fn builtin_sleep_reads_its_duration() {
         let mut task = process_task("nap-1", &[]);
-        task.run = RunSpec::Builtin {
-            handler: "sleep".to_owned(),
-            input: "2s".to_owned(),
-        };
+        task.run = RunSpec::Builtin { handler: "sleep".to_owned(), input: "2s".to_owned() };
         let f = features(&task, None);
         assert_eq!(f[BUILTIN_AT], 1.0);
         assert_eq!(f[DURATION_AT], 3.0_f64.ln() as f32);
         assert_eq!((f[ARGS_AT], f[ARGS_BYTES_AT]), (0.0, 0.0));
-        task.run = RunSpec::Builtin {
-            handler: "echo".to_owned(),
-            input: "hello".to_owned(),
-        };
+        task.run = RunSpec::Builtin { handler: "echo".to_owned(), input: "hello".to_owned() };
         assert_eq!(features(&task, None)[DURATION_AT], 0.0);
     }
 

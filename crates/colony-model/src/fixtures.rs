@@ -70,12 +70,7 @@ pub fn mlp(inputs: usize, hidden: &[usize], outputs: usize) -> Mlp {
                 .map(|index| ((index * 37 + layer * 11) % 17) as f32 - 8.0)
                 .map(|step| step * scale)
                 .collect();
-            Layer {
-                inputs,
-                outputs,
-                w,
-                b: vec![0.0; outputs],
-            }
+            Layer { inputs, outputs, w, b: vec![0.0; outputs] }
         })
         .collect();
     Mlp { layers }

@@ -37,39 +37,17 @@ pub enum MlpError {
     #[error("{layers} layers exceed the limit of {max}")]
     TooManyLayers { layers: usize, max: usize },
     #[error("layer {layer}: width {width} is outside 1..={max}")]
-    Width {
-        layer: usize,
-        width: usize,
-        max: usize,
-    },
+    Width { layer: usize, width: usize, max: usize },
     #[error("layer {layer}: {what} holds {actual} values, expected {expected}")]
-    Shape {
-        layer: usize,
-        what: &'static str,
-        expected: usize,
-        actual: usize,
-    },
+    Shape { layer: usize, what: &'static str, expected: usize, actual: usize },
     #[error(
         "layer {layer} takes {inputs} inputs but the layer before it gives {previous_outputs}"
     )]
-    Chain {
-        layer: usize,
-        inputs: usize,
-        previous_outputs: usize,
-    },
+    Chain { layer: usize, inputs: usize, previous_outputs: usize },
     #[error("layer {layer}: {what}[{index}] is {value}, not a finite number")]
-    NonFinite {
-        layer: usize,
-        what: &'static str,
-        index: usize,
-        value: f32,
-    },
+    NonFinite { layer: usize, what: &'static str, index: usize, value: f32 },
     #[error("the input holds {actual} values, expected {rows} rows of {inputs}")]
-    Input {
-        rows: usize,
-        inputs: usize,
-        actual: usize,
-    },
+    Input { rows: usize, inputs: usize, actual: usize },
 }
 
 impl Mlp {
@@ -85,10 +63,7 @@ impl Mlp {
 
     /// Weights and biases together.
     pub fn parameter_count(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|layer| layer.w.len() + layer.b.len())
-            .sum()
+        self.layers.iter().map(|layer| layer.w.len() + layer.b.len()).sum()
     }
 
     /// Checks the model's shape against its limits and every parameter for NaN and infinity.
@@ -98,20 +73,13 @@ impl Mlp {
             return Err(MlpError::NoLayers);
         }
         if self.layers.len() > LAYERS_MAX {
-            return Err(MlpError::TooManyLayers {
-                layers: self.layers.len(),
-                max: LAYERS_MAX,
-            });
+            return Err(MlpError::TooManyLayers { layers: self.layers.len(), max: LAYERS_MAX });
         }
         let mut previous_outputs = None;
         for (index, layer) in self.layers.iter().enumerate() {
             for width in [layer.inputs, layer.outputs] {
                 if !(1..=LAYER_WIDTH_MAX).contains(&width) {
-                    return Err(MlpError::Width {
-                        layer: index,
-                        width,
-                        max: LAYER_WIDTH_MAX,
-                    });
+                    return Err(MlpError::Width { layer: index, width, max: LAYER_WIDTH_MAX });
                 }
             }
             if let Some(previous_outputs) = previous_outputs {
@@ -143,17 +111,10 @@ impl Mlp {
                 });
             }
             for (what, values) in [("w", &layer.w), ("b", &layer.b)] {
-                if let Some((position, &value)) = values
-                    .iter()
-                    .enumerate()
-                    .find(|(_, value)| !value.is_finite())
+                if let Some((position, &value)) =
+                    values.iter().enumerate().find(|(_, value)| !value.is_finite())
                 {
-                    return Err(MlpError::NonFinite {
-                        layer: index,
-                        what,
-                        index: position,
-                        value,
-                    });
+                    return Err(MlpError::NonFinite { layer: index, what, index: position, value });
                 }
             }
         }
@@ -170,11 +131,7 @@ impl Mlp {
             actual: x.len(),
         })?;
         if x.len() != expected {
-            return Err(MlpError::Input {
-                rows,
-                inputs: self.inputs(),
-                actual: x.len(),
-            });
+            return Err(MlpError::Input { rows, inputs: self.inputs(), actual: x.len() });
         }
         Ok(self.forward(x, rows))
     }
@@ -227,67 +184,35 @@ mod tests {
         nan.layers[1].w[3] = f32::NAN;
         assert!(matches!(
             nan.validate(),
-            Err(MlpError::NonFinite {
-                layer: 1,
-                what: "w",
-                index: 3,
-                ..
-            })
+            Err(MlpError::NonFinite { layer: 1, what: "w", index: 3, .. })
         ));
         let mut inf = good.clone();
         inf.layers[0].b[2] = f32::NEG_INFINITY;
         assert!(matches!(
             inf.validate(),
-            Err(MlpError::NonFinite {
-                layer: 0,
-                what: "b",
-                index: 2,
-                ..
-            })
+            Err(MlpError::NonFinite { layer: 0, what: "b", index: 2, .. })
         ));
         let mut short_w = good.clone();
         short_w.layers[0].w.pop();
         assert_eq!(
             short_w.validate(),
-            Err(MlpError::Shape {
-                layer: 0,
-                what: "w",
-                expected: 12,
-                actual: 11
-            })
+            Err(MlpError::Shape { layer: 0, what: "w", expected: 12, actual: 11 })
         );
         let mut long_b = good.clone();
         long_b.layers[1].b.push(0.0);
         assert_eq!(
             long_b.validate(),
-            Err(MlpError::Shape {
-                layer: 1,
-                what: "b",
-                expected: 2,
-                actual: 3
-            })
+            Err(MlpError::Shape { layer: 1, what: "b", expected: 2, actual: 3 })
         );
         let mut broken_chain = good.clone();
-        broken_chain.layers[1] = Layer {
-            inputs: 5,
-            outputs: 2,
-            w: vec![0.0; 10],
-            b: vec![0.0; 2],
-        };
+        broken_chain.layers[1] = Layer { inputs: 5, outputs: 2, w: vec![0.0; 10], b: vec![0.0; 2] };
         assert_eq!(
             broken_chain.validate(),
-            Err(MlpError::Chain {
-                layer: 1,
-                inputs: 5,
-                previous_outputs: 4
-            })
+            Err(MlpError::Chain { layer: 1, inputs: 5, previous_outputs: 4 })
         );
         assert_eq!(Mlp { layers: vec![] }.validate(), Err(MlpError::NoLayers));
         // predict validates first, so a corrupt model never predicts.
-        assert!(matches!(
-            nan.predict(&[0.0; 3], 1),
-            Err(MlpError::NonFinite { .. })
-        ));
+        assert!(matches!(nan.predict(&[0.0; 3], 1), Err(MlpError::NonFinite { .. })));
         Ok(())
     }
 
@@ -298,11 +223,7 @@ mod tests {
         let back: Mlp = serde_json::from_str(&json)?;
         assert_eq!(back, mlp);
         let bits = |m: &Mlp| -> Vec<u32> {
-            m.layers
-                .iter()
-                .flat_map(|l| l.w.iter().chain(&l.b))
-                .map(|x| x.to_bits())
-                .collect()
+            m.layers.iter().flat_map(|l| l.w.iter().chain(&l.b)).map(|x| x.to_bits()).collect()
         };
         assert_eq!(bits(&back), bits(&mlp));
         Ok(())
@@ -326,11 +247,7 @@ mod tests {
         assert_eq!(mlp.predict(&[0.0; 6], 2)?.len(), 4);
         assert_eq!(
             mlp.predict(&[0.0; 5], 2),
-            Err(MlpError::Input {
-                rows: 2,
-                inputs: 3,
-                actual: 5
-            })
+            Err(MlpError::Input { rows: 2, inputs: 3, actual: 5 })
         );
         Ok(())
     }

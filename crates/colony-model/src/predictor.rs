@@ -23,12 +23,7 @@ pub enum ModelError {
     #[error("weights are not colony-learn's JSON encoding of an MLP")]
     Decode(#[source] serde_json::Error),
     #[error("weights contain {value} (layer {layer}, {what}[{index}])")]
-    NonFinite {
-        layer: usize,
-        what: &'static str,
-        index: usize,
-        value: f32,
-    },
+    NonFinite { layer: usize, what: &'static str, index: usize, value: f32 },
     #[error("the weights do not describe a valid model")]
     Invalid(#[source] MlpError),
     #[error("the model takes {inputs} inputs; schema {SCHEMA} has {FEATURES} features")]
@@ -40,17 +35,9 @@ pub enum ModelError {
 impl From<MlpError> for ModelError {
     fn from(error: MlpError) -> Self {
         match error {
-            MlpError::NonFinite {
-                layer,
-                what,
-                index,
-                value,
-            } => ModelError::NonFinite {
-                layer,
-                what,
-                index,
-                value,
-            },
+            MlpError::NonFinite { layer, what, index, value } => {
+                ModelError::NonFinite { layer, what, index, value }
+            }
             other => ModelError::Invalid(other),
         }
     }
@@ -86,15 +73,10 @@ impl Predictor {
     /// Loads a model as the registry stores it, refusing anything the scheduler cannot use.
     pub fn from_model(feature_schema: &str, weights: &[u8]) -> Result<Self, ModelError> {
         if feature_schema != SCHEMA {
-            return Err(ModelError::Schema {
-                schema: feature_schema.to_owned(),
-            });
+            return Err(ModelError::Schema { schema: feature_schema.to_owned() });
         }
         if weights.len() > WEIGHTS_BYTES_MAX {
-            return Err(ModelError::TooLarge {
-                bytes: weights.len(),
-                max: WEIGHTS_BYTES_MAX,
-            });
+            return Err(ModelError::TooLarge { bytes: weights.len(), max: WEIGHTS_BYTES_MAX });
         }
         let mlp: Mlp = serde_json::from_slice(weights).map_err(ModelError::Decode)?;
         Self::from_mlp(mlp)
@@ -104,14 +86,10 @@ impl Predictor {
     pub fn from_mlp(mlp: Mlp) -> Result<Self, ModelError> {
         mlp.validate()?;
         if mlp.inputs() != FEATURES {
-            return Err(ModelError::Inputs {
-                inputs: mlp.inputs(),
-            });
+            return Err(ModelError::Inputs { inputs: mlp.inputs() });
         }
         if mlp.outputs() != TARGETS {
-            return Err(ModelError::Outputs {
-                outputs: mlp.outputs(),
-            });
+            return Err(ModelError::Outputs { outputs: mlp.outputs() });
         }
         Ok(Self { mlp })
     }
@@ -132,11 +110,7 @@ impl Predictor {
         {
             // Finite weights can still overflow to infinity and then NaN; the high end is the
             // cautious answer for both time and memory.
-            *target = if value.is_nan() {
-                high
-            } else {
-                value.clamp(low, high)
-            };
+            *target = if value.is_nan() { high } else { value.clamp(low, high) };
         }
         targets
     }
@@ -192,10 +166,7 @@ mod tests {
         let predictor = Predictor::from_mlp(mlp)?;
         let prediction = predictor.predict(&process_task("x", &[]), None);
         assert!((prediction.runtime_ms / RUNTIME_MS_MAX as f64 - 1.0).abs() < 1e-5);
-        assert!(
-            (prediction.peak_memory_bytes - 1.0).abs() < 1e-6,
-            "{prediction:?}"
-        );
+        assert!((prediction.peak_memory_bytes - 1.0).abs() < 1e-6, "{prediction:?}");
         Ok(())
     }
 
@@ -206,10 +177,8 @@ mod tests {
         assert!(matches!(error, Err(ModelError::Schema { .. })));
         assert_eq!(
             error.map(|_| ()).map_err(|e| e.to_string()),
-            Err(
-                "feature schema \"colony-features-v0\" does not match colony-features-v1"
-                    .to_owned()
-            )
+            Err("feature schema \"colony-features-v0\" does not match colony-features-v1"
+                .to_owned())
         );
         Ok(())
     }
@@ -270,10 +239,7 @@ mod tests {
             Predictor::from_model(SCHEMA, b"{\"layers\":[]}"),
             Err(ModelError::Invalid(MlpError::NoLayers))
         ));
-        assert!(matches!(
-            Predictor::from_model(SCHEMA, b"not json"),
-            Err(ModelError::Decode(_))
-        ));
+        assert!(matches!(Predictor::from_model(SCHEMA, b"not json"), Err(ModelError::Decode(_))));
         Ok(())
     }
 }

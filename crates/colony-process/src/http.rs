@@ -22,9 +22,7 @@ pub trait Probe: Send + Sync + 'static {
 /// Encodes a registry in the text format (for [`Probe::metrics_text`]).
 pub fn encode(registry: &Registry) -> Result<String, String> {
     let mut out = Vec::new();
-    TextEncoder::new()
-        .encode(&registry.gather(), &mut out)
-        .map_err(|error| error.to_string())?;
+    TextEncoder::new().encode(&registry.gather(), &mut out).map_err(|error| error.to_string())?;
     String::from_utf8(out).map_err(|error| error.to_string())
 }
 
@@ -53,9 +51,7 @@ pub async fn serve_http(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(probe);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 
 #[cfg(test)]
@@ -81,9 +77,7 @@ mod tests {
             let gauge = prometheus::IntGauge::new("colony_test_gauge", "A gauge.")
                 .map_err(|error| error.to_string())?;
             gauge.set(7);
-            registry
-                .register(Box::new(gauge))
-                .map_err(|error| error.to_string())?;
+            registry.register(Box::new(gauge)).map_err(|error| error.to_string())?;
             encode(&registry)
         }
 
@@ -104,15 +98,9 @@ mod tests {
         let mut response = String::new();
         stream.read_to_string(&mut response).await?;
         let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let code = head
-            .split(' ')
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .unwrap_or(0);
-        let content_type = head
-            .lines()
-            .find_map(|line| line.strip_prefix("content-type: "))
-            .unwrap_or_default();
+        let code = head.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+        let content_type =
+            head.lines().find_map(|line| line.strip_prefix("content-type: ")).unwrap_or_default();
         Ok((code, content_type.to_owned(), body.to_owned()))
     }
 
@@ -138,10 +126,7 @@ mod tests {
         let (code, content_type, body) = get(addr, "/metrics").await?;
         assert_eq!(code, 200);
         assert_eq!(content_type, "text/plain; version=0.0.4");
-        assert!(
-            body.lines().any(|line| line == "colony_test_gauge 7"),
-            "{body}"
-        );
+        assert!(body.lines().any(|line| line == "colony_test_gauge 7"), "{body}");
         switches.broken.store(true, Ordering::Relaxed);
         let (code, _, body) = get(addr, "/metrics").await?;
         assert_eq!((code, body.as_str()), (500, "cannot encode"));

@@ -3,8 +3,8 @@
 
 use crate::pb;
 use colony_core::{
-    Executor, ExecutorId, ExecutorSpec, FencingToken, ModelMetrics, ModelRecord, PlacementPolicy, Resources, RunSpec, Task, TaskId, TaskSpec,
-    TaskState,
+    Executor, ExecutorId, ExecutorSpec, FencingToken, ModelMetrics, ModelRecord, PlacementPolicy,
+    Resources, RunSpec, Task, TaskId, TaskSpec, TaskState,
 };
 
 /// A proto message that does not describe a valid core value.
@@ -37,21 +37,29 @@ impl From<&Resources> for pb::Resources {
 
 impl From<pb::Resources> for Resources {
     fn from(r: pb::Resources) -> Self {
-        Resources { cpu_millis: r.cpu_millis, memory_bytes: r.memory_bytes, gpus: r.gpus, custom: r.custom.into_iter().collect() }
+        Resources {
+            cpu_millis: r.cpu_millis,
+            memory_bytes: r.memory_bytes,
+            gpus: r.gpus,
+            custom: r.custom.into_iter().collect(),
+        }
     }
 }
 
 impl From<&TaskSpec> for pb::TaskSpec {
     fn from(s: &TaskSpec) -> Self {
         let run = match &s.run {
-            RunSpec::Process { program, args, env } => pb::task_spec::Run::Process(pb::ProcessRun {
-                program: program.clone(),
-                args: args.clone(),
-                env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            }),
-            RunSpec::Builtin { handler, input } => {
-                pb::task_spec::Run::Builtin(pb::BuiltinRun { handler: handler.clone(), input: input.clone() })
+            RunSpec::Process { program, args, env } => {
+                pb::task_spec::Run::Process(pb::ProcessRun {
+                    program: program.clone(),
+                    args: args.clone(),
+                    env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                })
             }
+            RunSpec::Builtin { handler, input } => pb::task_spec::Run::Builtin(pb::BuiltinRun {
+                handler: handler.clone(),
+                input: input.clone(),
+            }),
         };
         pb::TaskSpec {
             name: s.name.clone(),
@@ -80,12 +88,25 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
 
     fn try_from(s: pb::TaskSpec) -> Result<Self, Self::Error> {
         let run = match s.run.ok_or(ConversionError::Missing("spec.run"))? {
-            pb::task_spec::Run::Process(p) => RunSpec::Process { program: p.program, args: p.args, env: p.env.into_iter().collect() },
-            pb::task_spec::Run::Builtin(b) => RunSpec::Builtin { handler: b.handler, input: b.input },
+            pb::task_spec::Run::Process(p) => RunSpec::Process {
+                program: p.program,
+                args: p.args,
+                env: p.env.into_iter().collect(),
+            },
+            pb::task_spec::Run::Builtin(b) => {
+                RunSpec::Builtin { handler: b.handler, input: b.input }
+            }
         };
-        let priority = u16::try_from(s.priority).ok().filter(|p| *p <= 1000).ok_or(ConversionError::Priority(s.priority))?;
-        let placement = match pb::PlacementPolicy::try_from(s.placement).map_err(|_| ConversionError::Placement(s.placement))? {
-            pb::PlacementPolicy::Unspecified | pb::PlacementPolicy::BinPack => PlacementPolicy::BinPack,
+        let priority = u16::try_from(s.priority)
+            .ok()
+            .filter(|p| *p <= 1000)
+            .ok_or(ConversionError::Priority(s.priority))?;
+        let placement = match pb::PlacementPolicy::try_from(s.placement)
+            .map_err(|_| ConversionError::Placement(s.placement))?
+        {
+            pb::PlacementPolicy::Unspecified | pb::PlacementPolicy::BinPack => {
+                PlacementPolicy::BinPack
+            }
             pb::PlacementPolicy::Spread => PlacementPolicy::Spread,
         };
         Ok(TaskSpec {
@@ -170,7 +191,8 @@ impl TryFrom<pb::Task> for Task {
     type Error = ConversionError;
 
     fn try_from(t: pb::Task) -> Result<Self, Self::Error> {
-        let state = task_state_from_proto(t.state)?.ok_or(ConversionError::Missing("task.state"))?;
+        let state =
+            task_state_from_proto(t.state)?.ok_or(ConversionError::Missing("task.state"))?;
         Ok(Task {
             id: TaskId(t.id),
             spec: t.spec.ok_or(ConversionError::Missing("task.spec"))?.try_into()?,
@@ -269,13 +291,22 @@ mod tests {
                 namespace: "default".into(),
                 labels: BTreeMap::from([("zone".into(), "a".into())]),
                 capabilities: ["shell".to_owned()].into(),
-                resources: Resources { cpu_millis: 250, memory_bytes: 64 << 20, gpus: 1, custom: BTreeMap::from([("lic".into(), 2)]) },
+                resources: Resources {
+                    cpu_millis: 250,
+                    memory_bytes: 64 << 20,
+                    gpus: 1,
+                    custom: BTreeMap::from([("lic".into(), 2)]),
+                },
                 priority: 10,
                 deadline_unix_ms: Some(99),
                 timeout_ms: Some(1000),
                 max_retries: 2,
                 dependencies: [TaskId(3)].into(),
-                run: RunSpec::Process { program: "/bin/echo".into(), args: vec!["hi".into()], env: BTreeMap::from([("A".into(), "1".into())]) },
+                run: RunSpec::Process {
+                    program: "/bin/echo".into(),
+                    args: vec!["hi".into()],
+                    env: BTreeMap::from([("A".into(), "1".into())]),
+                },
                 idempotency_key: Some("k".into()),
                 placement: PlacementPolicy::Spread,
                 memory_auto: true,
@@ -292,7 +323,12 @@ mod tests {
             stderr_tail: "err".into(),
             peak_memory_bytes: Some(3 << 20),
             finish_seq: Some(9),
-            allocated: Resources { cpu_millis: 250, memory_bytes: 96 << 20, gpus: 1, custom: BTreeMap::from([("lic".into(), 2)]) },
+            allocated: Resources {
+                cpu_millis: 250,
+                memory_bytes: 96 << 20,
+                gpus: 1,
+                custom: BTreeMap::from([("lic".into(), 2)]),
+            },
             created_unix_ms: 1,
             updated_unix_ms: 2,
             finished_unix_ms: Some(2),
@@ -304,9 +340,17 @@ mod tests {
 
     #[test]
     fn malformed_messages_are_errors() {
-        let spec = pb::TaskSpec { name: "x".into(), priority: 70_000, run: Some(pb::task_spec::Run::Builtin(pb::BuiltinRun::default())), ..Default::default() };
+        let spec = pb::TaskSpec {
+            name: "x".into(),
+            priority: 70_000,
+            run: Some(pb::task_spec::Run::Builtin(pb::BuiltinRun::default())),
+            ..Default::default()
+        };
         assert_eq!(TaskSpec::try_from(spec), Err(ConversionError::Priority(70_000)));
-        assert_eq!(TaskSpec::try_from(pb::TaskSpec::default()), Err(ConversionError::Missing("spec.run")));
+        assert_eq!(
+            TaskSpec::try_from(pb::TaskSpec::default()),
+            Err(ConversionError::Missing("spec.run"))
+        );
         assert_eq!(task_state_from_proto(42), Err(ConversionError::State(42)));
     }
 }

@@ -11,6 +11,7 @@ pub mod pb {
 }
 
 /// The encoded `FileDescriptorSet` of every Colony proto, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/colony_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/colony_descriptor.bin"));
 
 pub use convert::ConversionError;

@@ -5,16 +5,26 @@
 use crate::convert::ConversionError;
 use crate::pb;
 use colony_core::leader::{RunningAttempt, ToExecutor};
-use colony_core::{AttemptOutcome, AttemptResult, AttemptStatus, Command, ExecutorId, FencingToken, Limits, StateMachine, TaskId};
+use colony_core::{
+    AttemptOutcome, AttemptResult, AttemptStatus, Command, ExecutorId, FencingToken, Limits,
+    StateMachine, TaskId,
+};
 
 /// The attempts an executor lists in `Hello` or a heartbeat.
 pub fn running_attempts(running: &[pb::RunningTask]) -> Vec<RunningAttempt> {
-    running.iter().map(|r| RunningAttempt { task: TaskId(r.task_id), token: FencingToken(r.fencing_token) }).collect()
+    running
+        .iter()
+        .map(|r| RunningAttempt { task: TaskId(r.task_id), token: FencingToken(r.fencing_token) })
+        .collect()
 }
 
 /// An executor's status report as the command that records it, with every text bounded by
 /// `limits` before it is kept.
-pub fn report_command(executor: ExecutorId, report: &pb::StatusReport, limits: &Limits) -> Result<Command, ConversionError> {
+pub fn report_command(
+    executor: ExecutorId,
+    report: &pb::StatusReport,
+    limits: &Limits,
+) -> Result<Command, ConversionError> {
     let status = match report.status.as_ref().ok_or(ConversionError::Missing("report.status"))? {
         pb::status_report::Status::Started(_) => AttemptStatus::Started,
         pb::status_report::Status::Finished(finished) => {
@@ -22,7 +32,9 @@ pub fn report_command(executor: ExecutorId, report: &pb::StatusReport, limits: &
                 Ok(pb::AttemptOutcome::Succeeded) => AttemptOutcome::Succeeded,
                 Ok(pb::AttemptOutcome::Failed) => AttemptOutcome::Failed,
                 Ok(pb::AttemptOutcome::TimedOut) => AttemptOutcome::TimedOut,
-                Ok(pb::AttemptOutcome::Unspecified) | Err(_) => return Err(ConversionError::AttemptOutcome(finished.outcome)),
+                Ok(pb::AttemptOutcome::Unspecified) | Err(_) => {
+                    return Err(ConversionError::AttemptOutcome(finished.outcome))
+                }
             };
             for (field, text, max) in [
                 ("stdout tail", &finished.stdout_tail, limits.output_tail_bytes_max),
@@ -43,22 +55,34 @@ pub fn report_command(executor: ExecutorId, report: &pb::StatusReport, limits: &
             })
         }
     };
-    Ok(Command::Report { executor, task: TaskId(report.task_id), token: FencingToken(report.fencing_token), status })
+    Ok(Command::Report {
+        executor,
+        task: TaskId(report.task_id),
+        token: FencingToken(report.fencing_token),
+        status,
+    })
 }
 
 /// The frame body for a leader's message. An assignment carries its task's spec from `state`;
 /// `None` when the task is not there.
-pub fn server_message(message: &ToExecutor, state: &StateMachine) -> Option<pb::server_message::Body> {
+pub fn server_message(
+    message: &ToExecutor,
+    state: &StateMachine,
+) -> Option<pb::server_message::Body> {
     Some(match message {
-        ToExecutor::Assign { task, attempt, token } => pb::server_message::Body::Assign(pb::Assign {
-            task_id: task.0,
-            attempt: *attempt,
-            fencing_token: token.0,
-            spec: Some((&state.get_task(*task)?.spec).into()),
-        }),
-        ToExecutor::Kill { task, token, reason } => {
-            pb::server_message::Body::Kill(pb::Kill { task_id: task.0, fencing_token: token.0, reason: reason.to_string() })
+        ToExecutor::Assign { task, attempt, token } => {
+            pb::server_message::Body::Assign(pb::Assign {
+                task_id: task.0,
+                attempt: *attempt,
+                fencing_token: token.0,
+                spec: Some((&state.get_task(*task)?.spec).into()),
+            })
         }
+        ToExecutor::Kill { task, token, reason } => pb::server_message::Body::Kill(pb::Kill {
+            task_id: task.0,
+            fencing_token: token.0,
+            reason: reason.to_string(),
+        }),
     })
 }
 
@@ -71,21 +95,50 @@ mod tests {
             report_id: 1,
             task_id: 5,
             fencing_token: 9,
-            status: Some(pb::status_report::Status::Finished(pb::Finished { outcome, stdout_tail, ..Default::default() })),
+            status: Some(pb::status_report::Status::Finished(pb::Finished {
+                outcome,
+                stdout_tail,
+                ..Default::default()
+            })),
         }
     }
 
     #[test]
     fn reports_become_commands_and_bad_ones_are_refused() {
         let limits = Limits::default();
-        let ok = report_command(ExecutorId(2), &finished(pb::AttemptOutcome::Succeeded as i32, "done".into()), &limits);
-        assert!(matches!(ok, Ok(Command::Report { executor: ExecutorId(2), task: TaskId(5), token: FencingToken(9), .. })), "{ok:?}");
+        let ok = report_command(
+            ExecutorId(2),
+            &finished(pb::AttemptOutcome::Succeeded as i32, "done".into()),
+            &limits,
+        );
+        assert!(
+            matches!(
+                ok,
+                Ok(Command::Report {
+                    executor: ExecutorId(2),
+                    task: TaskId(5),
+                    token: FencingToken(9),
+                    ..
+                })
+            ),
+            "{ok:?}"
+        );
         let unspecified = report_command(ExecutorId(2), &finished(0, String::new()), &limits);
         assert_eq!(unspecified, Err(ConversionError::AttemptOutcome(0)));
         let long = "x".repeat(limits.output_tail_bytes_max + 1);
-        let too_long = report_command(ExecutorId(2), &finished(pb::AttemptOutcome::Failed as i32, long), &limits);
-        assert!(matches!(too_long, Err(ConversionError::TooLong { field: "stdout tail", .. })), "{too_long:?}");
+        let too_long = report_command(
+            ExecutorId(2),
+            &finished(pb::AttemptOutcome::Failed as i32, long),
+            &limits,
+        );
+        assert!(
+            matches!(too_long, Err(ConversionError::TooLong { field: "stdout tail", .. })),
+            "{too_long:?}"
+        );
         let empty = pb::StatusReport { report_id: 1, task_id: 5, fencing_token: 9, status: None };
-        assert_eq!(report_command(ExecutorId(2), &empty, &limits), Err(ConversionError::Missing("report.status")));
+        assert_eq!(
+            report_command(ExecutorId(2), &empty, &limits),
+            Err(ConversionError::Missing("report.status"))
+        );
     }
 }

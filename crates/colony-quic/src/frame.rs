@@ -32,10 +32,7 @@ pub async fn write_frame<M: prost::Message>(
     message: &M,
 ) -> Result<(), FrameError> {
     let len = message.encoded_len();
-    let too_large = FrameError::TooLarge {
-        len,
-        max: FRAME_BYTES_MAX,
-    };
+    let too_large = FrameError::TooLarge { len, max: FRAME_BYTES_MAX };
     if len > FRAME_BYTES_MAX {
         return Err(too_large);
     }
@@ -67,19 +64,12 @@ pub async fn read_frame<M: prost::Message + Default>(
     // A usize narrower than u32 saturates, which the limit then refuses.
     let len = usize::try_from(u32::from_be_bytes(prefix)).unwrap_or(usize::MAX);
     if len > bytes_max {
-        return Err(FrameError::TooLarge {
-            len,
-            max: bytes_max,
-        });
+        return Err(FrameError::TooLarge { len, max: bytes_max });
     }
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|error| match error {
-            ReadExactError::FinishedEarly(_) => FrameError::Truncated,
-            ReadExactError::ReadError(error) => FrameError::Read(error),
-        })?;
-    M::decode(body.as_slice())
-        .map(Some)
-        .map_err(FrameError::Malformed)
+    recv.read_exact(&mut body).await.map_err(|error| match error {
+        ReadExactError::FinishedEarly(_) => FrameError::Truncated,
+        ReadExactError::ReadError(error) => FrameError::Read(error),
+    })?;
+    M::decode(body.as_slice()).map(Some).map_err(FrameError::Malformed)
 }

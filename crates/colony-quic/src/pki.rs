@@ -94,10 +94,8 @@ impl ClusterCa {
         ];
         set_validity(&mut params, CA_VALIDITY)?;
         params.serial_number = Some(random_serial());
-        let cert = params.self_signed(&key).map_err(|source| PkiError::Sign {
-            what: "the CA",
-            source,
-        })?;
+        let cert =
+            params.self_signed(&key).map_err(|source| PkiError::Sign { what: "the CA", source })?;
         Ok(ClusterCa {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -156,14 +154,8 @@ impl ClusterCa {
         params.subject_alt_names = vec![dns_name(SERVER_NAME)?];
         let cert = params
             .signed_by(&key, &self.issuer()?)
-            .map_err(|source| PkiError::Sign {
-                what: "a server",
-                source,
-            })?;
-        Ok(CertifiedKey {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+            .map_err(|source| PkiError::Sign { what: "a server", source })?;
+        Ok(CertifiedKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 
     /// Signs an executor's CSR (PEM). The certificate's subject CN is `executor-<id>`, SAN DNS
@@ -172,34 +164,23 @@ impl ClusterCa {
     pub fn sign_executor_csr(&self, csr_pem: &str, executor_id: u64) -> Result<String, PkiError> {
         // from_pem also checks the CSR's self-signature, so the executor holds the key.
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|source| {
-            PkiError::Parse {
-                what: "the executor's CSR",
-                source: Box::new(source),
-            }
+            PkiError::Parse { what: "the executor's CSR", source: Box::new(source) }
         })?;
         if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
             return Err(PkiError::CsrKeyAlgorithm);
         }
-        let mut params = leaf_params(
-            &format!("executor-{executor_id}"),
-            ExtendedKeyUsagePurpose::ClientAuth,
-        )?;
+        let mut params =
+            leaf_params(&format!("executor-{executor_id}"), ExtendedKeyUsagePurpose::ClientAuth)?;
         params.subject_alt_names = vec![dns_name(&format!("executor-{executor_id}.colony"))?];
         let cert = params
             .signed_by(&csr.public_key, &self.issuer()?)
-            .map_err(|source| PkiError::Sign {
-                what: "an executor",
-                source,
-            })?;
+            .map_err(|source| PkiError::Sign { what: "an executor", source })?;
         Ok(cert.pem())
     }
 
     fn issuer(&self) -> Result<Issuer<'static, &KeyPair>, PkiError> {
         Issuer::from_ca_cert_der(&self.cert_der, self.key.as_ref()).map_err(|source| {
-            PkiError::Parse {
-                what: "the CA certificate",
-                source: Box::new(source),
-            }
+            PkiError::Parse { what: "the CA certificate", source: Box::new(source) }
         })
     }
 }
@@ -213,10 +194,7 @@ pub fn new_executor_key() -> Result<(String, String), PkiError> {
     let csr = params
         .serialize_request(&key)
         .and_then(|csr| csr.pem())
-        .map_err(|source| PkiError::Generate {
-            what: "an executor CSR",
-            source,
-        })?;
+        .map_err(|source| PkiError::Generate { what: "an executor CSR", source })?;
     Ok((key.serialize_pem(), csr))
 }
 
@@ -236,10 +214,7 @@ pub(crate) fn certs(
 ) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| PkiError::Parse {
-            what,
-            source: Box::new(source),
-        })?;
+        .map_err(|source| PkiError::Parse { what, source: Box::new(source) })?;
     if certs.is_empty() {
         return Err(PkiError::NoCertificate { what });
     }
@@ -247,20 +222,15 @@ pub(crate) fn certs(
 }
 
 fn first_cert(pem: &str, what: &'static str) -> Result<CertificateDer<'static>, PkiError> {
-    certs(pem, what)?
-        .into_iter()
-        .next()
-        .ok_or(PkiError::NoCertificate { what })
+    certs(pem, what)?.into_iter().next().ok_or(PkiError::NoCertificate { what })
 }
 
 pub(crate) fn private_key(
     pem: &str,
     what: &'static str,
 ) -> Result<PrivateKeyDer<'static>, PkiError> {
-    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|source| PkiError::Parse {
-        what,
-        source: Box::new(source),
-    })
+    PrivateKeyDer::from_pem_slice(pem.as_bytes())
+        .map_err(|source| PkiError::Parse { what, source: Box::new(source) })
 }
 
 fn new_key(what: &'static str) -> Result<KeyPair, PkiError> {
@@ -292,19 +262,14 @@ fn dns_name(name: &str) -> Result<SanType, PkiError> {
     let name = name
         .to_owned()
         .try_into()
-        .map_err(|source| PkiError::Generate {
-            what: "a DNS name",
-            source,
-        })?;
+        .map_err(|source| PkiError::Generate { what: "a DNS name", source })?;
     Ok(SanType::DnsName(name))
 }
 
 /// Sets validity from now (less the allowed skew) for `validity`. rcgen takes `time` types but
 /// does not re-export the crate, so "now" is the Unix epoch plus the system clock's offset.
 fn set_validity(params: &mut CertificateParams, validity: Duration) -> Result<(), PkiError> {
-    let since_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_err(|_| PkiError::Clock)?;
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|_| PkiError::Clock)?;
     let now = rcgen::date_time_ymd(1970, 1, 1) + since_epoch;
     params.not_before = now - CLOCK_SKEW_ALLOWED;
     params.not_after = now + validity;

@@ -18,9 +18,7 @@ use crate::{
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn within<T>(what: &str, future: impl IntoFuture<Output = T>) -> anyhow::Result<T> {
-    tokio::time::timeout(STEP_TIMEOUT, future)
-        .await
-        .with_context(|| format!("timed out: {what}"))
+    tokio::time::timeout(STEP_TIMEOUT, future).await.with_context(|| format!("timed out: {what}"))
 }
 
 fn server(ca: &ClusterCa) -> anyhow::Result<(Endpoint, SocketAddr)> {
@@ -36,9 +34,7 @@ fn accept_one(
 ) -> tokio::task::JoinHandle<anyhow::Result<Result<Connection, quinn::ConnectionError>>> {
     let endpoint = endpoint.clone();
     tokio::spawn(async move {
-        let incoming = within("accept", endpoint.accept())
-            .await?
-            .context("endpoint closed")?;
+        let incoming = within("accept", endpoint.accept()).await?.context("endpoint closed")?;
         within("server handshake", incoming).await
     })
 }
@@ -73,13 +69,7 @@ async fn stream_with(raw: &[u8]) -> anyhow::Result<StreamPair> {
     send.write_all(raw).await?;
     send.finish()?;
     let (_, recv) = within("accept_bi", server.accept_bi()).await??;
-    Ok(StreamPair {
-        _client: client,
-        _server: server,
-        send,
-        recv,
-        _endpoint: endpoint,
-    })
+    Ok(StreamPair { _client: client, _server: server, send, recv, _endpoint: endpoint })
 }
 
 #[tokio::test]
@@ -89,21 +79,15 @@ async fn join_with_right_pin_carries_frames_both_ways() -> anyhow::Result<()> {
     let accepted = accept_one(&endpoint);
     let client = connect(addr, join_client_config(ca.fingerprint())?).await??;
     let server = accepted.await???;
-    ensure!(
-        peer_cert_fingerprint(&server).is_none(),
-        "a joining executor has no certificate"
-    );
+    ensure!(peer_cert_fingerprint(&server).is_none(), "a joining executor has no certificate");
 
     let echo = tokio::spawn(async move {
         let (mut send, mut recv) = within("accept_bi", server.accept_bi()).await??;
-        let request: String = read_frame(&mut recv, FRAME_BYTES_MAX)
-            .await?
-            .context("no request")?;
+        let request: String =
+            read_frame(&mut recv, FRAME_BYTES_MAX).await?.context("no request")?;
         write_frame(&mut send, &format!("{request} back")).await?;
         send.finish()?;
-        ensure!(read_frame::<String>(&mut recv, FRAME_BYTES_MAX)
-            .await?
-            .is_none());
+        ensure!(read_frame::<String>(&mut recv, FRAME_BYTES_MAX).await?.is_none());
         within("client close", server.closed()).await?;
         anyhow::Ok(request)
     });
@@ -128,14 +112,8 @@ async fn wrong_pin_fails_the_handshake() -> anyhow::Result<()> {
     for pin in [other.fingerprint(), [0u8; 32]] {
         let accepted = accept_one(&endpoint);
         let client = connect(addr, join_client_config(pin)?).await?;
-        ensure!(
-            client.is_err(),
-            "the client accepted a server outside its pin"
-        );
-        ensure!(
-            accepted.await??.is_err(),
-            "the server finished a refused handshake"
-        );
+        ensure!(client.is_err(), "the client accepted a server outside its pin");
+        ensure!(accepted.await??.is_err(), "the server finished a refused handshake");
     }
     Ok(())
 }
@@ -149,15 +127,8 @@ async fn pinned_ca_in_the_chain_does_not_vouch_for_a_foreign_leaf() -> anyhow::R
     let config = server_config(&ca, &impostor.issue_server_cert()?)?;
     let endpoint = Endpoint::server(config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
     let accepted = accept_one(&endpoint);
-    let client = connect(
-        endpoint.local_addr()?,
-        join_client_config(ca.fingerprint())?,
-    )
-    .await?;
-    ensure!(
-        client.is_err(),
-        "the client accepted a leaf its pinned CA never signed"
-    );
+    let client = connect(endpoint.local_addr()?, join_client_config(ca.fingerprint())?).await?;
+    ensure!(client.is_err(), "the client accepted a leaf its pinned CA never signed");
     ensure!(accepted.await??.is_err());
     Ok(())
 }
@@ -169,17 +140,10 @@ async fn mutual_tls_identifies_the_executor() -> anyhow::Result<()> {
     let (key_pem, csr_pem) = new_executor_key()?;
     let cert_pem = ca.sign_executor_csr(&csr_pem, 7)?;
     let accepted = accept_one(&endpoint);
-    let client = connect(
-        addr,
-        mutual_client_config(ca.cert_pem(), &cert_pem, &key_pem)?,
-    )
-    .await??;
+    let client = connect(addr, mutual_client_config(ca.cert_pem(), &cert_pem, &key_pem)?).await??;
     let server = accepted.await???;
     ensure!(peer_cert_fingerprint(&server) == Some(cert_fingerprint(&cert_pem)?));
-    ensure!(
-        peer_cert_fingerprint(&client).is_some(),
-        "the client sees the server's leaf"
-    );
+    ensure!(peer_cert_fingerprint(&client).is_some(), "the client sees the server's leaf");
     Ok(())
 }
 
@@ -191,23 +155,13 @@ async fn client_cert_from_another_ca_is_refused() -> anyhow::Result<()> {
     let (key_pem, csr_pem) = new_executor_key()?;
     let cert_pem = rogue.sign_executor_csr(&csr_pem, 7)?;
     let accepted = accept_one(&endpoint);
-    let client = connect(
-        addr,
-        mutual_client_config(ca.cert_pem(), &cert_pem, &key_pem)?,
-    )
-    .await?;
-    ensure!(
-        accepted.await??.is_err(),
-        "the server accepted a foreign client certificate"
-    );
+    let client = connect(addr, mutual_client_config(ca.cert_pem(), &cert_pem, &key_pem)?).await?;
+    ensure!(accepted.await??.is_err(), "the server accepted a foreign client certificate");
     // In TLS 1.3 the client may finish its side before the server refuses it; then the
     // connection must close rather than carry anything.
     if let Ok(client) = client {
         let reason = within("client sees the close", client.closed()).await?;
-        ensure!(
-            !matches!(reason, quinn::ConnectionError::LocallyClosed),
-            "closed for {reason:?}"
-        );
+        ensure!(!matches!(reason, quinn::ConnectionError::LocallyClosed), "closed for {reason:?}");
     }
     Ok(())
 }
@@ -243,10 +197,7 @@ async fn read_frame_reports_truncation() -> anyhow::Result<()> {
     for raw in [body_cut, vec![0, 0]] {
         let mut pair = stream_with(&raw).await?;
         let result = read_frame::<String>(&mut pair.recv, FRAME_BYTES_MAX).await;
-        ensure!(
-            matches!(result, Err(FrameError::Truncated)),
-            "{raw:?} gave {result:?}"
-        );
+        ensure!(matches!(result, Err(FrameError::Truncated)), "{raw:?} gave {result:?}");
     }
     Ok(())
 }
@@ -258,9 +209,6 @@ async fn read_frame_reports_bytes_that_are_not_the_message() -> anyhow::Result<(
     raw.extend_from_slice(&[0x0a, 0x05, b'a']);
     let mut pair = stream_with(&raw).await?;
     let result = read_frame::<String>(&mut pair.recv, FRAME_BYTES_MAX).await;
-    ensure!(
-        matches!(result, Err(FrameError::Malformed(_))),
-        "got {result:?}"
-    );
+    ensure!(matches!(result, Err(FrameError::Malformed(_))), "got {result:?}");
     Ok(())
 }

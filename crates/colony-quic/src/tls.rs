@@ -60,10 +60,7 @@ pub fn server_config(
 /// [`SERVER_NAME`](crate::SERVER_NAME).
 pub fn join_client_config(ca_fingerprint: Fingerprint) -> Result<quinn::ClientConfig, PkiError> {
     let provider = provider();
-    let verifier = Arc::new(PinnedCaVerifier {
-        ca_fingerprint,
-        provider: provider.clone(),
-    });
+    let verifier = Arc::new(PinnedCaVerifier { ca_fingerprint, provider: provider.clone() });
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -93,10 +90,7 @@ pub fn mutual_client_config(
 
 /// The SHA-256 of the client certificate the peer presented, if any.
 pub fn peer_cert_fingerprint(connection: &quinn::Connection) -> Option<Fingerprint> {
-    let chain = connection
-        .peer_identity()?
-        .downcast::<Vec<CertificateDer<'static>>>()
-        .ok()?;
+    let chain = connection.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
     chain.first().map(|leaf| fingerprint_der(leaf))
 }
 
@@ -124,9 +118,8 @@ impl ServerCertVerifier for PinnedCaVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let (pinned, others): (Vec<_>, Vec<_>) = intermediates
-            .iter()
-            .partition(|cert| fingerprint_der(cert) == self.ca_fingerprint);
+        let (pinned, others): (Vec<_>, Vec<_>) =
+            intermediates.iter().partition(|cert| fingerprint_der(cert) == self.ca_fingerprint);
         let Some(ca) = pinned.first() else {
             return Err(CertificateError::UnknownIssuer.into());
         };
@@ -170,9 +163,7 @@ impl ServerCertVerifier for PinnedCaVerifier {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 

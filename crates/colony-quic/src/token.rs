@@ -42,10 +42,7 @@ impl JoinToken {
     pub fn generate(ca: &ClusterCa) -> JoinToken {
         let mut secret = [0u8; 32];
         OsRng.fill_bytes(&mut secret);
-        JoinToken {
-            ca_fingerprint: ca.fingerprint(),
-            secret,
-        }
+        JoinToken { ca_fingerprint: ca.fingerprint(), secret }
     }
 
     /// SHA-256 of the secret: what the cluster stores, so a leaked snapshot admits no one.
@@ -66,12 +63,7 @@ impl fmt::Debug for JoinToken {
 
 impl fmt::Display for JoinToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{PREFIX}.{}.{}",
-            hex::encode(self.ca_fingerprint),
-            hex::encode(self.secret)
-        )
+        write!(f, "{PREFIX}.{}.{}", hex::encode(self.ca_fingerprint), hex::encode(self.secret))
     }
 }
 
@@ -95,10 +87,7 @@ impl FromStr for JoinToken {
 
 fn decode_part(text: &str, part: &'static str) -> Result<[u8; 32], TokenError> {
     if text.len() != PART_HEX_LEN {
-        return Err(TokenError::WrongLength {
-            part,
-            found: text.len(),
-        });
+        return Err(TokenError::WrongLength { part, found: text.len() });
     }
     let mut bytes = [0u8; 32];
     hex::decode_to_slice(text, &mut bytes).map_err(|_| TokenError::BadHex { part })?;
@@ -125,38 +114,21 @@ mod tests {
         let cases = [
             (format!("colony2.{hex64}.{hex64}"), TokenError::WrongPrefix),
             (String::new(), TokenError::WrongPrefix),
-            (
-                format!("colony1.{hex64}"),
-                TokenError::PartCount { found: 2 },
-            ),
-            (
-                format!("colony1.{hex64}.{hex64}.{hex64}"),
-                TokenError::PartCount { found: 4 },
-            ),
+            (format!("colony1.{hex64}"), TokenError::PartCount { found: 2 }),
+            (format!("colony1.{hex64}.{hex64}.{hex64}"), TokenError::PartCount { found: 4 }),
             (
                 format!("colony1.{}.{hex64}", "ab".repeat(31)),
-                TokenError::WrongLength {
-                    part: "CA fingerprint",
-                    found: 62,
-                },
+                TokenError::WrongLength { part: "CA fingerprint", found: 62 },
             ),
             (
                 format!("colony1.{hex64}.{}", "ab".repeat(33)),
-                TokenError::WrongLength {
-                    part: "secret",
-                    found: 66,
-                },
+                TokenError::WrongLength { part: "secret", found: 66 },
             ),
             (
                 format!("colony1.{}.{hex64}", "zz".repeat(32)),
-                TokenError::BadHex {
-                    part: "CA fingerprint",
-                },
+                TokenError::BadHex { part: "CA fingerprint" },
             ),
-            (
-                format!("colony1.{hex64}.{}", "é".repeat(32)),
-                TokenError::BadHex { part: "secret" },
-            ),
+            (format!("colony1.{hex64}.{}", "é".repeat(32)), TokenError::BadHex { part: "secret" }),
         ];
         for (text, expected) in cases {
             assert_eq!(text.parse::<JoinToken>(), Err(expected), "{text:?}");

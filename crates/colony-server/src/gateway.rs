@@ -12,8 +12,10 @@ use colony_core::leader::{check_hello, Hello, HelloRefusal, SessionId};
 use colony_core::{Command, ExecutorId, Outcome};
 use colony_proto::convert::executor_spec_from_hello;
 use colony_proto::link::{report_command, running_attempts};
-use colony_proto::pb::{self, executor_message::Body as In, server_message::Body as Out, LinkErrorCode};
-use colony_quic::{ClusterCa, CloseCode, FrameError, JoinToken};
+use colony_proto::pb::{
+    self, executor_message::Body as In, server_message::Body as Out, LinkErrorCode,
+};
+use colony_quic::{CloseCode, ClusterCa, FrameError, JoinToken};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,7 +37,8 @@ pub async fn start(node: Arc<Node>, addr: SocketAddr) -> anyhow::Result<()> {
     let ca = loop {
         let record = node.state().machine.ca().cloned();
         if let Some(record) = record {
-            break ClusterCa::from_pem(&record.cert_pem, &record.key_pem).context("the replicated cluster CA is unreadable")?;
+            break ClusterCa::from_pem(&record.cert_pem, &record.key_pem)
+                .context("the replicated cluster CA is unreadable")?;
         }
         changes.changed().await.context("raft stopped before the cluster CA was created")?;
     };
@@ -65,7 +68,14 @@ async fn run(node: Arc<Node>, addr: SocketAddr, ca: ClusterCa) -> anyhow::Result
                 }
             };
             node.metrics().quic_connections.inc();
-            let result = serve_connection(&node, &ca, &admission, connection.clone(), SessionId(this_serial)).await;
+            let result = serve_connection(
+                &node,
+                &ca,
+                &admission,
+                connection.clone(),
+                SessionId(this_serial),
+            )
+            .await;
             node.metrics().quic_connections.dec();
             if let Err(why) = result {
                 node.metrics().quic_errors.with_label_values(&["protocol"]).inc();
@@ -80,7 +90,9 @@ async fn run(node: Arc<Node>, addr: SocketAddr, ca: ClusterCa) -> anyhow::Result
 type Link = (quinn::SendStream, quinn::RecvStream);
 
 async fn reply(link: &mut Link, body: Out) -> Result<(), String> {
-    colony_quic::write_frame(&mut link.0, &pb::ServerMessage { body: Some(body) }).await.map_err(|e| format!("cannot write: {e}"))
+    colony_quic::write_frame(&mut link.0, &pb::ServerMessage { body: Some(body) })
+        .await
+        .map_err(|e| format!("cannot write: {e}"))
 }
 
 /// Answers with a `LinkError` and lets it arrive before the connection is dropped: a close
@@ -100,7 +112,9 @@ async fn finish(link: &mut Link, within: Duration) {
 
 async fn read(recv: &mut quinn::RecvStream) -> Result<Option<pb::ExecutorMessage>, String> {
     colony_quic::read_frame(recv, colony_quic::FRAME_BYTES_MAX).await.map_err(|e| match e {
-        FrameError::TooLarge { .. } | FrameError::Malformed(_) | FrameError::Truncated => format!("malformed message: {e}"),
+        FrameError::TooLarge { .. } | FrameError::Malformed(_) | FrameError::Truncated => {
+            format!("malformed message: {e}")
+        }
         other => format!("read failed: {other}"),
     })
 }
@@ -114,7 +128,9 @@ fn redirect(node: &Node) -> Option<Out> {
     }
     let leader_address = metrics
         .current_leader
-        .and_then(|leader| metrics.membership_config.membership().get_node(&leader).map(|n| n.addr.clone()))
+        .and_then(|leader| {
+            metrics.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
+        })
         .unwrap_or_default();
     Some(Out::Redirect(pb::Redirect { leader_address }))
 }
@@ -132,7 +148,9 @@ async fn serve_connection(
         Ok(Err(_)) => return Ok(()),
         Err(_) => return Err("no stream opened in time".to_owned()),
     };
-    let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read(&mut link.1)).await.map_err(|_| "no first message in time".to_owned())??;
+    let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read(&mut link.1))
+        .await
+        .map_err(|_| "no first message in time".to_owned())??;
     let Some(first) = first else { return Ok(()) };
     if let Some(redirect) = redirect(node) {
         reply(&mut link, redirect).await?;
@@ -168,7 +186,8 @@ async fn admit(
     join: &pb::Join,
 ) -> Result<pb::JoinAccepted, (LinkErrorCode, String)> {
     let invalid_token = |message: String| (LinkErrorCode::InvalidToken, message);
-    let token: JoinToken = join.token.parse().map_err(|e| invalid_token(format!("invalid join token: {e}")))?;
+    let token: JoinToken =
+        join.token.parse().map_err(|e| invalid_token(format!("invalid join token: {e}")))?;
     if token.ca_fingerprint != ca.fingerprint() {
         return Err(invalid_token("the join token was issued by another cluster".to_owned()));
     }
@@ -179,12 +198,18 @@ async fn admit(
     // One admission at a time: the certificate names the id the command will allocate.
     let _guard = admission.lock().await;
     let expected_id = node.state().machine.next_executor_id();
-    let cert_pem = ca
-        .sign_executor_csr(&join.csr_pem, expected_id.0)
-        .map_err(|e| (LinkErrorCode::InvalidRequest, format!("invalid certificate request: {e}")))?;
-    let cert_fingerprint =
-        colony_quic::cert_fingerprint(&cert_pem).map_err(|e| (LinkErrorCode::InvalidRequest, format!("cannot fingerprint the certificate: {e}")))?;
-    let command = Command::AdmitExecutor { secret_hash, expected_id, name: join.name.clone(), cert_fingerprint };
+    let cert_pem = ca.sign_executor_csr(&join.csr_pem, expected_id.0).map_err(|e| {
+        (LinkErrorCode::InvalidRequest, format!("invalid certificate request: {e}"))
+    })?;
+    let cert_fingerprint = colony_quic::cert_fingerprint(&cert_pem).map_err(|e| {
+        (LinkErrorCode::InvalidRequest, format!("cannot fingerprint the certificate: {e}"))
+    })?;
+    let command = Command::AdmitExecutor {
+        secret_hash,
+        expected_id,
+        name: join.name.clone(),
+        cert_fingerprint,
+    };
     match node.propose(command).await {
         Ok(Outcome::Admitted { id }) => {
             tracing::info!(executor_id = %id, name = %join.name, "executor admitted");
@@ -197,9 +222,16 @@ async fn admit(
 }
 
 /// A registered executor's session: heartbeats, reports, and what the leader sends it.
-async fn serve_executor(node: &Arc<Node>, connection: quinn::Connection, mut link: Link, hello: pb::Hello, session: SessionId) -> Result<(), String> {
+async fn serve_executor(
+    node: &Arc<Node>,
+    connection: quinn::Connection,
+    mut link: Link,
+    hello: pb::Hello,
+    session: SessionId,
+) -> Result<(), String> {
     let id = ExecutorId(hello.executor_id);
-    let fingerprint = colony_quic::peer_cert_fingerprint(&connection).ok_or("Hello requires a client certificate; join first")?;
+    let fingerprint = colony_quic::peer_cert_fingerprint(&connection)
+        .ok_or("Hello requires a client certificate; join first")?;
     let checked = {
         let state = node.state();
         check_hello(&state.machine, id, &fingerprint, executor_spec_from_hello(&hello))
@@ -208,14 +240,20 @@ async fn serve_executor(node: &Arc<Node>, connection: quinn::Connection, mut lin
         Ok(Hello::AlreadyUp) => {}
         Ok(Hello::Register(command)) => match node.propose(command).await {
             Ok(_) => tracing::info!(executor_id = %id, "executor registered"),
-            Err(ProposeError::Rejected(e)) => return refuse(&mut link, LinkErrorCode::Rejected, e.to_string()).await,
+            Err(ProposeError::Rejected(e)) => {
+                return refuse(&mut link, LinkErrorCode::Rejected, e.to_string()).await
+            }
             Err(e) => {
                 CloseCode::GoingAway.close(&connection, "leadership changed");
                 return Err(format!("registration not committed: {e}"));
             }
         },
-        Err(refusal @ HelloRefusal::UnknownExecutor(_)) => return refuse(&mut link, LinkErrorCode::UnknownExecutor, refusal.to_string()).await,
-        Err(refusal @ HelloRefusal::InvalidSpec(_)) => return refuse(&mut link, LinkErrorCode::InvalidRequest, refusal.to_string()).await,
+        Err(refusal @ HelloRefusal::UnknownExecutor(_)) => {
+            return refuse(&mut link, LinkErrorCode::UnknownExecutor, refusal.to_string()).await
+        }
+        Err(refusal @ HelloRefusal::InvalidSpec(_)) => {
+            return refuse(&mut link, LinkErrorCode::InvalidRequest, refusal.to_string()).await
+        }
         Err(refusal @ HelloRefusal::WrongCertificate(_)) => return Err(refusal.to_string()),
     }
     let limits = node.state().machine.limits().clone();
@@ -253,7 +291,12 @@ async fn serve_executor(node: &Arc<Node>, connection: quinn::Connection, mut lin
 
 /// Handles what an executor sends: heartbeats (liveness, reconciliation) and reports (each
 /// proposed on its own task; at most `REPORTS_IN_FLIGHT_MAX` at once, then reading waits).
-async fn read_executor(node: Arc<Node>, id: ExecutorId, mut recv: quinn::RecvStream, limits: colony_core::Limits) -> Result<(), String> {
+async fn read_executor(
+    node: Arc<Node>,
+    id: ExecutorId,
+    mut recv: quinn::RecvStream,
+    limits: colony_core::Limits,
+) -> Result<(), String> {
     let reports = Arc::new(Semaphore::new(REPORTS_IN_FLIGHT_MAX));
     loop {
         let Some(message) = read(&mut recv).await? else { return Ok(()) };
@@ -261,30 +304,44 @@ async fn read_executor(node: Arc<Node>, id: ExecutorId, mut recv: quinn::RecvStr
             Some(In::Heartbeat(heartbeat)) => {
                 let effects = {
                     let state = node.state();
-                    node.sessions().heartbeat(&state.machine, id, &running_attempts(&heartbeat.running))
+                    node.sessions().heartbeat(
+                        &state.machine,
+                        id,
+                        &running_attempts(&heartbeat.running),
+                    )
                 };
                 node.perform(effects).await;
             }
             Some(In::Report(report)) => {
-                let command = report_command(id, &report, &limits).map_err(|e| format!("report {}: {e}", report.report_id))?;
+                let command = report_command(id, &report, &limits)
+                    .map_err(|e| format!("report {}: {e}", report.report_id))?;
                 let Ok(permit) = reports.clone().acquire_owned().await else { return Ok(()) };
                 let node = node.clone();
                 let span = tracing::info_span!("report", executor_id = %id, task_id = report.task_id, token = report.fencing_token);
-                tokio::spawn(async move {
-                    let started = Instant::now();
-                    let error = match node.propose(command).await {
-                        Ok(_) => String::new(),
-                        Err(ProposeError::Rejected(e)) => e.to_string(),
-                        // Unknown outcome: no ack, so the executor resends after reconnecting.
-                        Err(_) => return,
-                    };
-                    node.metrics().agent_communication_seconds.with_label_values(&["leader", "executor"]).observe(started.elapsed().as_secs_f64());
-                    if !error.is_empty() {
-                        tracing::info!("report refused: {error}");
+                tokio::spawn(
+                    async move {
+                        let started = Instant::now();
+                        let error = match node.propose(command).await {
+                            Ok(_) => String::new(),
+                            Err(ProposeError::Rejected(e)) => e.to_string(),
+                            // Unknown outcome: no ack, so the executor resends after reconnecting.
+                            Err(_) => return,
+                        };
+                        node.metrics()
+                            .agent_communication_seconds
+                            .with_label_values(&["leader", "executor"])
+                            .observe(started.elapsed().as_secs_f64());
+                        if !error.is_empty() {
+                            tracing::info!("report refused: {error}");
+                        }
+                        node.sessions().send(
+                            id,
+                            Out::ReportAck(pb::ReportAck { report_id: report.report_id, error }),
+                        );
+                        drop(permit);
                     }
-                    node.sessions().send(id, Out::ReportAck(pb::ReportAck { report_id: report.report_id, error }));
-                    drop(permit);
-                }.instrument(span));
+                    .instrument(span),
+                );
             }
             _ => return Err("expected Heartbeat or StatusReport".to_owned()),
         }

@@ -41,8 +41,8 @@ impl Identity {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(IdentityError::Io { path, source }),
         };
-        let identity: Identity =
-            serde_json::from_slice(&bytes).map_err(|e| IdentityError::Malformed { path: path.clone(), detail: e.to_string() })?;
+        let identity: Identity = serde_json::from_slice(&bytes)
+            .map_err(|e| IdentityError::Malformed { path: path.clone(), detail: e.to_string() })?;
         if identity.format_version != FORMAT_VERSION {
             return Err(IdentityError::Version { path, found: identity.format_version });
         }
@@ -57,7 +57,8 @@ impl Identity {
         };
         fs::create_dir_all(data_dir).map_err(io(data_dir))?;
         let tmp = data_dir.join(format!("{FILE_NAME}.tmp"));
-        let bytes = serde_json::to_vec_pretty(self).map_err(|e| IdentityError::Malformed { path: tmp.clone(), detail: e.to_string() })?;
+        let bytes = serde_json::to_vec_pretty(self)
+            .map_err(|e| IdentityError::Malformed { path: tmp.clone(), detail: e.to_string() })?;
         let mut file = File::create(&tmp).map_err(io(&tmp))?;
         file.write_all(&bytes).map_err(io(&tmp))?;
         file.sync_all().map_err(io(&tmp))?;

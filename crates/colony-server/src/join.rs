@@ -24,15 +24,26 @@ async fn cluster_info(peers: &Peers, targets: &[String]) -> anyhow::Result<Clust
         let mut failures = Vec::new();
         for target in targets {
             let mut client = peers.admin(target)?;
-            match tokio::time::timeout(RPC_TIMEOUT, client.cluster_info(ClusterInfoRequest {})).await {
+            match tokio::time::timeout(RPC_TIMEOUT, client.cluster_info(ClusterInfoRequest {}))
+                .await
+            {
                 Ok(Ok(info)) => return Ok(info.into_inner()),
-                Ok(Err(status)) if status.code() == tonic::Code::Unavailable => failures.push(format!("{target}: {}", status.message())),
-                Ok(Err(status)) => bail!("{target} is not a Colony server ({}: {})", status.code(), status.message()),
+                Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                    failures.push(format!("{target}: {}", status.message()))
+                }
+                Ok(Err(status)) => bail!(
+                    "{target} is not a Colony server ({}: {})",
+                    status.code(),
+                    status.message()
+                ),
                 Err(_) => failures.push(format!("{target}: no answer within {RPC_TIMEOUT:?}")),
             }
         }
         if Instant::now() >= deadline {
-            bail!("could not reach any server to join after {JOIN_CONTACT_TIMEOUT:?}: {}", failures.join("; "));
+            bail!(
+                "could not reach any server to join after {JOIN_CONTACT_TIMEOUT:?}: {}",
+                failures.join("; ")
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -43,7 +54,11 @@ pub async fn resolve_identity(config: &ServerConfig, peers: &Peers) -> anyhow::R
     let dir = &config.data_dir;
     if let Some(identity) = Identity::load(dir)? {
         if let Some(id) = config.id.filter(|&id| id != identity.node_id) {
-            bail!("data directory {} belongs to node {}, not node {id}", dir.display(), identity.node_id);
+            bail!(
+                "data directory {} belongs to node {}, not node {id}",
+                dir.display(),
+                identity.node_id
+            );
         }
         if let Some(listen) = config.listen.as_ref().filter(|&l| l != &identity.addr) {
             bail!("data directory {} belongs to the server at {}, not {listen}; a server's address cannot change", dir.display(), identity.addr);
@@ -58,16 +73,23 @@ pub async fn resolve_identity(config: &ServerConfig, peers: &Peers) -> anyhow::R
                     info.cluster_id
                 ),
                 Ok(_) => {}
-                Err(e) => tracing::warn!("restarting from {} without reaching the join target: {e:#}", dir.display()),
+                Err(e) => tracing::warn!(
+                    "restarting from {} without reaching the join target: {e:#}",
+                    dir.display()
+                ),
             }
         }
         return Ok(identity);
     }
-    let node_id = config.id.context("--id is required the first time a server starts in an empty data directory")?;
+    let node_id = config
+        .id
+        .context("--id is required the first time a server starts in an empty data directory")?;
     if node_id == 0 {
         bail!("node id 0 is reserved; use 1 or more");
     }
-    let addr = config.listen.clone().context("--listen is required the first time a server starts in an empty data directory")?;
+    let addr = config.listen.clone().context(
+        "--listen is required the first time a server starts in an empty data directory",
+    )?;
     let cluster_id = if config.bootstrap {
         uuid::Uuid::new_v4().to_string()
     } else if !config.join.is_empty() {
@@ -90,12 +112,27 @@ pub async fn resolve_identity(config: &ServerConfig, peers: &Peers) -> anyhow::R
 }
 
 /// Keeps asking the cluster to add this server until it is a voter.
-pub async fn join(raft: Raft<TypeConfig>, peers: Peers, identity: Identity, targets: Vec<String>) -> anyhow::Result<()> {
+pub async fn join(
+    raft: Raft<TypeConfig>,
+    peers: Peers,
+    identity: Identity,
+    targets: Vec<String>,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + JOIN_TIMEOUT;
-    let request = JoinClusterRequest { node_id: identity.node_id, addr: identity.addr.clone(), cluster_id: identity.cluster_id.clone() };
+    let request = JoinClusterRequest {
+        node_id: identity.node_id,
+        addr: identity.addr.clone(),
+        cluster_id: identity.cluster_id.clone(),
+    };
     let mut delay = Duration::from_millis(200);
     loop {
-        let is_voter = raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == identity.node_id);
+        let is_voter = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == identity.node_id);
         if is_voter {
             tracing::info!("this server is a voter");
             return Ok(());
@@ -108,7 +145,14 @@ pub async fn join(raft: Raft<TypeConfig>, peers: Peers, identity: Identity, targ
                     tracing::info!(via = %target, "joined the cluster as a voter");
                     return Ok(());
                 }
-                Err(status) if matches!(status.code(), tonic::Code::AlreadyExists | tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument) => {
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::AlreadyExists
+                            | tonic::Code::FailedPrecondition
+                            | tonic::Code::InvalidArgument
+                    ) =>
+                {
                     bail!("the cluster refused this server: {}", status.message());
                 }
                 Err(status) => last_error = format!("{target}: {}", status.message()),
@@ -122,4 +166,3 @@ pub async fn join(raft: Raft<TypeConfig>, peers: Peers, identity: Identity, targ
         delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
-

@@ -6,7 +6,9 @@ use crate::node::Node;
 use crate::proposer::ProposeError;
 use colony_core::leader::{round_commands, ModelDecision, ModelTracker};
 use colony_core::scheduler::{plan_with, NoModel, Oracle, PlanConfig};
-use colony_core::{ClusterCaRecord, Command, CommandError, ExecutorSpec, ModelVersion, Outcome, TaskSpec};
+use colony_core::{
+    ClusterCaRecord, Command, CommandError, ExecutorSpec, ModelVersion, Outcome, TaskSpec,
+};
 use colony_model::Predictor;
 use colony_quic::ClusterCa;
 use std::sync::Arc;
@@ -21,7 +23,10 @@ const CA_RETRY: Duration = Duration::from_millis(500);
 pub async fn run(node: Arc<Node>) {
     tracing::info!("leading: scheduler and failure detector started");
     ensure_ca(&node).await;
-    let config = PlanConfig { preemption_priority_gap_min: node.config().preemption_priority_gap_min, ..PlanConfig::default() };
+    let config = PlanConfig {
+        preemption_priority_gap_min: node.config().preemption_priority_gap_min,
+        ..PlanConfig::default()
+    };
     let mut model = CurrentModel::default();
     // Two loops, polled together: a long run of scheduling rounds never delays failure detection.
     let scheduling = async {
@@ -61,7 +66,10 @@ async fn ensure_ca(node: &Node) {
                 return;
             }
         };
-        let record = ClusterCaRecord { cert_pem: ca.cert_pem().to_owned(), key_pem: ca.key_pem().to_owned() };
+        let record = ClusterCaRecord {
+            cert_pem: ca.cert_pem().to_owned(),
+            key_pem: ca.key_pem().to_owned(),
+        };
         match node.propose(Command::InitCa(record)).await {
             Ok(_) => {
                 tracing::info!("created the cluster CA");
@@ -95,7 +103,8 @@ async fn schedule_round(node: &Node, config: &PlanConfig, model: &mut CurrentMod
     let full = plan.placements.len() >= config.placements_max;
     let metrics = node.metrics();
     metrics.scheduling_attempts.inc_by(plan.placements.len() as u64);
-    let results = futures::future::join_all(round_commands(plan).into_iter().map(|c| node.propose(c))).await;
+    let results =
+        futures::future::join_all(round_commands(plan).into_iter().map(|c| node.propose(c))).await;
     let now = colony_process::unix_ms();
     for result in results {
         match result {
@@ -106,15 +115,21 @@ async fn schedule_round(node: &Node, config: &PlanConfig, model: &mut CurrentMod
                 let state = node.state();
                 for a in assigned.iter().filter(|a| a.attempt == 1) {
                     if let Some(task) = state.machine.get_task(a.task) {
-                        metrics.placement_seconds.observe(now.saturating_sub(task.created_unix_ms) as f64 / 1000.0);
+                        metrics
+                            .placement_seconds
+                            .observe(now.saturating_sub(task.created_unix_ms) as f64 / 1000.0);
                     }
                 }
                 for (task, why) in rejected {
                     tracing::debug!(task_id = %task, "placement refused at commit: {why}");
                 }
             }
-            Ok(Outcome::Expired { ids }) if !ids.is_empty() => tracing::info!(count = ids.len(), "tasks timed out before starting"),
-            Ok(Outcome::Evicted { ids }) if !ids.is_empty() => tracing::info!(count = ids.len(), "attempts evicted at a drain deadline"),
+            Ok(Outcome::Expired { ids }) if !ids.is_empty() => {
+                tracing::info!(count = ids.len(), "tasks timed out before starting")
+            }
+            Ok(Outcome::Evicted { ids }) if !ids.is_empty() => {
+                tracing::info!(count = ids.len(), "attempts evicted at a drain deadline")
+            }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!("scheduling round not committed: {e}");
@@ -134,7 +149,12 @@ struct CurrentModel {
 }
 
 impl CurrentModel {
-    fn refresh(&mut self, state: &colony_core::StateMachine, now_unix_ms: u64, stale_after: Duration) {
+    fn refresh(
+        &mut self,
+        state: &colony_core::StateMachine,
+        now_unix_ms: u64,
+        stale_after: Duration,
+    ) {
         let current = state.current_model();
         match self.tracker.refresh(current, now_unix_ms, stale_after) {
             ModelDecision::NoModel => self.predictor = None,

@@ -1,7 +1,10 @@
 //! One server's Prometheus metrics. `colony_process::serve_http` serves them beside `/healthz`
 //! and `/readyz`.
 
-use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
 use std::time::Duration;
 
 /// What a scrape reads from the running server.
@@ -59,7 +62,10 @@ pub struct Metrics {
     system_health: IntGaugeVec,
 }
 
-fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, collector: C) -> Result<C, prometheus::Error> {
+fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: C,
+) -> Result<C, prometheus::Error> {
     registry.register(Box::new(collector.clone()))?;
     Ok(collector)
 }
@@ -70,88 +76,216 @@ impl Metrics {
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         let gauge = |name: &str, help: &str| register(&registry, IntGauge::new(name, help)?);
         let latency = |name: &str, help: &str| {
-            let buckets = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
-            register(&registry, Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?)
+            let buckets = vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ];
+            register(
+                &registry,
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?,
+            )
         };
         Ok(Metrics {
             raft_term: gauge("colony_raft_term", "Current Raft term.")?,
             raft_is_leader: gauge("colony_raft_is_leader", "1 when this server is the leader.")?,
-            raft_commit_index: gauge("colony_raft_commit_index", "Last log index known committed.")?,
-            raft_applied_index: gauge("colony_raft_applied_index", "Last log index applied to the state machine.")?,
-            raft_last_log_index: gauge("colony_raft_last_log_index", "Last log index in this server's log.")?,
-            raft_snapshot_index: gauge("colony_raft_snapshot_index", "Last log index covered by the latest snapshot.")?,
-            raft_leader_changes: register(&registry, IntCounter::new("colony_raft_leader_changes_total", "Times this server saw a new leader.")?)?,
-            raft_log_entries: gauge("colony_raft_log_entries", "Entries in this server's Raft log after the last purge.")?,
-            raft_snapshots_built: register(&registry, IntCounter::new("colony_raft_snapshots_built_total", "Snapshots this server built.")?)?,
+            raft_commit_index: gauge(
+                "colony_raft_commit_index",
+                "Last log index known committed.",
+            )?,
+            raft_applied_index: gauge(
+                "colony_raft_applied_index",
+                "Last log index applied to the state machine.",
+            )?,
+            raft_last_log_index: gauge(
+                "colony_raft_last_log_index",
+                "Last log index in this server's log.",
+            )?,
+            raft_snapshot_index: gauge(
+                "colony_raft_snapshot_index",
+                "Last log index covered by the latest snapshot.",
+            )?,
+            raft_leader_changes: register(
+                &registry,
+                IntCounter::new(
+                    "colony_raft_leader_changes_total",
+                    "Times this server saw a new leader.",
+                )?,
+            )?,
+            raft_log_entries: gauge(
+                "colony_raft_log_entries",
+                "Entries in this server's Raft log after the last purge.",
+            )?,
+            raft_snapshots_built: register(
+                &registry,
+                IntCounter::new(
+                    "colony_raft_snapshots_built_total",
+                    "Snapshots this server built.",
+                )?,
+            )?,
             raft_snapshots_installed: register(
                 &registry,
-                IntCounter::new("colony_raft_snapshots_installed_total", "Snapshots received from a leader and installed.")?,
+                IntCounter::new(
+                    "colony_raft_snapshots_installed_total",
+                    "Snapshots received from a leader and installed.",
+                )?,
             )?,
-            raft_snapshot_build_seconds: latency("colony_raft_snapshot_build_seconds", "Building, writing and fsyncing one snapshot.")?,
-            raft_snapshot_bytes: gauge("colony_raft_snapshot_bytes", "Size of the latest snapshot built or installed.")?,
-            raft_proposal_seconds: latency("colony_raft_proposal_seconds", "Time from proposing a Raft entry to its being applied.")?,
+            raft_snapshot_build_seconds: latency(
+                "colony_raft_snapshot_build_seconds",
+                "Building, writing and fsyncing one snapshot.",
+            )?,
+            raft_snapshot_bytes: gauge(
+                "colony_raft_snapshot_bytes",
+                "Size of the latest snapshot built or installed.",
+            )?,
+            raft_proposal_seconds: latency(
+                "colony_raft_proposal_seconds",
+                "Time from proposing a Raft entry to its being applied.",
+            )?,
             raft_proposal_commands: register(
                 &registry,
                 Histogram::with_opts(
-                    HistogramOpts::new("colony_raft_proposal_commands", "Client commands batched into one Raft entry.")
-                        .buckets(prometheus::exponential_buckets(1.0, 4.0, 7)?),
+                    HistogramOpts::new(
+                        "colony_raft_proposal_commands",
+                        "Client commands batched into one Raft entry.",
+                    )
+                    .buckets(prometheus::exponential_buckets(1.0, 4.0, 7)?),
                 )?,
             )?,
-            raft_proposals_failed: register(&registry, IntCounter::new("colony_raft_proposals_failed_total", "Raft entries that failed to commit.")?)?,
-            submit_seconds: latency("colony_task_submit_seconds", "Task submissions on the leader, from arrival to commit.")?,
+            raft_proposals_failed: register(
+                &registry,
+                IntCounter::new(
+                    "colony_raft_proposals_failed_total",
+                    "Raft entries that failed to commit.",
+                )?,
+            )?,
+            submit_seconds: latency(
+                "colony_task_submit_seconds",
+                "Task submissions on the leader, from arrival to commit.",
+            )?,
             agent_communication_seconds: register(
                 &registry,
                 HistogramVec::new(
-                    HistogramOpts::new("colony_agent_communication_seconds", "Round-trip time of messages between agents.")
-                        .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+                    HistogramOpts::new(
+                        "colony_agent_communication_seconds",
+                        "Round-trip time of messages between agents.",
+                    )
+                    .buckets(vec![
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                        0.25, 0.5, 1.0,
+                    ]),
                     &["source", "destination"],
                 )?,
             )?,
-            quic_connections: gauge("colony_quic_connections", "Executor QUIC connections open on this server.")?,
+            quic_connections: gauge(
+                "colony_quic_connections",
+                "Executor QUIC connections open on this server.",
+            )?,
             quic_errors: register(
                 &registry,
-                IntCounterVec::new(Opts::new("colony_quic_errors_total", "Executor QUIC connections that failed, by kind."), &["kind"])?,
+                IntCounterVec::new(
+                    Opts::new(
+                        "colony_quic_errors_total",
+                        "Executor QUIC connections that failed, by kind.",
+                    ),
+                    &["kind"],
+                )?,
             )?,
-            scheduling_attempts: register(&registry, IntCounter::new("colony_scheduling_attempts_total", "Placements the scheduler proposed.")?)?,
+            scheduling_attempts: register(
+                &registry,
+                IntCounter::new(
+                    "colony_scheduling_attempts_total",
+                    "Placements the scheduler proposed.",
+                )?,
+            )?,
             scheduling_rejections: register(
                 &registry,
-                IntCounter::new("colony_scheduling_rejections_total", "Proposed placements refused at commit (the state had changed).")?,
+                IntCounter::new(
+                    "colony_scheduling_rejections_total",
+                    "Proposed placements refused at commit (the state had changed).",
+                )?,
             )?,
-            placements: register(&registry, IntCounter::new("colony_placements_total", "Placements committed.")?)?,
-            preemptions: register(&registry, IntCounter::new("colony_preemptions_total", "Attempts evicted to make room for higher priority.")?)?,
-            task_retries: register(&registry, IntCounter::new("colony_task_retries_total", "Attempts lost with an executor and retried.")?)?,
+            placements: register(
+                &registry,
+                IntCounter::new("colony_placements_total", "Placements committed.")?,
+            )?,
+            preemptions: register(
+                &registry,
+                IntCounter::new(
+                    "colony_preemptions_total",
+                    "Attempts evicted to make room for higher priority.",
+                )?,
+            )?,
+            task_retries: register(
+                &registry,
+                IntCounter::new(
+                    "colony_task_retries_total",
+                    "Attempts lost with an executor and retried.",
+                )?,
+            )?,
             executors_marked_down: register(
                 &registry,
-                IntCounter::new("colony_executors_marked_down_total", "Executors this leader declared down.")?,
+                IntCounter::new(
+                    "colony_executors_marked_down_total",
+                    "Executors this leader declared down.",
+                )?,
             )?,
-            placement_seconds: latency("colony_task_placement_seconds", "From submission to the first assignment's commit.")?,
-            scheduling_round_seconds: latency("colony_scheduling_round_seconds", "One scheduling round: plan, commit, push.")?,
-            executors: register(&registry, IntGaugeVec::new(Opts::new("colony_executors", "Executors by state."), &["state"])?)?,
-            executors_connected: gauge("colony_executors_connected", "Executors with a session on this server (the leader).")?,
+            placement_seconds: latency(
+                "colony_task_placement_seconds",
+                "From submission to the first assignment's commit.",
+            )?,
+            scheduling_round_seconds: latency(
+                "colony_scheduling_round_seconds",
+                "One scheduling round: plan, commit, push.",
+            )?,
+            executors: register(
+                &registry,
+                IntGaugeVec::new(Opts::new("colony_executors", "Executors by state."), &["state"])?,
+            )?,
+            executors_connected: gauge(
+                "colony_executors_connected",
+                "Executors with a session on this server (the leader).",
+            )?,
             executor_heartbeat_age_max: register(
                 &registry,
-                prometheus::Gauge::new("colony_executor_heartbeat_age_seconds_max", "The oldest heartbeat among connected executors.")?,
+                prometheus::Gauge::new(
+                    "colony_executor_heartbeat_age_seconds_max",
+                    "The oldest heartbeat among connected executors.",
+                )?,
             )?,
             resource_utilization: register(
                 &registry,
                 prometheus::GaugeVec::new(
-                    Opts::new("colony_resource_utilization", "Allocated over capacity, 0..1, across up executors."),
+                    Opts::new(
+                        "colony_resource_utilization",
+                        "Allocated over capacity, 0..1, across up executors.",
+                    ),
                     &["resource_type", "agent"],
                 )?,
             )?,
             allocation_efficiency: register(
                 &registry,
                 HistogramVec::new(
-                    HistogramOpts::new("colony_allocation_efficiency", "Per executor, allocated over capacity, observed at each scrape.")
-                        .buckets(vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]),
+                    HistogramOpts::new(
+                        "colony_allocation_efficiency",
+                        "Per executor, allocated over capacity, observed at each scrape.",
+                    )
+                    .buckets(vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]),
                     &["resource_type"],
                 )?,
             )?,
-            tasks_pending: gauge("colony_tasks_pending", "Tasks waiting to be placed (queue depth).")?,
-            tasks: register(&registry, IntGaugeVec::new(Opts::new("colony_tasks", "Tasks by state."), &["state"])?)?,
+            tasks_pending: gauge(
+                "colony_tasks_pending",
+                "Tasks waiting to be placed (queue depth).",
+            )?,
+            tasks: register(
+                &registry,
+                IntGaugeVec::new(Opts::new("colony_tasks", "Tasks by state."), &["state"])?,
+            )?,
             system_health: register(
                 &registry,
-                IntGaugeVec::new(Opts::new("colony_system_health", "1 for the component's current status."), &["component", "status"])?,
+                IntGaugeVec::new(
+                    Opts::new("colony_system_health", "1 for the component's current status."),
+                    &["component", "status"],
+                )?,
             )?,
             registry,
         })
@@ -160,16 +294,22 @@ impl Metrics {
     /// The text exposition, with the state-derived gauges brought up to date first.
     pub fn render(&self, scrape: &Scrape<'_>) -> Result<String, prometheus::Error> {
         let (counts, ready) = {
-            let mut by_state: std::collections::BTreeMap<&str, i64> = colony_core::ExecutorState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
-            let (mut capacity, mut allocated) = (colony_core::Resources::default(), colony_core::Resources::default());
+            let mut by_state: std::collections::BTreeMap<&str, i64> =
+                colony_core::ExecutorState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+            let (mut capacity, mut allocated) =
+                (colony_core::Resources::default(), colony_core::Resources::default());
             for executor in scrape.machine.executors() {
                 *by_state.entry(executor.state.as_str()).or_default() += 1;
                 if executor.state == colony_core::ExecutorState::Up {
                     capacity.add(&executor.spec.capacity);
                     allocated.add(&executor.allocated);
-                    for (kind, used, total) in resource_pairs(&executor.allocated, &executor.spec.capacity) {
+                    for (kind, used, total) in
+                        resource_pairs(&executor.allocated, &executor.spec.capacity)
+                    {
                         if total > 0.0 {
-                            self.allocation_efficiency.with_label_values(&[kind]).observe(used / total);
+                            self.allocation_efficiency
+                                .with_label_values(&[kind])
+                                .observe(used / total);
                         }
                     }
                 }
@@ -178,24 +318,35 @@ impl Metrics {
                 self.executors.with_label_values(&[executor_state]).set(count);
             }
             for (kind, used, total) in resource_pairs(&allocated, &capacity) {
-                self.resource_utilization.with_label_values(&[kind, "cluster"]).set(if total > 0.0 { used / total } else { 0.0 });
+                self.resource_utilization
+                    .with_label_values(&[kind, "cluster"])
+                    .set(if total > 0.0 { used / total } else { 0.0 });
             }
             (scrape.machine.count_by_state(), scrape.leader_known)
         };
         let stats = scrape.snapshot_stats;
-        let catch_up = |counter: &IntCounter, total: u64| counter.inc_by(total.saturating_sub(counter.get()));
-        catch_up(&self.raft_snapshots_built, stats.built.load(std::sync::atomic::Ordering::Relaxed));
-        catch_up(&self.raft_snapshots_installed, stats.installed.load(std::sync::atomic::Ordering::Relaxed));
+        let catch_up =
+            |counter: &IntCounter, total: u64| counter.inc_by(total.saturating_sub(counter.get()));
+        catch_up(
+            &self.raft_snapshots_built,
+            stats.built.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        catch_up(
+            &self.raft_snapshots_installed,
+            stats.installed.load(std::sync::atomic::Ordering::Relaxed),
+        );
         for micros in stats.take_build_micros() {
             self.raft_snapshot_build_seconds.observe(micros as f64 / 1e6);
         }
-        self.raft_snapshot_bytes.set(stats.last_bytes.load(std::sync::atomic::Ordering::Relaxed) as i64);
+        self.raft_snapshot_bytes
+            .set(stats.last_bytes.load(std::sync::atomic::Ordering::Relaxed) as i64);
         self.executors_connected.set(scrape.executors_connected as i64);
         self.executor_heartbeat_age_max.set(scrape.heartbeat_age_max.as_secs_f64());
         for (state, count) in &counts {
             self.tasks.with_label_values(&[state.as_str()]).set(*count as i64);
         }
-        self.tasks_pending.set(counts.get(&colony_core::TaskState::Pending).copied().unwrap_or(0) as i64);
+        self.tasks_pending
+            .set(counts.get(&colony_core::TaskState::Pending).copied().unwrap_or(0) as i64);
         let (up, down) = if ready { (1, 0) } else { (0, 1) };
         self.system_health.with_label_values(&["server", "healthy"]).set(up);
         self.system_health.with_label_values(&["server", "degraded"]).set(down);
@@ -205,7 +356,10 @@ impl Metrics {
     }
 }
 
-fn resource_pairs(used: &colony_core::Resources, total: &colony_core::Resources) -> [(&'static str, f64, f64); 3] {
+fn resource_pairs(
+    used: &colony_core::Resources,
+    total: &colony_core::Resources,
+) -> [(&'static str, f64, f64); 3] {
     [
         ("cpu", used.cpu_millis as f64, total.cpu_millis as f64),
         ("memory", used.memory_bytes as f64, total.memory_bytes as f64),

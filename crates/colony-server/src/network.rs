@@ -5,10 +5,13 @@ use crate::peers::Peers;
 use crate::wire;
 use colony_proto::pb::RaftMessage;
 use colony_store::TypeConfig;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::RPCOption;
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
@@ -55,14 +58,21 @@ enum Rpc {
 }
 
 impl PeerClient {
-    async fn call<Req, Resp, E>(&self, rpc: Rpc, request: &Req, option: &RPCOption) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
+    async fn call<Req, Resp, E>(
+        &self,
+        rpc: Rpc,
+        request: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
     where
         Req: serde::Serialize,
         Resp: DeserializeOwned,
         E: Error + DeserializeOwned,
     {
-        let payload = wire::encode(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut client = self.peers.raft(&self.addr).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let payload =
+            wire::encode(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut client =
+            self.peers.raft(&self.addr).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
         let message = RaftMessage { cluster_id: self.cluster_id.clone(), payload };
         let call = async {
             match rpc {
@@ -73,18 +83,27 @@ impl PeerClient {
         };
         let started = Instant::now();
         let reply = tokio::time::timeout(option.hard_ttl(), call).await;
-        self.metrics.agent_communication_seconds.with_label_values(&["server", "server"]).observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .agent_communication_seconds
+            .with_label_values(&["server", "server"])
+            .observe(started.elapsed().as_secs_f64());
         let reply = reply
             .map_err(|elapsed| RPCError::Unreachable(Unreachable::new(&elapsed)))?
             .map_err(|status| match status.code() {
-                tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
-                    RPCError::Unreachable(Unreachable::new(&status))
-                }
+                tonic::Code::Unavailable
+                | tonic::Code::Cancelled
+                | tonic::Code::DeadlineExceeded => RPCError::Unreachable(Unreachable::new(&status)),
                 _ => RPCError::Network(NetworkError::new(&status)),
             })?;
-        let result: Result<Resp, RaftError<u64, E>> =
-            wire::decode(&reply.into_inner().payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, BasicNode::new(&self.addr), e)))
+        let result: Result<Resp, RaftError<u64, E>> = wire::decode(&reply.into_inner().payload)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| {
+            RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                BasicNode::new(&self.addr),
+                e,
+            ))
+        })
     }
 }
 
@@ -101,11 +120,18 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>> {
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+    > {
         self.call(Rpc::InstallSnapshot, &rpc, &option).await
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<u64>, option: RPCOption) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
         self.call(Rpc::Vote, &rpc, &option).await
     }
 }

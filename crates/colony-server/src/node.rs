@@ -49,8 +49,33 @@ pub struct Parts {
 
 impl Node {
     pub fn new(parts: Parts) -> Node {
-        let Parts { id, cluster_id, raft, proposer, peers, log, metrics, config, snapshot_stats, sessions, state } = parts;
-        Node { id, cluster_id, raft, proposer, peers, log, metrics, config, snapshot_stats, sessions, scheduler_wake: Notify::new(), state }
+        let Parts {
+            id,
+            cluster_id,
+            raft,
+            proposer,
+            peers,
+            log,
+            metrics,
+            config,
+            snapshot_stats,
+            sessions,
+            state,
+        } = parts;
+        Node {
+            id,
+            cluster_id,
+            raft,
+            proposer,
+            peers,
+            log,
+            metrics,
+            config,
+            snapshot_stats,
+            sessions,
+            scheduler_wake: Notify::new(),
+            state,
+        }
     }
 
     pub fn id(&self) -> u64 {
@@ -132,7 +157,8 @@ impl Node {
         if let Outcome::MarkedDown { id, rescheduled, lost } = outcome {
             self.metrics.executors_marked_down.inc();
             self.metrics.task_retries.inc_by(rescheduled.len() as u64);
-            let reason = state.machine.get_executor(*id).and_then(|e| e.reason.as_deref()).unwrap_or("");
+            let reason =
+                state.machine.get_executor(*id).and_then(|e| e.reason.as_deref()).unwrap_or("");
             tracing::warn!(executor_id = %id, rescheduled = rescheduled.len(), lost = lost.len(), "executor declared down: {reason}");
         }
         self.sessions.committed(&state.machine, outcome)
@@ -141,9 +167,16 @@ impl Node {
     /// The Prometheus text, with the state-derived gauges brought up to date first.
     pub fn metrics_text(&self) -> Result<String, String> {
         let leader_known = self.raft.metrics().borrow().current_leader.is_some();
-        let (executors_connected, heartbeat_age_max) = (self.sessions.connected(), self.sessions.heartbeat_age_max());
+        let (executors_connected, heartbeat_age_max) =
+            (self.sessions.connected(), self.sessions.heartbeat_age_max());
         let state = self.state();
-        let scrape = Scrape { machine: &state.machine, leader_known, snapshot_stats: &self.snapshot_stats, executors_connected, heartbeat_age_max };
+        let scrape = Scrape {
+            machine: &state.machine,
+            leader_known,
+            snapshot_stats: &self.snapshot_stats,
+            executors_connected,
+            heartbeat_age_max,
+        };
         self.metrics.render(&scrape).map_err(|e| e.to_string())
     }
 }

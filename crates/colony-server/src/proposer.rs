@@ -54,7 +54,11 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    pub fn spawn(raft: Raft<TypeConfig>, config: ProposerConfig, metrics: Arc<Metrics>) -> Proposer {
+    pub fn spawn(
+        raft: Raft<TypeConfig>,
+        config: ProposerConfig,
+        metrics: Arc<Metrics>,
+    ) -> Proposer {
         let (tx, rx) = mpsc::channel(config.queue_commands_max);
         tokio::spawn(batch_loop(raft, rx, config, metrics));
         Proposer { tx }
@@ -63,12 +67,20 @@ impl Proposer {
     /// Proposes one command and waits until it is committed and applied (or fails).
     pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Pending { command, reply }).await.map_err(|_| ProposeError::Raft("server is shutting down".into()))?;
+        self.tx
+            .send(Pending { command, reply })
+            .await
+            .map_err(|_| ProposeError::Raft("server is shutting down".into()))?;
         rx.await.map_err(|_| ProposeError::Raft("server is shutting down".into()))?
     }
 }
 
-async fn batch_loop(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>, config: ProposerConfig, metrics: Arc<Metrics>) {
+async fn batch_loop(
+    raft: Raft<TypeConfig>,
+    mut rx: mpsc::Receiver<Pending>,
+    config: ProposerConfig,
+    metrics: Arc<Metrics>,
+) {
     let slots = Arc::new(Semaphore::new(config.in_flight_max));
     while let Some(first) = rx.recv().await {
         // Waiting for a slot lets more commands queue up behind `first`: under load, batches grow.
@@ -90,7 +102,8 @@ async fn batch_loop(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>, con
 
 async fn propose_batch(raft: &Raft<TypeConfig>, batch: Vec<Pending>, metrics: &Metrics) {
     let now_unix_ms = colony_process::unix_ms();
-    let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+    let (commands, replies): (Vec<Command>, Vec<_>) =
+        batch.into_iter().map(|p| (p.command, p.reply)).unzip();
     let count = commands.len();
     metrics.raft_proposal_commands.observe(count as f64);
     let started = Instant::now();
@@ -102,14 +115,21 @@ async fn propose_batch(raft: &Raft<TypeConfig>, batch: Vec<Pending>, metrics: &M
     match written {
         Ok(response) => {
             let results = response.data.results;
-            assert_eq!(results.len(), count, "state machine returned {} results for {count} commands", results.len());
+            assert_eq!(
+                results.len(),
+                count,
+                "state machine returned {} results for {count} commands",
+                results.len()
+            );
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(result.map_err(ProposeError::Rejected));
             }
         }
         Err(error) => {
             let error = match error {
-                RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => ProposeError::NotLeader,
+                RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+                    ProposeError::NotLeader
+                }
                 other => ProposeError::Raft(other.to_string()),
             };
             for reply in replies {

@@ -35,7 +35,10 @@ fn decode<T: serde::de::DeserializeOwned>(message: &RaftMessage) -> Result<T, St
 
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
-    async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+    async fn append_entries(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
         let message = request.into_inner();
         self.open(&message)?;
         let result = self.raft.append_entries(decode(&message)?).await;
@@ -49,7 +52,10 @@ impl RaftRpc for RaftService {
         self.reply(&result)
     }
 
-    async fn install_snapshot(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
         let message = request.into_inner();
         self.open(&message)?;
         let result = self.raft.install_snapshot(decode(&message)?).await;

@@ -48,17 +48,29 @@ impl Sessions {
     }
 
     /// A registered executor's new session; an older session of the same executor is closed.
-    pub fn open(&self, state: &StateMachine, executor: ExecutorId, link: Link, running: &[RunningAttempt]) -> Vec<Effect> {
+    pub fn open(
+        &self,
+        state: &StateMachine,
+        executor: ExecutorId,
+        link: Link,
+        running: &[RunningAttempt],
+    ) -> Vec<Effect> {
         let mut inner = self.lock();
         let session = link.session;
         if let Some(previous) = inner.links.insert(executor, link) {
             CloseCode::GoingAway.close(&previous.connection, "replaced by a newer connection");
         }
-        let effects = inner.leader.handle_connected(state, executor, session, running, Instant::now());
+        let effects =
+            inner.leader.handle_connected(state, executor, session, running, Instant::now());
         perform(&mut inner, state, effects)
     }
 
-    pub fn heartbeat(&self, state: &StateMachine, executor: ExecutorId, running: &[RunningAttempt]) -> Vec<Effect> {
+    pub fn heartbeat(
+        &self,
+        state: &StateMachine,
+        executor: ExecutorId,
+        running: &[RunningAttempt],
+    ) -> Vec<Effect> {
         let mut inner = self.lock();
         let effects = inner.leader.handle_heartbeat(state, executor, running, Instant::now());
         perform(&mut inner, state, effects)

@@ -45,9 +45,15 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         tracing::warn!("--unsafe-stale-reads: every read is served from this server's own state; reads are NOT linearizable");
     }
     // Listeners first, so a port in use fails the start before anything is opened.
-    let listener = TcpListener::bind(&identity.addr).await.with_context(|| format!("cannot listen on {}", identity.addr))?;
+    let listener = TcpListener::bind(&identity.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", identity.addr))?;
     let metrics_listener = match &config.metrics_listen {
-        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen for metrics on {addr}"))?),
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        ),
         None => None,
     };
     let quic_addr = tokio::net::lookup_host(&identity.addr)
@@ -74,7 +80,12 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let gateway = tokio::spawn(crate::gateway::start(node.clone(), quic_addr));
     let joining = match config.join.is_empty() {
         true => None,
-        false => Some(tokio::spawn(join(node.raft().clone(), peers.clone(), identity.clone(), config.join.clone()))),
+        false => Some(tokio::spawn(join(
+            node.raft().clone(),
+            peers.clone(),
+            identity.clone(),
+            config.join.clone(),
+        ))),
     };
 
     let outcome = follow(&node, health, &mut grpc, gateway, joining).await;
@@ -92,7 +103,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
 }
 
 /// Opens storage and Raft (bootstrapping a new cluster when asked) and builds the node.
-async fn open_node(config: &ServerConfig, identity: &Identity, peers: &Peers) -> anyhow::Result<Node> {
+async fn open_node(
+    config: &ServerConfig,
+    identity: &Identity,
+    peers: &Peers,
+) -> anyhow::Result<Node> {
     let id = identity.node_id;
     let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
     let store_options = colony_store::StoreOptions { check_invariants: config.check_invariants };
@@ -112,11 +127,19 @@ async fn open_node(config: &ServerConfig, identity: &Identity, peers: &Peers) ->
     }
     .validate()
     .context("invalid raft configuration")?;
-    let network = Network { peers: peers.clone(), cluster_id: identity.cluster_id.clone(), metrics: metrics.clone() };
-    let raft = Raft::new(id, Arc::new(raft_config), network, log.clone(), sm).await.context("cannot start raft")?;
+    let network = Network {
+        peers: peers.clone(),
+        cluster_id: identity.cluster_id.clone(),
+        metrics: metrics.clone(),
+    };
+    let raft = Raft::new(id, Arc::new(raft_config), network, log.clone(), sm)
+        .await
+        .context("cannot start raft")?;
     if config.bootstrap && !raft.is_initialized().await? {
         tracing::info!("bootstrapping a new cluster");
-        raft.initialize(BTreeMap::from([(id, BasicNode::new(&identity.addr))])).await.context("cannot bootstrap the cluster")?;
+        raft.initialize(BTreeMap::from([(id, BasicNode::new(&identity.addr))]))
+            .await
+            .context("cannot bootstrap the cluster")?;
     }
     let proposer_config = ProposerConfig {
         batch_commands_max: config.proposal_commands_max,
@@ -155,9 +178,12 @@ fn serve_grpc(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("cannot build the reflection service")?;
-    let raft_service = RaftServer::new(RaftService { raft: node.raft().clone(), cluster_id: node.cluster_id().to_owned() })
-        .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
-        .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+    let raft_service = RaftServer::new(RaftService {
+        raft: node.raft().clone(),
+        cluster_id: node.cluster_id().to_owned(),
+    })
+    .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+    .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
@@ -169,7 +195,9 @@ fn serve_grpc(
 
 /// Accepted connections with Nagle's algorithm off: `Server::tcp_nodelay` applies only to
 /// listeners tonic binds itself, and Nagle plus delayed ACKs stalls small RPCs for tens of ms.
-fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     use tokio_stream::StreamExt as _;
     TcpListenerStream::new(listener).map(|accepted| {
         accepted.and_then(|stream| {
@@ -205,7 +233,9 @@ async fn follow(
                 if let Some(duties) = leading.take() {
                     duties.abort();
                     node.sessions().close_all("this server is no longer the leader");
-                    tracing::info!("no longer leading: scheduler stopped, executor sessions closed");
+                    tracing::info!(
+                        "no longer leading: scheduler stopped, executor sessions closed"
+                    );
                 }
             }
             (m.current_leader, m.running_state.clone().err())
@@ -257,7 +287,11 @@ fn ended(result: Result<anyhow::Result<()>, tokio::task::JoinError>) -> String {
     }
 }
 
-fn export_raft_metrics(node: &Node, m: &RaftMetrics<u64, BasicNode>, known_leader: &mut Option<u64>) {
+fn export_raft_metrics(
+    node: &Node,
+    m: &RaftMetrics<u64, BasicNode>,
+    known_leader: &mut Option<u64>,
+) {
     let metrics = node.metrics();
     metrics.raft_term.set(m.current_term as i64);
     metrics.raft_is_leader.set(i64::from(m.state == openraft::ServerState::Leader));

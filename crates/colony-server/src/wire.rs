@@ -19,7 +19,8 @@ pub enum WireError {
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, WireError> {
     let mut out = vec![WIRE_VERSION];
-    bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard()).map_err(|e| WireError::Encode(e.to_string()))?;
+    bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())
+        .map_err(|e| WireError::Encode(e.to_string()))?;
     Ok(out)
 }
 
@@ -28,6 +29,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
     if version != WIRE_VERSION {
         return Err(WireError::Version(version));
     }
-    let (value, _) = bincode::serde::decode_from_slice(body, bincode::config::standard()).map_err(|e| WireError::Decode(e.to_string()))?;
+    let (value, _) = bincode::serde::decode_from_slice(body, bincode::config::standard())
+        .map_err(|e| WireError::Decode(e.to_string()))?;
     Ok(value)
 }

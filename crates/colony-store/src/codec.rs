@@ -113,7 +113,10 @@ mod tests {
     #[test]
     fn short_frame_is_truncated() {
         assert!(matches!(decode::<u64>(&[]), Err(CodecError::Truncated { len: 0 })));
-        assert!(matches!(decode::<u64>(&[FORMAT_VERSION, 0, 0]), Err(CodecError::Truncated { len: 3 })));
+        assert!(matches!(
+            decode::<u64>(&[FORMAT_VERSION, 0, 0]),
+            Err(CodecError::Truncated { len: 3 })
+        ));
     }
 
     #[test]
@@ -136,19 +139,30 @@ mod tests {
             namespace: "default".to_owned(),
             labels: BTreeMap::new(),
             capabilities: BTreeSet::new(),
-            resources: Resources { cpu_millis: 500, memory_bytes: 64 << 20, gpus: 0, custom: BTreeMap::new() },
+            resources: Resources {
+                cpu_millis: 500,
+                memory_bytes: 64 << 20,
+                gpus: 0,
+                custom: BTreeMap::new(),
+            },
             priority: 10,
             deadline_unix_ms: None,
             timeout_ms: None,
             max_retries: 0,
             dependencies: BTreeSet::new(),
-            run: RunSpec::Process { program: "/bin/true".to_owned(), args: vec![], env: BTreeMap::new() },
+            run: RunSpec::Process {
+                program: "/bin/true".to_owned(),
+                args: vec![],
+                env: BTreeMap::new(),
+            },
             idempotency_key: None,
             placement: Default::default(),
             memory_auto: false,
         };
         let proposal = Proposal { now_unix_ms: 5, commands: vec![Command::SubmitTask(spec)] };
-        let decoded = encode(&proposal).map_err(|e| e.to_string()).and_then(|f| decode(&f).map_err(|e| e.to_string()));
+        let decoded = encode(&proposal)
+            .map_err(|e| e.to_string())
+            .and_then(|f| decode(&f).map_err(|e| e.to_string()));
         assert_eq!(decoded, Ok(proposal.clone()), "a proposal submitting a task");
 
         let mut applied = Applied::default();

@@ -78,7 +78,10 @@ pub struct StoreOptions {
 /// Opens (creating if absent) the store under `dir`: RocksDB in `dir/raft`, snapshots in
 /// `dir/snapshots`. The state machine is restored from the latest snapshot; openraft re-applies
 /// committed log entries after it on start.
-pub fn open(dir: &std::path::Path, options: &StoreOptions) -> Result<(LogStore, StateMachineStore), StoreError> {
+pub fn open(
+    dir: &std::path::Path,
+    options: &StoreOptions,
+) -> Result<(LogStore, StateMachineStore), StoreError> {
     let log = LogStore::open(&dir.join("raft"))?;
     let sm = StateMachineStore::open(&dir.join("snapshots"), options)?;
     Ok((log, sm))

@@ -11,8 +11,8 @@ use crate::{codec, StoreError, TypeConfig};
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{Entry, ErrorSubject, ErrorVerb, LogId, StorageError, StorageIOError, Vote};
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
-    Options, ReadOptions, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
+    IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -81,9 +81,11 @@ impl LogStore {
     /// Opens (creating if absent) the log database at `path`.
     pub fn open(path: &Path) -> Result<LogStore, StoreError> {
         let display = path.display().to_string();
-        std::fs::create_dir_all(path).map_err(|source| StoreError::Io { path: display.clone(), source })?;
+        std::fs::create_dir_all(path)
+            .map_err(|source| StoreError::Io { path: display.clone(), source })?;
         let options = db_options();
-        let families = [CF_LOG, CF_META].map(|name| ColumnFamilyDescriptor::new(name, options.clone()));
+        let families =
+            [CF_LOG, CF_META].map(|name| ColumnFamilyDescriptor::new(name, options.clone()));
         let db = DB::open_cf_descriptors(&options, path, families)
             .map_err(|source| StoreError::Rocks { path: display.clone(), source })?;
         let db = Arc::new(db);
@@ -140,20 +142,30 @@ impl LogStore {
     }
 
     fn write_meta<T: Serialize>(&self, key: &str, value: &T, sync: bool) -> Result<(), StoreError> {
-        let frame = codec::encode(value).map_err(|source| StoreError::Encode { what: format!("meta key {key:?}"), source })?;
-        self.db().put_cf_opt(self.column(CF_META)?, key, frame, &write_options(sync)).map_err(|e| self.rocks(e))
+        let frame = codec::encode(value)
+            .map_err(|source| StoreError::Encode { what: format!("meta key {key:?}"), source })?;
+        self.db()
+            .put_cf_opt(self.column(CF_META)?, key, frame, &write_options(sync))
+            .map_err(|e| self.rocks(e))
     }
 
     /// Deletes the log entries with index in `[from, to]` (and, when given, records the last
     /// purged log id in the same batch), fsynced.
-    fn delete_entries(&self, from: u64, to: u64, last_purged: Option<&LogId<u64>>) -> Result<(), StoreError> {
+    fn delete_entries(
+        &self,
+        from: u64,
+        to: u64,
+        last_purged: Option<&LogId<u64>>,
+    ) -> Result<(), StoreError> {
         let log = self.column(CF_LOG)?;
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(log, from.to_be_bytes(), to.to_be_bytes());
         batch.delete_cf(log, to.to_be_bytes());
         if let Some(log_id) = last_purged {
-            let frame = codec::encode(log_id)
-                .map_err(|source| StoreError::Encode { what: format!("meta key {KEY_LAST_PURGED:?}"), source })?;
+            let frame = codec::encode(log_id).map_err(|source| StoreError::Encode {
+                what: format!("meta key {KEY_LAST_PURGED:?}"),
+                source,
+            })?;
             batch.put_cf(self.column(CF_META)?, KEY_LAST_PURGED, frame);
         }
         self.db().write_opt(batch, &write_options(true)).map_err(|e| self.rocks(e))
@@ -193,7 +205,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
         for item in self.db().iterator_cf_opt(log, read_options, mode) {
             let (key, value) = item.map_err(|e| read_error(ErrorSubject::Logs, &self.rocks(e)))?;
             let index = decode_index(&key).map_err(|e| read_error(ErrorSubject::Logs, &e))?;
-            let entry = decode_entry(index, &value).map_err(|e| read_error(ErrorSubject::LogIndex(index), &e))?;
+            let entry = decode_entry(index, &value)
+                .map_err(|e| read_error(ErrorSubject::LogIndex(index), &e))?;
             entries.push(entry);
         }
         Ok(entries)
@@ -212,7 +225,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Some(Err(e)) => return Err(read_error(ErrorSubject::Logs, &self.rocks(e))),
             Some(Ok((key, value))) => {
                 let index = decode_index(&key).map_err(|e| read_error(ErrorSubject::Logs, &e))?;
-                let entry = decode_entry(index, &value).map_err(|e| read_error(ErrorSubject::LogIndex(index), &e))?;
+                let entry = decode_entry(index, &value)
+                    .map_err(|e| read_error(ErrorSubject::LogIndex(index), &e))?;
                 Some(entry.log_id)
             }
         };
@@ -231,10 +245,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.read_meta(KEY_VOTE).map_err(|e| read_error(ErrorSubject::Vote, &e))
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StorageError<u64>> {
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<u64>>,
+    ) -> Result<(), StorageError<u64>> {
         // Not fsynced: losing the latest committed id in a crash only means re-applying less of
         // the log on restart; the rest is re-learned from the leader.
-        self.write_meta(KEY_COMMITTED, &committed, false).map_err(|e| write_error(ErrorSubject::Store, &e))?;
+        self.write_meta(KEY_COMMITTED, &committed, false)
+            .map_err(|e| write_error(ErrorSubject::Store, &e))?;
         let index = committed.map_or(NOTHING_COMMITTED, |id| id.index);
         self.inner.committed_index.store(index, Ordering::Release);
         Ok(())
@@ -246,7 +264,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(committed.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<u64>>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<u64>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
@@ -255,14 +277,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = WriteBatch::default();
         for entry in entries {
             let frame = codec::encode(&entry).map_err(|source| {
-                let error = StoreError::Encode { what: format!("raft log entry {}", entry.log_id), source };
+                let error =
+                    StoreError::Encode { what: format!("raft log entry {}", entry.log_id), source };
                 StorageError::from(StorageIOError::write_log_entry(entry.log_id, &error))
             })?;
             batch.put_cf(log, entry.log_id.index.to_be_bytes(), frame);
         }
         // Written, not fsynced: the entries are in the OS's copy of the write-ahead log, visible to
         // reads now, and durable once the flusher's next fsync returns.
-        self.db().write_opt(batch, &write_options(false)).map_err(|e| write_error(ErrorSubject::Logs, &self.rocks(e)))?;
+        self.db()
+            .write_opt(batch, &write_options(false))
+            .map_err(|e| write_error(ErrorSubject::Logs, &self.rocks(e)))?;
         let closed = || {
             let error = StoreError::Io {
                 path: self.inner.path.clone(),
@@ -276,20 +301,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
         self.delete_entries(log_id.index, u64::MAX, None).map_err(|e| {
-            StorageError::from(StorageIOError::new(ErrorSubject::Log(log_id), ErrorVerb::Delete, &e))
+            StorageError::from(StorageIOError::new(
+                ErrorSubject::Log(log_id),
+                ErrorVerb::Delete,
+                &e,
+            ))
         })
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
         self.delete_entries(0, log_id.index, Some(&log_id)).map_err(|e| {
-            StorageError::from(StorageIOError::new(ErrorSubject::Log(log_id), ErrorVerb::Delete, &e))
+            StorageError::from(StorageIOError::new(
+                ErrorSubject::Log(log_id),
+                ErrorVerb::Delete,
+                &e,
+            ))
         })
     }
 }
 
 /// The flusher thread: waits for appends, fsyncs the write-ahead log once for all that are
 /// waiting, then reports each of them flushed (or failed). Returns when every `LogStore` is gone.
-fn run_flusher(db: &DB, path: &str, wal_syncs: &AtomicU64, pending: &Receiver<LogFlushed<TypeConfig>>) {
+fn run_flusher(
+    db: &DB,
+    path: &str,
+    wal_syncs: &AtomicU64,
+    pending: &Receiver<LogFlushed<TypeConfig>>,
+) {
     while let Ok(first) = pending.recv() {
         let mut callbacks = vec![first];
         callbacks.extend(pending.try_iter().take(FLUSH_QUEUE_CALLBACKS_MAX));
@@ -338,7 +376,9 @@ fn column<'a>(db: &'a DB, path: &str, name: &str) -> Result<&'a ColumnFamily, St
 
 fn read_meta<T: DeserializeOwned>(db: &DB, path: &str, key: &str) -> Result<Option<T>, StoreError> {
     let meta = column(db, path, CF_META)?;
-    let Some(frame) = db.get_pinned_cf(meta, key).map_err(|source| StoreError::Rocks { path: path.to_string(), source })?
+    let Some(frame) = db
+        .get_pinned_cf(meta, key)
+        .map_err(|source| StoreError::Rocks { path: path.to_string(), source })?
     else {
         return Ok(None);
     };
@@ -358,10 +398,13 @@ fn decode_index(key: &[u8]) -> Result<u64, StoreError> {
 
 fn decode_entry(index: u64, frame: &[u8]) -> Result<Entry<TypeConfig>, StoreError> {
     let what = || format!("raft log entry at index {index}");
-    let entry: Entry<TypeConfig> =
-        codec::decode(frame).map_err(|e| StoreError::Corrupt { what: what(), detail: e.to_string() })?;
+    let entry: Entry<TypeConfig> = codec::decode(frame)
+        .map_err(|e| StoreError::Corrupt { what: what(), detail: e.to_string() })?;
     if entry.log_id.index != index {
-        return Err(StoreError::Corrupt { what: what(), detail: format!("it holds the entry for {}", entry.log_id) });
+        return Err(StoreError::Corrupt {
+            what: what(),
+            detail: format!("it holds the entry for {}", entry.log_id),
+        });
     }
     Ok(entry)
 }

@@ -41,7 +41,9 @@ impl SnapshotFile {
         fs::create_dir_all(dir).map_err(|source| io_error(dir, source))?;
         let temporary = dir.join(TEMPORARY_NAME);
         match fs::remove_file(&temporary) {
-            Ok(()) => tracing::info!(path = %temporary.display(), "removed a snapshot left half-written by a crash"),
+            Ok(()) => {
+                tracing::info!(path = %temporary.display(), "removed a snapshot left half-written by a crash")
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(source) => return Err(io_error(&temporary, source)),
         }
@@ -59,10 +61,11 @@ impl SnapshotFile {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(io_error(&path, source)),
         };
-        let (meta, data): (Meta, Vec<u8>) = codec::decode(&frame).map_err(|e| StoreError::Corrupt {
-            what: format!("snapshot file {}", path.display()),
-            detail: e.to_string(),
-        })?;
+        let (meta, data): (Meta, Vec<u8>) =
+            codec::decode(&frame).map_err(|e| StoreError::Corrupt {
+                what: format!("snapshot file {}", path.display()),
+                detail: e.to_string(),
+            })?;
         Ok(Some(StoredSnapshot { meta, data }))
     }
 
@@ -73,13 +76,17 @@ impl SnapshotFile {
         if persisted.as_ref().is_some_and(|current| current.last_log_id > meta.last_log_id) {
             return Ok(false);
         }
-        let frame = codec::encode(&(meta, data))
-            .map_err(|source| StoreError::Encode { what: format!("snapshot {}", meta.snapshot_id), source })?;
+        let frame = codec::encode(&(meta, data)).map_err(|source| StoreError::Encode {
+            what: format!("snapshot {}", meta.snapshot_id),
+            source,
+        })?;
         let temporary = self.dir.join(TEMPORARY_NAME);
         let current = self.dir.join(CURRENT_NAME);
         write_synced(&temporary, &frame).map_err(|source| io_error(&temporary, source))?;
         fs::rename(&temporary, &current).map_err(|source| io_error(&current, source))?;
-        File::open(&self.dir).and_then(|dir| dir.sync_all()).map_err(|source| io_error(&self.dir, source))?;
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|source| io_error(&self.dir, source))?;
         *persisted = Some(meta.clone());
         Ok(true)
     }

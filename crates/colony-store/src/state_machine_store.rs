@@ -10,7 +10,8 @@ use crate::{codec, Applied, ProposalResponse, SharedState, StoreError, StoreOpti
 use colony_core::StateMachine;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use openraft::{
-    BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, StorageError, StorageIOError, StoredMembership,
+    BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, StorageError, StorageIOError,
+    StoredMembership,
 };
 use std::io::Cursor;
 use std::path::Path;
@@ -91,7 +92,10 @@ impl StateMachineStore {
         if !self.check_invariants {
             return Ok(());
         }
-        machine.check_invariants().map_err(|violation| StoreError::InvariantViolated { log_id, violation: Box::new(violation) })
+        machine.check_invariants().map_err(|violation| StoreError::InvariantViolated {
+            log_id,
+            violation: Box::new(violation),
+        })
     }
 
     fn read_state(&self) -> Result<RwLockReadGuard<'_, Applied>, StoreError> {
@@ -162,11 +166,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError<u64>> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<u64>> {
         let data = snapshot.into_inner();
         let restored = decode_applied(meta, &data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
@@ -179,13 +189,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
         let snapshots = Arc::clone(&self.snapshots);
         let read = tokio::task::spawn_blocking(move || snapshots.read())
             .await
             .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
         let stored = read.map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-        Ok(stored.map(|StoredSnapshot { meta, data }| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+        Ok(stored.map(|StoredSnapshot { meta, data }| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
     }
 }
 
@@ -196,7 +211,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let (last_log_id, last_membership, data) = {
             let applied = self.read_state().map_err(|e| state_error(ErrorVerb::Read, &e))?;
             let data = codec::encode(&*applied).map_err(|source| {
-                let error = StoreError::Encode { what: "state machine snapshot".to_string(), source };
+                let error =
+                    StoreError::Encode { what: "state machine snapshot".to_string(), source };
                 StorageIOError::write_snapshot(None, &error)
             })?;
             (applied.last_applied, applied.membership.clone(), data)
@@ -215,7 +231,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
 
 /// Decodes a snapshot's state-machine bytes and checks they are the state its metadata names.
 fn decode_applied(meta: &Meta, data: &[u8]) -> Result<Applied, StoreError> {
-    let corrupt = |detail: String| StoreError::Corrupt { what: format!("snapshot {}", meta.snapshot_id), detail };
+    let corrupt = |detail: String| StoreError::Corrupt {
+        what: format!("snapshot {}", meta.snapshot_id),
+        detail,
+    };
     let applied: Applied = codec::decode(data).map_err(|e| corrupt(e.to_string()))?;
     if applied.last_applied != meta.last_log_id || applied.membership != meta.last_membership {
         return Err(corrupt(format!(
@@ -256,7 +275,11 @@ mod tests {
     fn corrupted() -> StateMachine {
         let config = bincode::config::standard();
         let mut bytes = bincode::serde::encode_to_vec(StateMachine::new(), config).unwrap();
-        assert_eq!(bytes[bytes.len() - 3..], [0x00, 0x00, 0x01], "the state machine's encoding moved; update this test");
+        assert_eq!(
+            bytes[bytes.len() - 3..],
+            [0x00, 0x00, 0x01],
+            "the state machine's encoding moved; update this test"
+        );
         bytes.truncate(bytes.len() - 2);
         bytes.extend_from_slice(&[0x01, 0x05, 0x01]);
         bincode::serde::decode_from_slice(&bytes, config).unwrap().0
@@ -270,8 +293,14 @@ mod tests {
 
     /// A proposal that changes nothing but the clock, so only the corruption can fail the check.
     fn entry() -> Entry<TypeConfig> {
-        let proposal = Proposal { now_unix_ms: 1_000, commands: vec![Command::CancelTask { id: TaskId(9), reason: String::new() }] };
-        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), 1), payload: EntryPayload::Normal(proposal) }
+        let proposal = Proposal {
+            now_unix_ms: 1_000,
+            commands: vec![Command::CancelTask { id: TaskId(9), reason: String::new() }],
+        };
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(proposal),
+        }
     }
 
     #[test]
@@ -283,7 +312,10 @@ mod tests {
         match store.checked(&machine, log_id) {
             Err(StoreError::InvariantViolated { log_id: at, violation }) => {
                 assert_eq!(at, log_id);
-                assert_eq!(*violation, InvariantViolation::CurrentModelMissing { version: ModelVersion(5) });
+                assert_eq!(
+                    *violation,
+                    InvariantViolation::CurrentModelMissing { version: ModelVersion(5) }
+                );
             }
             other => panic!("expected an invariant violation, got {other:?}"),
         }
@@ -307,7 +339,10 @@ mod tests {
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "apply went on after a violation; stderr: {stderr}");
-        assert!(stderr.contains("fatal: state machine invariant broken after applying log entry"), "{stderr}");
+        assert!(
+            stderr.contains("fatal: state machine invariant broken after applying log entry"),
+            "{stderr}"
+        );
         assert!(stderr.contains("current model 5 is not in the registry"), "{stderr}");
     }
 

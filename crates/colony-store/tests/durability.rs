@@ -5,7 +5,8 @@
 use colony_core::{Command, CommandError, Proposal, TaskId};
 use colony_store::{LogStore, StateMachineStore, StoreError, StoreOptions, TypeConfig};
 use openraft::storage::{
-    RaftLogReader, RaftLogStorage, RaftLogStorageExt, RaftSnapshotBuilder, RaftStateMachine, StorageHelper,
+    RaftLogReader, RaftLogStorage, RaftLogStorageExt, RaftSnapshotBuilder, RaftStateMachine,
+    StorageHelper,
 };
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership, Vote};
 use std::collections::BTreeSet;
@@ -165,7 +166,10 @@ async fn flipped_bit_in_the_committed_id_fails_open() {
 
     match LogStore::open(&dir.path().join("raft")) {
         Err(StoreError::Corrupt { what, detail }) => {
-            assert!(what.contains("committed") && detail.contains("checksum mismatch"), "{what}: {detail}")
+            assert!(
+                what.contains("committed") && detail.contains("checksum mismatch"),
+                "{what}: {detail}"
+            )
         }
         Err(other) => panic!("expected corruption, got {other}"),
         Ok(_) => panic!("a corrupt committed id opened"),
@@ -184,7 +188,10 @@ async fn flipped_bit_in_the_snapshot_file_fails_open() {
 
     match colony_store::open(dir.path(), &CHECKED) {
         Err(StoreError::Corrupt { what, detail }) => {
-            assert!(what.contains("snapshot.bin") && detail.contains("checksum mismatch"), "{what}: {detail}")
+            assert!(
+                what.contains("snapshot.bin") && detail.contains("checksum mismatch"),
+                "{what}: {detail}"
+            )
         }
         Err(other) => panic!("expected corruption, got {other}"),
         Ok(_) => panic!("a corrupt snapshot opened"),
@@ -203,7 +210,8 @@ async fn corrupt_snapshot_is_not_installed() {
     let mut data = snapshot.snapshot.into_inner();
     let middle = data.len() / 2;
     data[middle] ^= 0x10;
-    let error = follower.install_snapshot(&snapshot.meta, Box::new(Cursor::new(data))).await.unwrap_err();
+    let error =
+        follower.install_snapshot(&snapshot.meta, Box::new(Cursor::new(data))).await.unwrap_err();
     assert!(error.to_string().contains("checksum mismatch"), "{error}");
     assert_eq!(follower.applied_state().await.unwrap().0, None);
     assert!(follower.get_current_snapshot().await.unwrap().is_none());
@@ -217,7 +225,8 @@ async fn installed_snapshot_replaces_state_and_survives_restart() {
     leader.apply(entries(1..=4)).await.unwrap();
     let snapshot = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
     {
-        let (_follower_log, mut follower) = colony_store::open(follower_dir.path(), &CHECKED).unwrap();
+        let (_follower_log, mut follower) =
+            colony_store::open(follower_dir.path(), &CHECKED).unwrap();
         follower.install_snapshot(&snapshot.meta, snapshot.snapshot).await.unwrap();
         assert_eq!(clock_ms(&follower), 4_000);
     }
@@ -239,7 +248,9 @@ async fn concurrent_appends_all_complete_and_share_fsyncs() {
         .map(|append| {
             let mut log = log.clone();
             let first = append * ENTRIES_PER_APPEND + 1;
-            tokio::spawn(async move { log.blocking_append(entries(first..=first + ENTRIES_PER_APPEND - 1)).await })
+            tokio::spawn(async move {
+                log.blocking_append(entries(first..=first + ENTRIES_PER_APPEND - 1)).await
+            })
         })
         .collect();
     for append in appends {

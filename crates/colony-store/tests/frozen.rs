@@ -24,14 +24,10 @@ const FORMAT_CHANGE: &str =
                              reader for the old format; do not just replace the frozen file";
 
 /// The stores here check the state machine's invariants after each entry they apply.
-const CHECKED: StoreOptions = StoreOptions {
-    check_invariants: true,
-};
+const CHECKED: StoreOptions = StoreOptions { check_invariants: true };
 
 fn frozen(name: &str) -> Vec<u8> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/frozen")
-        .join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/frozen").join(name);
     let text = std::fs::read_to_string(&path).unwrap();
     let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
     digits
@@ -43,11 +39,8 @@ fn frozen(name: &str) -> Vec<u8> {
 /// Lowercase hex, 64 digits a line, as the frozen files are written.
 fn hex(bytes: &[u8]) -> String {
     let digits: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let lines: Vec<&str> = digits
-        .as_bytes()
-        .chunks(64)
-        .map(|line| std::str::from_utf8(line).unwrap())
-        .collect();
+    let lines: Vec<&str> =
+        digits.as_bytes().chunks(64).map(|line| std::str::from_utf8(line).unwrap()).collect();
     lines.join("\n") + "\n"
 }
 
@@ -77,10 +70,7 @@ fn spec(name: &str) -> TaskSpec {
         timeout_ms: None,
         max_retries: 0,
         dependencies: BTreeSet::new(),
-        run: RunSpec::Builtin {
-            handler: "sleep".to_owned(),
-            input: "1s".to_owned(),
-        },
+        run: RunSpec::Builtin { handler: "sleep".to_owned(), input: "1s".to_owned() },
         idempotency_key: None,
         placement: PlacementPolicy::BinPack,
         memory_auto: false,
@@ -154,36 +144,18 @@ fn every_command() -> Vec<Command> {
     vec![
         Command::SubmitTask(full_spec()),
         Command::SubmitTask(spec("sleep")),
-        Command::CancelTask {
-            id: TaskId(3),
-            reason: "no longer needed".to_owned(),
-        },
-        Command::InitCa(ClusterCaRecord {
-            cert_pem: "CERT".to_owned(),
-            key_pem: "KEY".to_owned(),
-        }),
-        Command::CreateJoinToken {
-            secret_hash: [0xa5; 32],
-            expires_unix_ms: 1_700_000_900_000,
-        },
+        Command::CancelTask { id: TaskId(3), reason: "no longer needed".to_owned() },
+        Command::InitCa(ClusterCaRecord { cert_pem: "CERT".to_owned(), key_pem: "KEY".to_owned() }),
+        Command::CreateJoinToken { secret_hash: [0xa5; 32], expires_unix_ms: 1_700_000_900_000 },
         Command::AdmitExecutor {
             secret_hash: [0xa5; 32],
             expected_id: ExecutorId(1),
             name: "e1".to_owned(),
             cert_fingerprint: [0x3c; 32],
         },
-        Command::RegisterExecutor {
-            id: ExecutorId(1),
-            spec: executor_spec(),
-        },
-        Command::MarkExecutorDown {
-            id: ExecutorId(2),
-            reason: "silent for 3s".to_owned(),
-        },
-        Command::DrainExecutor {
-            id: ExecutorId(1),
-            deadline_unix_ms: 1_700_000_700_000,
-        },
+        Command::RegisterExecutor { id: ExecutorId(1), spec: executor_spec() },
+        Command::MarkExecutorDown { id: ExecutorId(2), reason: "silent for 3s".to_owned() },
+        Command::DrainExecutor { id: ExecutorId(1), deadline_unix_ms: 1_700_000_700_000 },
         Command::PlaceTasks {
             placements: vec![Placement {
                 task: TaskId(1),
@@ -191,10 +163,7 @@ fn every_command() -> Vec<Command> {
                 evict: vec![TaskId(4)],
                 memory_bytes: Some(256 << 20),
             }],
-            unschedulable: vec![(
-                TaskId(5),
-                "unschedulable: no executor has 2 gpus".to_owned(),
-            )],
+            unschedulable: vec![(TaskId(5), "unschedulable: no executor has 2 gpus".to_owned())],
         },
         Command::Report {
             executor: ExecutorId(1),
@@ -215,22 +184,15 @@ fn every_command() -> Vec<Command> {
                 peak_memory_bytes: Some(100 << 20),
             }),
         },
-        Command::ExpireTasks {
-            ids: vec![TaskId(7), TaskId(8)],
-        },
+        Command::ExpireTasks { ids: vec![TaskId(7), TaskId(8)] },
         Command::PublishModel {
             device: "cpu".to_owned(),
             feature_schema: "colony-features-v1".to_owned(),
             weights: vec![1, 2, 3, 4],
             metrics: metrics(),
         },
-        Command::RollbackModel {
-            version: ModelVersion(1),
-        },
-        Command::EvictTasks {
-            ids: vec![TaskId(9)],
-            reason: "drain deadline passed".to_owned(),
-        },
+        Command::RollbackModel { version: ModelVersion(1) },
+        Command::EvictTasks { ids: vec![TaskId(9)], reason: "drain deadline passed".to_owned() },
     ]
 }
 
@@ -250,10 +212,7 @@ fn executor_spec() -> ExecutorSpec {
 
 #[test]
 fn proposal_with_every_command_is_frozen() {
-    let proposal = Proposal {
-        now_unix_ms: 1_700_000_000_000,
-        commands: every_command(),
-    };
+    let proposal = Proposal { now_unix_ms: 1_700_000_000_000, commands: every_command() };
     let covered: BTreeSet<usize> = proposal.commands.iter().map(variant).collect();
     assert_eq!(
         covered,
@@ -262,10 +221,7 @@ fn proposal_with_every_command_is_frozen() {
     );
     let frame = codec::encode(&proposal).unwrap();
     assert_frozen("proposal_v1.hex", &frame);
-    assert_eq!(
-        codec::decode::<Proposal>(&frozen("proposal_v1.hex")).unwrap(),
-        proposal
-    );
+    assert_eq!(codec::decode::<Proposal>(&frozen("proposal_v1.hex")).unwrap(), proposal);
 }
 
 fn log_id(index: u64) -> LogId<u64> {
@@ -278,16 +234,11 @@ async fn log_entry_is_frozen() {
         now_unix_ms: 1_700_000_000_000,
         commands: vec![
             Command::SubmitTask(spec("sleep")),
-            Command::CancelTask {
-                id: TaskId(1),
-                reason: String::new(),
-            },
+            Command::CancelTask { id: TaskId(1), reason: String::new() },
         ],
     };
-    let entry: Entry<TypeConfig> = Entry {
-        log_id: log_id(42),
-        payload: EntryPayload::Normal(proposal),
-    };
+    let entry: Entry<TypeConfig> =
+        Entry { log_id: log_id(42), payload: EntryPayload::Normal(proposal) };
     let dir = tempfile::tempdir().unwrap();
     {
         let (mut log, _sm) = colony_store::open(dir.path(), &CHECKED).unwrap();
@@ -296,15 +247,9 @@ async fn log_entry_is_frozen() {
     // The bytes the log store put in RocksDB, read back without it.
     let raft_dir = dir.path().join("raft");
     let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), raft_dir, ["log", "meta"]).unwrap();
-    let stored = db
-        .get_cf(db.cf_handle("log").unwrap(), 42u64.to_be_bytes())
-        .unwrap()
-        .unwrap();
+    let stored = db.get_cf(db.cf_handle("log").unwrap(), 42u64.to_be_bytes()).unwrap().unwrap();
     assert_frozen("log_entry_v1.hex", &stored);
-    assert_eq!(
-        codec::decode::<Entry<TypeConfig>>(&frozen("log_entry_v1.hex")).unwrap(),
-        entry
-    );
+    assert_eq!(codec::decode::<Entry<TypeConfig>>(&frozen("log_entry_v1.hex")).unwrap(), entry);
 }
 
 /// A small state with something in every part: tasks blocked, pending, running, succeeded and
@@ -323,24 +268,15 @@ fn snapshot_commands() -> Vec<Command> {
         memory_bytes: None,
     };
     vec![
-        Command::InitCa(ClusterCaRecord {
-            cert_pem: "CERT".to_owned(),
-            key_pem: "KEY".to_owned(),
-        }),
-        Command::CreateJoinToken {
-            secret_hash: [0xa5; 32],
-            expires_unix_ms: 1_700_000_900_000,
-        },
+        Command::InitCa(ClusterCaRecord { cert_pem: "CERT".to_owned(), key_pem: "KEY".to_owned() }),
+        Command::CreateJoinToken { secret_hash: [0xa5; 32], expires_unix_ms: 1_700_000_900_000 },
         Command::AdmitExecutor {
             secret_hash: [0xa5; 32],
             expected_id: ExecutorId(1),
             name: "e1".to_owned(),
             cert_fingerprint: [0x3c; 32],
         },
-        Command::RegisterExecutor {
-            id: ExecutorId(1),
-            spec: executor_spec(),
-        },
+        Command::RegisterExecutor { id: ExecutorId(1), spec: executor_spec() },
         Command::SubmitTask(spec("running")),
         Command::SubmitTask(TaskSpec {
             dependencies: BTreeSet::from([TaskId(1)]),
@@ -353,10 +289,7 @@ fn snapshot_commands() -> Vec<Command> {
         }),
         Command::SubmitTask(spec("done")),
         Command::SubmitTask(spec("cancelled")),
-        Command::PlaceTasks {
-            placements: vec![placed, done],
-            unschedulable: Vec::new(),
-        },
+        Command::PlaceTasks { placements: vec![placed, done], unschedulable: Vec::new() },
         Command::Report {
             executor: ExecutorId(1),
             task: TaskId(1),
@@ -376,10 +309,7 @@ fn snapshot_commands() -> Vec<Command> {
                 peak_memory_bytes: Some(10 << 20),
             }),
         },
-        Command::CancelTask {
-            id: TaskId(5),
-            reason: "not needed".to_owned(),
-        },
+        Command::CancelTask { id: TaskId(5), reason: "not needed".to_owned() },
         Command::PublishModel {
             device: "cpu".to_owned(),
             feature_schema: "colony-features-v1".to_owned(),
@@ -395,42 +325,23 @@ async fn snapshot_file_is_frozen() {
         log_id: log_id(1),
         payload: EntryPayload::Membership(Membership::new(vec![BTreeSet::from([1])], None)),
     };
-    let proposal = Proposal {
-        now_unix_ms: 1_700_000_000_000,
-        commands: snapshot_commands(),
-    };
-    let entries = [
-        membership,
-        Entry {
-            log_id: log_id(2),
-            payload: EntryPayload::Normal(proposal.clone()),
-        },
-    ];
+    let proposal = Proposal { now_unix_ms: 1_700_000_000_000, commands: snapshot_commands() };
+    let entries =
+        [membership, Entry { log_id: log_id(2), payload: EntryPayload::Normal(proposal.clone()) }];
     let dir = tempfile::tempdir().unwrap();
     let (_log, mut sm) = colony_store::open(dir.path(), &CHECKED).unwrap();
     let responses = sm.apply(entries).await.unwrap();
     for (command, result) in proposal.commands.iter().zip(&responses[1].results) {
         assert!(result.is_ok(), "{command:?}: {result:?}");
     }
-    assert!(matches!(
-        responses[1].results[10],
-        Ok(Outcome::Reported { .. })
-    ));
-    sm.get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    assert!(matches!(responses[1].results[10], Ok(Outcome::Reported { .. })));
+    sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
 
     let written = std::fs::read(dir.path().join("snapshots/snapshot.bin")).unwrap();
     assert_frozen("snapshot_v1.hex", &written);
 
     let frozen_dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        frozen_dir.path().join("snapshot.bin"),
-        frozen("snapshot_v1.hex"),
-    )
-    .unwrap();
+    std::fs::write(frozen_dir.path().join("snapshot.bin"), frozen("snapshot_v1.hex")).unwrap();
     let (_, stored) = SnapshotFile::open(frozen_dir.path()).unwrap();
     let stored = stored.unwrap();
     let applied: Applied = codec::decode(&stored.data).unwrap();

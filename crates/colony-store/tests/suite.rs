@@ -16,7 +16,8 @@ struct TempStoreBuilder;
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for TempStoreBuilder {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError<u64>> {
         let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
-        let (log, sm) = colony_store::open(dir.path(), &CHECKED).map_err(|e| StorageIOError::write(&e))?;
+        let (log, sm) =
+            colony_store::open(dir.path(), &CHECKED).map_err(|e| StorageIOError::write(&e))?;
         Ok((dir, log, sm))
     }
 }

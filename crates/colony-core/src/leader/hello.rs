@@ -30,7 +30,12 @@ pub enum HelloRefusal {
 
 /// Checks a `Hello` from `id`, presented with a certificate whose fingerprint is `fingerprint`,
 /// offering `spec`.
-pub fn check_hello(state: &StateMachine, id: ExecutorId, fingerprint: &[u8; 32], spec: ExecutorSpec) -> Result<Hello, HelloRefusal> {
+pub fn check_hello(
+    state: &StateMachine,
+    id: ExecutorId,
+    fingerprint: &[u8; 32],
+    spec: ExecutorSpec,
+) -> Result<Hello, HelloRefusal> {
     let executor = state.get_executor(id).ok_or(HelloRefusal::UnknownExecutor(id))?;
     if &executor.cert_fingerprint != fingerprint {
         return Err(HelloRefusal::WrongCertificate(id));

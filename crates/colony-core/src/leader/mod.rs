@@ -19,7 +19,9 @@ pub use model::{ModelDecision, ModelTracker};
 
 use crate::ids::{ExecutorId, FencingToken, TaskId};
 use crate::scheduler::Plan;
-use crate::state_machine::{AttemptOutcome, AttemptResult, AttemptStatus, Command, Outcome, StateMachine};
+use crate::state_machine::{
+    AttemptOutcome, AttemptResult, AttemptStatus, Command, Outcome, StateMachine,
+};
 use crate::task::TaskState;
 use crate::ExecutorState;
 use std::collections::BTreeMap;
@@ -154,7 +156,8 @@ impl Leader {
         running: &[RunningAttempt],
         now: Instant,
     ) -> Vec<Effect> {
-        self.sessions.insert(executor, Session { id: session, last_heard: now, sent: BTreeMap::new() });
+        self.sessions
+            .insert(executor, Session { id: session, last_heard: now, sent: BTreeMap::new() });
         let mut effects = vec![Effect::WakeScheduler];
         effects.extend(lost_attempts(state, executor, running).map(Effect::Propose));
         effects.extend(self.reconcile(state, executor, running, now));
@@ -162,7 +165,13 @@ impl Leader {
     }
 
     /// A heartbeat: the executor is alive, and what it runs is compared with what it holds.
-    pub fn handle_heartbeat(&mut self, state: &StateMachine, executor: ExecutorId, running: &[RunningAttempt], now: Instant) -> Vec<Effect> {
+    pub fn handle_heartbeat(
+        &mut self,
+        state: &StateMachine,
+        executor: ExecutorId,
+        running: &[RunningAttempt],
+        now: Instant,
+    ) -> Vec<Effect> {
         match self.sessions.get_mut(&executor) {
             Some(session) => session.last_heard = now,
             None => return Vec::new(),
@@ -185,27 +194,37 @@ impl Leader {
     /// A command committed with `outcome`: assignments go out to their executors, attempts that
     /// stopped being current are killed at once (not at the next heartbeat), and an executor
     /// declared down loses its session. `state` is the state after the commit.
-    pub fn handle_committed(&mut self, state: &StateMachine, outcome: &Outcome, now: Instant) -> Vec<Effect> {
+    pub fn handle_committed(
+        &mut self,
+        state: &StateMachine,
+        outcome: &Outcome,
+        now: Instant,
+    ) -> Vec<Effect> {
         match outcome {
             Outcome::Placed { assigned, evicted, .. } => {
                 let mut effects = kill_superseded(state, evicted, KillReason::Preempted);
                 for a in assigned {
                     let Some(session) = self.sessions.get_mut(&a.executor) else { continue };
                     session.sent.insert(a.task, (a.token, now));
-                    let message = ToExecutor::Assign { task: a.task, attempt: a.attempt, token: a.token };
+                    let message =
+                        ToExecutor::Assign { task: a.task, attempt: a.attempt, token: a.token };
                     effects.push(Effect::Send { executor: a.executor, message });
                 }
                 effects
             }
             Outcome::Evicted { ids } => kill_superseded(state, ids, KillReason::DrainDeadline),
             Outcome::Cancelled { task, cascaded } => {
-                let ended: Vec<TaskId> = std::iter::once(task.id).chain(cascaded.iter().copied()).collect();
+                let ended: Vec<TaskId> =
+                    std::iter::once(task.id).chain(cascaded.iter().copied()).collect();
                 kill_superseded(state, &ended, KillReason::Cancelled)
             }
             Outcome::MarkedDown { id, .. } if self.sessions.remove(id).is_some() => {
                 vec![Effect::Close { executor: *id, reason: CloseReason::DeclaredDown }]
             }
-            Outcome::Submitted { .. } | Outcome::Reported { .. } | Outcome::Registered { .. } | Outcome::Draining { .. } => {
+            Outcome::Submitted { .. }
+            | Outcome::Reported { .. }
+            | Outcome::Registered { .. }
+            | Outcome::Draining { .. } => {
                 vec![Effect::WakeScheduler]
             }
             _ => Vec::new(),
@@ -240,7 +259,11 @@ impl Leader {
 
     /// The longest silence among connected executors (zero when none is connected).
     pub fn heartbeat_age_max(&self, now: Instant) -> Duration {
-        self.sessions.values().map(|s| now.saturating_duration_since(s.last_heard)).max().unwrap_or_default()
+        self.sessions
+            .values()
+            .map(|s| now.saturating_duration_since(s.last_heard))
+            .max()
+            .unwrap_or_default()
     }
 
     pub fn connected(&self) -> usize {
@@ -249,21 +272,34 @@ impl Leader {
 
     /// Sends the assignments the executor lacks (again, once `assign_resend_after` has passed
     /// since the last send) and kills the attempts it lists that are no longer current.
-    fn reconcile(&mut self, state: &StateMachine, id: ExecutorId, running: &[RunningAttempt], now: Instant) -> Vec<Effect> {
+    fn reconcile(
+        &mut self,
+        state: &StateMachine,
+        id: ExecutorId,
+        running: &[RunningAttempt],
+        now: Instant,
+    ) -> Vec<Effect> {
         let Some(executor) = state.get_executor(id) else { return Vec::new() };
         let Some(session) = self.sessions.get_mut(&id) else { return Vec::new() };
-        let reported: BTreeMap<TaskId, FencingToken> = running.iter().map(|r| (r.task, r.token)).collect();
+        let reported: BTreeMap<TaskId, FencingToken> =
+            running.iter().map(|r| (r.task, r.token)).collect();
         // What was sent is settled once the executor lists it, or once it no longer holds the task.
-        session.sent.retain(|task, _| !reported.contains_key(task) && executor.tasks.contains(task));
+        session
+            .sent
+            .retain(|task, _| !reported.contains_key(task) && executor.tasks.contains(task));
         let mut effects = Vec::new();
         for task_id in &executor.tasks {
             let Some(task) = state.get_task(*task_id) else { continue };
-            let (Some(token), TaskState::Assigned) = (task.fencing_token, task.state) else { continue };
+            let (Some(token), TaskState::Assigned) = (task.fencing_token, task.state) else {
+                continue;
+            };
             if reported.get(task_id) == Some(&token) {
                 continue;
             }
             let resend_after = self.config.assign_resend_after;
-            let recently = session.sent.get(task_id).is_some_and(|(t, at)| *t == token && now.saturating_duration_since(*at) < resend_after);
+            let recently = session.sent.get(task_id).is_some_and(|(t, at)| {
+                *t == token && now.saturating_duration_since(*at) < resend_after
+            });
             if !recently {
                 session.sent.insert(*task_id, (token, now));
                 let message = ToExecutor::Assign { task: *task_id, attempt: task.attempt, token };
@@ -271,9 +307,11 @@ impl Leader {
             }
         }
         for (task, token) in &reported {
-            let current = executor.tasks.contains(task) && state.get_task(*task).and_then(|t| t.fencing_token) == Some(*token);
+            let current = executor.tasks.contains(task)
+                && state.get_task(*task).and_then(|t| t.fencing_token) == Some(*token);
             if !current {
-                let message = ToExecutor::Kill { task: *task, token: *token, reason: KillReason::NotCurrent };
+                let message =
+                    ToExecutor::Kill { task: *task, token: *token, reason: KillReason::NotCurrent };
                 effects.push(Effect::Send { executor: id, message });
             }
         }
@@ -296,7 +334,11 @@ fn kill_superseded(state: &StateMachine, tasks: &[TaskId], reason: KillReason) -
 }
 
 /// Failure reports for the attempts the state says run on `executor` that it did not list.
-fn lost_attempts<'a>(state: &'a StateMachine, executor: ExecutorId, running: &'a [RunningAttempt]) -> impl Iterator<Item = Command> + 'a {
+fn lost_attempts<'a>(
+    state: &'a StateMachine,
+    executor: ExecutorId,
+    running: &'a [RunningAttempt],
+) -> impl Iterator<Item = Command> + 'a {
     let tasks = state.get_executor(executor).map(|e| &e.tasks).into_iter().flatten();
     tasks
         .filter_map(|id| state.get_task(*id))
@@ -308,7 +350,9 @@ fn lost_attempts<'a>(state: &'a StateMachine, executor: ExecutorId, running: &'a
                 exit_code: None,
                 stdout_tail: String::new(),
                 stderr_tail: String::new(),
-                message: format!("attempt lost: executor {executor} reconnected without it (restarted)"),
+                message: format!(
+                    "attempt lost: executor {executor} reconnected without it (restarted)"
+                ),
                 peak_memory_bytes: None,
             });
             Some(Command::Report { executor, task: t.id, token, status })
@@ -322,10 +366,16 @@ pub fn round_commands(plan: Plan) -> Vec<Command> {
         commands.push(Command::ExpireTasks { ids: plan.expire });
     }
     if !plan.drain_evictions.is_empty() {
-        commands.push(Command::EvictTasks { ids: plan.drain_evictions, reason: KillReason::DrainDeadline.to_string() });
+        commands.push(Command::EvictTasks {
+            ids: plan.drain_evictions,
+            reason: KillReason::DrainDeadline.to_string(),
+        });
     }
     if !plan.placements.is_empty() || !plan.unschedulable.is_empty() {
-        commands.push(Command::PlaceTasks { placements: plan.placements, unschedulable: plan.unschedulable });
+        commands.push(Command::PlaceTasks {
+            placements: plan.placements,
+            unschedulable: plan.unschedulable,
+        });
     }
     commands
 }

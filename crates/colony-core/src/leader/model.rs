@@ -28,7 +28,12 @@ pub struct ModelTracker {
 }
 
 impl ModelTracker {
-    pub fn refresh(&mut self, current: Option<&ModelRecord>, now_unix_ms: u64, stale_after: Duration) -> ModelDecision {
+    pub fn refresh(
+        &mut self,
+        current: Option<&ModelRecord>,
+        now_unix_ms: u64,
+        stale_after: Duration,
+    ) -> ModelDecision {
         let Some(record) = current else {
             self.in_use = None;
             self.seen = None;

@@ -32,7 +32,12 @@ fn spec(name: &str) -> TaskSpec {
         namespace: "default".to_owned(),
         labels: BTreeMap::new(),
         capabilities: BTreeSet::new(),
-        resources: Resources { cpu_millis: 500, memory_bytes: 64 << 20, gpus: 0, custom: BTreeMap::new() },
+        resources: Resources {
+            cpu_millis: 500,
+            memory_bytes: 64 << 20,
+            gpus: 0,
+            custom: BTreeMap::new(),
+        },
         priority: 0,
         deadline_unix_ms: None,
         timeout_ms: None,
@@ -48,7 +53,12 @@ fn spec(name: &str) -> TaskSpec {
 fn executor_spec(name: &str) -> ExecutorSpec {
     ExecutorSpec {
         name: name.to_owned(),
-        capacity: Resources { cpu_millis: 2000, memory_bytes: 4 << 30, gpus: 0, custom: BTreeMap::new() },
+        capacity: Resources {
+            cpu_millis: 2000,
+            memory_bytes: 4 << 30,
+            gpus: 0,
+            custom: BTreeMap::new(),
+        },
         labels: BTreeMap::new(),
         capabilities: BTreeSet::new(),
     }
@@ -61,8 +71,19 @@ fn fingerprint(id: ExecutorId) -> [u8; 32] {
 impl World {
     fn new() -> World {
         let start = Instant::now();
-        let config = LeaderConfig { heartbeat_timeout: 5 * SECOND, leader_grace: 3 * SECOND, assign_resend_after: 2 * SECOND };
-        World { sm: StateMachine::new(), leader: Leader::new(config, start), start, elapsed: Duration::ZERO, now_unix_ms: 1_000_000, next_session: 0 }
+        let config = LeaderConfig {
+            heartbeat_timeout: 5 * SECOND,
+            leader_grace: 3 * SECOND,
+            assign_resend_after: 2 * SECOND,
+        };
+        World {
+            sm: StateMachine::new(),
+            leader: Leader::new(config, start),
+            start,
+            elapsed: Duration::ZERO,
+            now_unix_ms: 1_000_000,
+            next_session: 0,
+        }
     }
 
     fn now(&self) -> Instant {
@@ -75,7 +96,9 @@ impl World {
     }
 
     fn apply(&mut self, command: Command) -> Outcome {
-        let mut results = self.sm.apply_proposal(&Proposal { now_unix_ms: self.now_unix_ms, commands: vec![command] });
+        let mut results = self
+            .sm
+            .apply_proposal(&Proposal { now_unix_ms: self.now_unix_ms, commands: vec![command] });
         self.sm.check_invariants().unwrap();
         results.remove(0).unwrap()
     }
@@ -83,8 +106,16 @@ impl World {
     /// An admitted, registered executor (not connected to the leader yet).
     fn executor(&mut self) -> ExecutorId {
         let id = self.sm.next_executor_id();
-        self.apply(Command::CreateJoinToken { secret_hash: [7; 32], expires_unix_ms: self.now_unix_ms + 60_000 });
-        self.apply(Command::AdmitExecutor { secret_hash: [7; 32], expected_id: id, name: format!("e{id}"), cert_fingerprint: fingerprint(id) });
+        self.apply(Command::CreateJoinToken {
+            secret_hash: [7; 32],
+            expires_unix_ms: self.now_unix_ms + 60_000,
+        });
+        self.apply(Command::AdmitExecutor {
+            secret_hash: [7; 32],
+            expected_id: id,
+            name: format!("e{id}"),
+            cert_fingerprint: fingerprint(id),
+        });
         self.apply(Command::RegisterExecutor { id, spec: executor_spec(&format!("e{id}")) });
         id
     }
@@ -106,7 +137,8 @@ impl World {
     /// Places `task` on `executor`, commits it, and returns the leader's effects.
     fn place(&mut self, task: TaskId, executor: ExecutorId) -> Vec<Effect> {
         let placement = Placement { task, executor, evict: Vec::new(), memory_bytes: None };
-        let outcome = self.apply(Command::PlaceTasks { placements: vec![placement], unschedulable: Vec::new() });
+        let outcome = self
+            .apply(Command::PlaceTasks { placements: vec![placement], unschedulable: Vec::new() });
         let now = self.now();
         self.leader.handle_committed(&self.sm, &outcome, now)
     }
@@ -174,7 +206,11 @@ fn an_unacknowledged_assignment_is_resent_after_the_resend_interval() {
     assert_eq!(w.heartbeat(e, &[]), vec![], "sent a second ago: not yet");
     w.advance(SECOND + Duration::from_millis(1));
     let token = w.token(t);
-    assert_eq!(w.heartbeat(e, &[]), vec![assign(e, t, 1, token)], "two seconds unlisted: sent again");
+    assert_eq!(
+        w.heartbeat(e, &[]),
+        vec![assign(e, t, 1, token)],
+        "two seconds unlisted: sent again"
+    );
     w.advance(SECOND);
     assert_eq!(w.heartbeat(e, &[]), vec![], "the resend restarts the interval");
 }
@@ -205,7 +241,10 @@ fn a_listed_attempt_that_is_no_longer_current_is_killed() {
     assert_eq!(effects, vec![kill(e, TaskId(999), stale, KillReason::NotCurrent)]);
     // The same task under an older token is killed too, while the current one is left alone.
     let old = FencingToken(current.0 - 1);
-    assert_eq!(w.heartbeat(e, &[running(t, old)]), vec![assign(e, t, 1, current), kill(e, t, old, KillReason::NotCurrent)]);
+    assert_eq!(
+        w.heartbeat(e, &[running(t, old)]),
+        vec![assign(e, t, 1, current), kill(e, t, old, KillReason::NotCurrent)]
+    );
 }
 
 #[test]
@@ -220,7 +259,8 @@ fn attempts_an_executor_forgot_are_reported_lost_on_reconnect() {
     let mut w = World::new();
     let e = w.executor();
     w.connect(e, &[]);
-    let (kept, forgotten, assigned_only) = (w.submit("kept"), w.submit("forgotten"), w.submit("assigned"));
+    let (kept, forgotten, assigned_only) =
+        (w.submit("kept"), w.submit("forgotten"), w.submit("assigned"));
     for t in [kept, forgotten, assigned_only] {
         w.place(t, e);
     }
@@ -228,14 +268,22 @@ fn attempts_an_executor_forgot_are_reported_lost_on_reconnect() {
     w.start_attempt(e, forgotten);
     let (kept_token, forgotten_token) = (w.token(kept), w.token(forgotten));
     let (_, effects) = w.connect(e, &[running(kept, kept_token)]);
-    let lost: Vec<_> = effects.iter().filter_map(|e| match e {
-        Effect::Propose(Command::Report { executor, task, token, status: AttemptStatus::Finished(r) }) => {
-            assert_eq!(r.outcome, AttemptOutcome::Failed);
-            assert!(r.message.contains("reconnected without it"), "{}", r.message);
-            Some((*executor, *task, *token))
-        }
-        _ => None,
-    }).collect();
+    let lost: Vec<_> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Propose(Command::Report {
+                executor,
+                task,
+                token,
+                status: AttemptStatus::Finished(r),
+            }) => {
+                assert_eq!(r.outcome, AttemptOutcome::Failed);
+                assert!(r.message.contains("reconnected without it"), "{}", r.message);
+                Some((*executor, *task, *token))
+            }
+            _ => None,
+        })
+        .collect();
     // Only a *running* attempt can be lost; an assigned one is simply sent again.
     assert_eq!(lost, vec![(e, forgotten, forgotten_token)]);
     assert!(effects.contains(&assign(e, assigned_only, 1, w.token(assigned_only))), "{effects:?}");
@@ -267,7 +315,9 @@ fn no_executor_is_declared_down_within_the_grace_after_an_election() {
     w.advance(Duration::from_millis(2900));
     assert_eq!(w.tick(), vec![], "within the grace");
     w.advance(3 * SECOND);
-    assert!(matches!(w.tick().as_slice(), [Effect::Propose(Command::MarkExecutorDown { id, .. })] if *id == e));
+    assert!(
+        matches!(w.tick().as_slice(), [Effect::Propose(Command::MarkExecutorDown { id, .. })] if *id == e)
+    );
     // A later election restarts the grace, and the new term's silence counts from it.
     let now = w.now();
     w.leader.became_leader(now);
@@ -281,7 +331,12 @@ fn down_and_admitted_executors_are_not_declared_down_again() {
     let e = w.executor();
     w.apply(Command::MarkExecutorDown { id: e, reason: "test".to_owned() });
     let admitted = w.sm.next_executor_id();
-    w.apply(Command::AdmitExecutor { secret_hash: [7; 32], expected_id: admitted, name: "new".to_owned(), cert_fingerprint: [9; 32] });
+    w.apply(Command::AdmitExecutor {
+        secret_hash: [7; 32],
+        expected_id: admitted,
+        name: "new".to_owned(),
+        cert_fingerprint: [9; 32],
+    });
     w.advance(60 * SECOND);
     assert_eq!(w.tick(), vec![]);
 }
@@ -293,7 +348,10 @@ fn an_executor_declared_down_loses_its_session() {
     w.connect(e, &[]);
     let outcome = w.apply(Command::MarkExecutorDown { id: e, reason: "silent".to_owned() });
     let now = w.now();
-    assert_eq!(w.leader.handle_committed(&w.sm, &outcome, now), vec![Effect::Close { executor: e, reason: CloseReason::DeclaredDown }]);
+    assert_eq!(
+        w.leader.handle_committed(&w.sm, &outcome, now),
+        vec![Effect::Close { executor: e, reason: CloseReason::DeclaredDown }]
+    );
     assert_eq!(w.leader.connected(), 0);
     // Declared down while not connected: nothing to close.
     let other = w.executor();
@@ -312,7 +370,10 @@ fn a_cancelled_running_attempt_is_killed_at_once() {
     let token = w.token(t);
     let outcome = w.apply(Command::CancelTask { id: t, reason: "user".to_owned() });
     let now = w.now();
-    assert_eq!(w.leader.handle_committed(&w.sm, &outcome, now), vec![kill(e, t, token, KillReason::Cancelled)]);
+    assert_eq!(
+        w.leader.handle_committed(&w.sm, &outcome, now),
+        vec![kill(e, t, token, KillReason::Cancelled)]
+    );
 }
 
 #[test]
@@ -341,7 +402,13 @@ fn a_preempted_attempt_is_killed_and_the_new_one_assigned() {
     let Outcome::Placed { assigned, evicted, .. } = &outcome else { panic!("{outcome:?}") };
     assert_eq!(evicted, &vec![low]);
     let high = &assigned[0];
-    assert_eq!(effects, vec![kill(e, low, low_token, KillReason::Preempted), assign(e, high.task, high.attempt, high.token)]);
+    assert_eq!(
+        effects,
+        vec![
+            kill(e, low, low_token, KillReason::Preempted),
+            assign(e, high.task, high.attempt, high.token)
+        ]
+    );
 }
 
 #[test]
@@ -356,10 +423,16 @@ fn attempts_evicted_at_a_drain_deadline_are_killed() {
     w.advance(2 * SECOND);
     let round = plan(&w.sm, w.now_unix_ms, &PlanConfig::default());
     let commands = round_commands(round);
-    assert!(matches!(commands.as_slice(), [Command::EvictTasks { ids, reason }] if ids == &vec![t] && reason == "the drain deadline passed"), "{commands:?}");
+    assert!(
+        matches!(commands.as_slice(), [Command::EvictTasks { ids, reason }] if ids == &vec![t] && reason == "the drain deadline passed"),
+        "{commands:?}"
+    );
     let outcome = w.apply(commands.into_iter().next().unwrap());
     let now = w.now();
-    assert_eq!(w.leader.handle_committed(&w.sm, &outcome, now), vec![kill(e, t, token, KillReason::DrainDeadline)]);
+    assert_eq!(
+        w.leader.handle_committed(&w.sm, &outcome, now),
+        vec![kill(e, t, token, KillReason::DrainDeadline)]
+    );
 }
 
 #[test]
@@ -368,14 +441,26 @@ fn work_arriving_wakes_the_scheduler() {
     let now = w.now();
     let outcome = w.apply(Command::SubmitTask(spec("a")));
     assert_eq!(w.leader.handle_committed(&w.sm, &outcome, now), vec![Effect::WakeScheduler]);
-    let outcome = w.apply(Command::CreateJoinToken { secret_hash: [3; 32], expires_unix_ms: w.now_unix_ms + 1 });
-    assert_eq!(w.leader.handle_committed(&w.sm, &outcome, now), vec![], "a token changes nothing the scheduler sees");
+    let outcome = w.apply(Command::CreateJoinToken {
+        secret_hash: [3; 32],
+        expires_unix_ms: w.now_unix_ms + 1,
+    });
+    assert_eq!(
+        w.leader.handle_committed(&w.sm, &outcome, now),
+        vec![],
+        "a token changes nothing the scheduler sees"
+    );
 }
 
 #[test]
 fn a_round_proposes_expiries_then_evictions_then_placements() {
     let plan = Plan {
-        placements: vec![Placement { task: TaskId(3), executor: ExecutorId(1), evict: Vec::new(), memory_bytes: None }],
+        placements: vec![Placement {
+            task: TaskId(3),
+            executor: ExecutorId(1),
+            evict: Vec::new(),
+            memory_bytes: None,
+        }],
         unschedulable: vec![],
         expire: vec![TaskId(1)],
         drain_evictions: vec![TaskId(2)],
@@ -413,19 +498,35 @@ fn hello_checks() {
     let mut w = World::new();
     let e = w.executor();
     let unknown = ExecutorId(99);
-    assert_eq!(check_hello(&w.sm, unknown, &fingerprint(unknown), executor_spec("x")), Err(HelloRefusal::UnknownExecutor(unknown)));
-    assert_eq!(check_hello(&w.sm, e, &[0xee; 32], executor_spec("x")), Err(HelloRefusal::WrongCertificate(e)));
+    assert_eq!(
+        check_hello(&w.sm, unknown, &fingerprint(unknown), executor_spec("x")),
+        Err(HelloRefusal::UnknownExecutor(unknown))
+    );
+    assert_eq!(
+        check_hello(&w.sm, e, &[0xee; 32], executor_spec("x")),
+        Err(HelloRefusal::WrongCertificate(e))
+    );
     let mut bad = executor_spec("x");
     bad.name = "n".repeat(10_000);
-    assert!(matches!(check_hello(&w.sm, e, &fingerprint(e), bad), Err(HelloRefusal::InvalidSpec(_))));
+    assert!(matches!(
+        check_hello(&w.sm, e, &fingerprint(e), bad),
+        Err(HelloRefusal::InvalidSpec(_))
+    ));
     let registered = executor_spec(&format!("e{e}"));
     assert_eq!(check_hello(&w.sm, e, &fingerprint(e), registered.clone()), Ok(Hello::AlreadyUp));
     let mut bigger = registered;
     bigger.capacity.cpu_millis *= 2;
-    assert_eq!(check_hello(&w.sm, e, &fingerprint(e), bigger.clone()), Ok(Hello::Register(Command::RegisterExecutor { id: e, spec: bigger })));
+    assert_eq!(
+        check_hello(&w.sm, e, &fingerprint(e), bigger.clone()),
+        Ok(Hello::Register(Command::RegisterExecutor { id: e, spec: bigger }))
+    );
     w.apply(Command::MarkExecutorDown { id: e, reason: "test".to_owned() });
     let same = executor_spec(&format!("e{e}"));
-    assert_eq!(check_hello(&w.sm, e, &fingerprint(e), same.clone()), Ok(Hello::Register(Command::RegisterExecutor { id: e, spec: same })), "a down executor registers again");
+    assert_eq!(
+        check_hello(&w.sm, e, &fingerprint(e), same.clone()),
+        Ok(Hello::Register(Command::RegisterExecutor { id: e, spec: same })),
+        "a down executor registers again"
+    );
 }
 
 fn model(version: u64, created_unix_ms: u64) -> ModelRecord {
@@ -435,7 +536,13 @@ fn model(version: u64, created_unix_ms: u64) -> ModelRecord {
         device: "cpu".to_owned(),
         feature_schema: "colony-features-v1".to_owned(),
         weights: Vec::new(),
-        metrics: ModelMetrics { holdout_mse: 1.0, baseline_mse: 2.0, previous_mse: None, train_rows: 10, holdout_rows: 2 },
+        metrics: ModelMetrics {
+            holdout_mse: 1.0,
+            baseline_mse: 2.0,
+            previous_mse: None,
+            train_rows: 10,
+            holdout_rows: 2,
+        },
     }
 }
 
@@ -444,17 +551,31 @@ fn a_model_is_decoded_once_per_version_and_a_bad_one_is_not_retried() {
     let mut tracker = ModelTracker::default();
     let stale_after = Duration::from_secs(3600);
     let v1 = model(1, 1_000);
-    assert_eq!(tracker.refresh(Some(&v1), 2_000, stale_after), ModelDecision::Decode(ModelVersion(1)));
+    assert_eq!(
+        tracker.refresh(Some(&v1), 2_000, stale_after),
+        ModelDecision::Decode(ModelVersion(1))
+    );
     tracker.decoded(ModelVersion(1), true);
     assert_eq!(tracker.refresh(Some(&v1), 3_000, stale_after), ModelDecision::Keep);
     assert_eq!(tracker.in_use(), Some(ModelVersion(1)));
     let v2 = model(2, 5_000);
-    assert_eq!(tracker.refresh(Some(&v2), 6_000, stale_after), ModelDecision::Decode(ModelVersion(2)));
+    assert_eq!(
+        tracker.refresh(Some(&v2), 6_000, stale_after),
+        ModelDecision::Decode(ModelVersion(2))
+    );
     tracker.decoded(ModelVersion(2), false);
-    assert_eq!(tracker.refresh(Some(&v2), 7_000, stale_after), ModelDecision::Keep, "a bad version is not decoded again");
+    assert_eq!(
+        tracker.refresh(Some(&v2), 7_000, stale_after),
+        ModelDecision::Keep,
+        "a bad version is not decoded again"
+    );
     assert_eq!(tracker.in_use(), None);
     assert_eq!(tracker.refresh(None, 8_000, stale_after), ModelDecision::NoModel);
-    assert_eq!(tracker.refresh(Some(&v2), 9_000, stale_after), ModelDecision::Decode(ModelVersion(2)), "after a rollback to none, looked at afresh");
+    assert_eq!(
+        tracker.refresh(Some(&v2), 9_000, stale_after),
+        ModelDecision::Decode(ModelVersion(2)),
+        "after a rollback to none, looked at afresh"
+    );
 }
 
 #[test]
@@ -462,10 +583,23 @@ fn a_stale_model_is_ignored() {
     let mut tracker = ModelTracker::default();
     let stale_after = Duration::from_secs(10);
     let v1 = model(1, 1_000);
-    assert_eq!(tracker.refresh(Some(&v1), 5_000, stale_after), ModelDecision::Decode(ModelVersion(1)));
+    assert_eq!(
+        tracker.refresh(Some(&v1), 5_000, stale_after),
+        ModelDecision::Decode(ModelVersion(1))
+    );
     tracker.decoded(ModelVersion(1), true);
-    assert_eq!(tracker.refresh(Some(&v1), 11_000, stale_after), ModelDecision::Keep, "exactly the limit is still fresh");
-    assert_eq!(tracker.refresh(Some(&v1), 11_001, stale_after), ModelDecision::Stale { version: ModelVersion(1), was_in_use: true });
+    assert_eq!(
+        tracker.refresh(Some(&v1), 11_000, stale_after),
+        ModelDecision::Keep,
+        "exactly the limit is still fresh"
+    );
+    assert_eq!(
+        tracker.refresh(Some(&v1), 11_001, stale_after),
+        ModelDecision::Stale { version: ModelVersion(1), was_in_use: true }
+    );
     assert_eq!(tracker.in_use(), None);
-    assert_eq!(tracker.refresh(Some(&v1), 12_000, stale_after), ModelDecision::Stale { version: ModelVersion(1), was_in_use: false });
+    assert_eq!(
+        tracker.refresh(Some(&v1), 12_000, stale_after),
+        ModelDecision::Stale { version: ModelVersion(1), was_in_use: false }
+    );
 }

@@ -202,17 +202,11 @@ pub enum CommandError {
     #[error("dependency {0} does not exist")]
     UnknownDependency(TaskId),
     #[error("dependency {dependency} has already ended as {state}; the task could never run")]
-    DependencyEnded {
-        dependency: TaskId,
-        state: TaskState,
-    },
+    DependencyEnded { dependency: TaskId, state: TaskState },
     #[error("task {id} has already finished as {state}")]
     AlreadyFinished { id: TaskId, state: TaskState },
     #[error("deadline {deadline_unix_ms} is already past (now {now_unix_ms})")]
-    DeadlinePassed {
-        deadline_unix_ms: u64,
-        now_unix_ms: u64,
-    },
+    DeadlinePassed { deadline_unix_ms: u64, now_unix_ms: u64 },
     #[error("idempotency key {key:?} was already used for task {existing} with a different spec")]
     IdempotencyConflict { key: String, existing: TaskId },
     #[error("a proposal carries {count} commands; the limit is {max}")]
@@ -228,28 +222,13 @@ pub enum CommandError {
     #[error("executor {0} does not exist")]
     UnknownExecutor(ExecutorId),
     #[error("executor {id} is {state}")]
-    ExecutorState {
-        id: ExecutorId,
-        state: ExecutorState,
-    },
+    ExecutorState { id: ExecutorId, state: ExecutorState },
     #[error("executor {id} would offer {capacity} but already holds {allocated}")]
-    CapacityBelowAllocated {
-        id: ExecutorId,
-        capacity: Resources,
-        allocated: Resources,
-    },
+    CapacityBelowAllocated { id: ExecutorId, capacity: Resources, allocated: Resources },
     #[error("report for task {task} from executor {executor} with token {token} does not match the current attempt")]
-    StaleReport {
-        task: TaskId,
-        executor: ExecutorId,
-        token: FencingToken,
-    },
+    StaleReport { task: TaskId, executor: ExecutorId, token: FencingToken },
     #[error("{what} is {len} bytes; the limit is {max}")]
-    TooLong {
-        what: String,
-        len: usize,
-        max: usize,
-    },
+    TooLong { what: String, len: usize, max: usize },
     #[error("model version {0} does not exist")]
     UnknownModel(ModelVersion),
     #[error("invalid model: {0}")]

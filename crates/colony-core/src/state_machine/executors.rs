@@ -14,10 +14,7 @@ impl StateMachine {
     ) -> Result<Outcome, CommandError> {
         spec.validate(&self.limits)?;
         let now = self.now_unix_ms;
-        let executor = self
-            .executors
-            .get_mut(&id)
-            .ok_or(CommandError::UnknownExecutor(id))?;
+        let executor = self.executors.get_mut(&id).ok_or(CommandError::UnknownExecutor(id))?;
         if !executor.allocated.fits_in(&spec.capacity) {
             return Err(CommandError::CapacityBelowAllocated {
                 id,
@@ -47,15 +44,9 @@ impl StateMachine {
         reason: &str,
     ) -> Result<Outcome, CommandError> {
         check_text("reason", reason, self.limits.message_bytes_max)?;
-        let executor = self
-            .executors
-            .get(&id)
-            .ok_or(CommandError::UnknownExecutor(id))?;
+        let executor = self.executors.get(&id).ok_or(CommandError::UnknownExecutor(id))?;
         if !matches!(executor.state, ExecutorState::Up | ExecutorState::Draining) {
-            return Err(CommandError::ExecutorState {
-                id,
-                state: executor.state,
-            });
+            return Err(CommandError::ExecutorState { id, state: executor.state });
         }
         let held: Vec<TaskId> = executor.tasks.iter().copied().collect();
         let (mut rescheduled, mut lost) = (Vec::new(), Vec::new());
@@ -72,11 +63,7 @@ impl StateMachine {
             executor.reason = Some(reason.to_owned());
             executor.updated_unix_ms = now;
         }
-        Ok(Outcome::MarkedDown {
-            id,
-            rescheduled,
-            lost,
-        })
+        Ok(Outcome::MarkedDown { id, rescheduled, lost })
     }
 
     pub(super) fn drain_executor(
@@ -85,15 +72,9 @@ impl StateMachine {
         deadline_unix_ms: u64,
     ) -> Result<Outcome, CommandError> {
         let now = self.now_unix_ms;
-        let executor = self
-            .executors
-            .get_mut(&id)
-            .ok_or(CommandError::UnknownExecutor(id))?;
+        let executor = self.executors.get_mut(&id).ok_or(CommandError::UnknownExecutor(id))?;
         if executor.state != ExecutorState::Up {
-            return Err(CommandError::ExecutorState {
-                id,
-                state: executor.state,
-            });
+            return Err(CommandError::ExecutorState { id, state: executor.state });
         }
         executor.state = ExecutorState::Draining;
         executor.drain_deadline_unix_ms = Some(deadline_unix_ms);

@@ -36,18 +36,9 @@ pub enum InvariantViolation {
     #[error("task {task} is {state} before its dependencies succeeded")]
     RunnableTooEarly { task: TaskId, state: TaskState },
     #[error("task {task} is {state} with finished time {finished_unix_ms:?}")]
-    FinishedTime {
-        task: TaskId,
-        state: TaskState,
-        finished_unix_ms: Option<u64>,
-    },
+    FinishedTime { task: TaskId, state: TaskState, finished_unix_ms: Option<u64> },
     #[error("task {task} has times from the future (created {created_unix_ms}, updated {updated_unix_ms}, now {now_unix_ms})")]
-    FutureTime {
-        task: TaskId,
-        created_unix_ms: u64,
-        updated_unix_ms: u64,
-        now_unix_ms: u64,
-    },
+    FutureTime { task: TaskId, created_unix_ms: u64, updated_unix_ms: u64, now_unix_ms: u64 },
     #[error("idempotency key {key:?} points at {task}, which does not carry it")]
     IdempotencyKey { key: String, task: TaskId },
     #[error("pending index has {indexed} entries for {pending} pending tasks")]
@@ -55,11 +46,7 @@ pub enum InvariantViolation {
     #[error("deadline index has {indexed} entries for {waiting} waiting tasks with a deadline")]
     DeadlineIndex { indexed: usize, waiting: usize },
     #[error("executor stored under {key} has id {id} (next id {next})")]
-    ExecutorKey {
-        key: ExecutorId,
-        id: ExecutorId,
-        next: u64,
-    },
+    ExecutorKey { key: ExecutorId, id: ExecutorId, next: u64 },
     #[error("executor {executor} holds missing task {task}")]
     HeldTaskMissing { executor: ExecutorId, task: TaskId },
     #[error("executor {executor} holds task {task}, which is {state} on {holder:?}")]
@@ -70,36 +57,17 @@ pub enum InvariantViolation {
         holder: Option<ExecutorId>,
     },
     #[error("executor {executor} records {recorded} allocated but its tasks hold {held}")]
-    Allocation {
-        executor: ExecutorId,
-        recorded: Resources,
-        held: Resources,
-    },
+    Allocation { executor: ExecutorId, recorded: Resources, held: Resources },
     #[error("executor {executor} is over capacity: {allocated} allocated of {capacity}")]
-    OverCapacity {
-        executor: ExecutorId,
-        allocated: Resources,
-        capacity: Resources,
-    },
+    OverCapacity { executor: ExecutorId, allocated: Resources, capacity: Resources },
     #[error("executor {executor} is {state} but holds tasks")]
-    IdleExecutorHolds {
-        executor: ExecutorId,
-        state: ExecutorState,
-    },
+    IdleExecutorHolds { executor: ExecutorId, state: ExecutorState },
     #[error("task {task} has token {token} outside 1..{next}")]
-    TokenRange {
-        task: TaskId,
-        token: FencingToken,
-        next: u64,
-    },
+    TokenRange { task: TaskId, token: FencingToken, next: u64 },
     #[error("task {task} is {state} but no executor holds it")]
     Unheld { task: TaskId, state: TaskState },
     #[error("model stored under {key} has version {version} (next version {next})")]
-    ModelKey {
-        key: ModelVersion,
-        version: ModelVersion,
-        next: u64,
-    },
+    ModelKey { key: ModelVersion, version: ModelVersion, next: u64 },
     #[error("the current model {version} is not in the registry")]
     CurrentModelMissing { version: ModelVersion },
 }
@@ -117,16 +85,10 @@ impl StateMachine {
     fn check_tasks(&self) -> Result<(), InvariantViolation> {
         for (&id, task) in &self.tasks {
             if id != task.id {
-                return Err(InvariantViolation::TaskKey {
-                    key: id,
-                    id: task.id,
-                });
+                return Err(InvariantViolation::TaskKey { key: id, id: task.id });
             }
             if id.0 == 0 || id.0 >= self.next_task_id {
-                return Err(InvariantViolation::TaskIdRange {
-                    id,
-                    next: self.next_task_id,
-                });
+                return Err(InvariantViolation::TaskIdRange { id, next: self.next_task_id });
             }
             let mut unfinished_dependency = false;
             for &dep in &task.spec.dependencies {
@@ -137,20 +99,10 @@ impl StateMachine {
                     });
                 };
                 if dep >= id {
-                    return Err(InvariantViolation::LaterDependency {
-                        task: id,
-                        dependency: dep,
-                    });
+                    return Err(InvariantViolation::LaterDependency { task: id, dependency: dep });
                 }
-                if !self
-                    .dependents
-                    .get(&dep)
-                    .is_some_and(|set| set.contains(&id))
-                {
-                    return Err(InvariantViolation::DependentMissing {
-                        dependency: dep,
-                        task: id,
-                    });
+                if !self.dependents.get(&dep).is_some_and(|set| set.contains(&id)) {
+                    return Err(InvariantViolation::DependentMissing { dependency: dep, task: id });
                 }
                 if dependency.state != TaskState::Succeeded {
                     unfinished_dependency = true;
@@ -199,23 +151,16 @@ impl StateMachine {
             }
         }
         for (key, &id) in &self.idempotency {
-            let matches = self
-                .tasks
-                .get(&id)
-                .is_some_and(|t| t.spec.idempotency_key.as_deref() == Some(key));
+            let matches =
+                self.tasks.get(&id).is_some_and(|t| t.spec.idempotency_key.as_deref() == Some(key));
             if !matches {
-                return Err(InvariantViolation::IdempotencyKey {
-                    key: key.clone(),
-                    task: id,
-                });
+                return Err(InvariantViolation::IdempotencyKey { key: key.clone(), task: id });
             }
         }
         for (&dep, dependents) in &self.dependents {
             for &dependent in dependents {
-                let named = self
-                    .tasks
-                    .get(&dependent)
-                    .is_some_and(|t| t.spec.dependencies.contains(&dep));
+                let named =
+                    self.tasks.get(&dependent).is_some_and(|t| t.spec.dependencies.contains(&dep));
                 if !named {
                     return Err(InvariantViolation::DependentExtra {
                         dependency: dep,
@@ -262,10 +207,7 @@ impl StateMachine {
                 let task = self
                     .tasks
                     .get(&task_id)
-                    .ok_or(InvariantViolation::HeldTaskMissing {
-                        executor: id,
-                        task: task_id,
-                    })?;
+                    .ok_or(InvariantViolation::HeldTaskMissing { executor: id, task: task_id })?;
                 if !holds_resources(task.state) || task.executor != Some(id) {
                     return Err(InvariantViolation::HeldTaskElsewhere {
                         executor: id,
@@ -290,10 +232,8 @@ impl StateMachine {
                     capacity: executor.spec.capacity.clone(),
                 });
             }
-            if matches!(
-                executor.state,
-                ExecutorState::Down | ExecutorState::Admitted
-            ) && !executor.tasks.is_empty()
+            if matches!(executor.state, ExecutorState::Down | ExecutorState::Admitted)
+                && !executor.tasks.is_empty()
             {
                 return Err(InvariantViolation::IdleExecutorHolds {
                     executor: id,
@@ -317,10 +257,7 @@ impl StateMachine {
                     .and_then(|e| self.executors.get(&e))
                     .is_some_and(|e| e.tasks.contains(&id));
                 if !held || task.fencing_token.is_none() {
-                    return Err(InvariantViolation::Unheld {
-                        task: id,
-                        state: task.state,
-                    });
+                    return Err(InvariantViolation::Unheld { task: id, state: task.state });
                 }
             }
         }

@@ -75,11 +75,7 @@ impl StateMachine {
             return false;
         };
         if task.retries_used >= task.spec.max_retries {
-            let state = if lost {
-                TaskState::Lost
-            } else {
-                TaskState::Failed
-            };
+            let state = if lost { TaskState::Lost } else { TaskState::Failed };
             self.end(id, state, Some(reason));
             return false;
         }
@@ -96,10 +92,8 @@ impl StateMachine {
         if let Some(task) = self.tasks.get_mut(&id) {
             task.retries_used = retries_used;
             task.not_before_unix_ms = now.saturating_add(backoff);
-            task.reason = Some(format!(
-                "retry {retries_used} of {}: {reason}",
-                task.spec.max_retries
-            ));
+            task.reason =
+                Some(format!("retry {retries_used} of {}: {reason}", task.spec.max_retries));
         }
         true
     }
@@ -121,20 +115,13 @@ impl StateMachine {
         }
         let mut cascaded = Vec::new();
         if state == TaskState::Succeeded {
-            let dependents: Vec<TaskId> = self
-                .dependents
-                .get(&id)
-                .into_iter()
-                .flatten()
-                .copied()
-                .collect();
+            let dependents: Vec<TaskId> =
+                self.dependents.get(&id).into_iter().flatten().copied().collect();
             for dependent in dependents {
                 let ready = self.tasks.get(&dependent).is_some_and(|t| {
                     t.state == TaskState::Blocked
                         && t.spec.dependencies.iter().all(|d| {
-                            self.tasks
-                                .get(d)
-                                .is_some_and(|d| d.state == TaskState::Succeeded)
+                            self.tasks.get(d).is_some_and(|d| d.state == TaskState::Succeeded)
                         })
                 });
                 if ready {
@@ -145,28 +132,16 @@ impl StateMachine {
         }
         let mut queue: VecDeque<TaskId> = VecDeque::from([id]);
         while let Some(ended) = queue.pop_front() {
-            let dependents: Vec<TaskId> = self
-                .dependents
-                .get(&ended)
-                .into_iter()
-                .flatten()
-                .copied()
-                .collect();
+            let dependents: Vec<TaskId> =
+                self.dependents.get(&ended).into_iter().flatten().copied().collect();
             for dependent in dependents {
-                let unfinished = self
-                    .tasks
-                    .get(&dependent)
-                    .is_some_and(|t| !t.state.is_finished());
+                let unfinished = self.tasks.get(&dependent).is_some_and(|t| !t.state.is_finished());
                 if unfinished {
                     self.release(dependent);
                     self.set_state(dependent, TaskState::Cancelled);
                     if let Some(task) = self.tasks.get_mut(&dependent) {
                         task.finished_unix_ms = Some(now);
-                        let how = if ended == id {
-                            state
-                        } else {
-                            TaskState::Cancelled
-                        };
+                        let how = if ended == id { state } else { TaskState::Cancelled };
                         task.reason = Some(format!("dependency {ended} ended {how}"));
                     }
                     cascaded.push(dependent);

@@ -56,10 +56,7 @@ fn pending_key(task: &Task) -> Option<PendingKey> {
 /// Tasks that have not started are indexed by deadline, so expiry never scans every task.
 fn deadline_key(task: &Task) -> Option<(u64, TaskId)> {
     let waiting = matches!(task.state, TaskState::Blocked | TaskState::Pending);
-    task.spec
-        .deadline_unix_ms
-        .filter(|_| waiting)
-        .map(|deadline| (deadline, task.id))
+    task.spec.deadline_unix_ms.filter(|_| waiting).map(|deadline| (deadline, task.id))
 }
 
 fn holds_resources(state: TaskState) -> bool {
@@ -68,11 +65,7 @@ fn holds_resources(state: TaskState) -> bool {
 
 fn check_text(what: &'static str, text: &str, max: usize) -> Result<(), CommandError> {
     if text.len() > max {
-        return Err(CommandError::TooLong {
-            what: what.to_owned(),
-            len: text.len(),
-            max,
-        });
+        return Err(CommandError::TooLong { what: what.to_owned(), len: text.len(), max });
     }
     Ok(())
 }
@@ -149,17 +142,9 @@ impl StateMachine {
                 count: proposal.commands.len(),
                 max: self.limits.batch_commands_max,
             };
-            return proposal
-                .commands
-                .iter()
-                .map(|_| Err(error.clone()))
-                .collect();
+            return proposal.commands.iter().map(|_| Err(error.clone())).collect();
         }
-        proposal
-            .commands
-            .iter()
-            .map(|command| self.apply(command))
-            .collect()
+        proposal.commands.iter().map(|command| self.apply(command)).collect()
     }
 
     /// Applies one command at the replicated clock's current time.
@@ -168,39 +153,27 @@ impl StateMachine {
             Command::SubmitTask(spec) => self.submit(spec),
             Command::CancelTask { id, reason } => self.cancel(*id, reason),
             Command::InitCa(ca) => self.init_ca(ca),
-            Command::CreateJoinToken {
-                secret_hash,
-                expires_unix_ms,
-            } => self.create_join_token(*secret_hash, *expires_unix_ms),
-            Command::AdmitExecutor {
-                secret_hash,
-                expected_id,
-                name,
-                cert_fingerprint,
-            } => self.admit_executor(secret_hash, *expected_id, name, *cert_fingerprint),
+            Command::CreateJoinToken { secret_hash, expires_unix_ms } => {
+                self.create_join_token(*secret_hash, *expires_unix_ms)
+            }
+            Command::AdmitExecutor { secret_hash, expected_id, name, cert_fingerprint } => {
+                self.admit_executor(secret_hash, *expected_id, name, *cert_fingerprint)
+            }
             Command::RegisterExecutor { id, spec } => self.register_executor(*id, spec),
             Command::MarkExecutorDown { id, reason } => self.mark_executor_down(*id, reason),
-            Command::DrainExecutor {
-                id,
-                deadline_unix_ms,
-            } => self.drain_executor(*id, *deadline_unix_ms),
-            Command::PlaceTasks {
-                placements,
-                unschedulable,
-            } => self.place_tasks(placements, unschedulable),
-            Command::Report {
-                executor,
-                task,
-                token,
-                status,
-            } => self.report(*executor, *task, *token, status),
+            Command::DrainExecutor { id, deadline_unix_ms } => {
+                self.drain_executor(*id, *deadline_unix_ms)
+            }
+            Command::PlaceTasks { placements, unschedulable } => {
+                self.place_tasks(placements, unschedulable)
+            }
+            Command::Report { executor, task, token, status } => {
+                self.report(*executor, *task, *token, status)
+            }
             Command::ExpireTasks { ids } => Ok(self.expire_tasks(ids)),
-            Command::PublishModel {
-                device,
-                feature_schema,
-                weights,
-                metrics,
-            } => self.publish_model(device, feature_schema, weights, metrics),
+            Command::PublishModel { device, feature_schema, weights, metrics } => {
+                self.publish_model(device, feature_schema, weights, metrics)
+            }
             Command::RollbackModel { version } => self.rollback_model(*version),
             Command::EvictTasks { ids, reason } => self.evict_tasks(ids, reason),
         }

@@ -36,11 +36,7 @@ impl StateMachine {
         self.models.insert(version, record);
         self.current_model = Some(version);
         while self.models.len() > self.limits.models_kept_max {
-            let oldest = self
-                .models
-                .keys()
-                .copied()
-                .find(|v| Some(*v) != self.current_model);
+            let oldest = self.models.keys().copied().find(|v| Some(*v) != self.current_model);
             match oldest {
                 Some(oldest) => self.models.remove(&oldest),
                 None => break,

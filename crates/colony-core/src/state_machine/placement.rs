@@ -20,34 +20,17 @@ pub enum PlacementRejection {
     #[error("task {task} is {state}")]
     TaskNotPending { task: TaskId, state: TaskState },
     #[error("task {task} is backing off until {not_before_unix_ms}")]
-    BackingOff {
-        task: TaskId,
-        not_before_unix_ms: u64,
-    },
+    BackingOff { task: TaskId, not_before_unix_ms: u64 },
     #[error("executor {executor} does not exist")]
     UnknownExecutor { executor: ExecutorId },
     #[error("executor {executor} is {state}")]
-    ExecutorNotUp {
-        executor: ExecutorId,
-        state: ExecutorState,
-    },
+    ExecutorNotUp { executor: ExecutorId, state: ExecutorState },
     #[error("executor {executor} cannot run task {task}: it lacks {mismatch}")]
-    ConstraintMismatch {
-        task: TaskId,
-        executor: ExecutorId,
-        mismatch: ConstraintMismatch,
-    },
+    ConstraintMismatch { task: TaskId, executor: ExecutorId, mismatch: ConstraintMismatch },
     #[error("task {victim} is not held by executor {executor}")]
-    VictimNotHeld {
-        victim: TaskId,
-        executor: ExecutorId,
-    },
+    VictimNotHeld { victim: TaskId, executor: ExecutorId },
     #[error("task {victim} has priority {victim_priority}, not below {priority}")]
-    VictimNotLower {
-        victim: TaskId,
-        victim_priority: u16,
-        priority: u16,
-    },
+    VictimNotLower { victim: TaskId, victim_priority: u16, priority: u16 },
     #[error(
         "executor {executor} no longer has room for task {task}: it asks {} {resource}, {} free",
         .resource.format(*.requested),
@@ -65,11 +48,7 @@ pub enum PlacementRejection {
     #[error("task {task} has memory auto; the placement must size it")]
     MemoryNotSized { task: TaskId },
     #[error("sized memory {} for task {task} is below the floor {}", format_memory_bytes(*.memory_bytes), format_memory_bytes(*.floor_bytes))]
-    MemoryBelowFloor {
-        task: TaskId,
-        memory_bytes: u64,
-        floor_bytes: u64,
-    },
+    MemoryBelowFloor { task: TaskId, memory_bytes: u64, floor_bytes: u64 },
 }
 
 /// Why an executor can never run a task, whatever it holds.
@@ -83,22 +62,14 @@ pub enum ConstraintMismatch {
 
 /// Why an executor can never run a task, whatever it holds: a missing capability or label.
 pub fn constraint_mismatch(task: &TaskSpec, executor: &ExecutorSpec) -> Option<ConstraintMismatch> {
-    if let Some(capability) = task
-        .capabilities
-        .iter()
-        .find(|c| !executor.capabilities.contains(*c))
+    if let Some(capability) = task.capabilities.iter().find(|c| !executor.capabilities.contains(*c))
     {
-        return Some(ConstraintMismatch::Capability {
-            capability: capability.clone(),
-        });
+        return Some(ConstraintMismatch::Capability { capability: capability.clone() });
     }
     task.labels
         .iter()
         .find(|(key, value)| executor.labels.get(*key) != Some(*value))
-        .map(|(key, value)| ConstraintMismatch::Label {
-            key: key.clone(),
-            value: value.clone(),
-        })
+        .map(|(key, value)| ConstraintMismatch::Label { key: key.clone(), value: value.clone() })
 }
 
 impl StateMachine {
@@ -143,11 +114,7 @@ impl StateMachine {
                 }
             }
         }
-        Ok(Outcome::Placed {
-            assigned,
-            evicted,
-            rejected,
-        })
+        Ok(Outcome::Placed { assigned, evicted, rejected })
     }
 
     /// Re-validates a placement against the state now: the leader planned it against an older
@@ -156,14 +123,9 @@ impl StateMachine {
         let task = self
             .tasks
             .get(&placement.task)
-            .ok_or(PlacementRejection::UnknownTask {
-                task: placement.task,
-            })?;
+            .ok_or(PlacementRejection::UnknownTask { task: placement.task })?;
         if task.state != TaskState::Pending {
-            return Err(PlacementRejection::TaskNotPending {
-                task: task.id,
-                state: task.state,
-            });
+            return Err(PlacementRejection::TaskNotPending { task: task.id, state: task.state });
         }
         if task.not_before_unix_ms > self.now_unix_ms {
             return Err(PlacementRejection::BackingOff {
@@ -171,12 +133,10 @@ impl StateMachine {
                 not_before_unix_ms: task.not_before_unix_ms,
             });
         }
-        let executor =
-            self.executors
-                .get(&placement.executor)
-                .ok_or(PlacementRejection::UnknownExecutor {
-                    executor: placement.executor,
-                })?;
+        let executor = self
+            .executors
+            .get(&placement.executor)
+            .ok_or(PlacementRejection::UnknownExecutor { executor: placement.executor })?;
         if executor.state != ExecutorState::Up {
             return Err(PlacementRejection::ExecutorNotUp {
                 executor: executor.id,
@@ -195,12 +155,11 @@ impl StateMachine {
         let mut seen = BTreeSet::new();
         for &victim in &placement.evict {
             let held = executor.tasks.contains(&victim) && seen.insert(victim);
-            let victim_task = self.tasks.get(&victim).filter(|_| held).ok_or(
-                PlacementRejection::VictimNotHeld {
-                    victim,
-                    executor: executor.id,
-                },
-            )?;
+            let victim_task = self
+                .tasks
+                .get(&victim)
+                .filter(|_| held)
+                .ok_or(PlacementRejection::VictimNotHeld { victim, executor: executor.id })?;
             if victim_task.spec.priority >= task.spec.priority {
                 return Err(PlacementRejection::VictimNotLower {
                     victim,
@@ -268,10 +227,7 @@ impl StateMachine {
         task.started_unix_ms = None;
         task.reason = None;
         if let Some(bytes) = memory_bytes.filter(|_| task.spec.memory_auto) {
-            task.allocated = Resources {
-                memory_bytes: bytes,
-                ..task.spec.resources.clone()
-            };
+            task.allocated = Resources { memory_bytes: bytes, ..task.spec.resources.clone() };
         } else {
             task.allocated = task.spec.resources.clone();
         }
@@ -286,11 +242,6 @@ impl StateMachine {
             executor.allocated.fits_in(&executor.spec.capacity),
             "executor {executor_id} over capacity after placing {id}"
         );
-        Assignment {
-            task: id,
-            executor: executor_id,
-            attempt,
-            token,
-        }
+        Assignment { task: id, executor: executor_id, attempt, token }
     }
 }

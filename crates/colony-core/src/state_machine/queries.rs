@@ -73,9 +73,7 @@ impl StateMachine {
 
     /// Pending tasks in scheduling order.
     pub fn pending(&self) -> impl Iterator<Item = &Task> {
-        self.pending
-            .iter()
-            .filter_map(|key| self.tasks.get(&key.id))
+        self.pending.iter().filter_map(|key| self.tasks.get(&key.id))
     }
 
     pub fn pending_count(&self) -> usize {
@@ -84,9 +82,7 @@ impl StateMachine {
 
     /// Blocked or pending tasks whose deadline is at or before `now_unix_ms`.
     pub fn overdue(&self, now_unix_ms: u64) -> impl Iterator<Item = TaskId> + '_ {
-        self.deadlines
-            .range(..=(now_unix_ms, TaskId(u64::MAX)))
-            .map(|&(_, id)| id)
+        self.deadlines.range(..=(now_unix_ms, TaskId(u64::MAX))).map(|&(_, id)| id)
     }
 
     /// Tasks in id order, filtered and paged.

@@ -30,11 +30,7 @@ impl StateMachine {
                 now_unix_ms: now,
             });
         }
-        let live = self
-            .join_tokens
-            .values()
-            .filter(|t| t.expires_unix_ms > now)
-            .count();
+        let live = self.join_tokens.values().filter(|t| t.expires_unix_ms > now).count();
         if live >= self.limits.join_tokens_max {
             return Err(CommandError::TooMany {
                 what: "join tokens".to_owned(),
@@ -42,21 +38,14 @@ impl StateMachine {
             });
         }
         self.join_tokens.retain(|_, t| t.expires_unix_ms > now);
-        self.join_tokens.insert(
-            secret_hash,
-            JoinTokenRecord {
-                created_unix_ms: now,
-                expires_unix_ms,
-            },
-        );
+        self.join_tokens
+            .insert(secret_hash, JoinTokenRecord { created_unix_ms: now, expires_unix_ms });
         Ok(Outcome::TokenCreated)
     }
 
     /// Whether a join token's secret hash names a live token.
     pub fn join_token_valid(&self, secret_hash: &[u8; 32]) -> bool {
-        self.join_tokens
-            .get(secret_hash)
-            .is_some_and(|t| t.expires_unix_ms > self.now_unix_ms)
+        self.join_tokens.get(secret_hash).is_some_and(|t| t.expires_unix_ms > self.now_unix_ms)
     }
 
     pub(super) fn admit_executor(
@@ -77,9 +66,7 @@ impl StateMachine {
             });
         }
         if expected_id.0 != self.next_executor_id {
-            return Err(CommandError::AdmissionRaced {
-                expected: expected_id,
-            });
+            return Err(CommandError::AdmissionRaced { expected: expected_id });
         }
         let now = self.now_unix_ms;
         self.next_executor_id += 1;

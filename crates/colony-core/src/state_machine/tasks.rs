@@ -15,15 +15,9 @@ impl StateMachine {
             if let Some(&existing) = self.idempotency.get(key) {
                 let task = self.task(existing)?;
                 if &task.spec != spec {
-                    return Err(CommandError::IdempotencyConflict {
-                        key: key.clone(),
-                        existing,
-                    });
+                    return Err(CommandError::IdempotencyConflict { key: key.clone(), existing });
                 }
-                return Ok(Outcome::Submitted {
-                    task: task.clone(),
-                    existing: true,
-                });
+                return Ok(Outcome::Submitted { task: task.clone(), existing: true });
             }
         }
         if let Some(deadline) = spec.deadline_unix_ms {
@@ -36,10 +30,8 @@ impl StateMachine {
         }
         let mut waiting = false;
         for &dependency in &spec.dependencies {
-            let dep = self
-                .tasks
-                .get(&dependency)
-                .ok_or(CommandError::UnknownDependency(dependency))?;
+            let dep =
+                self.tasks.get(&dependency).ok_or(CommandError::UnknownDependency(dependency))?;
             match dep.state {
                 TaskState::Succeeded => {}
                 state if state.is_finished() => {
@@ -55,11 +47,7 @@ impl StateMachine {
         let task = Task {
             id,
             spec: spec.clone(),
-            state: if waiting {
-                TaskState::Blocked
-            } else {
-                TaskState::Pending
-            },
+            state: if waiting { TaskState::Blocked } else { TaskState::Pending },
             attempt: 0,
             retries_used: 0,
             fencing_token: None,
@@ -90,26 +78,17 @@ impl StateMachine {
             self.deadlines.insert(key);
         }
         self.tasks.insert(id, task.clone());
-        Ok(Outcome::Submitted {
-            task,
-            existing: false,
-        })
+        Ok(Outcome::Submitted { task, existing: false })
     }
 
     pub(super) fn cancel(&mut self, id: TaskId, reason: &str) -> Result<Outcome, CommandError> {
         let task = self.task(id)?;
         if task.state.is_finished() {
-            return Err(CommandError::AlreadyFinished {
-                id,
-                state: task.state,
-            });
+            return Err(CommandError::AlreadyFinished { id, state: task.state });
         }
         check_text("reason", reason, self.limits.message_bytes_max)?;
-        let reason = if reason.is_empty() {
-            "cancelled by request".to_owned()
-        } else {
-            reason.to_owned()
-        };
+        let reason =
+            if reason.is_empty() { "cancelled by request".to_owned() } else { reason.to_owned() };
         let cascaded = self.end(id, TaskState::Cancelled, Some(reason));
         let task = self.task(id)?.clone();
         Ok(Outcome::Cancelled { task, cascaded })
@@ -130,11 +109,7 @@ impl StateMachine {
             && task.fencing_token == Some(token)
             && holds_resources(task.state);
         if !current {
-            return Err(CommandError::StaleReport {
-                task: id,
-                executor,
-                token,
-            });
+            return Err(CommandError::StaleReport { task: id, executor, token });
         }
         let now = self.now_unix_ms;
         match status {
@@ -147,16 +122,8 @@ impl StateMachine {
                 }
             }
             AttemptStatus::Finished(result) => {
-                check_text(
-                    "stdout tail",
-                    &result.stdout_tail,
-                    self.limits.output_tail_bytes_max,
-                )?;
-                check_text(
-                    "stderr tail",
-                    &result.stderr_tail,
-                    self.limits.output_tail_bytes_max,
-                )?;
+                check_text("stdout tail", &result.stdout_tail, self.limits.output_tail_bytes_max)?;
+                check_text("stderr tail", &result.stderr_tail, self.limits.output_tail_bytes_max)?;
                 check_text("message", &result.message, self.limits.message_bytes_max)?;
                 if let Some(task) = self.tasks.get_mut(&id) {
                     task.exit_code = result.exit_code;
@@ -193,10 +160,7 @@ impl StateMachine {
                 }
             }
         }
-        Ok(Outcome::Reported {
-            task: id,
-            state: self.task(id)?.state,
-        })
+        Ok(Outcome::Reported { task: id, state: self.task(id)?.state })
     }
 
     pub(super) fn expire_tasks(&mut self, ids: &[TaskId]) -> Outcome {
@@ -208,11 +172,7 @@ impl StateMachine {
                     && t.spec.deadline_unix_ms.is_some_and(|d| d <= now)
             });
             if due {
-                self.end(
-                    id,
-                    TaskState::TimedOut,
-                    Some("not started by its deadline".to_owned()),
-                );
+                self.end(id, TaskState::TimedOut, Some("not started by its deadline".to_owned()));
                 expired.push(id);
             }
         }
@@ -233,11 +193,7 @@ impl StateMachine {
         check_text("reason", reason, self.limits.message_bytes_max)?;
         let mut evicted = Vec::new();
         for &id in ids {
-            if self
-                .tasks
-                .get(&id)
-                .is_some_and(|t| holds_resources(t.state))
-            {
+            if self.tasks.get(&id).is_some_and(|t| holds_resources(t.state)) {
                 self.evict(id, reason.to_owned());
                 evicted.push(id);
             }

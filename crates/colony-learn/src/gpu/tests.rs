@@ -51,10 +51,7 @@ pub(crate) fn cuda_or_skip(test: &str) -> Option<CudaBackend> {
             Some(backend)
         }
         Err(GpuError::NoDevice { count, .. }) => {
-            skipped(
-                test,
-                &format!("libcuda is present but found {count} CUDA devices"),
-            );
+            skipped(test, &format!("libcuda is present but found {count} CUDA devices"));
             None
         }
         Err(error) => panic!("{test}: a CUDA device is present but could not be opened: {error:?}"),
@@ -121,10 +118,7 @@ fn checked_in_ptx_is_what_nvrtc_generates() -> Result<(), GpuError> {
 #[test]
 fn without_a_driver_new_is_an_error_not_a_panic() {
     if driver_available() {
-        skipped(
-            "without_a_driver_new_is_an_error_not_a_panic",
-            "libcuda is present",
-        );
+        skipped("without_a_driver_new_is_an_error_not_a_panic", "libcuda is present");
         return;
     }
     assert!(matches!(CudaBackend::new(0), Err(GpuError::NoDriver)));
@@ -206,14 +200,8 @@ fn every_kernel_matches_the_cpu_reference() -> Result<(), BackendError> {
         ];
         for (form, reference) in forms {
             for (with_bias, relu) in [(false, false), (true, false), (false, true), (true, true)] {
-                let what = format!(
-                    "{} {m}x{k}x{n} bias={with_bias} relu={relu}",
-                    form.op_name()
-                );
-                let epilogue_gpu = Epilogue {
-                    bias: with_bias.then_some(&bias_gpu),
-                    relu,
-                };
+                let what = format!("{} {m}x{k}x{n} bias={with_bias} relu={relu}", form.op_name());
+                let epilogue_gpu = Epilogue { bias: with_bias.then_some(&bias_gpu), relu };
                 // Poison C so that a kernel skipping an element cannot pass on alloc's zeros.
                 let mut c = gpu.upload(&vec![f32::NAN; m * n])?;
                 match form {
@@ -227,10 +215,7 @@ fn every_kernel_matches_the_cpu_reference() -> Result<(), BackendError> {
                     m,
                     k,
                     n,
-                    Epilogue {
-                        bias: with_bias.then_some(&bias),
-                        relu,
-                    },
+                    Epilogue { bias: with_bias.then_some(&bias), relu },
                 )?;
                 // Both sides round each of k+1 additions: their gap is at most about
                 // 2(k+1)u Σ|a||b| (+|bias|), where u is f32's unit roundoff. ReLU only shrinks
@@ -241,10 +226,7 @@ fn every_kernel_matches_the_cpu_reference() -> Result<(), BackendError> {
                     m,
                     k,
                     n,
-                    Epilogue {
-                        bias: with_bias.then_some(&bias_abs),
-                        relu: false,
-                    },
+                    Epilogue { bias: with_bias.then_some(&bias_abs), relu: false },
                 )?;
                 let unit_roundoff = f32::EPSILON / 2.0;
                 let tolerances: Vec<f32> = magnitude
@@ -256,14 +238,7 @@ fn every_kernel_matches_the_cpu_reference() -> Result<(), BackendError> {
         }
     }
 
-    for (rows, cols) in [
-        (1, 1),
-        (7, 3),
-        (33, 65),
-        (1000, 2),
-        (257, 300),
-        (100_000, 3),
-    ] {
+    for (rows, cols) in [(1, 1), (7, 3), (33, 65), (1000, 2), (257, 300), (100_000, 3)] {
         let len = rows * cols;
         let x = random(&mut rng, len);
         let y = random(&mut rng, len);
@@ -272,11 +247,7 @@ fn every_kernel_matches_the_cpu_reference() -> Result<(), BackendError> {
         let mut out = gpu.upload(&vec![f32::NAN; len])?;
         gpu.relu_backward(&x_gpu, &y_gpu, &mut out)?;
         // Exact: the kernel only selects.
-        assert_eq!(
-            gpu.download(&out)?,
-            cpu::relu_backward(&x, &y)?,
-            "relu_backward {len}"
-        );
+        assert_eq!(gpu.download(&out)?, cpu::relu_backward(&x, &y)?, "relu_backward {len}");
 
         let mut sums = gpu.upload(&vec![f32::NAN; cols])?;
         gpu.column_sums(&x_gpu, rows, cols, &mut sums)?;
@@ -297,18 +268,10 @@ fn every_kernel_matches_the_cpu_reference() -> Result<(), BackendError> {
         let loss = gpu.mse_loss_and_grad(&x_gpu, &y_gpu, &mut grad)?;
         let (expected_loss, expected_grad) = cpu::mse_loss_and_grad(&x, &y)?;
         assert_close(&[loss], &[expected_loss], 1e-5, &format!("mse loss {len}"));
-        assert_close(
-            &gpu.download(&grad)?,
-            &expected_grad,
-            1e-6,
-            &format!("mse grad {len}"),
-        );
+        assert_close(&gpu.download(&grad)?, &expected_grad, 1e-6, &format!("mse grad {len}"));
     }
 
-    let adam = AdamConfig {
-        lr: 1e-2,
-        ..AdamConfig::default()
-    };
+    let adam = AdamConfig { lr: 1e-2, ..AdamConfig::default() };
     for len in [1, 255, 256, 257, 10_000] {
         let mut param = random(&mut rng, len);
         let (mut m, mut v) = (vec![0.0; len], vec![0.0; len]);
@@ -317,22 +280,10 @@ fn every_kernel_matches_the_cpu_reference() -> Result<(), BackendError> {
         for step in 1..=5 {
             let grad = random(&mut rng, len);
             let grad_gpu = gpu.upload(&grad)?;
-            gpu.adam_update(
-                &mut param_gpu,
-                &grad_gpu,
-                &mut m_gpu,
-                &mut v_gpu,
-                &adam,
-                step,
-            )?;
+            gpu.adam_update(&mut param_gpu, &grad_gpu, &mut m_gpu, &mut v_gpu, &adam, step)?;
             cpu::adam_update(&mut param, &grad, &mut m, &mut v, &adam, step)?;
         }
-        assert_close(
-            &gpu.download(&param_gpu)?,
-            &param,
-            1e-5,
-            &format!("adam param {len}"),
-        );
+        assert_close(&gpu.download(&param_gpu)?, &param, 1e-5, &format!("adam param {len}"));
         assert_close(&gpu.download(&m_gpu)?, &m, 1e-5, &format!("adam m {len}"));
         assert_close(&gpu.download(&v_gpu)?, &v, 1e-5, &format!("adam v {len}"));
     }
@@ -347,27 +298,15 @@ fn gpu_rejects_bad_shapes_before_launching() -> Result<(), BackendError> {
     let a = gpu.zeros(6)?;
     let b = gpu.zeros(6)?;
     let mut c = gpu.zeros(4)?;
-    let result = gpu.gemm_ab(
-        &a,
-        &b,
-        GemmDims { m: 2, k: 3, n: 3 },
-        Epilogue::none(),
-        &mut c,
-    );
-    assert!(matches!(
-        result,
-        Err(BackendError::Op(OpError::Length { operand: "B", .. }))
-    ));
+    let result = gpu.gemm_ab(&a, &b, GemmDims { m: 2, k: 3, n: 3 }, Epilogue::none(), &mut c);
+    assert!(matches!(result, Err(BackendError::Op(OpError::Length { operand: "B", .. }))));
     let mut out = gpu.zeros(5)?;
     assert!(gpu.relu_backward(&a, &b, &mut out).is_err());
     let mut v = gpu.zeros(6)?;
     let mut m = gpu.zeros(6)?;
     let mut p = gpu.zeros(6)?;
     let result = gpu.adam_update(&mut p, &a, &mut m, &mut v, &AdamConfig::default(), 0);
-    assert!(matches!(
-        result,
-        Err(BackendError::Op(OpError::AdamStepZero))
-    ));
+    assert!(matches!(result, Err(BackendError::Op(OpError::AdamStepZero))));
     Ok(())
 }
 
@@ -376,23 +315,13 @@ fn gpu_training_follows_the_cpu_loss_curve() -> Result<(), crate::train::TrainEr
     let Some(gpu) = cuda_or_skip("gpu_training_follows_the_cpu_loss_curve") else {
         return Ok(());
     };
-    let mlp = new_mlp(&MlpConfig {
-        inputs: 3,
-        hidden: vec![64, 64],
-        outputs: 2,
-        seed: 21,
-    })?;
+    let mlp = new_mlp(&MlpConfig { inputs: 3, hidden: vec![64, 64], outputs: 2, seed: 21 })?;
     let rows = 512;
     let mut rng = StdRng::seed_from_u64(17);
     let x: Vec<f32> = (0..rows * 3).map(|_| rng.gen_range(-1.0..1.0)).collect();
-    let y: Vec<f32> = x
-        .chunks_exact(3)
-        .flat_map(|s| [s[0].sin() + s[1] * s[2], s[0] * s[0] - s[2]])
-        .collect();
-    let adam = AdamConfig {
-        lr: 5e-3,
-        ..AdamConfig::default()
-    };
+    let y: Vec<f32> =
+        x.chunks_exact(3).flat_map(|s| [s[0].sin() + s[1] * s[2], s[0] * s[0] - s[2]]).collect();
+    let adam = AdamConfig { lr: 5e-3, ..AdamConfig::default() };
     let mut on_cpu = Trainer::new(&CpuBackend, &mlp, adam)?;
     let mut on_gpu = Trainer::new(&gpu, &mlp, adam)?;
     for step in 0..100 {
@@ -413,9 +342,6 @@ fn gpu_training_follows_the_cpu_loss_curve() -> Result<(), crate::train::TrainEr
     let (cpu_out, gpu_out) = (cpu_model.predict(&x, rows)?, gpu_model.predict(&x, rows)?);
     let (gap, _) = cpu::mse_loss_and_grad(&cpu_out, &gpu_out).map_err(BackendError::from)?;
     eprintln!("mean squared gap between CPU- and GPU-trained predictions: {gap:.3e}");
-    assert!(
-        gap < 1e-3,
-        "the GPU-trained model predicts differently: {gap}"
-    );
+    assert!(gap < 1e-3, "the GPU-trained model predicts differently: {gap}");
     Ok(())
 }

@@ -107,31 +107,13 @@ mod tests {
         assert_eq!(config.train.hidden, vec![32, 32]);
         assert_eq!(config.train.holdout_fraction, 0.2);
         let bad = [
+            LearnerConfig { servers: vec![], ..config.clone() },
+            LearnerConfig { servers: vec!["http://host:1".to_owned()], ..config.clone() },
+            LearnerConfig { retrain_every_examples: 0, ..config.clone() },
+            LearnerConfig { retrain_interval: Duration::ZERO, ..config.clone() },
+            LearnerConfig { min_examples: 1, ..config.clone() },
             LearnerConfig {
-                servers: vec![],
-                ..config.clone()
-            },
-            LearnerConfig {
-                servers: vec!["http://host:1".to_owned()],
-                ..config.clone()
-            },
-            LearnerConfig {
-                retrain_every_examples: 0,
-                ..config.clone()
-            },
-            LearnerConfig {
-                retrain_interval: Duration::ZERO,
-                ..config.clone()
-            },
-            LearnerConfig {
-                min_examples: 1,
-                ..config.clone()
-            },
-            LearnerConfig {
-                train: TrainConfig {
-                    holdout_fraction: 1.5,
-                    ..TrainConfig::default()
-                },
+                train: TrainConfig { holdout_fraction: 1.5, ..TrainConfig::default() },
                 ..config.clone()
             },
         ];

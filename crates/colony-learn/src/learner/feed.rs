@@ -39,10 +39,7 @@ pub(super) async fn follow(client: Client, mut after_seq: u64, feed: mpsc::Sende
                 Followed::Lost(reason) => reason,
                 Followed::Closed => return,
             };
-        let lost = FeedEvent::Lost {
-            server: addr.clone(),
-            reason,
-        };
+        let lost = FeedEvent::Lost { server: addr.clone(), reason };
         if feed.send(lost).await.is_err() {
             return;
         }
@@ -58,9 +55,7 @@ async fn follow_one(
     feed: &mpsc::Sender<FeedEvent>,
     backoff: &mut Duration,
 ) -> Followed {
-    let request = pb::WatchFinishedTasksRequest {
-        after_seq: *after_seq,
-    };
+    let request = pb::WatchFinishedTasksRequest { after_seq: *after_seq };
     let mut stream =
         match tokio::time::timeout(RPC_ATTEMPT_TIMEOUT, client.watch_finished_tasks(request)).await
         {
@@ -70,10 +65,7 @@ async fn follow_one(
             }
             Err(_) => return Followed::Lost("no answer to WatchFinishedTasks".to_owned()),
         };
-    let opened = FeedEvent::Opened {
-        server: addr.to_owned(),
-        after_seq: *after_seq,
-    };
+    let opened = FeedEvent::Opened { server: addr.to_owned(), after_seq: *after_seq };
     if feed.send(opened).await.is_err() {
         return Followed::Closed;
     }
@@ -88,11 +80,7 @@ async fn follow_one(
                 *after_seq = finished.seq;
                 // A stream that delivers is healthy: the next failure starts backing off anew.
                 *backoff = BACKOFF_INITIAL;
-                if feed
-                    .send(FeedEvent::Finished(Box::new(finished)))
-                    .await
-                    .is_err()
-                {
+                if feed.send(FeedEvent::Finished(Box::new(finished))).await.is_err() {
                     return Followed::Closed;
                 }
             }

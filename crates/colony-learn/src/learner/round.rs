@@ -11,8 +11,8 @@ use tracing::{info, warn};
 use super::training::TrainingThread;
 use crate::decide::Verdict;
 use crate::example::Example;
-use colony_model::features::SCHEMA;
 use crate::metrics::Metrics;
+use colony_model::features::SCHEMA;
 use colony_model::{encode_weights, ModelError, Predictor};
 
 /// What a round needs besides its examples.
@@ -75,10 +75,8 @@ pub(super) async fn round(
 ) -> anyhow::Result<RoundReport> {
     let current = current_model(&context.client).await?;
     let current_version = current.as_ref().map(|(version, _)| *version);
-    let (decision, elapsed) = context
-        .training
-        .train(examples, current.map(|(_, predictor)| predictor))
-        .await?;
+    let (decision, elapsed) =
+        context.training.train(examples, current.map(|(_, predictor)| predictor)).await?;
     let evaluation = &decision.evaluation;
     context.metrics.trained(elapsed, evaluation);
     info!(
@@ -94,9 +92,7 @@ pub(super) async fn round(
         "trained a model"
     );
     if decision.verdict != Verdict::Publish {
-        return Ok(RoundReport::Kept {
-            verdict: decision.verdict,
-        });
+        return Ok(RoundReport::Kept { verdict: decision.verdict });
     }
     let weights = encode_weights(decision.model.mlp());
     let request = pb::PublishModelRequest {
@@ -126,7 +122,5 @@ pub(super) async fn round(
         })
         .await
         .context("publishing the model")?;
-    Ok(RoundReport::Published {
-        version: published.version,
-    })
+    Ok(RoundReport::Published { version: published.version })
 }

@@ -45,9 +45,7 @@ struct FakeState {
 
 fn fake_state(state: &std::sync::Mutex<FakeState>) -> std::sync::MutexGuard<'_, FakeState> {
     // A test thread that panicked while holding the lock has already failed the test.
-    state
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 type Reply<T> = Result<tonic::Response<T>, Status>;
@@ -67,22 +65,16 @@ impl pb::admin_server::Admin for FakeAdmin {
         let first = state.watch_after.is_empty();
         state.watch_after.push(after_seq);
         let mut pending = self.records.iter().filter(|r| r.seq > after_seq);
-        let take = if first {
-            self.first_stream_records
-        } else {
-            usize::MAX
-        };
+        let take = if first { self.first_stream_records } else { usize::MAX };
         for record in pending.by_ref().take(take) {
-            sender
-                .try_send(Ok(record.clone()))
-                .map_err(|e| Status::internal(e.to_string()))?;
+            sender.try_send(Ok(record.clone())).map_err(|e| Status::internal(e.to_string()))?;
         }
         if !first {
             state.open_streams.push(sender);
         }
-        Ok(tonic::Response::new(
-            tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(receiver),
-        ))
+        Ok(tonic::Response::new(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(
+            receiver,
+        )))
     }
 
     async fn publish_model(
@@ -92,9 +84,7 @@ impl pb::admin_server::Admin for FakeAdmin {
         let request = request.into_inner();
         let mut state = fake_state(&self.state);
         let version = state.models.len() as u64 + 1;
-        let mut model = request
-            .model
-            .ok_or_else(|| Status::invalid_argument("no model"))?;
+        let mut model = request.model.ok_or_else(|| Status::invalid_argument("no model"))?;
         model.version = version;
         state.models.push(model);
         state.tokens.push(request.token);
@@ -229,9 +219,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 }
 
 async fn metric_line(addr: SocketAddr, line: &str) -> bool {
-    http_get(addr, "/metrics")
-        .await
-        .is_some_and(|(_, body)| body.lines().any(|l| l == line))
+    http_get(addr, "/metrics").await.is_some_and(|(_, body)| body.lines().any(|l| l == line))
 }
 
 /// A port nothing listens on now; the learner binds it a moment later.
@@ -279,11 +267,8 @@ async fn follows_trains_publishes_and_resumes() -> anyhow::Result<()> {
 
     let dir = tempfile::tempdir()?;
     let metrics_addr = free_addr()?;
-    let mut config = LearnerConfig::new(
-        vec![addr.to_string()],
-        "secret".to_owned(),
-        dir.path().to_owned(),
-    );
+    let mut config =
+        LearnerConfig::new(vec![addr.to_string()], "secret".to_owned(), dir.path().to_owned());
     config.device = Device::Cpu;
     config.metrics_listen = Some(metrics_addr);
     config.retrain_interval = Duration::from_millis(300);
@@ -293,10 +278,7 @@ async fn follows_trains_publishes_and_resumes() -> anyhow::Result<()> {
     // First run: everything from the start of the feed.
     let (stop, learner) = start(&config);
     wait_for("readiness", || async {
-        http_get(metrics_addr, "/readyz")
-            .await
-            .map(|(status, _)| status)
-            == Some(200)
+        http_get(metrics_addr, "/readyz").await.map(|(status, _)| status) == Some(200)
     })
     .await?;
     wait_for("a published model", || async { !models().is_empty() }).await?;
@@ -338,16 +320,9 @@ async fn follows_trains_publishes_and_resumes() -> anyhow::Result<()> {
     })
     .await?;
     wait_for("a round", || async {
-        metric_line(
-            metrics_addr,
-            "colony_learner_trainings_total{outcome=\"published\"} 1",
-        )
-        .await
-            || metric_line(
-                metrics_addr,
-                "colony_learner_trainings_total{outcome=\"rejected\"} 1",
-            )
-            .await
+        metric_line(metrics_addr, "colony_learner_trainings_total{outcome=\"published\"} 1").await
+            || metric_line(metrics_addr, "colony_learner_trainings_total{outcome=\"rejected\"} 1")
+                .await
     })
     .await?;
     let _ = stop.send(());
@@ -358,11 +333,7 @@ async fn follows_trains_publishes_and_resumes() -> anyhow::Result<()> {
     let published = models().len();
     let (stop, learner) = start(&config);
     wait_for("a rejected round", || async {
-        metric_line(
-            metrics_addr,
-            "colony_learner_trainings_total{outcome=\"rejected\"} 1",
-        )
-        .await
+        metric_line(metrics_addr, "colony_learner_trainings_total{outcome=\"rejected\"} 1").await
     })
     .await?;
     let _ = stop.send(());

@@ -58,9 +58,7 @@ impl TrainingThread {
                         }
                     };
                     // A round aborted at shutdown no longer waits for its answer; nothing is lost.
-                    let _ = job
-                        .reply
-                        .send(decision.map(|decision| (decision, started.elapsed())));
+                    let _ = job.reply.send(decision.map(|decision| (decision, started.elapsed())));
                 }
             })
             .context("starting the training thread")?;
@@ -68,10 +66,7 @@ impl TrainingThread {
             .await
             .context("the training thread stopped before resolving the device")?
             .with_context(|| format!("opening training device {device}"))?;
-        Ok(Self {
-            jobs,
-            device: device_description,
-        })
+        Ok(Self { jobs, device: device_description })
     }
 
     pub(super) async fn train(
@@ -81,16 +76,11 @@ impl TrainingThread {
     ) -> anyhow::Result<(Decision, Duration)> {
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job {
-                examples,
-                current,
-                reply,
-            })
+            .send(Job { examples, current, reply })
             .await
             .map_err(|_| anyhow!("the training thread has stopped"))?;
-        let (decision, elapsed) = answer
-            .await
-            .map_err(|_| anyhow!("the training thread dropped the job"))??;
+        let (decision, elapsed) =
+            answer.await.map_err(|_| anyhow!("the training thread dropped the job"))??;
         Ok((decision, elapsed))
     }
 }

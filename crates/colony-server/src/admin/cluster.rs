@@ -20,24 +20,32 @@ const JOIN_TOKEN_TTL_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 const DRAIN_DEADLINE_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl AdminService {
-    pub(super) async fn cluster_status_here(&self, _caller: Caller, _request: pb::ClusterStatusRequest) -> Result<pb::ClusterStatusResponse, Status> {
+    pub(super) async fn cluster_status_here(
+        &self,
+        _caller: Caller,
+        _request: pb::ClusterStatusRequest,
+    ) -> Result<pb::ClusterStatusResponse, Status> {
         let metrics = self.raft_metrics();
         let membership = metrics.membership_config.membership();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         let probes = membership.nodes().map(|(&id, node)| {
             let addr = node.addr.clone();
             async move {
-        let reachable = id == self.node.id() || self.reachable(&addr).await;
+                let reachable = id == self.node.id() || self.reachable(&addr).await;
                 (id, addr, reachable)
             }
         });
         let probed = futures::future::join_all(probes).await;
-        let matched: BTreeMap<u64, u64> =
-            metrics.replication.iter().flatten().filter_map(|(id, log_id)| log_id.map(|l| (*id, l.index))).collect();
+        let matched: BTreeMap<u64, u64> = metrics
+            .replication
+            .iter()
+            .flatten()
+            .filter_map(|(id, log_id)| log_id.map(|l| (*id, l.index)))
+            .collect();
         let members = probed
             .into_iter()
             .map(|(id, addr, reachable)| pb::Member {
-        id,
+                id,
                 addr,
                 role: if voters.contains(&id) { "voter" } else { "learner" }.to_owned(),
                 reachable,
@@ -45,7 +53,12 @@ impl AdminService {
             })
             .collect();
         let state = self.node.state();
-        let tasks_by_state = state.machine.count_by_state().into_iter().map(|(s, n)| (s.as_str().to_owned(), n)).collect();
+        let tasks_by_state = state
+            .machine
+            .count_by_state()
+            .into_iter()
+            .map(|(s, n)| (s.as_str().to_owned(), n))
+            .collect();
         let mut executors_by_state: std::collections::HashMap<String, u64> = Default::default();
         for executor in state.machine.executors() {
             *executors_by_state.entry(executor.state.as_str().to_owned()).or_default() += 1;
@@ -71,20 +84,34 @@ impl AdminService {
         })
     }
 
-    pub(super) async fn state_digest_here(&self, _caller: Caller, _request: pb::StateDigestRequest) -> Result<pb::StateDigestResponse, Status> {
+    pub(super) async fn state_digest_here(
+        &self,
+        _caller: Caller,
+        _request: pb::StateDigestRequest,
+    ) -> Result<pb::StateDigestResponse, Status> {
         use sha2::Digest as _;
         let (applied_index, encoded, task_count) = {
             let state = self.node.state();
-            let encoded = colony_store::codec::encode(&state.machine).map_err(|e| Status::internal(format!("cannot encode the state: {e}")))?;
+            let encoded = colony_store::codec::encode(&state.machine)
+                .map_err(|e| Status::internal(format!("cannot encode the state: {e}")))?;
             (state.last_applied.map_or(0, |l| l.index), encoded, state.machine.task_count() as u64)
         };
         let sha256 = hex::encode(sha2::Sha256::digest(&encoded));
         Ok(pb::StateDigestResponse { node_id: self.node.id(), applied_index, sha256, task_count })
     }
 
-    pub(super) async fn cluster_info_here(&self, _caller: Caller, _request: pb::ClusterInfoRequest) -> Result<pb::ClusterInfoResponse, Status> {
+    pub(super) async fn cluster_info_here(
+        &self,
+        _caller: Caller,
+        _request: pb::ClusterInfoRequest,
+    ) -> Result<pb::ClusterInfoResponse, Status> {
         let metrics = self.raft_metrics();
-        let members = metrics.membership_config.membership().nodes().map(|(&id, node)| (id, node.addr.clone())).collect();
+        let members = metrics
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(&id, node)| (id, node.addr.clone()))
+            .collect();
         Ok(pb::ClusterInfoResponse {
             cluster_id: self.node.cluster_id().to_owned(),
             node_id: self.node.id(),
@@ -93,33 +120,49 @@ impl AdminService {
         })
     }
 
-    pub(super) async fn join_cluster_here(&self, _caller: Caller, request: pb::JoinClusterRequest) -> Result<pb::JoinClusterResponse, Status> {
+    pub(super) async fn join_cluster_here(
+        &self,
+        _caller: Caller,
+        request: pb::JoinClusterRequest,
+    ) -> Result<pb::JoinClusterResponse, Status> {
         if request.cluster_id != self.node.cluster_id() {
             return Err(Status::failed_precondition(format!(
                 "the joining server belongs to cluster {:?}; this is cluster {}",
-                request.cluster_id, self.node.cluster_id()
+                request.cluster_id,
+                self.node.cluster_id()
             )));
         }
         if request.node_id == 0 {
             return Err(Status::invalid_argument("node id 0 is reserved; use 1 or more"));
         }
         if request.addr.is_empty() || request.addr.len() > ADDR_BYTES_MAX {
-            return Err(Status::invalid_argument(format!("address must be 1..={ADDR_BYTES_MAX} bytes")));
+            return Err(Status::invalid_argument(format!(
+                "address must be 1..={ADDR_BYTES_MAX} bytes"
+            )));
         }
         let id = request.node_id;
         let metrics = self.raft_metrics();
         let membership = metrics.membership_config.membership();
         for (&member, node) in membership.nodes() {
             if member == id && node.addr != request.addr {
-        return Err(Status::already_exists(format!("node id {id} is already a member at {}; pick another id", node.addr)));
+                return Err(Status::already_exists(format!(
+                    "node id {id} is already a member at {}; pick another id",
+                    node.addr
+                )));
             }
             if member != id && node.addr == request.addr {
-        return Err(Status::already_exists(format!("{} is already member {member}'s address", request.addr)));
+                return Err(Status::already_exists(format!(
+                    "{} is already member {member}'s address",
+                    request.addr
+                )));
             }
         }
         let is_voter = membership.voter_ids().any(|v| v == id);
         let is_member = membership.get_node(&id).is_some();
-        let reply = || pb::JoinClusterResponse { cluster_id: self.node.cluster_id().to_owned(), leader_id: self.node.id() };
+        let reply = || pb::JoinClusterResponse {
+            cluster_id: self.node.cluster_id().to_owned(),
+            leader_id: self.node.id(),
+        };
         if is_voter {
             return Ok(reply());
         }
@@ -128,15 +171,27 @@ impl AdminService {
             let add = self.node.raft().add_learner(id, BasicNode::new(&request.addr), true);
             tokio::time::timeout(CATCH_UP_TIMEOUT, add)
                 .await
-                .map_err(|_| Status::deadline_exceeded(format!("node {id} did not catch up within {CATCH_UP_TIMEOUT:?}")))?
+                .map_err(|_| {
+                    Status::deadline_exceeded(format!(
+                        "node {id} did not catch up within {CATCH_UP_TIMEOUT:?}"
+                    ))
+                })?
                 .map_err(membership_failed)?;
         }
         tracing::info!(node_id = id, "promoting learner to voter");
-        self.node.raft().change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await.map_err(membership_failed)?;
+        self.node
+            .raft()
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(membership_failed)?;
         Ok(reply())
     }
 
-    pub(super) async fn remove_node_here(&self, _caller: Caller, request: pb::RemoveNodeRequest) -> Result<pb::RemoveNodeResponse, Status> {
+    pub(super) async fn remove_node_here(
+        &self,
+        _caller: Caller,
+        request: pb::RemoveNodeRequest,
+    ) -> Result<pb::RemoveNodeResponse, Status> {
         let id = request.node_id;
         let metrics = self.raft_metrics();
         let membership = metrics.membership_config.membership();
@@ -146,48 +201,86 @@ impl AdminService {
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         let change = if voters.contains(&id) {
             if voters.len() == 1 {
-        return Err(Status::failed_precondition(format!("node {id} is the last voter; removing it would leave no cluster")));
+                return Err(Status::failed_precondition(format!(
+                    "node {id} is the last voter; removing it would leave no cluster"
+                )));
             }
             ChangeMembers::RemoveVoters(BTreeSet::from([id]))
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
         };
         tracing::info!(node_id = id, "removing node");
-        let response = self.node.raft().change_membership(change, false).await.map_err(membership_failed)?;
+        let response =
+            self.node.raft().change_membership(change, false).await.map_err(membership_failed)?;
         let voters = response.membership.map(|m| m.voter_ids().collect()).unwrap_or_default();
         Ok(pb::RemoveNodeResponse { leader_id: self.node.id(), voters })
     }
 
-    pub(super) async fn create_join_token_here(&self, _caller: Caller, request: pb::CreateJoinTokenRequest) -> Result<pb::CreateJoinTokenResponse, Status> {
+    pub(super) async fn create_join_token_here(
+        &self,
+        _caller: Caller,
+        request: pb::CreateJoinTokenRequest,
+    ) -> Result<pb::CreateJoinTokenResponse, Status> {
         let ttl = Duration::from_millis(request.ttl_ms);
         if ttl.is_zero() || ttl > JOIN_TOKEN_TTL_MAX {
-            return Err(Status::invalid_argument(format!("ttl must be between 1ms and {}", humanize(JOIN_TOKEN_TTL_MAX))));
+            return Err(Status::invalid_argument(format!(
+                "ttl must be between 1ms and {}",
+                humanize(JOIN_TOKEN_TTL_MAX)
+            )));
         }
-        let record = self.node.state().machine.ca().cloned().ok_or_else(|| Status::unavailable("the cluster CA is not created yet; retry"))?;
-        let ca = colony_quic::ClusterCa::from_pem(&record.cert_pem, &record.key_pem).map_err(|e| Status::internal(format!("cluster CA: {e}")))?;
+        let record = self
+            .node
+            .state()
+            .machine
+            .ca()
+            .cloned()
+            .ok_or_else(|| Status::unavailable("the cluster CA is not created yet; retry"))?;
+        let ca = colony_quic::ClusterCa::from_pem(&record.cert_pem, &record.key_pem)
+            .map_err(|e| Status::internal(format!("cluster CA: {e}")))?;
         let token = colony_quic::JoinToken::generate(&ca);
         let expires_unix_ms = colony_process::unix_ms() + ttl.as_millis() as u64;
-        self.propose(Command::CreateJoinToken { secret_hash: token.secret_hash(), expires_unix_ms }).await?;
+        self.propose(Command::CreateJoinToken {
+            secret_hash: token.secret_hash(),
+            expires_unix_ms,
+        })
+        .await?;
         Ok(pb::CreateJoinTokenResponse { token: token.to_string(), expires_unix_ms })
     }
 
-    pub(super) async fn list_executors_here(&self, _caller: Caller, _request: pb::ListExecutorsRequest) -> Result<pb::ListExecutorsResponse, Status> {
+    pub(super) async fn list_executors_here(
+        &self,
+        _caller: Caller,
+        _request: pb::ListExecutorsRequest,
+    ) -> Result<pb::ListExecutorsResponse, Status> {
         let state = self.node.state();
         let executors = state.machine.executors().map(|e| self.executor_view(e)).collect();
-        Ok(pb::ListExecutorsResponse { executors, applied_index: state.last_applied.map_or(0, |l| l.index) })
+        Ok(pb::ListExecutorsResponse {
+            executors,
+            applied_index: state.last_applied.map_or(0, |l| l.index),
+        })
     }
 
-    pub(super) async fn drain_executor_here(&self, _caller: Caller, request: pb::DrainExecutorRequest) -> Result<pb::DrainExecutorResponse, Status> {
+    pub(super) async fn drain_executor_here(
+        &self,
+        _caller: Caller,
+        request: pb::DrainExecutorRequest,
+    ) -> Result<pb::DrainExecutorResponse, Status> {
         let deadline = Duration::from_millis(request.deadline_ms);
         if deadline > DRAIN_DEADLINE_MAX {
-            return Err(Status::invalid_argument(format!("the drain deadline may be at most {}", humanize(DRAIN_DEADLINE_MAX))));
+            return Err(Status::invalid_argument(format!(
+                "the drain deadline may be at most {}",
+                humanize(DRAIN_DEADLINE_MAX)
+            )));
         }
         let id = ExecutorId(request.id);
         let deadline_unix_ms = colony_process::unix_ms() + deadline.as_millis() as u64;
         self.propose(Command::DrainExecutor { id, deadline_unix_ms }).await?;
         self.node.wake_scheduler();
         let state = self.node.state();
-        let executor = state.machine.get_executor(id).ok_or_else(|| Status::not_found(format!("executor {id} does not exist")))?;
+        let executor = state
+            .machine
+            .get_executor(id)
+            .ok_or_else(|| Status::not_found(format!("executor {id} does not exist")))?;
         Ok(pb::DrainExecutorResponse { executor: Some(self.executor_view(executor)) })
     }
 }
@@ -199,7 +292,11 @@ fn humanize(duration: Duration) -> String {
 impl AdminService {
     async fn reachable(&self, addr: &str) -> bool {
         let Ok(mut client) = self.node.peers().admin(addr) else { return false };
-        matches!(tokio::time::timeout(PROBE_TIMEOUT, client.cluster_info(pb::ClusterInfoRequest {})).await, Ok(Ok(_)))
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, client.cluster_info(pb::ClusterInfoRequest {}))
+                .await,
+            Ok(Ok(_))
+        )
     }
 
     fn executor_view(&self, executor: &colony_core::Executor) -> pb::Executor {
@@ -210,11 +307,15 @@ impl AdminService {
 
 fn membership_failed(error: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Status {
     match error {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => Status::unavailable("leadership changed; retry"),
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(p))) => {
-            Status::unavailable(format!("another membership change is in progress; retry ({p})"))
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            Status::unavailable("leadership changed; retry")
         }
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => Status::failed_precondition(e.to_string()),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            ChangeMembershipError::InProgress(p),
+        )) => Status::unavailable(format!("another membership change is in progress; retry ({p})")),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            Status::failed_precondition(e.to_string())
+        }
         RaftError::Fatal(f) => Status::unavailable(format!("raft stopped: {f}")),
     }
 }

@@ -57,7 +57,13 @@ pub struct Caller {
 impl AdminService {
     /// Serves `request` for `rpc`: forwards it to the leader with `forward`, or answers it here
     /// with `local`, within the deadline.
-    pub(super) async fn serve<Req, Resp, F, FFut, L, LFut>(&self, rpc: Rpc, request: Request<Req>, forward: F, local: L) -> Result<Response<Resp>, Status>
+    pub(super) async fn serve<Req, Resp, F, FFut, L, LFut>(
+        &self,
+        rpc: Rpc,
+        request: Request<Req>,
+        forward: F,
+        local: L,
+    ) -> Result<Response<Resp>, Status>
     where
         F: FnOnce(AdminClient<Channel>, Request<Req>) -> FFut,
         FFut: Future<Output = Result<Response<Resp>, Status>>,
@@ -83,7 +89,12 @@ impl AdminService {
     }
 
     /// Serves an RPC that is always answered where it arrives (`Serve::Here`).
-    pub(super) async fn serve_here<Req, Resp, L, LFut>(&self, rpc: Rpc, request: Request<Req>, local: L) -> Result<Response<Resp>, Status>
+    pub(super) async fn serve_here<Req, Resp, L, LFut>(
+        &self,
+        rpc: Rpc,
+        request: Request<Req>,
+        local: L,
+    ) -> Result<Response<Resp>, Status>
     where
         L: FnOnce(Caller, Req) -> LFut,
         LFut: Future<Output = Result<Resp, Status>>,
@@ -111,35 +122,56 @@ impl AdminService {
         let leader_addr = {
             let metrics = self.node.raft().metrics();
             let metrics = metrics.borrow();
-            let leader = metrics.current_leader.ok_or_else(|| Status::unavailable("no leader is elected right now; retry shortly"))?;
-            let node = metrics
-                .membership_config
-                .membership()
-                .get_node(&leader)
-                .ok_or_else(|| Status::unavailable(format!("leader {leader} is not in this server's membership view; retry")))?;
+            let leader = metrics.current_leader.ok_or_else(|| {
+                Status::unavailable("no leader is elected right now; retry shortly")
+            })?;
+            let node =
+                metrics.membership_config.membership().get_node(&leader).ok_or_else(|| {
+                    Status::unavailable(format!(
+                        "leader {leader} is not in this server's membership view; retry"
+                    ))
+                })?;
             node.addr.clone()
         };
         self.node.peers().admin(&leader_addr).map_err(|e| Status::internal(e.to_string()))
     }
 
-    async fn forward<Req, Resp, F, Fut>(&self, request: Request<Req>, deadline: Duration, call: F) -> Result<Response<Resp>, Status>
+    async fn forward<Req, Resp, F, Fut>(
+        &self,
+        request: Request<Req>,
+        deadline: Duration,
+        call: F,
+    ) -> Result<Response<Resp>, Status>
     where
         F: FnOnce(AdminClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
         let client = self.leader_client()?;
         let mut forwarded = Request::new(request.into_inner());
-        forwarded.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        forwarded
+            .metadata_mut()
+            .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
         forwarded.set_timeout(deadline);
         let started = Instant::now();
         let answered = tokio::time::timeout(deadline, call(client, forwarded)).await;
-        self.node.metrics().agent_communication_seconds.with_label_values(&["server", "leader"]).observe(started.elapsed().as_secs_f64());
+        self.node
+            .metrics()
+            .agent_communication_seconds
+            .with_label_values(&["server", "leader"])
+            .observe(started.elapsed().as_secs_f64());
         match answered {
-            Ok(Err(status)) if matches!(status.code(), tonic::Code::Unknown | tonic::Code::Cancelled) => {
-                Err(Status::unavailable(format!("forwarding to the leader failed: {}", status.message())))
+            Ok(Err(status))
+                if matches!(status.code(), tonic::Code::Unknown | tonic::Code::Cancelled) =>
+            {
+                Err(Status::unavailable(format!(
+                    "forwarding to the leader failed: {}",
+                    status.message()
+                )))
             }
             Ok(result) => result,
-            Err(_) => Err(Status::unavailable("the leader did not answer in time; outcome unknown")),
+            Err(_) => {
+                Err(Status::unavailable("the leader did not answer in time; outcome unknown"))
+            }
         }
     }
 
@@ -147,8 +179,12 @@ impl AdminService {
     /// committed before the read arrived.
     async fn read_barrier(&self) -> Result<(), Status> {
         self.node.raft().ensure_linearizable().await.map(|_| ()).map_err(|e| match e {
-            RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)) => Status::unavailable("leadership changed during the read; retry"),
-            RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => Status::unavailable(format!("leader cannot reach a quorum: {q}")),
+            RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)) => {
+                Status::unavailable("leadership changed during the read; retry")
+            }
+            RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => {
+                Status::unavailable(format!("leader cannot reach a quorum: {q}"))
+            }
             RaftError::Fatal(f) => Status::unavailable(format!("raft stopped: {f}")),
         })
     }
@@ -163,10 +199,17 @@ fn admit<T>(rpc: &Rpc, request: &Request<T>) -> Result<(Caller, Duration), Statu
     Ok((caller, deadline))
 }
 
-async fn within<Resp>(rpc: &Rpc, deadline: Duration, served: impl Future<Output = Result<Resp, Status>>) -> Result<Response<Resp>, Status> {
+async fn within<Resp>(
+    rpc: &Rpc,
+    deadline: Duration,
+    served: impl Future<Output = Result<Resp, Status>>,
+) -> Result<Response<Resp>, Status> {
     match tokio::time::timeout(deadline, served).await {
         Ok(result) => result.map(Response::new),
-        Err(_) => Err(Status::deadline_exceeded(format!("{} did not finish within {deadline:?}", rpc.name))),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "{} did not finish within {deadline:?}",
+            rpc.name
+        ))),
     }
 }
 
@@ -196,7 +239,9 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 /// The gRPC status for a command the state machine refused.
 pub fn rejected(error: CommandError) -> Status {
     match error {
-        CommandError::UnknownTask(_) | CommandError::UnknownExecutor(_) | CommandError::UnknownModel(_) => Status::not_found(error.to_string()),
+        CommandError::UnknownTask(_)
+        | CommandError::UnknownExecutor(_)
+        | CommandError::UnknownModel(_) => Status::not_found(error.to_string()),
         CommandError::IdempotencyConflict { .. } => Status::already_exists(error.to_string()),
         CommandError::DependencyEnded { .. }
         | CommandError::AlreadyFinished { .. }
@@ -219,7 +264,9 @@ pub fn rejected(error: CommandError) -> Status {
 pub fn propose_failed(error: ProposeError) -> Status {
     match error {
         ProposeError::Rejected(e) => rejected(e),
-        ProposeError::NotLeader => Status::unavailable("leadership changed while the request was in flight; retry"),
+        ProposeError::NotLeader => {
+            Status::unavailable("leadership changed while the request was in flight; retry")
+        }
         ProposeError::Raft(e) => Status::unavailable(format!("outcome unknown: {e}")),
     }
 }

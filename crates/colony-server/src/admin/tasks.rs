@@ -21,45 +21,73 @@ const WATCH_BUFFER_MAX: usize = 1024;
 /// How often a caught-up watch looks for newly finished tasks.
 const WATCH_POLL: Duration = Duration::from_millis(200);
 
-pub type FinishedTaskStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::FinishedTask, Status>> + Send>>;
+pub type FinishedTaskStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::FinishedTask, Status>> + Send>>;
 
 impl AdminService {
-    pub(super) async fn watch_finished_tasks_here(&self, _caller: Caller, request: pb::WatchFinishedTasksRequest) -> Result<FinishedTaskStream, Status> {
+    pub(super) async fn watch_finished_tasks_here(
+        &self,
+        _caller: Caller,
+        request: pb::WatchFinishedTasksRequest,
+    ) -> Result<FinishedTaskStream, Status> {
         let after_seq = request.after_seq;
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER_MAX);
         tokio::spawn(follow_finished(self.node.clone(), after_seq, tx));
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
-    pub(super) async fn submit_task_here(&self, _caller: Caller, request: pb::SubmitTaskRequest) -> Result<pb::SubmitTaskResponse, Status> {
+    pub(super) async fn submit_task_here(
+        &self,
+        _caller: Caller,
+        request: pb::SubmitTaskRequest,
+    ) -> Result<pb::SubmitTaskResponse, Status> {
         let started = std::time::Instant::now();
         let spec = request.spec.ok_or_else(|| Status::invalid_argument("missing spec"))?;
         let spec = TaskSpec::try_from(spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let limits = self.node.state().machine.limits().clone();
-        spec.validate(&limits).map_err(|e| Status::invalid_argument(format!("invalid task: {e}")))?;
+        spec.validate(&limits)
+            .map_err(|e| Status::invalid_argument(format!("invalid task: {e}")))?;
         let outcome = self.propose(Command::SubmitTask(spec)).await;
         self.node.metrics().submit_seconds.observe(started.elapsed().as_secs_f64());
         match outcome? {
-            Outcome::Submitted { task, existing } => Ok(pb::SubmitTaskResponse { task: Some((&task).into()), existing }),
+            Outcome::Submitted { task, existing } => {
+                Ok(pb::SubmitTaskResponse { task: Some((&task).into()), existing })
+            }
             other => Err(Status::internal(format!("submit produced {other:?}"))),
         }
     }
 
-    pub(super) async fn get_task_here(&self, _caller: Caller, request: pb::GetTaskRequest) -> Result<pb::GetTaskResponse, Status> {
+    pub(super) async fn get_task_here(
+        &self,
+        _caller: Caller,
+        request: pb::GetTaskRequest,
+    ) -> Result<pb::GetTaskResponse, Status> {
         let id = TaskId(request.id);
         let state = self.node.state();
-        let task = state.machine.get_task(id).ok_or_else(|| Status::not_found(format!("task {id} does not exist")))?;
+        let task = state
+            .machine
+            .get_task(id)
+            .ok_or_else(|| Status::not_found(format!("task {id} does not exist")))?;
         let applied_index = state.last_applied.map_or(0, |l| l.index);
         Ok(pb::GetTaskResponse { task: Some(task.into()), applied_index })
     }
 
-    pub(super) async fn list_tasks_here(&self, _caller: Caller, request: pb::ListTasksRequest) -> Result<pb::ListTasksResponse, Status> {
-        let state_filter = task_state_from_proto(request.state).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    pub(super) async fn list_tasks_here(
+        &self,
+        _caller: Caller,
+        request: pb::ListTasksRequest,
+    ) -> Result<pb::ListTasksResponse, Status> {
+        let state_filter = task_state_from_proto(request.state)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let limit = match request.page_size as usize {
             0 => PAGE_SIZE_DEFAULT,
             n => n.min(PAGE_SIZE_MAX),
         };
-        let filter = TaskFilter { state: state_filter, after: (request.after_id > 0).then_some(TaskId(request.after_id)), limit };
+        let filter = TaskFilter {
+            state: state_filter,
+            after: (request.after_id > 0).then_some(TaskId(request.after_id)),
+            limit,
+        };
         let state = self.node.state();
         let found = state.machine.list_tasks(&filter);
         let mut tasks = Vec::with_capacity(found.len());
@@ -68,23 +96,38 @@ impl AdminService {
             let task = pb::Task::from(task);
             page_bytes += prost::Message::encoded_len(&task);
             if page_bytes > PAGE_BYTES_MAX && !tasks.is_empty() {
-        break;
+                break;
             }
             tasks.push(task);
         }
         let full = tasks.len() < found.len() || tasks.len() == limit;
         let next_after_id = if full { tasks.last().map_or(0, |t| t.id) } else { 0 };
-        Ok(pb::ListTasksResponse { tasks, next_after_id, applied_index: state.last_applied.map_or(0, |l| l.index) })
+        Ok(pb::ListTasksResponse {
+            tasks,
+            next_after_id,
+            applied_index: state.last_applied.map_or(0, |l| l.index),
+        })
     }
 
-    pub(super) async fn cancel_task_here(&self, _caller: Caller, request: pb::CancelTaskRequest) -> Result<pb::CancelTaskResponse, Status> {
+    pub(super) async fn cancel_task_here(
+        &self,
+        _caller: Caller,
+        request: pb::CancelTaskRequest,
+    ) -> Result<pb::CancelTaskResponse, Status> {
         let limits = self.node.state().machine.limits().clone();
         if request.reason.len() > limits.arg_bytes_max {
-            return Err(Status::invalid_argument(format!("reason is {} bytes; the limit is {}", request.reason.len(), limits.arg_bytes_max)));
+            return Err(Status::invalid_argument(format!(
+                "reason is {} bytes; the limit is {}",
+                request.reason.len(),
+                limits.arg_bytes_max
+            )));
         }
-        match self.propose(Command::CancelTask { id: TaskId(request.id), reason: request.reason }).await? {
+        match self
+            .propose(Command::CancelTask { id: TaskId(request.id), reason: request.reason })
+            .await?
+        {
             Outcome::Cancelled { task, cascaded } => Ok(pb::CancelTaskResponse {
-        task: Some((&task).into()),
+                task: Some((&task).into()),
                 cascaded: cascaded.into_iter().map(|id| id.0).collect(),
             }),
             other => Err(Status::internal(format!("cancel produced {other:?}"))),
@@ -93,7 +136,11 @@ impl AdminService {
 }
 
 /// Streams finished tasks to one watcher from its applied state until the watcher goes away.
-async fn follow_finished(node: Arc<Node>, mut after_seq: u64, tx: tokio::sync::mpsc::Sender<Result<pb::FinishedTask, Status>>) {
+async fn follow_finished(
+    node: Arc<Node>,
+    mut after_seq: u64,
+    tx: tokio::sync::mpsc::Sender<Result<pb::FinishedTask, Status>>,
+) {
     loop {
         let batch: Vec<pb::FinishedTask> = {
             let state = node.state();
@@ -104,23 +151,25 @@ async fn follow_finished(node: Arc<Node>, mut after_seq: u64, tx: tokio::sync::m
                 .map(|(seq, task)| pb::FinishedTask {
                     seq,
                     task: Some(task.into()),
-                    executor: task.executor.and_then(|e| state.machine.get_executor(e)).map(|e| executor_to_proto(e, None)),
+                    executor: task
+                        .executor
+                        .and_then(|e| state.machine.get_executor(e))
+                        .map(|e| executor_to_proto(e, None)),
                 })
                 .collect()
         };
         if batch.is_empty() {
             tokio::select! {
-        _ = tokio::time::sleep(WATCH_POLL) => {}
-                _ = tx.closed() => return,
-            }
+            _ = tokio::time::sleep(WATCH_POLL) => {}
+                    _ = tx.closed() => return,
+                }
             continue;
         }
         for item in batch {
             after_seq = item.seq;
             if tx.send(Ok(item)).await.is_err() {
-        return;
+                return;
             }
         }
     }
 }
-
