@@ -447,12 +447,8 @@ async fn list_all(client: &Client, stale: bool) -> Result<Vec<pb::Task>> {
             consistency: Some(ReadConsistency { stale }),
             ..Default::default()
         };
-        let page = client
-            .call("list tasks", |mut c| {
-                let request = request.clone();
-                async move { c.list_tasks(request).await }
-            })
-            .await?;
+        let page =
+            client.call("list tasks", |mut c| async move { c.list_tasks(request).await }).await?;
         tasks.extend(page.tasks);
         if page.next_after_id == 0 {
             return Ok(tasks);

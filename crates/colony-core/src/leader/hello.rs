@@ -7,6 +7,8 @@ use crate::task::SpecError;
 
 /// What the leader does with a `Hello` it accepts.
 #[derive(Clone, Debug, PartialEq)]
+// Built once per connection and consumed at once: boxing the command would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Hello {
     /// Already up with this very spec: nothing to commit.
     AlreadyUp,

@@ -63,6 +63,9 @@ pub struct RunningAttempt {
 
 /// What the leader does in response to an input.
 #[derive(Clone, Debug, PartialEq)]
+// Effects live for one hand-over from the component to the shell: boxing the command would add
+// an allocation to every proposal the leader makes.
+#[allow(clippy::large_enum_variant)]
 pub enum Effect {
     /// Propose this command through Raft; its outcome comes back through `handle_committed`.
     Propose(Command),
