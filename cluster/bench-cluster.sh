@@ -1,7 +1,8 @@
 # Sourced by the benchmark scripts: start_bench_cluster PORT starts three colony servers on
-# 127.0.0.1:PORT..PORT+2 in a temporary directory, waits until all three are voters, sets
-# $endpoints, and stops them and removes the directory when the script exits.
-# Needs $colony (the binary).
+# 127.0.0.1:PORT..PORT+2 in a temporary directory, as every cluster runs (TLS from its own CA,
+# ACLs bootstrapped, servers joining with a server token), waits until all three are voters,
+# exports $COLONY_TOKEN (the management token) and sets $endpoints; it stops them and removes the
+# directory when the script exits. Needs $colony (the binary).
 start_bench_cluster() {
     local port="$1"
     dir="$(mktemp -d /tmp/colony-bench.XXXXXX)"
@@ -9,8 +10,19 @@ start_bench_cluster() {
     trap 'for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"' EXIT
     "$colony" server --id 1 --data-dir "$dir/d1" --listen "127.0.0.1:$port" --bootstrap >"$dir/s1.log" 2>&1 &
     pids+=($!)
+    for _ in $(seq 1 100); do
+        [ -s "$dir/d1/tls/ca.pem" ] && break
+        sleep 0.1
+    done
+    COLONY_TOKEN=$("$colony" --endpoint "127.0.0.1:$port" --timeout 20s acl bootstrap --ca-file "$dir/d1/tls/ca.pem" 2>/dev/null) || {
+        echo "cannot bootstrap ACLs on the benchmark cluster; logs in $dir" >&2
+        return 1
+    }
+    export COLONY_TOKEN
+    local server_token
+    server_token=$("$colony" --endpoint "127.0.0.1:$port" --timeout 20s cluster token create --kind server --ttl 10m 2>/dev/null)
     for i in 2 3; do
-        "$colony" server --id "$i" --data-dir "$dir/d$i" --listen "127.0.0.1:$((port + i - 1))" --join "127.0.0.1:$port" >"$dir/s$i.log" 2>&1 &
+        "$colony" server --id "$i" --data-dir "$dir/d$i" --listen "127.0.0.1:$((port + i - 1))" --join "127.0.0.1:$port" --token "$server_token" >"$dir/s$i.log" 2>&1 &
         pids+=($!)
     done
     endpoints="127.0.0.1:$port,127.0.0.1:$((port + 1)),127.0.0.1:$((port + 2))"

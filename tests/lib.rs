@@ -3,17 +3,39 @@
 //!
 //! Servers and executors are child processes of the test, each with its own data directory and
 //! log file; the harness kills them all when dropped, so a failing test never leaves any behind.
+//!
+//! Clusters run as every cluster does: TLS from their own CA, ACLs bootstrapped at start. The
+//! management token is the cluster's (`Cluster::token`); the helpers that take only an address
+//! use the token of the cluster that server belongs to (ports are unique within a test process).
 
 use anyhow::{bail, Context};
+use colony_client::{Auth, Channel};
 use colony_proto::pb::admin_client::AdminClient;
 use colony_proto::pb::{self, ClusterStatusRequest};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+
+/// The credentials for each server address this process started a cluster on.
+static AUTH_BY_ADDR: Mutex<Option<HashMap<String, Auth>>> = Mutex::new(None);
+
+fn register(addr: &str, auth: &Auth) {
+    let mut map = AUTH_BY_ADDR.lock().unwrap_or_else(|p| p.into_inner());
+    map.get_or_insert_with(HashMap::new).insert(addr.to_owned(), auth.clone());
+}
+
+/// The management credentials of the cluster the server at `addr` belongs to.
+pub fn auth_for(addr: &str) -> anyhow::Result<Auth> {
+    let map = AUTH_BY_ADDR.lock().unwrap_or_else(|p| p.into_inner());
+    map.as_ref()
+        .and_then(|m| m.get(addr).cloned())
+        .with_context(|| format!("no cluster of this test has a server at {addr}"))
+}
 
 /// The `colony` binary built alongside this test (same target directory and profile).
 pub fn colony_bin() -> PathBuf {
@@ -140,12 +162,16 @@ impl Drop for Server {
     }
 }
 
-/// A gRPC client for one server.
+/// A gRPC client for one server, with its cluster's management token.
 pub async fn client(addr: &str) -> anyhow::Result<AdminClient<Channel>> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(1))
-        .connect_lazy();
-    Ok(AdminClient::new(channel))
+    client_with(addr, &auth_for(addr)?)
+}
+
+/// A gRPC client for one server with the given credentials.
+pub fn client_with(addr: &str, auth: &Auth) -> anyhow::Result<AdminClient<Channel>> {
+    let endpoint =
+        Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(Duration::from_secs(1));
+    Ok(AdminClient::new(auth.channel(endpoint)))
 }
 
 /// One server's `cluster status` answer, within `timeout`.
@@ -220,6 +246,9 @@ pub struct Cluster {
     pub servers: Vec<Server>,
     pub executors: Vec<Executor>,
     pub snapshot_logs: u64,
+    /// The management token `acl bootstrap` printed, and its credentials.
+    pub token: String,
+    pub auth: Option<Auth>,
 }
 
 impl Cluster {
@@ -230,8 +259,11 @@ impl Cluster {
             servers: Vec::new(),
             executors: Vec::new(),
             snapshot_logs,
+            token: String::new(),
+            auth: None,
         };
         cluster.add_server(true).await?;
+        cluster.bootstrap_acl().await?;
         cluster.wait_for_leader(Duration::from_secs(20)).await?;
         for _ in 1..n {
             cluster.add_server(false).await?;
@@ -240,7 +272,33 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Starts one more server (bootstrapping, or joining the first server).
+    /// Bootstraps ACLs through the first server, trusting the CA in its data directory.
+    async fn bootstrap_acl(&mut self) -> anyhow::Result<()> {
+        let first = &self.servers[0];
+        let ca_file = first.data_dir.join("tls").join("ca.pem");
+        let ca_pem = wait_for("the CA certificate", Duration::from_secs(20), || async {
+            Ok(std::fs::read_to_string(&ca_file).ok())
+        })
+        .await?;
+        let response = colony_client::bootstrap_acl(
+            std::slice::from_ref(&first.addr),
+            colony_quic::Trust::Ca(ca_pem),
+            Duration::from_secs(20),
+        )
+        .await?;
+        let auth = Auth::token(&response.secret)?;
+        register(&first.addr, &auth);
+        self.token = response.secret;
+        self.auth = Some(auth);
+        Ok(())
+    }
+
+    /// The cluster's management credentials.
+    pub fn auth(&self) -> anyhow::Result<&Auth> {
+        self.auth.as_ref().context("ACLs are not bootstrapped yet")
+    }
+
+    /// Starts one more server (bootstrapping, or joining the first server with a server token).
     pub async fn add_server(&mut self, bootstrap: bool) -> anyhow::Result<usize> {
         let id = self.servers.len() as u64 + 1;
         let addr = format!("127.0.0.1:{}", free_port());
@@ -269,6 +327,9 @@ impl Cluster {
             let join: Vec<&str> = self.servers.iter().map(|s| s.addr.as_str()).collect();
             args.push("--join".to_owned());
             args.push(join.join(","));
+            args.push("--token".to_owned());
+            args.push(self.join_token_of("server").await?);
+            register(&server.addr, self.auth()?);
         }
         server.start(&args)?;
         self.servers.push(server);
@@ -323,19 +384,24 @@ impl Cluster {
 
     /// A client of every server, each call retried across them for up to `timeout`.
     pub fn any_server(&self, timeout: Duration) -> anyhow::Result<colony_client::Client> {
-        Ok(colony_client::Client::new(&self.addrs(), timeout)?)
+        Ok(colony_client::Client::new(&self.addrs(), timeout, self.auth()?)?)
     }
 
-    /// A fresh join token, once the cluster CA exists.
+    /// A fresh executor join token, once the cluster CA exists.
     pub async fn join_token(&self) -> anyhow::Result<String> {
+        self.join_token_of("executor").await
+    }
+
+    /// A fresh join token of `kind` (executor, server, learner), once the cluster CA exists.
+    pub async fn join_token_of(&self, kind: &str) -> anyhow::Result<String> {
         let any_server = self.any_server(Duration::from_secs(3))?;
         wait_for("a join token", Duration::from_secs(20), || async {
-            let request = pb::CreateJoinTokenRequest { ttl_ms: 3_600_000 };
+            let request = pb::CreateJoinTokenRequest { ttl_ms: 3_600_000, kind: kind.to_owned() };
             let token = any_server
-                .call(
-                    "create a join token",
-                    |mut c| async move { c.create_join_token(request).await },
-                )
+                .call("create a join token", |mut c| {
+                    let request = request.clone();
+                    async move { c.create_join_token(request).await }
+                })
                 .await?
                 .token;
             Ok(Some(token))

@@ -4,14 +4,13 @@
 use crate::net::{Host, Net, PROXY_GID};
 use crate::procs::{Proc, Role, SERVER_PORT};
 use anyhow::{bail, Context as _, Result};
-use colony_client::{Client, ClientConfig};
+use colony_client::{Auth, Channel, Client, ClientConfig};
 use colony_proto::pb::admin_client::AdminClient;
 use colony_proto::pb::{self, ReadConsistency};
 use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tonic::transport::Channel;
 
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 const FORM_TIMEOUT: Duration = Duration::from_secs(60);
@@ -31,6 +30,8 @@ pub struct Cluster {
     unsafe_stale_reads: bool,
     pub run_dir: PathBuf,
     next_node_id: u64,
+    /// The management token bootstrapped at start: every call the suite makes carries it.
+    pub auth: Auth,
 }
 
 pub fn server_host(i: usize) -> Host {
@@ -96,6 +97,30 @@ impl Cluster {
         let executor_hosts: Vec<Host> = (0..executors).map(executor_host).collect();
         let all: Vec<Host> = server_hosts.iter().chain(&executor_hosts).cloned().collect();
         let net = Net::create(&all).await?;
+        let first = format!("{}:{SERVER_PORT}", server_hosts[0].ip);
+        let mut hosts = server_hosts.into_iter();
+        let first_host = hosts.next().context("a cluster needs a server")?;
+        // The first server bootstraps; ACLs are bootstrapped through it, trusting the CA its data
+        // directory holds, before anything else talks to the cluster.
+        let mut proc = Proc::new(first_host, Role::Server, 1, run_dir, Vec::new());
+        let mut args = vec!["server".to_owned(), "--id".to_owned(), "1".to_owned()];
+        args.extend(["--listen".to_owned(), proc.addr(), "--bootstrap".to_owned()]);
+        args.extend(restart_args(&proc.data_dir, unsafe_stale_reads).into_iter().skip(1));
+        proc.set_args(args);
+        proc.mount_data().await?;
+        proc.start()?;
+        let ca_file = proc.data_dir.join("tls").join("ca.pem");
+        let ca_pem = wait_until("the first server's CA certificate", FORM_TIMEOUT, || async {
+            std::fs::read_to_string(&ca_file).ok()
+        })
+        .await?;
+        let bootstrapped = colony_client::bootstrap_acl(
+            std::slice::from_ref(&first),
+            colony_quic::Trust::Ca(ca_pem),
+            FORM_TIMEOUT,
+        )
+        .await
+        .context("cannot bootstrap ACLs")?;
         let mut cluster = Cluster {
             net,
             servers: Vec::new(),
@@ -105,28 +130,27 @@ impl Cluster {
             unsafe_stale_reads,
             run_dir: run_dir.to_owned(),
             next_node_id: servers as u64 + 1,
+            auth: Auth::token(&bootstrapped.secret)?,
         };
-        let first = format!("{}:{SERVER_PORT}", server_hosts[0].ip);
-        for (i, host) in server_hosts.into_iter().enumerate() {
+        let mut started_first = Some(proc);
+        for i in 0..servers {
             let id = i as u64 + 1;
-            let mut proc = Proc::new(host, Role::Server, id, run_dir, Vec::new());
-            let mut args = vec![
-                "server".to_owned(),
-                "--id".to_owned(),
-                id.to_string(),
-                "--listen".to_owned(),
-                proc.addr(),
-            ];
-            args.extend(if i == 0 {
-                vec!["--bootstrap".to_owned()]
+            let mut proc = if let Some(first) = started_first.take() {
+                first
             } else {
-                vec!["--join".to_owned(), first.clone()]
-            });
-            args.extend(restart_args(&proc.data_dir, unsafe_stale_reads).into_iter().skip(1));
-            proc.set_args(args);
-            proc.mount_data().await?;
-            proc.start()?;
-            let channel = crate::workload::channel(&proc.addr())?;
+                let host = hosts.next().context("a host per server")?;
+                let mut proc = Proc::new(host, Role::Server, id, run_dir, Vec::new());
+                let token = cluster.join_token("server").await?;
+                let mut args = vec!["server".to_owned(), "--id".to_owned(), id.to_string()];
+                args.extend(["--listen".to_owned(), proc.addr(), "--join".to_owned()]);
+                args.extend([first.clone(), "--token".to_owned(), token]);
+                args.extend(restart_args(&proc.data_dir, unsafe_stale_reads).into_iter().skip(1));
+                proc.set_args(args);
+                proc.mount_data().await?;
+                proc.start()?;
+                proc
+            };
+            let channel = crate::workload::channel(&proc.addr(), &cluster.auth)?;
             cluster.channels.push((proc.host.name.clone(), channel.clone()));
             proc.set_args(restart_args(&proc.data_dir, unsafe_stale_reads));
             cluster.servers.push(proc);
@@ -146,7 +170,7 @@ impl Cluster {
             )
             .await?;
         }
-        let token = cluster.join_token().await?;
+        let token = cluster.join_token("executor").await?;
         let joins: Vec<String> = cluster.servers.iter().map(Proc::addr).collect();
         for host in executor_hosts {
             let name = host.name.clone();
@@ -203,17 +227,20 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// A join token from any server, once the cluster CA exists (until then the servers refuse).
-    async fn join_token(&self) -> Result<String> {
+    /// A join token of `kind` from any server, once the cluster CA exists (until then the
+    /// servers refuse).
+    pub async fn join_token(&self, kind: &str) -> Result<String> {
         let any_server =
             Client::from_channels(self.channels.clone(), ClientConfig::new(STATUS_TIMEOUT))?;
         wait_until("a join token", FORM_TIMEOUT, || {
             let any_server = any_server.clone();
             async move {
-                let request = pb::CreateJoinTokenRequest { ttl_ms: 3_600_000 };
+                let request =
+                    pb::CreateJoinTokenRequest { ttl_ms: 3_600_000, kind: kind.to_owned() };
                 any_server
-                    .call("create a join token", |mut c| async move {
-                        c.create_join_token(request).await
+                    .call("create a join token", |mut c| {
+                        let request = request.clone();
+                        async move { c.create_join_token(request).await }
                     })
                     .await
                     .ok()
@@ -336,7 +363,7 @@ impl Cluster {
 
     /// Arguments to start a server again on a wiped data directory under a new id, joining
     /// through the others.
-    pub fn rejoin_args(&self, index: usize, id: u64) -> Vec<String> {
+    pub fn rejoin_args(&self, index: usize, id: u64, token: &str) -> Vec<String> {
         let proc = &self.servers[index];
         let others: Vec<String> = self
             .servers
@@ -353,6 +380,8 @@ impl Cluster {
             proc.addr(),
             "--join".to_owned(),
             others.join(","),
+            "--token".to_owned(),
+            token.to_owned(),
         ];
         args.extend(restart_args(&proc.data_dir, self.unsafe_stale_reads).into_iter().skip(1));
         args

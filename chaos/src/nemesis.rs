@@ -382,8 +382,18 @@ async fn membership(cluster: &mut Cluster, rng: &mut StdRng) -> Result<String> {
         Err(ClientError::Answered { status, .. }) if status.code() == tonic::Code::NotFound => {}
         Err(e) => bail!("removing node {old_id} failed: {e}"),
     }
+    // The wiped server enrolls again, with a server join token.
+    let request = pb::CreateJoinTokenRequest { ttl_ms: 600_000, kind: "server".to_owned() };
+    let token = any_server
+        .call("create a server join token", |mut c| {
+            let request = request.clone();
+            async move { c.create_join_token(request).await }
+        })
+        .await
+        .context("creating a server join token")?
+        .token;
     let new_id = cluster.next_node_id();
-    let args = cluster.rejoin_args(target, new_id);
+    let args = cluster.rejoin_args(target, new_id, &token);
     let restart = cluster.restart_args(target);
     let proc = &mut cluster.servers[target];
     proc.stop().await;

@@ -10,6 +10,7 @@ use crate::nemesis::{self, Nemesis, Planned};
 use crate::report::{self, FaultRecord, Report};
 use crate::workload::{Pool, Workload};
 use anyhow::{bail, Context as _, Result};
+use colony_client::Channel;
 use colony_client::{Client, ClientConfig};
 use colony_proto::pb::admin_client::AdminClient;
 use colony_proto::pb::{self, ReadConsistency};
@@ -17,7 +18,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
 /// The longest one page of a task listing may take, retries included.
 const LIST_TIMEOUT: Duration = Duration::from_secs(10);

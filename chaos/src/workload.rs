@@ -4,6 +4,7 @@
 //! start and end, with its fencing token, to a shared ledger.
 
 use crate::history::{obs_of, Call, ExecutorView, History, Op, Outcome};
+use colony_client::Channel;
 use colony_proto::pb::admin_client::AdminClient;
 use colony_proto::pb::{self, ReadConsistency};
 use rand::rngs::StdRng;
@@ -13,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// A call that has not answered in this long has an unknown outcome.
@@ -22,12 +22,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Tasks are read and cancelled mostly among the most recent ones, where the races are.
 const RECENT_KEYS: usize = 64;
 
-/// A channel to one server, reconnecting as needed.
-pub fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .connect_lazy())
+/// A TLS channel to one server with `auth`'s token, reconnecting as needed.
+pub fn channel(addr: &str, auth: &colony_client::Auth) -> anyhow::Result<Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(CONNECT_TIMEOUT);
+    Ok(auth.channel(endpoint))
 }
 
 /// The task a key stands for; the same key always gives the same spec, so submitting it again

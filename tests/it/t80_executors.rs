@@ -47,7 +47,11 @@ fn shell(
 
 /// Submits through any server, retrying through elections (the idempotency key makes that safe).
 async fn submit(cluster_addrs: &[String], spec: pb::TaskSpec) -> anyhow::Result<u64> {
-    let any_server = Client::new(cluster_addrs, Duration::from_secs(30))?;
+    let any_server = Client::new(
+        cluster_addrs,
+        Duration::from_secs(30),
+        &colony_tests::auth_for(&cluster_addrs[0])?,
+    )?;
     let reply = any_server
         .call("submit a task", |mut c| {
             let request = pb::SubmitTaskRequest { spec: Some(spec.clone()) };
@@ -58,7 +62,11 @@ async fn submit(cluster_addrs: &[String], spec: pb::TaskSpec) -> anyhow::Result<
 }
 
 async fn get(cluster_addrs: &[String], id: u64) -> anyhow::Result<pb::Task> {
-    let any_server = Client::new(cluster_addrs, Duration::from_secs(3))?;
+    let any_server = Client::new(
+        cluster_addrs,
+        Duration::from_secs(3),
+        &colony_tests::auth_for(&cluster_addrs[0])?,
+    )?;
     let reply = any_server
         .call("get a task", |mut c| async move {
             c.get_task(pb::GetTaskRequest { id, consistency: None }).await

@@ -47,7 +47,7 @@ async fn the_learner_publishes_a_model_the_scheduler_uses() -> anyhow::Result<()
     let mut cluster = Cluster::start(3, 20_000).await?;
     cluster.add_executor("4", "4Gi", &[]).await?;
     cluster.wait_for_executors_up(1, Duration::from_secs(30)).await?;
-    let token = cluster.join_token().await?;
+    let token = cluster.join_token_of("learner").await?;
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     let log = std::fs::File::create(cluster.dir.path().join("learner.log"))?;
     let _learner = Learner(
@@ -164,24 +164,24 @@ async fn the_learner_publishes_a_model_the_scheduler_uses() -> anyhow::Result<()
     let mut bad = model.clone();
     bad.feature_schema = "something-else".into();
     let refused = c
-        .publish_model(pb::PublishModelRequest { token: token.clone(), model: Some(bad) })
+        .publish_model(pb::PublishModelRequest { model: Some(bad) })
         .await
         .expect_err("wrong schema");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
     let mut garbage = model.clone();
     garbage.weights = b"{\"layers\": [1, 2]}".to_vec();
     let refused = c
-        .publish_model(pb::PublishModelRequest { token: token.clone(), model: Some(garbage) })
+        .publish_model(pb::PublishModelRequest { model: Some(garbage) })
         .await
         .expect_err("bad weights");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
-    let refused = c
-        .publish_model(pb::PublishModelRequest {
-            token: "colony1.nope".into(),
-            model: Some(model.clone()),
-        })
+    let ca = cluster.token.parse::<colony_quic::Token>()?.ca_fingerprint;
+    let mut anonymous =
+        colony_tests::client_with(&cluster.addrs()[0], &colony_client::Auth::pinned(ca))?;
+    let refused = anonymous
+        .publish_model(pb::PublishModelRequest { model: Some(model.clone()) })
         .await
-        .expect_err("no token");
+        .expect_err("no credentials");
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
     let refused = c
         .rollback_model(pb::RollbackModelRequest { version: 999 })

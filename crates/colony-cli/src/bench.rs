@@ -10,6 +10,7 @@ use crate::output::{self, OutputFormat};
 use crate::GlobalArgs;
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Args, Subcommand};
+use colony_client::Channel;
 use colony_client::{lazy_channel, status_message, ClientConfig};
 use colony_core::{parse_cpu_millis, parse_memory_bytes, Limits, Resources, RunSpec, TaskSpec};
 use colony_proto::pb;
@@ -23,7 +24,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 /// A submission not answered within this long counts as an error.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -197,10 +197,11 @@ async fn bench_submit(args: SubmitBenchArgs, global: &GlobalArgs) -> Result<()> 
         bail!("no endpoint given (--endpoint or COLONY_ENDPOINT)");
     }
     let template = pb::TaskSpec::from(&bench_spec(&args)?);
+    let auth = global.auth()?;
     let channels = global
         .endpoint
         .iter()
-        .map(|addr| lazy_channel(addr, &ClientConfig::new(global.timeout)))
+        .map(|addr| lazy_channel(addr, &ClientConfig::new(global.timeout), &auth))
         .collect::<Result<Vec<Channel>, _>>()?;
     let histogram = Histogram::<u64>::new_with_bounds(1, LATENCY_MAX_US, 3)
         .map_err(|e| anyhow!("cannot make a histogram: {e}"))?;

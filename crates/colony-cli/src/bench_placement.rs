@@ -113,7 +113,7 @@ fn spec(kind: &str, runtime_ms: u64, i: u64, now_ms: u64) -> pb::TaskSpec {
 }
 
 async fn run_phase(
-    channels: &[AdminClient<tonic::transport::Channel>],
+    channels: &[AdminClient<colony_client::Channel>],
     client: &Client,
     tasks: u64,
     rate: f64,
@@ -180,7 +180,8 @@ pub async fn run(args: PlacementBenchArgs, global: &GlobalArgs) -> Result<()> {
         bail!("--rate must be a positive number");
     }
     let endpoints = global.endpoint.clone();
-    let client = Client::new(&endpoints, global.timeout)?;
+    let auth = global.auth()?;
+    let client = global.client()?;
     let models = client
         .call("list models", |mut c| async move { c.list_models(pb::ListModelsRequest {}).await })
         .await?;
@@ -188,7 +189,9 @@ pub async fn run(args: PlacementBenchArgs, global: &GlobalArgs) -> Result<()> {
         bail!("this cluster already has a model; `bench placement` compares against none, so run it on a fresh cluster");
     }
     let token =
-        crate::cluster_cmd::create_join_token(&client, Duration::from_secs(3600)).await?.token;
+        crate::cluster_cmd::create_join_token(&client, Duration::from_secs(3600), "executor")
+            .await?
+            .token;
     eprintln!("joining {} simulated executors", args.executors);
     let endpoint = colony_quic::client_endpoint().context("cannot open a QUIC endpoint")?;
     let (events, mut incoming) = tokio::sync::mpsc::unbounded_channel();
@@ -219,9 +222,9 @@ pub async fn run(args: PlacementBenchArgs, global: &GlobalArgs) -> Result<()> {
         &indicatif::ProgressBar::hidden(),
     )
     .await?;
-    let channels: Vec<AdminClient<tonic::transport::Channel>> = endpoints
+    let channels: Vec<AdminClient<colony_client::Channel>> = endpoints
         .iter()
-        .map(|e| lazy_channel(e, &ClientConfig::new(global.timeout)).map(AdminClient::new))
+        .map(|e| lazy_channel(e, &ClientConfig::new(global.timeout), &auth).map(AdminClient::new))
         .collect::<Result<_, _>>()?;
 
     eprintln!("run 1: {} tasks, no model", args.tasks);
@@ -274,7 +277,7 @@ pub async fn run(args: PlacementBenchArgs, global: &GlobalArgs) -> Result<()> {
         }),
         ..Default::default()
     };
-    let request = pb::PublishModelRequest { token: token.clone(), model: Some(model) };
+    let request = pb::PublishModelRequest { model: Some(model) };
     let version = client
         .call("publish model", |mut c| {
             let request = request.clone();

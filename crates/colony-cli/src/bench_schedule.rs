@@ -103,9 +103,12 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
         bail!("--rate must be a positive number");
     }
     let endpoints = global.endpoint.clone();
-    let client = Client::new(&endpoints, global.timeout)?;
+    let auth = global.auth()?;
+    let client = global.client()?;
     let token =
-        crate::cluster_cmd::create_join_token(&client, Duration::from_secs(3600)).await?.token;
+        crate::cluster_cmd::create_join_token(&client, Duration::from_secs(3600), "executor")
+            .await?
+            .token;
 
     let bar = ProgressBar::new(args.executors).with_style(
         ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}").map_err(|e| anyhow!("{e}"))?,
@@ -168,9 +171,9 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
     bar.finish_and_clear();
 
     // Throughput: a backlog released all at once.
-    let channels: Vec<AdminClient<tonic::transport::Channel>> = endpoints
+    let channels: Vec<AdminClient<colony_client::Channel>> = endpoints
         .iter()
-        .map(|e| lazy_channel(e, &ClientConfig::new(global.timeout)).map(AdminClient::new))
+        .map(|e| lazy_channel(e, &ClientConfig::new(global.timeout), &auth).map(AdminClient::new))
         .collect::<Result<_, _>>()?;
     let gate = crate::task_cmd::submit_wire(&client, spec("gate", Vec::new())).await?;
     let bar = ProgressBar::new(args.tasks).with_style(
@@ -260,7 +263,7 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
     }
 
     let status = crate::cluster_cmd::cluster_status(&client).await?;
-    let leader_rss = leader_rss(&endpoints, status.leader_id).await;
+    let leader_rss = leader_rss(&endpoints, status.leader_id, &auth).await;
     sims.abort_all();
     collector.abort();
     let ms = |q: f64| latency_us.value_at_quantile(q) as f64 / 1000.0;
@@ -350,7 +353,7 @@ pub async fn wait_for_sims_up(
 
 /// Submits `count` tasks from many concurrent clients; returns their ids.
 async fn submit_many(
-    channels: &[AdminClient<tonic::transport::Channel>],
+    channels: &[AdminClient<colony_client::Channel>],
     count: u64,
     make: impl Fn(u64) -> pb::TaskSpec,
     bar: &ProgressBar,
@@ -387,9 +390,10 @@ async fn submit_many(
 }
 
 /// The leader's resident memory, asked of the leader itself.
-async fn leader_rss(endpoints: &[String], leader: Option<u64>) -> u64 {
+async fn leader_rss(endpoints: &[String], leader: Option<u64>, auth: &colony_client::Auth) -> u64 {
     for endpoint in endpoints {
-        let Ok(channel) = lazy_channel(endpoint, &ClientConfig::new(Duration::from_secs(2))) else {
+        let Ok(channel) = lazy_channel(endpoint, &ClientConfig::new(Duration::from_secs(2)), auth)
+        else {
             continue;
         };
         if let Ok(Ok(status)) = tokio::time::timeout(

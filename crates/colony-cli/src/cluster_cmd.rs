@@ -26,9 +26,11 @@ pub enum ClusterCommand {
         /// The server's node id (see `colony cluster status`).
         id: u64,
     },
-    /// Join tokens for executors.
+    /// Join tokens for executors, servers and the learner.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The cluster CA's certificate (public; PEM), for clients in other languages.
+    Ca,
     /// The executors: state, capacity, allocation, heartbeat age.
     Executors {
         /// Answer from the receiving server's own state (no heartbeat ages), which may lag the leader.
@@ -43,13 +45,21 @@ pub enum ClusterCommand {
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         deadline: Duration,
     },
+    /// End a drain: the executor takes new work again.
+    Undrain {
+        /// The executor's id (see `colony cluster executors`).
+        executor: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Create a join token; prints it. Only its hash is stored in the cluster.
     Create {
-        /// How long the token admits executors (e.g. 1h; at most 7 days).
+        /// What it admits: executor, server or learner.
+        #[arg(long, default_value = "executor")]
+        kind: String,
+        /// How long the token admits (e.g. 1h; at most 7 days).
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
@@ -111,15 +121,21 @@ impl From<pb::Executor> for ExecutorJson {
     }
 }
 
-/// A new join token that lives for `ttl`.
+/// A new join token of `kind` (executor, server, learner) that lives for `ttl`.
 pub async fn create_join_token(
     client: &Client,
     ttl: Duration,
+    kind: &str,
 ) -> Result<pb::CreateJoinTokenResponse> {
-    let request =
-        pb::CreateJoinTokenRequest { ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX) };
+    let request = pb::CreateJoinTokenRequest {
+        ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        kind: kind.to_owned(),
+    };
     Ok(client
-        .call("create join token", |mut c| async move { c.create_join_token(request).await })
+        .call("create join token", |mut c| {
+            let request = request.clone();
+            async move { c.create_join_token(request).await }
+        })
         .await?)
 }
 
@@ -240,7 +256,7 @@ impl From<pb::ClusterStatusResponse> for StatusJson {
 }
 
 pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> Result<()> {
-    let client = Client::new(&global.endpoint, global.timeout)?;
+    let client = global.client()?;
     match command {
         ClusterCommand::Status { watch: true, interval } => {
             watch_status(&client, interval, global.output).await?
@@ -273,13 +289,44 @@ pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> Result<()> {
                 }))?,
             }
         }
-        ClusterCommand::Token(TokenCommand::Create { ttl }) => {
-            let response = create_join_token(&client, ttl).await?;
+        ClusterCommand::Ca => {
+            let response = client
+                .call(
+                    "cluster CA",
+                    |mut c| async move { c.cluster_ca(pb::ClusterCaRequest {}).await },
+                )
+                .await?;
+            match global.output {
+                OutputFormat::Table => {
+                    output::out(response.cert_pem.trim_end())?;
+                    eprintln!("sha256 {}", response.sha256);
+                }
+                OutputFormat::Json => output::print_json(&serde_json::json!({
+                    "cert_pem": response.cert_pem,
+                    "sha256": response.sha256,
+                }))?,
+            }
+        }
+        ClusterCommand::Undrain { executor } => {
+            let request = pb::UndrainExecutorRequest { id: executor };
+            let response = client
+                .call("undrain executor", |mut c| async move { c.undrain_executor(request).await })
+                .await?;
+            let executor = ExecutorJson::from(response.executor.unwrap_or_default());
+            match global.output {
+                OutputFormat::Table => {
+                    output::out(format!("executor {} is {}", executor.id, executor.state))?
+                }
+                OutputFormat::Json => output::print_json(&executor)?,
+            }
+        }
+        ClusterCommand::Token(TokenCommand::Create { kind, ttl }) => {
+            let response = create_join_token(&client, ttl, &kind).await?;
             match global.output {
                 OutputFormat::Table => {
                     output::out(&response.token)?;
                     eprintln!(
-                        "expires in {}; pass it to `colony executor --token`",
+                        "a {kind} join token; expires in {}; pass it to `colony {kind} --token`",
                         humantime::format_duration(ttl)
                     );
                 }

@@ -12,7 +12,7 @@ use crate::task_cmd;
 use crate::GlobalArgs;
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::Args;
-use colony_client::Client;
+use colony_client::{Auth, Client};
 use colony_core::{Resources, RunSpec, Task, TaskId, TaskSpec};
 use indicatif::{ProgressBar, ProgressFinish};
 use nix::sys::signal::{kill, Signal};
@@ -314,6 +314,25 @@ fn check_port_free(addr: &str) -> Result<()> {
 
 /// Starts the servers, waits for them, runs the demo and then watches the children until one
 /// exits. Returns only on an error; a stop signal ends it from outside.
+/// The management token `colony dev` bootstraps, kept in its directory (0600).
+const TOKEN_FILE: &str = "token";
+
+/// Writes `secret` to `path`, readable by its owner only.
+fn write_secret(path: &Path, secret: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(file, "{secret}").with_context(|| format!("cannot write {}", path.display()))?;
+    file.sync_all().with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
 async fn serve(
     servers: &mut [Server],
     executors: &mut [Server],
@@ -328,42 +347,87 @@ async fn serve(
     let spinner = ProgressBar::new_spinner().with_finish(ProgressFinish::AndClear);
     spinner.enable_steady_tick(Duration::from_millis(100));
     let deadline = Instant::now() + READY_TIMEOUT;
-    if restart {
+    let token_file = dir.join(TOKEN_FILE);
+    let auth = if restart {
         spinner.set_message(format!("restarting {} servers from {}", servers.len(), dir.display()));
         for server in servers.iter_mut() {
             server.spawn(&exe, &[])?;
         }
+        let token = std::fs::read_to_string(&token_file).with_context(|| {
+            format!("cannot read the management token {}", token_file.display())
+        })?;
+        Auth::token(token.trim()).context("the management token file")?
     } else {
-        // The first server bootstraps and must lead before the others ask it to let them join.
+        // The first server bootstraps; ACLs are bootstrapped through it, and the others join
+        // with a server token once it leads.
         let first = servers[0].addr.clone();
         spinner.set_message(format!("starting server 1 on {first}"));
         servers[0].spawn(&exe, &["--bootstrap".to_owned()])?;
-        wait_until(servers, std::slice::from_ref(&first), deadline, &spinner, |_| None).await?;
-        for server in servers.iter_mut().skip(1) {
-            spinner.set_message(format!("starting server {} on {}", server.id, server.addr));
-            server.spawn(&exe, &["--join".to_owned(), first.clone()])?;
+        let ca_file = servers[0].data_dir.join("tls").join("ca.pem");
+        while !ca_file.exists() {
+            servers[0].check_running()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "server 1 wrote no CA certificate ({}); see {}",
+                    ca_file.display(),
+                    servers[0].log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
+        spinner.set_message("bootstrapping ACLs");
+        let ca_pem = std::fs::read_to_string(&ca_file)
+            .with_context(|| format!("cannot read {}", ca_file.display()))?;
+        let bootstrapped = colony_client::bootstrap_acl(
+            std::slice::from_ref(&first),
+            colony_quic::Trust::Ca(ca_pem),
+            READY_TIMEOUT,
+        )
+        .await
+        .context("cannot bootstrap ACLs")?;
+        write_secret(&token_file, &bootstrapped.secret)?;
+        let auth = Auth::token(&bootstrapped.secret)?;
+        if servers.len() > 1 {
+            let client = Client::new(std::slice::from_ref(&first), READY_TIMEOUT, &auth)?;
+            let server_token =
+                cluster_cmd::create_join_token(&client, Duration::from_secs(600), "server")
+                    .await?
+                    .token;
+            for server in servers.iter_mut().skip(1) {
+                spinner.set_message(format!("starting server {} on {}", server.id, server.addr));
+                server.spawn(
+                    &exe,
+                    &[
+                        "--join".to_owned(),
+                        first.clone(),
+                        "--token".to_owned(),
+                        server_token.clone(),
+                    ],
+                )?;
+            }
+        }
+        auth
+    };
     let wanted = servers.len();
-    let status = wait_until(servers, &endpoints, deadline, &spinner, |s| {
+    let status = wait_until(servers, &endpoints, &auth, deadline, &spinner, |s| {
         let voters = s.members.iter().filter(|m| m.role == "voter").count();
         (s.members.len() != wanted || voters != wanted)
             .then(|| format!("{voters} of {wanted} servers are voters"))
     })
     .await?;
-    let client = Client::new(&endpoints, global.timeout)?;
+    let client = Client::new(&endpoints, global.timeout, &auth)?;
     let executor_count = executors.iter().filter(|e| e.kind == "executor").count();
     if !executors.is_empty() {
         start_executors(&client, executors, &exe, &endpoints, &spinner).await?;
         let wanted = executor_count;
-        wait_until(servers, &endpoints, deadline, &spinner, |s| {
+        wait_until(servers, &endpoints, &auth, deadline, &spinner, |s| {
             let up = s.executors_by_state.get("up").copied().unwrap_or(0) as usize;
             (up < wanted).then(|| format!("{up} of {wanted} executors are up"))
         })
         .await?;
     }
     drop(spinner);
-    print_welcome(&status, servers, executors, dir)?;
+    print_welcome(&status, servers, executors, dir, &token_file)?;
 
     let ids: Vec<u64> = submit_demo(&client).await?.iter().map(|t| t.id.0).collect();
     if executor_count == 0 {
@@ -407,16 +471,15 @@ async fn start_executors(
     let mut token = None;
     for executor in executors.iter_mut() {
         if executor.kind == "learner" {
-            // Publishing needs a live token; a dev cluster's learner gets the longest one.
-            let response =
-                cluster_cmd::create_join_token(client, Duration::from_secs(7 * 24 * 3600)).await?;
-            let mut args: Vec<String> = vec![
-                "learner".into(),
-                "--join".into(),
-                endpoints.join(","),
-                "--token".into(),
-                response.token,
-            ];
+            let mut args: Vec<String> =
+                vec!["learner".into(), "--join".into(), endpoints.join(",")];
+            // The learner enrolls once, then keeps its certificate.
+            if !colony_learn::learner::enrolled(&executor.data_dir) {
+                let response =
+                    cluster_cmd::create_join_token(client, Duration::from_secs(600), "learner")
+                        .await?;
+                args.extend(["--token".into(), response.token]);
+            }
             args.extend([
                 "--metrics-listen".into(),
                 executor.metrics_addr.clone(),
@@ -452,7 +515,9 @@ async fn start_executors(
             if token.is_none() {
                 spinner.set_message("creating a join token");
                 token = Some(
-                    cluster_cmd::create_join_token(client, Duration::from_secs(600)).await?.token,
+                    cluster_cmd::create_join_token(client, Duration::from_secs(600), "executor")
+                        .await?
+                        .token,
                 );
             }
             args.extend(["--token".into(), token.clone().unwrap_or_default()]);
@@ -468,11 +533,12 @@ async fn start_executors(
 async fn wait_until(
     servers: &mut [Server],
     endpoints: &[String],
+    auth: &Auth,
     deadline: Instant,
     spinner: &ProgressBar,
     pending: impl Fn(&StatusJson) -> Option<String>,
 ) -> Result<StatusJson> {
-    let client = Client::new(endpoints, POLL_INTERVAL * 5)?;
+    let client = Client::new(endpoints, POLL_INTERVAL * 5, auth)?;
     let mut last = String::from("no answer yet");
     loop {
         for server in servers.iter_mut() {
@@ -510,6 +576,7 @@ fn print_welcome(
     servers: &[Server],
     executors: &[Server],
     dir: &Path,
+    token_file: &Path,
 ) -> Result<()> {
     let endpoints: Vec<&str> = servers.iter().map(|s| s.addr.as_str()).collect();
     let leader = status.leader_id.map_or_else(|| "none".to_owned(), |id| id.to_string());
@@ -528,8 +595,15 @@ fn print_welcome(
         .collect();
     println!("Metrics: {}", metrics.join("  "));
     println!();
-    println!("Reach it from another shell:");
-    println!("  export COLONY_ENDPOINT={}", endpoints.join(","));
+    println!(
+        "Reach it from another shell (TLS from the cluster CA; the management token is in {}):",
+        token_file.display()
+    );
+    println!(
+        "  export COLONY_ENDPOINT={} COLONY_TOKEN=$(cat {})",
+        endpoints.join(","),
+        token_file.display()
+    );
     println!("  colony cluster status");
     println!("  colony cluster executors");
     println!("  colony task submit --name hello -- /bin/echo hello");
@@ -538,6 +612,8 @@ fn print_welcome(
     println!(
         "  colony model list                   # the learner publishes once it beats the baseline"
     );
+    println!("  colony acl token create --role submitter --namespace default --ttl 30d");
+    println!("  colony audit tail --data-dir {}/server1", dir.display());
     println!("  colony bench submit --duration 5s");
     println!();
     println!("Data: {}/server{{1..{}}}", dir.display(), servers.len());

@@ -14,9 +14,6 @@ pub struct ExecutorArgs {
     /// Servers to connect to (comma-separated HOST:PORT); any one finds the leader.
     #[arg(long, required = true, value_delimiter = ',', value_parser = colony_client::parse_endpoint)]
     join: Vec<String>,
-    /// A join token from `colony cluster token create`; needed only the first time.
-    #[arg(long, env = "COLONY_JOIN_TOKEN", hide_env_values = true)]
-    token: Option<String>,
     /// Where the executor keeps its identity (key and certificate) and the tasks' working directories.
     #[arg(long)]
     data_dir: PathBuf,
@@ -50,7 +47,7 @@ pub struct ExecutorArgs {
     parent_pid: Option<i32>,
 }
 
-fn config(args: &ExecutorArgs) -> Result<ExecutorConfig> {
+fn config(args: &ExecutorArgs, global: &crate::GlobalArgs) -> Result<ExecutorConfig> {
     let custom = crate::task_cmd::custom_resources(&args.resources)?;
     let capacity = Resources {
         cpu_millis: parse_cpu_millis(&args.cpu).context("invalid --cpu")?,
@@ -78,7 +75,8 @@ fn config(args: &ExecutorArgs) -> Result<ExecutorConfig> {
     spec.validate(&colony_core::Limits::default()).context("invalid executor")?;
     Ok(ExecutorConfig {
         servers: args.join.clone(),
-        token: args.token.clone(),
+        // The global `--token`: an executor join token, needed only the first time.
+        token: global.token.clone(),
         data_dir: args.data_dir.clone(),
         name,
         capacity,
@@ -88,8 +86,8 @@ fn config(args: &ExecutorArgs) -> Result<ExecutorConfig> {
     })
 }
 
-pub async fn run(args: ExecutorArgs) -> Result<()> {
-    let config = config(&args)?;
+pub async fn run(args: ExecutorArgs, global: &crate::GlobalArgs) -> Result<()> {
+    let config = config(&args, global)?;
     if let Some(parent) = args.parent_pid {
         exit_with_parent(parent)?;
     }

@@ -13,9 +13,6 @@ pub struct LearnerArgs {
     /// Servers to follow and publish through (comma-separated HOST:PORT).
     #[arg(long, required = true, value_delimiter = ',', value_parser = colony_client::parse_endpoint)]
     join: Vec<String>,
-    /// A join token from `colony cluster token create`: publishing a model needs one.
-    #[arg(long, env = "COLONY_JOIN_TOKEN", hide_env_values = true)]
-    token: String,
     /// Where the learner keeps its cursor into the finished-task feed and its examples.
     #[arg(long)]
     data_dir: PathBuf,
@@ -41,9 +38,11 @@ pub struct LearnerArgs {
     parent_pid: Option<i32>,
 }
 
-pub async fn run(args: LearnerArgs) -> Result<()> {
+pub async fn run(args: LearnerArgs, global: &crate::GlobalArgs) -> Result<()> {
+    // The global `--token`: a learner join token, needed only the first time (the learner keeps
+    // the certificate it is issued in its data directory).
     let mut config =
-        LearnerConfig::new(args.join.clone(), args.token.clone(), args.data_dir.clone());
+        LearnerConfig::new(args.join.clone(), global.token.clone(), args.data_dir.clone());
     config.device = args.device.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     config.metrics_listen = args.metrics_listen;
     config.retrain_every_examples = args.retrain_every;

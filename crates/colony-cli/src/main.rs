@@ -3,6 +3,8 @@
 //! Every failure ends here as one line on stderr (`error: ...`) and exit code 1; clap's usage
 //! errors keep clap's own message and exit code 2.
 
+mod acl_cmd;
+mod audit_cmd;
 mod bench;
 mod bench_learn;
 mod bench_placement;
@@ -51,6 +53,27 @@ pub struct GlobalArgs {
     /// How long a command keeps retrying through leader changes and unreachable servers.
     #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// The token this command uses: an ACL token for calls (it also pins the cluster CA), or a
+    /// join token the first time a server joins, an executor or the learner starts.
+    #[arg(long, global = true, env = "COLONY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl GlobalArgs {
+    /// The credentials of `--token` / `COLONY_TOKEN`.
+    pub fn auth(&self) -> anyhow::Result<colony_client::Auth> {
+        let token = self.token.as_deref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "no token: set COLONY_TOKEN or pass --token (`colony acl bootstrap` prints the first one)"
+            )
+        })?;
+        colony_client::Auth::token(token).map_err(|e| anyhow::anyhow!("--token: {e}"))
+    }
+
+    /// A failover client over `--endpoint` with `--token`'s credentials.
+    pub fn client(&self) -> anyhow::Result<colony_client::Client> {
+        Ok(colony_client::Client::new(&self.endpoint, self.timeout, &self.auth()?)?)
+    }
 }
 
 // Parsed once per run, so the size of the largest variant does not matter.
@@ -60,7 +83,7 @@ enum Command {
     /// Run a server (a Raft member) until SIGTERM or SIGINT
     ///
     /// A new cluster:     colony server --id 1 --listen 127.0.0.1:7101 --data-dir d1 --bootstrap
-    /// Another server:    colony server --id 2 --listen 127.0.0.1:7102 --data-dir d2 --join 127.0.0.1:7101
+    /// Another server:    colony server --id 2 --listen 127.0.0.1:7102 --data-dir d2 --join 127.0.0.1:7101 --token SERVER_TOKEN
     /// A restart:         colony server --data-dir d1
     #[command(verbatim_doc_comment)]
     Server(server_cmd::ServerArgs),
@@ -78,12 +101,18 @@ enum Command {
     Cluster(cluster_cmd::ClusterCommand),
     /// Run the learner: follow finished tasks, train the runtime/memory model, publish better versions
     ///
-    /// colony learner --join 127.0.0.1:7101 --token TOKEN --data-dir l1 [--device auto|cpu|cuda:0]
+    /// colony learner --join 127.0.0.1:7101 --token LEARNER_TOKEN --data-dir l1 [--device auto|cpu|cuda:0]
     #[command(verbatim_doc_comment)]
     Learner(learner_cmd::LearnerArgs),
     /// The model registry: list, show and roll back the learner's versions.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
+    /// ACL tokens: bootstrap the first one, create, list and revoke others.
+    #[command(subcommand)]
+    Acl(acl_cmd::AclCommand),
+    /// The audit trail a server keeps in its data directory.
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCommand),
     /// Start a local cluster of servers and submit a demo workload; Ctrl-C stops it.
     Dev(dev::DevArgs),
     /// Load generators that print throughput and latency percentiles.
@@ -118,12 +147,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let global = cli.global;
     runtime.block_on(async move {
         match cli.command {
-            Command::Server(args) => server_cmd::run(args).await,
-            Command::Executor(args) => executor_cmd::run(args).await,
+            Command::Server(args) => server_cmd::run(args, &global).await,
+            Command::Executor(args) => executor_cmd::run(args, &global).await,
             Command::Task(command) => task_cmd::run(command, &global).await,
             Command::Cluster(command) => cluster_cmd::run(command, &global).await,
             Command::Model(command) => model_cmd::run(command, &global).await,
-            Command::Learner(args) => learner_cmd::run(args).await,
+            Command::Learner(args) => learner_cmd::run(args, &global).await,
+            Command::Acl(command) => acl_cmd::run(command, &global).await,
+            Command::Audit(command) => audit_cmd::run(command, &global),
             Command::Dev(args) => dev::run(args, &global).await,
             Command::Bench(command) => bench::run(command, &global).await,
             Command::Chaos(command) => {

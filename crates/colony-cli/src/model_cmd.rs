@@ -4,7 +4,7 @@ use crate::output::{self, OutputFormat};
 use crate::GlobalArgs;
 use anyhow::{anyhow, Result};
 use clap::Subcommand;
-use colony_client::Client;
+
 use colony_proto::pb;
 use serde::Serialize;
 
@@ -85,7 +85,7 @@ fn print_models(models: &[ModelJson]) -> Result<()> {
 }
 
 pub async fn run(command: ModelCommand, global: &GlobalArgs) -> Result<()> {
-    let client = Client::new(&global.endpoint, global.timeout)?;
+    let client = global.client()?;
     match command {
         ModelCommand::List => {
             let response = client

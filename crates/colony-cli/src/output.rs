@@ -262,7 +262,7 @@ pub fn print_task_details(task: &Task) -> Result<()> {
 }
 
 /// An RFC 3339 timestamp (UTC, seconds) of a Unix time in milliseconds.
-fn format_unix_ms(unix_ms: u64) -> String {
+pub fn format_unix_ms(unix_ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_millis(unix_ms))
         .to_string()
 }

@@ -157,8 +157,10 @@ pub fn exit_with_parent(parent: i32) -> Result<()> {
     Ok(())
 }
 
-pub async fn run(args: ServerArgs) -> Result<()> {
-    let config = config(&args)?;
+pub async fn run(args: ServerArgs, global: &crate::GlobalArgs) -> Result<()> {
+    let mut config = config(&args)?;
+    // The global `--token`: a server join token, needed the first time a server joins.
+    config.token = global.token.clone();
     if let Some(parent) = args.parent_pid {
         exit_with_parent(parent)?;
     }

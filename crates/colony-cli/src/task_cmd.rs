@@ -154,7 +154,7 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
         TaskCommand::Submit(args) => {
             // Everything is checked before anything is sent.
             let spec = build_spec(&args, colony_process::unix_ms())?;
-            let client = Client::new(&global.endpoint, global.timeout)?;
+            let client = global.client()?;
             let (task, existing) = submit(&client, &spec).await?;
             if existing && args.idempotency_key.is_some() {
                 eprintln!("note: idempotency key matched task {}, submitted earlier; no new task was created", task.id);
@@ -166,7 +166,7 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
             Ok(())
         }
         TaskCommand::Get(args) => {
-            let client = Client::new(&global.endpoint, global.timeout)?;
+            let client = global.client()?;
             let request = pb::GetTaskRequest { id: args.id, consistency: consistency(args.stale) };
             let response =
                 client.call("get task", |mut c| async move { c.get_task(request).await }).await?;
@@ -181,7 +181,7 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
             Ok(())
         }
         TaskCommand::List(args) => {
-            let client = Client::new(&global.endpoint, global.timeout)?;
+            let client = global.client()?;
             let tasks = list(&client, &args).await?;
             match global.output {
                 OutputFormat::Table => output::print_task_table(&tasks)?,
@@ -192,7 +192,7 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
             Ok(())
         }
         TaskCommand::Wait(args) => {
-            let client = Client::new(&global.endpoint, global.timeout)?;
+            let client = global.client()?;
             let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr())
                 && global.output == OutputFormat::Table;
             let tasks = wait(&client, &args.ids, args.max_wait, args.poll, interactive).await?;
@@ -213,7 +213,7 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
             Ok(())
         }
         TaskCommand::Cancel(args) => {
-            let client = Client::new(&global.endpoint, global.timeout)?;
+            let client = global.client()?;
             let request = pb::CancelTaskRequest { id: args.id, reason: args.reason };
             let response = client
                 .call("cancel task", |mut c| {

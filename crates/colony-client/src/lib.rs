@@ -5,6 +5,14 @@
 //! to the next server, with bounded exponential backoff after each full sweep, until the call's
 //! overall timeout is spent. Every other status is the answer and is returned at once. A call is
 //! therefore safe to retry only when the request is: the callers' writes carry idempotency keys.
+//!
+//! Every channel is TLS (rustls, TLS 1.3, ALPN `h2`) and carries the caller's credentials
+//! ([`Auth`]): a token, which also pins the cluster CA, or a certificate from the cluster CA.
+
+mod auth;
+pub mod serve;
+
+pub use auth::{Auth, AuthError, Channel};
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,7 +22,7 @@ use std::time::Duration;
 use colony_proto::pb::admin_client::AdminClient;
 use thiserror::Error;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 
 /// tonic's own default for the largest message a client decodes.
@@ -61,6 +69,8 @@ impl ClientConfig {
 pub enum ClientError {
     #[error("no endpoint given")]
     NoEndpoints,
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     #[error("invalid endpoint {addr:?}")]
     Endpoint {
         addr: String,
@@ -90,8 +100,14 @@ pub fn parse_endpoint(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
-/// A channel to one server that connects on first use and reconnects when needed.
-pub fn lazy_channel(addr: &str, config: &ClientConfig) -> Result<Channel, ClientError> {
+/// A TLS channel to one server, with `auth`'s credentials on every call, that connects on first
+/// use and reconnects when needed.
+pub fn lazy_channel(
+    addr: &str,
+    config: &ClientConfig,
+    auth: &Auth,
+) -> Result<Channel, ClientError> {
+    // The scheme only names the connection to hyper: `auth`'s connector does TCP and TLS.
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|source| ClientError::Endpoint { addr: addr.to_owned(), source })?
         .connect_timeout(config.connect_timeout)
@@ -103,7 +119,7 @@ pub fn lazy_channel(addr: &str, config: &ClientConfig) -> Result<Channel, Client
             .keep_alive_while_idle(true),
         None => endpoint,
     };
-    Ok(endpoint.connect_lazy())
+    Ok(auth.channel(endpoint))
 }
 
 /// Whether a status means "this server cannot answer now; another one (or a later try) may".
@@ -156,14 +172,22 @@ pub struct Client {
 
 impl Client {
     /// A client over `endpoints` (`HOST:PORT`) with the CLI's settings and `timeout` per call.
-    pub fn new(endpoints: &[String], timeout: Duration) -> Result<Client, ClientError> {
-        Self::with_config(endpoints, ClientConfig::new(timeout))
+    pub fn new(
+        endpoints: &[String],
+        timeout: Duration,
+        auth: &Auth,
+    ) -> Result<Client, ClientError> {
+        Self::with_config(endpoints, ClientConfig::new(timeout), auth)
     }
 
-    pub fn with_config(endpoints: &[String], config: ClientConfig) -> Result<Client, ClientError> {
+    pub fn with_config(
+        endpoints: &[String],
+        config: ClientConfig,
+        auth: &Auth,
+    ) -> Result<Client, ClientError> {
         let channels = endpoints
             .iter()
-            .map(|addr| Ok((addr.clone(), lazy_channel(addr, &config)?)))
+            .map(|addr| Ok((addr.clone(), lazy_channel(addr, &config, auth)?)))
             .collect::<Result<Vec<_>, ClientError>>()?;
         Self::from_channels(channels, config)
     }
@@ -262,6 +286,22 @@ impl Client {
     }
 }
 
+/// Creates the cluster's first management token through any of `endpoints`, trusting only the CA
+/// `trust` names (the bootstrap server's `DATA_DIR/tls/ca.pem`, or its fingerprint). Retries
+/// while no server answers or no leader is elected, within `timeout`.
+pub async fn bootstrap_acl(
+    endpoints: &[String],
+    trust: colony_quic::Trust,
+    timeout: Duration,
+) -> Result<colony_proto::pb::BootstrapAclResponse, ClientError> {
+    let client = Client::new(endpoints, timeout, &Auth::anonymous(trust)?)?;
+    client
+        .call("bootstrap ACLs", |mut c| async move {
+            c.bootstrap_acl(colony_proto::pb::BootstrapAclRequest {}).await
+        })
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,10 +343,12 @@ mod tests {
     #[tokio::test]
     async fn gives_up_naming_what_it_tried() {
         // Port 1 on loopback refuses connections, so every attempt is a transport error.
-        let client = match Client::new(&["127.0.0.1:1".to_owned()], Duration::from_millis(300)) {
-            Ok(client) => client,
-            Err(e) => panic!("{e}"),
-        };
+        let auth = Auth::pinned([7; 32]);
+        let client =
+            match Client::new(&["127.0.0.1:1".to_owned()], Duration::from_millis(300), &auth) {
+                Ok(client) => client,
+                Err(e) => panic!("{e}"),
+            };
         let result = client
             .call("list tasks", |mut c| async move {
                 c.list_tasks(colony_proto::pb::ListTasksRequest::default()).await

@@ -105,6 +105,7 @@ impl Executor {
 /// A join token as the cluster stores it: only the hash of its secret.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinTokenRecord {
+    pub kind: crate::acl::JoinKind,
     pub created_unix_ms: u64,
     pub expires_unix_ms: u64,
 }

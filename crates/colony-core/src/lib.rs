@@ -4,6 +4,7 @@
 //! so every replica that applies the same log reaches byte-identical state. It must never depend
 //! on tokio, tonic, quinn, rocksdb, prometheus or cudarc.
 
+pub mod acl;
 pub mod executor;
 pub mod ids;
 pub mod leader;
@@ -14,6 +15,7 @@ pub mod scheduler;
 pub mod state_machine;
 pub mod task;
 
+pub use acl::{AclToken, Grant, JoinKind, Permission, Role, DEFAULT_NAMESPACE};
 pub use executor::{ClusterCaRecord, Executor, ExecutorSpec, ExecutorState, JoinTokenRecord};
 pub use ids::{ExecutorId, FencingToken, ModelVersion, NodeId, TaskId};
 pub use limits::Limits;

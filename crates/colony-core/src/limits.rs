@@ -26,6 +26,10 @@ pub struct Limits {
     pub message_bytes_max: usize,
     /// Join tokens alive at once (expired ones are pruned when a new one is created).
     pub join_tokens_max: usize,
+    /// ACL tokens alive at once (expired ones are pruned when a new one is created).
+    pub acl_tokens_max: usize,
+    /// An ACL token's description.
+    pub description_bytes_max: usize,
     pub executors_max: usize,
     /// A certificate authority's PEM text.
     pub pem_bytes_max: usize,
@@ -59,6 +63,8 @@ impl Default for Limits {
             output_tail_bytes_max: 4096,
             message_bytes_max: 4096,
             join_tokens_max: 1024,
+            acl_tokens_max: 4096,
+            description_bytes_max: 256,
             executors_max: 10_000,
             pem_bytes_max: 16 << 10,
             retry_backoff_ms_base: 250,

@@ -70,6 +70,7 @@ impl World {
         self.apply(Command::CreateJoinToken {
             secret_hash: [1; 32],
             expires_unix_ms: self.now + 60_000,
+            kind: colony_core::JoinKind::Executor,
         })
         .unwrap();
         self.apply(Command::AdmitExecutor {
@@ -425,8 +426,12 @@ fn drain_stops_new_placements_then_evicts_at_the_deadline() {
 #[test]
 fn join_tokens_expire_and_admissions_race_safely() {
     let mut w = World::new();
-    w.apply(Command::CreateJoinToken { secret_hash: [9; 32], expires_unix_ms: w.now + 100 })
-        .unwrap();
+    w.apply(Command::CreateJoinToken {
+        secret_hash: [9; 32],
+        expires_unix_ms: w.now + 100,
+        kind: colony_core::JoinKind::Executor,
+    })
+    .unwrap();
     let id = w.sm.next_executor_id();
     let admit = |expected_id| Command::AdmitExecutor {
         secret_hash: [9; 32],
@@ -442,11 +447,14 @@ fn join_tokens_expire_and_admissions_race_safely() {
         name: "e".into(),
         cert_fingerprint: [0; 32],
     };
-    assert_eq!(w.apply(wrong), Err(CommandError::InvalidJoinToken));
+    assert_eq!(
+        w.apply(wrong),
+        Err(CommandError::InvalidJoinToken { kind: colony_core::JoinKind::Executor })
+    );
     w.now += 100;
     assert_eq!(
         w.apply(admit(w.sm.next_executor_id())),
-        Err(CommandError::InvalidJoinToken),
+        Err(CommandError::InvalidJoinToken { kind: colony_core::JoinKind::Executor }),
         "an expired token is refused"
     );
 }

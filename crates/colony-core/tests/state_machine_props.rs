@@ -104,7 +104,11 @@ fn commands(op: &Op, sm: &StateMachine, now: u64) -> Vec<Command> {
         Op::AddExecutor { cpu } => {
             let id = sm.next_executor_id();
             vec![
-                Command::CreateJoinToken { secret_hash: [7; 32], expires_unix_ms: now + 1_000_000 },
+                Command::CreateJoinToken {
+                    secret_hash: [7; 32],
+                    expires_unix_ms: now + 1_000_000,
+                    kind: colony_core::JoinKind::Executor,
+                },
                 Command::AdmitExecutor {
                     secret_hash: [7; 32],
                     expected_id: id,

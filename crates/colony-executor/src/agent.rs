@@ -207,7 +207,7 @@ mod tests {
     async fn stored_identity_skips_joining_and_shutdown_is_prompt() {
         let dir = tempfile::tempdir().expect("temp dir");
         let ca = colony_quic::ClusterCa::generate("test").expect("ca");
-        let (key_pem, csr_pem) = colony_quic::new_executor_key().expect("key");
+        let (key_pem, csr_pem) = colony_quic::new_key_and_csr().expect("key");
         let cert_pem = ca.sign_executor_csr(&csr_pem, 5).expect("cert");
         let creds = crate::identity::Credentials {
             executor_id: colony_core::ExecutorId(5),

@@ -5,7 +5,7 @@ use crate::dial::{self, describe, Backoff, RoundEnd, Step};
 use crate::identity::Credentials;
 use colony_core::ExecutorId;
 use colony_proto::pb;
-use colony_quic::JoinToken;
+use colony_quic::Token;
 use quinn::{ClientConfig, Endpoint};
 
 /// Why joining failed for good.
@@ -33,8 +33,8 @@ pub(crate) async fn join(
     rounds_max: Option<u32>,
 ) -> Result<Credentials, JoinError> {
     let token = token.trim();
-    let parsed: JoinToken = token.parse().map_err(JoinError::Token)?;
-    let (key_pem, csr_pem) = colony_quic::new_executor_key().map_err(JoinError::Key)?;
+    let parsed: Token = token.parse().map_err(JoinError::Token)?;
+    let (key_pem, csr_pem) = colony_quic::new_key_and_csr().map_err(JoinError::Key)?;
     let config = colony_quic::join_client_config(parsed.ca_fingerprint).map_err(JoinError::Tls)?;
     let mut backoff = Backoff::new();
     let mut announced: Option<String> = None;

@@ -6,7 +6,7 @@ use crate::config::ExecutorConfig;
 use anyhow::{bail, Context};
 use colony_core::Resources;
 use colony_proto::pb;
-use colony_quic::{ClusterCa, JoinToken, FRAME_BYTES_MAX};
+use colony_quic::{ClusterCa, Token, FRAME_BYTES_MAX};
 use pb::executor_message::Body as Up;
 use pb::server_message::Body as Down;
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
@@ -106,7 +106,7 @@ fn running(list: &[pb::RunningTask]) -> Vec<(u64, u64)> {
 #[tokio::test]
 async fn agent_joins_follows_redirects_reports_and_stops() -> anyhow::Result<()> {
     let ca = ClusterCa::generate("protocol")?;
-    let token = JoinToken::generate(&ca);
+    let token = Token::generate(&ca);
     let (follower, follower_addr) = server(&ca)?;
     let (leader, leader_addr) = server(&ca)?;
     let data_dir = tempfile::tempdir()?;
@@ -260,7 +260,7 @@ async fn unknown_executor_is_fatal() -> anyhow::Result<()> {
     let ca = ClusterCa::generate("protocol")?;
     let (leader, leader_addr) = server(&ca)?;
     let data_dir = tempfile::tempdir()?;
-    let (key_pem, csr_pem) = colony_quic::new_executor_key()?;
+    let (key_pem, csr_pem) = colony_quic::new_key_and_csr()?;
     let creds = crate::Credentials {
         executor_id: colony_core::ExecutorId(9),
         key_pem,
@@ -298,7 +298,7 @@ async fn a_restarted_agent_never_starts_an_attempt_twice() -> anyhow::Result<()>
     let ca = ClusterCa::generate("protocol")?;
     let (leader, leader_addr) = server(&ca)?;
     let data_dir = tempfile::tempdir()?;
-    let (key_pem, csr_pem) = colony_quic::new_executor_key()?;
+    let (key_pem, csr_pem) = colony_quic::new_key_and_csr()?;
     let creds = crate::Credentials {
         executor_id: colony_core::ExecutorId(4),
         key_pem,
@@ -372,7 +372,7 @@ async fn a_restarted_agent_never_starts_an_attempt_twice() -> anyhow::Result<()>
 #[tokio::test]
 async fn simulated_executor_holds_then_succeeds() -> anyhow::Result<()> {
     let ca = ClusterCa::generate("protocol")?;
-    let token = JoinToken::generate(&ca);
+    let token = Token::generate(&ca);
     let (leader, leader_addr) = server(&ca)?;
     let servers = vec![leader_addr.to_string()];
     let joining = tokio::spawn({

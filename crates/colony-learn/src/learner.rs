@@ -10,10 +10,13 @@
 
 mod config;
 mod feed;
+mod identity;
 mod round;
 #[cfg(test)]
 mod tests;
 mod training;
+
+pub use identity::enrolled;
 
 pub use config::{ConfigError, LearnerConfig};
 
@@ -57,7 +60,10 @@ const TICK_MAX: Duration = Duration::from_secs(1);
 const MODEL_REPLY_OVERHEAD_BYTES: usize = 64 << 10;
 
 /// The admin client the rounds and the feed share: the feed's keepalive, and room for a model.
-fn admin_client(servers: &[String]) -> Result<Client, colony_client::ClientError> {
+fn admin_client(
+    servers: &[String],
+    auth: &colony_client::Auth,
+) -> Result<Client, colony_client::ClientError> {
     let config = ClientConfig {
         timeout: RPC_TIMEOUT,
         attempt_timeout_max: RPC_ATTEMPT_TIMEOUT,
@@ -65,7 +71,7 @@ fn admin_client(servers: &[String]) -> Result<Client, colony_client::ClientError
         keepalive: Some(Keepalive { interval: KEEPALIVE_INTERVAL, timeout: KEEPALIVE_TIMEOUT }),
         decoding_message_bytes_max: WEIGHTS_BYTES_MAX + MODEL_REPLY_OVERHEAD_BYTES,
     };
-    Client::with_config(servers, config)
+    Client::with_config(servers, config, auth)
 }
 
 /// Everything the loop reacts to.
@@ -171,6 +177,7 @@ impl Learner {
 /// Runs the learner until `shutdown` completes or a fatal error (the data directory fails, the
 /// requested device cannot be opened).
 pub async fn run(config: LearnerConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
     config.validate()?;
     let (store, recovered) = Store::open(&config.data_dir)
         .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
@@ -216,18 +223,21 @@ pub async fn run(config: LearnerConfig, shutdown: impl Future<Output = ()>) -> a
     let training = TrainingThread::start(config.device, config.train.clone()).await?;
     info!(requested = %config.device, device = %training.device, "training device resolved");
 
-    let client = admin_client(&config.servers)?;
+    // Enrolling waits for a server to answer; a stop ends the wait.
+    let identity = tokio::select! {
+        identity = identity::obtain(&config.servers, config.token.as_deref(), &config.data_dir) => identity?,
+        () = &mut shutdown => {
+            info!("stopped before the learner could enroll");
+            return Ok(());
+        }
+    };
+    let client = admin_client(&config.servers, &identity.auth()?)?;
     let (feed_sender, mut feed) = mpsc::channel(FEED_CHANNEL_CAPACITY);
     let feed_task = tokio::spawn(follow(client.clone(), after_seq, feed_sender));
 
     let tick_period = config.retrain_interval.min(TICK_MAX);
     let mut learner = Learner {
-        context: RoundContext {
-            client,
-            token: config.token.clone(),
-            training,
-            metrics: metrics.clone(),
-        },
+        context: RoundContext { client, training, metrics: metrics.clone() },
         config,
         store,
         examples,
@@ -241,7 +251,6 @@ pub async fn run(config: LearnerConfig, shutdown: impl Future<Output = ()>) -> a
     };
     let mut tick = tokio::time::interval(tick_period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(shutdown);
 
     let result = loop {
         let event = tokio::select! {

@@ -109,9 +109,14 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
             }
             pb::PlacementPolicy::Spread => PlacementPolicy::Spread,
         };
+        // A client that leaves the namespace out (proto3's empty string) means the default one.
+        let namespace = match s.namespace.is_empty() {
+            true => colony_core::DEFAULT_NAMESPACE.to_owned(),
+            false => s.namespace,
+        };
         Ok(TaskSpec {
             name: s.name,
-            namespace: s.namespace,
+            namespace,
             labels: s.labels.into_iter().collect(),
             capabilities: s.capabilities.into_iter().collect(),
             resources: s.resources.map(Resources::from).unwrap_or_default(),
@@ -125,6 +130,20 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
             placement,
             memory_auto: s.memory_auto,
         })
+    }
+}
+
+/// What a reader without the right to see secrets gets instead of an environment value.
+pub const REDACTED: &str = "<redacted>";
+
+/// Replaces every environment value of a task's process with [`REDACTED`], keeping the keys.
+pub fn redact_env(task: &mut pb::Task) {
+    if let Some(pb::task_spec::Run::Process(process)) =
+        task.spec.as_mut().and_then(|spec| spec.run.as_mut())
+    {
+        for value in process.env.values_mut() {
+            *value = REDACTED.to_owned();
+        }
     }
 }
 
@@ -335,7 +354,25 @@ mod tests {
             reason: Some("late".into()),
         };
         let back = Task::try_from(pb::Task::from(&task));
-        assert_eq!(back, Ok(task));
+        assert_eq!(back, Ok(task.clone()));
+        let mut redacted = pb::Task::from(&task);
+        redact_env(&mut redacted);
+        let Ok(Task { spec: TaskSpec { run: RunSpec::Process { env, .. }, .. }, .. }) =
+            Task::try_from(redacted)
+        else {
+            panic!("a redacted task still converts");
+        };
+        assert_eq!(env, BTreeMap::from([("A".to_owned(), REDACTED.to_owned())]));
+    }
+
+    #[test]
+    fn a_spec_without_a_namespace_is_in_the_default_one() {
+        let spec = pb::TaskSpec {
+            name: "x".into(),
+            run: Some(pb::task_spec::Run::Builtin(pb::BuiltinRun::default())),
+            ..Default::default()
+        };
+        assert_eq!(TaskSpec::try_from(spec).map(|s| s.namespace), Ok("default".to_owned()));
     }
 
     #[test]

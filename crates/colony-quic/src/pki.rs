@@ -14,8 +14,11 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 
-/// The server name every server certificate carries and every executor asks for.
+/// The server name every server certificate carries and every executor and client asks for.
 pub const SERVER_NAME: &str = "colony-server";
+/// The name servers ask for when they dial each other for Raft: a connection that names it must
+/// present a server certificate, or the handshake fails.
+pub const RAFT_SERVER_NAME: &str = "colony-raft";
 
 /// SHA-256 of a certificate's DER encoding.
 pub type Fingerprint = [u8; 32];
@@ -158,24 +161,43 @@ impl ClusterCa {
         Ok(CertifiedKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 
-    /// Signs an executor's CSR (PEM). The certificate's subject CN is `executor-<id>`, SAN DNS
-    /// `executor-<id>.colony`, client-auth EKU, 1-year validity. The CSR's own subject, SANs
-    /// and extensions are ignored: the executor chooses nothing but its key.
+    /// Signs an executor's CSR (PEM): subject CN `executor-<id>`, SAN DNS `executor-<id>.colony`,
+    /// client-auth EKU, 1-year validity. See [`ClusterCa::sign_csr`].
     pub fn sign_executor_csr(&self, csr_pem: &str, executor_id: u64) -> Result<String, PkiError> {
-        // from_pem also checks the CSR's self-signature, so the executor holds the key.
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|source| {
-            PkiError::Parse { what: "the executor's CSR", source: Box::new(source) }
-        })?;
+        self.sign_csr(csr_pem, CertRole::Executor(executor_id), &[])
+    }
+
+    /// Signs a CSR (PEM) for `role`. The CSR's own subject, SANs and extensions are ignored: the
+    /// holder chooses nothing but its key; the CA names it (`server-<id>`, `executor-<id>`,
+    /// `learner-<id>`), which is what [`cert_role`] reads back. A server certificate also names
+    /// [`SERVER_NAME`], [`RAFT_SERVER_NAME`] and `hosts` (the host of its address, an IP or a DNS
+    /// name), and serves as a client certificate towards other servers.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        role: CertRole,
+        hosts: &[String],
+    ) -> Result<String, PkiError> {
+        // from_pem also checks the CSR's self-signature, so the requester holds the key.
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|source| PkiError::Parse { what: "the CSR", source: Box::new(source) })?;
         if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
             return Err(PkiError::CsrKeyAlgorithm);
         }
-        let mut params =
-            leaf_params(&format!("executor-{executor_id}"), ExtendedKeyUsagePurpose::ClientAuth)?;
-        params.subject_alt_names = vec![dns_name(&format!("executor-{executor_id}.colony"))?];
+        let params = role_params(role, hosts)?;
         let cert = params
             .signed_by(&csr.public_key, &self.issuer()?)
-            .map_err(|source| PkiError::Sign { what: "an executor", source })?;
+            .map_err(|source| PkiError::Sign { what: role.kind(), source })?;
         Ok(cert.pem())
+    }
+
+    /// A certificate for `role` with a fresh key made here: the bootstrap server's own.
+    pub fn issue(&self, role: CertRole, hosts: &[String]) -> Result<CertifiedKey, PkiError> {
+        let key = new_key("a key")?;
+        let cert = role_params(role, hosts)?
+            .signed_by(&key, &self.issuer()?)
+            .map_err(|source| PkiError::Sign { what: role.kind(), source })?;
+        Ok(CertifiedKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 
     fn issuer(&self) -> Result<Issuer<'static, &KeyPair>, PkiError> {
@@ -185,17 +207,67 @@ impl ClusterCa {
     }
 }
 
-/// A fresh executor key and a CSR for it, both PEM: `(key_pem, csr_pem)`.
-pub fn new_executor_key() -> Result<(String, String), PkiError> {
-    let key = new_key("an executor key")?;
+/// A fresh key and a CSR for it, both PEM: `(key_pem, csr_pem)`.
+pub fn new_key_and_csr() -> Result<(String, String), PkiError> {
+    let key = new_key("a key")?;
     let mut params = CertificateParams::default();
     // The CA ignores the subject; this one only makes the CSR readable in `openssl req -text`.
-    params.distinguished_name = common_name("colony executor");
+    params.distinguished_name = common_name("colony member");
     let csr = params
         .serialize_request(&key)
         .and_then(|csr| csr.pem())
-        .map_err(|source| PkiError::Generate { what: "an executor CSR", source })?;
+        .map_err(|source| PkiError::Generate { what: "a CSR", source })?;
     Ok((key.serialize_pem(), csr))
+}
+
+/// What a certificate the cluster CA signed says its holder is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CertRole {
+    Server(u64),
+    Executor(u64),
+    Learner(u64),
+}
+
+impl CertRole {
+    pub fn kind(self) -> &'static str {
+        match self {
+            CertRole::Server(_) => "server",
+            CertRole::Executor(_) => "executor",
+            CertRole::Learner(_) => "learner",
+        }
+    }
+
+    pub fn id(self) -> u64 {
+        match self {
+            CertRole::Server(id) | CertRole::Executor(id) | CertRole::Learner(id) => id,
+        }
+    }
+
+    fn common_name(self) -> String {
+        format!("{}-{}", self.kind(), self.id())
+    }
+}
+
+impl std::fmt::Display for CertRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.common_name())
+    }
+}
+
+/// The role a certificate's subject CN names (`server-3`), or `None` for any other subject. Only
+/// meaningful for a certificate already verified against the cluster CA, which names every
+/// holder itself.
+pub fn cert_role(der: &[u8]) -> Option<CertRole> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    let (kind, id) = cn.rsplit_once('-')?;
+    let id: u64 = id.parse().ok()?;
+    match kind {
+        "server" => Some(CertRole::Server(id)),
+        "executor" => Some(CertRole::Executor(id)),
+        "learner" => Some(CertRole::Learner(id)),
+        _ => None,
+    }
 }
 
 /// The fingerprint of the first certificate in `cert_pem`.
@@ -252,6 +324,36 @@ fn leaf_params(
     Ok(params)
 }
 
+fn role_params(role: CertRole, hosts: &[String]) -> Result<CertificateParams, PkiError> {
+    let name = role.common_name();
+    let mut params = match role {
+        CertRole::Server(_) => {
+            let mut params = leaf_params(&name, ExtendedKeyUsagePurpose::ServerAuth)?;
+            params.extended_key_usages.push(ExtendedKeyUsagePurpose::ClientAuth);
+            params
+        }
+        CertRole::Executor(_) | CertRole::Learner(_) => {
+            leaf_params(&name, ExtendedKeyUsagePurpose::ClientAuth)?
+        }
+    };
+    params.subject_alt_names = match role {
+        CertRole::Server(_) => {
+            let mut names = vec![dns_name(SERVER_NAME)?, dns_name(RAFT_SERVER_NAME)?];
+            for host in hosts {
+                names.push(match host.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => dns_name(host)?,
+                });
+            }
+            names
+        }
+        CertRole::Executor(_) | CertRole::Learner(_) => {
+            vec![dns_name(&format!("{name}.colony"))?]
+        }
+    };
+    Ok(params)
+}
+
 fn common_name(name: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
@@ -301,6 +403,11 @@ mod tests {
                 matches!(result, Err(PkiError::Parse { .. })),
                 "{garbage:?} gave {result:?}"
             );
+            let result = ca.sign_csr(garbage, CertRole::Server(1), &[]);
+            anyhow::ensure!(
+                matches!(result, Err(PkiError::Parse { .. })),
+                "{garbage:?} gave {result:?}"
+            );
         }
         Ok(())
     }
@@ -313,6 +420,26 @@ mod tests {
         anyhow::ensure!(cert_fingerprint(ca.cert_pem())? == ca.fingerprint());
         let other = ClusterCa::generate("other")?;
         anyhow::ensure!(ClusterCa::from_pem(ca.cert_pem(), other.key_pem()).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn the_ca_names_each_role_and_cert_role_reads_it_back() -> anyhow::Result<()> {
+        let ca = ClusterCa::generate("test")?;
+        let (_, csr) = new_key_and_csr()?;
+        let hosts = ["127.0.0.1".to_owned(), "colony-1.example".to_owned()];
+        for role in [CertRole::Server(3), CertRole::Executor(7), CertRole::Learner(1)] {
+            let signed = ca.sign_csr(&csr, role, &hosts)?;
+            let der = first_cert(&signed, "signed")?;
+            anyhow::ensure!(cert_role(&der) == Some(role), "{role}");
+            let issued = ca.issue(role, &hosts)?;
+            anyhow::ensure!(cert_role(&first_cert(&issued.cert_pem, "issued")?) == Some(role));
+        }
+        // The CA's own certificate and the QUIC server leaf name no role.
+        anyhow::ensure!(cert_role(ca.cert_der()).is_none());
+        let quic = ca.issue_server_cert()?;
+        anyhow::ensure!(cert_role(&first_cert(&quic.cert_pem, "quic")?).is_none());
+        anyhow::ensure!(cert_role(b"not a certificate").is_none());
         Ok(())
     }
 }

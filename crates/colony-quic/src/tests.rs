@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Context};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 
 use crate::{
-    cert_fingerprint, client_endpoint, join_client_config, mutual_client_config, new_executor_key,
+    cert_fingerprint, client_endpoint, join_client_config, mutual_client_config, new_key_and_csr,
     peer_cert_fingerprint, read_frame, server_config, write_frame, ClusterCa, FrameError,
     FRAME_BYTES_MAX, SERVER_NAME,
 };
@@ -137,7 +137,7 @@ async fn pinned_ca_in_the_chain_does_not_vouch_for_a_foreign_leaf() -> anyhow::R
 async fn mutual_tls_identifies_the_executor() -> anyhow::Result<()> {
     let ca = ClusterCa::generate("mutual")?;
     let (endpoint, addr) = server(&ca)?;
-    let (key_pem, csr_pem) = new_executor_key()?;
+    let (key_pem, csr_pem) = new_key_and_csr()?;
     let cert_pem = ca.sign_executor_csr(&csr_pem, 7)?;
     let accepted = accept_one(&endpoint);
     let client = connect(addr, mutual_client_config(ca.cert_pem(), &cert_pem, &key_pem)?).await??;
@@ -152,7 +152,7 @@ async fn client_cert_from_another_ca_is_refused() -> anyhow::Result<()> {
     let ca = ClusterCa::generate("mutual")?;
     let rogue = ClusterCa::generate("rogue")?;
     let (endpoint, addr) = server(&ca)?;
-    let (key_pem, csr_pem) = new_executor_key()?;
+    let (key_pem, csr_pem) = new_key_and_csr()?;
     let cert_pem = rogue.sign_executor_csr(&csr_pem, 7)?;
     let accepted = accept_one(&endpoint);
     let client = connect(addr, mutual_client_config(ca.cert_pem(), &cert_pem, &key_pem)?).await?;

@@ -104,9 +104,9 @@ pub fn client_endpoint() -> Result<quinn::Endpoint, std::io::Error> {
 /// else yet. The CA must arrive in the server's chain; once found, verification is ordinary
 /// webpki verification with that CA as the only root.
 #[derive(Debug)]
-struct PinnedCaVerifier {
-    ca_fingerprint: Fingerprint,
-    provider: Arc<CryptoProvider>,
+pub(crate) struct PinnedCaVerifier {
+    pub(crate) ca_fingerprint: Fingerprint,
+    pub(crate) provider: Arc<CryptoProvider>,
 }
 
 impl ServerCertVerifier for PinnedCaVerifier {
@@ -168,11 +168,11 @@ impl ServerCertVerifier for PinnedCaVerifier {
 }
 
 /// The ring provider, passed to every builder so no process-default provider is needed.
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn ca_roots(ca: &ClusterCa) -> Result<RootCertStore, PkiError> {
+pub(crate) fn ca_roots(ca: &ClusterCa) -> Result<RootCertStore, PkiError> {
     let mut roots = RootCertStore::empty();
     roots.add(ca.cert_der().clone())?;
     Ok(roots)

@@ -1,4 +1,5 @@
-//! Join tokens: what an operator hands a new executor so it can find and trust the cluster once.
+//! Tokens: one string that pins the cluster CA and carries a secret. Join tokens let an executor,
+//! a server or the learner in once; ACL tokens authenticate every admin call.
 
 use std::fmt;
 use std::str::FromStr;
@@ -15,21 +16,21 @@ const PARTS: usize = 3;
 /// Both the fingerprint and the secret are 32 bytes, so 64 hex digits.
 const PART_HEX_LEN: usize = 64;
 
-/// `colony1.<CA SHA-256, 64 hex>.<secret, 64 hex>`. The fingerprint lets the executor pin the
-/// cluster CA before it has any certificate; the secret proves to the cluster that an operator
-/// let this executor in. The cluster stores only [`JoinToken::secret_hash`].
+/// `colony1.<CA SHA-256, 64 hex>.<secret, 64 hex>`. The fingerprint lets the holder pin the
+/// cluster CA before it has anything else (as kubeadm's discovery hash does); the secret proves
+/// to the cluster who let the holder in. The cluster stores only [`Token::secret_hash`].
 #[derive(Clone, PartialEq, Eq)]
-pub struct JoinToken {
+pub struct Token {
     pub ca_fingerprint: Fingerprint,
     pub secret: [u8; 32],
 }
 
-/// Why a string is not a join token.
+/// Why a string is not a token.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
-    #[error("a join token starts with \"{PREFIX}.\"")]
+    #[error("a token starts with \"{PREFIX}.\"")]
     WrongPrefix,
-    #[error("a join token has {PARTS} dot-separated parts, this has {found}")]
+    #[error("a token has {PARTS} dot-separated parts, this has {found}")]
     PartCount { found: usize },
     #[error("the {part} is {found} characters, not {PART_HEX_LEN}")]
     WrongLength { part: &'static str, found: usize },
@@ -37,12 +38,17 @@ pub enum TokenError {
     BadHex { part: &'static str },
 }
 
-impl JoinToken {
+impl Token {
     /// A token for `ca` with a fresh secret from the operating system's generator.
-    pub fn generate(ca: &ClusterCa) -> JoinToken {
+    pub fn generate(ca: &ClusterCa) -> Token {
+        Token::generate_for(ca.fingerprint())
+    }
+
+    /// A token for the CA with this fingerprint, with a fresh secret.
+    pub fn generate_for(ca_fingerprint: Fingerprint) -> Token {
         let mut secret = [0u8; 32];
         OsRng.fill_bytes(&mut secret);
-        JoinToken { ca_fingerprint: ca.fingerprint(), secret }
+        Token { ca_fingerprint, secret }
     }
 
     /// SHA-256 of the secret: what the cluster stores, so a leaked snapshot admits no one.
@@ -52,25 +58,25 @@ impl JoinToken {
 }
 
 /// Redacts the secret, so a token logged by mistake cannot be replayed.
-impl fmt::Debug for JoinToken {
+impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JoinToken")
+        f.debug_struct("Token")
             .field("ca_fingerprint", &hex::encode(self.ca_fingerprint))
             .field("secret", &"<redacted>")
             .finish()
     }
 }
 
-impl fmt::Display for JoinToken {
+impl fmt::Display for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{PREFIX}.{}.{}", hex::encode(self.ca_fingerprint), hex::encode(self.secret))
     }
 }
 
-impl FromStr for JoinToken {
+impl FromStr for Token {
     type Err = TokenError;
 
-    fn from_str(s: &str) -> Result<JoinToken, TokenError> {
+    fn from_str(s: &str) -> Result<Token, TokenError> {
         let parts: Vec<&str> = s.trim().split('.').collect();
         if parts.first() != Some(&PREFIX) {
             return Err(TokenError::WrongPrefix);
@@ -78,7 +84,7 @@ impl FromStr for JoinToken {
         let [_, ca, secret] = parts[..] else {
             return Err(TokenError::PartCount { found: parts.len() });
         };
-        Ok(JoinToken {
+        Ok(Token {
             ca_fingerprint: decode_part(ca, "CA fingerprint")?,
             secret: decode_part(secret, "secret")?,
         })
@@ -100,10 +106,10 @@ mod tests {
 
     #[test]
     fn round_trips_through_display_and_from_str() -> anyhow::Result<()> {
-        let token = JoinToken::generate(&ClusterCa::generate("test")?);
+        let token = Token::generate(&ClusterCa::generate("test")?);
         let text = token.to_string();
         anyhow::ensure!(text.len() == PREFIX.len() + 2 + 2 * PART_HEX_LEN);
-        anyhow::ensure!(text.parse::<JoinToken>()? == token);
+        anyhow::ensure!(text.parse::<Token>()? == token);
         anyhow::ensure!(!format!("{token:?}").contains(&hex::encode(token.secret)));
         Ok(())
     }
@@ -131,7 +137,7 @@ mod tests {
             (format!("colony1.{hex64}.{}", "é".repeat(32)), TokenError::BadHex { part: "secret" }),
         ];
         for (text, expected) in cases {
-            assert_eq!(text.parse::<JoinToken>(), Err(expected), "{text:?}");
+            assert_eq!(text.parse::<Token>(), Err(expected), "{text:?}");
         }
     }
 }

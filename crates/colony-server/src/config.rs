@@ -16,6 +16,8 @@ pub struct ServerConfig {
     pub bootstrap: bool,
     /// Servers of an existing cluster to join through (any member will do).
     pub join: Vec<String>,
+    /// A server join token, needed the first time a server joins (not on restarts).
+    pub token: Option<String>,
     /// Build a snapshot (and purge the log behind it) after this many entries.
     pub snapshot_logs_threshold: u64,
     pub heartbeat_interval: Duration,
@@ -54,6 +56,7 @@ impl ServerConfig {
             listen: None,
             bootstrap: false,
             join: Vec::new(),
+            token: None,
             snapshot_logs_threshold: 20_000,
             heartbeat_interval: Duration::from_millis(100),
             election_timeout_min: Duration::from_millis(400),

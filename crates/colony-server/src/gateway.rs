@@ -15,7 +15,7 @@ use colony_proto::link::{report_command, running_attempts};
 use colony_proto::pb::{
     self, executor_message::Body as In, server_message::Body as Out, LinkErrorCode,
 };
-use colony_quic::{CloseCode, ClusterCa, FrameError, JoinToken};
+use colony_quic::{CloseCode, ClusterCa, FrameError, Token};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -186,14 +186,16 @@ async fn admit(
     join: &pb::Join,
 ) -> Result<pb::JoinAccepted, (LinkErrorCode, String)> {
     let invalid_token = |message: String| (LinkErrorCode::InvalidToken, message);
-    let token: JoinToken =
+    let token: Token =
         join.token.parse().map_err(|e| invalid_token(format!("invalid join token: {e}")))?;
     if token.ca_fingerprint != ca.fingerprint() {
         return Err(invalid_token("the join token was issued by another cluster".to_owned()));
     }
     let secret_hash = token.secret_hash();
-    if !node.state().machine.join_token_valid(&secret_hash) {
-        return Err(invalid_token("the join token is unknown or has expired".to_owned()));
+    if !node.state().machine.join_token_valid(&secret_hash, colony_core::JoinKind::Executor) {
+        return Err(invalid_token(
+            "the join token is unknown, has expired, or is not an executor token".to_owned(),
+        ));
     }
     // One admission at a time: the certificate names the id the command will allocate.
     let _guard = admission.lock().await;

@@ -1,11 +1,17 @@
-//! Who this server is and how it becomes a member: its identity from the data directory (or,
-//! the first time, from its flags and the cluster it joins), and asking the cluster to add it.
+//! Who this server is and how it becomes a member: its identity and certificate from the data
+//! directory (or, the first time, from its flags and the cluster it joins), and asking the
+//! cluster to add it.
 
 use crate::config::ServerConfig;
 use crate::identity::Identity;
 use crate::peers::Peers;
+use crate::tls::ServerTls;
 use anyhow::{bail, Context};
-use colony_proto::pb::{ClusterInfoRequest, ClusterInfoResponse, JoinClusterRequest};
+use colony_client::{Auth, Client};
+use colony_proto::pb::{
+    ClusterInfoRequest, ClusterInfoResponse, EnrollRequest, JoinClusterRequest,
+};
+use colony_quic::{cert_fingerprint, CertRole, CertifiedKey, ClusterCa, Token};
 use colony_store::TypeConfig;
 use openraft::Raft;
 use std::time::{Duration, Instant};
@@ -16,8 +22,8 @@ const JOIN_CONTACT_TIMEOUT: Duration = Duration::from_secs(30);
 const JOIN_TIMEOUT: Duration = Duration::from_secs(300);
 const RPC_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Asks the servers in `targets` which cluster they form. Retries unreachable servers for a while;
-/// a reply that is not Colony's is an error at once.
+/// Asks the servers in `targets` which cluster they form, with this server's certificate.
+/// Retries unreachable servers for a while; a reply that is not Colony's is an error at once.
 async fn cluster_info(peers: &Peers, targets: &[String]) -> anyhow::Result<ClusterInfoResponse> {
     let deadline = Instant::now() + JOIN_CONTACT_TIMEOUT;
     loop {
@@ -31,11 +37,9 @@ async fn cluster_info(peers: &Peers, targets: &[String]) -> anyhow::Result<Clust
                 Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
                     failures.push(format!("{target}: {}", status.message()))
                 }
-                Ok(Err(status)) => bail!(
-                    "{target} is not a Colony server ({}: {})",
-                    status.code(),
-                    status.message()
-                ),
+                Ok(Err(status)) => {
+                    bail!("{target} refused this server ({}: {})", status.code(), status.message())
+                }
                 Err(_) => failures.push(format!("{target}: no answer within {RPC_TIMEOUT:?}")),
             }
         }
@@ -49,8 +53,10 @@ async fn cluster_info(peers: &Peers, targets: &[String]) -> anyhow::Result<Clust
     }
 }
 
-/// Finds out who this server is: from its data directory, or, the first time, from its flags.
-pub async fn resolve_identity(config: &ServerConfig, peers: &Peers) -> anyhow::Result<Identity> {
+/// Finds out who this server is and what it holds: from its data directory, or, the first time,
+/// from its flags (a new cluster's CA and this server's certificate for `--bootstrap`; a
+/// certificate enrolled with a server join token for `--join`).
+pub async fn resolve_identity(config: &ServerConfig) -> anyhow::Result<(Identity, ServerTls)> {
     let dir = &config.data_dir;
     if let Some(identity) = Identity::load(dir)? {
         if let Some(id) = config.id.filter(|&id| id != identity.node_id) {
@@ -63,8 +69,15 @@ pub async fn resolve_identity(config: &ServerConfig, peers: &Peers) -> anyhow::R
         if let Some(listen) = config.listen.as_ref().filter(|&l| l != &identity.addr) {
             bail!("data directory {} belongs to the server at {}, not {listen}; a server's address cannot change", dir.display(), identity.addr);
         }
+        let tls = ServerTls::load(dir)?.with_context(|| {
+            format!(
+                "data directory {} holds no certificate (tls/): it was written by a Colony without TLS; start this server afresh in an empty directory",
+                dir.display()
+            )
+        })?;
         if !config.join.is_empty() {
-            match cluster_info(peers, &config.join).await {
+            let peers = Peers::new(peer_auth(&tls)?);
+            match cluster_info(&peers, &config.join).await {
                 Ok(info) if info.cluster_id != identity.cluster_id => bail!(
                     "data directory {} belongs to cluster {}, but {} is cluster {}",
                     dir.display(),
@@ -79,7 +92,7 @@ pub async fn resolve_identity(config: &ServerConfig, peers: &Peers) -> anyhow::R
                 ),
             }
         }
-        return Ok(identity);
+        return Ok((identity, tls));
     }
     let node_id = config
         .id
@@ -90,25 +103,73 @@ pub async fn resolve_identity(config: &ServerConfig, peers: &Peers) -> anyhow::R
     let addr = config.listen.clone().context(
         "--listen is required the first time a server starts in an empty data directory",
     )?;
-    let cluster_id = if config.bootstrap {
-        uuid::Uuid::new_v4().to_string()
+    let hosts = vec![host_of(&addr).to_owned()];
+    let (cluster_id, tls) = if config.bootstrap {
+        let cluster_id = uuid::Uuid::new_v4().to_string();
+        let ca = ClusterCa::generate(&cluster_id)?;
+        let own = ca.issue(CertRole::Server(node_id), &hosts)?;
+        let tls = ServerTls {
+            ca_pem: ca.cert_pem().to_owned(),
+            own,
+            ca_key_pem: Some(ca.key_pem().to_owned()),
+        };
+        (cluster_id, tls)
     } else if !config.join.is_empty() {
-        let info = cluster_info(peers, &config.join).await?;
-        for (member, member_addr) in &info.members {
-            if *member == node_id && member_addr != &addr {
-                bail!("node id {node_id} is already a member of cluster {} at {member_addr}; pick another id", info.cluster_id);
-            }
-            if *member != node_id && member_addr == &addr {
-                bail!("{addr} is already the address of member {member}");
-            }
-        }
-        info.cluster_id
+        let token = config.token.as_deref().context(
+            "--token is required to join a cluster: a server join token (colony cluster token create --kind server)",
+        )?;
+        enroll(config, token, node_id, &addr).await?
     } else {
-        bail!("{} holds no server yet: pass --bootstrap to start a new cluster, or --join HOST:PORT to join one", dir.display());
+        bail!("{} holds no server yet: pass --bootstrap to start a new cluster, or --join HOST:PORT --token TOKEN to join one", dir.display());
     };
+    // The certificate first: a directory with an identity but no certificate cannot start.
+    tls.store(dir)?;
     let identity = Identity::new(node_id, addr, cluster_id);
     identity.store(dir)?;
-    Ok(identity)
+    Ok((identity, tls))
+}
+
+/// Trades a server join token and a fresh key's CSR for a certificate, through any server of the
+/// cluster, verifying it against the CA the token pins.
+async fn enroll(
+    config: &ServerConfig,
+    token: &str,
+    node_id: u64,
+    addr: &str,
+) -> anyhow::Result<(String, ServerTls)> {
+    let parsed: Token = token.parse().context("invalid --token")?;
+    let (key_pem, csr_pem) = colony_quic::new_key_and_csr()?;
+    let client =
+        Client::new(&config.join, JOIN_CONTACT_TIMEOUT, &Auth::pinned(parsed.ca_fingerprint))?;
+    let request =
+        EnrollRequest { token: token.to_owned(), csr_pem, node_id, addr: addr.to_owned() };
+    let enrolled = client
+        .call("enroll this server", |mut c| {
+            let request = request.clone();
+            async move { c.enroll(request).await }
+        })
+        .await
+        .context("the cluster did not issue this server a certificate")?;
+    if cert_fingerprint(&enrolled.ca_pem)? != parsed.ca_fingerprint {
+        bail!("the cluster answered with a CA other than the one the token names");
+    }
+    tracing::info!(cluster_id = %enrolled.cluster_id, "enrolled: this server holds a certificate from the cluster CA");
+    let tls = ServerTls {
+        ca_pem: enrolled.ca_pem,
+        own: CertifiedKey { cert_pem: enrolled.cert_pem, key_pem },
+        ca_key_pem: None,
+    };
+    Ok((enrolled.cluster_id, tls))
+}
+
+/// The host part of `HOST:PORT` (brackets of an IPv6 literal removed).
+pub fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(host, _)| host).trim_matches(['[', ']'])
+}
+
+/// How this server dials the others: its own certificate, asking for the Raft name.
+pub fn peer_auth(tls: &ServerTls) -> anyhow::Result<Auth> {
+    Ok(Auth::certificate(&tls.ca_pem, &tls.own, colony_quic::RAFT_SERVER_NAME)?)
 }
 
 /// Keeps asking the cluster to add this server until it is a voter.
@@ -151,6 +212,8 @@ pub async fn join(
                         tonic::Code::AlreadyExists
                             | tonic::Code::FailedPrecondition
                             | tonic::Code::InvalidArgument
+                            | tonic::Code::Unauthenticated
+                            | tonic::Code::PermissionDenied
                     ) =>
                 {
                     bail!("the cluster refused this server: {}", status.message());

@@ -10,7 +10,6 @@ use colony_core::{
     ClusterCaRecord, Command, CommandError, ExecutorSpec, ModelVersion, Outcome, TaskSpec,
 };
 use colony_model::Predictor;
-use colony_quic::ClusterCa;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,26 +52,22 @@ pub async fn run(node: Arc<Node>) {
     tokio::join!(scheduling, detecting);
 }
 
-/// The bootstrap leader creates the CA; later leaders find it in the state.
+/// The server that bootstrapped the cluster created the CA (its own certificate is signed by it);
+/// as the first leader it replicates it, so any later leader can sign certificates. Other
+/// servers find it in the state.
 async fn ensure_ca(node: &Node) {
     loop {
         if node.state().machine.ca().is_some() {
             return;
         }
-        let ca = match ClusterCa::generate(node.cluster_id()) {
-            Ok(ca) => ca,
-            Err(e) => {
-                tracing::error!("cannot create the cluster CA: {e}");
-                return;
-            }
+        let Some((cert_pem, key_pem)) = node.local_ca() else {
+            tracing::warn!("leading, but the cluster CA is not replicated here yet; waiting");
+            tokio::time::sleep(CA_RETRY).await;
+            continue;
         };
-        let record = ClusterCaRecord {
-            cert_pem: ca.cert_pem().to_owned(),
-            key_pem: ca.key_pem().to_owned(),
-        };
-        match node.propose(Command::InitCa(record)).await {
+        match node.propose(Command::InitCa(ClusterCaRecord { cert_pem, key_pem })).await {
             Ok(_) => {
-                tracing::info!("created the cluster CA");
+                tracing::info!("replicated the cluster CA");
                 return;
             }
             Err(ProposeError::Rejected(CommandError::CaExists)) => return,

@@ -10,6 +10,7 @@
 #![allow(clippy::result_large_err)]
 
 mod admin;
+pub mod audit;
 pub mod config;
 mod gateway;
 mod identity;
@@ -23,6 +24,7 @@ mod proposer;
 mod raft_service;
 mod sessions;
 mod start;
+mod tls;
 mod wire;
 
 pub use config::ServerConfig;

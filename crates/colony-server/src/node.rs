@@ -2,11 +2,13 @@
 //! the executor sessions, and the applied state. `start` builds it; the admin service, the
 //! executor gateway and the leader's duties use it. It imports none of them.
 
+use crate::audit::Audit;
 use crate::config::ServerConfig;
 use crate::metrics::{Metrics, Scrape};
 use crate::peers::Peers;
 use crate::proposer::{ProposeError, Proposer};
 use crate::sessions::Sessions;
+use crate::tls::ServerTls;
 use colony_core::leader::Effect;
 use colony_core::{Command, Outcome};
 use colony_store::{Applied, LogStore, SharedState, SnapshotStats, TypeConfig};
@@ -30,6 +32,9 @@ pub struct Node {
     /// Wakes the leader's scheduler: work arrived or capacity was freed.
     scheduler_wake: Notify,
     state: SharedState,
+    tls: ServerTls,
+    ca_fingerprint: colony_quic::Fingerprint,
+    audit: Audit,
 }
 
 /// What `Node::new` takes.
@@ -45,6 +50,9 @@ pub struct Parts {
     pub snapshot_stats: Arc<SnapshotStats>,
     pub sessions: Sessions,
     pub state: SharedState,
+    pub tls: ServerTls,
+    pub ca_fingerprint: colony_quic::Fingerprint,
+    pub audit: Audit,
 }
 
 impl Node {
@@ -61,6 +69,9 @@ impl Node {
             snapshot_stats,
             sessions,
             state,
+            tls,
+            ca_fingerprint,
+            audit,
         } = parts;
         Node {
             id,
@@ -75,7 +86,28 @@ impl Node {
             sessions,
             scheduler_wake: Notify::new(),
             state,
+            tls,
+            ca_fingerprint,
+            audit,
         }
+    }
+
+    /// The SHA-256 of the cluster CA's certificate: what tokens pin.
+    pub fn ca_fingerprint(&self) -> colony_quic::Fingerprint {
+        self.ca_fingerprint
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        &self.tls.ca_pem
+    }
+
+    /// The CA with its key, on the server that created the cluster, for the first leader.
+    pub fn local_ca(&self) -> Option<(String, String)> {
+        self.tls.local_ca()
+    }
+
+    pub fn audit(&self) -> &Audit {
+        &self.audit
     }
 
     pub fn id(&self) -> u64 {
@@ -153,6 +185,9 @@ impl Node {
     }
 
     fn committed(&self, outcome: &Outcome) -> Vec<Effect> {
+        if let Some(effects) = colony_core::leader::Leader::committed_without_sessions(outcome) {
+            return effects;
+        }
         let state = self.state();
         if let Outcome::MarkedDown { id, rescheduled, lost } = outcome {
             self.metrics.executors_marked_down.inc();

@@ -1,12 +1,14 @@
 //! Connections to other servers, one lazily connected gRPC channel per address, shared by Raft
-//! replication, forwarding and reachability probes.
+//! replication, forwarding and reachability probes. Every one is mutual TLS with this server's
+//! certificate, asking for the Raft name, so the peer accepts it only from a server.
 
+use colony_client::{Auth, Channel};
 use colony_proto::pb::admin_client::AdminClient;
 use colony_proto::pb::raft_client::RaftClient;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 /// Raft messages (log batches, snapshot chunks) may be this large.
 pub const RAFT_MESSAGE_BYTES_MAX: usize = 64 << 20;
@@ -19,8 +21,9 @@ const PEER_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 const PEER_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A pool of channels keyed by address.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Peers {
+    auth: Auth,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
@@ -32,6 +35,11 @@ pub struct BadAddress {
 }
 
 impl Peers {
+    /// Peers reached with `auth`: this server's certificate, asking for the Raft name.
+    pub fn new(auth: Auth) -> Peers {
+        Peers { auth, channels: Arc::default() }
+    }
+
     pub fn channel(&self, addr: &str) -> Result<Channel, BadAddress> {
         let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(channel) = channels.get(addr) {
@@ -44,7 +52,7 @@ impl Peers {
             .http2_keep_alive_interval(PEER_KEEP_ALIVE_INTERVAL)
             .keep_alive_timeout(PEER_KEEP_ALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
-        let channel = endpoint.connect_lazy();
+        let channel = self.auth.channel(endpoint);
         channels.insert(addr.to_owned(), channel.clone());
         Ok(channel)
     }

@@ -75,6 +75,21 @@ impl Proposer {
     }
 }
 
+/// An entry's commands stop growing at this many encoded bytes (one larger command still goes,
+/// alone). With at most `RAFT_PAYLOAD_ENTRIES_MAX` entries per AppendEntries, a message stays
+/// well under the peers' message limit in bytes, not only in count.
+pub const ENTRY_BYTES_MAX: usize = 1 << 20;
+
+/// The bincode size of a command, counted without allocating.
+fn encoded_size(command: &Command) -> usize {
+    let mut counter = bincode::enc::write::SizeWriter::default();
+    match bincode::serde::encode_into_writer(command, &mut counter, bincode::config::standard()) {
+        Ok(()) => counter.bytes_written,
+        // Cannot happen for these types; counted as a full entry, it goes alone.
+        Err(_) => ENTRY_BYTES_MAX,
+    }
+}
+
 async fn batch_loop(
     raft: Raft<TypeConfig>,
     mut rx: mpsc::Receiver<Pending>,
@@ -82,13 +97,34 @@ async fn batch_loop(
     metrics: Arc<Metrics>,
 ) {
     let slots = Arc::new(Semaphore::new(config.in_flight_max));
-    while let Some(first) = rx.recv().await {
+    // A command that did not fit the last entry starts the next one.
+    let mut carried: Option<(Pending, usize)> = None;
+    loop {
+        let (first, first_bytes) = match carried.take() {
+            Some(carried) => carried,
+            None => match rx.recv().await {
+                Some(pending) => {
+                    let bytes = encoded_size(&pending.command);
+                    (pending, bytes)
+                }
+                None => return,
+            },
+        };
         // Waiting for a slot lets more commands queue up behind `first`: under load, batches grow.
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
         let mut batch = vec![first];
+        let mut bytes = first_bytes;
         while batch.len() < config.batch_commands_max {
             match rx.try_recv() {
-                Ok(pending) => batch.push(pending),
+                Ok(pending) => {
+                    let size = encoded_size(&pending.command);
+                    if bytes + size > ENTRY_BYTES_MAX {
+                        carried = Some((pending, size));
+                        break;
+                    }
+                    bytes += size;
+                    batch.push(pending);
+                }
                 Err(_) => break,
             }
         }

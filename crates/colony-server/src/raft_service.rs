@@ -1,18 +1,90 @@
 //! The receiving side of Raft traffic: decodes openraft's messages and hands them to the local node.
+//!
+//! Only a server of this cluster may send them: the connection must have asked for the Raft name
+//! and presented a server certificate (the handshake enforces both), and the message must name
+//! this cluster. Snapshot chunks are accepted only in order and within [`SNAPSHOT_BYTES_MAX`]:
+//! openraft seeks to a chunk's offset before writing, so an absurd offset would be an absurd
+//! allocation.
 
+use crate::tls::ConnInfo;
 use crate::wire;
 use colony_proto::pb::raft_server::Raft as RaftRpc;
 use colony_proto::pb::RaftMessage;
+use colony_quic::CertRole;
 use colony_store::TypeConfig;
+use openraft::raft::InstallSnapshotRequest;
 use openraft::Raft;
+use std::collections::HashMap;
+use std::sync::Mutex;
 use tonic::{Request, Response, Status};
 
+/// The largest snapshot a server accepts.
+pub const SNAPSHOT_BYTES_MAX: u64 = 8 << 30;
+
 pub struct RaftService {
-    pub raft: Raft<TypeConfig>,
-    pub cluster_id: String,
+    raft: Raft<TypeConfig>,
+    cluster_id: String,
+    /// Bytes received so far of the snapshot being streamed, by snapshot id.
+    snapshot_received: Mutex<HashMap<String, u64>>,
+}
+
+/// Refuses Raft traffic on a connection that is not a server's Raft connection.
+#[allow(clippy::result_large_err)]
+fn from_server<T>(request: &Request<T>) -> Result<(), Status> {
+    match request.extensions().get::<ConnInfo>() {
+        Some(ConnInfo { raft: true, peer: Some(CertRole::Server(_)), .. }) => Ok(()),
+        _ => Err(Status::unauthenticated(
+            "Raft messages are accepted only from this cluster's servers (TLS name colony-raft, server certificate)",
+        )),
+    }
 }
 
 impl RaftService {
+    pub fn new(raft: Raft<TypeConfig>, cluster_id: String) -> RaftService {
+        RaftService { raft, cluster_id, snapshot_received: Mutex::default() }
+    }
+
+    /// Checks a chunk against what was received of its snapshot, and records it.
+    #[allow(clippy::result_large_err)]
+    fn check_chunk(&self, chunk: &InstallSnapshotRequest<TypeConfig>) -> Result<(), Status> {
+        let id = &chunk.meta.snapshot_id;
+        let end = chunk
+            .offset
+            .checked_add(chunk.data.len() as u64)
+            .filter(|&end| end <= SNAPSHOT_BYTES_MAX);
+        let Some(end) = end else {
+            return Err(Status::invalid_argument(format!(
+                "snapshot chunk at offset {} of {} bytes is beyond the {SNAPSHOT_BYTES_MAX}-byte limit",
+                chunk.offset,
+                chunk.data.len()
+            )));
+        };
+        let mut received = self.snapshot_received.lock().unwrap_or_else(|p| p.into_inner());
+        if chunk.offset == 0 {
+            // A new snapshot (or a restart of one): forget the others.
+            received.clear();
+            received.insert(id.clone(), 0);
+        }
+        let so_far = received.get(id).copied().ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "snapshot {id} chunk at offset {} without its start",
+                chunk.offset
+            ))
+        })?;
+        if chunk.offset > so_far {
+            return Err(Status::invalid_argument(format!(
+                "snapshot {id} chunk at offset {} but only {so_far} bytes received",
+                chunk.offset
+            )));
+        }
+        received.insert(id.clone(), so_far.max(end));
+        if chunk.done {
+            received.remove(id);
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::result_large_err)]
     fn open(&self, message: &RaftMessage) -> Result<(), Status> {
         if message.cluster_id != self.cluster_id {
             return Err(Status::failed_precondition(format!(
@@ -39,6 +111,7 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
+        from_server(&request)?;
         let message = request.into_inner();
         self.open(&message)?;
         let result = self.raft.append_entries(decode(&message)?).await;
@@ -46,6 +119,7 @@ impl RaftRpc for RaftService {
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        from_server(&request)?;
         let message = request.into_inner();
         self.open(&message)?;
         let result = self.raft.vote(decode(&message)?).await;
@@ -56,9 +130,12 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
+        from_server(&request)?;
         let message = request.into_inner();
         self.open(&message)?;
-        let result = self.raft.install_snapshot(decode(&message)?).await;
+        let chunk: InstallSnapshotRequest<TypeConfig> = decode(&message)?;
+        self.check_chunk(&chunk)?;
+        let result = self.raft.install_snapshot(chunk).await;
         self.reply(&result)
     }
 }

@@ -3,9 +3,10 @@
 //! leader's duties start and stop with it), and a graceful stop on SIGTERM/SIGINT.
 
 use crate::admin::AdminService;
+use crate::audit::{Audit, AuditConfig};
 use crate::config::ServerConfig;
 use crate::identity::Identity;
-use crate::join::{join, resolve_identity};
+use crate::join::{join, peer_auth, resolve_identity};
 use crate::metrics::Metrics;
 use crate::network::Network;
 use crate::node::{Node, Parts};
@@ -13,6 +14,7 @@ use crate::peers::{Peers, RAFT_MESSAGE_BYTES_MAX};
 use crate::proposer::{Proposer, ProposerConfig};
 use crate::raft_service::RaftService;
 use crate::sessions::Sessions;
+use crate::tls::ServerTls;
 use anyhow::{bail, Context};
 use colony_core::leader::LeaderConfig;
 use colony_proto::pb::admin_server::AdminServer;
@@ -24,22 +26,39 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 /// An assignment the executor has not listed in a heartbeat is sent again after this long.
 const ASSIGN_RESEND_AFTER: Duration = Duration::from_secs(2);
+/// Entries per AppendEntries. Each entry is at most `ENTRY_BYTES_MAX` unless it is one command
+/// alone (a model's weights, at most 4 MiB): 32 of them stay well under the peer message limit.
+const RAFT_PAYLOAD_ENTRIES_MAX: u64 = 32;
+const _: () = assert!(
+    (RAFT_PAYLOAD_ENTRIES_MAX as usize + 4) * crate::proposer::ENTRY_BYTES_MAX
+        < RAFT_MESSAGE_BYTES_MAX
+);
 /// How long the gRPC server may take to finish in-flight requests at shutdown.
 const SERVE_DRAIN_MAX: Duration = Duration::from_secs(5);
+/// HTTP/2 streams one connection may have open at once (a client opening thousands is refused
+/// more, not served).
+const STREAMS_PER_CONNECTION_MAX: u32 = 256;
+/// The largest header list a request may carry.
+const HEADER_LIST_BYTES_MAX: u32 = 16 << 10;
+/// No request is served longer than this, whatever it asks; every RPC has its own, shorter
+/// deadline (15 s, 150 s for a join) inside it.
+const REQUEST_TIME_MAX: Duration = Duration::from_secs(180);
 
 /// Runs a server until SIGTERM or SIGINT, then shuts it down gracefully.
 pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     if config.bootstrap && !config.join.is_empty() {
         bail!("--bootstrap and --join cannot be used together");
     }
-    let peers = Peers::default();
-    let identity = resolve_identity(&config, &peers).await?;
+    // The data directory holds keys and the replicated CA: only its owner may read it.
+    crate::tls::private_dir(&config.data_dir)
+        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    let (identity, tls) = resolve_identity(&config).await?;
+    let peers = Peers::new(peer_auth(&tls)?);
     tracing::info!(node_id = identity.node_id, addr = %identity.addr, cluster_id = %identity.cluster_id, data_dir = %config.data_dir.display(), "starting server");
     if config.unsafe_stale_reads {
         tracing::warn!("--unsafe-stale-reads: every read is served from this server's own state; reads are NOT linearizable");
@@ -62,12 +81,14 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         .and_then(|mut addrs| addrs.next())
         .with_context(|| format!("cannot resolve {} for the executor gateway", identity.addr))?;
 
-    let node = Arc::new(open_node(&config, &identity, &peers).await?);
+    let grpc_tls = colony_quic::grpc_server_tls(&tls.ca_pem, &tls.own)?;
+    let node = Arc::new(open_node(&config, &identity, &peers, tls).await?);
     let (stop_serving, serving_stopped) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let (health, mut grpc) = serve_grpc(&node, listener, stopped(serving_stopped.clone()))?;
+    let incoming = crate::tls::accept(listener, grpc_tls);
+    let (health, mut grpc) = serve_grpc(&node, incoming, stopped(serving_stopped.clone()))?;
     if let Some(listener) = metrics_listener {
         let probe: Arc<dyn colony_process::Probe> = node.clone();
         let shutdown = stopped(serving_stopped.clone());
@@ -107,6 +128,7 @@ async fn open_node(
     config: &ServerConfig,
     identity: &Identity,
     peers: &Peers,
+    tls: ServerTls,
 ) -> anyhow::Result<Node> {
     let id = identity.node_id;
     let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
@@ -120,7 +142,7 @@ async fn open_node(
         election_timeout_min: config.election_timeout_min.as_millis() as u64,
         election_timeout_max: config.election_timeout_max.as_millis() as u64,
         install_snapshot_timeout: 5_000,
-        max_payload_entries: 64,
+        max_payload_entries: RAFT_PAYLOAD_ENTRIES_MAX,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs_threshold),
         max_in_snapshot_log_to_keep: (config.snapshot_logs_threshold / 4).min(1000),
         ..Default::default()
@@ -163,13 +185,17 @@ async fn open_node(
         snapshot_stats,
         sessions: Sessions::new(leader_config),
         state,
+        ca_fingerprint: colony_quic::cert_fingerprint(&tls.ca_pem)?,
+        tls,
+        audit: Audit::open(&config.data_dir, AuditConfig::default())
+            .context("cannot open the audit trail")?,
     }))
 }
 
-/// The gRPC services on the server's port: health, reflection, Raft and the admin API.
+/// The gRPC services on the server's port (TLS): health, reflection, Raft and the admin API.
 fn serve_grpc(
     node: &Arc<Node>,
-    listener: TcpListener,
+    incoming: impl tokio_stream::Stream<Item = std::io::Result<crate::tls::Conn>> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(HealthReporter, JoinHandle<Result<(), tonic::transport::Error>>)> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -178,33 +204,20 @@ fn serve_grpc(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("cannot build the reflection service")?;
-    let raft_service = RaftServer::new(RaftService {
-        raft: node.raft().clone(),
-        cluster_id: node.cluster_id().to_owned(),
-    })
-    .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
-    .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+    let raft_service =
+        RaftServer::new(RaftService::new(node.raft().clone(), node.cluster_id().to_owned()))
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
     let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
+        .http2_max_header_list_size(Some(HEADER_LIST_BYTES_MAX))
+        .timeout(REQUEST_TIME_MAX)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(raft_service)
         .add_service(AdminServer::new(AdminService::new(node.clone())))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown);
+        .serve_with_incoming_shutdown(incoming, shutdown);
     Ok((health, tokio::spawn(server)))
-}
-
-/// Accepted connections with Nagle's algorithm off: `Server::tcp_nodelay` applies only to
-/// listeners tonic binds itself, and Nagle plus delayed ACKs stalls small RPCs for tens of ms.
-fn incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt as _;
-    TcpListenerStream::new(listener).map(|accepted| {
-        accepted.and_then(|stream| {
-            stream.set_nodelay(true)?;
-            Ok(stream)
-        })
-    })
 }
 
 /// Follows Raft until a stop signal or a failure: keeps the Raft gauges and the health status

@@ -10,7 +10,10 @@ use serde::Serialize;
 
 /// The format version written by this build. Bump it (and keep a reader for the old one) whenever
 /// the body encoding of any persisted type changes.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
+/// The most a decoded value may claim (lengths are checked against it before anything is
+/// allocated), so even a frame whose checksum matches cannot ask for an absurd allocation.
+const DECODE_BYTES_MAX: usize = 16 << 30;
 
 /// Bytes before the body: the version byte and the crc32.
 pub const HEADER_LEN: usize = 5;
@@ -45,7 +48,8 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
 /// Decodes one frame, verifying its version and checksum first.
 pub fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T, CodecError> {
     let body = verified_body(frame)?;
-    let (value, read) = bincode::serde::decode_from_slice(body, bincode::config::standard())?;
+    let config = bincode::config::standard().with_limit::<DECODE_BYTES_MAX>();
+    let (value, read) = bincode::serde::decode_from_slice(body, config)?;
     if read != body.len() {
         return Err(CodecError::TrailingBytes { extra: body.len() - read });
     }
@@ -79,12 +83,12 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     /// Frozen bytes: if this test fails, the on-disk format changed and `FORMAT_VERSION` must be
-    /// bumped with a reader kept for version 1.
+    /// bumped. (Version 2 added the ACL state; version 1 frames are refused by name.)
     #[test]
     fn vote_frame_bytes_are_frozen() {
         let vote = Vote::<u64>::new_committed(3, 1);
         let frame = encode(&vote).unwrap();
-        assert_eq!(frame, vec![0x01, 0x9c, 0x66, 0x1b, 0x93, 0x03, 0x01, 0x01]);
+        assert_eq!(frame, vec![0x02, 0x9c, 0x66, 0x1b, 0x93, 0x03, 0x01, 0x01]);
         assert_eq!(decode::<Vote<u64>>(&frame).unwrap(), vote);
     }
 
@@ -92,7 +96,7 @@ mod tests {
     fn log_id_frame_bytes_are_frozen() {
         let log_id = LogId::new(CommittedLeaderId::new(2, 7), 300);
         let frame = encode(&log_id).unwrap();
-        assert_eq!(frame, vec![0x01, 0xcd, 0x5b, 0x92, 0xd6, 0x02, 0x07, 0xfb, 0x2c, 0x01]);
+        assert_eq!(frame, vec![0x02, 0xcd, 0x5b, 0x92, 0xd6, 0x02, 0x07, 0xfb, 0x2c, 0x01]);
         assert_eq!(decode::<LogId<u64>>(&frame).unwrap(), log_id);
     }
 
@@ -106,8 +110,8 @@ mod tests {
     #[test]
     fn unknown_version_is_rejected() {
         let mut frame = encode(&7u64).unwrap();
-        frame[0] = 2;
-        assert!(matches!(decode::<u64>(&frame), Err(CodecError::UnknownVersion { found: 2 })));
+        frame[0] = 1;
+        assert!(matches!(decode::<u64>(&frame), Err(CodecError::UnknownVersion { found: 1 })));
     }
 
     #[test]

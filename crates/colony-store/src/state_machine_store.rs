@@ -270,18 +270,19 @@ mod tests {
 
     /// A state machine whose current model is not in the registry, built from bytes because
     /// nothing in colony-core's API can corrupt state. A new state machine encodes as
-    /// `..., models: 0 entries, current_model: None, next_model_version: 1`; this makes
-    /// `current_model` `Some(5)`.
+    /// `..., models: 0 entries, current_model: None, next_model_version: 1, acl_bootstrapped:
+    /// false, acl_tokens: 0 entries, acl_by_secret: 0 entries`; this makes `current_model`
+    /// `Some(5)`.
     fn corrupted() -> StateMachine {
         let config = bincode::config::standard();
         let mut bytes = bincode::serde::encode_to_vec(StateMachine::new(), config).unwrap();
         assert_eq!(
-            bytes[bytes.len() - 3..],
-            [0x00, 0x00, 0x01],
+            bytes[bytes.len() - 6..],
+            [0x00, 0x00, 0x01, 0x00, 0x00, 0x00],
             "the state machine's encoding moved; update this test"
         );
-        bytes.truncate(bytes.len() - 2);
-        bytes.extend_from_slice(&[0x01, 0x05, 0x01]);
+        bytes.truncate(bytes.len() - 5);
+        bytes.extend_from_slice(&[0x01, 0x05, 0x01, 0x00, 0x00, 0x00]);
         bincode::serde::decode_from_slice(&bytes, config).unwrap().0
     }
 

@@ -8,9 +8,9 @@
 #![allow(clippy::unwrap_used)] // A test that cannot set up or whose check fails should panic.
 
 use colony_core::{
-    AttemptOutcome, AttemptResult, AttemptStatus, ClusterCaRecord, Command, ExecutorId,
-    ExecutorSpec, FencingToken, ModelMetrics, ModelVersion, Outcome, Placement, PlacementPolicy,
-    Proposal, Resources, RunSpec, StateMachine, TaskId, TaskSpec,
+    AclToken, AttemptOutcome, AttemptResult, AttemptStatus, ClusterCaRecord, Command, ExecutorId,
+    ExecutorSpec, FencingToken, Grant, JoinKind, ModelMetrics, ModelVersion, Outcome, Placement,
+    PlacementPolicy, Proposal, Resources, Role, RunSpec, StateMachine, TaskId, TaskSpec,
 };
 use colony_store::snapshot_file::SnapshotFile;
 use colony_store::{codec, Applied, StoreOptions, TypeConfig};
@@ -134,10 +134,28 @@ fn variant(command: &Command) -> usize {
         Command::PublishModel { .. } => 11,
         Command::RollbackModel { .. } => 12,
         Command::EvictTasks { .. } => 13,
+        Command::BootstrapAcl(_) => 14,
+        Command::CreateAclToken(_) => 15,
+        Command::RevokeAclToken { .. } => 16,
+        Command::UndrainExecutor { .. } => 17,
     }
 }
 
-const VARIANTS: usize = 14;
+const VARIANTS: usize = 18;
+
+fn acl_token(accessor: &str, role: Role, namespaces: Option<&[&str]>) -> AclToken {
+    AclToken {
+        accessor: accessor.to_owned(),
+        secret_hash: [0x5a; 32],
+        grant: Grant {
+            role,
+            namespaces: namespaces.map(|n| n.iter().map(|s| s.to_string()).collect()),
+        },
+        description: "frozen".to_owned(),
+        created_unix_ms: 1_700_000_000_000,
+        expires_unix_ms: None,
+    }
+}
 
 /// One of every command (two where a nested enum has two shapes), with every field set.
 fn every_command() -> Vec<Command> {
@@ -146,7 +164,11 @@ fn every_command() -> Vec<Command> {
         Command::SubmitTask(spec("sleep")),
         Command::CancelTask { id: TaskId(3), reason: "no longer needed".to_owned() },
         Command::InitCa(ClusterCaRecord { cert_pem: "CERT".to_owned(), key_pem: "KEY".to_owned() }),
-        Command::CreateJoinToken { secret_hash: [0xa5; 32], expires_unix_ms: 1_700_000_900_000 },
+        Command::CreateJoinToken {
+            secret_hash: [0xa5; 32],
+            expires_unix_ms: 1_700_000_900_000,
+            kind: JoinKind::Executor,
+        },
         Command::AdmitExecutor {
             secret_hash: [0xa5; 32],
             expected_id: ExecutorId(1),
@@ -193,6 +215,13 @@ fn every_command() -> Vec<Command> {
         },
         Command::RollbackModel { version: ModelVersion(1) },
         Command::EvictTasks { ids: vec![TaskId(9)], reason: "drain deadline passed".to_owned() },
+        Command::BootstrapAcl(acl_token("0123abcd", Role::Admin, None)),
+        Command::CreateAclToken(AclToken {
+            expires_unix_ms: Some(1_800_000_000_000),
+            ..acl_token("4567ef01", Role::Submitter, Some(&["research"]))
+        }),
+        Command::RevokeAclToken { accessor: "4567ef01".to_owned() },
+        Command::UndrainExecutor { id: ExecutorId(1) },
     ]
 }
 
@@ -220,8 +249,8 @@ fn proposal_with_every_command_is_frozen() {
         "the frozen proposal must carry one of every Command variant; {FORMAT_CHANGE}"
     );
     let frame = codec::encode(&proposal).unwrap();
-    assert_frozen("proposal_v1.hex", &frame);
-    assert_eq!(codec::decode::<Proposal>(&frozen("proposal_v1.hex")).unwrap(), proposal);
+    assert_frozen("proposal_v2.hex", &frame);
+    assert_eq!(codec::decode::<Proposal>(&frozen("proposal_v2.hex")).unwrap(), proposal);
 }
 
 fn log_id(index: u64) -> LogId<u64> {
@@ -248,12 +277,12 @@ async fn log_entry_is_frozen() {
     let raft_dir = dir.path().join("raft");
     let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), raft_dir, ["log", "meta"]).unwrap();
     let stored = db.get_cf(db.cf_handle("log").unwrap(), 42u64.to_be_bytes()).unwrap().unwrap();
-    assert_frozen("log_entry_v1.hex", &stored);
-    assert_eq!(codec::decode::<Entry<TypeConfig>>(&frozen("log_entry_v1.hex")).unwrap(), entry);
+    assert_frozen("log_entry_v2.hex", &stored);
+    assert_eq!(codec::decode::<Entry<TypeConfig>>(&frozen("log_entry_v2.hex")).unwrap(), entry);
 }
 
 /// A small state with something in every part: tasks blocked, pending, running, succeeded and
-/// cancelled; an up executor holding an allocation; a join token; the CA; a model.
+/// cancelled; an up executor holding an allocation; a join token; the CA; ACL tokens; a model.
 fn snapshot_commands() -> Vec<Command> {
     let placed = Placement {
         task: TaskId(1),
@@ -269,7 +298,11 @@ fn snapshot_commands() -> Vec<Command> {
     };
     vec![
         Command::InitCa(ClusterCaRecord { cert_pem: "CERT".to_owned(), key_pem: "KEY".to_owned() }),
-        Command::CreateJoinToken { secret_hash: [0xa5; 32], expires_unix_ms: 1_700_000_900_000 },
+        Command::CreateJoinToken {
+            secret_hash: [0xa5; 32],
+            expires_unix_ms: 1_700_000_900_000,
+            kind: JoinKind::Executor,
+        },
         Command::AdmitExecutor {
             secret_hash: [0xa5; 32],
             expected_id: ExecutorId(1),
@@ -310,6 +343,11 @@ fn snapshot_commands() -> Vec<Command> {
             }),
         },
         Command::CancelTask { id: TaskId(5), reason: "not needed".to_owned() },
+        Command::BootstrapAcl(acl_token("0123abcd", Role::Admin, None)),
+        Command::CreateAclToken(AclToken {
+            secret_hash: [0x6b; 32],
+            ..acl_token("89ab", Role::Reader, Some(&["default"]))
+        }),
         Command::PublishModel {
             device: "cpu".to_owned(),
             feature_schema: "colony-features-v1".to_owned(),
@@ -338,10 +376,10 @@ async fn snapshot_file_is_frozen() {
     sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
 
     let written = std::fs::read(dir.path().join("snapshots/snapshot.bin")).unwrap();
-    assert_frozen("snapshot_v1.hex", &written);
+    assert_frozen("snapshot_v2.hex", &written);
 
     let frozen_dir = tempfile::tempdir().unwrap();
-    std::fs::write(frozen_dir.path().join("snapshot.bin"), frozen("snapshot_v1.hex")).unwrap();
+    std::fs::write(frozen_dir.path().join("snapshot.bin"), frozen("snapshot_v2.hex")).unwrap();
     let (_, stored) = SnapshotFile::open(frozen_dir.path()).unwrap();
     let stored = stored.unwrap();
     let applied: Applied = codec::decode(&stored.data).unwrap();
@@ -353,4 +391,22 @@ async fn snapshot_file_is_frozen() {
     assert_eq!(applied.last_applied, Some(log_id(2)));
     assert_eq!(stored.meta.last_log_id, Some(log_id(2)));
     assert_eq!(stored.meta.snapshot_id, "3-2-1");
+}
+
+/// Format 1 (before TLS and ACLs) is refused with the version named, never misread: a cluster
+/// written by it has no certificates or tokens to carry over, so it is started afresh.
+#[test]
+fn format_1_is_refused_by_name() {
+    for name in ["proposal_v1.hex", "log_entry_v1.hex"] {
+        let error = codec::decode::<Proposal>(&frozen(name)).unwrap_err().to_string();
+        assert!(error.contains("unknown format version 1"), "{name}: {error}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("snapshot.bin"), frozen("snapshot_v1.hex")).unwrap();
+    let error = match SnapshotFile::open(dir.path()) {
+        Ok((_, Some(stored))) => codec::decode::<Applied>(&stored.data).unwrap_err().to_string(),
+        Ok((_, None)) => panic!("the format 1 snapshot was not found"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("version"), "snapshot_v1.hex: {error}");
 }

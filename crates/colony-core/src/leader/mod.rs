@@ -194,6 +194,25 @@ impl Leader {
         self.sessions.clear();
     }
 
+    /// The effects of a committed `outcome` that needs neither the sessions nor the state (a
+    /// submission, a report, a registration, a drain: wake the scheduler; most others: nothing),
+    /// or `None` when only [`Leader::handle_committed`] can decide. The server asks this first,
+    /// so the submit path takes no lock for the leader.
+    pub fn committed_without_sessions(outcome: &Outcome) -> Option<Vec<Effect>> {
+        match outcome {
+            Outcome::Placed { .. }
+            | Outcome::Evicted { .. }
+            | Outcome::Cancelled { .. }
+            | Outcome::MarkedDown { .. } => None,
+            Outcome::Submitted { .. }
+            | Outcome::Reported { .. }
+            | Outcome::Registered { .. }
+            | Outcome::Draining { .. }
+            | Outcome::Undrained { .. } => Some(vec![Effect::WakeScheduler]),
+            _ => Some(Vec::new()),
+        }
+    }
+
     /// A command committed with `outcome`: assignments go out to their executors, attempts that
     /// stopped being current are killed at once (not at the next heartbeat), and an executor
     /// declared down loses its session. `state` is the state after the commit.
@@ -203,6 +222,9 @@ impl Leader {
         outcome: &Outcome,
         now: Instant,
     ) -> Vec<Effect> {
+        if let Some(effects) = Leader::committed_without_sessions(outcome) {
+            return effects;
+        }
         match outcome {
             Outcome::Placed { assigned, evicted, .. } => {
                 let mut effects = kill_superseded(state, evicted, KillReason::Preempted);
@@ -223,12 +245,6 @@ impl Leader {
             }
             Outcome::MarkedDown { id, .. } if self.sessions.remove(id).is_some() => {
                 vec![Effect::Close { executor: *id, reason: CloseReason::DeclaredDown }]
-            }
-            Outcome::Submitted { .. }
-            | Outcome::Reported { .. }
-            | Outcome::Registered { .. }
-            | Outcome::Draining { .. } => {
-                vec![Effect::WakeScheduler]
             }
             _ => Vec::new(),
         }

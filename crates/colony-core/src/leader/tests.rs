@@ -109,6 +109,7 @@ impl World {
         self.apply(Command::CreateJoinToken {
             secret_hash: [7; 32],
             expires_unix_ms: self.now_unix_ms + 60_000,
+            kind: crate::JoinKind::Executor,
         });
         self.apply(Command::AdmitExecutor {
             secret_hash: [7; 32],
@@ -444,6 +445,7 @@ fn work_arriving_wakes_the_scheduler() {
     let outcome = w.apply(Command::CreateJoinToken {
         secret_hash: [3; 32],
         expires_unix_ms: w.now_unix_ms + 1,
+        kind: crate::JoinKind::Executor,
     });
     assert_eq!(
         w.leader.handle_committed(&w.sm, &outcome, now),

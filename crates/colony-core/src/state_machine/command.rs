@@ -4,6 +4,7 @@
 //! bincode: their field order, names and types are a format, frozen by colony-store's tests.
 //! `Outcome` and `CommandError` are only ever returned, never stored.
 
+use crate::acl::{AclToken, JoinKind};
 use crate::executor::{ClusterCaRecord, ExecutorSpec, ExecutorState};
 use crate::ids::{ExecutorId, FencingToken, ModelVersion, TaskId};
 use crate::model::ModelMetrics;
@@ -27,6 +28,7 @@ pub enum Command {
     CreateJoinToken {
         secret_hash: [u8; 32],
         expires_unix_ms: u64,
+        kind: JoinKind,
     },
     /// Admits an executor that presented a valid join token. `expected_id` is the id its
     /// certificate was issued for; the command fails if another admission took it first.
@@ -83,6 +85,16 @@ pub enum Command {
     EvictTasks {
         ids: Vec<TaskId>,
         reason: String,
+    },
+    /// Creates the first management token; refused once ACLs are bootstrapped.
+    BootstrapAcl(AclToken),
+    CreateAclToken(AclToken),
+    RevokeAclToken {
+        accessor: String,
+    },
+    /// Stops an executor's drain: it takes new placements again.
+    UndrainExecutor {
+        id: ExecutorId,
     },
 }
 
@@ -151,6 +163,12 @@ pub enum Outcome {
     },
     CaInitialized,
     TokenCreated,
+    AclBootstrapped,
+    AclTokenCreated,
+    AclTokenRevoked,
+    Undrained {
+        id: ExecutorId,
+    },
     Admitted {
         id: ExecutorId,
     },
@@ -213,8 +231,14 @@ pub enum CommandError {
     BatchTooLarge { count: usize, max: usize },
     #[error("the cluster CA is already set")]
     CaExists,
-    #[error("the join token is unknown or has expired")]
-    InvalidJoinToken,
+    #[error("the join token is unknown, has expired, or does not admit a {kind}")]
+    InvalidJoinToken { kind: JoinKind },
+    #[error("ACLs are already bootstrapped: ask an admin for a token")]
+    AclAlreadyBootstrapped,
+    #[error("no ACL token has accessor {0:?}")]
+    UnknownAccessor(String),
+    #[error("an ACL token with this accessor or secret already exists")]
+    AclTokenExists,
     #[error("too many {what}: the limit is {max}")]
     TooMany { what: String, max: usize },
     #[error("executor id {expected} was taken by another admission; retry")]

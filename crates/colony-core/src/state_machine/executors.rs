@@ -82,4 +82,18 @@ impl StateMachine {
         executor.updated_unix_ms = now;
         Ok(Outcome::Draining { id })
     }
+
+    /// Ends a drain: the executor takes new placements again; what it still runs keeps running.
+    pub(super) fn undrain_executor(&mut self, id: ExecutorId) -> Result<Outcome, CommandError> {
+        let now = self.now_unix_ms;
+        let executor = self.executors.get_mut(&id).ok_or(CommandError::UnknownExecutor(id))?;
+        if executor.state != ExecutorState::Draining {
+            return Err(CommandError::ExecutorState { id, state: executor.state });
+        }
+        executor.state = ExecutorState::Up;
+        executor.drain_deadline_unix_ms = None;
+        executor.reason = None;
+        executor.updated_unix_ms = now;
+        Ok(Outcome::Undrained { id })
+    }
 }

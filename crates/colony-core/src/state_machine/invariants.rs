@@ -12,6 +12,8 @@ use std::collections::BTreeSet;
 /// A broken invariant: the state is corrupt, and whoever holds it must stop, not limp on.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InvariantViolation {
+    #[error("the ACL token index does not mirror the tokens (accessor {accessor:?})")]
+    AclIndex { accessor: String },
     #[error("task stored under {key} has id {id}")]
     TaskKey { key: TaskId, id: TaskId },
     #[error("task {id} is outside 1..{next}")]
@@ -79,7 +81,23 @@ impl StateMachine {
         self.check_tasks()?;
         self.check_indexes()?;
         self.check_executors()?;
-        self.check_models()
+        self.check_models()?;
+        self.check_acl()
+    }
+
+    fn check_acl(&self) -> Result<(), InvariantViolation> {
+        if self.acl_by_secret.len() != self.acl_tokens.len() {
+            let accessor = String::from("<count differs>");
+            return Err(InvariantViolation::AclIndex { accessor });
+        }
+        for (accessor, token) in &self.acl_tokens {
+            if &token.accessor != accessor
+                || self.acl_by_secret.get(&token.secret_hash) != Some(accessor)
+            {
+                return Err(InvariantViolation::AclIndex { accessor: accessor.clone() });
+            }
+        }
+        Ok(())
     }
 
     fn check_tasks(&self) -> Result<(), InvariantViolation> {

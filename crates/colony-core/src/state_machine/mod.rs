@@ -5,7 +5,7 @@
 //! rejected with a typed error and changes nothing.
 //!
 //! This file holds the state and the dispatch; each aggregate's commands live in their own file
-//! (`tasks`, `placement`, `executors`, `security` for the CA, join tokens and admission,
+//! (`tasks`, `placement`, `executors`, `security` for the CA, join tokens, ACL tokens and admission,
 //! `models`) over the state moves they share (`lifecycle`), with the read accessors in `queries`
 //! and the whole-state check in `invariants`.
 
@@ -27,6 +27,7 @@ pub use invariants::InvariantViolation;
 pub use placement::{constraint_mismatch, ConstraintMismatch, PlacementRejection};
 pub use queries::TaskFilter;
 
+use crate::acl::AclToken;
 use crate::executor::{ClusterCaRecord, Executor, JoinTokenRecord};
 use crate::ids::{ExecutorId, ModelVersion, TaskId};
 use crate::limits::Limits;
@@ -102,6 +103,12 @@ pub struct StateMachine {
     models: BTreeMap<ModelVersion, ModelRecord>,
     current_model: Option<ModelVersion>,
     next_model_version: u64,
+    /// Whether the first management token was created (`BootstrapAcl` is refused after).
+    acl_bootstrapped: bool,
+    /// ACL tokens by accessor.
+    acl_tokens: BTreeMap<String, AclToken>,
+    /// Accessors by the SHA-256 of the token's secret: exactly `acl_tokens`, inverted.
+    acl_by_secret: BTreeMap<[u8; 32], String>,
 }
 
 impl Default for StateMachine {
@@ -131,6 +138,9 @@ impl StateMachine {
             models: BTreeMap::new(),
             current_model: None,
             next_model_version: 1,
+            acl_bootstrapped: false,
+            acl_tokens: BTreeMap::new(),
+            acl_by_secret: BTreeMap::new(),
         }
     }
 
@@ -153,9 +163,13 @@ impl StateMachine {
             Command::SubmitTask(spec) => self.submit(spec),
             Command::CancelTask { id, reason } => self.cancel(*id, reason),
             Command::InitCa(ca) => self.init_ca(ca),
-            Command::CreateJoinToken { secret_hash, expires_unix_ms } => {
-                self.create_join_token(*secret_hash, *expires_unix_ms)
+            Command::CreateJoinToken { secret_hash, expires_unix_ms, kind } => {
+                self.create_join_token(*secret_hash, *expires_unix_ms, *kind)
             }
+            Command::BootstrapAcl(token) => self.bootstrap_acl(token),
+            Command::CreateAclToken(token) => self.create_acl_token(token),
+            Command::RevokeAclToken { accessor } => self.revoke_acl_token(accessor),
+            Command::UndrainExecutor { id } => self.undrain_executor(*id),
             Command::AdmitExecutor { secret_hash, expected_id, name, cert_fingerprint } => {
                 self.admit_executor(secret_hash, *expected_id, name, *cert_fingerprint)
             }

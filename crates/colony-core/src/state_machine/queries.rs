@@ -87,11 +87,21 @@ impl StateMachine {
 
     /// Tasks in id order, filtered and paged.
     pub fn list_tasks(&self, filter: &TaskFilter) -> Vec<Task> {
+        self.list_tasks_where(filter, |_| true)
+    }
+
+    /// Like [`StateMachine::list_tasks`], counting only the tasks `visible` accepts (a caller's
+    /// namespaces).
+    pub fn list_tasks_where(
+        &self,
+        filter: &TaskFilter,
+        visible: impl Fn(&Task) -> bool,
+    ) -> Vec<Task> {
         let start = filter.after.map_or(0, |after| after.0.saturating_add(1));
         self.tasks
             .range(TaskId(start)..)
             .map(|(_, task)| task)
-            .filter(|task| filter.state.is_none_or(|state| task.state == state))
+            .filter(|task| filter.state.is_none_or(|state| task.state == state) && visible(task))
             .take(filter.limit)
             .cloned()
             .collect()

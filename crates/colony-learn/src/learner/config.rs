@@ -14,8 +14,9 @@ use crate::device::Device;
 pub struct LearnerConfig {
     /// Admin endpoints, `HOST:PORT`; any server answers any request.
     pub servers: Vec<String>,
-    /// A join token, which publishing a model requires.
-    pub token: String,
+    /// A learner join token, needed the first time only: the learner enrolls with it and keeps
+    /// the certificate it is issued in `data_dir`.
+    pub token: Option<String>,
     /// Where the cursor and the example log live.
     pub data_dir: PathBuf,
     pub device: Device,
@@ -48,7 +49,7 @@ pub enum ConfigError {
 }
 
 impl LearnerConfig {
-    pub fn new(servers: Vec<String>, token: String, data_dir: PathBuf) -> Self {
+    pub fn new(servers: Vec<String>, token: Option<String>, data_dir: PathBuf) -> Self {
         Self {
             servers,
             token,
@@ -97,7 +98,7 @@ mod tests {
     fn config_defaults_and_validation() {
         let config = LearnerConfig::new(
             vec!["127.0.0.1:7101".to_owned()],
-            "token".to_owned(),
+            None,
             PathBuf::from("/tmp/learner"),
         );
         assert!(config.validate().is_ok());

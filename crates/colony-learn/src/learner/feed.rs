@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
+use colony_client::Channel;
 use colony_client::Client;
 use colony_proto::pb;
 use colony_proto::pb::admin_client::AdminClient;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 
 use super::RPC_ATTEMPT_TIMEOUT;
 

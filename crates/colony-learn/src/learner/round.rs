@@ -19,7 +19,6 @@ use colony_model::{encode_weights, ModelError, Predictor};
 #[derive(Clone)]
 pub(super) struct RoundContext {
     pub(super) client: Client,
-    pub(super) token: String,
     pub(super) training: TrainingThread,
     pub(super) metrics: Arc<Metrics>,
 }
@@ -96,7 +95,6 @@ pub(super) async fn round(
     }
     let weights = encode_weights(decision.model.mlp());
     let request = pb::PublishModelRequest {
-        token: context.token.clone(),
         model: Some(pb::Model {
             version: 0,
             created_unix_ms: colony_process::unix_ms(),

@@ -14,11 +14,9 @@ use colony_model::Predictor;
 #[tokio::test]
 async fn runs_without_a_cluster_and_shuts_down() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut config = LearnerConfig::new(
-        vec!["127.0.0.1:1".to_owned()],
-        "token".to_owned(),
-        dir.path().join("learner"),
-    );
+    let token = colony_quic::Token::generate_for([7; 32]).to_string();
+    let mut config =
+        LearnerConfig::new(vec!["127.0.0.1:1".to_owned()], Some(token), dir.path().join("learner"));
     config.device = Device::Cpu;
     run(config, tokio::time::sleep(Duration::from_millis(500))).await?;
     assert!(dir.path().join("learner").join("examples.log").exists());
@@ -31,13 +29,17 @@ struct FakeAdmin {
     records: Vec<pb::FinishedTask>,
     first_stream_records: usize,
     state: Arc<std::sync::Mutex<FakeState>>,
+    ca: colony_quic::ClusterCa,
+    join_token: colony_quic::Token,
 }
 
 #[derive(Default)]
 struct FakeState {
     watch_after: Vec<u64>,
     models: Vec<pb::Model>,
-    tokens: Vec<String>,
+    /// Who published each model: the role of the client certificate on the connection.
+    publishers: Vec<Option<colony_quic::CertRole>>,
+    enrollments: usize,
     get_model_calls: usize,
     /// Keeps later streams open, as a live server does.
     open_streams: Vec<mpsc::Sender<Result<pb::FinishedTask, Status>>>,
@@ -81,13 +83,15 @@ impl pb::admin_server::Admin for FakeAdmin {
         &self,
         request: tonic::Request<pb::PublishModelRequest>,
     ) -> Reply<pb::PublishModelResponse> {
+        let publisher =
+            request.extensions().get::<colony_client::serve::ConnInfo>().and_then(|c| c.peer);
         let request = request.into_inner();
         let mut state = fake_state(&self.state);
         let version = state.models.len() as u64 + 1;
         let mut model = request.model.ok_or_else(|| Status::invalid_argument("no model"))?;
         model.version = version;
         state.models.push(model);
-        state.tokens.push(request.token);
+        state.publishers.push(publisher);
         Ok(tonic::Response::new(pb::PublishModelResponse { version }))
     }
 
@@ -188,6 +192,62 @@ impl pb::admin_server::Admin for FakeAdmin {
     ) -> Reply<pb::RollbackModelResponse> {
         Err(Status::unimplemented("fake"))
     }
+    async fn enroll(
+        &self,
+        request: tonic::Request<pb::EnrollRequest>,
+    ) -> Reply<pb::EnrollResponse> {
+        let request = request.into_inner();
+        if request.token != self.join_token.to_string() || request.node_id != 0 {
+            return Err(Status::permission_denied("not the learner's join token"));
+        }
+        let cert_pem = self
+            .ca
+            .sign_csr(&request.csr_pem, colony_quic::CertRole::Learner(1), &[])
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        fake_state(&self.state).enrollments += 1;
+        Ok(tonic::Response::new(pb::EnrollResponse {
+            cert_pem,
+            ca_pem: self.ca.cert_pem().to_owned(),
+            cluster_id: "fake".to_owned(),
+            members: Default::default(),
+        }))
+    }
+    async fn undrain_executor(
+        &self,
+        _: tonic::Request<pb::UndrainExecutorRequest>,
+    ) -> Reply<pb::UndrainExecutorResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn bootstrap_acl(
+        &self,
+        _: tonic::Request<pb::BootstrapAclRequest>,
+    ) -> Reply<pb::BootstrapAclResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn create_acl_token(
+        &self,
+        _: tonic::Request<pb::CreateAclTokenRequest>,
+    ) -> Reply<pb::CreateAclTokenResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn list_acl_tokens(
+        &self,
+        _: tonic::Request<pb::ListAclTokensRequest>,
+    ) -> Reply<pb::ListAclTokensResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn revoke_acl_token(
+        &self,
+        _: tonic::Request<pb::RevokeAclTokenRequest>,
+    ) -> Reply<pb::RevokeAclTokenResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn cluster_ca(
+        &self,
+        _: tonic::Request<pb::ClusterCaRequest>,
+    ) -> Reply<pb::ClusterCaResponse> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 /// Polls `done` every 50 ms for up to 60 s.
@@ -237,8 +297,8 @@ fn start(config: &LearnerConfig) -> (oneshot::Sender<()>, JoinHandle<anyhow::Res
 }
 
 /// The whole agent against a fake server: it follows the feed across a dropped stream,
-/// counts failed tasks as rejected, trains, publishes a model that beats the baseline with the
-/// token, serves its metrics and readiness, and persists its cursor; restarted, it resumes
+/// enrolls once, counts failed tasks as rejected, trains, publishes a model that beats the
+/// baseline with its certificate, serves its metrics and readiness, and persists its cursor; restarted, it resumes
 /// after the cursor, and a round that cannot improve on the current model publishes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follows_trains_publishes_and_resumes() -> anyhow::Result<()> {
@@ -251,24 +311,33 @@ async fn follows_trains_publishes_and_resumes() -> anyhow::Result<()> {
     let accepted = records.len() - records.len().div_ceil(10);
     let last_seq = records.iter().map(|r| r.seq).max().unwrap_or(0);
     let state = Arc::new(std::sync::Mutex::new(FakeState::default()));
+    // The fake speaks TLS as a server does: a server certificate from a CA the join token pins.
+    let ca = colony_quic::ClusterCa::generate("fake")?;
+    let join_token = colony_quic::Token::generate(&ca);
+    let server_cert = ca.issue(colony_quic::CertRole::Server(1), &["127.0.0.1".to_owned()])?;
+    let tls = colony_quic::grpc_server_tls(ca.cert_pem(), &server_cert)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
-        .map_err(|e| anyhow!("{e}"))?;
+    let incoming = colony_client::serve::accept(listener, tls);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(pb::admin_server::AdminServer::new(FakeAdmin {
                 records,
                 first_stream_records: 250,
                 state: state.clone(),
+                ca,
+                join_token: join_token.clone(),
             }))
             .serve_with_incoming(incoming),
     );
 
     let dir = tempfile::tempdir()?;
     let metrics_addr = free_addr()?;
-    let mut config =
-        LearnerConfig::new(vec![addr.to_string()], "secret".to_owned(), dir.path().to_owned());
+    let mut config = LearnerConfig::new(
+        vec![addr.to_string()],
+        Some(join_token.to_string()),
+        dir.path().to_owned(),
+    );
     config.device = Device::Cpu;
     config.metrics_listen = Some(metrics_addr);
     config.retrain_interval = Duration::from_millis(300);
@@ -300,7 +369,9 @@ async fn follows_trains_publishes_and_resumes() -> anyhow::Result<()> {
     {
         let state = fake_state(&state);
         assert_eq!(state.watch_after[..2], [0, 250], "{:?}", state.watch_after);
-        assert!(state.tokens.iter().all(|token| token == "secret"));
+        let learner = Some(colony_quic::CertRole::Learner(1));
+        assert!(state.publishers.iter().all(|p| *p == learner), "{:?}", state.publishers);
+        assert_eq!(state.enrollments, 1);
         let model = &state.models[0];
         assert_eq!(model.feature_schema, SCHEMA);
         assert_eq!(model.device, "cpu");

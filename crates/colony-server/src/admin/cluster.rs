@@ -1,10 +1,11 @@
 //! The cluster: status and identity, membership (join, remove), join tokens, executors, drains.
 
-use super::route::Caller;
+use super::auth::{Caller, Principal};
 use super::AdminService;
-use colony_core::{Command, ExecutorId};
+use colony_core::{Command, ExecutorId, JoinKind};
 use colony_proto::convert::executor_to_proto;
 use colony_proto::pb;
+use colony_quic::CertRole;
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers};
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,7 +14,6 @@ use tonic::Status;
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
-const ADDR_BYTES_MAX: usize = 255;
 /// Join tokens live at most this long (a week).
 const JOIN_TOKEN_TTL_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Drains may run at most this long before attempts are stopped.
@@ -122,9 +122,20 @@ impl AdminService {
 
     pub(super) async fn join_cluster_here(
         &self,
-        _caller: Caller,
+        caller: Caller,
         request: pb::JoinClusterRequest,
     ) -> Result<pb::JoinClusterResponse, Status> {
+        // Only the server the certificate names joins, as itself.
+        match caller.principal {
+            Principal::Certificate { holder: CertRole::Server(id), .. }
+                if id == request.node_id => {}
+            _ => {
+                return Err(Status::permission_denied(format!(
+                    "only server {} itself, with its certificate, may join as node {}",
+                    request.node_id, request.node_id
+                )))
+            }
+        }
         if request.cluster_id != self.node.cluster_id() {
             return Err(Status::failed_precondition(format!(
                 "the joining server belongs to cluster {:?}; this is cluster {}",
@@ -132,31 +143,12 @@ impl AdminService {
                 self.node.cluster_id()
             )));
         }
-        if request.node_id == 0 {
-            return Err(Status::invalid_argument("node id 0 is reserved; use 1 or more"));
-        }
-        if request.addr.is_empty() || request.addr.len() > ADDR_BYTES_MAX {
-            return Err(Status::invalid_argument(format!(
-                "address must be 1..={ADDR_BYTES_MAX} bytes"
-            )));
-        }
         let id = request.node_id;
         let metrics = self.raft_metrics();
         let membership = metrics.membership_config.membership();
-        for (&member, node) in membership.nodes() {
-            if member == id && node.addr != request.addr {
-                return Err(Status::already_exists(format!(
-                    "node id {id} is already a member at {}; pick another id",
-                    node.addr
-                )));
-            }
-            if member != id && node.addr == request.addr {
-                return Err(Status::already_exists(format!(
-                    "{} is already member {member}'s address",
-                    request.addr
-                )));
-            }
-        }
+        let members: Vec<(u64, String)> =
+            membership.nodes().map(|(&id, node)| (id, node.addr.clone())).collect();
+        self.check_new_member(id, &request.addr, &members)?;
         let is_voter = membership.voter_ids().any(|v| v == id);
         let is_member = membership.get_node(&id).is_some();
         let reply = || pb::JoinClusterResponse {
@@ -237,11 +229,16 @@ impl AdminService {
             .ok_or_else(|| Status::unavailable("the cluster CA is not created yet; retry"))?;
         let ca = colony_quic::ClusterCa::from_pem(&record.cert_pem, &record.key_pem)
             .map_err(|e| Status::internal(format!("cluster CA: {e}")))?;
-        let token = colony_quic::JoinToken::generate(&ca);
+        let kind = match request.kind.as_str() {
+            "" => JoinKind::Executor,
+            kind => kind.parse().map_err(Status::invalid_argument)?,
+        };
+        let token = colony_quic::Token::generate(&ca);
         let expires_unix_ms = colony_process::unix_ms() + ttl.as_millis() as u64;
         self.propose(Command::CreateJoinToken {
             secret_hash: token.secret_hash(),
             expires_unix_ms,
+            kind,
         })
         .await?;
         Ok(pb::CreateJoinTokenResponse { token: token.to_string(), expires_unix_ms })
@@ -282,6 +279,24 @@ impl AdminService {
             .get_executor(id)
             .ok_or_else(|| Status::not_found(format!("executor {id} does not exist")))?;
         Ok(pb::DrainExecutorResponse { executor: Some(self.executor_view(executor)) })
+    }
+}
+
+impl AdminService {
+    pub(super) async fn undrain_executor_here(
+        &self,
+        _caller: Caller,
+        request: pb::UndrainExecutorRequest,
+    ) -> Result<pb::UndrainExecutorResponse, Status> {
+        let id = ExecutorId(request.id);
+        self.propose(Command::UndrainExecutor { id }).await?;
+        self.node.wake_scheduler();
+        let state = self.node.state();
+        let executor = state
+            .machine
+            .get_executor(id)
+            .ok_or_else(|| Status::not_found(format!("executor {id} does not exist")))?;
+        Ok(pb::UndrainExecutorResponse { executor: Some(self.executor_view(executor)) })
     }
 }
 

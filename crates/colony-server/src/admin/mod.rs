@@ -1,15 +1,19 @@
 //! The operator API. Any server answers: writes and linearizable reads run on the leader (a
 //! follower forwards them once), stale reads and cluster status run where they arrive. Every RPC
-//! goes through `route::serve`, the one place for routing, deadlines and (with the security
-//! issue) authentication and authorization; the handlers (`*_here`) only answer.
+//! goes through `route::serve`, the one place for authentication (`auth`), authorization (each
+//! RPC names the permission it needs), routing, deadlines and the audit line; the handlers
+//! (`*_here`) only answer, checking a task's namespace where the request names one.
 
+mod acl;
+mod auth;
 mod cluster;
 mod models;
 mod route;
+mod targets;
 mod tasks;
 
 use crate::node::Node;
-use colony_core::{Command, Outcome};
+use colony_core::{Command, Outcome, Permission};
 use colony_proto::pb::admin_server::Admin;
 use colony_proto::pb::{self, ReadConsistency};
 use openraft::{BasicNode, RaftMetrics};
@@ -49,7 +53,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::WatchFinishedTasksRequest>,
     ) -> Result<Response<Self::WatchFinishedTasksStream>, Status> {
-        let rpc = Rpc::new("WatchFinishedTasks", Serve::Here);
+        let rpc = Rpc::new("WatchFinishedTasks", Serve::Here, Permission::FeedRead);
         self.serve_here(rpc, request, |caller, r| self.watch_finished_tasks_here(caller, r)).await
     }
 
@@ -57,7 +61,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::PublishModelRequest>,
     ) -> Result<Response<pb::PublishModelResponse>, Status> {
-        let rpc = Rpc::new("PublishModel", Serve::Leader);
+        let rpc = Rpc::new("PublishModel", Serve::Leader, Permission::ModelPublish);
         self.serve(
             rpc,
             request,
@@ -71,7 +75,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let rpc = Rpc::new("ListModels", Serve::Read { stale: false });
+        let rpc = Rpc::new("ListModels", Serve::Read { stale: false }, Permission::ClusterRead);
         self.serve(
             rpc,
             request,
@@ -85,7 +89,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::GetModelRequest>,
     ) -> Result<Response<pb::GetModelResponse>, Status> {
-        let rpc = Rpc::new("GetModel", Serve::Read { stale: false });
+        let rpc = Rpc::new("GetModel", Serve::Read { stale: false }, Permission::ClusterRead);
         self.serve(
             rpc,
             request,
@@ -99,7 +103,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::RollbackModelRequest>,
     ) -> Result<Response<pb::RollbackModelResponse>, Status> {
-        let rpc = Rpc::new("RollbackModel", Serve::Leader);
+        let rpc = Rpc::new("RollbackModel", Serve::Leader, Permission::ModelRollback);
         self.serve(
             rpc,
             request,
@@ -113,7 +117,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::SubmitTaskRequest>,
     ) -> Result<Response<pb::SubmitTaskResponse>, Status> {
-        let rpc = Rpc::new("SubmitTask", Serve::Leader);
+        let rpc = Rpc::new("SubmitTask", Serve::Leader, Permission::TaskSubmit);
         self.serve(
             rpc,
             request,
@@ -127,8 +131,11 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::GetTaskRequest>,
     ) -> Result<Response<pb::GetTaskResponse>, Status> {
-        let rpc =
-            Rpc::new("GetTask", Serve::Read { stale: self.stale(&request.get_ref().consistency) });
+        let rpc = Rpc::new(
+            "GetTask",
+            Serve::Read { stale: self.stale(&request.get_ref().consistency) },
+            Permission::TaskRead,
+        );
         self.serve(
             rpc,
             request,
@@ -145,6 +152,7 @@ impl Admin for AdminService {
         let rpc = Rpc::new(
             "ListTasks",
             Serve::Read { stale: self.stale(&request.get_ref().consistency) },
+            Permission::TaskRead,
         );
         self.serve(
             rpc,
@@ -159,7 +167,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CancelTaskRequest>,
     ) -> Result<Response<pb::CancelTaskResponse>, Status> {
-        let rpc = Rpc::new("CancelTask", Serve::Leader);
+        let rpc = Rpc::new("CancelTask", Serve::Leader, Permission::TaskCancel);
         self.serve(
             rpc,
             request,
@@ -173,7 +181,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        let rpc = Rpc::new("ClusterStatus", Serve::Here);
+        let rpc = Rpc::new("ClusterStatus", Serve::Here, Permission::Status);
         self.serve_here(rpc, request, |caller, r| self.cluster_status_here(caller, r)).await
     }
 
@@ -181,7 +189,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::StateDigestRequest>,
     ) -> Result<Response<pb::StateDigestResponse>, Status> {
-        let rpc = Rpc::new("StateDigest", Serve::Here);
+        let rpc = Rpc::new("StateDigest", Serve::Here, Permission::ClusterRead);
         self.serve_here(rpc, request, |caller, r| self.state_digest_here(caller, r)).await
     }
 
@@ -189,7 +197,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ClusterInfoRequest>,
     ) -> Result<Response<pb::ClusterInfoResponse>, Status> {
-        let rpc = Rpc::new("ClusterInfo", Serve::Here);
+        let rpc = Rpc::new("ClusterInfo", Serve::Here, Permission::Status);
         self.serve_here(rpc, request, |caller, r| self.cluster_info_here(caller, r)).await
     }
 
@@ -199,7 +207,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::JoinClusterResponse>, Status> {
         let rpc = Rpc {
             deadline_max: route::JOIN_DEADLINE_MAX,
-            ..Rpc::new("JoinCluster", Serve::Leader)
+            ..Rpc::new("JoinCluster", Serve::Leader, Permission::JoinCluster)
         };
         self.serve(
             rpc,
@@ -214,7 +222,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
-        let rpc = Rpc::new("RemoveNode", Serve::Leader);
+        let rpc = Rpc::new("RemoveNode", Serve::Leader, Permission::ClusterWrite);
         self.serve(
             rpc,
             request,
@@ -228,7 +236,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
-        let rpc = Rpc::new("CreateJoinToken", Serve::Leader);
+        let rpc = Rpc::new("CreateJoinToken", Serve::Leader, Permission::ClusterWrite);
         self.serve(
             rpc,
             request,
@@ -245,6 +253,7 @@ impl Admin for AdminService {
         let rpc = Rpc::new(
             "ListExecutors",
             Serve::Read { stale: self.stale(&request.get_ref().consistency) },
+            Permission::ClusterRead,
         );
         self.serve(
             rpc,
@@ -259,7 +268,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DrainExecutorRequest>,
     ) -> Result<Response<pb::DrainExecutorResponse>, Status> {
-        let rpc = Rpc::new("DrainExecutor", Serve::Leader);
+        let rpc = Rpc::new("DrainExecutor", Serve::Leader, Permission::ClusterWrite);
         self.serve(
             rpc,
             request,
@@ -267,5 +276,97 @@ impl Admin for AdminService {
             |caller, r| self.drain_executor_here(caller, r),
         )
         .await
+    }
+
+    async fn undrain_executor(
+        &self,
+        request: Request<pb::UndrainExecutorRequest>,
+    ) -> Result<Response<pb::UndrainExecutorResponse>, Status> {
+        let rpc = Rpc::new("UndrainExecutor", Serve::Leader, Permission::ClusterWrite);
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.undrain_executor(r).await },
+            |caller, r| self.undrain_executor_here(caller, r),
+        )
+        .await
+    }
+
+    async fn bootstrap_acl(
+        &self,
+        request: Request<pb::BootstrapAclRequest>,
+    ) -> Result<Response<pb::BootstrapAclResponse>, Status> {
+        let rpc = Rpc::anonymous("BootstrapAcl", Serve::Leader);
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.bootstrap_acl(r).await },
+            |caller, r| self.bootstrap_acl_here(caller, r),
+        )
+        .await
+    }
+
+    async fn create_acl_token(
+        &self,
+        request: Request<pb::CreateAclTokenRequest>,
+    ) -> Result<Response<pb::CreateAclTokenResponse>, Status> {
+        let rpc = Rpc::new("CreateAclToken", Serve::Leader, Permission::AclManage);
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.create_acl_token(r).await },
+            |caller, r| self.create_acl_token_here(caller, r),
+        )
+        .await
+    }
+
+    async fn list_acl_tokens(
+        &self,
+        request: Request<pb::ListAclTokensRequest>,
+    ) -> Result<Response<pb::ListAclTokensResponse>, Status> {
+        let rpc = Rpc::new("ListAclTokens", Serve::Read { stale: false }, Permission::AclManage);
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.list_acl_tokens(r).await },
+            |caller, r| self.list_acl_tokens_here(caller, r),
+        )
+        .await
+    }
+
+    async fn revoke_acl_token(
+        &self,
+        request: Request<pb::RevokeAclTokenRequest>,
+    ) -> Result<Response<pb::RevokeAclTokenResponse>, Status> {
+        let rpc = Rpc::new("RevokeAclToken", Serve::Leader, Permission::AclManage);
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.revoke_acl_token(r).await },
+            |caller, r| self.revoke_acl_token_here(caller, r),
+        )
+        .await
+    }
+
+    async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let rpc = Rpc::anonymous("Enroll", Serve::Leader);
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.enroll(r).await },
+            |caller, r| self.enroll_here(caller, r),
+        )
+        .await
+    }
+
+    async fn cluster_ca(
+        &self,
+        request: Request<pb::ClusterCaRequest>,
+    ) -> Result<Response<pb::ClusterCaResponse>, Status> {
+        let rpc = Rpc::new("ClusterCa", Serve::Here, Permission::Status);
+        self.serve_here(rpc, request, |caller, r| self.cluster_ca_here(caller, r)).await
     }
 }

@@ -1,17 +1,20 @@
-//! The one path every admin RPC takes: who is calling (the hook authentication and authorization
-//! plug into), where it is served (forwarded once to the leader, or here after a read barrier),
-//! and under which deadline.
+//! The one path every admin RPC takes: who is calling and whether they may (authentication and
+//! authorization), where it is served (forwarded once to the leader, or here after a read
+//! barrier), under which deadline, and the audit line it leaves.
 
+use super::auth::{authenticate, Caller, CALLER, REQUEST_ID};
+use super::targets::Target;
 use super::AdminService;
+use crate::audit::{now_rfc3339, Record};
 use crate::proposer::ProposeError;
-use colony_core::CommandError;
+use crate::tls::ConnInfo;
+use colony_client::Channel;
+use colony_core::{CommandError, Permission};
 use colony_proto::pb::admin_client::AdminClient;
 use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::ServerState;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// Set on a request one server forwards to another, so it is never forwarded twice.
@@ -39,19 +42,26 @@ pub struct Rpc {
     pub name: &'static str,
     pub serve: Serve,
     pub deadline_max: Duration,
+    /// What the caller needs; `None` for the two anonymous RPCs (BootstrapAcl, Enroll), which
+    /// carry their own proof. A task permission is checked here for the role and by the handler
+    /// for the task's namespace.
+    pub permission: Option<Permission>,
 }
 
 impl Rpc {
-    pub const fn new(name: &'static str, serve: Serve) -> Rpc {
-        Rpc { name, serve, deadline_max: DEADLINE_MAX }
+    pub const fn new(name: &'static str, serve: Serve, permission: Permission) -> Rpc {
+        Rpc { name, serve, deadline_max: DEADLINE_MAX, permission: Some(permission) }
     }
-}
 
-/// Who is calling. The security issue adds the verified token and role here; `caller` is where
-/// they are read and checked for every RPC.
-#[derive(Clone, Debug)]
-pub struct Caller {
-    pub peer: Option<SocketAddr>,
+    pub const fn anonymous(name: &'static str, serve: Serve) -> Rpc {
+        Rpc { name, serve, deadline_max: DEADLINE_MAX, permission: None }
+    }
+
+    /// Whether serving it may change the state, so its audit line is written before it is
+    /// answered.
+    fn mutating(&self) -> bool {
+        self.serve == Serve::Leader
+    }
 }
 
 impl AdminService {
@@ -65,27 +75,42 @@ impl AdminService {
         local: L,
     ) -> Result<Response<Resp>, Status>
     where
+        Req: Target,
         F: FnOnce(AdminClient<Channel>, Request<Req>) -> FFut,
         FFut: Future<Output = Result<Response<Resp>, Status>>,
         L: FnOnce(Caller, Req) -> LFut,
         LFut: Future<Output = Result<Resp, Status>>,
     {
-        let (caller, deadline) = admit(&rpc, &request)?;
-        let here = match rpc.serve {
-            Serve::Here | Serve::Read { stale: true } => true,
-            Serve::Leader | Serve::Read { stale: false } => self.leads(&request)?,
-        };
-        if !here {
-            return self.forward(request, deadline, forward).await;
-        }
-        let barrier = rpc.serve == Serve::Read { stale: false };
-        within(&rpc, deadline, async {
-            if barrier {
-                self.read_barrier().await?;
+        let started = Instant::now();
+        let (caller, deadline) = match self.admit(&rpc, &request) {
+            Ok(admitted) => admitted,
+            Err((caller, status)) => {
+                self.audit(&rpc, &request, caller.as_ref(), Err(&status), started).await;
+                return Err(status);
             }
-            local(caller, request.into_inner()).await
-        })
-        .await
+        };
+        let here = match rpc.serve {
+            Serve::Here | Serve::Read { stale: true } => Ok(true),
+            Serve::Leader | Serve::Read { stale: false } => self.leads(&request),
+        };
+        let (namespace, target) = (request.get_ref().namespace(), request.get_ref().target());
+        let result = match here {
+            Err(status) => Err(status),
+            Ok(false) => self.forward(&caller, request, deadline, forward).await,
+            Ok(true) => {
+                let barrier = rpc.serve == Serve::Read { stale: false };
+                within(&rpc, deadline, async {
+                    if barrier {
+                        self.read_barrier().await?;
+                    }
+                    local(caller.clone(), request.into_inner()).await
+                })
+                .await
+            }
+        };
+        let fields = (namespace, target);
+        self.audit_fields(&rpc, fields, Some(&caller), result.as_ref().map(|_| ()), started).await;
+        result
     }
 
     /// Serves an RPC that is always answered where it arrives (`Serve::Here`).
@@ -96,12 +121,113 @@ impl AdminService {
         local: L,
     ) -> Result<Response<Resp>, Status>
     where
+        Req: Target,
         L: FnOnce(Caller, Req) -> LFut,
         LFut: Future<Output = Result<Resp, Status>>,
     {
         debug_assert_eq!(rpc.serve, Serve::Here, "{} is routed with serve_here", rpc.name);
-        let (caller, deadline) = admit(&rpc, &request)?;
-        within(&rpc, deadline, local(caller, request.into_inner())).await
+        let started = Instant::now();
+        let (caller, deadline) = match self.admit(&rpc, &request) {
+            Ok(admitted) => admitted,
+            Err((caller, status)) => {
+                self.audit(&rpc, &request, caller.as_ref(), Err(&status), started).await;
+                return Err(status);
+            }
+        };
+        let fields = (request.get_ref().namespace(), request.get_ref().target());
+        let result = within(&rpc, deadline, local(caller.clone(), request.into_inner())).await;
+        self.audit_fields(&rpc, fields, Some(&caller), result.as_ref().map(|_| ()), started).await;
+        result
+    }
+
+    /// Who calls `rpc`, whether they may, and the deadline it is served under; on a refusal, the
+    /// caller when known, for the audit line.
+    #[allow(clippy::result_large_err)]
+    fn admit<T>(
+        &self,
+        rpc: &Rpc,
+        request: &Request<T>,
+    ) -> Result<(Caller, Duration), (Option<Caller>, Status)> {
+        let conn = request.extensions().get::<ConnInfo>();
+        let caller =
+            authenticate(&self.node, conn, request.metadata()).map_err(|status| (None, status))?;
+        if let Some(permission) = rpc.permission {
+            let checked = match permission.namespaced() {
+                // The handler checks the namespace; here, only that the role can do it at all.
+                true => caller.require_role(permission),
+                false => caller.require(permission, None),
+            };
+            if let Err(status) = checked {
+                return Err((Some(caller), status));
+            }
+        }
+        tracing::trace!(rpc = rpc.name, peer = ?caller.peer, "admin request");
+        let deadline =
+            client_deadline(request).map_or(rpc.deadline_max, |d| d.min(rpc.deadline_max));
+        Ok((caller, deadline))
+    }
+
+    async fn audit<T: Target>(
+        &self,
+        rpc: &Rpc,
+        request: &Request<T>,
+        caller: Option<&Caller>,
+        result: Result<(), &Status>,
+        started: Instant,
+    ) {
+        let fields = (request.get_ref().namespace(), request.get_ref().target());
+        let peer = request.extensions().get::<ConnInfo>().and_then(|c| c.remote);
+        let anonymous;
+        let caller = match caller {
+            Some(caller) => caller,
+            None => {
+                anonymous = Caller {
+                    peer,
+                    principal: super::auth::Principal::Anonymous,
+                    request_id: uuid::Uuid::new_v4().simple().to_string(),
+                    forwarded: false,
+                };
+                &anonymous
+            }
+        };
+        self.audit_fields(rpc, fields, Some(caller), result, started).await;
+    }
+
+    /// Writes the request's audit line; for a mutating RPC, before returning.
+    async fn audit_fields(
+        &self,
+        rpc: &Rpc,
+        (namespace, target): (Option<String>, Option<String>),
+        caller: Option<&Caller>,
+        result: Result<(), &Status>,
+        started: Instant,
+    ) {
+        let (outcome, code) = match result {
+            Ok(()) => ("ok", None),
+            Err(status) => match status.code() {
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                    ("denied", Some(format!("{:?}", status.code())))
+                }
+                code => ("error", Some(format!("{code:?}"))),
+            },
+        };
+        let record = Record {
+            time: now_rfc3339(),
+            request_id: caller.map(|c| c.request_id.clone()).unwrap_or_default(),
+            node: self.node.id(),
+            rpc: rpc.name.to_owned(),
+            outcome: outcome.to_owned(),
+            code,
+            accessor: caller.and_then(|c| c.accessor().map(str::to_owned)),
+            role: caller.and_then(|c| c.grant().map(|g| g.role.to_string())),
+            certificate: caller.and_then(Caller::certificate),
+            namespace,
+            target,
+            source: caller.and_then(|c| c.peer.map(|p| p.to_string())),
+            forwarded: caller.is_some_and(|c| c.forwarded),
+            duration_ms: (started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+        };
+        self.node.audit().record(&record, rpc.mutating()).await;
     }
 
     /// Whether this server leads; `Unavailable` when it cannot say who does or the request was
@@ -138,6 +264,7 @@ impl AdminService {
 
     async fn forward<Req, Resp, F, Fut>(
         &self,
+        caller: &Caller,
         request: Request<Req>,
         deadline: Duration,
         call: F,
@@ -148,9 +275,15 @@ impl AdminService {
     {
         let client = self.leader_client()?;
         let mut forwarded = Request::new(request.into_inner());
-        forwarded
-            .metadata_mut()
-            .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        let metadata = forwarded.metadata_mut();
+        metadata.insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        // Both are plain ASCII the server made (an accessor is hex, a holder `learner-3`).
+        if let Ok(value) = caller.forwarded_as().parse() {
+            metadata.insert(CALLER, value);
+        }
+        if let Ok(value) = caller.request_id.parse() {
+            metadata.insert(REQUEST_ID, value);
+        }
         forwarded.set_timeout(deadline);
         let started = Instant::now();
         let answered = tokio::time::timeout(deadline, call(client, forwarded)).await;
@@ -188,15 +321,6 @@ impl AdminService {
             RaftError::Fatal(f) => Status::unavailable(format!("raft stopped: {f}")),
         })
     }
-}
-
-/// Who calls `rpc`, and the deadline it is served under. Authentication and authorization go
-/// here, for every RPC.
-fn admit<T>(rpc: &Rpc, request: &Request<T>) -> Result<(Caller, Duration), Status> {
-    let caller = Caller { peer: request.remote_addr() };
-    tracing::trace!(rpc = rpc.name, peer = ?caller.peer, "admin request");
-    let deadline = client_deadline(request).map_or(rpc.deadline_max, |d| d.min(rpc.deadline_max));
-    Ok((caller, deadline))
 }
 
 async fn within<Resp>(
@@ -256,7 +380,10 @@ pub fn rejected(error: CommandError) -> Status {
         | CommandError::TooLong { .. }
         | CommandError::InvalidModel(_) => Status::invalid_argument(error.to_string()),
         CommandError::TooMany { .. } => Status::resource_exhausted(error.to_string()),
-        CommandError::InvalidJoinToken => Status::permission_denied(error.to_string()),
+        CommandError::InvalidJoinToken { .. } => Status::permission_denied(error.to_string()),
+        CommandError::AclAlreadyBootstrapped => Status::failed_precondition(error.to_string()),
+        CommandError::UnknownAccessor(_) => Status::not_found(error.to_string()),
+        CommandError::AclTokenExists => Status::already_exists(error.to_string()),
         CommandError::AdmissionRaced { .. } => Status::aborted(error.to_string()),
     }
 }

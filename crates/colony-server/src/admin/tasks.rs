@@ -1,10 +1,10 @@
 //! Tasks: submit, read, list, cancel, and the feed of finished tasks the learner follows.
 
-use super::route::Caller;
+use super::auth::Caller;
 use super::AdminService;
 use crate::node::Node;
-use colony_core::{Command, Outcome, TaskFilter, TaskId, TaskSpec};
-use colony_proto::convert::{executor_to_proto, task_state_from_proto};
+use colony_core::{Command, Outcome, Permission, Task, TaskFilter, TaskId, TaskSpec};
+use colony_proto::convert::{executor_to_proto, redact_env, task_state_from_proto};
 use colony_proto::pb;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,23 +27,24 @@ pub type FinishedTaskStream =
 impl AdminService {
     pub(super) async fn watch_finished_tasks_here(
         &self,
-        _caller: Caller,
+        caller: Caller,
         request: pb::WatchFinishedTasksRequest,
     ) -> Result<FinishedTaskStream, Status> {
         let after_seq = request.after_seq;
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER_MAX);
-        tokio::spawn(follow_finished(self.node.clone(), after_seq, tx));
+        tokio::spawn(follow_finished(self.node.clone(), after_seq, caller.sees_secrets(), tx));
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
     pub(super) async fn submit_task_here(
         &self,
-        _caller: Caller,
+        caller: Caller,
         request: pb::SubmitTaskRequest,
     ) -> Result<pb::SubmitTaskResponse, Status> {
         let started = std::time::Instant::now();
         let spec = request.spec.ok_or_else(|| Status::invalid_argument("missing spec"))?;
         let spec = TaskSpec::try_from(spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        caller.require(Permission::TaskSubmit, Some(&spec.namespace))?;
         let limits = self.node.state().machine.limits().clone();
         spec.validate(&limits)
             .map_err(|e| Status::invalid_argument(format!("invalid task: {e}")))?;
@@ -51,7 +52,7 @@ impl AdminService {
         self.node.metrics().submit_seconds.observe(started.elapsed().as_secs_f64());
         match outcome? {
             Outcome::Submitted { task, existing } => {
-                Ok(pb::SubmitTaskResponse { task: Some((&task).into()), existing })
+                Ok(pb::SubmitTaskResponse { task: Some(view(&caller, &task)), existing })
             }
             other => Err(Status::internal(format!("submit produced {other:?}"))),
         }
@@ -59,7 +60,7 @@ impl AdminService {
 
     pub(super) async fn get_task_here(
         &self,
-        _caller: Caller,
+        caller: Caller,
         request: pb::GetTaskRequest,
     ) -> Result<pb::GetTaskResponse, Status> {
         let id = TaskId(request.id);
@@ -68,13 +69,14 @@ impl AdminService {
             .machine
             .get_task(id)
             .ok_or_else(|| Status::not_found(format!("task {id} does not exist")))?;
+        caller.require(Permission::TaskRead, Some(&task.spec.namespace))?;
         let applied_index = state.last_applied.map_or(0, |l| l.index);
-        Ok(pb::GetTaskResponse { task: Some(task.into()), applied_index })
+        Ok(pb::GetTaskResponse { task: Some(view(&caller, task)), applied_index })
     }
 
     pub(super) async fn list_tasks_here(
         &self,
-        _caller: Caller,
+        caller: Caller,
         request: pb::ListTasksRequest,
     ) -> Result<pb::ListTasksResponse, Status> {
         let state_filter = task_state_from_proto(request.state)
@@ -89,11 +91,13 @@ impl AdminService {
             limit,
         };
         let state = self.node.state();
-        let found = state.machine.list_tasks(&filter);
+        // A caller limited to some namespaces sees only their tasks; the page is cut from those.
+        let found =
+            state.machine.list_tasks_where(&filter, |task| caller.covers(&task.spec.namespace));
         let mut tasks = Vec::with_capacity(found.len());
         let mut page_bytes = 0;
         for task in &found {
-            let task = pb::Task::from(task);
+            let task = view(&caller, task);
             page_bytes += prost::Message::encoded_len(&task);
             if page_bytes > PAGE_BYTES_MAX && !tasks.is_empty() {
                 break;
@@ -111,10 +115,20 @@ impl AdminService {
 
     pub(super) async fn cancel_task_here(
         &self,
-        _caller: Caller,
+        caller: Caller,
         request: pb::CancelTaskRequest,
     ) -> Result<pb::CancelTaskResponse, Status> {
-        let limits = self.node.state().machine.limits().clone();
+        let (limits, namespace) = {
+            let state = self.node.state();
+            let namespace =
+                state.machine.get_task(TaskId(request.id)).map(|t| t.spec.namespace.clone());
+            (state.machine.limits().clone(), namespace)
+        };
+        // An unknown task is the state machine's to report (NOT_FOUND) for a caller who could
+        // cancel somewhere; a known one is checked against its namespace.
+        if let Some(namespace) = &namespace {
+            caller.require(Permission::TaskCancel, Some(namespace))?;
+        }
         if request.reason.len() > limits.arg_bytes_max {
             return Err(Status::invalid_argument(format!(
                 "reason is {} bytes; the limit is {}",
@@ -127,7 +141,7 @@ impl AdminService {
             .await?
         {
             Outcome::Cancelled { task, cascaded } => Ok(pb::CancelTaskResponse {
-                task: Some((&task).into()),
+                task: Some(view(&caller, &task)),
                 cascaded: cascaded.into_iter().map(|id| id.0).collect(),
             }),
             other => Err(Status::internal(format!("cancel produced {other:?}"))),
@@ -135,10 +149,24 @@ impl AdminService {
     }
 }
 
+/// A task as `caller` may see it: environment values redacted unless the role sees secrets.
+fn view(caller: &Caller, task: &Task) -> pb::Task {
+    redacted(task, caller.sees_secrets())
+}
+
+fn redacted(task: &Task, sees_secrets: bool) -> pb::Task {
+    let mut task = pb::Task::from(task);
+    if !sees_secrets {
+        redact_env(&mut task);
+    }
+    task
+}
+
 /// Streams finished tasks to one watcher from its applied state until the watcher goes away.
 async fn follow_finished(
     node: Arc<Node>,
     mut after_seq: u64,
+    sees_secrets: bool,
     tx: tokio::sync::mpsc::Sender<Result<pb::FinishedTask, Status>>,
 ) {
     loop {
@@ -150,7 +178,7 @@ async fn follow_finished(
                 .take(WATCH_BATCH_MAX)
                 .map(|(seq, task)| pb::FinishedTask {
                     seq,
-                    task: Some(task.into()),
+                    task: Some(redacted(task, sees_secrets)),
                     executor: task
                         .executor
                         .and_then(|e| state.machine.get_executor(e))

@@ -1,0 +1,210 @@
+//! Who is calling: a bearer token (an ACL token, looked up in this server's applied state), a
+//! client certificate from the cluster CA, or, for a request another server forwarded, the
+//! caller that server authenticated.
+
+use crate::node::Node;
+use crate::tls::ConnInfo;
+use colony_core::{Grant, Permission, Role};
+use colony_quic::{CertRole, Token};
+use std::net::SocketAddr;
+use tonic::metadata::MetadataMap;
+use tonic::Status;
+
+/// Set by a forwarding server: who it authenticated (trusted only from a server certificate).
+pub const CALLER: &str = "x-colony-caller";
+/// Set by a forwarding server: the request id it gave the request.
+pub const REQUEST_ID: &str = "x-colony-request-id";
+const BEARER: &str = "Bearer ";
+/// The longest `authorization` value read: a token is 138 characters.
+const AUTHORIZATION_BYTES_MAX: usize = 512;
+
+/// Who a request is from.
+#[derive(Clone, Debug)]
+pub enum Principal {
+    Anonymous,
+    Token { accessor: String, grant: Grant },
+    Certificate { holder: CertRole, grant: Grant },
+}
+
+/// Who is calling, from where, under which request id.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub peer: Option<SocketAddr>,
+    pub principal: Principal,
+    pub request_id: String,
+    /// Another server authenticated the caller and forwarded the request here.
+    pub forwarded: bool,
+}
+
+impl Caller {
+    pub fn grant(&self) -> Option<&Grant> {
+        match &self.principal {
+            Principal::Anonymous => None,
+            Principal::Token { grant, .. } | Principal::Certificate { grant, .. } => Some(grant),
+        }
+    }
+
+    /// `Ok` when the caller may do `permission` (in `namespace`, for a task permission);
+    /// otherwise `UNAUTHENTICATED` (no credentials) or `PERMISSION_DENIED`.
+    pub fn require(&self, permission: Permission, namespace: Option<&str>) -> Result<(), Status> {
+        let Some(grant) = self.grant() else {
+            return Err(Status::unauthenticated(
+                "this call needs credentials: an `authorization: Bearer <token>` header (colony acl bootstrap prints the first token)",
+            ));
+        };
+        if grant.allows(permission, namespace) {
+            return Ok(());
+        }
+        let role = grant.role;
+        Err(match (permission.namespaced(), namespace) {
+            (true, Some(namespace)) if role.grants(permission) => Status::permission_denied(
+                format!("role {role} in these namespaces may not use namespace {namespace:?}"),
+            ),
+            _ => Status::permission_denied(format!("role {role} may not do this ({permission:?})")),
+        })
+    }
+
+    /// Like [`Caller::require`] for a task permission, without a namespace: whether the role can
+    /// do it in some namespace (the handler checks the task's).
+    pub fn require_role(&self, permission: Permission) -> Result<(), Status> {
+        match self.grant() {
+            Some(grant) if grant.role.grants(permission) => Ok(()),
+            _ => self.require(permission, None),
+        }
+    }
+
+    /// Whether task environment values are shown to this caller.
+    pub fn sees_secrets(&self) -> bool {
+        self.grant().is_some_and(|g| g.role.sees_secrets())
+    }
+
+    /// Whether a task in `namespace` is visible to this caller's reads.
+    pub fn covers(&self, namespace: &str) -> bool {
+        self.grant().is_some_and(|g| g.covers(namespace))
+    }
+
+    /// How a forwarding server names this caller to the leader ([`CALLER`]).
+    pub fn forwarded_as(&self) -> String {
+        match &self.principal {
+            Principal::Anonymous => "anonymous".to_owned(),
+            Principal::Token { accessor, .. } => format!("token {accessor}"),
+            Principal::Certificate { holder, .. } => format!("cert {holder}"),
+        }
+    }
+
+    pub fn accessor(&self) -> Option<&str> {
+        match &self.principal {
+            Principal::Token { accessor, .. } => Some(accessor),
+            _ => None,
+        }
+    }
+
+    pub fn certificate(&self) -> Option<String> {
+        match &self.principal {
+            Principal::Certificate { holder, .. } => Some(holder.to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// Authenticates a request that arrived on `conn` with `metadata`. Bad credentials are refused
+/// (`UNAUTHENTICATED`); no credentials make an anonymous caller, refused later by every RPC
+/// that needs a permission.
+pub fn authenticate(
+    node: &Node,
+    conn: Option<&ConnInfo>,
+    metadata: &MetadataMap,
+) -> Result<Caller, Status> {
+    let peer = conn.and_then(|c| c.remote);
+    let from_server = matches!(conn.and_then(|c| c.peer), Some(CertRole::Server(_)));
+    if from_server {
+        if let Some(forwarded) = metadata.get(CALLER).and_then(|v| v.to_str().ok()) {
+            let request_id = metadata
+                .get(REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .filter(|id| id.len() <= 64)
+                .map_or_else(new_request_id, str::to_owned);
+            let principal = forwarded_principal(node, forwarded)?;
+            return Ok(Caller { peer, principal, request_id, forwarded: true });
+        }
+    }
+    let principal = match metadata.get("authorization") {
+        Some(value) => token_principal(node, value.as_bytes())?,
+        None => match conn.and_then(|c| c.peer) {
+            Some(holder) => Principal::Certificate { holder, grant: certificate_grant(holder) },
+            None => Principal::Anonymous,
+        },
+    };
+    Ok(Caller { peer, principal, request_id: new_request_id(), forwarded: false })
+}
+
+fn certificate_grant(holder: CertRole) -> Grant {
+    Grant::everywhere(match holder {
+        CertRole::Server(_) => Role::Server,
+        CertRole::Executor(_) => Role::Executor,
+        CertRole::Learner(_) => Role::Learner,
+    })
+}
+
+fn token_principal(node: &Node, value: &[u8]) -> Result<Principal, Status> {
+    if value.len() > AUTHORIZATION_BYTES_MAX {
+        return Err(Status::unauthenticated("the authorization header is too long"));
+    }
+    let text = std::str::from_utf8(value)
+        .map_err(|_| Status::unauthenticated("the authorization header is not text"))?;
+    let token = text.strip_prefix(BEARER).ok_or_else(|| {
+        Status::unauthenticated("the authorization header must be `Bearer <token>`")
+    })?;
+    let token: Token =
+        token.parse().map_err(|e| Status::unauthenticated(format!("malformed token: {e}")))?;
+    if token.ca_fingerprint != node.ca_fingerprint() {
+        return Err(Status::unauthenticated("the token belongs to another cluster"));
+    }
+    let state = node.state();
+    let found = state
+        .machine
+        .acl_token_by_secret(&token.secret_hash())
+        .ok_or_else(|| Status::unauthenticated("unknown or revoked token"))?;
+    if !found.live_at(colony_process::unix_ms()) {
+        return Err(Status::unauthenticated(format!("token {} has expired", found.accessor)));
+    }
+    Ok(Principal::Token { accessor: found.accessor.clone(), grant: found.grant.clone() })
+}
+
+/// The caller a forwarding server names; a token is looked up again here, so a revocation this
+/// server applied counts even if the forwarding server lags.
+fn forwarded_principal(node: &Node, forwarded: &str) -> Result<Principal, Status> {
+    let refused = || Status::unauthenticated("unknown or revoked token");
+    Ok(match forwarded.split_once(' ') {
+        Some(("token", accessor)) => {
+            let state = node.state();
+            let found = state.machine.acl_token(accessor).ok_or_else(refused)?;
+            if !found.live_at(colony_process::unix_ms()) {
+                return Err(Status::unauthenticated(format!("token {accessor} has expired")));
+            }
+            Principal::Token { accessor: found.accessor.clone(), grant: found.grant.clone() }
+        }
+        Some(("cert", holder)) => {
+            let holder = parse_holder(holder)
+                .ok_or_else(|| Status::invalid_argument("malformed forwarded caller"))?;
+            Principal::Certificate { holder, grant: certificate_grant(holder) }
+        }
+        _ if forwarded == "anonymous" => Principal::Anonymous,
+        _ => return Err(Status::invalid_argument("malformed forwarded caller")),
+    })
+}
+
+fn parse_holder(text: &str) -> Option<CertRole> {
+    let (kind, id) = text.rsplit_once('-')?;
+    let id = id.parse().ok()?;
+    match kind {
+        "server" => Some(CertRole::Server(id)),
+        "executor" => Some(CertRole::Executor(id)),
+        "learner" => Some(CertRole::Learner(id)),
+        _ => None,
+    }
+}
+
+fn new_request_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}

@@ -1,0 +1,136 @@
+//! What each request names, for its audit line: the namespace and the object it is about.
+
+use colony_proto::pb;
+
+/// The namespace and target a request names (either may be absent).
+pub trait Target {
+    fn namespace(&self) -> Option<String> {
+        None
+    }
+
+    fn target(&self) -> Option<String> {
+        None
+    }
+}
+
+macro_rules! untargeted {
+    ($($request:ty),* $(,)?) => { $(impl Target for $request {})* };
+}
+
+untargeted!(
+    pb::ClusterStatusRequest,
+    pb::StateDigestRequest,
+    pb::ClusterInfoRequest,
+    pb::ListExecutorsRequest,
+    pb::ListModelsRequest,
+    pb::BootstrapAclRequest,
+    pb::ListAclTokensRequest,
+    pb::ClusterCaRequest,
+);
+
+impl Target for pb::SubmitTaskRequest {
+    fn namespace(&self) -> Option<String> {
+        let namespace = self.spec.as_ref().map(|s| s.namespace.clone()).unwrap_or_default();
+        Some(match namespace.is_empty() {
+            true => colony_core::DEFAULT_NAMESPACE.to_owned(),
+            false => namespace,
+        })
+    }
+
+    fn target(&self) -> Option<String> {
+        self.spec.as_ref().map(|s| format!("task name {:?}", s.name))
+    }
+}
+
+impl Target for pb::GetTaskRequest {
+    fn target(&self) -> Option<String> {
+        Some(format!("task {}", self.id))
+    }
+}
+
+impl Target for pb::CancelTaskRequest {
+    fn target(&self) -> Option<String> {
+        Some(format!("task {}", self.id))
+    }
+}
+
+impl Target for pb::ListTasksRequest {
+    fn target(&self) -> Option<String> {
+        Some(format!("tasks after {}", self.after_id))
+    }
+}
+
+impl Target for pb::JoinClusterRequest {
+    fn target(&self) -> Option<String> {
+        Some(format!("server {} at {}", self.node_id, self.addr))
+    }
+}
+
+impl Target for pb::RemoveNodeRequest {
+    fn target(&self) -> Option<String> {
+        Some(format!("server {}", self.node_id))
+    }
+}
+
+impl Target for pb::CreateJoinTokenRequest {
+    fn target(&self) -> Option<String> {
+        Some(format!("join token kind {:?}", self.kind))
+    }
+}
+
+impl Target for pb::DrainExecutorRequest {
+    fn target(&self) -> Option<String> {
+        Some(format!("executor {}", self.id))
+    }
+}
+
+impl Target for pb::UndrainExecutorRequest {
+    fn target(&self) -> Option<String> {
+        Some(format!("executor {}", self.id))
+    }
+}
+
+impl Target for pb::WatchFinishedTasksRequest {
+    fn target(&self) -> Option<String> {
+        Some(format!("finished after {}", self.after_seq))
+    }
+}
+
+impl Target for pb::PublishModelRequest {
+    fn target(&self) -> Option<String> {
+        self.model.as_ref().map(|m| format!("model from {:?}", m.device))
+    }
+}
+
+impl Target for pb::GetModelRequest {
+    fn target(&self) -> Option<String> {
+        Some(format!("model {}", self.version))
+    }
+}
+
+impl Target for pb::RollbackModelRequest {
+    fn target(&self) -> Option<String> {
+        Some(format!("model {}", self.version))
+    }
+}
+
+impl Target for pb::CreateAclTokenRequest {
+    fn target(&self) -> Option<String> {
+        Some(format!("token role {:?} namespaces {:?}", self.role, self.namespaces))
+    }
+}
+
+impl Target for pb::RevokeAclTokenRequest {
+    fn target(&self) -> Option<String> {
+        Some(format!("token {}", self.accessor))
+    }
+}
+
+impl Target for pb::EnrollRequest {
+    fn target(&self) -> Option<String> {
+        Some(match self.node_id {
+            0 => "learner".to_owned(),
+            id => format!("server {id} at {}", self.addr),
+        })
+    }
+}

@@ -1,0 +1,89 @@
+//! The server's certificate files (`DATA_DIR/tls/`); the acceptor on the gRPC port is
+//! `colony_client::serve`'s.
+
+pub use colony_client::serve::{accept, Conn, ConnInfo};
+use colony_quic::CertifiedKey;
+use std::io;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+const DIR: &str = "tls";
+const CA_CERT: &str = "ca.pem";
+const CA_KEY: &str = "ca-key.pem";
+const CERT: &str = "server.pem";
+const KEY: &str = "server-key.pem";
+
+/// What this server holds: the CA certificate, its own certificate and key, and (on the server
+/// that bootstrapped the cluster) the CA key, until the cluster has it.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub ca_pem: String,
+    pub own: CertifiedKey,
+    pub ca_key_pem: Option<String>,
+}
+
+impl ServerTls {
+    pub fn load(data_dir: &Path) -> anyhow::Result<Option<ServerTls>> {
+        let dir = data_dir.join(DIR);
+        let read = |name: &str| -> anyhow::Result<Option<String>> {
+            match std::fs::read_to_string(dir.join(name)) {
+                Ok(text) => Ok(Some(text)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(anyhow::anyhow!("{}: {e}", dir.join(name).display())),
+            }
+        };
+        let (Some(ca_pem), Some(cert_pem), Some(key_pem)) =
+            (read(CA_CERT)?, read(CERT)?, read(KEY)?)
+        else {
+            return Ok(None);
+        };
+        Ok(Some(ServerTls {
+            ca_pem,
+            own: CertifiedKey { cert_pem, key_pem },
+            ca_key_pem: read(CA_KEY)?,
+        }))
+    }
+
+    /// Writes the files durably: the directory 0700, keys 0600, each file written to a temporary
+    /// name, fsynced and renamed.
+    pub fn store(&self, data_dir: &Path) -> anyhow::Result<()> {
+        let dir = data_dir.join(DIR);
+        private_dir(data_dir)?;
+        private_dir(&dir)?;
+        write_private(&dir.join(CA_CERT), &self.ca_pem)?;
+        write_private(&dir.join(CERT), &self.own.cert_pem)?;
+        write_private(&dir.join(KEY), &self.own.key_pem)?;
+        if let Some(ca_key) = &self.ca_key_pem {
+            write_private(&dir.join(CA_KEY), ca_key)?;
+        }
+        std::fs::File::open(&dir).and_then(|d| d.sync_all())?;
+        Ok(())
+    }
+
+    /// The CA (with its key) on the server that created it, for the first leader to replicate.
+    pub fn local_ca(&self) -> Option<(String, String)> {
+        self.ca_key_pem.as_ref().map(|key| (self.ca_pem.clone(), key.clone()))
+    }
+}
+
+/// Creates `dir` if needed and makes it 0700: data directories hold keys and the replicated CA.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+fn write_private(path: &PathBuf, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(())
+}
