@@ -11,3 +11,4 @@ mod t70_dashboards;
 mod t80_executors;
 mod t85_executor_link;
 mod t90_learner;
+mod t95_security;

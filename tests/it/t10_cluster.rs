@@ -91,10 +91,11 @@ async fn any_server_accepts_any_request() -> anyhow::Result<()> {
         .await?;
     }
 
+    // Health and reflection answer anyone (they carry no secrets), over TLS like everything.
+    let endpoint = |addr: &str| tonic::transport::Endpoint::from_shared(format!("http://{addr}"));
+    let auth = cluster.auth()?;
     let mut health = tonic_health::pb::health_client::HealthClient::new(
-        tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.servers[other].addr))?
-            .connect()
-            .await?,
+        auth.channel(endpoint(&cluster.servers[other].addr)?),
     );
     let serving = health
         .check(tonic_health::pb::HealthCheckRequest { service: "colony.v1.Admin".into() })
@@ -111,11 +112,8 @@ async fn any_server_accepts_any_request() -> anyhow::Result<()> {
     use tonic_reflection::pb::v1::{
         server_reflection_response::MessageResponse, ServerReflectionRequest,
     };
-    let mut reflection = ServerReflectionClient::new(
-        tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.servers[other].addr))?
-            .connect()
-            .await?,
-    );
+    let mut reflection =
+        ServerReflectionClient::new(auth.channel(endpoint(&cluster.servers[other].addr)?));
     let ask = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -172,6 +170,7 @@ async fn large_tasks_are_listed_in_pages_under_the_message_limit() -> anyhow::Re
 
     let out = std::process::Command::new(colony_tests::colony_bin())
         .args(["--endpoint", &cluster.servers[0].addr, "--output", "json", "task", "list"])
+        .args(["--token", &cluster.token])
         .output()?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
@@ -194,6 +193,8 @@ async fn status_watch_refreshes_until_interrupted() -> anyhow::Result<()> {
             "--watch",
             "--interval",
             "100ms",
+            "--token",
+            &cluster.token,
         ])
         .stdout(std::process::Stdio::piped())
         .spawn()?;

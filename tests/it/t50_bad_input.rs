@@ -45,9 +45,12 @@ async fn bad_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
     let cluster = Cluster::start(3, 20_000).await?;
     let endpoint = cluster.addrs().join(",");
     let ep = endpoint.as_str();
+    let token = cluster.token.as_str();
     let submit = |extra: &[&str]| -> Vec<String> {
-        let mut args: Vec<String> =
-            ["--endpoint", ep, "task", "submit"].iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = ["--endpoint", ep, "--token", token, "task", "submit"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     };
@@ -73,9 +76,9 @@ async fn bad_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
     fails(&submit(&["--name", &"n".repeat(300), "--", "/bin/true"]), "253");
     fails(&submit(&["--name", "x", "--priority", "5000", "--", "/bin/true"]), "priority");
     fails(&submit(&["--name", "x", "--after", "424242", "--", "/bin/true"]), "424242");
-    fails(&["--endpoint", ep, "task", "get", "424242"], "424242");
-    fails(&["--endpoint", ep, "task", "cancel", "424242"], "424242");
-    fails(&["--endpoint", ep, "task", "list", "--state", "sleeping"], "sleeping");
+    fails(&["--endpoint", ep, "--token", token, "task", "get", "424242"], "424242");
+    fails(&["--endpoint", ep, "--token", token, "task", "cancel", "424242"], "424242");
+    fails(&["--endpoint", ep, "--token", token, "task", "list", "--state", "sleeping"], "sleeping");
 
     let ids = local_task_ids(&cluster.servers[0].addr).await?;
     assert_eq!(ids.len(), 1, "only the good submission exists: {ids:?}");
@@ -84,7 +87,7 @@ async fn bad_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
     let (reader, writer) = std::io::pipe()?;
     drop(reader);
     let out = Command::new(colony_bin())
-        .args(["--endpoint", ep, "task", "list"])
+        .args(["--endpoint", ep, "--token", token, "task", "list"])
         .stdout(writer)
         .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -115,28 +118,28 @@ async fn servers_refuse_wrong_clusters_and_duplicate_ids() -> anyhow::Result<()>
     let dir = scratch.path().join("impostor");
     let listen = format!("127.0.0.1:{}", free_port());
     let dir_s = dir.to_string_lossy().to_string();
+    let server_token = cluster.join_token_of("server").await?;
+    let join = |dir: &str, id: &str, target: &str, token: &str| -> Vec<String> {
+        let listen = format!("127.0.0.1:{}", free_port());
+        ["server", "--id", id, "--data-dir", dir, "--listen", &listen, "--join", target]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--token".to_owned(), token.to_owned()])
+            .collect()
+    };
+    fails(&join(&dir_s, "7", &impostor_addr, &server_token), "not a colony server");
+    // Joining needs a server join token: none, an executor's, or garbage are refused.
     fails(
-        &[
-            "server",
-            "--id",
-            "7",
-            "--data-dir",
-            &dir_s,
-            "--listen",
-            &listen,
-            "--join",
-            &impostor_addr,
-        ],
-        "not a colony server",
+        &["server", "--id", "7", "--data-dir", &dir_s, "--listen", &listen, "--join", &leader_addr],
+        "--token is required",
     );
+    let executor_token = cluster.join_token().await?;
+    fails(&join(&dir_s, "7", &leader_addr, &executor_token), "does not admit a server");
+    fails(&join(&dir_s, "7", &leader_addr, "colony1.garbage"), "invalid --token");
 
     // A second server claiming an id that is already a member.
     let dup = scratch.path().join("dup").to_string_lossy().to_string();
-    let listen = format!("127.0.0.1:{}", free_port());
-    fails(
-        &["server", "--id", "2", "--data-dir", &dup, "--listen", &listen, "--join", &leader_addr],
-        "already a member",
-    );
+    fails(&join(&dup, "2", &leader_addr, &server_token), "already a member");
 
     // A data directory of this cluster pointed at another cluster.
     let other = Cluster::start(1, 20_000).await?;
@@ -144,6 +147,7 @@ async fn servers_refuse_wrong_clusters_and_duplicate_ids() -> anyhow::Result<()>
     server3.terminate()?;
     let data = server3.data_dir.to_string_lossy().to_string();
     fails(&["server", "--data-dir", &data, "--join", &other.servers[0].addr], "belongs to cluster");
+    assert!(!dir.join("node.json").exists(), "a refused join leaves no identity behind");
 
     // A data directory that belongs to another node id.
     fails(&["server", "--id", "9", "--data-dir", &data], "belongs to node");

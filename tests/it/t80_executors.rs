@@ -458,6 +458,6 @@ async fn executors_with_bad_tokens_are_refused_clearly() -> anyhow::Result<()> {
     let forged = run(forged, "f")?;
     assert!(!forged.status.success());
     let text = String::from_utf8_lossy(&forged.stderr);
-    assert!(text.contains("unknown or has expired"), "{text}");
+    assert!(text.contains("unknown, has expired"), "{text}");
     Ok(())
 }

@@ -82,9 +82,10 @@ impl Auth {
         })
     }
 
-    /// The same credentials, with `authorization` on every call instead of this one's.
-    pub fn with_authorization(&self, authorization: Option<HeaderValue>) -> Auth {
-        Auth { authorization, ..self.clone() }
+    /// The same credentials, asking the server for `name` (`colony-raft` reaches the Raft side,
+    /// which only a server certificate passes).
+    pub fn with_server_name(&self, name: &str) -> Result<Auth, AuthError> {
+        Ok(Auth { server_name: server_name(name)?, ..self.clone() })
     }
 
     /// A lazily connected channel over `endpoint` (which names `http://HOST:PORT`).

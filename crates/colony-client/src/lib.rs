@@ -80,6 +80,10 @@ pub enum ClientError {
     /// A server answered with a status that is the answer, not a reason to try another server.
     #[error("{}", status_message(.status))]
     Answered { server: String, status: Box<Status> },
+    /// The TLS handshake failed: the peer is not a Colony server of the cluster these
+    /// credentials trust (another cluster's, or not Colony at all). Trying again cannot help.
+    #[error("{server} is not a Colony server of this cluster (TLS: {cause})")]
+    NotThisCluster { server: String, cause: String },
     #[error(
         "{what}: no server could answer within {} (tried {}; last error: {last_error})",
         humantime::format_duration(*.timeout),
@@ -131,6 +135,21 @@ fn is_retriable(status: &Status) -> bool {
         Code::Unknown => std::error::Error::source(status).is_some(),
         _ => false,
     }
+}
+
+/// The cause of a failed TLS handshake in a locally made status, if that is what it is: rustls
+/// reports protocol and certificate failures as `InvalidData` I/O errors.
+pub fn tls_failure(status: &Status) -> Option<String> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::InvalidData {
+                return Some(io.to_string());
+            }
+        }
+        cause = error.source();
+    }
+    None
 }
 
 /// A retriable status with the innermost cause of a local transport error ("Connection refused").
@@ -254,6 +273,12 @@ impl Client {
                     Ok(Ok(response)) => {
                         self.preferred.store(index, Ordering::Relaxed);
                         return Ok(response.into_inner());
+                    }
+                    Ok(Err(status)) if tls_failure(&status).is_some() => {
+                        return Err(ClientError::NotThisCluster {
+                            server: name.clone(),
+                            cause: tls_failure(&status).unwrap_or_default(),
+                        });
                     }
                     Ok(Err(status)) if is_retriable(&status) => {
                         last_error = format!("{name}: {}", transport_message(&status));

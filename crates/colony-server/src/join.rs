@@ -22,6 +22,15 @@ const JOIN_CONTACT_TIMEOUT: Duration = Duration::from_secs(30);
 const JOIN_TIMEOUT: Duration = Duration::from_secs(300);
 const RPC_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The TLS handshake with a server to join failed: it is not a server of this server's cluster
+/// (its certificate is from another CA, or it is not Colony at all).
+#[derive(Debug, thiserror::Error)]
+#[error("{target} is not a server of this server's cluster (TLS: {cause})")]
+struct NotThisCluster {
+    target: String,
+    cause: String,
+}
+
 /// Asks the servers in `targets` which cluster they form, with this server's certificate.
 /// Retries unreachable servers for a while; a reply that is not Colony's is an error at once.
 async fn cluster_info(peers: &Peers, targets: &[String]) -> anyhow::Result<ClusterInfoResponse> {
@@ -34,6 +43,10 @@ async fn cluster_info(peers: &Peers, targets: &[String]) -> anyhow::Result<Clust
                 .await
             {
                 Ok(Ok(info)) => return Ok(info.into_inner()),
+                Ok(Err(status)) if colony_client::tls_failure(&status).is_some() => {
+                    let cause = colony_client::tls_failure(&status).unwrap_or_default();
+                    return Err(NotThisCluster { target: target.clone(), cause }.into());
+                }
                 Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
                     failures.push(format!("{target}: {}", status.message()))
                 }
@@ -86,6 +99,12 @@ pub async fn resolve_identity(config: &ServerConfig) -> anyhow::Result<(Identity
                     info.cluster_id
                 ),
                 Ok(_) => {}
+                // Another cluster's server (or not Colony): its certificate is not from our CA.
+                Err(e) if e.downcast_ref::<NotThisCluster>().is_some() => bail!(
+                    "data directory {} belongs to cluster {}, but {e:#}",
+                    dir.display(),
+                    identity.cluster_id
+                ),
                 Err(e) => tracing::warn!(
                     "restarting from {} without reaching the join target: {e:#}",
                     dir.display()
