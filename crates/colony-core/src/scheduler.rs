@@ -173,9 +173,15 @@ pub fn plan_with(
             classes.push(&candidate.executor.spec);
         }
     }
+    // With no executor up every task misses, and the loop below stops after
+    // `misses_in_a_row_max` of them: scanning further would only be sorted and dropped.
+    let scan = match candidates.is_empty() {
+        true => config.misses_in_a_row_max,
+        false => config.scan_max,
+    };
     let mut scanned: Vec<(&Task, Option<u64>)> = state
         .pending()
-        .take(config.scan_max)
+        .take(scan)
         .filter(|task| task.not_before_unix_ms <= now_unix_ms && !expiring.contains(&task.id))
         .map(|task| {
             // The latest start that still meets the deadline, on the fastest class.

@@ -18,6 +18,8 @@ const SCHEDULE_TICK: Duration = Duration::from_millis(100);
 const DETECTOR_TICK: Duration = Duration::from_millis(250);
 /// How long to wait before proposing the cluster CA again after a failed commit.
 const CA_RETRY: Duration = Duration::from_millis(500);
+/// The least time between the end of one run of scheduling rounds and the next.
+const ROUND_PAUSE: Duration = Duration::from_millis(5);
 
 pub async fn run(node: Arc<Node>) {
     tracing::info!("leading: scheduler and failure detector started");
@@ -36,6 +38,12 @@ pub async fn run(node: Arc<Node>) {
             }
             // Keep going while rounds fill up: a deep queue drains without waiting for ticks.
             while schedule_round(&node, &config, &mut model).await {}
+            // The last round placed what it could. Without a pause, a stream of submissions that
+            // nothing can place yet (no executor, or not enough room) would wake a round per
+            // submission, each scanning the same unplaceable head of the queue: a busy loop that
+            // takes the CPU the submissions need. A wake-up during the pause is kept (Notify
+            // stores one), so a placeable task waits at most this long.
+            tokio::time::sleep(ROUND_PAUSE).await;
         }
     };
     let detecting = async {

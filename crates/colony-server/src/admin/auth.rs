@@ -14,6 +14,8 @@ use tonic::Status;
 pub const CALLER: &str = "x-colony-caller";
 /// Set by a forwarding server: the request id it gave the request.
 pub const REQUEST_ID: &str = "x-colony-request-id";
+/// Set by a forwarding server: the address the request came from.
+pub const SOURCE: &str = "x-colony-source";
 const BEARER: &str = "Bearer ";
 /// The longest `authorization` value read: a token is 138 characters.
 const AUTHORIZATION_BYTES_MAX: usize = 512;
@@ -125,6 +127,8 @@ pub fn authenticate(
                 .filter(|id| id.len() <= 64)
                 .map_or_else(new_request_id, str::to_owned);
             let principal = forwarded_principal(node, forwarded)?;
+            let source = metadata.get(SOURCE).and_then(|v| v.to_str().ok()?.parse().ok());
+            let peer = source.or(peer);
             return Ok(Caller { peer, principal, request_id, forwarded: true });
         }
     }
@@ -205,6 +209,12 @@ fn parse_holder(text: &str) -> Option<CertRole> {
     }
 }
 
-fn new_request_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+/// A request id unique to this server's life: a random prefix drawn once, then a counter.
+pub fn new_request_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static PREFIX: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let prefix = PREFIX.get_or_init(rand::random::<u32>);
+    format!("{prefix:08x}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }

@@ -2,7 +2,7 @@
 //! authorization), where it is served (forwarded once to the leader, or here after a read
 //! barrier), under which deadline, and the audit line it leaves.
 
-use super::auth::{authenticate, Caller, CALLER, REQUEST_ID};
+use super::auth::{authenticate, Caller, CALLER, REQUEST_ID, SOURCE};
 use super::targets::Target;
 use super::AdminService;
 use crate::audit::{now_rfc3339, Record};
@@ -96,7 +96,15 @@ impl AdminService {
         let (namespace, target) = (request.get_ref().namespace(), request.get_ref().target());
         let result = match here {
             Err(status) => Err(status),
-            Ok(false) => self.forward(&caller, request, deadline, forward).await,
+            Ok(false) => {
+                let result = self.forward(&caller, request, deadline, forward).await;
+                // The leader served it and wrote its line (with this caller's source); only a
+                // forwarding that failed here is this server's to record.
+                if result.as_ref().err().is_none_or(|s| s.code() != tonic::Code::Unavailable) {
+                    return result;
+                }
+                result
+            }
             Ok(true) => {
                 let barrier = rpc.serve == Serve::Read { stale: false };
                 within(&rpc, deadline, async {
@@ -184,7 +192,7 @@ impl AdminService {
                 anonymous = Caller {
                     peer,
                     principal: super::auth::Principal::Anonymous,
-                    request_id: uuid::Uuid::new_v4().simple().to_string(),
+                    request_id: super::auth::new_request_id(),
                     forwarded: false,
                 };
                 &anonymous
@@ -283,6 +291,9 @@ impl AdminService {
         }
         if let Ok(value) = caller.request_id.parse() {
             metadata.insert(REQUEST_ID, value);
+        }
+        if let Some(Ok(value)) = caller.peer.map(|peer| peer.to_string().parse()) {
+            metadata.insert(SOURCE, value);
         }
         forwarded.set_timeout(deadline);
         let started = Instant::now();
