@@ -11,6 +11,13 @@ if ! command -v promtool >/dev/null 2>&1; then
 fi
 promtool check rules cluster/prometheus/alerts.yml
 promtool test rules cluster/prometheus/alerts_test.yml
+# grpcio for the test that calls the API from Python (examples/python), as a client in another
+# language would.
+python_dir="$HOME/.cache/colony/python"
+if ! PYTHONPATH="$python_dir" python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then
+    echo "installing: grpcio grpcio-tools (into $python_dir)" >&2
+    python3 -m pip install --quiet --target "$python_dir" grpcio grpcio-tools >&2
+fi
 # NVRTC 13.0 from PyPI lets the kernel tests compile every CUDA kernel for sm_90 (and check the
 # checked-in PTX) without a GPU; without it those tests print SKIPPED and the CPU path is tested alone.
 nvrtc_dir="$HOME/.cache/colony/nvrtc"

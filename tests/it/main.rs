@@ -12,3 +12,4 @@ mod t80_executors;
 mod t85_executor_link;
 mod t90_learner;
 mod t95_security;
+mod t96_python;

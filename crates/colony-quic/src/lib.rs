@@ -2,9 +2,9 @@
 //! tokens, TLS for the gRPC port and the executor link (QUIC), and length-delimited protobuf
 //! framing.
 //!
-//! This is the only crate that knows about quinn, rustls and rcgen. Every TLS configuration is
-//! built with the ring provider passed explicitly and TLS 1.3 only, so nothing depends on a
-//! process-default crypto provider being installed.
+//! This is the only crate that makes certificates (rcgen) and builds TLS configurations (rustls);
+//! the others only carry them. Every TLS configuration is built with the ring provider passed
+//! explicitly and TLS 1.3 only, so nothing depends on a process-default crypto provider.
 
 mod close;
 mod frame;

@@ -3,7 +3,7 @@
 //! A writer thread owns the file. A line for a request that changes state is written (handed to
 //! the kernel) before the request is answered; lines are flushed in batches, fsynced at least
 //! every [`SYNC_EVERY`] and at rotation. The current file is `audit.jsonl`; past
-//! [`AuditConfig::file_bytes_max`] it is renamed `audit-<unix ms>.jsonl`, and only the newest
+//! [`AuditConfig::file_bytes_max`] it is renamed `audit-<unix ms>-<n>.jsonl`, and only the newest
 //! [`AuditConfig::files_kept`] of those are kept, so the trail is bounded on disk.
 
 use serde::{Deserialize, Serialize};
@@ -123,13 +123,14 @@ struct Writer {
     file: File,
     size: u64,
     synced: Instant,
+    rotations: u64,
 }
 
 impl Writer {
     fn open(dir: PathBuf, config: AuditConfig) -> io::Result<Writer> {
         let file = open_current(&dir)?;
         let size = file.metadata()?.len();
-        Ok(Writer { dir, config, file, size, synced: Instant::now() })
+        Ok(Writer { dir, config, file, size, synced: Instant::now(), rotations: 0 })
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Entry>) {
@@ -180,8 +181,12 @@ impl Writer {
 
     fn rotate(&mut self) -> io::Result<()> {
         self.file.sync_all()?;
+        // Two rotations within one millisecond must not share a name (the second would replace
+        // the first): the writer's rotation count follows the time.
         let stamp = colony_process::unix_ms();
-        std::fs::rename(self.dir.join(CURRENT), self.dir.join(format!("audit-{stamp:013}.jsonl")))?;
+        self.rotations += 1;
+        let name = format!("audit-{stamp:013}-{:06}.jsonl", self.rotations % 1_000_000);
+        std::fs::rename(self.dir.join(CURRENT), self.dir.join(name))?;
         self.file = open_current(&self.dir)?;
         self.size = 0;
         let mut rotated = rotated_files(&self.dir)?;
