@@ -46,9 +46,10 @@ impl Auth {
     pub fn token(token: &str) -> Result<Auth, AuthError> {
         let parsed: Token = token.parse()?;
         let mut auth = Auth::pinned(parsed.ca_fingerprint);
-        let mut header = HeaderValue::from_str(&format!("Bearer {parsed}"))
+        // Indexed by HPACK like any header (sent in full once per connection, then as an index):
+        // the connection is TLS to a verified server, and nothing on it is chosen by a third party.
+        let header = HeaderValue::from_str(&format!("Bearer {parsed}"))
             .map_err(|_| AuthError::ServerName("token".to_owned()))?;
-        header.set_sensitive(true);
         auth.authorization = Some(header);
         Ok(auth)
     }

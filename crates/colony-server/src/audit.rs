@@ -1,26 +1,24 @@
 //! The audit trail: one JSON line per request a server serves, in `DATA_DIR/audit/`.
 //!
-//! A writer thread owns the file. A line for a request that changes state is written (handed to
-//! the kernel) before the request is answered; lines are flushed in batches, fsynced at least
-//! every [`SYNC_EVERY`] and at rotation. The current file is `audit.jsonl`; past
-//! [`AuditConfig::file_bytes_max`] it is renamed `audit-<unix ms>-<n>.jsonl`, and only the newest
-//! [`AuditConfig::files_kept`] of those are kept, so the trail is bounded on disk.
+//! Each line is written by the request's own task, as one `write(2)` to a file opened with
+//! `O_APPEND` (so concurrent lines never interleave), before the request is answered: no thread
+//! hand-off, no wake-up per request. A background thread fsyncs the file at most every
+//! [`SYNC_EVERY`] when something was written; rotation fsyncs too. The current file is
+//! `audit.jsonl`; past [`AuditConfig::file_bytes_max`] it is renamed `audit-<unix ms>-<n>.jsonl`,
+//! and only the newest [`AuditConfig::files_kept`] of those are kept, so the trail is bounded.
 
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
 
 pub const DIR: &str = "audit";
 pub const CURRENT: &str = "audit.jsonl";
 const SYNC_EVERY: Duration = Duration::from_secs(1);
-/// Lines waiting for the writer; a slow disk makes requests wait rather than memory grow.
-const QUEUE_MAX: usize = 16 * 1024;
-/// Lines written per flush, at most.
-const BATCH_MAX: usize = 1024;
 
 /// One served request. Never holds a secret: a token appears only as its accessor.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -67,31 +65,47 @@ impl Default for AuditConfig {
     }
 }
 
-struct Entry {
-    line: Vec<u8>,
-    written: Option<oneshot::Sender<()>>,
-}
-
 /// The handle requests record through.
 #[derive(Clone)]
 pub struct Audit {
-    tx: mpsc::Sender<Entry>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    config: AuditConfig,
+    /// Writers share the file (a write lock only to swap it at rotation).
+    file: RwLock<File>,
+    size: AtomicU64,
+    rotations: AtomicU64,
+    /// Written since the last fsync.
+    dirty: AtomicBool,
 }
 
 impl Audit {
-    /// Opens (creating) `data_dir/audit/` and starts the writer thread.
+    /// Opens (creating) `data_dir/audit/` and starts the fsync thread, which ends with the last
+    /// handle.
     pub fn open(data_dir: &Path, config: AuditConfig) -> io::Result<Audit> {
         let dir = data_dir.join(DIR);
         crate::tls::private_dir(&dir)?;
-        let writer = Writer::open(dir, config)?;
-        let (tx, rx) = mpsc::channel(QUEUE_MAX);
-        std::thread::Builder::new().name("audit".into()).spawn(move || writer.run(rx))?;
-        Ok(Audit { tx })
+        let file = open_current(&dir)?;
+        let size = file.metadata()?.len();
+        let inner = Arc::new(Inner {
+            dir,
+            config,
+            file: RwLock::new(file),
+            size: AtomicU64::new(size),
+            rotations: AtomicU64::new(0),
+            dirty: AtomicBool::new(false),
+        });
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new().name("audit-sync".into()).spawn(move || sync_loop(weak))?;
+        Ok(Audit { inner })
     }
 
-    /// Records `record`; with `wait`, returns only once its line is written. A failure to write
-    /// is logged by the writer; the request is not failed for it.
-    pub async fn record(&self, record: &Record, wait: bool) {
+    /// Writes `record`'s line; it is in the file (the kernel's) when this returns. A failure to
+    /// write is logged; the request is not failed for it.
+    pub fn record(&self, record: &Record) {
         let mut line = match serde_json::to_vec(record) {
             Ok(line) => line,
             Err(e) => {
@@ -100,101 +114,63 @@ impl Audit {
             }
         };
         line.push(b'\n');
-        let (written, done) = match wait {
-            true => {
-                let (tx, rx) = oneshot::channel();
-                (Some(tx), Some(rx))
-            }
-            false => (None, None),
-        };
-        if self.tx.send(Entry { line, written }).await.is_err() {
-            tracing::error!("the audit writer stopped; request not recorded");
-            return;
-        }
-        if let Some(done) = done {
-            let _ = done.await;
+        if let Err(e) = self.inner.write(&line) {
+            tracing::error!("cannot write the audit trail in {}: {e}", self.inner.dir.display());
         }
     }
 }
 
-struct Writer {
-    dir: PathBuf,
-    config: AuditConfig,
-    file: File,
-    size: u64,
-    synced: Instant,
-    rotations: u64,
-}
-
-impl Writer {
-    fn open(dir: PathBuf, config: AuditConfig) -> io::Result<Writer> {
-        let file = open_current(&dir)?;
-        let size = file.metadata()?.len();
-        Ok(Writer { dir, config, file, size, synced: Instant::now(), rotations: 0 })
-    }
-
-    fn run(mut self, mut rx: mpsc::Receiver<Entry>) {
-        let mut batch = Vec::with_capacity(BATCH_MAX);
-        loop {
-            // Wait for one line, but wake to fsync what an idle period left unsynced.
-            let first = match rx.blocking_recv() {
-                Some(entry) => entry,
-                None => {
-                    let _ = self.file.sync_all();
-                    return;
-                }
-            };
-            batch.push(first);
-            while batch.len() < BATCH_MAX {
-                match rx.try_recv() {
-                    Ok(entry) => batch.push(entry),
-                    Err(_) => break,
-                }
-            }
-            let mut buffer = Vec::with_capacity(batch.iter().map(|e| e.line.len()).sum());
-            for entry in &batch {
-                buffer.extend_from_slice(&entry.line);
-            }
-            if let Err(e) = self.write(&buffer) {
-                tracing::error!("cannot write the audit trail in {}: {e}", self.dir.display());
-            }
-            for entry in batch.drain(..) {
-                if let Some(written) = entry.written {
-                    let _ = written.send(());
-                }
-            }
+impl Inner {
+    fn write(&self, line: &[u8]) -> io::Result<()> {
+        let len = line.len() as u64;
+        let size = self.size.load(Ordering::Relaxed);
+        if size > 0 && size + len > self.config.file_bytes_max {
+            self.rotate(len)?;
         }
-    }
-
-    fn write(&mut self, buffer: &[u8]) -> io::Result<()> {
-        if self.size > 0 && self.size + buffer.len() as u64 > self.config.file_bytes_max {
-            self.rotate()?;
-        }
-        self.file.write_all(buffer)?;
-        self.size += buffer.len() as u64;
-        if self.synced.elapsed() >= SYNC_EVERY {
-            self.file.sync_data()?;
-            self.synced = Instant::now();
-        }
+        let file = self.file.read().unwrap_or_else(|p| p.into_inner());
+        // One write of the whole line: with O_APPEND the kernel appends it as a unit.
+        (&*file).write_all(line)?;
+        self.size.fetch_add(len, Ordering::Relaxed);
+        self.dirty.store(true, Ordering::Relaxed);
         Ok(())
     }
 
-    fn rotate(&mut self) -> io::Result<()> {
-        self.file.sync_all()?;
+    /// Starts a new file, unless another writer just did.
+    fn rotate(&self, len: u64) -> io::Result<()> {
+        let mut file = self.file.write().unwrap_or_else(|p| p.into_inner());
+        let size = self.size.load(Ordering::Relaxed);
+        if size == 0 || size + len <= self.config.file_bytes_max {
+            return Ok(());
+        }
+        file.sync_all()?;
         // Two rotations within one millisecond must not share a name (the second would replace
-        // the first): the writer's rotation count follows the time.
+        // the first): the rotation count follows the time.
         let stamp = colony_process::unix_ms();
-        self.rotations += 1;
-        let name = format!("audit-{stamp:013}-{:06}.jsonl", self.rotations % 1_000_000);
+        let n = self.rotations.fetch_add(1, Ordering::Relaxed) + 1;
+        let name = format!("audit-{stamp:013}-{:06}.jsonl", n % 1_000_000);
         std::fs::rename(self.dir.join(CURRENT), self.dir.join(name))?;
-        self.file = open_current(&self.dir)?;
-        self.size = 0;
+        *file = open_current(&self.dir)?;
+        self.size.store(0, Ordering::Relaxed);
         let mut rotated = rotated_files(&self.dir)?;
         while rotated.len() > self.config.files_kept {
             let oldest = rotated.remove(0);
             std::fs::remove_file(&oldest)?;
         }
         File::open(&self.dir)?.sync_all()
+    }
+}
+
+/// Fsyncs what was written, every [`SYNC_EVERY`], until the trail is closed.
+fn sync_loop(inner: Weak<Inner>) {
+    loop {
+        std::thread::sleep(SYNC_EVERY);
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.dirty.swap(false, Ordering::Relaxed) {
+            let file = inner.file.read().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = file.sync_data() {
+                tracing::error!("cannot fsync the audit trail in {}: {e}", inner.dir.display());
+            }
+        }
     }
 }
 
@@ -261,7 +237,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let audit = Audit::open(dir.path(), AuditConfig { file_bytes_max: 2_000, files_kept: 2 })?;
         for n in 0..200 {
-            audit.record(&record(n), true).await;
+            audit.record(&record(n));
         }
         let files = trail_files(dir.path())?;
         anyhow::ensure!(files.len() == 3, "two rotated files and the current one: {files:?}");

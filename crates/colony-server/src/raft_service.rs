@@ -24,29 +24,20 @@ pub const SNAPSHOT_BYTES_MAX: u64 = 8 << 30;
 pub struct RaftService {
     raft: Raft<TypeConfig>,
     cluster_id: String,
-    /// Bytes received so far of the snapshot being streamed, by snapshot id.
-    snapshot_received: Mutex<HashMap<String, u64>>,
+    chunks: SnapshotChunks,
 }
 
-/// Refuses Raft traffic on a connection that is not a server's Raft connection.
-#[allow(clippy::result_large_err)]
-fn from_server<T>(request: &Request<T>) -> Result<(), Status> {
-    match request.extensions().get::<ConnInfo>() {
-        Some(ConnInfo { raft: true, peer: Some(CertRole::Server(_)), .. }) => Ok(()),
-        _ => Err(Status::unauthenticated(
-            "Raft messages are accepted only from this cluster's servers (TLS name colony-raft, server certificate)",
-        )),
-    }
+/// Bytes received so far of the snapshot being streamed, by snapshot id: a chunk must start
+/// where the received bytes end (or earlier, a retry), and end within `SNAPSHOT_BYTES_MAX`.
+#[derive(Default)]
+struct SnapshotChunks {
+    received: Mutex<HashMap<String, u64>>,
 }
 
-impl RaftService {
-    pub fn new(raft: Raft<TypeConfig>, cluster_id: String) -> RaftService {
-        RaftService { raft, cluster_id, snapshot_received: Mutex::default() }
-    }
-
+impl SnapshotChunks {
     /// Checks a chunk against what was received of its snapshot, and records it.
     #[allow(clippy::result_large_err)]
-    fn check_chunk(&self, chunk: &InstallSnapshotRequest<TypeConfig>) -> Result<(), Status> {
+    fn check(&self, chunk: &InstallSnapshotRequest<TypeConfig>) -> Result<(), Status> {
         let id = &chunk.meta.snapshot_id;
         let end = chunk
             .offset
@@ -59,7 +50,7 @@ impl RaftService {
                 chunk.data.len()
             )));
         };
-        let mut received = self.snapshot_received.lock().unwrap_or_else(|p| p.into_inner());
+        let mut received = self.received.lock().unwrap_or_else(|p| p.into_inner());
         if chunk.offset == 0 {
             // A new snapshot (or a restart of one): forget the others.
             received.clear();
@@ -82,6 +73,23 @@ impl RaftService {
             received.remove(id);
         }
         Ok(())
+    }
+}
+
+/// Refuses Raft traffic on a connection that is not a server's Raft connection.
+#[allow(clippy::result_large_err)]
+fn from_server<T>(request: &Request<T>) -> Result<(), Status> {
+    match request.extensions().get::<ConnInfo>() {
+        Some(ConnInfo { raft: true, peer: Some(CertRole::Server(_)), .. }) => Ok(()),
+        _ => Err(Status::unauthenticated(
+            "Raft messages are accepted only from this cluster's servers (TLS name colony-raft, server certificate)",
+        )),
+    }
+}
+
+impl RaftService {
+    pub fn new(raft: Raft<TypeConfig>, cluster_id: String) -> RaftService {
+        RaftService { raft, cluster_id, chunks: SnapshotChunks::default() }
     }
 
     #[allow(clippy::result_large_err)]
@@ -134,8 +142,65 @@ impl RaftRpc for RaftService {
         let message = request.into_inner();
         self.open(&message)?;
         let chunk: InstallSnapshotRequest<TypeConfig> = decode(&message)?;
-        self.check_chunk(&chunk)?;
+        self.chunks.check(&chunk)?;
         let result = self.raft.install_snapshot(chunk).await;
         self.reply(&result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{SnapshotMeta, StoredMembership, Vote};
+
+    fn chunk(id: &str, offset: u64, len: usize, done: bool) -> InstallSnapshotRequest<TypeConfig> {
+        InstallSnapshotRequest {
+            vote: Vote::new_committed(1, 1),
+            meta: SnapshotMeta {
+                last_log_id: None,
+                last_membership: StoredMembership::default(),
+                snapshot_id: id.to_owned(),
+            },
+            offset,
+            data: vec![0; len],
+            done,
+        }
+    }
+
+    #[test]
+    fn chunks_come_in_order_and_within_the_limit() {
+        let chunks = SnapshotChunks::default();
+        let refused = |r: Result<(), Status>| r.err().map(|s| s.code());
+        // An absurd offset, a chunk past the limit, and one of a snapshot never started.
+        assert_eq!(
+            refused(chunks.check(&chunk("a", 1 << 50, 1, false))),
+            Some(tonic::Code::InvalidArgument)
+        );
+        assert_eq!(
+            refused(chunks.check(&chunk("a", u64::MAX, 1, false))),
+            Some(tonic::Code::InvalidArgument)
+        );
+        assert_eq!(
+            refused(chunks.check(&chunk("a", 10, 10, false))),
+            Some(tonic::Code::InvalidArgument)
+        );
+        // In order, with a retry of the previous chunk, then a gap.
+        assert!(chunks.check(&chunk("a", 0, 10, false)).is_ok());
+        assert!(chunks.check(&chunk("a", 10, 10, false)).is_ok());
+        assert!(chunks.check(&chunk("a", 10, 10, false)).is_ok(), "a retried chunk");
+        assert_eq!(
+            refused(chunks.check(&chunk("a", 30, 10, false))),
+            Some(tonic::Code::InvalidArgument)
+        );
+        assert!(chunks.check(&chunk("a", 20, 5, true)).is_ok());
+        // Done: the snapshot is forgotten, so its next chunk needs a new start.
+        assert_eq!(
+            refused(chunks.check(&chunk("a", 25, 5, false))),
+            Some(tonic::Code::InvalidArgument)
+        );
+        assert_eq!(
+            refused(chunks.check(&chunk("b", SNAPSHOT_BYTES_MAX, 1, false))),
+            Some(tonic::Code::InvalidArgument)
+        );
     }
 }

@@ -56,12 +56,6 @@ impl Rpc {
     pub const fn anonymous(name: &'static str, serve: Serve) -> Rpc {
         Rpc { name, serve, deadline_max: DEADLINE_MAX, permission: None }
     }
-
-    /// Whether serving it may change the state, so its audit line is written before it is
-    /// answered.
-    fn mutating(&self) -> bool {
-        self.serve == Serve::Leader
-    }
 }
 
 impl AdminService {
@@ -85,7 +79,7 @@ impl AdminService {
         let (caller, deadline) = match self.admit(&rpc, &request) {
             Ok(admitted) => admitted,
             Err((caller, status)) => {
-                self.audit(&rpc, &request, caller.as_ref(), Err(&status), started).await;
+                self.audit(&rpc, &request, caller.as_ref(), Err(&status), started);
                 return Err(status);
             }
         };
@@ -117,7 +111,7 @@ impl AdminService {
             }
         };
         let fields = (namespace, target);
-        self.audit_fields(&rpc, fields, Some(&caller), result.as_ref().map(|_| ()), started).await;
+        self.audit_fields(&rpc, fields, Some(&caller), result.as_ref().map(|_| ()), started);
         result
     }
 
@@ -138,13 +132,13 @@ impl AdminService {
         let (caller, deadline) = match self.admit(&rpc, &request) {
             Ok(admitted) => admitted,
             Err((caller, status)) => {
-                self.audit(&rpc, &request, caller.as_ref(), Err(&status), started).await;
+                self.audit(&rpc, &request, caller.as_ref(), Err(&status), started);
                 return Err(status);
             }
         };
         let fields = (request.get_ref().namespace(), request.get_ref().target());
         let result = within(&rpc, deadline, local(caller.clone(), request.into_inner())).await;
-        self.audit_fields(&rpc, fields, Some(&caller), result.as_ref().map(|_| ()), started).await;
+        self.audit_fields(&rpc, fields, Some(&caller), result.as_ref().map(|_| ()), started);
         result
     }
 
@@ -175,7 +169,7 @@ impl AdminService {
         Ok((caller, deadline))
     }
 
-    async fn audit<T: Target>(
+    fn audit<T: Target>(
         &self,
         rpc: &Rpc,
         request: &Request<T>,
@@ -198,11 +192,11 @@ impl AdminService {
                 &anonymous
             }
         };
-        self.audit_fields(rpc, fields, Some(caller), result, started).await;
+        self.audit_fields(rpc, fields, Some(caller), result, started);
     }
 
-    /// Writes the request's audit line; for a mutating RPC, before returning.
-    async fn audit_fields(
+    /// Writes the request's audit line, before the request is answered.
+    fn audit_fields(
         &self,
         rpc: &Rpc,
         (namespace, target): (Option<String>, Option<String>),
@@ -235,7 +229,8 @@ impl AdminService {
             forwarded: caller.is_some_and(|c| c.forwarded),
             duration_ms: (started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
         };
-        self.node.audit().record(&record, rpc.mutating()).await;
+        // Written before the request is answered.
+        self.node.audit().record(&record);
     }
 
     /// Whether this server leads; `Unavailable` when it cannot say who does or the request was
