@@ -223,8 +223,8 @@ impl AdminService {
             accessor: caller.and_then(|c| c.accessor().map(str::to_owned)),
             role: caller.and_then(|c| c.grant().map(|g| g.role.to_string())),
             certificate: caller.and_then(Caller::certificate),
-            namespace,
-            target,
+            namespace: namespace.map(bounded),
+            target: target.map(bounded),
             source: caller.and_then(|c| c.peer.map(|p| p.to_string())),
             forwarded: caller.is_some_and(|c| c.forwarded),
             duration_ms: (started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
@@ -329,6 +329,21 @@ impl AdminService {
     }
 }
 
+/// What a request names, cut to a bound: an audit line never grows with a client's input (the
+/// request is refused by its own checks, but its line is written either way).
+fn bounded(mut text: String) -> String {
+    const AUDIT_FIELD_BYTES_MAX: usize = 256;
+    if text.len() > AUDIT_FIELD_BYTES_MAX {
+        let mut end = AUDIT_FIELD_BYTES_MAX;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 async fn within<Resp>(
     rpc: &Rpc,
     deadline: Duration,
@@ -407,6 +422,13 @@ pub fn propose_failed(error: ProposeError) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_fields_are_bounded_on_a_character_boundary() {
+        assert_eq!(bounded("short".to_owned()), "short");
+        let long = bounded("é".repeat(300));
+        assert!(long.len() <= 256 + '…'.len_utf8() && long.ends_with('…'), "{}", long.len());
+    }
 
     #[test]
     fn grpc_timeouts_parse_and_bad_ones_are_ignored() {
