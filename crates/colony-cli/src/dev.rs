@@ -312,27 +312,11 @@ fn check_port_free(addr: &str) -> Result<()> {
         .map_err(|e| anyhow!("cannot use {addr}: {e} (another cluster running? try --base-port)"))
 }
 
-/// Starts the servers, waits for them, runs the demo and then watches the children until one
-/// exits. Returns only on an error; a stop signal ends it from outside.
 /// The management token `colony dev` bootstraps, kept in its directory (0600).
 const TOKEN_FILE: &str = "token";
 
-/// Writes `secret` to `path`, readable by its owner only.
-fn write_secret(path: &Path, secret: &str) -> Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    writeln!(file, "{secret}").with_context(|| format!("cannot write {}", path.display()))?;
-    file.sync_all().with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
-}
-
+/// Starts the servers, waits for them, runs the demo and then watches the children until one
+/// exits. Returns only on an error; a stop signal ends it from outside.
 async fn serve(
     servers: &mut [Server],
     executors: &mut [Server],
@@ -385,7 +369,10 @@ async fn serve(
         )
         .await
         .context("cannot bootstrap ACLs")?;
-        write_secret(&token_file, &bootstrapped.secret)?;
+        colony_process::write_private(
+            &token_file,
+            format!("{}\n", bootstrapped.secret).as_bytes(),
+        )?;
         let auth = Auth::token(&bootstrapped.secret)?;
         if servers.len() > 1 {
             let client = Client::new(std::slice::from_ref(&first), READY_TIMEOUT, &auth)?;

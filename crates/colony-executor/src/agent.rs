@@ -73,11 +73,7 @@ async fn run_agent(
     let data_dir = config.data_dir.clone();
     // The data directory holds the executor's key and the tasks' working directories: only its
     // owner may read it.
-    std::fs::create_dir_all(&data_dir)
-        .and_then(|()| {
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700))
-        })
+    colony_process::private_dir(&data_dir)
         .map_err(|source| AgentError::DataDir { path: data_dir.clone(), source })?;
     let stored = identity::load(&data_dir)?;
     if stored.is_none() && config.token.is_none() {

@@ -1,11 +1,13 @@
 //! Process plumbing shared by every Colony binary: the stop signals, the wall clock, resident
-//! memory, and the HTTP endpoint that serves `/metrics`, `/healthz` and `/readyz`.
+//! memory, owner-only files, and the HTTP endpoint that serves `/metrics`, `/healthz` and `/readyz`.
 //!
 //! Nothing here knows about tasks, Raft or models (no `colony-core` dependency): a process says
 //! what it exposes through [`Probe`], and this crate only carries it to the outside.
 
+mod files;
 mod http;
 
+pub use files::{private_dir, write_private};
 pub use http::{encode, serve_http, Probe};
 
 use std::fmt;

@@ -12,12 +12,12 @@ use std::sync::Arc;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName};
 use rustls::{SignatureScheme, SupportedProtocolVersion};
 use rustls_pki_types::{CertificateDer, UnixTime};
 
 use crate::pki::{cert_role, certs, private_key, CertRole, CertifiedKey, Fingerprint, PkiError};
-use crate::tls::{provider, PinnedCaVerifier};
+use crate::tls::{provider, roots_from_pem as roots, PinnedCaVerifier};
 
 /// The only application protocol on the gRPC port.
 pub const H2: &[u8] = b"h2";
@@ -100,14 +100,6 @@ pub fn grpc_client_tls(
 /// The role the leaf of a verified peer chain names.
 pub fn peer_role(chain: &[CertificateDer<'_>]) -> Option<CertRole> {
     chain.first().and_then(|leaf| cert_role(leaf))
-}
-
-fn roots(ca_pem: &str) -> Result<RootCertStore, PkiError> {
-    let mut roots = RootCertStore::empty();
-    for cert in certs(ca_pem, "the CA certificate PEM")? {
-        roots.add(cert)?;
-    }
-    Ok(roots)
 }
 
 /// Client verification that accepts only a server certificate from the cluster CA.

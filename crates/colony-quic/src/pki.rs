@@ -254,20 +254,29 @@ impl std::fmt::Display for CertRole {
     }
 }
 
+/// A holder's name as the CA writes it (`server-3`), which [`CertRole`]'s `Display` writes.
+impl std::str::FromStr for CertRole {
+    type Err = ();
+
+    fn from_str(name: &str) -> Result<CertRole, ()> {
+        let (kind, id) = name.rsplit_once('-').ok_or(())?;
+        let id: u64 = id.parse().map_err(|_| ())?;
+        match kind {
+            "server" => Ok(CertRole::Server(id)),
+            "executor" => Ok(CertRole::Executor(id)),
+            "learner" => Ok(CertRole::Learner(id)),
+            _ => Err(()),
+        }
+    }
+}
+
 /// The role a certificate's subject CN names (`server-3`), or `None` for any other subject. Only
 /// meaningful for a certificate already verified against the cluster CA, which names every
 /// holder itself.
 pub fn cert_role(der: &[u8]) -> Option<CertRole> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
-    let (kind, id) = cn.rsplit_once('-')?;
-    let id: u64 = id.parse().ok()?;
-    match kind {
-        "server" => Some(CertRole::Server(id)),
-        "executor" => Some(CertRole::Executor(id)),
-        "learner" => Some(CertRole::Learner(id)),
-        _ => None,
-    }
+    let role = cert.subject().iter_common_name().next()?.as_str().ok()?.parse().ok();
+    role
 }
 
 /// The fingerprint of the first certificate in `cert_pem`.

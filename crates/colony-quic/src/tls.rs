@@ -75,10 +75,7 @@ pub fn mutual_client_config(
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<quinn::ClientConfig, PkiError> {
-    let mut roots = RootCertStore::empty();
-    for cert in certs(ca_pem, "the CA certificate PEM")? {
-        roots.add(cert)?;
-    }
+    let roots = roots_from_pem(ca_pem)?;
     let chain = certs(cert_pem, "the executor certificate PEM")?;
     let key = private_key(key_pem, "the executor key PEM")?;
     let tls = rustls::ClientConfig::builder_with_provider(provider())
@@ -170,6 +167,15 @@ impl ServerCertVerifier for PinnedCaVerifier {
 /// The ring provider, passed to every builder so no process-default provider is needed.
 pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Every certificate in `ca_pem` as a trust root.
+pub(crate) fn roots_from_pem(ca_pem: &str) -> Result<RootCertStore, PkiError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certs(ca_pem, "the CA certificate PEM")? {
+        roots.add(cert)?;
+    }
+    Ok(roots)
 }
 
 pub(crate) fn ca_roots(ca: &ClusterCa) -> Result<RootCertStore, PkiError> {

@@ -87,7 +87,7 @@ impl Audit {
     /// handle.
     pub fn open(data_dir: &Path, config: AuditConfig) -> io::Result<Audit> {
         let dir = data_dir.join(DIR);
-        crate::tls::private_dir(&dir)?;
+        colony_process::private_dir(&dir)?;
         let file = open_current(&dir)?;
         let size = file.metadata()?.len();
         let inner = Arc::new(Inner {

@@ -55,7 +55,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         bail!("--bootstrap and --join cannot be used together");
     }
     // The data directory holds keys and the replicated CA: only its owner may read it.
-    crate::tls::private_dir(&config.data_dir)
+    colony_process::private_dir(&config.data_dir)
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
     let (identity, tls) = resolve_identity(&config).await?;
     let peers = Peers::new(peer_auth(&tls)?);

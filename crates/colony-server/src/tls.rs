@@ -2,10 +2,10 @@
 //! `colony_client::serve`'s.
 
 pub use colony_client::serve::{accept, Conn, ConnInfo};
+use colony_process::{private_dir, write_private};
 use colony_quic::CertifiedKey;
 use std::io;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const DIR: &str = "tls";
 const CA_CERT: &str = "ca.pem";
@@ -50,13 +50,12 @@ impl ServerTls {
         let dir = data_dir.join(DIR);
         private_dir(data_dir)?;
         private_dir(&dir)?;
-        write_private(&dir.join(CA_CERT), &self.ca_pem)?;
-        write_private(&dir.join(CERT), &self.own.cert_pem)?;
-        write_private(&dir.join(KEY), &self.own.key_pem)?;
+        write_private(&dir.join(CA_CERT), self.ca_pem.as_bytes())?;
+        write_private(&dir.join(CERT), self.own.cert_pem.as_bytes())?;
+        write_private(&dir.join(KEY), self.own.key_pem.as_bytes())?;
         if let Some(ca_key) = &self.ca_key_pem {
-            write_private(&dir.join(CA_KEY), ca_key)?;
+            write_private(&dir.join(CA_KEY), ca_key.as_bytes())?;
         }
-        std::fs::File::open(&dir).and_then(|d| d.sync_all())?;
         Ok(())
     }
 
@@ -64,26 +63,4 @@ impl ServerTls {
     pub fn local_ca(&self) -> Option<(String, String)> {
         self.ca_key_pem.as_ref().map(|key| (self.ca_pem.clone(), key.clone()))
     }
-}
-
-/// Creates `dir` if needed and makes it 0700: data directories hold keys and the replicated CA.
-pub fn private_dir(dir: &Path) -> io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
-
-fn write_private(path: &PathBuf, text: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(())
 }

@@ -1,7 +1,7 @@
 //! The learner's certificate: enrolled once with a learner join token, then kept in
 //! `DATA_DIR/tls/` (directory 0700, files 0600) and presented on every call (mutual TLS).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -52,29 +52,14 @@ fn load(data_dir: &Path) -> anyhow::Result<Option<LearnerIdentity>> {
 }
 
 fn store(data_dir: &Path, identity: &LearnerIdentity) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let dir = data_dir.join(DIR);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    colony_process::private_dir(&dir)?;
     // The certificate last: its presence is what says the learner is enrolled.
     for (name, text) in
         [(CA, &identity.ca_pem), (KEY, &identity.own.key_pem), (CERT, &identity.own.cert_pem)]
     {
-        let path: PathBuf = dir.join(name);
-        let tmp = path.with_extension("tmp");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+        colony_process::write_private(&dir.join(name), text.as_bytes())?;
     }
-    std::fs::File::open(&dir).and_then(|d| d.sync_all())?;
     Ok(())
 }
 

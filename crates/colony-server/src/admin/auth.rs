@@ -189,24 +189,14 @@ fn forwarded_principal(node: &Node, forwarded: &str) -> Result<Principal, Status
             Principal::Token { accessor: found.accessor.clone(), grant: found.grant.clone() }
         }
         Some(("cert", holder)) => {
-            let holder = parse_holder(holder)
-                .ok_or_else(|| Status::invalid_argument("malformed forwarded caller"))?;
+            let holder: CertRole = holder
+                .parse()
+                .map_err(|()| Status::invalid_argument("malformed forwarded caller"))?;
             Principal::Certificate { holder, grant: certificate_grant(holder) }
         }
         _ if forwarded == "anonymous" => Principal::Anonymous,
         _ => return Err(Status::invalid_argument("malformed forwarded caller")),
     })
-}
-
-fn parse_holder(text: &str) -> Option<CertRole> {
-    let (kind, id) = text.rsplit_once('-')?;
-    let id = id.parse().ok()?;
-    match kind {
-        "server" => Some(CertRole::Server(id)),
-        "executor" => Some(CertRole::Executor(id)),
-        "learner" => Some(CertRole::Learner(id)),
-        _ => None,
-    }
 }
 
 /// A request id unique to this server's life: a random prefix drawn once, then a counter.
