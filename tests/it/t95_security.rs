@@ -70,7 +70,7 @@ async fn rss(cluster: &Cluster, index: usize) -> anyhow::Result<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_attack_class_is_refused_and_changes_nothing() -> anyhow::Result<()> {
-    let cluster = Cluster::start(3, 20_000).await?;
+    let mut cluster = Cluster::start(3, 20_000).await?;
     let addrs = cluster.addrs();
     let admin_auth = cluster.auth()?.clone();
     let mut admin = client_with(&addrs[0], &admin_auth)?;
@@ -278,6 +278,29 @@ async fn every_attack_class_is_refused_and_changes_nothing() -> anyhow::Result<(
     for secret in [&cluster.token, &reader, &submitter] {
         let hex = secret.rsplit_once('.').map_or("", |(_, s)| s);
         assert!(!trail.contains(hex), "a secret reached the audit trail");
+    }
+
+    // 8. Read your token: one created on the leader is accepted at once by every follower, even
+    // by a call a follower answers itself, before the follower would have applied it alone.
+    // The followers' connections are open before the token exists, so the call follows the
+    // creation's answer as closely as a client can.
+    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
+    let mut on_leader = client_with(&addrs[leader], &admin_auth)?;
+    let mut followers = Vec::new();
+    for (i, addr) in addrs.iter().enumerate().filter(|(i, _)| *i != leader) {
+        let mut follower = client_with(addr, &Auth::pinned(ca))?;
+        // Any answer, a refusal included, leaves the connection open.
+        let _ = follower.cluster_ca(pb::ClusterCaRequest {}).await;
+        followers.push((i, follower));
+    }
+    for round in 0..20 {
+        let (_, secret) = create_token(&mut on_leader, "reader", &[], 0).await?;
+        for (i, follower) in &mut followers {
+            let mut request = tonic::Request::new(pb::ClusterStatusRequest {});
+            request.metadata_mut().insert("authorization", format!("Bearer {secret}").parse()?);
+            let answer = follower.cluster_status(request).await;
+            assert!(answer.is_ok(), "round {round}: server {i} refused a new token: {answer:?}");
+        }
     }
     for server in &cluster.servers {
         server.status().await?;

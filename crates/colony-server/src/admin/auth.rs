@@ -109,6 +109,30 @@ impl Caller {
     }
 }
 
+/// Why a request's credentials were not accepted.
+#[derive(Debug)]
+pub enum Refused {
+    /// A well-formed token of this cluster that this server's applied state does not hold:
+    /// revoked, never created, or created on the leader and not yet applied here.
+    UnknownToken,
+    Other(Status),
+}
+
+impl From<Status> for Refused {
+    fn from(status: Status) -> Refused {
+        Refused::Other(status)
+    }
+}
+
+impl From<Refused> for Status {
+    fn from(refused: Refused) -> Status {
+        match refused {
+            Refused::UnknownToken => Status::unauthenticated("unknown or revoked token"),
+            Refused::Other(status) => status,
+        }
+    }
+}
+
 /// Authenticates a request that arrived on `conn` with `metadata`. Bad credentials are refused
 /// (`UNAUTHENTICATED`); no credentials make an anonymous caller, refused later by every RPC
 /// that needs a permission.
@@ -116,7 +140,7 @@ pub fn authenticate(
     node: &Node,
     conn: Option<&ConnInfo>,
     metadata: &MetadataMap,
-) -> Result<Caller, Status> {
+) -> Result<Caller, Refused> {
     let peer = conn.and_then(|c| c.remote);
     let from_server = matches!(conn.and_then(|c| c.peer), Some(CertRole::Server(_)));
     if from_server {
@@ -150,9 +174,9 @@ fn certificate_grant(holder: CertRole) -> Grant {
     })
 }
 
-fn token_principal(node: &Node, value: &[u8]) -> Result<Principal, Status> {
+fn token_principal(node: &Node, value: &[u8]) -> Result<Principal, Refused> {
     if value.len() > AUTHORIZATION_BYTES_MAX {
-        return Err(Status::unauthenticated("the authorization header is too long"));
+        return Err(Status::unauthenticated("the authorization header is too long").into());
     }
     let text = std::str::from_utf8(value)
         .map_err(|_| Status::unauthenticated("the authorization header is not text"))?;
@@ -162,15 +186,14 @@ fn token_principal(node: &Node, value: &[u8]) -> Result<Principal, Status> {
     let token: Token =
         token.parse().map_err(|e| Status::unauthenticated(format!("malformed token: {e}")))?;
     if token.ca_fingerprint != node.ca_fingerprint() {
-        return Err(Status::unauthenticated("the token belongs to another cluster"));
+        return Err(Status::unauthenticated("the token belongs to another cluster").into());
     }
     let state = node.state();
-    let found = state
-        .machine
-        .acl_token_by_secret(&token.secret_hash())
-        .ok_or_else(|| Status::unauthenticated("unknown or revoked token"))?;
+    let found =
+        state.machine.acl_token_by_secret(&token.secret_hash()).ok_or(Refused::UnknownToken)?;
     if !found.live_at(colony_process::unix_ms()) {
-        return Err(Status::unauthenticated(format!("token {} has expired", found.accessor)));
+        let expired = format!("token {} has expired", found.accessor);
+        return Err(Status::unauthenticated(expired).into());
     }
     Ok(Principal::Token { accessor: found.accessor.clone(), grant: found.grant.clone() })
 }

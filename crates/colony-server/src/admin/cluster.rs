@@ -117,6 +117,7 @@ impl AdminService {
             node_id: self.node.id(),
             leader_id: metrics.current_leader,
             members,
+            commit_index: self.node.committed_index(),
         })
     }
 

@@ -2,7 +2,7 @@
 //! authorization), where it is served (forwarded once to the leader, or here after a read
 //! barrier), under which deadline, and the audit line it leaves.
 
-use super::auth::{authenticate, Caller, CALLER, REQUEST_ID, SOURCE};
+use super::auth::{authenticate, Caller, Refused, CALLER, REQUEST_ID, SOURCE};
 use super::targets::Target;
 use super::AdminService;
 use crate::audit::{now_rfc3339, Record};
@@ -10,6 +10,7 @@ use crate::proposer::ProposeError;
 use crate::tls::ConnInfo;
 use colony_client::Channel;
 use colony_core::{CommandError, Permission};
+use colony_proto::pb;
 use colony_proto::pb::admin_client::AdminClient;
 use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::ServerState;
@@ -23,6 +24,8 @@ const FORWARDED: &str = "x-colony-forwarded";
 const DEADLINE_MAX: Duration = Duration::from_secs(15);
 /// Joins wait for a new server to catch up, which may take this long.
 pub const JOIN_DEADLINE_MAX: Duration = Duration::from_secs(150);
+/// The longest a follower waits to learn a token it does not know (read-your-token).
+const TOKEN_CATCH_UP_MAX: Duration = Duration::from_secs(2);
 
 /// Where an RPC is served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,7 +79,7 @@ impl AdminService {
         LFut: Future<Output = Result<Resp, Status>>,
     {
         let started = Instant::now();
-        let (caller, deadline) = match self.admit(&rpc, &request) {
+        let (caller, deadline) = match self.admit(&rpc, &request).await {
             Ok(admitted) => admitted,
             Err((caller, status)) => {
                 self.audit(&rpc, &request, caller.as_ref(), Err(&status), started);
@@ -129,7 +132,7 @@ impl AdminService {
     {
         debug_assert_eq!(rpc.serve, Serve::Here, "{} is routed with serve_here", rpc.name);
         let started = Instant::now();
-        let (caller, deadline) = match self.admit(&rpc, &request) {
+        let (caller, deadline) = match self.admit(&rpc, &request).await {
             Ok(admitted) => admitted,
             Err((caller, status)) => {
                 self.audit(&rpc, &request, caller.as_ref(), Err(&status), started);
@@ -144,15 +147,23 @@ impl AdminService {
 
     /// Who calls `rpc`, whether they may, and the deadline it is served under; on a refusal, the
     /// caller when known, for the audit line.
-    #[allow(clippy::result_large_err)]
-    fn admit<T>(
+    async fn admit<T>(
         &self,
         rpc: &Rpc,
         request: &Request<T>,
     ) -> Result<(Caller, Duration), (Option<Caller>, Status)> {
         let conn = request.extensions().get::<ConnInfo>();
-        let caller =
-            authenticate(&self.node, conn, request.metadata()).map_err(|status| (None, status))?;
+        let caller = match authenticate(&self.node, conn, request.metadata()) {
+            Ok(caller) => caller,
+            // A token just created on the leader may not be applied here yet: learn how far the
+            // leader has committed, apply that far, and look again.
+            Err(Refused::UnknownToken) if !self.is_leader() => {
+                self.catch_up_with_leader().await;
+                authenticate(&self.node, conn, request.metadata())
+                    .map_err(|refused| (None, refused.into()))?
+            }
+            Err(refused) => return Err((None, refused.into())),
+        };
         if let Some(permission) = rpc.permission {
             let checked = match permission.namespaced() {
                 // The handler checks the namespace; here, only that the role can do it at all.
@@ -233,12 +244,14 @@ impl AdminService {
         self.node.audit().record(&record);
     }
 
+    fn is_leader(&self) -> bool {
+        self.node.raft().metrics().borrow().state == ServerState::Leader
+    }
+
     /// Whether this server leads; `Unavailable` when it cannot say who does or the request was
     /// already forwarded once.
     fn leads<T>(&self, request: &Request<T>) -> Result<bool, Status> {
-        let metrics = self.node.raft().metrics();
-        let metrics = metrics.borrow();
-        if metrics.state == ServerState::Leader {
+        if self.is_leader() {
             return Ok(true);
         }
         if request.metadata().contains_key(FORWARDED) {
@@ -311,6 +324,21 @@ impl AdminService {
             Err(_) => {
                 Err(Status::unavailable("the leader did not answer in time; outcome unknown"))
             }
+        }
+    }
+
+    /// Waits (at most [`TOKEN_CATCH_UP_MAX`]) until this follower has applied everything the
+    /// leader had committed when asked. Best effort: when the leader cannot be asked, the caller
+    /// is judged on what this server has.
+    async fn catch_up_with_leader(&self) {
+        let caught_up = async {
+            let mut leader = self.leader_client().ok()?;
+            let info = leader.cluster_info(pb::ClusterInfoRequest {}).await.ok()?.into_inner();
+            let wait = self.node.raft().wait(Some(TOKEN_CATCH_UP_MAX));
+            wait.applied_index_at_least(Some(info.commit_index), "a token's creation").await.ok()
+        };
+        if tokio::time::timeout(TOKEN_CATCH_UP_MAX, caught_up).await.ok().flatten().is_none() {
+            tracing::debug!("could not catch up with the leader to look a token up again");
         }
     }
 
