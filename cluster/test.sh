@@ -37,6 +37,8 @@ cargo test --release --workspace -- --test-threads 2
 # control, which must be caught (servers serving stale reads make the history non-linearizable).
 # Needs root for network namespaces; it says so and fails rather than skip.
 chaos_dir="$(mktemp -d /tmp/colony-chaos-ci.XXXXXX)"
+# Tasks run as nobody and append to the run's ledger: let them through (not list) the directory.
+chmod 711 "$chaos_dir"
 COLONY_SKIP_BUILD=1 chaos/run --servers 3 --executors 3 --duration 190s --fault-time 5s \
     --seed "${COLONY_CHAOS_SEED:-42}" --nemesis all --dir "$chaos_dir/all"
 echo "chaos: the negative control follows; its run must end INVALID (the error line below is expected)" >&2

@@ -15,6 +15,7 @@ use colony_proto::pb::{self, ClusterStatusRequest};
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -213,6 +214,8 @@ impl Executor {
             .arg("executor")
             .args(&self.args)
             .env("RUST_LOG", "info")
+            // Never to be seen by a task (t97 looks for it).
+            .env("COLONY_TEST_EXECUTOR_ONLY", "executor-only")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -254,8 +257,12 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` servers: the first bootstraps, the rest join it; returns when all are voters.
     pub async fn start(n: usize, snapshot_logs: u64) -> anyhow::Result<Cluster> {
+        let dir = tempfile::tempdir()?;
+        // Tasks run as nobody: they pass through (never list) the cluster's directory to reach
+        // their executors' work directories and the files `task_writable` makes.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))?;
         let mut cluster = Cluster {
-            dir: tempfile::tempdir()?,
+            dir,
             servers: Vec::new(),
             executors: Vec::new(),
             snapshot_logs,
@@ -270,6 +277,17 @@ impl Cluster {
         }
         cluster.wait_for_voters(n, Duration::from_secs(60)).await?;
         Ok(cluster)
+    }
+
+    /// An empty file tasks (running as nobody) may append to: `DIR/shared/NAME`.
+    pub fn task_writable(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let shared = self.dir.path().join("shared");
+        std::fs::create_dir_all(&shared)?;
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777))?;
+        let path = shared.join(name);
+        std::fs::write(&path, b"")?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+        Ok(path)
     }
 
     /// Bootstraps ACLs through the first server, trusting the CA in its data directory.

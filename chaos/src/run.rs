@@ -211,6 +211,11 @@ async fn play(
     let history = History::create(&dir.join("history.jsonl"), clock)?;
     let ledger = dir.join("ledger");
     std::fs::write(&ledger, b"").context("cannot create the ledger")?;
+    // Tasks run as an unprivileged user (nobody, under a root executor): they may pass through
+    // the run's directory to append to the ledger, and nothing else of it.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+    std::fs::set_permissions(&ledger, std::fs::Permissions::from_mode(0o666))?;
     let workload = Workload {
         history: history.clone(),
         pool: Arc::new(Mutex::new(Pool::default())),

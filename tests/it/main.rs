@@ -13,3 +13,4 @@ mod t85_executor_link;
 mod t90_learner;
 mod t95_security;
 mod t96_python;
+mod t97_containment;

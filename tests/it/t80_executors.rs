@@ -161,7 +161,7 @@ async fn run_workload(fault: Fault) -> anyhow::Result<()> {
     }
     cluster.wait_for_executors_up(3, Duration::from_secs(30)).await?;
     let addrs = cluster.addrs();
-    let ledger = cluster.dir.path().join("ledger");
+    let ledger = cluster.task_writable("ledger")?;
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = tokio::spawn(watch_capacity(addrs.clone(), stop.clone()));
 

@@ -14,9 +14,25 @@ pub struct ExecutorArgs {
     /// Servers to connect to (comma-separated HOST:PORT); any one finds the leader.
     #[arg(long, required = true, value_delimiter = ',', value_parser = colony_client::parse_endpoint)]
     join: Vec<String>,
-    /// Where the executor keeps its identity (key and certificate) and the tasks' working directories.
+    /// Where the executor keeps its identity (key and certificate) and its journal; owner-only,
+    /// and out of every task's reach.
     #[arg(long)]
     data_dir: PathBuf,
+    /// Where tasks' working directories are made (default: DATA_DIR-work, beside the data
+    /// directory; never inside it).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// The user tasks run as (default: `nobody` when the executor runs as root, otherwise the
+    /// executor's own user).
+    #[arg(long, value_name = "USER")]
+    run_as: Option<String>,
+    /// Refuse to start when this host lacks a cgroup controller (memory, cpu, pids) that
+    /// enforces tasks' limits; `--require-limits=false` runs them unlimited instead.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    require_limits: bool,
+    /// Processes (and threads) one task attempt may hold at once.
+    #[arg(long, default_value_t = colony_executor::TASK_PIDS_MAX_DEFAULT)]
+    task_pids_max: u64,
     /// A name for people (default: the data directory's name).
     #[arg(long)]
     name: Option<String>,
@@ -26,6 +42,7 @@ pub struct ExecutorArgs {
     /// Memory offered (512Mi, 8Gi).
     #[arg(long, default_value = "1Gi")]
     memory: String,
+    /// GPUs offered; each attempt gets its own indices in CUDA_VISIBLE_DEVICES.
     #[arg(long, default_value_t = 0)]
     gpus: u32,
     /// A custom resource offered, NAME=COUNT (repeatable).
@@ -83,6 +100,10 @@ fn config(args: &ExecutorArgs, global: &crate::GlobalArgs) -> Result<ExecutorCon
         labels: spec.labels,
         capabilities: spec.capabilities,
         metrics_listen: args.metrics_listen,
+        work_dir: args.work_dir.clone(),
+        run_as: args.run_as.clone(),
+        require_limits: args.require_limits,
+        task_pids_max: args.task_pids_max,
     })
 }
 

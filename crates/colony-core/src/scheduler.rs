@@ -4,11 +4,13 @@
 //! against a stale state can be refused but can never over-commit.
 
 use crate::executor::{Executor, ExecutorSpec, ExecutorState};
-use crate::ids::TaskId;
+use crate::ids::{ExecutorId, TaskId};
 use crate::resources::Resources;
 use crate::state_machine::{constraint_mismatch, Placement, StateMachine};
 use crate::task::{PlacementPolicy, Task, TaskSpec};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
 
 /// What the leader knows beyond the state: the current model's predictions. The planner uses
 /// them to choose, and what it chooses travels in the log, so replicas never predict.
@@ -85,6 +87,195 @@ impl Plan {
     }
 }
 
+/// Task shapes that found no room, kept between scheduling rounds so that a queue of tasks no
+/// executor can take costs one check per shape instead of one per task, and never holds back a
+/// task that fits (Nomad's blocked evaluations). The leader keeps one while it leads and passes
+/// it to every [`plan_remembering`].
+///
+/// A shape is what decides whether a task can be placed: its request as sized for the round,
+/// the labels and capabilities it requires, and its priority (which decides what it may
+/// preempt). A round forgets a shape when it could have become placeable:
+/// - every shape, when the up executors or any of their specs (capacity, labels, capabilities)
+///   differ from what the last round saw;
+/// - every shape that fits some executor's capacity, when any up executor has more free room in
+///   any resource than the last round left it (the last round's own placements and evictions
+///   counted). Shapes no executor could run even empty stay: free room cannot help them;
+/// - every shape that fits some executor's capacity and could preempt (preemption on and its
+///   priority at least the gap), after each round. A new victim can arrive with free room
+///   unchanged (a task finishes as another leader's assignment of the same size lands), and
+///   seeing that takes a look at every running task, which this bookkeeping exists to avoid.
+///   Within a round they are still judged once per shape.
+///
+/// Checking is O(up executors) per round and one hash lookup per task.
+#[derive(Debug, Default)]
+pub struct Blocked {
+    /// Shapes by a hash of their fields. A bucket holds the full shapes and a lookup compares
+    /// every field, so a hash collision can never skip a task of another shape.
+    shapes: HashMap<u64, Vec<BlockedShape>>,
+    count: usize,
+    /// The up executors in id order as the last round left them; empty while nothing is kept.
+    executors: Vec<Mark>,
+    skipped: usize,
+}
+
+/// What a round found for a shape.
+#[derive(Debug)]
+enum Verdict {
+    /// No up executor could run it even empty; the reason every task of the shape is given.
+    NeverFits(String),
+    /// Some executor could run it, but none had room and it could evict nothing.
+    NoRoom,
+}
+
+#[derive(Debug)]
+struct BlockedShape {
+    request: Resources,
+    labels: BTreeMap<String, String>,
+    capabilities: BTreeSet<String>,
+    priority: u16,
+    verdict: Verdict,
+}
+
+/// An up executor as the last round left it.
+#[derive(Debug)]
+struct Mark {
+    id: ExecutorId,
+    spec: ExecutorSpec,
+    free: Resources,
+}
+
+/// The hash of a task's shape, computed without allocating. `DefaultHasher::new` has fixed
+/// keys, so a shape hashes alike in every round; the hash only finds a bucket, and nothing
+/// iterates the map into a plan.
+fn shape_hash(request: &Resources, spec: &TaskSpec) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    request.cpu_millis.hash(&mut hasher);
+    request.memory_bytes.hash(&mut hasher);
+    request.gpus.hash(&mut hasher);
+    request.custom.hash(&mut hasher);
+    spec.labels.hash(&mut hasher);
+    spec.capabilities.hash(&mut hasher);
+    spec.priority.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Whether a task of `priority` could evict anything at all, even a priority-0 task.
+fn may_preempt(priority: u16, config: &PlanConfig) -> bool {
+    config.preemption_priority_gap_min > 0
+        && config.preemptions_max > 0
+        && priority >= config.preemption_priority_gap_min
+}
+
+/// Whether `shape` may be kept into the next round by its verdict and priority alone.
+fn keeps(shape: &BlockedShape, config: &PlanConfig) -> bool {
+    match shape.verdict {
+        Verdict::NeverFits(_) => true,
+        Verdict::NoRoom => !may_preempt(shape.priority, config),
+    }
+}
+
+impl Blocked {
+    /// How many shapes are blocked.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// How many tasks the last round skipped because their shape was blocked.
+    pub fn skipped(&self) -> usize {
+        self.skipped
+    }
+
+    fn find(&self, hash: u64, request: &Resources, spec: &TaskSpec) -> Option<&Verdict> {
+        let bucket = self.shapes.get(&hash)?;
+        let shape = bucket.iter().find(|shape| {
+            shape.priority == spec.priority
+                && shape.request == *request
+                && shape.labels == spec.labels
+                && shape.capabilities == spec.capabilities
+        })?;
+        Some(&shape.verdict)
+    }
+
+    /// Adds a shape the round found blocked; the caller looked it up first, so it is new.
+    fn insert(&mut self, hash: u64, request: Resources, spec: &TaskSpec, verdict: Verdict) {
+        self.shapes.entry(hash).or_default().push(BlockedShape {
+            request,
+            labels: spec.labels.clone(),
+            capabilities: spec.capabilities.clone(),
+            priority: spec.priority,
+            verdict,
+        });
+        self.count += 1;
+    }
+
+    fn retain(&mut self, keep: impl Fn(&BlockedShape) -> bool) {
+        self.shapes.retain(|_, bucket| {
+            bucket.retain(&keep);
+            !bucket.is_empty()
+        });
+        self.count = self.shapes.values().map(Vec::len).sum();
+    }
+
+    /// Forgets the shapes free room could help.
+    fn forget_no_room(&mut self) {
+        self.retain(|shape| matches!(shape.verdict, Verdict::NeverFits(_)));
+    }
+
+    /// Before a round: forgets what could have become placeable since the last one.
+    fn revalidate(&mut self, candidates: &[Candidate], config: &PlanConfig) {
+        self.skipped = 0;
+        let same_executors = self.executors.len() == candidates.len()
+            && self.executors.iter().zip(candidates).all(|(mark, candidate)| {
+                mark.id == candidate.executor.id && mark.spec == candidate.executor.spec
+            });
+        if !same_executors {
+            self.shapes.clear();
+            self.count = 0;
+            self.executors.clear();
+            return;
+        }
+        let grew = self
+            .executors
+            .iter()
+            .zip(candidates)
+            .any(|(mark, candidate)| !candidate.free.fits_in(&mark.free));
+        if grew {
+            self.forget_no_room();
+        }
+        // The config may have changed between rounds.
+        self.retain(|shape| keeps(shape, config));
+    }
+
+    /// After a round: keeps what may be carried over, and the executors it was judged against.
+    fn record(&mut self, candidates: &[Candidate], config: &PlanConfig) {
+        self.retain(|shape| keeps(shape, config));
+        if self.is_empty() {
+            self.executors.clear();
+            return;
+        }
+        // `revalidate` left the marks either matching `candidates` one for one, or empty.
+        if self.executors.len() == candidates.len() {
+            for (mark, candidate) in self.executors.iter_mut().zip(candidates) {
+                assert_eq!(mark.id, candidate.executor.id, "blocked marks out of step");
+                mark.free.clone_from(&candidate.free);
+            }
+        } else {
+            self.executors = candidates
+                .iter()
+                .map(|candidate| Mark {
+                    id: candidate.executor.id,
+                    spec: candidate.executor.spec.clone(),
+                    free: candidate.free.clone(),
+                })
+                .collect();
+        }
+    }
+}
+
 struct Candidate<'a> {
     executor: &'a Executor,
     free: Resources,
@@ -142,11 +333,52 @@ fn class_key(spec: &ExecutorSpec) -> (u64, &BTreeMap<String, String>) {
 /// One scheduling round at time `now_unix_ms`, using `oracle`'s predictions: deadline-bound
 /// tasks are ordered by their latest start (deadline minus predicted runtime) within a priority
 /// and go to the executor predicted to finish them soonest; `memory_auto` tasks are sized.
+/// Remembers blocked shapes within the round only (see [`plan_remembering`]).
 pub fn plan_with(
     state: &StateMachine,
     now_unix_ms: u64,
     config: &PlanConfig,
     oracle: &dyn Oracle,
+) -> Plan {
+    let mut candidates = up_candidates(state);
+    round(state, now_unix_ms, config, oracle, &mut candidates, &mut Blocked::default())
+}
+
+/// Like [`plan_with`], with the shapes that found no room in earlier rounds: a task of a shape
+/// still in `blocked` once it has dropped what could have become placeable is skipped without
+/// being judged again. The leader keeps one `Blocked` while it leads and passes it every round.
+pub fn plan_remembering(
+    state: &StateMachine,
+    now_unix_ms: u64,
+    config: &PlanConfig,
+    oracle: &dyn Oracle,
+    blocked: &mut Blocked,
+) -> Plan {
+    let mut candidates = up_candidates(state);
+    blocked.revalidate(&candidates, config);
+    let plan = round(state, now_unix_ms, config, oracle, &mut candidates, blocked);
+    blocked.record(&candidates, config);
+    plan
+}
+
+/// The executors that may receive work, in id order, with what each can still take.
+fn up_candidates(state: &StateMachine) -> Vec<Candidate<'_>> {
+    state
+        .executors()
+        .filter(|e| e.state == ExecutorState::Up)
+        .map(|executor| Candidate { executor, free: executor.free() })
+        .collect()
+}
+
+/// One round against `candidates`, skipping the tasks whose shape `blocked` holds and adding
+/// the shapes that find no room.
+fn round<'a>(
+    state: &'a StateMachine,
+    now_unix_ms: u64,
+    config: &PlanConfig,
+    oracle: &dyn Oracle,
+    candidates: &mut [Candidate<'a>],
+    blocked: &mut Blocked,
 ) -> Plan {
     let mut plan = Plan {
         expire: state.overdue(now_unix_ms).take(config.placements_max).collect(),
@@ -159,16 +391,12 @@ pub fn plan_with(
             plan.drain_evictions.extend(executor.tasks.iter().copied());
         }
     }
-    let mut candidates: Vec<Candidate> = state
-        .executors()
-        .filter(|e| e.state == ExecutorState::Up)
-        .map(|executor| Candidate { executor, free: executor.free() })
-        .collect();
     let expiring: BTreeSet<TaskId> = plan.expire.iter().copied().collect();
     let mut evicted: BTreeSet<TaskId> = BTreeSet::new();
     let mut misses = 0;
+    let mut preemptions = 0;
     let mut classes: Vec<&ExecutorSpec> = Vec::new();
-    for candidate in &candidates {
+    for candidate in candidates.iter() {
         if !classes.iter().any(|c| class_key(c) == class_key(&candidate.executor.spec)) {
             classes.push(&candidate.executor.spec);
         }
@@ -205,8 +433,23 @@ pub fn plan_with(
             break;
         }
         let request = request(task, state, config, oracle, &classes);
+        // Hashing costs a little per task, so only while some shape is blocked.
+        let mut hash = None;
+        if !blocked.is_empty() {
+            let shape = shape_hash(&request, &task.spec);
+            hash = Some(shape);
+            if let Some(verdict) = blocked.find(shape, &request, &task.spec) {
+                if let Verdict::NeverFits(reason) = verdict {
+                    if task.reason.as_deref() != Some(reason.as_str()) {
+                        plan.unschedulable.push((task.id, reason.clone()));
+                    }
+                }
+                blocked.skipped += 1;
+                continue;
+            }
+        }
         let memory_bytes = task.spec.memory_auto.then_some(request.memory_bytes);
-        if let Some(index) = best_fit(&candidates, task, &request, oracle) {
+        if let Some(index) = best_fit(candidates, task, &request, oracle) {
             candidates[index].free.sub(&request);
             plan.placements.push(Placement {
                 task: task.id,
@@ -217,18 +460,21 @@ pub fn plan_with(
             misses = 0;
             continue;
         }
-        misses += 1;
-        if let Some(reason) = never_fits(&candidates, task, &request) {
+        let hash = hash.unwrap_or_else(|| shape_hash(&request, &task.spec));
+        // Not a miss: that no executor could run it says nothing about whether the cluster is
+        // full.
+        if let Some(reason) = never_fits(candidates, task, &request) {
             if task.reason.as_deref() != Some(reason.as_str()) {
-                plan.unschedulable.push((task.id, reason));
+                plan.unschedulable.push((task.id, reason.clone()));
             }
+            blocked.insert(hash, request, &task.spec, Verdict::NeverFits(reason));
             continue;
         }
-        let preemptions = plan.placements.iter().filter(|p| !p.evict.is_empty()).count();
+        misses += 1;
         if config.preemption_priority_gap_min > 0 && preemptions < config.preemptions_max {
             if let Some((index, victims)) = preemption(
                 state,
-                &candidates,
+                candidates,
                 task,
                 &request,
                 &evicted,
@@ -248,9 +494,16 @@ pub fn plan_with(
                     evict: victims,
                     memory_bytes,
                 });
+                preemptions += 1;
                 misses = 0;
+                // The victims may give back more of some resource than the task takes, so a
+                // shape that found no room earlier may fit now. Preemptions per round are
+                // bounded, and so is this.
+                blocked.forget_no_room();
+                continue;
             }
         }
+        blocked.insert(hash, request, &task.spec, Verdict::NoRoom);
     }
     plan
 }
@@ -364,4 +617,400 @@ fn preemption(
         }
     }
     best.map(|(index, victims, _)| (index, victims))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::state_machine::{Command, Outcome, Proposal};
+    use crate::task::{RunSpec, TaskState};
+
+    /// A state machine driven the way the leader drives it, with one `Blocked` across rounds.
+    struct World {
+        sm: StateMachine,
+        now: u64,
+        config: PlanConfig,
+        blocked: Blocked,
+    }
+
+    fn resources(cpu_millis: u64) -> Resources {
+        Resources { cpu_millis, memory_bytes: 64 << 20, gpus: 0, custom: BTreeMap::new() }
+    }
+
+    fn spec(name: &str, cpu_millis: u64, priority: u16) -> TaskSpec {
+        TaskSpec {
+            name: name.to_owned(),
+            namespace: "default".to_owned(),
+            labels: BTreeMap::new(),
+            capabilities: BTreeSet::new(),
+            resources: resources(cpu_millis),
+            priority,
+            deadline_unix_ms: None,
+            timeout_ms: None,
+            max_retries: 0,
+            dependencies: BTreeSet::new(),
+            run: RunSpec::Builtin { handler: "sleep".to_owned(), input: "1s".to_owned() },
+            idempotency_key: None,
+            placement: Default::default(),
+            memory_auto: false,
+        }
+    }
+
+    fn needing(name: &str, cpu_millis: u64, priority: u16, capability: &str) -> TaskSpec {
+        let mut spec = spec(name, cpu_millis, priority);
+        spec.capabilities.insert(capability.to_owned());
+        spec
+    }
+
+    impl World {
+        fn new() -> World {
+            World {
+                sm: StateMachine::new(),
+                now: 1_000_000,
+                config: PlanConfig::default(),
+                blocked: Blocked::default(),
+            }
+        }
+
+        fn apply_all(&mut self, commands: Vec<Command>) -> Vec<Outcome> {
+            let results = self.sm.apply_proposal(&Proposal { now_unix_ms: self.now, commands });
+            self.sm.check_invariants().unwrap();
+            results.into_iter().map(Result::unwrap).collect()
+        }
+
+        fn apply(&mut self, command: Command) -> Outcome {
+            self.apply_all(vec![command]).remove(0)
+        }
+
+        fn executor(&mut self, cpu_millis: u64, capabilities: &[&str]) -> ExecutorId {
+            let id = self.sm.next_executor_id();
+            self.apply(Command::CreateJoinToken {
+                secret_hash: [1; 32],
+                expires_unix_ms: self.now + 60_000,
+                kind: crate::JoinKind::Executor,
+            });
+            self.apply(Command::AdmitExecutor {
+                secret_hash: [1; 32],
+                expected_id: id,
+                name: format!("e{id}"),
+                cert_fingerprint: [0; 32],
+            });
+            let spec = ExecutorSpec {
+                name: format!("e{id}"),
+                capacity: Resources { memory_bytes: 4 << 30, ..resources(cpu_millis) },
+                labels: BTreeMap::new(),
+                capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
+            };
+            self.apply(Command::RegisterExecutor { id, spec });
+            id
+        }
+
+        fn submit(&mut self, spec: TaskSpec) -> TaskId {
+            match self.apply(Command::SubmitTask(spec)) {
+                Outcome::Submitted { task, .. } => task.id,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+
+        fn submit_many(&mut self, count: usize, spec: &TaskSpec) -> Vec<TaskId> {
+            (0..count).map(|_| self.submit(spec.clone())).collect()
+        }
+
+        /// One round with memory, checked against a round without it, then applied.
+        fn schedule(&mut self) -> Plan {
+            let fresh = plan(&self.sm, self.now, &self.config);
+            let plan =
+                plan_remembering(&self.sm, self.now, &self.config, &NoModel, &mut self.blocked);
+            assert_eq!(plan, fresh, "remembering blocked shapes changed the plan");
+            self.apply(Command::PlaceTasks {
+                placements: plan.placements.clone(),
+                unschedulable: plan.unschedulable.clone(),
+            });
+            plan
+        }
+
+        fn state(&self, id: TaskId) -> TaskState {
+            self.sm.get_task(id).unwrap().state
+        }
+
+        fn cancel(&mut self, id: TaskId) {
+            self.apply(Command::CancelTask { id, reason: String::new() });
+        }
+    }
+
+    fn placed(plan: &Plan) -> Vec<TaskId> {
+        plan.placements.iter().map(|p| p.task).collect()
+    }
+
+    #[test]
+    fn tasks_no_executor_could_run_do_not_hold_back_one_that_fits() {
+        let mut w = World::new();
+        w.executor(4000, &["shell"]);
+        let stuck = w.submit_many(600, &needing("stuck", 100, 1000, "gpu"));
+        let low = w.submit(spec("low", 100, 0));
+        let plan = plan(&w.sm, w.now, &w.config);
+        assert_eq!(placed(&plan), vec![low]);
+        let reason = "unschedulable: no executor has capability gpu".to_owned();
+        let expected: Vec<(TaskId, String)> =
+            stuck.iter().map(|&id| (id, reason.clone())).collect();
+        assert_eq!(plan.unschedulable, expected);
+        w.apply(Command::PlaceTasks {
+            placements: plan.placements,
+            unschedulable: plan.unschedulable,
+        });
+        assert_eq!(w.state(low), TaskState::Assigned);
+        assert!(stuck
+            .iter()
+            .all(|&id| w.sm.get_task(id).unwrap().reason.as_deref() == Some(reason.as_str())));
+    }
+
+    #[test]
+    fn tasks_that_only_lack_free_room_do_not_hold_back_a_small_one() {
+        let mut w = World::new();
+        w.executor(2000, &[]);
+        let big = w.submit(spec("big", 1500, 1000));
+        assert_eq!(placed(&w.schedule()), vec![big]);
+        // They fit the executor's capacity but not what `big` leaves, and `big` is not
+        // preemptible (same priority).
+        let waiting = w.submit_many(600, &spec("waiting", 1000, 1000));
+        let small = w.submit(spec("small", 500, 0));
+        let plan = w.schedule();
+        assert_eq!(placed(&plan), vec![small]);
+        assert!(plan.unschedulable.is_empty(), "no room is not unschedulable");
+        assert!(waiting.iter().all(|&id| w.state(id) == TaskState::Pending));
+        assert_eq!(w.blocked.skipped(), 599, "one task of the shape is judged, the rest skipped");
+    }
+
+    #[test]
+    fn tasks_no_executor_could_run_are_not_misses() {
+        let mut w = World::new();
+        w.executor(4000, &[]);
+        w.config.misses_in_a_row_max = 1;
+        w.submit(needing("stuck", 100, 1000, "gpu"));
+        w.submit(needing("stuck-too", 100, 900, "tpu"));
+        let low = w.submit(spec("low", 100, 0));
+        assert_eq!(placed(&w.schedule()), vec![low]);
+    }
+
+    #[test]
+    fn a_blocked_shape_is_skipped_until_room_is_freed() {
+        let mut w = World::new();
+        w.executor(2000, &[]);
+        let filler = w.submit(spec("filler", 2000, 50));
+        w.schedule();
+        // Below the preemption gap: a shape that waits only for free room.
+        let waiting = w.submit_many(3, &spec("waiting", 1000, 50));
+        let first = w.schedule();
+        assert!(first.is_empty());
+        assert_eq!((w.blocked.len(), w.blocked.skipped()), (1, 2));
+        let again = w.schedule();
+        assert_eq!(again, first);
+        assert_eq!((w.blocked.len(), w.blocked.skipped()), (1, 3), "nothing changed: all skipped");
+        w.cancel(filler);
+        let freed = w.schedule();
+        assert_eq!(placed(&freed), waiting[..2].to_vec());
+        assert_eq!(w.blocked.skipped(), 0, "more free room forgets the shape");
+        assert_eq!(w.blocked.len(), 1, "the third found no room again");
+        w.cancel(waiting[0]);
+        assert_eq!(placed(&w.schedule()), vec![waiting[2]]);
+        assert!(w.blocked.is_empty());
+    }
+
+    #[test]
+    fn a_blocked_shape_is_placed_once_a_new_executor_registers() {
+        let mut w = World::new();
+        w.config.preemption_priority_gap_min = 0;
+        w.executor(1000, &[]);
+        w.submit(spec("filler", 1000, 1000));
+        w.schedule();
+        let waiting = w.submit(spec("waiting", 1000, 1000));
+        let stuck = w.submit(needing("stuck", 100, 1000, "gpu"));
+        w.schedule();
+        w.schedule();
+        assert_eq!((w.blocked.len(), w.blocked.skipped()), (2, 2));
+        assert_eq!(w.state(waiting), TaskState::Pending);
+        w.executor(1000, &[]);
+        assert_eq!(placed(&w.schedule()), vec![waiting]);
+        assert_eq!(w.blocked.len(), 1, "still no gpu");
+        w.executor(1000, &["gpu"]);
+        assert_eq!(placed(&w.schedule()), vec![stuck]);
+        assert!(w.blocked.is_empty());
+    }
+
+    #[test]
+    fn a_never_fitting_shape_gives_every_task_its_reason_once() {
+        let mut w = World::new();
+        w.executor(1000, &[]);
+        let stuck = w.submit_many(3, &needing("stuck", 100, 10, "gpu"));
+        let reason = "unschedulable: no executor has capability gpu".to_owned();
+        let first = w.schedule();
+        assert_eq!(first.unschedulable.len(), 3);
+        assert_eq!(w.blocked.skipped(), 2);
+        assert!(w.schedule().is_empty(), "unchanged reasons are not proposed again");
+        assert_eq!(w.blocked.skipped(), 3);
+        let late = w.submit(needing("late", 100, 10, "gpu"));
+        let plan = w.schedule();
+        assert_eq!(plan.unschedulable, vec![(late, reason)], "a skipped task still gets it");
+        assert_eq!(w.blocked.skipped(), 4);
+        assert!(stuck.iter().all(|&id| w.state(id) == TaskState::Pending));
+    }
+
+    #[test]
+    fn a_shape_that_could_preempt_is_judged_again_every_round() {
+        let mut w = World::new();
+        let e = w.executor(2000, &[]);
+        let owner = w.submit(spec("owner", 2000, 1000));
+        w.schedule();
+        let high = w.submit(spec("high", 2000, 500));
+        assert!(w.schedule().placements.is_empty(), "`owner` is not preemptible");
+        assert!(w.blocked.is_empty(), "a shape that may preempt is not carried over");
+        // Another leader's plan lands as `owner` finishes: free room is unchanged, but there is
+        // now a victim.
+        let low = w.submit(spec("low", 2000, 0));
+        let foreign = Placement { task: low, executor: e, evict: Vec::new(), memory_bytes: None };
+        w.apply_all(vec![
+            Command::CancelTask { id: owner, reason: String::new() },
+            Command::PlaceTasks { placements: vec![foreign], unschedulable: Vec::new() },
+        ]);
+        let plan = w.schedule();
+        assert_eq!(placed(&plan), vec![high]);
+        assert_eq!(plan.placements[0].evict, vec![low]);
+    }
+
+    #[test]
+    fn an_eviction_that_gives_back_more_than_it_takes_forgets_shapes_within_the_round() {
+        let mut w = World::new();
+        let e = w.executor(2000, &[]);
+        let mut with_gpus = w.sm.get_executor(e).unwrap().spec.clone();
+        with_gpus.capacity.gpus = 2;
+        w.apply(Command::RegisterExecutor { id: e, spec: with_gpus });
+        let mut victim = spec("victim", 1000, 0);
+        victim.resources.gpus = 2;
+        let victim = w.submit(victim);
+        w.submit(spec("keeper", 1000, 1000));
+        assert_eq!(w.schedule().placements.len(), 2);
+        // Below the gap, so it cannot evict `victim` itself, and carried over.
+        let mut gpu = spec("gpu", 0, 50);
+        gpu.resources.gpus = 1;
+        let gpu = w.submit(gpu);
+        assert!(w.schedule().is_empty());
+        assert_eq!(w.blocked.len(), 1);
+        // Takes cpu only, and evicting `victim` gives back both gpus as well.
+        let preemptor = w.submit(spec("preemptor", 1000, 500));
+        let plan = w.schedule();
+        assert_eq!(placed(&plan), vec![preemptor, gpu]);
+        assert_eq!(plan.placements[0].evict, vec![victim]);
+    }
+
+    #[test]
+    fn a_shape_is_carried_over_unless_the_config_lets_it_preempt() {
+        let mut w = World::new();
+        w.config.preemption_priority_gap_min = 0;
+        w.executor(1000, &[]);
+        w.submit(spec("filler", 1000, 0));
+        w.schedule();
+        w.submit(spec("high", 1000, 500));
+        w.schedule();
+        assert_eq!(w.blocked.len(), 1);
+        w.config.preemption_priority_gap_min = 100;
+        let plan = w.schedule();
+        assert_eq!(plan.placements.len(), 1, "preempts once the config allows it");
+        assert_eq!(w.blocked.skipped(), 0);
+    }
+
+    /// Remembering must never change a plan: across seeded random histories (submissions,
+    /// cancels, executors joining, leaving and changing, other leaders' placements), every
+    /// round's plan equals a fresh round's (`World::schedule` checks).
+    #[test]
+    fn remembering_never_changes_a_plan() {
+        for seed in 1..=40u64 {
+            let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut next = |n: u64| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % n
+            };
+            let mut w = World::new();
+            w.config.preemption_priority_gap_min = [0, 100][next(2) as usize];
+            let mut executors = vec![w.executor(2000, &[])];
+            let mut tasks: Vec<TaskId> = Vec::new();
+            for _ in 0..150 {
+                match next(10) {
+                    0..=3 => {
+                        let cpu = [500, 1000, 2000, 3000][next(4) as usize];
+                        let priority = [0, 50, 500, 1000][next(4) as usize];
+                        let mut task = spec("t", cpu, priority);
+                        if next(4) == 0 {
+                            task.capabilities.insert("gpu".to_owned());
+                        }
+                        tasks.push(w.submit(task));
+                    }
+                    4 if !tasks.is_empty() => {
+                        let id = tasks[next(tasks.len() as u64) as usize];
+                        if !w.state(id).is_finished() {
+                            w.cancel(id);
+                        }
+                    }
+                    5 if executors.len() < 4 => {
+                        let caps: &[&str] = if next(2) == 0 { &["gpu"] } else { &[] };
+                        executors.push(w.executor(1000 + 1000 * next(3), caps));
+                    }
+                    6 => {
+                        let e = executors[next(executors.len() as u64) as usize];
+                        let executor = w.sm.get_executor(e).unwrap();
+                        let command = match executor.state {
+                            ExecutorState::Up => {
+                                Command::MarkExecutorDown { id: e, reason: "test".to_owned() }
+                            }
+                            _ => Command::RegisterExecutor { id: e, spec: executor.spec.clone() },
+                        };
+                        w.apply(command);
+                    }
+                    7 if !tasks.is_empty() => {
+                        let task = tasks[next(tasks.len() as u64) as usize];
+                        let executor = executors[next(executors.len() as u64) as usize];
+                        let foreign =
+                            Placement { task, executor, evict: Vec::new(), memory_bytes: None };
+                        w.apply(Command::PlaceTasks {
+                            placements: vec![foreign],
+                            unschedulable: Vec::new(),
+                        });
+                    }
+                    _ => {
+                        w.schedule();
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_hash_collision_never_skips_another_shape() {
+        let mut blocked = Blocked::default();
+        let request = resources(100);
+        let gpu = needing("a", 100, 10, "gpu");
+        blocked.insert(7, request.clone(), &gpu, Verdict::NoRoom);
+        assert!(blocked.find(7, &request, &gpu).is_some());
+        assert!(blocked.find(7, &request, &spec("b", 100, 10)).is_none());
+        assert!(blocked.find(7, &request, &needing("c", 100, 11, "gpu")).is_none());
+        assert!(blocked.find(7, &resources(200), &gpu).is_none());
+        assert!(blocked.find(8, &request, &gpu).is_none());
+        assert_eq!(blocked.len(), 1);
+    }
+
+    #[test]
+    fn an_executor_spec_change_forgets_every_shape() {
+        let mut w = World::new();
+        let e = w.executor(1000, &[]);
+        let stuck = w.submit(needing("stuck", 100, 10, "gpu"));
+        w.schedule();
+        assert_eq!(w.blocked.len(), 1);
+        let mut spec = w.sm.get_executor(e).unwrap().spec.clone();
+        spec.capabilities.insert("gpu".to_owned());
+        w.apply(Command::RegisterExecutor { id: e, spec });
+        assert_eq!(placed(&w.schedule()), vec![stuck]);
+    }
 }

@@ -75,7 +75,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u64..5, 0u64..100).prop_map(|(executor, deadline_in_ms)| Op::Drain { executor, deadline_in_ms }),
         3 => prop_oneof![Just(0u16), Just(1u16), Just(100u16)].prop_map(|gap| Op::Schedule { gap }),
         1 => (0u64..25, 0u64..5, prop::collection::vec(0u64..25, 0..3)).prop_map(|(task, executor, evict)| Op::Place { task, executor, evict }),
-        3 => (0u64..25, prop::bool::weighted(0.2), 0u8..4).prop_map(|(task, stale, outcome)| Op::Report { task, stale, outcome }),
+        3 => (0u64..25, prop::bool::weighted(0.2), 0u8..5).prop_map(|(task, stale, outcome)| Op::Report { task, stale, outcome }),
     ]
 }
 
@@ -165,6 +165,7 @@ fn commands(op: &Op, sm: &StateMachine, now: u64) -> Vec<Command> {
                         AttemptOutcome::Succeeded,
                         AttemptOutcome::Failed,
                         AttemptOutcome::TimedOut,
+                        AttemptOutcome::OomKilled,
                     ][usize::from(*n - 1)],
                     exit_code: Some(i32::from(*n) - 1),
                     stdout_tail: "out".to_owned(),

@@ -1,6 +1,7 @@
 //! The executor agent: establishes its identity (joining with a token the first time), serves
 //! its metrics, and runs the link to the leader until asked to stop.
 
+use crate::cgroup::{self, Containment};
 use crate::config::ExecutorConfig;
 use crate::identity::{self, IdentityError};
 use crate::join::{self, JoinError};
@@ -8,9 +9,10 @@ use crate::journal::Journal;
 use crate::link::{Launcher, Link, LinkError, Profile};
 use crate::metrics::Metrics;
 use crate::runner;
+use crate::sandbox::{default_work_root, RunAs, Sandbox, RUN_AS_DEFAULT};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +27,8 @@ pub enum AgentError {
     NoServers,
     #[error("no identity in {0}: pass --token to join")]
     NoIdentity(PathBuf),
+    #[error("{0}")]
+    Sandbox(String),
     #[error("cannot create the data directory {path}")]
     DataDir {
         path: PathBuf,
@@ -124,9 +128,10 @@ async fn run_agent(
     };
     let client = colony_quic::mutual_client_config(&creds.ca_pem, &creds.cert_pem, &creds.key_pem)
         .map_err(AgentError::Tls)?;
+    let sandbox = sandbox(&config, &data_dir, &metrics)?;
     // Directories of attempts a previous run of this executor left behind: they were cut short,
     // so they are kept like failed ones.
-    match runner::retire_leftovers(&data_dir) {
+    match runner::retire_leftovers(&sandbox.work_root) {
         Ok(0) => {}
         Ok(count) => tracing::info!(
             count,
@@ -146,7 +151,7 @@ async fn run_agent(
             labels: config.labels,
             capabilities: config.capabilities,
         },
-        launcher: Launcher::Run { data_dir: data_dir.into() },
+        launcher: Launcher::Run { sandbox: Arc::new(sandbox) },
         metrics,
         journal: Some(journal),
     };
@@ -160,6 +165,80 @@ async fn run_agent(
     let _ = tokio::time::timeout(ENDPOINT_CLOSE_MAX, endpoint.wait_idle()).await;
     result?;
     Ok(())
+}
+
+/// What attempts run as, where, and within which limits; kills what a previous run of this
+/// executor left running, before the executor says it is ready.
+fn sandbox(
+    config: &ExecutorConfig,
+    data_dir: &Path,
+    metrics: &Metrics,
+) -> Result<Sandbox, AgentError> {
+    let root = nix::unistd::geteuid().is_root();
+    let run_as = match (config.run_as.as_deref(), root) {
+        (Some(name), _) => Some(RunAs::lookup(name).map_err(AgentError::Sandbox)?),
+        (None, true) => Some(RunAs::lookup(RUN_AS_DEFAULT).map_err(AgentError::Sandbox)?),
+        (None, false) => None,
+    };
+    if let Some(user) = &run_as {
+        if user.uid == 0 {
+            tracing::warn!(
+                "tasks run as root (--run-as {}): they can read the executor's key",
+                user.name
+            );
+        }
+        if !root && user.uid != nix::unistd::geteuid().as_raw() {
+            return Err(AgentError::Sandbox(format!(
+                "--run-as {} needs the executor to run as root",
+                user.name
+            )));
+        }
+    }
+    let containment = Containment::probe(&cgroup::instance_name(&config.name, data_dir));
+    let missing = containment.missing().to_vec();
+    let enforced: Vec<(&str, bool)> =
+        cgroup::CONTROLLERS.iter().map(|c| (*c, !missing.contains(c))).collect();
+    metrics.set_limits_enforced(&enforced)?;
+    if !missing.is_empty() {
+        let what = format!(
+            "this host offers no usable cgroup {} controller ({}): attempts' {} would not be enforced",
+            missing.join(", "),
+            containment.version(),
+            missing.iter().map(|c| match *c {
+                "memory" => "memory limits",
+                "cpu" => "CPU quotas",
+                _ => "process limits",
+            }).collect::<Vec<_>>().join(" and "),
+        );
+        if config.require_limits {
+            return Err(AgentError::Sandbox(format!(
+                "{what}; run as root on a host with cgroups, or pass --require-limits=false to run without them"
+            )));
+        }
+        tracing::warn!("{what} (--require-limits=false)");
+    }
+    let containment = (missing.len() < cgroup::CONTROLLERS.len()).then_some(containment);
+    if let Some(containment) = &containment {
+        let killed = containment.kill_leftovers();
+        if killed > 0 {
+            tracing::info!(
+                groups = killed,
+                "killed the processes of attempts the last run of this executor left"
+            );
+        }
+        tracing::info!(cgroups = containment.version(), "attempts run in their own control groups");
+    }
+    let work_root = config.work_dir.clone().unwrap_or_else(|| default_work_root(data_dir));
+    if work_root.starts_with(data_dir) {
+        return Err(AgentError::Sandbox(format!(
+            "the work directory {} is inside the data directory, where tasks must not reach",
+            work_root.display()
+        )));
+    }
+    let sandbox =
+        Sandbox::new(work_root, run_as, containment, config.task_pids_max, config.capacity.gpus);
+    sandbox.prepare_root().map_err(AgentError::Sandbox)?;
+    Ok(sandbox)
 }
 
 #[cfg(test)]
@@ -177,6 +256,10 @@ mod tests {
             labels: Default::default(),
             capabilities: Default::default(),
             metrics_listen: None,
+            work_dir: None,
+            run_as: None,
+            require_limits: false,
+            task_pids_max: crate::TASK_PIDS_MAX_DEFAULT,
         }
     }
 

@@ -1,6 +1,7 @@
 //! One task attempt as the executor sees it: who it is, how it ended, and the conversion of that
 //! ending into the `Finished` report the server commits.
 
+use crate::runner::OUTPUT_TAIL_BYTES_MAX;
 use colony_core::{ExecutorId, FencingToken, TaskId};
 use colony_proto::pb;
 use tokio::sync::oneshot;
@@ -24,6 +25,8 @@ pub(crate) enum Outcome {
     Succeeded,
     Failed,
     TimedOut,
+    /// Passed its memory limit; the kernel killed it.
+    OomKilled,
     Killed,
 }
 
@@ -34,6 +37,7 @@ impl Outcome {
             Outcome::Succeeded => "succeeded",
             Outcome::Failed => "failed",
             Outcome::TimedOut => "timed_out",
+            Outcome::OomKilled => "oom_killed",
             Outcome::Killed => "killed",
         }
     }
@@ -77,17 +81,37 @@ impl AttemptResult {
             Outcome::Succeeded => pb::AttemptOutcome::Succeeded,
             Outcome::Failed => pb::AttemptOutcome::Failed,
             Outcome::TimedOut => pb::AttemptOutcome::TimedOut,
+            Outcome::OomKilled => pb::AttemptOutcome::OomKilled,
             Outcome::Killed => return None,
         };
+        // Whatever produced them, the texts fit what the server accepts.
         Some(pb::Finished {
             outcome: outcome as i32,
             exit_code: self.exit_code,
-            stdout_tail: self.stdout_tail.clone(),
-            stderr_tail: self.stderr_tail.clone(),
-            message: self.message.clone(),
+            stdout_tail: str_tail(&self.stdout_tail, OUTPUT_TAIL_BYTES_MAX).to_owned(),
+            stderr_tail: str_tail(&self.stderr_tail, OUTPUT_TAIL_BYTES_MAX).to_owned(),
+            message: truncated(&self.message, MESSAGE_BYTES_MAX),
             peak_memory_bytes: self.peak_memory_bytes,
         })
     }
+}
+
+/// The longest message a report carries (the server's `message_bytes_max`).
+pub(crate) const MESSAGE_BYTES_MAX: usize = 4096;
+/// Ends a message cut to fit.
+const TRUNCATED_MARKER: &str = "… [truncated]";
+
+/// `text`, or its first bytes up to a character boundary and a marker, in at most `bytes_max`
+/// bytes.
+pub(crate) fn truncated(text: &str, bytes_max: usize) -> String {
+    if text.len() <= bytes_max {
+        return text.to_owned();
+    }
+    let mut end = bytes_max.saturating_sub(TRUNCATED_MARKER.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{TRUNCATED_MARKER}", &text[..end])
 }
 
 /// The last `bytes_max` bytes of `text`, cut forward to a character boundary.
@@ -111,6 +135,24 @@ mod tests {
             finished.map(|f| (f.outcome, f.message)),
             Some((pb::AttemptOutcome::Failed as i32, "boom".to_owned()))
         );
+    }
+
+    #[test]
+    fn reports_always_fit_the_servers_limits() {
+        let program = "p".repeat(6000);
+        let mut result = AttemptResult::failed(format!("program not found: {program}"));
+        // Lossy decoding of binary output grows it: three bytes per replaced byte.
+        result.stdout_tail = "\u{FFFD}".repeat(OUTPUT_TAIL_BYTES_MAX);
+        result.stderr_tail = format!("a{}", "é".repeat(OUTPUT_TAIL_BYTES_MAX));
+        let finished = result.finished().expect("a failure is reported");
+        assert!(finished.message.len() <= MESSAGE_BYTES_MAX, "{}", finished.message.len());
+        assert!(finished.message.starts_with("program not found: ppp"));
+        assert!(finished.message.ends_with(TRUNCATED_MARKER));
+        assert!(finished.stdout_tail.len() <= OUTPUT_TAIL_BYTES_MAX);
+        assert!(finished.stdout_tail.len() > OUTPUT_TAIL_BYTES_MAX - 3);
+        assert_eq!(finished.stderr_tail.len(), OUTPUT_TAIL_BYTES_MAX);
+        assert_eq!(truncated("short", 10), "short");
+        assert_eq!(truncated(&"é".repeat(10), 17), "é… [truncated]");
     }
 
     #[test]

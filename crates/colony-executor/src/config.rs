@@ -21,6 +21,17 @@ pub struct ExecutorConfig {
     pub capabilities: BTreeSet<String>,
     /// Where to serve `/metrics`, `/healthz` and `/readyz`, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where attempts' working directories are made; `None`: beside the data directory
+    /// (`DATA_DIR-work`), never inside it.
+    pub work_dir: Option<PathBuf>,
+    /// The user tasks run as; `None`: `nobody` when the executor runs as root, else the
+    /// executor's own user.
+    pub run_as: Option<String>,
+    /// Refuse to start when the host lacks a cgroup controller limits need, rather than run
+    /// attempts unlimited.
+    pub require_limits: bool,
+    /// Processes one attempt may hold at once.
+    pub task_pids_max: u64,
 }
 
 /// Written by hand so the join token, a secret, never reaches a log.
@@ -35,6 +46,10 @@ impl fmt::Debug for ExecutorConfig {
             .field("labels", &self.labels)
             .field("capabilities", &self.capabilities)
             .field("metrics_listen", &self.metrics_listen)
+            .field("work_dir", &self.work_dir)
+            .field("run_as", &self.run_as)
+            .field("require_limits", &self.require_limits)
+            .field("task_pids_max", &self.task_pids_max)
             .finish()
     }
 }

@@ -8,6 +8,7 @@
 mod agent;
 mod attempt;
 mod builtin;
+mod cgroup;
 mod config;
 mod dial;
 mod identity;
@@ -18,6 +19,7 @@ mod metrics;
 #[cfg(test)]
 mod protocol_tests;
 mod runner;
+mod sandbox;
 pub mod sim;
 
 pub use agent::{run, AgentError};
@@ -25,3 +27,4 @@ pub use config::ExecutorConfig;
 pub use identity::{Credentials, IdentityError};
 pub use join::JoinError;
 pub use link::LinkError;
+pub use sandbox::{RUN_AS_DEFAULT, TASK_PIDS_MAX_DEFAULT};

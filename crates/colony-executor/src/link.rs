@@ -10,6 +10,7 @@ use crate::dial::{self, describe, Backoff, RoundEnd, Step, Stream};
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::runner::{self, ProcessRun};
+use crate::sandbox::Sandbox;
 use crate::sim::{self, SimEvent};
 use colony_core::{ExecutorId, FencingToken, Resources, RunSpec, TaskId, TaskSpec};
 use colony_proto::pb;
@@ -17,7 +18,6 @@ use colony_quic::FRAME_BYTES_MAX;
 use quinn::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
-use std::path::Path;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,8 +69,8 @@ pub(crate) struct Profile {
 /// How assigned attempts are carried out.
 #[derive(Clone)]
 pub(crate) enum Launcher {
-    /// For real: processes and built-in handlers, working under `data_dir`.
-    Run { data_dir: Arc<Path> },
+    /// For real: processes, in `sandbox`, and built-in handlers.
+    Run { sandbox: Arc<Sandbox> },
     /// For the benchmarks: note the assignment, hold the resources as long as `behaviour` says,
     /// succeed with the peak memory it says.
     Simulate {
@@ -84,8 +84,18 @@ impl Launcher {
     async fn run(self, attempt: &Attempt, spec: &TaskSpec, kill: KillSignal) -> AttemptResult {
         let timeout = spec.timeout_ms.map(Duration::from_millis);
         match (self, &spec.run) {
-            (Launcher::Run { data_dir }, RunSpec::Process { program, args, env }) => {
-                let run = ProcessRun { attempt, program, args, env, timeout, data_dir: &data_dir };
+            (Launcher::Run { sandbox }, RunSpec::Process { program, args, env }) => {
+                let run = ProcessRun {
+                    attempt,
+                    program,
+                    args,
+                    env,
+                    timeout,
+                    memory_bytes: spec.resources.memory_bytes,
+                    cpu_millis: spec.resources.cpu_millis,
+                    gpus: spec.resources.gpus,
+                    sandbox: &sandbox,
+                };
                 runner::run(run, kill).await
             }
             (Launcher::Run { .. }, RunSpec::Builtin { handler, input }) => {

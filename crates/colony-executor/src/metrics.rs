@@ -11,8 +11,8 @@ use std::time::Duration;
 
 /// The resource types exported as `resource_type` label values, in the units of their names.
 const RESOURCE_TYPES: [&str; 3] = ["cpu_millis", "memory_bytes", "gpus"];
-const OUTCOMES: [Outcome; 4] =
-    [Outcome::Succeeded, Outcome::Failed, Outcome::TimedOut, Outcome::Killed];
+const OUTCOMES: [Outcome; 5] =
+    [Outcome::Succeeded, Outcome::Failed, Outcome::TimedOut, Outcome::OomKilled, Outcome::Killed];
 
 /// Every metric an executor exports. Names start with `colony_`; no label carries a task id.
 pub(crate) struct Metrics {
@@ -132,6 +132,28 @@ impl Metrics {
         metrics.set_allocated(&Resources::default());
         metrics.set_connected(false);
         Ok(metrics)
+    }
+
+    /// Says, per cgroup controller limits need, whether attempts are held to it here (1) or not
+    /// (0: the host lacks it and `--require-limits=false` let the executor start anyway).
+    pub(crate) fn set_limits_enforced(
+        &self,
+        enforced: &[(&str, bool)],
+    ) -> Result<(), prometheus::Error> {
+        let gauge = register(
+            &self.registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "colony_executor_limits_enforced",
+                    "1 when attempts' limits are enforced through this cgroup controller.",
+                ),
+                &["controller"],
+            )?,
+        )?;
+        for (controller, on) in enforced {
+            gauge.with_label_values(&[controller]).set(i64::from(*on));
+        }
+        Ok(())
     }
 
     /// Adds the process collector (CPU, memory, file descriptors of this process); only an

@@ -110,6 +110,7 @@ async fn agent_joins_follows_redirects_reports_and_stops() -> anyhow::Result<()>
     let (follower, follower_addr) = server(&ca)?;
     let (leader, leader_addr) = server(&ca)?;
     let data_dir = tempfile::tempdir()?;
+    let work_dir = tempfile::tempdir()?;
     let config = ExecutorConfig {
         servers: vec![follower_addr.to_string()],
         token: Some(token.to_string()),
@@ -124,6 +125,10 @@ async fn agent_joins_follows_redirects_reports_and_stops() -> anyhow::Result<()>
         labels: [("zone".to_owned(), "a".to_owned())].into(),
         capabilities: ["shell".to_owned()].into(),
         metrics_listen: None,
+        work_dir: Some(work_dir.path().to_owned()),
+        run_as: None,
+        require_limits: false,
+        task_pids_max: crate::TASK_PIDS_MAX_DEFAULT,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let agent = tokio::spawn(crate::run(config, async move {
@@ -198,7 +203,10 @@ async fn agent_joins_follows_redirects_reports_and_stops() -> anyhow::Result<()>
     }
 
     // A process attempt, killed by the leader: its group dies and nothing is reported.
-    let pid_file = data_dir.path().join("pid");
+    // Somewhere the task's user (nobody, when the test runs as root) may write.
+    let shared = tempfile::tempdir()?;
+    std::fs::set_permissions(shared.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+    let pid_file = shared.path().join("pid");
     let script = format!("sleep 30 & echo $! > {}; wait", pid_file.display());
     let sleeper = pb::task_spec::Run::Process(pb::ProcessRun {
         program: "sh".into(),
@@ -260,6 +268,7 @@ async fn unknown_executor_is_fatal() -> anyhow::Result<()> {
     let ca = ClusterCa::generate("protocol")?;
     let (leader, leader_addr) = server(&ca)?;
     let data_dir = tempfile::tempdir()?;
+    let work_dir = tempfile::tempdir()?;
     let (key_pem, csr_pem) = colony_quic::new_key_and_csr()?;
     let creds = crate::Credentials {
         executor_id: colony_core::ExecutorId(9),
@@ -277,6 +286,10 @@ async fn unknown_executor_is_fatal() -> anyhow::Result<()> {
         labels: Default::default(),
         capabilities: Default::default(),
         metrics_listen: None,
+        work_dir: Some(work_dir.path().to_owned()),
+        run_as: None,
+        require_limits: false,
+        task_pids_max: crate::TASK_PIDS_MAX_DEFAULT,
     };
     let agent = tokio::spawn(crate::run(config, std::future::pending()));
     let mut peer = Peer::accept(&leader).await?;
@@ -298,6 +311,7 @@ async fn a_restarted_agent_never_starts_an_attempt_twice() -> anyhow::Result<()>
     let ca = ClusterCa::generate("protocol")?;
     let (leader, leader_addr) = server(&ca)?;
     let data_dir = tempfile::tempdir()?;
+    let work_dir = tempfile::tempdir()?;
     let (key_pem, csr_pem) = colony_quic::new_key_and_csr()?;
     let creds = crate::Credentials {
         executor_id: colony_core::ExecutorId(4),
@@ -315,6 +329,10 @@ async fn a_restarted_agent_never_starts_an_attempt_twice() -> anyhow::Result<()>
         labels: Default::default(),
         capabilities: Default::default(),
         metrics_listen: None,
+        work_dir: Some(work_dir.path().to_owned()),
+        run_as: None,
+        require_limits: false,
+        task_pids_max: crate::TASK_PIDS_MAX_DEFAULT,
     };
     let echo = pb::task_spec::Run::Builtin(pb::BuiltinRun {
         handler: "echo".into(),

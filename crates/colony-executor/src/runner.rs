@@ -1,8 +1,12 @@
-//! Runs one attempt as a child process in its own process group and working directory, keeping
-//! only the tail of its output, and stops the whole group on timeout or kill (SIGTERM, then
-//! SIGKILL after a grace period).
+//! Runs one attempt as a child process: as the sandbox's user, with a clean environment, in its
+//! own working directory, control group and process group, keeping only the tail of its output.
+//! On timeout or kill every process of the attempt is stopped (SIGTERM, then SIGKILL after a
+//! grace period): through the control group when there is one, so a process that left the
+//! process group (`setsid`, a double fork) goes too.
 
 use crate::attempt::{Attempt, AttemptResult, KillSignal, Outcome};
+use crate::cgroup::AttemptGroup;
+use crate::sandbox::{Sandbox, TASK_PATH};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
@@ -11,7 +15,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
@@ -29,41 +33,50 @@ const READ_CHUNK_BYTES: usize = 8192;
 /// How often an attempt's process group's memory is sampled for its peak.
 const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_millis(200);
 
-/// What one process attempt runs, and where.
+/// What one process attempt runs, with what, and where.
 pub(crate) struct ProcessRun<'a> {
     pub attempt: &'a Attempt,
     pub program: &'a str,
     pub args: &'a [String],
     pub env: &'a BTreeMap<String, String>,
     pub timeout: Option<Duration>,
-    pub data_dir: &'a Path,
+    /// What it reserved: its memory limit (0: none), CPU quota (0: none) and GPU count.
+    pub memory_bytes: u64,
+    pub cpu_millis: u64,
+    pub gpus: u32,
+    pub sandbox: &'a Sandbox,
 }
 
-/// `DATA_DIR/work/TASK-ATTEMPT`: where an attempt runs.
-pub(crate) fn work_dir(data_dir: &Path, attempt: &Attempt) -> PathBuf {
-    data_dir.join("work").join(format!("{}-{}", attempt.task_id, attempt.attempt))
+/// `WORK/TASK-ATTEMPT`: where an attempt runs.
+pub(crate) fn work_dir(work_root: &Path, attempt: &Attempt) -> PathBuf {
+    work_root.join(attempt_name(attempt))
 }
 
-/// `DATA_DIR/failed`: where the working directories of failed attempts are kept.
-fn failed_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("failed")
+/// The attempt's name for its directory and control group.
+fn attempt_name(attempt: &Attempt) -> String {
+    format!("{}-{}", attempt.task_id, attempt.attempt)
+}
+
+/// `WORK/failed`: where the working directories of failed attempts are kept.
+fn failed_dir(work_root: &Path) -> PathBuf {
+    work_root.join("failed")
 }
 
 /// Runs the attempt to its end and cleans up its working directory (kept, under `failed/`, when
 /// the attempt failed or timed out).
 pub(crate) async fn run(run: ProcessRun<'_>, kill: KillSignal) -> AttemptResult {
-    let dir = work_dir(run.data_dir, run.attempt);
-    if let Err(e) = prepare_dir(&dir).await {
+    let work_root = run.sandbox.work_root.clone();
+    let dir = work_dir(&work_root, run.attempt);
+    if let Err(e) = prepare_dir(&dir).await.and_then(|()| run.sandbox.own(&dir)) {
         return AttemptResult::failed(format!(
             "cannot create working directory {}: {e}",
             dir.display()
         ));
     }
     let result = run_in(&run, &dir, kill).await;
-    let keep = matches!(result.outcome, Outcome::Failed | Outcome::TimedOut);
-    let data_dir = run.data_dir.to_owned();
+    let keep = matches!(result.outcome, Outcome::Failed | Outcome::TimedOut | Outcome::OomKilled);
     // Removing a large tree blocks; keep it off the runtime's threads.
-    let retired = tokio::task::spawn_blocking(move || retire(&data_dir, &dir, keep)).await;
+    let retired = tokio::task::spawn_blocking(move || retire(&work_root, &dir, keep)).await;
     match retired {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
@@ -86,17 +99,21 @@ async fn prepare_dir(dir: &Path) -> io::Result<()> {
     tokio::fs::create_dir_all(dir).await
 }
 
-/// Moves the working directories a previous run of the executor left in `work/` (attempts cut
-/// short by its stop) to `failed/`; returns how many there were.
-pub(crate) fn retire_leftovers(data_dir: &Path) -> io::Result<usize> {
-    let entries = match std::fs::read_dir(data_dir.join("work")) {
+/// Moves the working directories a previous run of the executor left in the work root
+/// (attempts cut short by its stop) to `failed/`; returns how many there were.
+pub(crate) fn retire_leftovers(work_root: &Path) -> io::Result<usize> {
+    let entries = match std::fs::read_dir(work_root) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
     };
     let mut count = 0;
     for entry in entries {
-        retire(data_dir, &entry?.path(), true)?;
+        let entry = entry?;
+        if entry.file_name() == "failed" {
+            continue;
+        }
+        retire(work_root, &entry.path(), true)?;
         count += 1;
     }
     Ok(count)
@@ -104,12 +121,14 @@ pub(crate) fn retire_leftovers(data_dir: &Path) -> io::Result<usize> {
 
 /// Removes a finished attempt's directory, or moves it under `failed/` and prunes that to the
 /// newest `FAILED_WORK_DIRS_KEPT_MAX`.
-fn retire(data_dir: &Path, dir: &Path, keep: bool) -> io::Result<()> {
+fn retire(work_root: &Path, dir: &Path, keep: bool) -> io::Result<()> {
     if !keep {
         return remove_tree(dir);
     }
-    let failed = failed_dir(data_dir);
+    let failed = failed_dir(work_root);
     std::fs::create_dir_all(&failed)?;
+    // Kept for the operator: no task may look into another's leftovers.
+    std::fs::set_permissions(&failed, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     let Some(name) = dir.file_name() else { return remove_tree(dir) };
     let target = failed.join(name);
     remove_tree(&target)?;
@@ -152,9 +171,31 @@ enum Ending {
 
 async fn run_in(run: &ProcessRun<'_>, dir: &Path, mut kill: KillSignal) -> AttemptResult {
     let attempt = run.attempt;
+    let sandbox = run.sandbox;
+    let cgroup = match sandbox.group(&attempt_name(attempt), run.memory_bytes, run.cpu_millis) {
+        Ok(cgroup) => cgroup,
+        Err(e) => return AttemptResult::failed(format!("cannot contain the attempt: {e}")),
+    };
+    let gpus = match sandbox.has_gpus() || run.gpus > 0 {
+        false => None,
+        true => match sandbox.lease_gpus(run.gpus) {
+            Some(lease) => Some(lease),
+            None => {
+                return AttemptResult::failed(format!(
+                    "{} GPU indices are not free on this executor",
+                    run.gpus
+                ))
+            }
+        },
+    };
     let mut command = Command::new(run.program);
+    // Nothing of the executor's environment: a fixed PATH and HOME, the spec's own variables,
+    // then the attempt's, which the spec cannot override.
     command
         .args(run.args)
+        .env_clear()
+        .env("PATH", TASK_PATH)
+        .env("HOME", dir)
         .envs(run.env)
         .env("COLONY_TASK_ID", attempt.task_id.to_string())
         .env("COLONY_ATTEMPT", attempt.attempt.to_string())
@@ -166,17 +207,36 @@ async fn run_in(run: &ProcessRun<'_>, dir: &Path, mut kill: KillSignal) -> Attem
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    if let Some(lease) = &gpus {
+        command.env("CUDA_VISIBLE_DEVICES", lease.visible_devices());
+    }
+    if let Some(user) = &sandbox.run_as {
+        command.uid(user.uid).gid(user.gid);
+    }
+    if let Some(cgroup) = &cgroup {
+        cgroup.join_on_exec(&mut command);
+    }
     let mut child = match command.spawn() {
         Ok(child) => child,
-        Err(e) => return AttemptResult::failed(spawn_failure(run.program, &e)),
+        Err(e) => {
+            if let Some(cgroup) = &cgroup {
+                cgroup.remove();
+            }
+            return AttemptResult::failed(spawn_failure(run.program, &e));
+        }
     };
     // `process_group(0)` makes the child the leader of a group numbered by its pid.
-    let group = GroupGuard::new(child.id());
+    let group = GroupGuard::new(child.id(), cgroup);
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let mut stdout_tail = Tail::default();
     let mut stderr_tail = Tail::default();
-    let mut peak_memory_bytes = child.id().map_or(0, group_memory_bytes);
+    // Without a memory controller, the peak is sampled from /proc.
+    let sampled = !group.accounts_memory();
+    let mut peak_memory_bytes = match sampled {
+        true => child.id().map_or(0, group_memory_bytes),
+        false => 0,
+    };
     let ending = {
         let mut readers = pin!(async {
             tokio::join!(drain(stdout, &mut stdout_tail), drain(stderr, &mut stderr_tail))
@@ -188,14 +248,14 @@ async fn run_in(run: &ProcessRun<'_>, dir: &Path, mut kill: KillSignal) -> Attem
             tokio::select! {
                 ending = &mut supervised => break ending,
                 _ = &mut readers, if !readers_done => readers_done = true,
-                _ = sampler.tick() => {
+                _ = sampler.tick(), if sampled => {
                     if let Some(leader) = group.leader() {
                         peak_memory_bytes = peak_memory_bytes.max(group_memory_bytes(leader));
                     }
                 }
             }
         };
-        // The leader is gone; whatever it left in its group goes with it, so the pipes close.
+        // The leader is gone; whatever it left behind goes with it, so the pipes close.
         group.kill_rest();
         if !readers_done {
             let drained = tokio::time::timeout(OUTPUT_DRAIN_MAX, &mut readers).await;
@@ -205,6 +265,7 @@ async fn run_in(run: &ProcessRun<'_>, dir: &Path, mut kill: KillSignal) -> Attem
         }
         ending
     };
+    let memory = group.memory();
     let mut result = match ending {
         Ending::Exited(status) => exit_result(status),
         Ending::TimedOut(after) => AttemptResult::ended(
@@ -214,10 +275,34 @@ async fn run_in(run: &ProcessRun<'_>, dir: &Path, mut kill: KillSignal) -> Attem
         Ending::Killed => AttemptResult::ended(Outcome::Killed, "killed on request".to_owned()),
         Ending::WaitFailed(e) => AttemptResult::failed(format!("lost track of the process: {e}")),
     };
+    if result.outcome == Outcome::Failed && memory.oom_kills > 0 {
+        result.outcome = Outcome::OomKilled;
+        result.message = oom_message(&memory, &result.message);
+    }
+    group.remove();
     result.stdout_tail = stdout_tail.into_string();
     result.stderr_tail = stderr_tail.into_string();
-    result.peak_memory_bytes = (peak_memory_bytes > 0).then_some(peak_memory_bytes);
+    result.peak_memory_bytes = match sampled {
+        true => (peak_memory_bytes > 0).then_some(peak_memory_bytes),
+        false => memory.peak_bytes,
+    };
     result
+}
+
+/// Why an attempt was OOM-killed, with its limit and peak.
+fn oom_message(memory: &crate::cgroup::MemoryUse, how: &str) -> String {
+    let mib = |bytes: Option<u64>| {
+        bytes.map_or_else(
+            || "?".to_owned(),
+            |b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        )
+    };
+    format!(
+        "oom_killed: passed its memory limit of {} (peak {}, {} process(es) killed by the kernel; {how})",
+        mib(memory.limit_bytes),
+        mib(memory.peak_bytes),
+        memory.oom_kills
+    )
 }
 
 /// The sum of the high-water resident sizes (`VmHWM`) of the processes in group `leader`, from
@@ -316,40 +401,78 @@ async fn terminate(child: &mut Child, group: &GroupGuard) {
     }
 }
 
-/// The attempt's process group: SIGKILLed on drop unless already cleaned up, so an attempt
-/// abandoned mid-run (its task aborted) leaves no processes behind.
-/// Holds the group id, 0 once there is no group left to signal (no process group is numbered 0).
-struct GroupGuard(AtomicI32);
+/// The attempt's processes: its process group and, where there is one, its control group. Both
+/// are SIGKILLed on drop unless already cleaned up, so an attempt abandoned mid-run (its task
+/// aborted) leaves no processes behind.
+struct GroupGuard {
+    /// The process group's id, 0 once there is no group left to signal (no process group is
+    /// numbered 0).
+    leader: AtomicI32,
+    cgroup: Option<AttemptGroup>,
+    removed: AtomicBool,
+}
 
 impl GroupGuard {
-    fn new(leader: Option<u32>) -> GroupGuard {
-        GroupGuard(AtomicI32::new(leader.and_then(|id| i32::try_from(id).ok()).unwrap_or(0)))
+    fn new(leader: Option<u32>, cgroup: Option<AttemptGroup>) -> GroupGuard {
+        let leader = leader.and_then(|id| i32::try_from(id).ok()).unwrap_or(0);
+        GroupGuard { leader: AtomicI32::new(leader), cgroup, removed: AtomicBool::new(false) }
     }
 
-    /// The group's id (its leader's pid) while the group may still have members.
+    /// The process group's id (its leader's pid) while the group may still have members.
     fn leader(&self) -> Option<u32> {
-        u32::try_from(self.0.load(Ordering::Acquire)).ok().filter(|&g| g > 0)
+        u32::try_from(self.leader.load(Ordering::Acquire)).ok().filter(|&g| g > 0)
     }
 
+    /// Signals the process group and every process of the control group.
     fn signal(&self, signal: Signal) {
-        let group = self.0.load(Ordering::Acquire);
+        let group = self.leader.load(Ordering::Acquire);
         if group > 0 {
             // ESRCH (the group is already empty) is the expected end, not an error.
             let _ = killpg(Pid::from_raw(group), signal);
         }
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.signal(signal);
+        }
     }
 
-    /// Kills what remains of the group after its leader was reaped. The group id stays reserved
-    /// while any member lives, so this cannot reach an unrelated process group.
+    /// Kills what remains after the leader was reaped. The process group id stays reserved
+    /// while any member lives, so this cannot reach an unrelated process group; the control
+    /// group holds only the attempt's processes.
     fn kill_rest(&self) {
         self.signal(Signal::SIGKILL);
-        self.0.store(0, Ordering::Release);
+        self.leader.store(0, Ordering::Release);
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.kill_all();
+        }
+    }
+
+    fn accounts_memory(&self) -> bool {
+        self.cgroup.as_ref().is_some_and(AttemptGroup::accounts_memory)
+    }
+
+    fn memory(&self) -> crate::cgroup::MemoryUse {
+        self.cgroup.as_ref().map(AttemptGroup::memory).unwrap_or_default()
+    }
+
+    /// Removes the (emptied) control group.
+    fn remove(&self) {
+        if let Some(cgroup) = &self.cgroup {
+            if !self.removed.swap(true, Ordering::AcqRel) {
+                cgroup.remove();
+            }
+        }
     }
 }
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         self.signal(Signal::SIGKILL);
+        if let Some(cgroup) = &self.cgroup {
+            if !self.removed.load(Ordering::Acquire) {
+                cgroup.kill_all();
+            }
+        }
+        self.remove();
     }
 }
 
@@ -371,8 +494,11 @@ impl Tail {
         }
     }
 
+    /// The tail as text: invalid UTF-8 is replaced (which may grow it), then cut back to the
+    /// limit at a character boundary.
     fn into_string(self) -> String {
-        String::from_utf8_lossy(&self.0).into_owned()
+        let text = String::from_utf8_lossy(&self.0);
+        crate::attempt::str_tail(&text, OUTPUT_TAIL_BYTES_MAX).to_owned()
     }
 }
 
@@ -428,13 +554,17 @@ mod tests {
         let attempt = attempt(task);
         let args = vec!["-c".to_owned(), script.to_owned()];
         let env = BTreeMap::from([("GREETING".to_owned(), "hello there".to_owned())]);
+        let sandbox = Sandbox::plain(&data_dir.join("work"));
         let spec = ProcessRun {
             attempt: &attempt,
             program: "sh",
             args: &args,
             env: &env,
             timeout,
-            data_dir,
+            memory_bytes: 0,
+            cpu_millis: 0,
+            gpus: 0,
+            sandbox: &sandbox,
         };
         run(spec, kill).await
     }
@@ -497,7 +627,7 @@ mod tests {
             assert!(!process_alive(pid).await, "process {pid} survived the timeout");
         }
         // Timed-out attempts keep their working directory for debugging.
-        assert!(dir.path().join("failed/1-1").is_dir());
+        assert!(dir.path().join("work/failed/1-1").is_dir());
         assert!(!dir.path().join("work/1-1").exists());
     }
 
@@ -533,7 +663,7 @@ mod tests {
         assert!(!process_alive(pid).await);
         // A killed attempt was superseded: nothing worth keeping.
         assert!(!dir.path().join("work/1-1").exists());
-        assert!(!dir.path().join("failed/1-1").exists());
+        assert!(!dir.path().join("work/failed/1-1").exists());
     }
 
     #[tokio::test]
@@ -557,13 +687,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let attempt = attempt(1);
         let (_kill, kill_rx) = oneshot::channel();
+        let sandbox = Sandbox::plain(dir.path());
         let spec = ProcessRun {
             attempt: &attempt,
             program: "./report.sh",
             args: &[],
             env: &BTreeMap::new(),
             timeout: None,
-            data_dir: dir.path(),
+            memory_bytes: 0,
+            cpu_millis: 0,
+            gpus: 0,
+            sandbox: &sandbox,
         };
         let result = run(spec, kill_rx).await;
         assert_eq!(result.outcome, Outcome::Failed);
@@ -582,6 +716,113 @@ mod tests {
         assert_eq!(lines.next().map(PathBuf::from), Some(cwd));
         // A successful attempt's directory is removed.
         assert!(!dir.path().join("work/7-1").exists());
+        // Nothing of the executor's environment reaches the task.
+        let names = sh(dir.path(), 8, "env | cut -d= -f1", None).await;
+        let shell_own = ["PWD", "OLDPWD", "SHLVL", "_"];
+        for name in names.stdout_tail.lines().filter(|n| !shell_own.contains(n)) {
+            let expected =
+                ["PATH", "HOME", "GREETING"].contains(&name) || name.starts_with("COLONY_");
+            assert!(expected, "the task saw {name} from the executor's environment");
+        }
+    }
+
+    /// A sandbox with this host's control groups; `None`, said loudly, where they are not usable
+    /// (not root, or no memory/cpu/pids controller): the integration tests need them anyway.
+    fn contained(dir: &Path) -> Option<Sandbox> {
+        let instance = format!("unit-{}", rand::random::<u32>());
+        let containment = crate::cgroup::Containment::probe(&instance);
+        if !containment.missing().is_empty() {
+            eprintln!(
+                "SKIPPED: cgroup controllers {:?} are not usable here",
+                containment.missing()
+            );
+            return None;
+        }
+        let work = dir.join("work");
+        Some(Sandbox::new(work, None, Some(containment), 64, 0))
+    }
+
+    async fn run_contained(
+        sandbox: &Sandbox,
+        task: u64,
+        script: &str,
+        memory_bytes: u64,
+        kill: KillSignal,
+    ) -> AttemptResult {
+        let attempt = attempt(task);
+        let args = vec!["-c".to_owned(), script.to_owned()];
+        let spec = ProcessRun {
+            attempt: &attempt,
+            program: "sh",
+            args: &args,
+            env: &BTreeMap::new(),
+            timeout: None,
+            memory_bytes,
+            cpu_millis: 500,
+            gpus: 0,
+            sandbox,
+        };
+        run(spec, kill).await
+    }
+
+    #[tokio::test]
+    async fn passing_the_memory_limit_is_oom_killed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let Some(sandbox) = contained(dir.path()) else { return };
+        let (_kill, kill_rx) = oneshot::channel();
+        let hog = "python3 -c 'b = bytearray(1 << 30); print(len(b))'";
+        let result = run_contained(&sandbox, 1, hog, 64 << 20, kill_rx).await;
+        assert_eq!(result.outcome, Outcome::OomKilled, "{result:?}");
+        assert!(result.message.contains("memory limit of 64.0 MiB"), "{}", result.message);
+        let peak = result.peak_memory_bytes.expect("the group's peak");
+        assert!(peak <= 64 << 20 && peak > 32 << 20, "peak {peak}");
+        // Within its limit, the same group accounting gives the peak.
+        let (_kill, kill_rx) = oneshot::channel();
+        let fits = "python3 -c 'b = bytearray(48 << 20); print(len(b))'";
+        let result = run_contained(&sandbox, 2, fits, 128 << 20, kill_rx).await;
+        assert_eq!(result.outcome, Outcome::Succeeded, "{result:?}");
+        assert!(result.peak_memory_bytes.is_some_and(|p| p >= 48 << 20), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn processes_that_leave_the_process_group_are_killed_with_the_attempt() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let Some(sandbox) = contained(dir.path()) else { return };
+        let shared = dir.path().join("pids");
+        std::fs::create_dir(&shared).expect("pid dir");
+        // Killed on request: the escaped sleeper goes with the attempt.
+        let pid_file = shared.join("escaped");
+        let script = format!("setsid sleep 300 & echo $! > {}; wait", pid_file.display());
+        let (kill, kill_rx) = oneshot::channel();
+        let running = tokio::spawn({
+            let pid_file = pid_file.clone();
+            async move {
+                let sandbox = sandbox;
+                let result = run_contained(&sandbox, 3, &script, 0, kill_rx).await;
+                // Ended normally: a double-forked daemon it left goes too.
+                let (_kill, kill_rx) = oneshot::channel();
+                let daemon = format!(
+                    "(setsid sh -c 'sleep 300' & echo $! > {}.2) ; exit 0",
+                    pid_file.display()
+                );
+                let ended = run_contained(&sandbox, 4, &daemon, 0, kill_rx).await;
+                (result, ended)
+            }
+        });
+        while !pid_file.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        kill.send(()).expect("attempt is running");
+        let (killed, ended) = running.await.expect("attempt task");
+        assert_eq!(killed.outcome, Outcome::Killed);
+        assert_eq!(ended.outcome, Outcome::Succeeded, "{ended:?}");
+        for file in [pid_file.clone(), pid_file.with_extension("2")] {
+            let name = format!("{}.2", pid_file.display());
+            let file = if file == pid_file { file } else { PathBuf::from(name) };
+            let pid: i32 =
+                std::fs::read_to_string(&file).expect("pid").trim().parse().expect("pid");
+            assert!(!process_alive(pid).await, "process {pid} ({}) escaped", file.display());
+        }
     }
 
     #[tokio::test]
@@ -591,10 +832,10 @@ mod tests {
             let result = sh(dir.path(), task, "touch evidence; exit 1", None).await;
             assert_eq!(result.outcome, Outcome::Failed);
         }
-        let kept = std::fs::read_dir(dir.path().join("failed")).expect("failed dir").count();
+        let kept = std::fs::read_dir(dir.path().join("work/failed")).expect("failed dir").count();
         assert_eq!(kept, FAILED_WORK_DIRS_KEPT_MAX);
         let last = FAILED_WORK_DIRS_KEPT_MAX + 3;
-        assert!(dir.path().join(format!("failed/{last}-1/evidence")).exists());
+        assert!(dir.path().join(format!("work/failed/{last}-1/evidence")).exists());
     }
 
     #[test]

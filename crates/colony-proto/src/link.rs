@@ -32,6 +32,7 @@ pub fn report_command(
                 Ok(pb::AttemptOutcome::Succeeded) => AttemptOutcome::Succeeded,
                 Ok(pb::AttemptOutcome::Failed) => AttemptOutcome::Failed,
                 Ok(pb::AttemptOutcome::TimedOut) => AttemptOutcome::TimedOut,
+                Ok(pb::AttemptOutcome::OomKilled) => AttemptOutcome::OomKilled,
                 Ok(pb::AttemptOutcome::Unspecified) | Err(_) => {
                     return Err(ConversionError::AttemptOutcome(finished.outcome))
                 }
@@ -71,11 +72,17 @@ pub fn server_message(
 ) -> Option<pb::server_message::Body> {
     Some(match message {
         ToExecutor::Assign { task, attempt, token } => {
+            let task = state.get_task(*task)?;
+            let mut spec: pb::TaskSpec = (&task.spec).into();
+            // A `memory_auto` task runs with what the scheduler sized for it: its memory limit.
+            if let (true, Some(resources)) = (task.spec.memory_auto, spec.resources.as_mut()) {
+                resources.memory_bytes = task.allocated.memory_bytes;
+            }
             pb::server_message::Body::Assign(pb::Assign {
-                task_id: task.0,
+                task_id: task.id.0,
                 attempt: *attempt,
                 fencing_token: token.0,
-                spec: Some((&state.get_task(*task)?.spec).into()),
+                spec: Some(spec),
             })
         }
         ToExecutor::Kill { task, token, reason } => pb::server_message::Body::Kill(pb::Kill {

@@ -315,8 +315,19 @@ async fn read_executor(
                 node.perform(effects).await;
             }
             Some(In::Report(report)) => {
-                let command = report_command(id, &report, &limits)
-                    .map_err(|e| format!("report {}: {e}", report.report_id))?;
+                // A report the server cannot take is answered as refused, once: the executor
+                // drops it and the session goes on.
+                let command = match report_command(id, &report, &limits) {
+                    Ok(command) => command,
+                    Err(e) => {
+                        let error = format!("report {} refused: {e}", report.report_id);
+                        tracing::info!(executor_id = %id, "{error}");
+                        node.metrics().reports_refused.inc();
+                        let ack = pb::ReportAck { report_id: report.report_id, error };
+                        node.sessions().send(id, Out::ReportAck(ack));
+                        continue;
+                    }
+                };
                 let Ok(permit) = reports.clone().acquire_owned().await else { return Ok(()) };
                 let node = node.clone();
                 let span = tracing::info_span!("report", executor_id = %id, task_id = report.task_id, token = report.fencing_token);
@@ -335,6 +346,7 @@ async fn read_executor(
                             .observe(started.elapsed().as_secs_f64());
                         if !error.is_empty() {
                             tracing::info!("report refused: {error}");
+                            node.metrics().reports_refused.inc();
                         }
                         node.sessions().send(
                             id,

@@ -5,7 +5,7 @@
 use crate::node::Node;
 use crate::proposer::ProposeError;
 use colony_core::leader::{round_commands, ModelDecision, ModelTracker};
-use colony_core::scheduler::{plan_with, NoModel, Oracle, PlanConfig};
+use colony_core::scheduler::{plan_remembering, Blocked, NoModel, Oracle, PlanConfig};
 use colony_core::{
     ClusterCaRecord, Command, CommandError, ExecutorSpec, ModelVersion, Outcome, TaskSpec,
 };
@@ -29,6 +29,9 @@ pub async fn run(node: Arc<Node>) {
         ..PlanConfig::default()
     };
     let mut model = CurrentModel::default();
+    // Task shapes that found no room, kept while this server leads (as Nomad's blocked
+    // evaluations are): skipped until capacity, labels or capabilities change.
+    let mut blocked = Blocked::default();
     // Two loops, polled together: a long run of scheduling rounds never delays failure detection.
     let scheduling = async {
         loop {
@@ -37,7 +40,7 @@ pub async fn run(node: Arc<Node>) {
                 _ = tokio::time::sleep(SCHEDULE_TICK) => {}
             }
             // Keep going while rounds fill up: a deep queue drains without waiting for ticks.
-            while schedule_round(&node, &config, &mut model).await {}
+            while schedule_round(&node, &config, &mut model, &mut blocked).await {}
             // The last round placed what it could. Without a pause, a stream of submissions that
             // nothing can place yet (no executor, or not enough room) would wake a round per
             // submission, each scanning the same unplaceable head of the queue: a busy loop that
@@ -89,17 +92,24 @@ async fn ensure_ca(node: &Node) {
 
 /// One round: plan against the applied state, commit, and let the leader component send the
 /// assignments and kills. Returns whether the round was full (more work is probably waiting).
-async fn schedule_round(node: &Node, config: &PlanConfig, model: &mut CurrentModel) -> bool {
+async fn schedule_round(
+    node: &Node,
+    config: &PlanConfig,
+    model: &mut CurrentModel,
+    blocked: &mut Blocked,
+) -> bool {
     let started = Instant::now();
     let plan = {
         let state = node.state();
         let now = colony_process::unix_ms().max(state.machine.now_unix_ms());
         model.refresh(&state.machine, now, node.config().model_stale_after);
-        match &model.predictor {
-            Some(predictor) => plan_with(&state.machine, now, config, &Predictions(predictor)),
-            None => plan_with(&state.machine, now, config, &NoModel),
-        }
+        let oracle: &dyn Oracle = match &model.predictor {
+            Some(predictor) => &Predictions(predictor),
+            None => &NoModel,
+        };
+        plan_remembering(&state.machine, now, config, oracle, blocked)
     };
+    node.metrics().blocked_shapes.set(blocked.len() as i64);
     if plan.is_empty() {
         return false;
     }

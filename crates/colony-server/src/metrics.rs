@@ -45,6 +45,8 @@ pub struct Metrics {
     pub quic_errors: IntCounterVec,
     pub scheduling_attempts: IntCounter,
     pub scheduling_rejections: IntCounter,
+    pub reports_refused: IntCounter,
+    pub blocked_shapes: IntGauge,
     pub placements: IntCounter,
     pub preemptions: IntCounter,
     pub task_retries: IntCounter,
@@ -201,6 +203,20 @@ impl Metrics {
                 IntCounter::new(
                     "colony_scheduling_rejections_total",
                     "Proposed placements refused at commit (the state had changed).",
+                )?,
+            )?,
+            blocked_shapes: register(
+                &registry,
+                IntGauge::new(
+                    "colony_scheduler_blocked_shapes",
+                    "Task shapes that found no room, skipped until capacity, labels or capabilities change.",
+                )?,
+            )?,
+            reports_refused: register(
+                &registry,
+                IntCounter::new(
+                    "colony_reports_refused_total",
+                    "Executor status reports refused (invalid, or stale at commit) and answered so.",
                 )?,
             )?,
             placements: register(

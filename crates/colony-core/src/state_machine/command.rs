@@ -128,6 +128,9 @@ pub enum AttemptOutcome {
     Succeeded,
     Failed,
     TimedOut,
+    /// Passed its memory limit and was killed by the kernel: a failure (it spends a retry) whose
+    /// reason starts `oom_killed:`.
+    OomKilled,
 }
 
 /// How an attempt ended, as its executor saw it.

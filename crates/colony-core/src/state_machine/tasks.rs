@@ -150,6 +150,13 @@ impl StateMachine {
                         );
                         self.retry_or_end(id, false, why(default));
                     }
+                    AttemptOutcome::OomKilled => {
+                        let reason = match result.message.starts_with("oom_killed") {
+                            true => result.message.clone(),
+                            false => format!("oom_killed: {}", result.message),
+                        };
+                        self.retry_or_end(id, false, reason);
+                    }
                     AttemptOutcome::TimedOut => {
                         self.end(
                             id,
