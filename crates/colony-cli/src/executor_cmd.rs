@@ -30,6 +30,10 @@ pub struct ExecutorArgs {
     /// enforces tasks' limits; `--require-limits=false` runs them unlimited instead.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     require_limits: bool,
+    /// Run tasks without control groups: no memory, CPU or process limits, and a kill reaches
+    /// only a task's process group. Only for measuring what containment costs.
+    #[arg(long)]
+    unsafe_no_limits: bool,
     /// Processes (and threads) one task attempt may hold at once.
     #[arg(long, default_value_t = colony_executor::TASK_PIDS_MAX_DEFAULT)]
     task_pids_max: u64,
@@ -103,6 +107,7 @@ fn config(args: &ExecutorArgs, global: &crate::GlobalArgs) -> Result<ExecutorCon
         work_dir: args.work_dir.clone(),
         run_as: args.run_as.clone(),
         require_limits: args.require_limits,
+        cgroups: !args.unsafe_no_limits,
         task_pids_max: args.task_pids_max,
     })
 }

@@ -195,20 +195,38 @@ fn sandbox(
         }
     }
     let containment = Containment::probe(&cgroup::instance_name(&config.name, data_dir));
-    let missing = containment.missing().to_vec();
+    // What the last run of this executor left running is killed before it says it is ready.
+    let leftovers = containment.kill_leftovers();
+    if leftovers > 0 {
+        tracing::info!(
+            groups = leftovers,
+            "killed the processes of attempts the last run of this executor left"
+        );
+    }
+    let missing: Vec<&str> = match config.cgroups {
+        true => containment.missing().to_vec(),
+        false => {
+            tracing::warn!("--unsafe-no-limits: attempts run without control groups; their limits are not enforced and a kill reaches only their process group");
+            cgroup::CONTROLLERS.to_vec()
+        }
+    };
     let enforced: Vec<(&str, bool)> =
         cgroup::CONTROLLERS.iter().map(|c| (*c, !missing.contains(c))).collect();
     metrics.set_limits_enforced(&enforced)?;
-    if !missing.is_empty() {
+    if config.cgroups && !missing.is_empty() {
+        let unenforced: Vec<&str> = missing
+            .iter()
+            .map(|c| match *c {
+                "memory" => "memory limits",
+                "cpu" => "CPU quotas",
+                _ => "process limits",
+            })
+            .collect();
         let what = format!(
             "this host offers no usable cgroup {} controller ({}): attempts' {} would not be enforced",
             missing.join(", "),
             containment.version(),
-            missing.iter().map(|c| match *c {
-                "memory" => "memory limits",
-                "cpu" => "CPU quotas",
-                _ => "process limits",
-            }).collect::<Vec<_>>().join(" and "),
+            unenforced.join(" and "),
         );
         if config.require_limits {
             return Err(AgentError::Sandbox(format!(
@@ -219,13 +237,6 @@ fn sandbox(
     }
     let containment = (missing.len() < cgroup::CONTROLLERS.len()).then_some(containment);
     if let Some(containment) = &containment {
-        let killed = containment.kill_leftovers();
-        if killed > 0 {
-            tracing::info!(
-                groups = killed,
-                "killed the processes of attempts the last run of this executor left"
-            );
-        }
         tracing::info!(cgroups = containment.version(), "attempts run in their own control groups");
     }
     let work_root = config.work_dir.clone().unwrap_or_else(|| default_work_root(data_dir));
@@ -235,8 +246,9 @@ fn sandbox(
             work_root.display()
         )));
     }
-    let sandbox =
+    let mut sandbox =
         Sandbox::new(work_root, run_as, containment, config.task_pids_max, config.capacity.gpus);
+    sandbox.start_seconds = Some(metrics.attempt_start_seconds.clone());
     sandbox.prepare_root().map_err(AgentError::Sandbox)?;
     Ok(sandbox)
 }
@@ -259,6 +271,7 @@ mod tests {
             work_dir: None,
             run_as: None,
             require_limits: false,
+            cgroups: true,
             task_pids_max: crate::TASK_PIDS_MAX_DEFAULT,
         }
     }

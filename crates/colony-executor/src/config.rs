@@ -30,6 +30,9 @@ pub struct ExecutorConfig {
     /// Refuse to start when the host lacks a cgroup controller limits need, rather than run
     /// attempts unlimited.
     pub require_limits: bool,
+    /// Run attempts in control groups; `false` only to measure what containment costs
+    /// (`--unsafe-no-limits`).
+    pub cgroups: bool,
     /// Processes one attempt may hold at once.
     pub task_pids_max: u64,
 }
@@ -49,6 +52,7 @@ impl fmt::Debug for ExecutorConfig {
             .field("work_dir", &self.work_dir)
             .field("run_as", &self.run_as)
             .field("require_limits", &self.require_limits)
+            .field("cgroups", &self.cgroups)
             .field("task_pids_max", &self.task_pids_max)
             .finish()
     }

@@ -28,6 +28,8 @@ pub(crate) struct Metrics {
     utilization: GaugeVec,
     system_health: IntGaugeVec,
     communication_seconds: HistogramVec,
+    /// From an attempt's start (its assignment accepted) to its process running.
+    pub attempt_start_seconds: prometheus::Histogram,
     capacity: [u64; 3],
 }
 
@@ -111,6 +113,19 @@ impl Metrics {
                         0.25, 0.5, 1.0,
                     ]),
                     &["source", "destination"],
+                )?,
+            )?,
+            attempt_start_seconds: register(
+                &registry,
+                prometheus::Histogram::with_opts(
+                    HistogramOpts::new(
+                        "colony_executor_attempt_start_seconds",
+                        "From an accepted assignment to its process running: working directory, control group, user switch and spawn.",
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015,
+                        0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
+                    ]),
                 )?,
             )?,
             capacity: amounts(capacity),

@@ -128,6 +128,7 @@ async fn agent_joins_follows_redirects_reports_and_stops() -> anyhow::Result<()>
         work_dir: Some(work_dir.path().to_owned()),
         run_as: None,
         require_limits: false,
+        cgroups: true,
         task_pids_max: crate::TASK_PIDS_MAX_DEFAULT,
     };
     let (stop, stopped) = oneshot::channel::<()>();
@@ -289,6 +290,7 @@ async fn unknown_executor_is_fatal() -> anyhow::Result<()> {
         work_dir: Some(work_dir.path().to_owned()),
         run_as: None,
         require_limits: false,
+        cgroups: true,
         task_pids_max: crate::TASK_PIDS_MAX_DEFAULT,
     };
     let agent = tokio::spawn(crate::run(config, std::future::pending()));
@@ -332,6 +334,7 @@ async fn a_restarted_agent_never_starts_an_attempt_twice() -> anyhow::Result<()>
         work_dir: Some(work_dir.path().to_owned()),
         run_as: None,
         require_limits: false,
+        cgroups: true,
         task_pids_max: crate::TASK_PIDS_MAX_DEFAULT,
     };
     let echo = pb::task_spec::Run::Builtin(pb::BuiltinRun {

@@ -65,6 +65,7 @@ fn failed_dir(work_root: &Path) -> PathBuf {
 /// Runs the attempt to its end and cleans up its working directory (kept, under `failed/`, when
 /// the attempt failed or timed out).
 pub(crate) async fn run(run: ProcessRun<'_>, kill: KillSignal) -> AttemptResult {
+    let started = std::time::Instant::now();
     let work_root = run.sandbox.work_root.clone();
     let dir = work_dir(&work_root, run.attempt);
     if let Err(e) = prepare_dir(&dir).await.and_then(|()| run.sandbox.own(&dir)) {
@@ -73,7 +74,7 @@ pub(crate) async fn run(run: ProcessRun<'_>, kill: KillSignal) -> AttemptResult 
             dir.display()
         ));
     }
-    let result = run_in(&run, &dir, kill).await;
+    let result = run_in(&run, &dir, started, kill).await;
     let keep = matches!(result.outcome, Outcome::Failed | Outcome::TimedOut | Outcome::OomKilled);
     // Removing a large tree blocks; keep it off the runtime's threads.
     let retired = tokio::task::spawn_blocking(move || retire(&work_root, &dir, keep)).await;
@@ -169,7 +170,12 @@ enum Ending {
     WaitFailed(io::Error),
 }
 
-async fn run_in(run: &ProcessRun<'_>, dir: &Path, mut kill: KillSignal) -> AttemptResult {
+async fn run_in(
+    run: &ProcessRun<'_>,
+    dir: &Path,
+    started: std::time::Instant,
+    mut kill: KillSignal,
+) -> AttemptResult {
     let attempt = run.attempt;
     let sandbox = run.sandbox;
     let cgroup = match sandbox.group(&attempt_name(attempt), run.memory_bytes, run.cpu_millis) {
@@ -225,6 +231,9 @@ async fn run_in(run: &ProcessRun<'_>, dir: &Path, mut kill: KillSignal) -> Attem
             return AttemptResult::failed(spawn_failure(run.program, &e));
         }
     };
+    if let Some(histogram) = &sandbox.start_seconds {
+        histogram.observe(started.elapsed().as_secs_f64());
+    }
     // `process_group(0)` makes the child the leader of a group numbered by its pid.
     let group = GroupGuard::new(child.id(), cgroup);
     let stdout = child.stdout.take();

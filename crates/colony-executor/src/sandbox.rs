@@ -48,6 +48,8 @@ pub struct Sandbox {
     pub pids_max: u64,
     gpus: Mutex<BTreeSet<u32>>,
     gpu_count: u32,
+    /// Observes each attempt's start latency, when the executor exports metrics.
+    pub start_seconds: Option<prometheus::Histogram>,
 }
 
 impl Sandbox {
@@ -65,6 +67,7 @@ impl Sandbox {
             pids_max,
             gpus: Mutex::new((0..gpu_count).collect()),
             gpu_count,
+            start_seconds: None,
         }
     }
 
