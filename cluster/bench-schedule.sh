@@ -19,6 +19,13 @@ colony="${COLONY_BIN:-$CARGO_TARGET_DIR/release/colony}"
 source cluster/bench-cluster.sh
 start_bench_cluster 17201
 echo "== colony: bench schedule, $executors simulated executors, a backlog of $tasks tasks, then 1,000 tasks/s"
-"$colony" --endpoint "$endpoints" bench schedule --executors "$executors" --tasks "$tasks" --rate 1000
+# The gate holds the backlog back until it is all submitted: on two shared cores that can take
+# longer than the default 10s.
+"$colony" --endpoint "$endpoints" bench schedule --executors "$executors" --tasks "$tasks" --rate 1000 --hold 30s
 echo
 "$colony" --endpoint "$endpoints" cluster status | head -3
+# Every declaration, from the servers' logs (the benchmark's poll can miss a short one). No
+# simulated executor fails, so each is a false alarm.
+declared=$(cat "$dir"/s*.log | grep -c "executor declared down" || true)
+echo "executors declared down (servers' logs): $declared"
+cat "$dir"/s*.log | grep "executor declared down" | sed 's/.*declared down: //' | head -5

@@ -31,6 +31,8 @@ use tokio::time::Instant;
 const SIMS_PER_ENDPOINT: usize = 250;
 const JOINS_IN_FLIGHT: usize = 16;
 const SUBMITTERS: usize = 64;
+/// How often the benchmark asks the cluster which executors are down.
+const DOWN_POLL: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Args)]
 pub struct ScheduleBenchArgs {
@@ -64,6 +66,11 @@ struct Report {
     /// Milliseconds from submission to the assignment arriving at the executor.
     submit_to_assigned_ms: LatencyMs,
     leader_rss_bytes: u64,
+    /// Times a simulated executor was seen turn down while the benchmark ran (none has failed,
+    /// so every one is the failure detector crying wolf), polled every `DOWN_POLL`.
+    executors_seen_down: u64,
+    /// Simulated executors the cluster says are down at the end.
+    executors_down_at_end: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -169,6 +176,7 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
     bar.set_position(0);
     wait_for_sims_up(&client, &mut sims, args.executors, &bar).await?;
     bar.finish_and_clear();
+    let (watch_down, seen_down) = watch_down(client.clone());
 
     // Throughput: a backlog released all at once.
     let channels: Vec<AdminClient<colony_client::Channel>> = endpoints
@@ -262,6 +270,9 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    watch_down.abort();
+    let executors_seen_down = seen_down.load(std::sync::atomic::Ordering::Relaxed);
+    let executors_down_at_end = sims_down(&client).await?;
     let status = crate::cluster_cmd::cluster_status(&client).await?;
     let leader_rss = leader_rss(&endpoints, status.leader_id, &auth).await;
     sims.abort_all();
@@ -282,6 +293,8 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
             max: latency_us.max() as f64 / 1000.0,
         },
         leader_rss_bytes: leader_rss,
+        executors_seen_down,
+        executors_down_at_end,
     };
     match global.output {
         OutputFormat::Json => output::print_json(&report),
@@ -317,6 +330,13 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
                 ),
             ),
             ("leader RSS", format!("{:.0} MiB", report.leader_rss_bytes as f64 / (1 << 20) as f64)),
+            (
+                "executors down",
+                format!(
+                    "{} times seen turning down during the run, {} down at the end",
+                    report.executors_seen_down, report.executors_down_at_end
+                ),
+            ),
         ]),
     }
 }
@@ -349,6 +369,41 @@ pub async fn wait_for_sims_up(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Counts, until aborted, the times a simulated executor turns down (none fails in this
+/// benchmark). A poll can miss one that was down for less than `DOWN_POLL` and came back; the
+/// servers' logs (`executor declared down`) have every one.
+fn watch_down(client: Client) -> (tokio::task::JoinHandle<()>, Arc<std::sync::atomic::AtomicU64>) {
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = seen.clone();
+    let task = tokio::spawn(async move {
+        let mut down: std::collections::HashSet<u64> = Default::default();
+        loop {
+            if let Ok(executors) = list_sims(&client).await {
+                let now: std::collections::HashSet<u64> =
+                    executors.iter().filter(|e| e.state == "down").map(|e| e.id).collect();
+                let new = now.difference(&down).count() as u64;
+                counter.fetch_add(new, std::sync::atomic::Ordering::Relaxed);
+                down = now;
+            }
+            tokio::time::sleep(DOWN_POLL).await;
+        }
+    });
+    (task, seen)
+}
+
+async fn sims_down(client: &Client) -> Result<u64> {
+    Ok(list_sims(client).await?.iter().filter(|e| e.state == "down").count() as u64)
+}
+
+async fn list_sims(client: &Client) -> Result<Vec<pb::Executor>> {
+    let executors = client
+        .call("list executors", |mut c| async move {
+            c.list_executors(pb::ListExecutorsRequest::default()).await
+        })
+        .await?;
+    Ok(executors.executors.into_iter().filter(|e| e.name.starts_with("sim-")).collect())
 }
 
 /// Submits `count` tasks from many concurrent clients; returns their ids.

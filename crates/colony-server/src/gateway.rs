@@ -238,6 +238,11 @@ async fn serve_executor(
         let state = node.state();
         check_hello(&state.machine, id, &fingerprint, executor_spec_from_hello(&hello))
     };
+    if checked.is_ok() {
+        // Heard now: the registration commits (and the detector watches it) before the session
+        // opens.
+        node.sessions().hello(id);
+    }
     match checked {
         Ok(Hello::AlreadyUp) => {}
         Ok(Hello::Register(command)) => match node.propose(command).await {
@@ -261,7 +266,11 @@ async fn serve_executor(
     let limits = node.state().machine.limits().clone();
 
     let (outbox, mut outgoing) = mpsc::channel(OUTBOX_MESSAGES_MAX);
-    let interval_ms = node.config().executor_heartbeat_interval.as_millis() as u64;
+    // The more executors, the less often each heartbeats, so the leader takes a bounded rate.
+    let interval = node
+        .sessions()
+        .welcome_interval(&node.state().machine, node.config().executor_heartbeat_interval);
+    let interval_ms = interval.as_millis() as u64;
     reply(&mut link, Out::Welcome(pb::Welcome { heartbeat_interval_ms: interval_ms })).await?;
     let effects = {
         let state = node.state();
@@ -315,6 +324,8 @@ async fn read_executor(
                 node.perform(effects).await;
             }
             Some(In::Report(report)) => {
+                // Liveness: a heartbeat queued behind a burst of reports arrives late.
+                node.sessions().heard(id);
                 // A report the server cannot take is answered as refused, once: the executor
                 // drops it and the session goes on.
                 let command = match report_command(id, &report, &limits) {

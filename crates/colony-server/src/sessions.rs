@@ -76,6 +76,21 @@ impl Sessions {
         perform(&mut inner, state, effects)
     }
 
+    /// The executor said Hello; its registration may be about to commit.
+    pub fn hello(&self, executor: ExecutorId) {
+        self.lock().leader.handle_hello(executor, Instant::now());
+    }
+
+    /// The heartbeat interval for an executor being welcomed, scaled to the fleet in `state`.
+    pub fn welcome_interval(&self, state: &StateMachine, interval: Duration) -> Duration {
+        self.lock().leader.welcome_interval(state, interval)
+    }
+
+    /// A message other than a heartbeat (a report) arrived: the executor is alive.
+    pub fn heard(&self, executor: ExecutorId) {
+        self.lock().leader.handle_heard(executor, Instant::now());
+    }
+
     /// A command committed; `state` is the state after it.
     pub fn committed(&self, state: &StateMachine, outcome: &Outcome) -> Vec<Effect> {
         let mut inner = self.lock();

@@ -28,10 +28,20 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
+/// The most heartbeats a second the leader asks of its executors together, as Nomad bounds its
+/// heartbeat rate: past `HEARTBEATS_PER_SECOND_MAX` times the configured interval executors, each
+/// is told to heartbeat less often, and the timeout grows with the count. On the two cores a
+/// 1,000-executor benchmark shares with three servers, a fixed 3s timeout declared healthy
+/// executors down whenever a backlog kept the leader busy.
+pub const HEARTBEATS_PER_SECOND_MAX: u32 = 1000;
+/// Heartbeats at the scaled interval an executor may miss, on top of the configured timeout.
+pub const HEARTBEATS_MISSED_MAX: u32 = 5;
+
 /// The leader's timing rules for executors.
 #[derive(Clone, Debug)]
 pub struct LeaderConfig {
-    /// Silence after which an up or draining executor is declared down.
+    /// Silence after which an up or draining executor is declared down, with few executors;
+    /// [`Leader::heartbeat_timeout`] adds a term proportional to their number.
     pub heartbeat_timeout: Duration,
     /// After taking office, no executor is declared down for this long, so they can find the
     /// new leader first.
@@ -125,7 +135,6 @@ impl fmt::Display for CloseReason {
 #[derive(Debug)]
 struct Session {
     id: SessionId,
-    last_heard: Instant,
     /// Assignments sent and not yet seen in a heartbeat, with when they were sent.
     sent: BTreeMap<TaskId, (FencingToken, Instant)>,
 }
@@ -136,11 +145,50 @@ pub struct Leader {
     config: LeaderConfig,
     leader_since: Instant,
     sessions: BTreeMap<ExecutorId, Session>,
+    /// When each executor was last heard from in this term: any message, a session opening, its
+    /// registration committing. Kept when the session ends, so a dropped connection gets the
+    /// whole timeout to come back, and set at registration, which commits before the session
+    /// opens: silence never counts from the start of the term for an executor just heard.
+    heard: BTreeMap<ExecutorId, Instant>,
+    /// The most executors an interval was handed out for in this term: the timeout is never
+    /// shorter than that interval allows, however many executors are up now.
+    welcomed_for_max: usize,
+}
+
+/// How often an executor should heartbeat when `executors` are up: the configured `interval`,
+/// or less often once that would make more than [`HEARTBEATS_PER_SECOND_MAX`] a second.
+pub fn heartbeat_interval(interval: Duration, executors: usize) -> Duration {
+    interval.max(per_executor(executors))
+}
+
+/// `executors` heartbeats at the most the leader takes a second: each one's share of a second.
+fn per_executor(executors: usize) -> Duration {
+    let executors = u32::try_from(executors).unwrap_or(u32::MAX);
+    Duration::from_secs(1).saturating_mul(executors) / HEARTBEATS_PER_SECOND_MAX
+}
+
+/// Executors that heartbeat or soon will: admitted, up or draining (not down).
+pub fn fleet_executors(state: &StateMachine) -> usize {
+    state.executors().filter(|e| e.state != ExecutorState::Down).count()
+}
+
+/// Executors the failure detector watches (and that heartbeat): up or draining ones.
+pub fn live_executors(state: &StateMachine) -> usize {
+    state
+        .executors()
+        .filter(|e| matches!(e.state, ExecutorState::Up | ExecutorState::Draining))
+        .count()
 }
 
 impl Leader {
     pub fn new(config: LeaderConfig, now: Instant) -> Leader {
-        Leader { config, leader_since: now, sessions: BTreeMap::new() }
+        Leader {
+            config,
+            leader_since: now,
+            sessions: BTreeMap::new(),
+            heard: BTreeMap::new(),
+            welcomed_for_max: 0,
+        }
     }
 
     /// This server took office at `now`: the grace before declaring executors down starts.
@@ -159,8 +207,8 @@ impl Leader {
         running: &[RunningAttempt],
         now: Instant,
     ) -> Vec<Effect> {
-        self.sessions
-            .insert(executor, Session { id: session, last_heard: now, sent: BTreeMap::new() });
+        self.sessions.insert(executor, Session { id: session, sent: BTreeMap::new() });
+        self.heard.insert(executor, now);
         let mut effects = vec![Effect::WakeScheduler];
         effects.extend(lost_attempts(state, executor, running).map(Effect::Propose));
         effects.extend(self.reconcile(state, executor, running, now));
@@ -175,11 +223,34 @@ impl Leader {
         running: &[RunningAttempt],
         now: Instant,
     ) -> Vec<Effect> {
-        match self.sessions.get_mut(&executor) {
-            Some(session) => session.last_heard = now,
-            None => return Vec::new(),
+        if !self.sessions.contains_key(&executor) {
+            return Vec::new();
         }
+        self.heard.insert(executor, now);
         self.reconcile(state, executor, running, now)
+    }
+
+    /// An executor said Hello: it is alive, though its registration has yet to commit and its
+    /// session to open. Once it commits the detector watches it, and without this its silence
+    /// would count from the start of the term.
+    pub fn handle_hello(&mut self, executor: ExecutorId, now: Instant) {
+        self.heard.insert(executor, now);
+    }
+
+    /// The heartbeat interval to give an executor being welcomed, for the fleet in `state`;
+    /// the timeout then allows for it as long as this server leads.
+    pub fn welcome_interval(&mut self, state: &StateMachine, interval: Duration) -> Duration {
+        let fleet = fleet_executors(state);
+        self.welcomed_for_max = self.welcomed_for_max.max(fleet);
+        heartbeat_interval(interval, fleet)
+    }
+
+    /// Any other message from a connected executor (a report): it is alive. A heartbeat queued
+    /// behind a burst of reports on the same stream arrives late, but the reports did not.
+    pub fn handle_heard(&mut self, executor: ExecutorId, now: Instant) {
+        if self.sessions.contains_key(&executor) {
+            self.heard.insert(executor, now);
+        }
     }
 
     /// A session ended. A newer session of the same executor is left alone.
@@ -192,6 +263,8 @@ impl Leader {
     /// Every session ended (this server stopped leading or is stopping).
     pub fn handle_all_closed(&mut self) {
         self.sessions.clear();
+        self.heard.clear();
+        self.welcomed_for_max = 0;
     }
 
     /// The effects of a committed `outcome` that needs neither the sessions nor the state (a
@@ -203,10 +276,10 @@ impl Leader {
             Outcome::Placed { .. }
             | Outcome::Evicted { .. }
             | Outcome::Cancelled { .. }
-            | Outcome::MarkedDown { .. } => None,
+            | Outcome::MarkedDown { .. }
+            | Outcome::Registered { .. } => None,
             Outcome::Submitted { .. }
             | Outcome::Reported { .. }
-            | Outcome::Registered { .. }
             | Outcome::Draining { .. }
             | Outcome::Undrained { .. } => Some(vec![Effect::WakeScheduler]),
             _ => Some(Vec::new()),
@@ -215,7 +288,8 @@ impl Leader {
 
     /// A command committed with `outcome`: assignments go out to their executors, attempts that
     /// stopped being current are killed at once (not at the next heartbeat), and an executor
-    /// declared down loses its session. `state` is the state after the commit.
+    /// declared down loses its session. A registration counts as hearing from the executor.
+    /// `state` is the state after the commit.
     pub fn handle_committed(
         &mut self,
         state: &StateMachine,
@@ -243,28 +317,55 @@ impl Leader {
                     std::iter::once(task.id).chain(cascaded.iter().copied()).collect();
                 kill_superseded(state, &ended, KillReason::Cancelled)
             }
-            Outcome::MarkedDown { id, .. } if self.sessions.remove(id).is_some() => {
-                vec![Effect::Close { executor: *id, reason: CloseReason::DeclaredDown }]
+            Outcome::Registered { id, .. } => {
+                self.heard.insert(*id, now);
+                vec![Effect::WakeScheduler]
+            }
+            Outcome::MarkedDown { id, .. } => {
+                self.heard.remove(id);
+                match self.sessions.remove(id) {
+                    Some(_) => {
+                        vec![Effect::Close { executor: *id, reason: CloseReason::DeclaredDown }]
+                    }
+                    None => Vec::new(),
+                }
             }
             _ => Vec::new(),
         }
     }
 
-    /// Time passed: every up or draining executor silent for longer than the heartbeat timeout is
-    /// declared down, but never within the grace after taking office. An executor the leader has
-    /// never heard from counts as heard at the start of the term.
-    pub fn handle_tick(&self, state: &StateMachine, now: Instant) -> Vec<Effect> {
+    /// The silence after which an executor is declared down when `executors` are up: the
+    /// configured timeout plus [`HEARTBEATS_MISSED_MAX`] heartbeats at the interval the count
+    /// scales to, so it always outlasts several heartbeats however large the fleet.
+    pub fn heartbeat_timeout(&self, executors: usize) -> Duration {
+        self.config.heartbeat_timeout + per_executor(executors) * HEARTBEATS_MISSED_MAX
+    }
+
+    /// Time passed: every up or draining executor silent for longer than the heartbeat timeout
+    /// (for their number) is declared down, but never within the grace after taking office. An
+    /// executor the leader has not heard from in this term counts as heard at its start.
+    pub fn handle_tick(&mut self, state: &StateMachine, now: Instant) -> Vec<Effect> {
+        // Executors no longer in the state are no longer watched.
+        self.heard.retain(|id, _| state.get_executor(*id).is_some());
         if now.saturating_duration_since(self.leader_since) < self.config.leader_grace {
             return Vec::new();
         }
+        let timeout = self.heartbeat_timeout(live_executors(state).max(self.welcomed_for_max));
         state
             .executors()
             .filter(|e| matches!(e.state, ExecutorState::Up | ExecutorState::Draining))
             .filter_map(|e| {
-                let last = self.sessions.get(&e.id).map_or(self.leader_since, |s| s.last_heard);
+                let last = self.heard.get(&e.id).map_or(self.leader_since, |at| {
+                    // Heard in an earlier term: the new term's silence counts from its start.
+                    (*at).max(self.leader_since)
+                });
                 let silence = now.saturating_duration_since(last);
-                (silence > self.config.heartbeat_timeout).then(|| {
-                    let reason = format!("no heartbeat for {:.1}s", silence.as_secs_f64());
+                (silence > timeout).then(|| {
+                    let reason = format!(
+                        "nothing heard for {:.1}s (timeout {:.1}s)",
+                        silence.as_secs_f64(),
+                        timeout.as_secs_f64()
+                    );
                     Effect::Propose(Command::MarkExecutorDown { id: e.id, reason })
                 })
             })
@@ -273,16 +374,17 @@ impl Leader {
 
     /// How long ago the leader last heard from a connected executor.
     pub fn heartbeat_age(&self, executor: ExecutorId, now: Instant) -> Option<Duration> {
-        self.sessions.get(&executor).map(|s| now.saturating_duration_since(s.last_heard))
+        self.sessions.contains_key(&executor).then(|| self.silence(executor, now))
     }
 
     /// The longest silence among connected executors (zero when none is connected).
     pub fn heartbeat_age_max(&self, now: Instant) -> Duration {
-        self.sessions
-            .values()
-            .map(|s| now.saturating_duration_since(s.last_heard))
-            .max()
-            .unwrap_or_default()
+        self.sessions.keys().map(|id| self.silence(*id, now)).max().unwrap_or_default()
+    }
+
+    fn silence(&self, executor: ExecutorId, now: Instant) -> Duration {
+        let last = self.heard.get(&executor).copied().unwrap_or(self.leader_since);
+        now.saturating_duration_since(last)
     }
 
     pub fn connected(&self) -> usize {

@@ -153,7 +153,7 @@ impl World {
         self.leader.handle_heartbeat(&self.sm, id, running, now)
     }
 
-    fn tick(&self) -> Vec<Effect> {
+    fn tick(&mut self) -> Vec<Effect> {
         self.leader.handle_tick(&self.sm, self.now())
     }
 
@@ -302,10 +302,131 @@ fn a_silent_executor_is_declared_down_after_the_timeout() {
     match w.tick().as_slice() {
         [Effect::Propose(Command::MarkExecutorDown { id, reason })] => {
             assert_eq!(*id, e);
-            assert_eq!(reason, "no heartbeat for 5.1s");
+            assert_eq!(reason, "nothing heard for 5.1s (timeout 5.0s)");
         }
         other => panic!("expected one MarkExecutorDown, got {other:?}"),
     }
+}
+
+#[test]
+fn the_timeout_and_interval_grow_with_the_number_of_executors() {
+    let w = World::new();
+    let ms = Duration::from_millis;
+    // A minimum plus five heartbeats at a thousand a second shared among the executors.
+    assert_eq!(w.leader.heartbeat_timeout(0), 5 * SECOND);
+    assert_eq!(w.leader.heartbeat_timeout(10), 5 * SECOND + ms(50));
+    assert_eq!(w.leader.heartbeat_timeout(1000), 10 * SECOND);
+    assert_eq!(w.leader.heartbeat_timeout(10_000), 55 * SECOND);
+    // The configured interval until the leader would take more than a thousand a second.
+    assert_eq!(heartbeat_interval(ms(500), 10), ms(500));
+    assert_eq!(heartbeat_interval(ms(500), 500), ms(500));
+    assert_eq!(heartbeat_interval(ms(500), 1000), SECOND);
+    assert_eq!(heartbeat_interval(ms(500), 10_000), 10 * SECOND);
+    for executors in [1, 100, 1000, 10_000, 100_000] {
+        let interval = heartbeat_interval(ms(500), executors);
+        assert!(w.leader.heartbeat_timeout(executors) >= interval * HEARTBEATS_MISSED_MAX);
+        let per_second = executors as f64 / interval.as_secs_f64();
+        assert!(per_second <= f64::from(HEARTBEATS_PER_SECOND_MAX), "{executors}: {per_second}/s");
+    }
+}
+
+#[test]
+fn the_timeout_allows_for_every_interval_handed_out_in_the_term() {
+    let mut w = World::new();
+    let executors: Vec<ExecutorId> = (0..2000).map(|_| w.executor()).collect();
+    let interval = w.leader.welcome_interval(&w.sm, Duration::from_millis(500));
+    assert_eq!(interval, 2 * SECOND, "2,000 executors at a thousand heartbeats a second");
+    // Most go down; the one left still heartbeats every 2s, and gets 5 of them plus the minimum.
+    for e in &executors[1..] {
+        w.apply(Command::MarkExecutorDown { id: *e, reason: "test".to_owned() });
+    }
+    w.connect(executors[0], &[]);
+    w.advance(14 * SECOND);
+    assert_eq!(w.tick(), vec![]);
+    w.advance(SECOND + Duration::from_millis(100));
+    assert_eq!(w.tick().len(), 1);
+}
+
+#[test]
+fn with_a_thousand_executors_a_silence_past_the_minimum_is_not_down() {
+    let mut w = World::new();
+    let executors: Vec<ExecutorId> = (0..1000).map(|_| w.executor()).collect();
+    for e in &executors {
+        w.connect(*e, &[]);
+    }
+    // Well past the configured 5s, within the 10s that 1,000 executors get.
+    w.advance(9 * SECOND);
+    assert_eq!(w.tick(), vec![]);
+    w.advance(SECOND + Duration::from_millis(100));
+    assert_eq!(w.tick().len(), 1000, "all silent past 10s");
+}
+
+#[test]
+fn an_executor_that_sent_a_report_recently_is_not_declared_down() {
+    let mut w = World::new();
+    let e = w.executor();
+    w.connect(e, &[]);
+    w.advance(4 * SECOND);
+    // A report, with no heartbeat: its heartbeats are queued behind its reports.
+    let now = w.now();
+    w.leader.handle_heard(e, now);
+    w.advance(4 * SECOND);
+    assert_eq!(w.tick(), vec![], "heard 4s ago, though its last heartbeat was 8s ago");
+    assert_eq!(w.leader.heartbeat_age(e, w.now()), Some(4 * SECOND));
+    w.advance(SECOND + Duration::from_millis(100));
+    assert!(matches!(w.tick().as_slice(), [Effect::Propose(Command::MarkExecutorDown { .. })]));
+}
+
+#[test]
+fn an_executor_registering_late_in_a_term_is_not_declared_down_before_its_session_opens() {
+    let mut w = World::new();
+    w.advance(20 * SECOND);
+    // Hello arrives; the registration is applied (the detector sees it up) before the proposer
+    // hands its outcome back, and the session opens only after the Welcome is written.
+    let e = w.sm.next_executor_id();
+    let now = w.now();
+    w.leader.handle_hello(e, now);
+    assert_eq!(w.executor(), e);
+    w.advance(Duration::from_millis(100));
+    assert_eq!(w.tick(), vec![], "said Hello 100ms ago, registration not handed back yet");
+    let outcome = Outcome::Registered { id: e, changed: true };
+    let now = w.now();
+    assert_eq!(w.leader.handle_committed(&w.sm, &outcome, now), vec![Effect::WakeScheduler]);
+    w.advance(Duration::from_millis(100));
+    assert_eq!(w.tick(), vec![], "registered 100ms ago, no session yet");
+    w.connect(e, &[]);
+    w.advance(5 * SECOND);
+    assert_eq!(w.tick(), vec![]);
+}
+
+#[test]
+fn a_dropped_session_gets_the_whole_timeout_to_come_back() {
+    let mut w = World::new();
+    w.advance(20 * SECOND);
+    let e = w.executor();
+    let (session, _) = w.connect(e, &[]);
+    w.advance(SECOND);
+    w.heartbeat(e, &[]);
+    w.leader.handle_disconnected(e, session);
+    w.advance(SECOND);
+    assert_eq!(w.tick(), vec![], "silent for 1s, though not connected");
+    w.connect(e, &[]);
+    w.advance(4 * SECOND);
+    assert_eq!(w.tick(), vec![], "it reconnected");
+    // Without a reconnection, the timeout counts from the last message.
+    let e2 = w.executor();
+    let (session, _) = w.connect(e2, &[]);
+    w.leader.handle_disconnected(e2, session);
+    w.advance(5 * SECOND + Duration::from_millis(100));
+    let down: Vec<ExecutorId> = w
+        .tick()
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::Propose(Command::MarkExecutorDown { id, .. }) => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(down, vec![e, e2]);
 }
 
 #[test]
