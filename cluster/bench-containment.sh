@@ -21,10 +21,16 @@ start_bench_cluster 17301
 chmod 711 "$dir"
 echo "== $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), cgroups $(stat -fc %T /sys/fs/cgroup)"
 
-# A field of the cluster's status: `tasks` (all tasks) or `succeeded`.
+# From the cluster's status: `tasks` (all tasks), `open` (not finished) or one state's count.
 count() {
     "$colony" --endpoint "$endpoints" --timeout 5s cluster status --output json \
-        | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["task_count"] if sys.argv[1] == "tasks" else s["tasks_by_state"].get(sys.argv[1], 0))' "$1"
+        | python3 -c '
+import json, sys
+s, what = json.load(sys.stdin), sys.argv[1]
+by = s["tasks_by_state"]
+if what == "tasks": print(s["task_count"])
+elif what == "open": print(sum(by.get(k, 0) for k in ("blocked", "pending", "assigned", "running")))
+else: print(by.get(what, 0))' "$1"
 }
 
 # p50 and p99 (linear within a bucket) of one histogram summed over the executors' expositions.
@@ -52,13 +58,13 @@ EOF
 }
 
 run_once() {
-    local mode="$1" round="$2" flag=""
-    [ "$mode" = "no-cgroups" ] && flag="--unsafe-no-limits"
+    local mode="$1" round="$2" flag="" offset=0
+    if [ "$mode" = "no-cgroups" ]; then flag="--unsafe-no-limits"; offset=5; fi
     local token
-    token=$("$colony" --endpoint "$endpoints" --timeout 10s cluster token create --kind executor --ttl 10m)
+    token=$("$colony" --endpoint "$endpoints" --timeout 10s cluster token create --kind executor --ttl 10m 2>/dev/null)
     local addrs=() epids=()
     for i in 1 2; do
-        local port=$((17350 + i + 10 * round + (mode == "no-cgroups" ? 5 : 0)))
+        local port=$((17350 + i + 10 * round + offset))
         "$colony" executor --join "$endpoints" --token "$token" --data-dir "$dir/$mode-$round-e$i" \
             --name "$mode-$round-e$i" --cpu 8 --memory 16Gi --metrics-listen "127.0.0.1:$port" \
             $flag >"$dir/$mode-$round-e$i.log" 2>&1 &
@@ -83,9 +89,12 @@ run_once() {
         now=$(date +%s.%N)
         done=$(( $(count succeeded) - before ))
         [ -z "$first" ] && [ "$done" -gt 0 ] && first="$now"
-        if [ "$done" -ge "$submitted" ]; then last="$now"; break; fi
+        if [ "$(count open)" = 0 ]; then last="$now"; break; fi
         sleep 0.1
     done
+    if [ "$done" -lt "$submitted" ]; then
+        echo "$mode round $round: $((submitted - done)) of $submitted tasks did not succeed; logs in $dir" >&2
+    fi
     read -r attempts p50 p99 < <(quantiles "${addrs[@]}")
     python3 -c "import sys; n,a,b=int(sys.argv[1]),float(sys.argv[2]),float(sys.argv[3]); print(f'{sys.argv[4]:<11} round {sys.argv[5]}: {n:>6} tasks, {n/(b-a):>7.0f} tasks/s, start latency p50 {sys.argv[6]} ms, p99 {sys.argv[7]} ms ({sys.argv[8]} attempts)')" \
         "$done" "$first" "$last" "$mode" "$round" "$p50" "$p99" "$attempts"
