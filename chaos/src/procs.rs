@@ -1,5 +1,5 @@
 //! The processes under test: each server and executor is a real `colony` process started inside
-//! its host's namespace with `ip netns exec`, logging to its own file, and killed, paused,
+//! its host's network namespace with `nsenter --net`, logging to its own file, and killed, paused,
 //! restarted (on the same data), skewed in time or starved of disk by the nemeses.
 
 use crate::net::Host;
@@ -114,8 +114,14 @@ impl Proc {
             .open(&self.log)
             .with_context(|| format!("cannot open {}", self.log.display()))?;
         let exe = std::env::current_exe().context("cannot find the colony binary")?;
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.host.namespace()]).arg(exe).args(&self.args);
+        // `nsenter --net` enters only the host's network namespace: `ip netns exec` would also
+        // remount /sys, hiding the cgroup hierarchies executors contain their tasks with.
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.host.namespace()))
+            .arg("--")
+            .arg(exe)
+            .args(&self.args);
         command.arg("--parent-pid").arg(std::process::id().to_string());
         command.env("RUST_LOG", "info");
         if let Some(skew) = &self.clock_skew {
