@@ -222,3 +222,73 @@ async fn tasks_are_contained() -> anyhow::Result<()> {
     assert!(waited <= 2_000, "the placeable task waited {waited} ms behind unplaceable ones");
     Ok(())
 }
+
+/// `colony executor ARGS` on a host without cgroups: a private mount namespace where the cgroup
+/// hierarchies are unmounted (the host's stay as they are).
+fn executor_without_cgroups(args: &[String]) -> anyhow::Result<std::process::Child> {
+    let colony = colony_tests::colony_bin();
+    Ok(std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg("umount -R /sys/fs/cgroup && exec \"$0\" \"$@\"")
+        .arg(colony)
+        .arg("executor")
+        .args(args)
+        .arg("--parent-pid")
+        .arg(std::process::id().to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_without_cgroups_is_refused_unless_allowed() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, 20_000).await?;
+    let token = cluster.join_token().await?;
+    let data_dir = |name: &str| cluster.dir.path().join(name).display().to_string();
+    let mut args = vec![
+        "--join".to_owned(),
+        cluster.addrs()[0].clone(),
+        "--token".to_owned(),
+        token,
+        "--capability".to_owned(),
+        "shell".to_owned(),
+    ];
+
+    // Required (the default): refused at start-up, naming what is missing, before joining.
+    let refused = executor_without_cgroups(
+        &[args.clone(), vec!["--data-dir".to_owned(), data_dir("refused")]].concat(),
+    )?;
+    let output = tokio::task::spawn_blocking(move || refused.wait_with_output()).await??;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "an executor without cgroups started: {stderr}");
+    assert!(stderr.contains("no usable cgroup memory, cpu, pids controller"), "{stderr}");
+    assert!(stderr.contains("--require-limits=false"), "{stderr}");
+    assert!(cluster.executors().await?.is_empty(), "the refused executor joined");
+
+    // Allowed: it runs tasks unlimited and says so in /metrics.
+    let metrics_addr = format!("127.0.0.1:{}", colony_tests::free_port());
+    args.extend([
+        "--data-dir".to_owned(),
+        data_dir("allowed"),
+        "--require-limits=false".to_owned(),
+        "--metrics-listen".to_owned(),
+        metrics_addr.clone(),
+    ]);
+    let mut allowed = executor_without_cgroups(&args)?;
+    let result = async {
+        cluster.wait_for_executors_up(1, LONG).await?;
+        let metrics = colony_tests::http_get(&metrics_addr, "/metrics")?.1;
+        for controller in ["memory", "cpu", "pids"] {
+            let name = format!("colony_executor_limits_enforced{{controller=\"{controller}\"}}");
+            assert_eq!(colony_tests::sample(&metrics, &name), Some(0.0), "{controller}");
+        }
+        let ran = run_to_end(&cluster, shell("unlimited", "echo ran", 64, 10)).await?;
+        assert_eq!(ran.stdout_tail.trim(), "ran", "{ran:?}");
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = allowed.kill();
+    let _ = allowed.wait();
+    result
+}

@@ -84,6 +84,8 @@ async fn run_agent(
         return Err(AgentError::NoIdentity(data_dir));
     }
     let metrics = Arc::new(Metrics::new(&config.capacity)?);
+    // Before joining: an executor that cannot contain tasks as required never takes a place.
+    let sandbox = sandbox(&config, &data_dir, &metrics)?;
     let http = match config.metrics_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -128,7 +130,6 @@ async fn run_agent(
     };
     let client = colony_quic::mutual_client_config(&creds.ca_pem, &creds.cert_pem, &creds.key_pem)
         .map_err(AgentError::Tls)?;
-    let sandbox = sandbox(&config, &data_dir, &metrics)?;
     // Directories of attempts a previous run of this executor left behind: they were cut short,
     // so they are kept like failed ones.
     match runner::retire_leftovers(&sandbox.work_root) {
