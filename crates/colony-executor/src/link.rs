@@ -203,8 +203,8 @@ impl Session {
         }
     }
 
-    fn close(&self, reason: &str) {
-        colony_quic::CloseCode::Ok.close(&self.conn, reason);
+    fn close(&self, code: colony_quic::CloseCode, reason: &str) {
+        code.close(&self.conn, reason);
     }
 }
 
@@ -363,13 +363,13 @@ impl Link {
                             return Ok(());
                         }
                         SessionEnd::Fatal(message) => {
-                            session.close("unknown executor");
+                            session.close(colony_quic::CloseCode::Ok, "unknown executor");
                             state.drain(None, &mut attempts_rx).await;
                             return Err(LinkError::UnknownExecutor(message));
                         }
                         SessionEnd::Lost(reason) => {
                             metrics.quic_errors.inc();
-                            session.close("session lost");
+                            session.close(colony_quic::CloseCode::Ok, "session lost");
                             state.disconnected();
                             tracing::warn!(leader = %addr, %reason, running = state.live_count(), "lost the leader; attempts keep running while reconnecting");
                             leader = Some(addr);
@@ -781,7 +781,9 @@ impl State {
         if !self.pending.is_empty() {
             tracing::warn!(reports = self.pending.len(), "stopping with unacknowledged reports");
         }
-        session.close("executor shutting down");
+        // The leader declares this executor down at once rather than after its heartbeat
+        // timeout, so nothing more is placed here.
+        session.close(colony_quic::CloseCode::Stopping, "executor shutting down");
     }
 }
 

@@ -256,10 +256,7 @@ async fn agent_joins_follows_redirects_reports_and_stops() -> anyhow::Result<()>
     );
     let _ = stop.send(());
     let closed = within("close", peer.conn.closed()).await?;
-    assert!(
-        matches!(closed, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == 0u32.into()),
-        "{closed:?}"
-    );
+    assert!(colony_quic::CloseCode::Stopping.closed_by_peer_with(&peer.conn), "{closed:?}");
     within("agent exit", agent).await??.context("agent")?;
     Ok(())
 }

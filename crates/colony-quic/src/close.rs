@@ -10,6 +10,8 @@ pub enum CloseCode {
     /// Go elsewhere or come back later: this server is not (or no longer) the leader, is
     /// shutting down, or a newer connection replaced this one.
     GoingAway,
+    /// An executor is stopping: it runs nothing now and takes no work until it starts again.
+    Stopping,
 }
 
 impl CloseCode {
@@ -18,7 +20,17 @@ impl CloseCode {
             CloseCode::Ok => 0,
             CloseCode::PeerFault => 1,
             CloseCode::GoingAway => 2,
+            CloseCode::Stopping => 3,
         }
+    }
+
+    /// Whether `connection` was closed by its peer with this code.
+    pub fn closed_by_peer_with(self, connection: &quinn::Connection) -> bool {
+        matches!(
+            connection.close_reason(),
+            Some(quinn::ConnectionError::ApplicationClosed(close))
+                if close.error_code == quinn::VarInt::from(self)
+        )
     }
 
     /// Closes `connection` with this code and `reason`.

@@ -296,6 +296,11 @@ async fn serve_executor(
         }
     };
     reader.abort();
+    if CloseCode::Stopping.closed_by_peer_with(&connection) {
+        let effects = node.sessions().stopped(&node.state().machine, id, session);
+        node.perform(effects).await;
+        return Ok(());
+    }
     node.sessions().closed(id, session);
     result
 }

@@ -114,6 +114,20 @@ impl Sessions {
         inner.leader.handle_disconnected(executor, session);
     }
 
+    /// The session ended with the executor saying it is stopping; returns what to perform.
+    pub fn stopped(
+        &self,
+        state: &StateMachine,
+        executor: ExecutorId,
+        session: SessionId,
+    ) -> Vec<Effect> {
+        let mut inner = self.lock();
+        if inner.links.get(&executor).is_some_and(|l| l.session == session) {
+            inner.links.remove(&executor);
+        }
+        inner.leader.handle_stopped(state, executor, session)
+    }
+
     /// Queues a message that is not a leader decision (a report's acknowledgement).
     pub fn send(&self, executor: ExecutorId, body: pb::server_message::Body) {
         let mut inner = self.lock();

@@ -260,6 +260,31 @@ impl Leader {
         }
     }
 
+    /// The executor closed its session saying it is stopping: it runs nothing now, so it is
+    /// declared down at once instead of after the heartbeat timeout, and nothing more is placed
+    /// there. A newer session of the same executor is left alone.
+    pub fn handle_stopped(
+        &mut self,
+        state: &StateMachine,
+        executor: ExecutorId,
+        session: SessionId,
+    ) -> Vec<Effect> {
+        if self.sessions.get(&executor).is_none_or(|s| s.id != session) {
+            return Vec::new();
+        }
+        self.sessions.remove(&executor);
+        let up = state
+            .get_executor(executor)
+            .is_some_and(|e| matches!(e.state, ExecutorState::Up | ExecutorState::Draining));
+        match up {
+            true => vec![Effect::Propose(Command::MarkExecutorDown {
+                id: executor,
+                reason: "the executor stopped".to_owned(),
+            })],
+            false => Vec::new(),
+        }
+    }
+
     /// Every session ended (this server stopped leading or is stopping).
     pub fn handle_all_closed(&mut self) {
         self.sessions.clear();

@@ -726,3 +726,24 @@ fn a_stale_model_is_ignored() {
         ModelDecision::Stale { version: ModelVersion(1), was_in_use: false }
     );
 }
+
+#[test]
+fn an_executor_that_says_it_stops_is_declared_down_at_once() {
+    let mut w = World::new();
+    w.advance(20 * SECOND);
+    let e = w.executor();
+    let (old, _) = w.connect(e, &[]);
+    let (session, _) = w.connect(e, &[]);
+    // The end of a replaced session says nothing about the executor.
+    assert_eq!(w.leader.handle_stopped(&w.sm, e, old), vec![]);
+    let effects = w.leader.handle_stopped(&w.sm, e, session);
+    assert_eq!(
+        effects,
+        vec![Effect::Propose(Command::MarkExecutorDown {
+            id: e,
+            reason: "the executor stopped".to_owned()
+        })]
+    );
+    assert_eq!(w.leader.connected(), 0);
+    assert_eq!(w.leader.handle_stopped(&w.sm, e, session), vec![], "only once");
+}
