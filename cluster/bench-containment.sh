@@ -92,6 +92,8 @@ run_once() {
         if [ "$(count open)" = 0 ]; then last="$now"; break; fi
         sleep 0.1
     done
+    # Tasks that finished between the two reads above.
+    done=$(( $(count succeeded) - before ))
     if [ "$done" -lt "$submitted" ]; then
         echo "$mode round $round: $((submitted - done)) of $submitted tasks did not succeed; logs in $dir" >&2
     fi
