@@ -58,16 +58,17 @@ EOF
 }
 
 run_once() {
-    local mode="$1" round="$2" flag="" offset=0
+    local mode="$1" round="$2" load="$3" flag="" offset=0
     if [ "$mode" = "no-cgroups" ]; then flag="--unsafe-no-limits"; offset=5; fi
+    [ "$load" = light ] && offset=$((offset + 100))
     local token
     token=$("$colony" --endpoint "$endpoints" --timeout 10s cluster token create --kind executor --ttl 10m 2>/dev/null)
     local addrs=() epids=()
     for i in 1 2; do
         local port=$((17350 + i + 10 * round + offset))
-        "$colony" executor --join "$endpoints" --token "$token" --data-dir "$dir/$mode-$round-e$i" \
-            --name "$mode-$round-e$i" --cpu 8 --memory 16Gi --metrics-listen "127.0.0.1:$port" \
-            $flag >"$dir/$mode-$round-e$i.log" 2>&1 &
+        "$colony" executor --join "$endpoints" --token "$token" --data-dir "$dir/$mode-$load-$round-e$i" \
+            --name "$mode-$load-$round-e$i" --cpu 8 --memory 16Gi --metrics-listen "127.0.0.1:$port" \
+            $flag >"$dir/$mode-$load-$round-e$i.log" 2>&1 &
         epids+=($!)
         pids+=($!)
         addrs+=("127.0.0.1:$port")
@@ -81,8 +82,12 @@ run_once() {
     local before tasks_before submitted
     before=$(count succeeded)
     tasks_before=$(count tasks)
-    # The backlog: closed-loop submissions for BACKLOG seconds (after a 1 s warmup, also sent).
-    "$colony" --endpoint "$endpoints" --output json bench submit --clients 64 --duration "${backlog}s" >"$dir/submit-$mode-$round.json" 2>/dev/null
+    if [ "$load" = light ]; then
+        "$colony" --endpoint "$endpoints" --output json bench submit --clients 4 --rate 20 --duration 5s >/dev/null 2>&1
+    else
+        # The backlog: closed-loop submissions for BACKLOG seconds (after a 1 s warmup, also sent).
+        "$colony" --endpoint "$endpoints" --output json bench submit --clients 64 --duration "${backlog}s" >/dev/null 2>&1
+    fi
     submitted=$(( $(count tasks) - tasks_before ))
     local first="" last="" done=0 now
     while :; do
@@ -95,11 +100,11 @@ run_once() {
     # Tasks that finished between the two reads above.
     done=$(( $(count succeeded) - before ))
     if [ "$done" -lt "$submitted" ]; then
-        echo "$mode round $round: $((submitted - done)) of $submitted tasks did not succeed; logs in $dir" >&2
+        echo "$mode $load round $round: $((submitted - done)) of $submitted tasks did not succeed; logs in $dir" >&2
     fi
     read -r attempts p50 p99 < <(quantiles "${addrs[@]}")
-    python3 -c "import sys; n,a,b=int(sys.argv[1]),float(sys.argv[2]),float(sys.argv[3]); print(f'{sys.argv[4]:<11} round {sys.argv[5]}: {n:>6} tasks, {n/(b-a):>7.0f} tasks/s, start latency p50 {sys.argv[6]} ms, p99 {sys.argv[7]} ms ({sys.argv[8]} attempts)')" \
-        "$done" "$first" "$last" "$mode" "$round" "$p50" "$p99" "$attempts"
+    python3 -c "import sys; n,a,b=int(sys.argv[1]),float(sys.argv[2]),float(sys.argv[3]); r=str(round(n/(b-a))) if b > a else '-'; print(f'{sys.argv[4]:<11} {sys.argv[9]:<9} round {sys.argv[5]}: {n:>6} tasks, {r:>7} tasks/s, start latency p50 {sys.argv[6]} ms, p99 {sys.argv[7]} ms ({sys.argv[8]} attempts)')" \
+        "$done" "$first" "$last" "$mode" "$round" "$p50" "$p99" "$attempts" "$load"
     kill "${epids[@]}" 2>/dev/null || true
     wait "${epids[@]}" 2>/dev/null || true
     # The drained executors stay in the cluster as down; the next run's two are new.
@@ -107,6 +112,9 @@ run_once() {
 
 echo "== 2 executors (8 cores, 16 GiB offered each), /bin/true tasks of 100m and 64Mi, backlog of ${backlog} s of closed-loop submissions"
 for round in $(seq 1 "$rounds"); do
-    run_once cgroups "$round"
-    run_once no-cgroups "$round"
+    for load in light saturated; do
+        run_once cgroups "$round" "$load"
+        run_once no-cgroups "$round" "$load"
+    done
 done
+echo "(light: 20 tasks/s offered, done by the time submitting ends; saturated: what the two executors sustain)"
