@@ -499,6 +499,37 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// A `/bin/sh -c SCRIPT` task needing the `shell` capability.
+pub fn shell_task(
+    name: &str,
+    script: &str,
+    cpu_millis: u64,
+    memory_mib: u64,
+    priority: u32,
+    retries: u32,
+) -> pb::TaskSpec {
+    pb::TaskSpec {
+        name: name.to_owned(),
+        namespace: "default".to_owned(),
+        capabilities: vec!["shell".to_owned()],
+        resources: Some(pb::Resources {
+            cpu_millis,
+            memory_bytes: memory_mib << 20,
+            gpus: 0,
+            custom: Default::default(),
+        }),
+        priority,
+        max_retries: retries,
+        run: Some(pb::task_spec::Run::Process(pb::ProcessRun {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.to_owned()],
+            env: Default::default(),
+        })),
+        idempotency_key: Some(format!("{name}-{:016x}", rand::random::<u64>())),
+        ..Default::default()
+    }
+}
+
 /// A process-task spec, as the CLI would build it.
 pub fn task_spec(name: &str, idempotency_key: Option<String>) -> pb::TaskSpec {
     pb::TaskSpec {

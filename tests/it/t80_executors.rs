@@ -4,7 +4,7 @@
 
 use colony_client::Client;
 use colony_proto::pb;
-use colony_tests::{client, wait_for, Cluster};
+use colony_tests::{client, shell_task as shell, wait_for, Cluster};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -13,37 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const TASKS: usize = 300;
-
-/// A `/bin/sh -c SCRIPT` task needing the `shell` capability.
-fn shell(
-    name: &str,
-    script: &str,
-    cpu_millis: u64,
-    memory_mib: u64,
-    priority: u32,
-    retries: u32,
-) -> pb::TaskSpec {
-    pb::TaskSpec {
-        name: name.to_owned(),
-        namespace: "default".to_owned(),
-        capabilities: vec!["shell".to_owned()],
-        resources: Some(pb::Resources {
-            cpu_millis,
-            memory_bytes: memory_mib << 20,
-            gpus: 0,
-            custom: Default::default(),
-        }),
-        priority,
-        max_retries: retries,
-        run: Some(pb::task_spec::Run::Process(pb::ProcessRun {
-            program: "/bin/sh".into(),
-            args: vec!["-c".into(), script.to_owned()],
-            env: Default::default(),
-        })),
-        idempotency_key: Some(format!("{name}-{:016x}", rand::random::<u64>())),
-        ..Default::default()
-    }
-}
 
 /// Submits through any server, retrying through elections (the idempotency key makes that safe).
 async fn submit(cluster_addrs: &[String], spec: pb::TaskSpec) -> anyhow::Result<u64> {

@@ -11,26 +11,9 @@ use std::time::Duration;
 
 const LONG: Duration = Duration::from_secs(60);
 
+/// A `/bin/sh -c SCRIPT` task of 100m, without retries.
 fn shell(name: &str, script: &str, memory_mib: u64, priority: u32) -> pb::TaskSpec {
-    pb::TaskSpec {
-        name: name.to_owned(),
-        namespace: "default".to_owned(),
-        capabilities: vec!["shell".to_owned()],
-        resources: Some(pb::Resources {
-            cpu_millis: 100,
-            memory_bytes: memory_mib << 20,
-            gpus: 0,
-            custom: Default::default(),
-        }),
-        priority,
-        run: Some(pb::task_spec::Run::Process(pb::ProcessRun {
-            program: "/bin/sh".into(),
-            args: vec!["-c".into(), script.to_owned()],
-            env: Default::default(),
-        })),
-        idempotency_key: Some(format!("{name}-{:016x}", rand::random::<u64>())),
-        ..Default::default()
-    }
+    colony_tests::shell_task(name, script, 100, memory_mib, priority, 0)
 }
 
 async fn submit(cluster: &Cluster, spec: pb::TaskSpec) -> anyhow::Result<u64> {
