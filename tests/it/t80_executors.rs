@@ -402,7 +402,23 @@ async fn drain_moves_work_away_and_refuses_bad_requests() -> anyhow::Result<()> 
         .await
         .expect_err("an unknown executor is refused");
     assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown}");
-    c.cancel_task(pb::CancelTaskRequest { id: sleeper, reason: "test over".into() }).await?;
+
+    // Undrained, it takes work again: the other executor is full, so this task can only run there.
+    c.undrain_executor(pb::UndrainExecutorRequest { id: drained }).await?;
+    let up = cluster.executors().await?;
+    assert!(up.iter().any(|e| e.id == drained && e.state == "up"), "{up:?}");
+    let twice = c
+        .undrain_executor(pb::UndrainExecutorRequest { id: drained })
+        .await
+        .expect_err("undraining an executor that is up is refused");
+    assert_eq!(twice.code(), tonic::Code::FailedPrecondition, "{twice}");
+    let back = submit(&addrs, shell("back", "sleep 60", 1000, 64, 10, 0)).await?;
+    let back =
+        wait_task(&addrs, back, "to run", long, |t| state(t) == pb::TaskState::Running).await?;
+    assert_eq!(back.executor_id, Some(drained), "the undrained executor takes work again");
+    for id in [sleeper, back.id] {
+        c.cancel_task(pb::CancelTaskRequest { id, reason: "test over".into() }).await?;
+    }
     Ok(())
 }
 
