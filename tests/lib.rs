@@ -499,6 +499,66 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Submits through any server, retrying through elections (the idempotency key makes that safe).
+pub async fn submit_task(cluster_addrs: &[String], spec: pb::TaskSpec) -> anyhow::Result<u64> {
+    let any_server = colony_client::Client::new(
+        cluster_addrs,
+        Duration::from_secs(30),
+        &auth_for(&cluster_addrs[0])?,
+    )?;
+    let reply = any_server
+        .call("submit a task", |mut c| {
+            let request = pb::SubmitTaskRequest { spec: Some(spec.clone()) };
+            async move { c.submit_task(request).await }
+        })
+        .await?;
+    reply.task.map(|t| t.id).ok_or_else(|| anyhow::anyhow!("no task in the answer"))
+}
+
+pub async fn get_task(cluster_addrs: &[String], id: u64) -> anyhow::Result<pb::Task> {
+    let any_server = colony_client::Client::new(
+        cluster_addrs,
+        Duration::from_secs(3),
+        &auth_for(&cluster_addrs[0])?,
+    )?;
+    let reply = any_server
+        .call("get a task", |mut c| async move {
+            c.get_task(pb::GetTaskRequest { id, consistency: None }).await
+        })
+        .await?;
+    reply.task.ok_or_else(|| anyhow::anyhow!("no task in the answer"))
+}
+
+pub fn task_state(task: &pb::Task) -> pb::TaskState {
+    pb::TaskState::try_from(task.state).unwrap_or(pb::TaskState::Unspecified)
+}
+
+pub fn task_finished(task: &pb::Task) -> bool {
+    matches!(
+        task_state(task),
+        pb::TaskState::Succeeded
+            | pb::TaskState::Failed
+            | pb::TaskState::Cancelled
+            | pb::TaskState::TimedOut
+            | pb::TaskState::Lost
+    )
+}
+
+/// Waits until the task satisfies `done`, returning it.
+pub async fn wait_task(
+    addrs: &[String],
+    id: u64,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&pb::Task) -> bool,
+) -> anyhow::Result<pb::Task> {
+    wait_for(&format!("task {id} {what}"), timeout, || async {
+        let task = get_task(addrs, id).await?;
+        Ok(done(&task).then_some(task))
+    })
+    .await
+}
+
 /// A `/bin/sh -c SCRIPT` task needing the `shell` capability.
 pub fn shell_task(
     name: &str,

@@ -2,9 +2,11 @@
 //! executor and of the leader, no attempt runs on two executors, and no executor is ever over
 //! capacity; then dependencies, retries, deadlines, timeouts, preemption and drain, one by one.
 
-use colony_client::Client;
 use colony_proto::pb;
-use colony_tests::{client, shell_task as shell, wait_for, Cluster};
+use colony_tests::{
+    client, get_task as get, shell_task as shell, submit_task as submit, task_finished as finished,
+    task_state as state, wait_for, wait_task, Cluster,
+};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -13,66 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const TASKS: usize = 300;
-
-/// Submits through any server, retrying through elections (the idempotency key makes that safe).
-async fn submit(cluster_addrs: &[String], spec: pb::TaskSpec) -> anyhow::Result<u64> {
-    let any_server = Client::new(
-        cluster_addrs,
-        Duration::from_secs(30),
-        &colony_tests::auth_for(&cluster_addrs[0])?,
-    )?;
-    let reply = any_server
-        .call("submit a task", |mut c| {
-            let request = pb::SubmitTaskRequest { spec: Some(spec.clone()) };
-            async move { c.submit_task(request).await }
-        })
-        .await?;
-    reply.task.map(|t| t.id).ok_or_else(|| anyhow::anyhow!("no task in the answer"))
-}
-
-async fn get(cluster_addrs: &[String], id: u64) -> anyhow::Result<pb::Task> {
-    let any_server = Client::new(
-        cluster_addrs,
-        Duration::from_secs(3),
-        &colony_tests::auth_for(&cluster_addrs[0])?,
-    )?;
-    let reply = any_server
-        .call("get a task", |mut c| async move {
-            c.get_task(pb::GetTaskRequest { id, consistency: None }).await
-        })
-        .await?;
-    reply.task.ok_or_else(|| anyhow::anyhow!("no task in the answer"))
-}
-
-fn state(task: &pb::Task) -> pb::TaskState {
-    pb::TaskState::try_from(task.state).unwrap_or(pb::TaskState::Unspecified)
-}
-
-fn finished(task: &pb::Task) -> bool {
-    matches!(
-        state(task),
-        pb::TaskState::Succeeded
-            | pb::TaskState::Failed
-            | pb::TaskState::Cancelled
-            | pb::TaskState::TimedOut
-            | pb::TaskState::Lost
-    )
-}
-
-/// Waits until the task satisfies `done`, returning it.
-async fn wait_task(
-    addrs: &[String],
-    id: u64,
-    what: &str,
-    timeout: Duration,
-    done: impl Fn(&pb::Task) -> bool,
-) -> anyhow::Result<pb::Task> {
-    wait_for(&format!("task {id} {what}"), timeout, || async {
-        let task = get(addrs, id).await?;
-        Ok(done(&task).then_some(task))
-    })
-    .await
-}
 
 /// Lines `task attempt token executor` appended by every attempt that started.
 fn read_ledger(path: &Path) -> Vec<(u64, u64, u64, u64)> {

@@ -5,7 +5,7 @@
 //! placeable ones.
 
 use colony_proto::pb;
-use colony_tests::{wait_for, Cluster};
+use colony_tests::{task_finished, wait_for, Cluster};
 use std::path::Path;
 use std::time::Duration;
 
@@ -17,9 +17,10 @@ fn shell(name: &str, script: &str, memory_mib: u64, priority: u32) -> pb::TaskSp
 }
 
 async fn submit(cluster: &Cluster, spec: pb::TaskSpec) -> anyhow::Result<u64> {
-    submit_with(&cluster.any_server(Duration::from_secs(5))?, spec).await
+    colony_tests::submit_task(&cluster.addrs(), spec).await
 }
 
+/// Submits through one client, kept open: for a burst of submissions.
 async fn submit_with(client: &colony_client::Client, spec: pb::TaskSpec) -> anyhow::Result<u64> {
     let request = pb::SubmitTaskRequest { spec: Some(spec) };
     let response = client
@@ -31,39 +32,18 @@ async fn submit_with(client: &colony_client::Client, spec: pb::TaskSpec) -> anyh
     response.task.map(|t| t.id).ok_or_else(|| anyhow::anyhow!("no task in the answer"))
 }
 
-async fn get(cluster: &Cluster, id: u64) -> anyhow::Result<pb::Task> {
-    let client = cluster.any_server(Duration::from_secs(5))?;
-    let request = pb::GetTaskRequest { id, ..Default::default() };
-    let response = client.call("get", |mut c| async move { c.get_task(request).await }).await?;
-    response.task.ok_or_else(|| anyhow::anyhow!("task {id} is missing"))
-}
-
-fn finished(task: &pb::Task) -> bool {
-    !matches!(
-        task.state(),
-        pb::TaskState::Blocked
-            | pb::TaskState::Pending
-            | pb::TaskState::Assigned
-            | pb::TaskState::Running
-    )
-}
-
 async fn wait_task(
     cluster: &Cluster,
     id: u64,
     what: &str,
     done: impl Fn(&pb::Task) -> bool,
 ) -> anyhow::Result<pb::Task> {
-    wait_for(&format!("task {id} {what}"), LONG, || async {
-        let task = get(cluster, id).await?;
-        Ok(done(&task).then_some(task))
-    })
-    .await
+    colony_tests::wait_task(&cluster.addrs(), id, what, LONG, done).await
 }
 
 async fn run_to_end(cluster: &Cluster, spec: pb::TaskSpec) -> anyhow::Result<pb::Task> {
     let id = submit(cluster, spec).await?;
-    wait_task(cluster, id, "to finish", finished).await
+    wait_task(cluster, id, "to finish", task_finished).await
 }
 
 /// Whether `pid` runs (a zombie awaiting its reaper counts as gone).
@@ -153,7 +133,7 @@ async fn tasks_are_contained() -> anyhow::Result<()> {
     }
     let mut seen = Vec::new();
     for id in gpu_ids {
-        let task = wait_task(&cluster, id?, "to finish", finished).await?;
+        let task = wait_task(&cluster, id?, "to finish", task_finished).await?;
         seen.push(task.stdout_tail.trim().to_owned());
     }
     seen.sort();

@@ -35,7 +35,11 @@ pub struct ExecutorArgs {
     #[arg(long)]
     unsafe_no_limits: bool,
     /// Processes (and threads) one task attempt may hold at once.
-    #[arg(long, default_value_t = colony_executor::TASK_PIDS_MAX_DEFAULT)]
+    #[arg(
+        long,
+        default_value_t = colony_executor::TASK_PIDS_MAX_DEFAULT,
+        value_parser = clap::value_parser!(u64).range(1..=4_194_304)
+    )]
     task_pids_max: u64,
     /// A name for people (default: the data directory's name).
     #[arg(long)]

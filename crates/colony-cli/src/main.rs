@@ -200,6 +200,24 @@ mod tests {
     }
 
     #[test]
+    fn bad_executor_limits_are_usage_errors() {
+        let executor = |extra: &[&str]| {
+            let base = ["colony", "executor", "--join", "a:1", "--data-dir", "d"];
+            Cli::try_parse_from(base.iter().chain(extra)).map(|_| ())
+        };
+        assert!(executor(&[]).is_ok());
+        for bad in [
+            &["--task-pids-max", "0"][..],
+            &["--task-pids-max", "99999999999"],
+            &["--task-pids-max", "-1"],
+            &["--require-limits", "maybe"],
+        ] {
+            assert!(executor(bad).is_err(), "{bad:?}");
+        }
+        assert!(executor(&["--require-limits=false", "--task-pids-max", "64"]).is_ok());
+    }
+
+    #[test]
     fn bad_endpoints_are_usage_errors() {
         for bad in ["nohost", "host:", ":7101", "host:notaport", "a:1,,b:2"] {
             assert!(
