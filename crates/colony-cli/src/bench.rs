@@ -1,6 +1,7 @@
 //! `colony bench`: load generators that print throughput and latency percentiles.
 //!
-//! `bench submit` runs N concurrent clients over one HTTP/2 channel per endpoint. Closed loop
+//! `bench submit` runs N concurrent clients over `--connections` HTTP/2 connections per endpoint
+//! (one by default; etcdctl's `check perf` gives each of its clients its own). Closed loop
 //! (the default), each client sends its next submission when the last is answered. Open loop
 //! (`--rate`), submissions are due on a global schedule and each client claims the next slot;
 //! latency is measured from the slot's due time, not from when a client got round to it, so a
@@ -50,6 +51,10 @@ pub struct SubmitBenchArgs {
     /// Concurrent clients, spread round-robin over the endpoints.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     clients: u64,
+    /// HTTP/2 connections to each endpoint; the clients are spread over them round-robin. One
+    /// connection is served by one task on the server, so this is the parallelism a server sees.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    connections: u64,
     /// How long to measure, after the warmup.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -123,6 +128,7 @@ struct Report {
     machine: Machine,
     endpoints: Vec<String>,
     clients: u64,
+    connections_per_endpoint: u64,
     /// Open-loop target (submissions/s); null for closed loop.
     rate_target: Option<f64>,
     warmup_s: f64,
@@ -198,11 +204,15 @@ async fn bench_submit(args: SubmitBenchArgs, global: &GlobalArgs) -> Result<()> 
     }
     let template = pb::TaskSpec::from(&bench_spec(&args)?);
     let auth = global.auth()?;
-    let channels = global
-        .endpoint
-        .iter()
-        .map(|addr| lazy_channel(addr, &ClientConfig::new(global.timeout), &auth))
-        .collect::<Result<Vec<Channel>, _>>()?;
+    let config = ClientConfig::new(global.timeout);
+    // Round after round over the endpoints, so consecutive clients land on different endpoints
+    // and the first round is one connection per endpoint (for the servers' reports).
+    let mut connections: Vec<Channel> = Vec::new();
+    for _ in 0..args.connections {
+        for addr in &global.endpoint {
+            connections.push(lazy_channel(addr, &config, &auth)?);
+        }
+    }
     let histogram = Histogram::<u64>::new_with_bounds(1, LATENCY_MAX_US, 3)
         .map_err(|e| anyhow!("cannot make a histogram: {e}"))?;
     // Idempotency keys as the CLI sends them, unique to this run, so the server does the same work
@@ -220,7 +230,7 @@ async fn bench_submit(args: SubmitBenchArgs, global: &GlobalArgs) -> Result<()> 
     let live = Arc::new(Live::default());
     let mut clients = JoinSet::new();
     for index in 0..args.clients {
-        let channel = channels[usize::try_from(index).unwrap_or(0) % channels.len()].clone();
+        let channel = connections[usize::try_from(index).unwrap_or(0) % connections.len()].clone();
         let client = AdminClient::new(channel);
         let template = template.clone();
         let live = Arc::clone(&live);
@@ -268,6 +278,7 @@ async fn bench_submit(args: SubmitBenchArgs, global: &GlobalArgs) -> Result<()> 
         machine: machine(),
         endpoints: global.endpoint.clone(),
         clients: args.clients,
+        connections_per_endpoint: args.connections,
         rate_target: args.rate,
         warmup_s: args.warmup.as_secs_f64(),
         duration_s: args.duration.as_secs_f64(),
@@ -282,7 +293,7 @@ async fn bench_submit(args: SubmitBenchArgs, global: &GlobalArgs) -> Result<()> 
             p999: ms(latency_us.value_at_quantile(0.999)),
             max: ms(latency_us.max()),
         }),
-        servers: server_reports(&global.endpoint, &channels).await,
+        servers: server_reports(&global.endpoint, &connections).await,
     };
     match global.output {
         OutputFormat::Table => print_report(&report)?,
@@ -428,6 +439,7 @@ fn print_report(r: &Report) -> Result<()> {
         ),
         ("endpoints", r.endpoints.join(", ")),
         ("clients", r.clients.to_string()),
+        ("connections", format!("{} per endpoint", r.connections_per_endpoint)),
         (
             "rate target",
             r.rate_target
@@ -499,12 +511,15 @@ mod tests {
         assert_eq!(args.duration, Duration::from_secs(10));
         assert_eq!(args.warmup, Duration::from_secs(1));
         assert_eq!(args.rate, None);
+        assert_eq!(args.connections, 1);
     }
 
     #[test]
     fn bad_arguments() {
         assert!(parse(&["--clients", "0"]).is_err());
         assert!(parse(&["--duration", "0s"]).is_err());
+        assert!(parse(&["--connections", "0"]).is_err());
+        assert!(parse(&["--connections", "10001"]).is_err());
         assert!(parse(&["--rate", "0"]).is_err());
         assert!(parse(&["--rate", "-5"]).is_err());
         assert!(parse(&["--rate", "NaN"]).is_err());
