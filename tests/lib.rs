@@ -25,7 +25,8 @@ use tonic::transport::Endpoint;
 /// The credentials for each server address this process started a cluster on.
 static AUTH_BY_ADDR: Mutex<Option<HashMap<String, Auth>>> = Mutex::new(None);
 
-fn register(addr: &str, auth: &Auth) {
+/// Records the credentials for the server at `addr` (helpers that take only an address use them).
+pub fn register(addr: &str, auth: &Auth) {
     let mut map = AUTH_BY_ADDR.lock().unwrap_or_else(|p| p.into_inner());
     map.get_or_insert_with(HashMap::new).insert(addr.to_owned(), auth.clone());
 }
@@ -90,6 +91,18 @@ pub struct Server {
 }
 
 impl Server {
+    /// A server on a free port (not started) with its data and log in `dir`.
+    pub fn new(id: u64, data_dir: PathBuf, log_path: PathBuf) -> Server {
+        Server {
+            id,
+            addr: format!("127.0.0.1:{}", free_port()),
+            metrics_addr: format!("127.0.0.1:{}", free_port()),
+            data_dir,
+            log_path,
+            child: None,
+        }
+    }
+
     /// Starts the process with `args` after the common ones (`--data-dir`, `--snapshot-logs`, ...).
     pub fn start(&mut self, args: &[String]) -> anyhow::Result<()> {
         assert!(self.child.is_none(), "server {} is already running", self.id);
@@ -249,6 +262,8 @@ pub struct Cluster {
     pub servers: Vec<Server>,
     pub executors: Vec<Executor>,
     pub snapshot_logs: u64,
+    /// Flags every server of this cluster starts with, beyond the ones every test needs.
+    pub server_args: Vec<String>,
     /// The management token `acl bootstrap` printed, and its credentials.
     pub token: String,
     pub auth: Option<Auth>,
@@ -257,6 +272,15 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` servers: the first bootstraps, the rest join it; returns when all are voters.
     pub async fn start(n: usize, snapshot_logs: u64) -> anyhow::Result<Cluster> {
+        Cluster::start_with(n, snapshot_logs, &[]).await
+    }
+
+    /// Like [`Cluster::start`], every server also started with `server_args`.
+    pub async fn start_with(
+        n: usize,
+        snapshot_logs: u64,
+        server_args: &[&str],
+    ) -> anyhow::Result<Cluster> {
         let dir = tempfile::tempdir()?;
         // Tasks run as nobody: they pass through (never list) the cluster's directory to reach
         // their executors' work directories and the files `task_writable` makes.
@@ -266,6 +290,7 @@ impl Cluster {
             servers: Vec::new(),
             executors: Vec::new(),
             snapshot_logs,
+            server_args: server_args.iter().map(|a| a.to_string()).collect(),
             token: String::new(),
             auth: None,
         };
@@ -339,6 +364,7 @@ impl Cluster {
             "--metrics-listen".to_owned(),
             metrics_addr,
         ];
+        args.extend(self.server_args.iter().cloned());
         if bootstrap {
             args.push("--bootstrap".to_owned());
         } else {

@@ -14,3 +14,5 @@ mod t90_learner;
 mod t95_security;
 mod t96_python;
 mod t97_containment;
+mod t98_retention;
+mod t99_upgrade;

@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, ValueEnum};
+use colony_core::Retention;
 use colony_server::ServerConfig;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -68,6 +69,17 @@ pub struct ServerArgs {
     /// A task may preempt running tasks at least this much lower in priority; 0 turns preemption off.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(0..=1000))]
     preemption_priority_gap_min: u16,
+    /// Finished tasks (with their outputs and idempotency keys) are removed this long after they
+    /// finish, unless an unfinished task depends on them.
+    #[arg(long, default_value = "72h", value_parser = humantime::parse_duration)]
+    task_retention: Duration,
+    /// At most this many finished tasks are kept; beyond it the oldest are removed first.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    finished_tasks_max: u64,
+    /// Executors down (or admitted and never connected) this long are removed; one that comes
+    /// back must join again.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    executor_gc_after: Duration,
     /// Log lines on stdout as text or as JSON objects; the level comes from RUST_LOG (default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -125,9 +137,31 @@ fn config(args: &ServerArgs) -> Result<ServerConfig> {
     config.executor_heartbeat_timeout = args.executor_heartbeat_timeout;
     config.executor_leader_grace = args.executor_leader_grace;
     config.preemption_priority_gap_min = args.preemption_priority_gap_min;
+    config.retention = retention(args)?;
     config.unsafe_stale_reads = args.unsafe_stale_reads;
     config.check_invariants = args.check_invariants;
     Ok(config)
+}
+
+/// The retention flags, each at least a second and at most ten years.
+fn retention(args: &ServerArgs) -> Result<Retention> {
+    const MIN: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+    let ms = |flag: &str, value: Duration| -> Result<u64> {
+        if !(MIN..=MAX).contains(&value) {
+            bail!(
+                "--{flag} {} is out of range: it must be at least 1s and at most 10 years",
+                humantime::format_duration(value)
+            );
+        }
+        Ok(value.as_millis() as u64)
+    };
+    Ok(Retention {
+        task_retention_ms: ms("task-retention", args.task_retention)?,
+        finished_tasks_max: args.finished_tasks_max,
+        executor_gc_after_ms: ms("executor-gc-after", args.executor_gc_after)?,
+        ..Retention::DEFAULT
+    })
 }
 
 pub fn init_logging(format: LogFormat) -> Result<()> {
@@ -208,6 +242,40 @@ mod tests {
         assert!(!config.bootstrap);
         assert_eq!(config.heartbeat_interval, Duration::from_millis(50));
         assert_eq!(config.snapshot_logs_threshold, 20_000);
+        assert_eq!(config.retention, Retention::DEFAULT);
+    }
+
+    #[test]
+    fn retention_flags_are_bounded() {
+        let config = parse(&[
+            "--data-dir",
+            "/d",
+            "--task-retention",
+            "90s",
+            "--finished-tasks-max",
+            "5000",
+            "--executor-gc-after",
+            "1h",
+        ]);
+        assert!(config.is_ok_and(|c| c.retention
+            == Retention {
+                task_retention_ms: 90_000,
+                finished_tasks_max: 5000,
+                executor_gc_after_ms: 3_600_000,
+                ..Retention::DEFAULT
+            }));
+        for bad in [
+            ["--task-retention", "0s"],
+            ["--task-retention", "11years"],
+            ["--task-retention", "soon"],
+            ["--finished-tasks-max", "0"],
+            ["--finished-tasks-max", "-1"],
+            ["--executor-gc-after", "0s"],
+            ["--executor-gc-after", "500ms"],
+        ] {
+            let argv = ["--data-dir", "/d", bad[0], bad[1]];
+            assert!(parse(&argv).is_err(), "{bad:?} was accepted");
+        }
     }
 
     #[test]

@@ -24,8 +24,8 @@ pub use resources::{
     parse_cpu_millis, parse_memory_bytes, QuantityError, ResourceKind, Resources, Shortfall,
 };
 pub use state_machine::{
-    Assignment, AttemptOutcome, AttemptResult, AttemptStatus, Command, CommandError,
+    Assignment, AttemptOutcome, AttemptResult, AttemptStatus, Collected, Command, CommandError,
     ConstraintMismatch, InvariantViolation, Outcome, Placement, PlacementRejection, Proposal,
-    StateMachine, TaskFilter,
+    Retention, StateMachine, StateMachineV2, TaskFilter,
 };
 pub use task::{PlacementPolicy, RunSpec, SpecError, Task, TaskSpec, TaskState};

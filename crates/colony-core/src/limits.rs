@@ -41,8 +41,6 @@ pub struct Limits {
     /// Model versions kept in the registry; the oldest non-current one goes first.
     pub models_kept_max: usize,
     pub model_weights_bytes_max: usize,
-    /// Finished tasks kept in the finish-order index the learner follows.
-    pub finished_order_kept_max: usize,
 }
 
 impl Default for Limits {
@@ -72,7 +70,6 @@ impl Default for Limits {
             memory_auto_floor_bytes: 64 << 20,
             models_kept_max: 32,
             model_weights_bytes_max: 4 << 20,
-            finished_order_kept_max: 1_000_000,
         }
     }
 }

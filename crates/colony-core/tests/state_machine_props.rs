@@ -5,8 +5,8 @@
 use colony_core::scheduler::{plan, PlanConfig};
 use colony_core::{
     AttemptOutcome, AttemptResult, AttemptStatus, Command, CommandError, ExecutorId, ExecutorSpec,
-    FencingToken, Outcome, Placement, PlacementPolicy, Proposal, Resources, RunSpec, StateMachine,
-    TaskId, TaskSpec, TaskState,
+    FencingToken, Outcome, Placement, PlacementPolicy, Proposal, Resources, Retention, RunSpec,
+    StateMachine, TaskId, TaskSpec, TaskState,
 };
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
@@ -55,6 +55,13 @@ enum Op {
         stale: bool,
         outcome: u8,
     },
+    /// Retention with short bounds (zero ones must be refused).
+    Collect {
+        retention_ms: u64,
+        finished_max: u64,
+        gc_after_ms: u64,
+        scan_max: u32,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -76,6 +83,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => prop_oneof![Just(0u16), Just(1u16), Just(100u16)].prop_map(|gap| Op::Schedule { gap }),
         1 => (0u64..25, 0u64..5, prop::collection::vec(0u64..25, 0..3)).prop_map(|(task, executor, evict)| Op::Place { task, executor, evict }),
         3 => (0u64..25, prop::bool::weighted(0.2), 0u8..5).prop_map(|(task, stale, outcome)| Op::Report { task, stale, outcome }),
+        1 => (0u64..200, 0u64..6, 0u64..200, 0u32..4).prop_map(|(retention_ms, finished_max, gc_after_ms, scan_max)| Op::Collect { retention_ms, finished_max, gc_after_ms, scan_max }),
     ]
 }
 
@@ -176,6 +184,14 @@ fn commands(op: &Op, sm: &StateMachine, now: u64) -> Vec<Command> {
             };
             vec![Command::Report { executor, task: TaskId(*task), token, status }]
         }
+        Op::Collect { retention_ms, finished_max, gc_after_ms, scan_max } => {
+            vec![Command::Collect(Retention {
+                task_retention_ms: *retention_ms,
+                finished_tasks_max: *finished_max,
+                executor_gc_after_ms: *gc_after_ms,
+                scan_max: *scan_max,
+            })]
+        }
     }
 }
 
@@ -228,6 +244,7 @@ proptest! {
         let mut finished: BTreeMap<TaskId, TaskState> = BTreeMap::new();
         let mut next_expected_id = 1u64;
         let mut tokens: BTreeMap<TaskId, FencingToken> = BTreeMap::new();
+        let mut removed: BTreeSet<TaskId> = BTreeSet::new();
         for (i, op) in ops.iter().enumerate() {
             now += clock_steps[i % clock_steps.len()];
             for command in commands(op, &sm, now) {
@@ -245,6 +262,12 @@ proptest! {
                     prop_assert_eq!(task.id, TaskId(next_expected_id), "ids are dense and increasing");
                     next_expected_id += 1;
                 }
+                Ok(Outcome::Collected(collected)) => {
+                    for id in &collected.tasks {
+                        prop_assert!(finished.contains_key(id), "retention removed unfinished task {}", id);
+                        removed.insert(*id);
+                    }
+                }
                 Ok(_) => {}
             }
             }
@@ -252,7 +275,8 @@ proptest! {
                 prop_assert!(false, "invariant broken after {:?}: {}", op, violation);
             }
             for (id, state) in &finished {
-                prop_assert_eq!(sm.get_task(*id).map(|t| t.state), Some(*state), "finished task {} changed state", id);
+                let expected = (!removed.contains(id)).then_some(*state);
+                prop_assert_eq!(sm.get_task(*id).map(|t| t.state), expected, "finished task {} changed state or was not removed", id);
             }
             for task in sm.list_tasks(&colony_core::TaskFilter { limit: usize::MAX, ..Default::default() }) {
                 if let Some(token) = task.fencing_token {

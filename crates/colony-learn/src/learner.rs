@@ -102,6 +102,18 @@ struct Learner {
 impl Learner {
     /// Turns a batch of finished tasks into examples, persists the accepted ones and then the
     /// cursor past all of them.
+    /// Retention removed the records after `from` up to `to` before they were read: counted as
+    /// missed, and the cursor moves past them (records read after the gap move it further).
+    fn skipped(&mut self, from: u64, to: u64) -> anyhow::Result<()> {
+        warn!(
+            after = from,
+            resume_after = to,
+            "retention removed finished tasks before the learner read them"
+        );
+        self.metrics.feed_missed(to - from);
+        self.store.save_cursor(to).context("saving the cursor")
+    }
+
     fn handle_batch(&mut self, batch: Vec<pb::FinishedTask>) -> anyhow::Result<()> {
         let Some(last_seq) = batch.iter().map(|finished| finished.seq).max() else {
             return Ok(());
@@ -269,6 +281,7 @@ pub async fn run(config: LearnerConfig, shutdown: impl Future<Output = ()>) -> a
             Event::Feed(None) => break Err(anyhow!("the feed task stopped")),
             Event::Feed(Some(first)) => {
                 let mut batch = Vec::new();
+                let mut skipped = None;
                 let mut next = Some(first);
                 while let Some(event) = next.take() {
                     match event {
@@ -276,6 +289,9 @@ pub async fn run(config: LearnerConfig, shutdown: impl Future<Output = ()>) -> a
                         FeedEvent::Opened { server, after_seq } => {
                             info!(%server, after_seq, "following finished tasks");
                             learner.metrics.set_following(true);
+                        }
+                        FeedEvent::Skipped { from, to } => {
+                            skipped = Some((skipped.map_or(from, |(first, _)| first), to));
                         }
                         FeedEvent::Lost { server, reason } => {
                             warn!(%server, %reason, "lost the feed of finished tasks; reconnecting");
@@ -285,6 +301,11 @@ pub async fn run(config: LearnerConfig, shutdown: impl Future<Output = ()>) -> a
                     }
                     if batch.len() < BATCH_RECORDS_MAX {
                         next = feed.try_recv().ok();
+                    }
+                }
+                if let Some((from, to)) = skipped {
+                    if let Err(error) = learner.skipped(from, to) {
+                        break Err(error);
                     }
                 }
                 if let Err(error) = learner.handle_batch(batch) {

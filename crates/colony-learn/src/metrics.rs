@@ -47,6 +47,7 @@ pub struct Metrics {
     error_ratio: Gauge,
     published_version: IntGauge,
     watch_reconnects: IntCounter,
+    feed_missed: IntCounter,
     system_health: IntGaugeVec,
 }
 
@@ -130,6 +131,13 @@ impl Metrics {
                     "Times the feed of finished tasks was lost; each is followed by reconnecting.",
                 )?,
             )?,
+            feed_missed: register(
+                &registry,
+                IntCounter::new(
+                    "colony_learner_feed_missed_total",
+                    "Finished-task records retention removed before the learner read them (an upper bound: held tasks count).",
+                )?,
+            )?,
             system_health: register(
                 &registry,
                 IntGaugeVec::new(
@@ -162,6 +170,10 @@ impl Metrics {
 
     pub fn watch_reconnected(&self) {
         self.watch_reconnects.inc();
+    }
+
+    pub fn feed_missed(&self, records: u64) {
+        self.feed_missed.inc_by(records);
     }
 
     pub fn set_examples(&self, count: usize) {

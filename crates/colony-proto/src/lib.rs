@@ -15,3 +15,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/colony_descriptor.bin"));
 
 pub use convert::ConversionError;
+
+/// Trailer of a `WatchFinishedTasks` stream refused with `OUT_OF_RANGE`: retention removed
+/// finished tasks after the caller's cursor; the value is the sequence number to resume after.
+pub const RESUME_AFTER_SEQ: &str = "x-colony-resume-after-seq";

@@ -1,5 +1,6 @@
 //! How a server is started: the flags of `colony server`, as one struct.
 
+use colony_core::Retention;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -40,6 +41,8 @@ pub struct ServerConfig {
     pub preemption_priority_gap_min: u16,
     /// A model older than this is not used for scheduling.
     pub model_stale_after: Duration,
+    /// What the leader removes, and when (`Command::Collect`).
+    pub retention: Retention,
     /// Serve every read from this server's applied state, as if each asked for `stale`. Breaks
     /// linearizability on purpose: the chaos suite's negative control, never for real clusters.
     pub unsafe_stale_reads: bool,
@@ -69,6 +72,7 @@ impl ServerConfig {
             executor_leader_grace: Duration::from_secs(5),
             preemption_priority_gap_min: 100,
             model_stale_after: Duration::from_secs(7 * 24 * 3600),
+            retention: Retention::DEFAULT,
             unsafe_stale_reads: false,
             check_invariants: false,
         }

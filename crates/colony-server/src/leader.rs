@@ -20,6 +20,8 @@ const DETECTOR_TICK: Duration = Duration::from_millis(250);
 const CA_RETRY: Duration = Duration::from_millis(500);
 /// The least time between the end of one run of scheduling rounds and the next.
 const ROUND_PAUSE: Duration = Duration::from_millis(5);
+/// How often the leader looks for something retention should remove.
+const RETENTION_TICK: Duration = Duration::from_secs(1);
 
 pub async fn run(node: Arc<Node>) {
     tracing::info!("leading: scheduler and failure detector started");
@@ -60,7 +62,52 @@ pub async fn run(node: Arc<Node>) {
             node.perform(effects).await;
         }
     };
-    tokio::join!(scheduling, detecting);
+    tokio::join!(scheduling, detecting, collect_garbage(&node));
+}
+
+/// Retention: when the applied state holds something the policy says to remove, propose
+/// `Collect` (again at once while a command reports `more`). An idle cluster writes nothing.
+async fn collect_garbage(node: &Node) {
+    let retention = node.config().retention;
+    let mut tick = tokio::time::interval(RETENTION_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let due = node.state().machine.collectable(&retention, colony_process::unix_ms());
+        if !due {
+            continue;
+        }
+        loop {
+            let collected = match node.propose(Command::Collect(retention)).await {
+                Ok(Outcome::Collected(collected)) => collected,
+                Ok(other) => {
+                    tracing::warn!("retention committed with an unexpected outcome: {other:?}");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("retention not committed: {e}");
+                    break;
+                }
+            };
+            let removed = node.metrics().retention_removed.clone();
+            removed.with_label_values(&["tasks"]).inc_by(collected.tasks.len() as u64);
+            removed.with_label_values(&["executors"]).inc_by(collected.executors.len() as u64);
+            removed.with_label_values(&["acl_tokens"]).inc_by(collected.acl_tokens);
+            removed.with_label_values(&["join_tokens"]).inc_by(collected.join_tokens);
+            if !collected.executors.is_empty() {
+                tracing::info!(executors = ?collected.executors, "removed executors down too long");
+            }
+            tracing::debug!(
+                tasks = collected.tasks.len(),
+                held = collected.held,
+                more = collected.more,
+                "retention"
+            );
+            if !collected.more {
+                break;
+            }
+        }
+    }
 }
 
 /// The server that bootstrapped the cluster created the CA (its own certificate is signed by it);

@@ -51,6 +51,9 @@ pub struct Metrics {
     pub preemptions: IntCounter,
     pub task_retries: IntCounter,
     pub executors_marked_down: IntCounter,
+    /// What this leader's retention removed, by kind (`tasks`, `executors`, `acl_tokens`,
+    /// `join_tokens`).
+    pub retention_removed: IntCounterVec,
     /// From submission to the first assignment's commit.
     pub placement_seconds: Histogram,
     pub scheduling_round_seconds: Histogram,
@@ -242,6 +245,16 @@ impl Metrics {
                 IntCounter::new(
                     "colony_executors_marked_down_total",
                     "Executors this leader declared down.",
+                )?,
+            )?,
+            retention_removed: register(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "colony_retention_removed_total",
+                        "What this leader's retention removed, by kind.",
+                    ),
+                    &["kind"],
                 )?,
             )?,
             placement_seconds: latency(

@@ -10,7 +10,15 @@ use serde::Serialize;
 
 /// The format version written by this build. Bump it (and keep a reader for the old one) whenever
 /// the body encoding of any persisted type changes.
-pub const FORMAT_VERSION: u8 = 2;
+///
+/// - 2: TLS and ACLs (version 1 frames are refused by name: nothing of a cluster without them
+///   carries over).
+/// - 3: retention. Only the state machine's body changed (see `colony_core::StateMachineV2`); a
+///   version 2 frame of anything else (a log entry, a vote, a log id) has the same body and is
+///   read as it is. The state machine store reads version 2 snapshots through the old layout.
+pub const FORMAT_VERSION: u8 = 3;
+/// The oldest format version this build reads.
+pub const OLDEST_READABLE: u8 = 2;
 /// The most a decoded value may claim (lengths are checked against it before anything is
 /// allocated), so even a frame whose checksum matches cannot ask for an absurd allocation.
 const DECODE_BYTES_MAX: usize = 16 << 30;
@@ -23,7 +31,7 @@ pub const HEADER_LEN: usize = 5;
 pub enum CodecError {
     #[error("frame is {len} bytes, shorter than its {HEADER_LEN}-byte header")]
     Truncated { len: usize },
-    #[error("unknown format version {found} (this build reads version {FORMAT_VERSION})")]
+    #[error("unknown format version {found} (this build reads versions {OLDEST_READABLE} to {FORMAT_VERSION})")]
     UnknownVersion { found: u8 },
     #[error("checksum mismatch: header says crc32 {stored:#010x}, body has {computed:#010x}")]
     ChecksumMismatch { stored: u32, computed: u32 },
@@ -45,9 +53,20 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
     Ok(frame)
 }
 
-/// Decodes one frame, verifying its version and checksum first.
+/// Decodes one frame, verifying its version and checksum first. Only for types whose body is the
+/// same in every readable version; the state machine's is not (`decode_versioned`).
 pub fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T, CodecError> {
-    let body = verified_body(frame)?;
+    let (_, body) = verified_body(frame)?;
+    decode_body(body)
+}
+
+/// The version and body of a frame whose version is readable and whose checksum is good.
+pub fn decode_versioned(frame: &[u8]) -> Result<(u8, &[u8]), CodecError> {
+    verified_body(frame)
+}
+
+/// Decodes a body taken from a frame by [`decode_versioned`], all of it.
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
     let config = bincode::config::standard().with_limit::<DECODE_BYTES_MAX>();
     let (value, read) = bincode::serde::decode_from_slice(body, config)?;
     if read != body.len() {
@@ -56,13 +75,13 @@ pub fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T, CodecError> {
     Ok(value)
 }
 
-/// The body of a frame whose version and checksum are good.
-fn verified_body(frame: &[u8]) -> Result<&[u8], CodecError> {
+/// The version and body of a frame whose version is readable and whose checksum is good.
+fn verified_body(frame: &[u8]) -> Result<(u8, &[u8]), CodecError> {
     let (header, body) = match frame.split_at_checked(HEADER_LEN) {
         Some(parts) => parts,
         None => return Err(CodecError::Truncated { len: frame.len() }),
     };
-    if header[0] != FORMAT_VERSION {
+    if !(OLDEST_READABLE..=FORMAT_VERSION).contains(&header[0]) {
         return Err(CodecError::UnknownVersion { found: header[0] });
     }
     let stored = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
@@ -70,7 +89,7 @@ fn verified_body(frame: &[u8]) -> Result<&[u8], CodecError> {
     if stored != computed {
         return Err(CodecError::ChecksumMismatch { stored, computed });
     }
-    Ok(body)
+    Ok((header[0], body))
 }
 
 #[cfg(test)]
@@ -83,20 +102,22 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     /// Frozen bytes: if this test fails, the on-disk format changed and `FORMAT_VERSION` must be
-    /// bumped. (Version 2 added the ACL state; version 1 frames are refused by name.)
+    /// bumped. A vote's body is the same in versions 2 and 3, so a version 2 frame still reads.
     #[test]
     fn vote_frame_bytes_are_frozen() {
         let vote = Vote::<u64>::new_committed(3, 1);
         let frame = encode(&vote).unwrap();
-        assert_eq!(frame, vec![0x02, 0x9c, 0x66, 0x1b, 0x93, 0x03, 0x01, 0x01]);
+        assert_eq!(frame, vec![0x03, 0x9c, 0x66, 0x1b, 0x93, 0x03, 0x01, 0x01]);
         assert_eq!(decode::<Vote<u64>>(&frame).unwrap(), vote);
+        let written_by_version_2 = [0x02, 0x9c, 0x66, 0x1b, 0x93, 0x03, 0x01, 0x01];
+        assert_eq!(decode::<Vote<u64>>(&written_by_version_2).unwrap(), vote);
     }
 
     #[test]
     fn log_id_frame_bytes_are_frozen() {
         let log_id = LogId::new(CommittedLeaderId::new(2, 7), 300);
         let frame = encode(&log_id).unwrap();
-        assert_eq!(frame, vec![0x02, 0xcd, 0x5b, 0x92, 0xd6, 0x02, 0x07, 0xfb, 0x2c, 0x01]);
+        assert_eq!(frame, vec![0x03, 0xcd, 0x5b, 0x92, 0xd6, 0x02, 0x07, 0xfb, 0x2c, 0x01]);
         assert_eq!(decode::<LogId<u64>>(&frame).unwrap(), log_id);
     }
 
@@ -112,6 +133,8 @@ mod tests {
         let mut frame = encode(&7u64).unwrap();
         frame[0] = 1;
         assert!(matches!(decode::<u64>(&frame), Err(CodecError::UnknownVersion { found: 1 })));
+        frame[0] = FORMAT_VERSION + 1;
+        assert!(matches!(decode::<u64>(&frame), Err(CodecError::UnknownVersion { found: 4 })));
     }
 
     #[test]

@@ -44,6 +44,31 @@ pub struct Applied {
     pub machine: StateMachine,
 }
 
+/// `Applied` as format 2 stored it (its state machine in the old layout).
+#[derive(Deserialize)]
+struct AppliedV2 {
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, BasicNode>,
+    machine: colony_core::StateMachineV2,
+}
+
+impl Applied {
+    /// Decodes a snapshot's state-machine frame of any readable format version.
+    pub fn decode(frame: &[u8]) -> Result<Applied, codec::CodecError> {
+        match codec::decode_versioned(frame)? {
+            (2, body) => {
+                let old: AppliedV2 = codec::decode_body(body)?;
+                Ok(Applied {
+                    last_applied: old.last_applied,
+                    membership: old.membership,
+                    machine: old.machine.into(),
+                })
+            }
+            (_, body) => codec::decode_body(body),
+        }
+    }
+}
+
 /// The applied state shared between the Raft state machine and the server's read path.
 pub type SharedState = Arc<RwLock<Applied>>;
 

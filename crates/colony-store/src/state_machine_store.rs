@@ -235,7 +235,7 @@ fn decode_applied(meta: &Meta, data: &[u8]) -> Result<Applied, StoreError> {
         what: format!("snapshot {}", meta.snapshot_id),
         detail,
     };
-    let applied: Applied = codec::decode(data).map_err(|e| corrupt(e.to_string()))?;
+    let applied = Applied::decode(data).map_err(|e| corrupt(e.to_string()))?;
     if applied.last_applied != meta.last_log_id || applied.membership != meta.last_membership {
         return Err(corrupt(format!(
             "its metadata says last log {:?} and membership {}, its data holds {:?} and {}",
@@ -271,18 +271,21 @@ mod tests {
     /// A state machine whose current model is not in the registry, built from bytes because
     /// nothing in colony-core's API can corrupt state. A new state machine encodes as
     /// `..., models: 0 entries, current_model: None, next_model_version: 1, acl_bootstrapped:
-    /// false, acl_tokens: 0 entries, acl_by_secret: 0 entries`; this makes `current_model`
-    /// `Some(5)`.
+    /// false, acl_tokens: 0 entries, acl_by_secret: 0 entries, finished_removed_through: 0,
+    /// by_state: 0 entries, state_counts: 9 zeros`; this makes `current_model` `Some(5)`.
     fn corrupted() -> StateMachine {
         let config = bincode::config::standard();
         let mut bytes = bincode::serde::encode_to_vec(StateMachine::new(), config).unwrap();
+        let after_acl = [0x00; 11];
+        let tail = [&[0x00, 0x00, 0x01, 0x00, 0x00, 0x00][..], &after_acl].concat();
         assert_eq!(
-            bytes[bytes.len() - 6..],
-            [0x00, 0x00, 0x01, 0x00, 0x00, 0x00],
+            bytes[bytes.len() - tail.len()..],
+            tail[..],
             "the state machine's encoding moved; update this test"
         );
-        bytes.truncate(bytes.len() - 5);
+        bytes.truncate(bytes.len() - tail.len() + 1);
         bytes.extend_from_slice(&[0x01, 0x05, 0x01, 0x00, 0x00, 0x00]);
+        bytes.extend_from_slice(&after_acl);
         bincode::serde::decode_from_slice(&bytes, config).unwrap().0
     }
 

@@ -10,7 +10,7 @@
 use colony_core::{
     AclToken, AttemptOutcome, AttemptResult, AttemptStatus, ClusterCaRecord, Command, ExecutorId,
     ExecutorSpec, FencingToken, Grant, JoinKind, ModelMetrics, ModelVersion, Outcome, Placement,
-    PlacementPolicy, Proposal, Resources, Role, RunSpec, StateMachine, TaskId, TaskSpec,
+    PlacementPolicy, Proposal, Resources, Retention, Role, RunSpec, StateMachine, TaskId, TaskSpec,
 };
 use colony_store::snapshot_file::SnapshotFile;
 use colony_store::{codec, Applied, StoreOptions, TypeConfig};
@@ -138,10 +138,11 @@ fn variant(command: &Command) -> usize {
         Command::CreateAclToken(_) => 15,
         Command::RevokeAclToken { .. } => 16,
         Command::UndrainExecutor { .. } => 17,
+        Command::Collect(_) => 18,
     }
 }
 
-const VARIANTS: usize = 18;
+const VARIANTS: usize = 19;
 
 fn acl_token(accessor: &str, role: Role, namespaces: Option<&[&str]>) -> AclToken {
     AclToken {
@@ -222,6 +223,12 @@ fn every_command() -> Vec<Command> {
         }),
         Command::RevokeAclToken { accessor: "4567ef01".to_owned() },
         Command::UndrainExecutor { id: ExecutorId(1) },
+        Command::Collect(Retention {
+            task_retention_ms: 259_200_000,
+            finished_tasks_max: 1_000_000,
+            executor_gc_after_ms: 86_400_000,
+            scan_max: 20_000,
+        }),
     ]
 }
 
@@ -249,8 +256,12 @@ fn proposal_with_every_command_is_frozen() {
         "the frozen proposal must carry one of every Command variant; {FORMAT_CHANGE}"
     );
     let frame = codec::encode(&proposal).unwrap();
-    assert_frozen("proposal_v2.hex", &frame);
-    assert_eq!(codec::decode::<Proposal>(&frozen("proposal_v2.hex")).unwrap(), proposal);
+    assert_frozen("proposal_v3.hex", &frame);
+    assert_eq!(codec::decode::<Proposal>(&frozen("proposal_v3.hex")).unwrap(), proposal);
+    // Format 2 had every command but `Collect`, encoded as today.
+    let mut before_retention = proposal.clone();
+    before_retention.commands.retain(|c| !matches!(c, Command::Collect(_)));
+    assert_eq!(codec::decode::<Proposal>(&frozen("proposal_v2.hex")).unwrap(), before_retention);
 }
 
 fn log_id(index: u64) -> LogId<u64> {
@@ -277,8 +288,10 @@ async fn log_entry_is_frozen() {
     let raft_dir = dir.path().join("raft");
     let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), raft_dir, ["log", "meta"]).unwrap();
     let stored = db.get_cf(db.cf_handle("log").unwrap(), 42u64.to_be_bytes()).unwrap().unwrap();
-    assert_frozen("log_entry_v2.hex", &stored);
-    assert_eq!(codec::decode::<Entry<TypeConfig>>(&frozen("log_entry_v2.hex")).unwrap(), entry);
+    assert_frozen("log_entry_v3.hex", &stored);
+    for name in ["log_entry_v3.hex", "log_entry_v2.hex"] {
+        assert_eq!(codec::decode::<Entry<TypeConfig>>(&frozen(name)).unwrap(), entry, "{name}");
+    }
 }
 
 /// A small state with something in every part: tasks blocked, pending, running, succeeded and
@@ -376,21 +389,25 @@ async fn snapshot_file_is_frozen() {
     sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
 
     let written = std::fs::read(dir.path().join("snapshots/snapshot.bin")).unwrap();
-    assert_frozen("snapshot_v2.hex", &written);
+    assert_frozen("snapshot_v3.hex", &written);
 
-    let frozen_dir = tempfile::tempdir().unwrap();
-    std::fs::write(frozen_dir.path().join("snapshot.bin"), frozen("snapshot_v2.hex")).unwrap();
-    let (_, stored) = SnapshotFile::open(frozen_dir.path()).unwrap();
-    let stored = stored.unwrap();
-    let applied: Applied = codec::decode(&stored.data).unwrap();
     let mut expected = StateMachine::new();
     for result in expected.apply_proposal(&proposal) {
         result.unwrap();
     }
-    assert_eq!(applied.machine, expected);
-    assert_eq!(applied.last_applied, Some(log_id(2)));
-    assert_eq!(stored.meta.last_log_id, Some(log_id(2)));
-    assert_eq!(stored.meta.snapshot_id, "3-2-1");
+    // Format 2's snapshot, written before retention, reads into the same state as today's.
+    for name in ["snapshot_v3.hex", "snapshot_v2.hex"] {
+        let frozen_dir = tempfile::tempdir().unwrap();
+        std::fs::write(frozen_dir.path().join("snapshot.bin"), frozen(name)).unwrap();
+        let (_, stored) = SnapshotFile::open(frozen_dir.path()).unwrap();
+        let stored = stored.unwrap();
+        let applied = Applied::decode(&stored.data).unwrap();
+        applied.machine.check_invariants().unwrap();
+        assert_eq!(applied.machine, expected, "{name}");
+        assert_eq!(applied.last_applied, Some(log_id(2)), "{name}");
+        assert_eq!(stored.meta.last_log_id, Some(log_id(2)), "{name}");
+        assert_eq!(stored.meta.snapshot_id, "3-2-1", "{name}");
+    }
 }
 
 /// Format 1 (before TLS and ACLs) is refused with the version named, never misread: a cluster
@@ -404,7 +421,7 @@ fn format_1_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("snapshot.bin"), frozen("snapshot_v1.hex")).unwrap();
     let error = match SnapshotFile::open(dir.path()) {
-        Ok((_, Some(stored))) => codec::decode::<Applied>(&stored.data).unwrap_err().to_string(),
+        Ok((_, Some(stored))) => Applied::decode(&stored.data).unwrap_err().to_string(),
         Ok((_, None)) => panic!("the format 1 snapshot was not found"),
         Err(e) => e.to_string(),
     };

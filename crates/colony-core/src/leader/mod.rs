@@ -303,6 +303,7 @@ impl Leader {
             | Outcome::Cancelled { .. }
             | Outcome::MarkedDown { .. }
             | Outcome::Registered { .. } => None,
+            Outcome::Collected(collected) if !collected.executors.is_empty() => None,
             Outcome::Submitted { .. }
             | Outcome::Reported { .. }
             | Outcome::Draining { .. }
@@ -346,16 +347,21 @@ impl Leader {
                 self.heard.insert(*id, now);
                 vec![Effect::WakeScheduler]
             }
-            Outcome::MarkedDown { id, .. } => {
-                self.heard.remove(id);
-                match self.sessions.remove(id) {
-                    Some(_) => {
-                        vec![Effect::Close { executor: *id, reason: CloseReason::DeclaredDown }]
-                    }
-                    None => Vec::new(),
-                }
+            Outcome::MarkedDown { id, .. } => self.forget_executor(*id),
+            // Retention removed executors long down: one that reconnected since must join again.
+            Outcome::Collected(collected) => {
+                collected.executors.iter().flat_map(|id| self.forget_executor(*id)).collect()
             }
             _ => Vec::new(),
+        }
+    }
+
+    /// An executor declared down or removed: its session is closed and its silence forgotten.
+    fn forget_executor(&mut self, id: ExecutorId) -> Vec<Effect> {
+        self.heard.remove(&id);
+        match self.sessions.remove(&id) {
+            Some(_) => vec![Effect::Close { executor: id, reason: CloseReason::DeclaredDown }],
+            None => Vec::new(),
         }
     }
 

@@ -9,7 +9,7 @@ use crate::executor::{ClusterCaRecord, ExecutorSpec, ExecutorState};
 use crate::ids::{ExecutorId, FencingToken, ModelVersion, TaskId};
 use crate::model::ModelMetrics;
 use crate::resources::Resources;
-use crate::state_machine::PlacementRejection;
+use crate::state_machine::{Collected, PlacementRejection, Retention};
 use crate::task::{SpecError, Task, TaskSpec, TaskState};
 use serde::{Deserialize, Serialize};
 
@@ -96,6 +96,9 @@ pub enum Command {
     UndrainExecutor {
         id: ExecutorId,
     },
+    /// Forgets finished tasks, long-down executors and expired tokens, as the leader's retention
+    /// policy says, at the proposal's time.
+    Collect(Retention),
 }
 
 /// One task to one executor, evicting strictly lower-priority attempts there first.
@@ -211,6 +214,7 @@ pub enum Outcome {
     ModelRolledBack {
         version: ModelVersion,
     },
+    Collected(Collected),
 }
 
 /// Why a command was rejected. A rejected command changed nothing.

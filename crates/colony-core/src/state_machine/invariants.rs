@@ -7,7 +7,7 @@ use crate::executor::ExecutorState;
 use crate::ids::{ExecutorId, FencingToken, ModelVersion, TaskId};
 use crate::resources::Resources;
 use crate::task::TaskState;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A broken invariant: the state is corrupt, and whoever holds it must stop, not limp on.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -47,6 +47,10 @@ pub enum InvariantViolation {
     PendingIndex { indexed: usize, pending: usize },
     #[error("deadline index has {indexed} entries for {waiting} waiting tasks with a deadline")]
     DeadlineIndex { indexed: usize, waiting: usize },
+    #[error("state index or counts disagree with the tasks ({indexed} indexed, {tasks} tasks)")]
+    StateIndex { indexed: usize, tasks: usize },
+    #[error("finish-order index has {indexed} entries for {finished} finished tasks (next sequence number {next}, removed through {removed_through})")]
+    FinishedIndex { indexed: usize, finished: usize, next: u64, removed_through: u64 },
     #[error("executor stored under {key} has id {id} (next id {next})")]
     ExecutorKey { key: ExecutorId, id: ExecutorId, next: u64 },
     #[error("executor {executor} holds missing task {task}")]
@@ -110,15 +114,19 @@ impl StateMachine {
             }
             let mut unfinished_dependency = false;
             for &dep in &task.spec.dependencies {
+                if dep >= id {
+                    return Err(InvariantViolation::LaterDependency { task: id, dependency: dep });
+                }
                 let Some(dependency) = self.tasks.get(&dep) else {
+                    // Retention removes a finished task once nothing unfinished depends on it.
+                    if task.state.is_finished() {
+                        continue;
+                    }
                     return Err(InvariantViolation::MissingDependency {
                         task: id,
                         dependency: dep,
                     });
                 };
-                if dep >= id {
-                    return Err(InvariantViolation::LaterDependency { task: id, dependency: dep });
-                }
                 if !self.dependents.get(&dep).is_some_and(|set| set.contains(&id)) {
                     return Err(InvariantViolation::DependentMissing { dependency: dep, task: id });
                 }
@@ -204,6 +212,36 @@ impl StateMachine {
             return Err(InvariantViolation::DeadlineIndex {
                 indexed: self.deadlines.len(),
                 waiting: deadlines.len(),
+            });
+        }
+        let by_state: BTreeSet<(TaskState, TaskId)> =
+            self.tasks.values().map(|t| (t.state, t.id)).collect();
+        let mut counts = [0u64; TaskState::ALL.len()];
+        for task in self.tasks.values() {
+            counts[task.state as usize] += 1;
+        }
+        if by_state != self.by_state || counts != self.state_counts {
+            return Err(InvariantViolation::StateIndex {
+                indexed: self.by_state.len(),
+                tasks: self.tasks.len(),
+            });
+        }
+        let finished: BTreeMap<u64, TaskId> = self
+            .tasks
+            .values()
+            .filter(|t| t.state.is_finished())
+            .map(|t| (t.finish_seq.unwrap_or(0), t.id))
+            .collect();
+        let numbered = finished.keys().all(|&seq| seq > 0 && seq < self.next_finish_seq);
+        if finished != self.finished_order
+            || !numbered
+            || self.finished_removed_through >= self.next_finish_seq
+        {
+            return Err(InvariantViolation::FinishedIndex {
+                indexed: self.finished_order.len(),
+                finished: finished.len(),
+                next: self.next_finish_seq,
+                removed_through: self.finished_removed_through,
             });
         }
         Ok(())

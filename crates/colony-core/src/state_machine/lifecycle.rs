@@ -25,6 +25,7 @@ impl StateMachine {
         if let Some(key) = deadline_key(task) {
             self.deadlines.remove(&key);
         }
+        let from = task.state;
         task.state = state;
         task.updated_unix_ms = now;
         if state.is_finished() {
@@ -32,9 +33,6 @@ impl StateMachine {
             self.next_finish_seq += 1;
             task.finish_seq = Some(seq);
             self.finished_order.insert(seq, id);
-            while self.finished_order.len() > self.limits.finished_order_kept_max {
-                self.finished_order.pop_first();
-            }
         }
         if let Some(key) = pending_key(task) {
             self.pending.insert(key);
@@ -42,6 +40,7 @@ impl StateMachine {
         if let Some(key) = deadline_key(task) {
             self.deadlines.insert(key);
         }
+        self.index_state(id, Some(from), Some(state));
     }
 
     /// Gives back what the task's current attempt holds on its executor.

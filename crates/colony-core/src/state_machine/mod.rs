@@ -16,8 +16,10 @@ mod lifecycle;
 mod models;
 mod placement;
 mod queries;
+mod retention;
 mod security;
 mod tasks;
+mod upgrade;
 
 pub use command::{
     Assignment, AttemptOutcome, AttemptResult, AttemptStatus, Command, CommandError, Outcome,
@@ -26,6 +28,8 @@ pub use command::{
 pub use invariants::InvariantViolation;
 pub use placement::{constraint_mismatch, ConstraintMismatch, PlacementRejection};
 pub use queries::TaskFilter;
+pub use retention::{Collected, Retention};
+pub use upgrade::StateMachineV2;
 
 use crate::acl::AclToken;
 use crate::executor::{ClusterCaRecord, Executor, JoinTokenRecord};
@@ -58,6 +62,21 @@ fn pending_key(task: &Task) -> Option<PendingKey> {
 fn deadline_key(task: &Task) -> Option<(u64, TaskId)> {
     let waiting = matches!(task.state, TaskState::Blocked | TaskState::Pending);
     task.spec.deadline_unix_ms.filter(|_| waiting).map(|deadline| (deadline, task.id))
+}
+
+impl StateMachine {
+    /// Keeps the state index and counts exact as a task enters `to` from `from` (`None`: it is
+    /// new) or leaves the state machine (`to` is `None`).
+    fn index_state(&mut self, id: TaskId, from: Option<TaskState>, to: Option<TaskState>) {
+        if let Some(from) = from {
+            self.by_state.remove(&(from, id));
+            self.state_counts[from as usize] -= 1;
+        }
+        if let Some(to) = to {
+            self.by_state.insert((to, id));
+            self.state_counts[to as usize] += 1;
+        }
+    }
 }
 
 fn holds_resources(state: TaskState) -> bool {
@@ -97,7 +116,7 @@ pub struct StateMachine {
     /// Keyed by the SHA-256 of the token's secret; the secret itself is never stored.
     join_tokens: BTreeMap<[u8; 32], JoinTokenRecord>,
     ca: Option<ClusterCaRecord>,
-    /// Finished tasks by the order they finished in (bounded: the oldest entries go first).
+    /// The finished tasks kept, by the order they finished in.
     finished_order: BTreeMap<u64, TaskId>,
     next_finish_seq: u64,
     models: BTreeMap<ModelVersion, ModelRecord>,
@@ -109,6 +128,12 @@ pub struct StateMachine {
     acl_tokens: BTreeMap<String, AclToken>,
     /// Accessors by the SHA-256 of the token's secret: exactly `acl_tokens`, inverted.
     acl_by_secret: BTreeMap<[u8; 32], String>,
+    /// The highest finish sequence number retention removed (0: none).
+    finished_removed_through: u64,
+    /// Every task by its state: a list filtered by state walks only that state's tasks.
+    by_state: BTreeSet<(TaskState, TaskId)>,
+    /// How many tasks are in each state, indexed by `TaskState as usize`.
+    state_counts: [u64; TaskState::ALL.len()],
 }
 
 impl Default for StateMachine {
@@ -141,6 +166,9 @@ impl StateMachine {
             acl_bootstrapped: false,
             acl_tokens: BTreeMap::new(),
             acl_by_secret: BTreeMap::new(),
+            finished_removed_through: 0,
+            by_state: BTreeSet::new(),
+            state_counts: [0; TaskState::ALL.len()],
         }
     }
 
@@ -190,6 +218,7 @@ impl StateMachine {
             }
             Command::RollbackModel { version } => self.rollback_model(*version),
             Command::EvictTasks { ids, reason } => self.evict_tasks(ids, reason),
+            Command::Collect(retention) => self.collect(retention),
         }
     }
 }

@@ -97,14 +97,17 @@ impl StateMachine {
         filter: &TaskFilter,
         visible: impl Fn(&Task) -> bool,
     ) -> Vec<Task> {
-        let start = filter.after.map_or(0, |after| after.0.saturating_add(1));
-        self.tasks
-            .range(TaskId(start)..)
-            .map(|(_, task)| task)
-            .filter(|task| filter.state.is_none_or(|state| task.state == state) && visible(task))
-            .take(filter.limit)
-            .cloned()
-            .collect()
+        let start = TaskId(filter.after.map_or(0, |after| after.0.saturating_add(1)));
+        let tasks: Box<dyn Iterator<Item = &Task>> = match filter.state {
+            None => Box::new(self.tasks.range(start..).map(|(_, task)| task)),
+            // The index walks only this state's tasks, in id order.
+            Some(state) => Box::new(
+                self.by_state
+                    .range((state, start)..=(state, TaskId(u64::MAX)))
+                    .filter_map(|(_, id)| self.tasks.get(id)),
+            ),
+        };
+        tasks.filter(|task| visible(task)).take(filter.limit).cloned().collect()
     }
 
     /// Tasks whose dependents are listed, for `task get`.
@@ -116,12 +119,9 @@ impl StateMachine {
         self.tasks.len()
     }
 
-    /// How many tasks are in each state (every state present, zero or not).
+    /// How many tasks are in each state (every state present, zero or not), from counters kept
+    /// on apply.
     pub fn count_by_state(&self) -> BTreeMap<TaskState, u64> {
-        let mut counts: BTreeMap<TaskState, u64> = TaskState::ALL.iter().map(|&s| (s, 0)).collect();
-        for task in self.tasks.values() {
-            *counts.entry(task.state).or_default() += 1;
-        }
-        counts
+        TaskState::ALL.iter().map(|&state| (state, self.state_counts[state as usize])).collect()
     }
 }

@@ -77,6 +77,7 @@ impl StateMachine {
         if let Some(key) = deadline_key(&task) {
             self.deadlines.insert(key);
         }
+        self.index_state(id, None, Some(task.state));
         self.tasks.insert(id, task.clone());
         Ok(Outcome::Submitted { task, existing: false })
     }

@@ -18,14 +18,28 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// What the feed task reports to the loop.
 #[derive(Debug)]
 pub(super) enum FeedEvent {
-    Opened { server: String, after_seq: u64 },
+    Opened {
+        server: String,
+        after_seq: u64,
+    },
     Finished(Box<pb::FinishedTask>),
-    Lost { server: String, reason: String },
+    /// Retention removed the records after `from` up to `to` before they were read: the feed
+    /// resumes after `to`.
+    Skipped {
+        from: u64,
+        to: u64,
+    },
+    Lost {
+        server: String,
+        reason: String,
+    },
 }
 
 /// How following one server ended.
 enum Followed {
     Lost(String),
+    /// The server said where to resume (records were removed): open again, at once.
+    Resume,
     /// The loop is gone; stop.
     Closed,
 }
@@ -37,6 +51,7 @@ pub(super) async fn follow(client: Client, mut after_seq: u64, feed: mpsc::Sende
         let reason =
             match follow_one(client.clone(), addr, &mut after_seq, &feed, &mut backoff).await {
                 Followed::Lost(reason) => reason,
+                Followed::Resume => continue,
                 Followed::Closed => return,
             };
         let lost = FeedEvent::Lost { server: addr.clone(), reason };
@@ -60,9 +75,7 @@ async fn follow_one(
         match tokio::time::timeout(RPC_ATTEMPT_TIMEOUT, client.watch_finished_tasks(request)).await
         {
             Ok(Ok(response)) => response.into_inner(),
-            Ok(Err(status)) => {
-                return Followed::Lost(format!("{:?}: {}", status.code(), status.message()))
-            }
+            Ok(Err(status)) => return refused(&status, after_seq, feed).await,
             Err(_) => return Followed::Lost("no answer to WatchFinishedTasks".to_owned()),
         };
     let opened = FeedEvent::Opened { server: addr.to_owned(), after_seq: *after_seq };
@@ -85,9 +98,29 @@ async fn follow_one(
                 }
             }
             Ok(None) => return Followed::Lost("the server ended the stream".to_owned()),
-            Err(status) => {
-                return Followed::Lost(format!("{:?}: {}", status.code(), status.message()))
-            }
+            Err(status) => return refused(&status, after_seq, feed).await,
         }
+    }
+}
+
+/// A failed call or stream: lost, unless retention removed records past the cursor and the
+/// server said where to resume (then the gap is reported and the cursor moves past it).
+async fn refused(
+    status: &tonic::Status,
+    after_seq: &mut u64,
+    feed: &mpsc::Sender<FeedEvent>,
+) -> Followed {
+    let resume = (status.code() == tonic::Code::OutOfRange)
+        .then(|| status.metadata().get(colony_proto::RESUME_AFTER_SEQ)?.to_str().ok()?.parse().ok())
+        .flatten()
+        .filter(|&to: &u64| to > *after_seq);
+    let Some(to) = resume else {
+        return Followed::Lost(format!("{:?}: {}", status.code(), status.message()));
+    };
+    let skipped = FeedEvent::Skipped { from: *after_seq, to };
+    *after_seq = to;
+    match feed.send(skipped).await {
+        Ok(()) => Followed::Resume,
+        Err(_) => Followed::Closed,
     }
 }

@@ -28,6 +28,8 @@ async fn runs_without_a_cluster_and_shuts_down() -> anyhow::Result<()> {
 struct FakeAdmin {
     records: Vec<pb::FinishedTask>,
     first_stream_records: usize,
+    /// Records up to this sequence number were removed by retention (0: none).
+    removed_through: u64,
     state: Arc<std::sync::Mutex<FakeState>>,
     ca: colony_quic::ClusterCa,
     join_token: colony_quic::Token,
@@ -62,6 +64,12 @@ impl pb::admin_server::Admin for FakeAdmin {
         request: tonic::Request<pb::WatchFinishedTasksRequest>,
     ) -> Reply<Self::WatchFinishedTasksStream> {
         let after_seq = request.into_inner().after_seq;
+        if after_seq < self.removed_through {
+            let mut trailer = tonic::metadata::MetadataMap::new();
+            trailer.insert(colony_proto::RESUME_AFTER_SEQ, self.removed_through.into());
+            fake_state(&self.state).watch_after.push(after_seq);
+            return Err(Status::with_metadata(tonic::Code::OutOfRange, "removed", trailer));
+        }
         let (sender, receiver) = mpsc::channel(self.records.len() + 1);
         let mut state = fake_state(&self.state);
         let first = state.watch_after.is_empty();
@@ -324,6 +332,7 @@ async fn follows_trains_publishes_and_resumes() -> anyhow::Result<()> {
             .add_service(pb::admin_server::AdminServer::new(FakeAdmin {
                 records,
                 first_stream_records: 250,
+                removed_through: 0,
                 state: state.clone(),
                 ca,
                 join_token: join_token.clone(),
@@ -410,6 +419,54 @@ async fn follows_trains_publishes_and_resumes() -> anyhow::Result<()> {
     let _ = stop.send(());
     learner.await??;
     assert_eq!(models().len(), published);
+    server.abort();
+    Ok(())
+}
+
+/// A learner whose saved cursor fell behind retention is told where to resume: it counts the
+/// records it missed, moves its cursor past them and follows on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_behind_retention_resumes_after_the_gap() -> anyhow::Result<()> {
+    let records = crate::decide::tests::synthetic_records(100, 3);
+    let last_seq = records.iter().map(|r| r.seq).max().unwrap_or(0);
+    let state = Arc::new(std::sync::Mutex::new(FakeState::default()));
+    let ca = colony_quic::ClusterCa::generate("fake")?;
+    let join_token = colony_quic::Token::generate(&ca);
+    let server_cert = ca.issue(colony_quic::CertRole::Server(1), &["127.0.0.1".to_owned()])?;
+    let tls = colony_quic::grpc_server_tls(ca.cert_pem(), &server_cert)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::admin_server::AdminServer::new(FakeAdmin {
+                records,
+                first_stream_records: usize::MAX,
+                removed_through: 40,
+                state: state.clone(),
+                ca,
+                join_token: join_token.clone(),
+            }))
+            .serve_with_incoming(colony_client::serve::accept(listener, tls)),
+    );
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("cursor.json"), "{\"version\":1,\"after_seq\":5}")?;
+    let metrics_addr = free_addr()?;
+    let mut config =
+        LearnerConfig::new(vec![addr.to_string()], Some(join_token.to_string()), dir.path().into());
+    config.device = Device::Cpu;
+    config.metrics_listen = Some(metrics_addr);
+    let (stop, learner) = start(&config);
+    let cursor = format!("{{\"version\":1,\"after_seq\":{last_seq}}}");
+    wait_for("the cursor past the gap", || async {
+        std::fs::read_to_string(dir.path().join("cursor.json")).is_ok_and(|text| text == cursor)
+    })
+    .await?;
+    for line in ["colony_learner_feed_missed_total 35", "colony_learner_examples 60"] {
+        assert!(metric_line(metrics_addr, line).await, "missing {line}");
+    }
+    let _ = stop.send(());
+    learner.await??;
+    assert_eq!(fake_state(&state).watch_after[..2], [5, 40]);
     server.abort();
     Ok(())
 }

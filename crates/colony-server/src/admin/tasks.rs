@@ -30,7 +30,17 @@ impl AdminService {
         caller: Caller,
         request: pb::WatchFinishedTasksRequest,
     ) -> Result<FinishedTaskStream, Status> {
-        let after_seq = request.after_seq;
+        let removed_through = self.node.state().machine.finished_removed_through();
+        // 0 asks for the oldest record kept; a cursor retention passed has missed records.
+        let after_seq = match request.after_seq {
+            0 => removed_through,
+            after_seq => {
+                if let Some(refused) = behind_retention(after_seq, removed_through) {
+                    return Err(refused);
+                }
+                after_seq
+            }
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER_MAX);
         tokio::spawn(follow_finished(self.node.clone(), after_seq, caller.sees_secrets(), tx));
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
@@ -162,6 +172,21 @@ fn redacted(task: &Task, sees_secrets: bool) -> pb::Task {
     task
 }
 
+/// `OUT_OF_RANGE` when retention removed records after `after_seq`: the watcher must resume
+/// after `removed_through` ([`colony_proto::RESUME_AFTER_SEQ`] says so), knowing what it missed.
+fn behind_retention(after_seq: u64, removed_through: u64) -> Option<Status> {
+    if after_seq >= removed_through {
+        return None;
+    }
+    let mut trailer = tonic::metadata::MetadataMap::new();
+    trailer.insert(colony_proto::RESUME_AFTER_SEQ, removed_through.into());
+    let message = format!(
+        "finished tasks after {after_seq} up to {removed_through} were removed by retention \
+         (--task-retention, --finished-tasks-max); resume after {removed_through}"
+    );
+    Some(Status::with_metadata(tonic::Code::OutOfRange, message, trailer))
+}
+
 /// Streams finished tasks to one watcher from its applied state until the watcher goes away.
 async fn follow_finished(
     node: Arc<Node>,
@@ -170,21 +195,33 @@ async fn follow_finished(
     tx: tokio::sync::mpsc::Sender<Result<pb::FinishedTask, Status>>,
 ) {
     loop {
-        let batch: Vec<pb::FinishedTask> = {
+        // The watermark and the batch are read under one lock: records retention removes
+        // between them cannot be skipped unnoticed.
+        let batch: Result<Vec<pb::FinishedTask>, Status> = {
             let state = node.state();
-            state
-                .machine
-                .finished_after(after_seq)
-                .take(WATCH_BATCH_MAX)
-                .map(|(seq, task)| pb::FinishedTask {
-                    seq,
-                    task: Some(redacted(task, sees_secrets)),
-                    executor: task
-                        .executor
-                        .and_then(|e| state.machine.get_executor(e))
-                        .map(|e| executor_to_proto(e, None)),
-                })
-                .collect()
+            match behind_retention(after_seq, state.machine.finished_removed_through()) {
+                Some(refused) => Err(refused),
+                None => Ok(state
+                    .machine
+                    .finished_after(after_seq)
+                    .take(WATCH_BATCH_MAX)
+                    .map(|(seq, task)| pb::FinishedTask {
+                        seq,
+                        task: Some(redacted(task, sees_secrets)),
+                        executor: task
+                            .executor
+                            .and_then(|e| state.machine.get_executor(e))
+                            .map(|e| executor_to_proto(e, None)),
+                    })
+                    .collect()),
+            }
+        };
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(refused) => {
+                let _ = tx.send(Err(refused)).await;
+                return;
+            }
         };
         if batch.is_empty() {
             tokio::select! {

@@ -1,0 +1,140 @@
+//! Reading state that older releases persisted. Each older layout is declared here as it was,
+//! field for field (bincode is not self-describing: the struct is the format), and converted to
+//! today's `StateMachine`.
+//!
+//! - Format 2 (before retention): `Limits` had `finished_order_kept_max`, which dropped the
+//!   oldest entries of the finish-order index (not the tasks), and there was no
+//!   `finished_removed_through`, nor the index of tasks by state. The indexes are rebuilt from the
+//!   tasks, so every finished task is reachable by retention again.
+
+use super::{PendingKey, StateMachine};
+use crate::acl::AclToken;
+use crate::executor::{ClusterCaRecord, Executor, JoinTokenRecord};
+use crate::ids::{ExecutorId, ModelVersion, TaskId};
+use crate::limits::Limits;
+use crate::model::ModelRecord;
+use crate::task::Task;
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Deserialize)]
+struct LimitsV2 {
+    name_bytes_max: usize,
+    label_value_bytes_max: usize,
+    labels_max: usize,
+    custom_resources_max: usize,
+    dependencies_max: usize,
+    args_max: usize,
+    arg_bytes_max: usize,
+    env_max: usize,
+    retries_max: u32,
+    spec_bytes_max: usize,
+    batch_commands_max: usize,
+    placements_max: usize,
+    output_tail_bytes_max: usize,
+    message_bytes_max: usize,
+    join_tokens_max: usize,
+    acl_tokens_max: usize,
+    description_bytes_max: usize,
+    executors_max: usize,
+    pem_bytes_max: usize,
+    retry_backoff_ms_base: u64,
+    retry_backoff_ms_max: u64,
+    memory_auto_floor_bytes: u64,
+    models_kept_max: usize,
+    model_weights_bytes_max: usize,
+    #[allow(dead_code)] // Read to keep the layout; retention replaced it.
+    finished_order_kept_max: usize,
+}
+
+/// The state machine as format 2 stored it.
+#[derive(Deserialize)]
+pub struct StateMachineV2 {
+    limits: LimitsV2,
+    tasks: BTreeMap<TaskId, Task>,
+    next_task_id: u64,
+    idempotency: BTreeMap<String, TaskId>,
+    dependents: BTreeMap<TaskId, BTreeSet<TaskId>>,
+    now_unix_ms: u64,
+    pending: BTreeSet<PendingKey>,
+    deadlines: BTreeSet<(u64, TaskId)>,
+    executors: BTreeMap<ExecutorId, Executor>,
+    next_executor_id: u64,
+    next_fencing_token: u64,
+    join_tokens: BTreeMap<[u8; 32], JoinTokenRecord>,
+    ca: Option<ClusterCaRecord>,
+    #[allow(dead_code)] // Rebuilt from the tasks: format 2 may have dropped entries.
+    finished_order: BTreeMap<u64, TaskId>,
+    next_finish_seq: u64,
+    models: BTreeMap<ModelVersion, ModelRecord>,
+    current_model: Option<ModelVersion>,
+    next_model_version: u64,
+    acl_bootstrapped: bool,
+    acl_tokens: BTreeMap<String, AclToken>,
+    acl_by_secret: BTreeMap<[u8; 32], String>,
+}
+
+impl From<StateMachineV2> for StateMachine {
+    fn from(old: StateMachineV2) -> StateMachine {
+        let l = old.limits;
+        let limits = Limits {
+            name_bytes_max: l.name_bytes_max,
+            label_value_bytes_max: l.label_value_bytes_max,
+            labels_max: l.labels_max,
+            custom_resources_max: l.custom_resources_max,
+            dependencies_max: l.dependencies_max,
+            args_max: l.args_max,
+            arg_bytes_max: l.arg_bytes_max,
+            env_max: l.env_max,
+            retries_max: l.retries_max,
+            spec_bytes_max: l.spec_bytes_max,
+            batch_commands_max: l.batch_commands_max,
+            placements_max: l.placements_max,
+            output_tail_bytes_max: l.output_tail_bytes_max,
+            message_bytes_max: l.message_bytes_max,
+            join_tokens_max: l.join_tokens_max,
+            acl_tokens_max: l.acl_tokens_max,
+            description_bytes_max: l.description_bytes_max,
+            executors_max: l.executors_max,
+            pem_bytes_max: l.pem_bytes_max,
+            retry_backoff_ms_base: l.retry_backoff_ms_base,
+            retry_backoff_ms_max: l.retry_backoff_ms_max,
+            memory_auto_floor_bytes: l.memory_auto_floor_bytes,
+            models_kept_max: l.models_kept_max,
+            model_weights_bytes_max: l.model_weights_bytes_max,
+        };
+        let finished_order =
+            old.tasks.values().filter_map(|t| t.finish_seq.map(|seq| (seq, t.id))).collect();
+        let by_state = old.tasks.values().map(|t| (t.state, t.id)).collect();
+        let mut state_counts = [0; crate::task::TaskState::ALL.len()];
+        for task in old.tasks.values() {
+            state_counts[task.state as usize] += 1;
+        }
+        StateMachine {
+            limits,
+            tasks: old.tasks,
+            next_task_id: old.next_task_id,
+            idempotency: old.idempotency,
+            dependents: old.dependents,
+            now_unix_ms: old.now_unix_ms,
+            pending: old.pending,
+            deadlines: old.deadlines,
+            executors: old.executors,
+            next_executor_id: old.next_executor_id,
+            next_fencing_token: old.next_fencing_token,
+            join_tokens: old.join_tokens,
+            ca: old.ca,
+            finished_order,
+            next_finish_seq: old.next_finish_seq,
+            models: old.models,
+            current_model: old.current_model,
+            next_model_version: old.next_model_version,
+            acl_bootstrapped: old.acl_bootstrapped,
+            acl_tokens: old.acl_tokens,
+            acl_by_secret: old.acl_by_secret,
+            finished_removed_through: 0,
+            by_state,
+            state_counts,
+        }
+    }
+}
