@@ -28,4 +28,4 @@ echo
 # simulated executor fails, so each is a false alarm.
 declared=$(cat "$dir"/s*.log | grep -c "executor declared down" || true)
 echo "executors declared down (servers' logs): $declared"
-cat "$dir"/s*.log | grep "executor declared down" | sed 's/.*declared down: //' | head -5
+{ grep -h "executor declared down" "$dir"/s*.log || true; } | sed 's/.*declared down: //' | head -5

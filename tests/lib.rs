@@ -245,6 +245,18 @@ impl Executor {
         }
     }
 
+    /// The servers it connects to when next started (comma-separated HOST:PORT).
+    pub fn point_at(&mut self, servers: &str) {
+        if let Some(at) = self.args.iter().position(|a| a == "--join") {
+            self.args[at + 1] = servers.to_owned();
+        }
+    }
+
+    /// Whether the process is still running (it exits when the cluster refuses it for good).
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }

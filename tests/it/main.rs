@@ -11,6 +11,7 @@ mod t70_dashboards;
 mod t80_executors;
 mod t85_executor_link;
 mod t90_learner;
+mod t94_backup;
 mod t95_security;
 mod t96_python;
 mod t97_containment;

@@ -50,6 +50,10 @@ pub enum ClusterCommand {
         /// The executor's id (see `colony cluster executors`).
         executor: u64,
     },
+    /// Backups: save one from the leader, inspect one. Restore with `colony server --bootstrap
+    /// --restore FILE`.
+    #[command(subcommand)]
+    Snapshot(crate::snapshot_cmd::SnapshotCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -256,8 +260,16 @@ impl From<pb::ClusterStatusResponse> for StatusJson {
 }
 
 pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> Result<()> {
+    // Inspecting a backup needs no server and no token.
+    let command = match command {
+        ClusterCommand::Snapshot(command) => {
+            return crate::snapshot_cmd::run(command, global).await
+        }
+        command => command,
+    };
     let client = global.client()?;
     match command {
+        ClusterCommand::Snapshot(_) => {}
         ClusterCommand::Status { watch: true, interval } => {
             watch_status(&client, interval, global.output).await?
         }

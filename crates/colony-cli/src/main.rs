@@ -16,6 +16,7 @@ mod learner_cmd;
 mod model_cmd;
 mod output;
 mod server_cmd;
+mod snapshot_cmd;
 mod task_cmd;
 
 use clap::{Args, Parser, Subcommand};

@@ -32,6 +32,14 @@ pub struct ServerArgs {
     /// Create a new cluster with this server as its first member.
     #[arg(long, conflicts_with = "join")]
     bootstrap: bool,
+    /// With --bootstrap: start the new cluster from this backup (`colony cluster snapshot save`).
+    /// The data directory must be empty. Attempts and executors from before the backup are
+    /// stopped; executors register again.
+    #[arg(long, requires = "bootstrap")]
+    restore: Option<PathBuf>,
+    /// With --restore: refuse a backup of any other cluster than this one.
+    #[arg(long, requires = "restore")]
+    restore_expect_cluster_id: Option<String>,
     /// Join an existing cluster through any of these servers (comma-separated HOST:PORT).
     #[arg(long, value_delimiter = ',', value_parser = colony_client::parse_endpoint)]
     join: Vec<String>,
@@ -80,6 +88,15 @@ pub struct ServerArgs {
     /// back must join again.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     executor_gc_after: Duration,
+    /// While this server leads, write a backup into this directory (at once, then every
+    /// --backup-interval), atomically; `colony server --bootstrap --restore FILE` restores one.
+    #[arg(long)]
+    backup_dir: Option<PathBuf>,
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration, requires = "backup_dir")]
+    backup_interval: Duration,
+    /// Backups kept in --backup-dir; the oldest go first.
+    #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(1..=100_000), requires = "backup_dir")]
+    backup_keep: u64,
     /// Log lines on stdout as text or as JSON objects; the level comes from RUST_LOG (default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -116,6 +133,8 @@ fn config(args: &ServerArgs) -> Result<ServerConfig> {
     config.id = args.id;
     config.listen = args.listen.clone();
     config.bootstrap = args.bootstrap;
+    config.restore = args.restore.clone();
+    config.restore_expect_cluster_id = args.restore_expect_cluster_id.clone();
     config.join = args.join.clone();
     config.snapshot_logs_threshold = args.snapshot_logs;
     config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
@@ -138,6 +157,15 @@ fn config(args: &ServerArgs) -> Result<ServerConfig> {
     config.executor_leader_grace = args.executor_leader_grace;
     config.preemption_priority_gap_min = args.preemption_priority_gap_min;
     config.retention = retention(args)?;
+    if args.backup_interval < Duration::from_secs(1) {
+        bail!(
+            "--backup-interval {} is too short: at least 1s",
+            humantime::format_duration(args.backup_interval)
+        );
+    }
+    config.backup_dir = args.backup_dir.clone();
+    config.backup_interval = args.backup_interval;
+    config.backup_keep = args.backup_keep as usize;
     config.unsafe_stale_reads = args.unsafe_stale_reads;
     config.check_invariants = args.check_invariants;
     Ok(config)
@@ -272,10 +300,27 @@ mod tests {
             ["--finished-tasks-max", "-1"],
             ["--executor-gc-after", "0s"],
             ["--executor-gc-after", "500ms"],
+            // A restore starts a new cluster: it needs --bootstrap.
+            ["--restore", "/b.snap"],
         ] {
             let argv = ["--data-dir", "/d", bad[0], bad[1]];
             assert!(parse(&argv).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn backup_flags_are_bounded() {
+        let backups = |extra: &[&str]| {
+            let mut argv = vec!["--data-dir", "/d", "--backup-dir", "/b"];
+            argv.extend_from_slice(extra);
+            parse(&argv)
+        };
+        assert!(backups(&["--backup-interval", "30m", "--backup-keep", "48"]).is_ok_and(|c| {
+            c.backup_interval == Duration::from_secs(1800) && c.backup_keep == 48
+        }));
+        assert!(backups(&["--backup-keep", "0"]).is_err());
+        assert!(backups(&["--backup-interval", "10ms"]).is_err());
+        assert!(parse(&["--data-dir", "/d", "--backup-keep", "5"]).is_err(), "needs --backup-dir");
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub enum Permission {
     ModelRollback,
     /// Create, list and revoke ACL tokens.
     AclManage,
+    /// Take a backup of the whole state, secrets (the CA key) included.
+    Backup,
 }
 
 impl Permission {

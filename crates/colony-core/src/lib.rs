@@ -26,6 +26,6 @@ pub use resources::{
 pub use state_machine::{
     Assignment, AttemptOutcome, AttemptResult, AttemptStatus, Collected, Command, CommandError,
     ConstraintMismatch, InvariantViolation, Outcome, Placement, PlacementRejection, Proposal,
-    Retention, StateMachine, StateMachineV2, TaskFilter,
+    Restored, Retention, StateMachine, StateMachineV2, TaskFilter, RESTORE_TOKEN_EPOCH,
 };
 pub use task::{PlacementPolicy, RunSpec, SpecError, Task, TaskSpec, TaskState};

@@ -303,3 +303,43 @@ fn a_policy_with_a_zero_bound_is_refused_and_changes_nothing() {
     expected.apply_proposal(&Proposal { now_unix_ms: c.now, commands: vec![] });
     assert_eq!(c.sm, expected);
 }
+
+/// A restore stops everything the snapshot shows running: the attempt goes back to pending and
+/// its report no longer matches, the executor is down until it registers, and the next token is
+/// an epoch past the old ones.
+#[test]
+fn a_restored_state_stops_every_attempt_and_executor_from_before() {
+    let mut c = Cluster::new();
+    let e = c.executor();
+    c.register(e);
+    let task = c.submit(spec("running", &[], None));
+    let placement = Placement { task, executor: e, evict: vec![], memory_bytes: None };
+    let old_token = match c
+        .apply(Command::PlaceTasks { placements: vec![placement.clone()], unschedulable: vec![] })
+        .unwrap()
+    {
+        Outcome::Placed { assigned, .. } => assigned[0].token,
+        other => panic!("{other:?}"),
+    };
+
+    let restored = c.sm.prepare_restore();
+    c.sm.check_invariants().unwrap();
+    assert_eq!(restored.requeued, vec![task]);
+    assert_eq!(restored.executors_down, 1);
+    assert_eq!(c.state(task), Some(TaskState::Pending));
+    assert_eq!(c.sm.get_executor(e).map(|x| x.state), Some(ExecutorState::Down));
+    let status = AttemptStatus::Started;
+    assert!(matches!(
+        c.apply(Command::Report { executor: e, task, token: old_token, status }),
+        Err(CommandError::StaleReport { .. })
+    ));
+    c.register(e);
+    let new_token = match c
+        .apply(Command::PlaceTasks { placements: vec![placement], unschedulable: vec![] })
+        .unwrap()
+    {
+        Outcome::Placed { assigned, .. } => assigned[0].token,
+        other => panic!("{other:?}"),
+    };
+    assert!(new_token.0 > old_token.0 + colony_core::RESTORE_TOKEN_EPOCH, "{new_token}");
+}

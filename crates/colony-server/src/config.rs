@@ -15,6 +15,10 @@ pub struct ServerConfig {
     pub listen: Option<String>,
     /// Create a new cluster with this server as its only member.
     pub bootstrap: bool,
+    /// With `bootstrap`: start the new cluster from this backup file.
+    pub restore: Option<PathBuf>,
+    /// Refuse a backup of any other cluster than this one.
+    pub restore_expect_cluster_id: Option<String>,
     /// Servers of an existing cluster to join through (any member will do).
     pub join: Vec<String>,
     /// A server join token, needed the first time a server joins (not on restarts).
@@ -43,6 +47,11 @@ pub struct ServerConfig {
     pub model_stale_after: Duration,
     /// What the leader removes, and when (`Command::Collect`).
     pub retention: Retention,
+    /// Where the leader writes scheduled backups; none when unset.
+    pub backup_dir: Option<PathBuf>,
+    pub backup_interval: Duration,
+    /// Backups kept in `backup_dir`; the oldest go first.
+    pub backup_keep: usize,
     /// Serve every read from this server's applied state, as if each asked for `stale`. Breaks
     /// linearizability on purpose: the chaos suite's negative control, never for real clusters.
     pub unsafe_stale_reads: bool,
@@ -58,6 +67,8 @@ impl ServerConfig {
             data_dir,
             listen: None,
             bootstrap: false,
+            restore: None,
+            restore_expect_cluster_id: None,
             join: Vec::new(),
             token: None,
             snapshot_logs_threshold: 20_000,
@@ -73,6 +84,9 @@ impl ServerConfig {
             preemption_priority_gap_min: 100,
             model_stale_after: Duration::from_secs(7 * 24 * 3600),
             retention: Retention::DEFAULT,
+            backup_dir: None,
+            backup_interval: Duration::from_secs(3600),
+            backup_keep: 168,
             unsafe_stale_reads: false,
             check_invariants: false,
         }

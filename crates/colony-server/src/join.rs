@@ -71,6 +71,9 @@ async fn cluster_info(peers: &Peers, targets: &[String]) -> anyhow::Result<Clust
 /// certificate enrolled with a server join token for `--join`).
 pub async fn resolve_identity(config: &ServerConfig) -> anyhow::Result<(Identity, ServerTls)> {
     let dir = &config.data_dir;
+    if config.restore.is_some() {
+        crate::restore::check_empty(dir)?;
+    }
     if let Some(identity) = Identity::load(dir)? {
         if let Some(id) = config.id.filter(|&id| id != identity.node_id) {
             bail!(
@@ -123,6 +126,9 @@ pub async fn resolve_identity(config: &ServerConfig) -> anyhow::Result<(Identity
         "--listen is required the first time a server starts in an empty data directory",
     )?;
     let hosts = vec![host_of(&addr).to_owned()];
+    if let Some(file) = config.restore.as_deref().filter(|_| config.bootstrap) {
+        return crate::restore::restore(config, file, node_id, addr, &hosts);
+    }
     let (cluster_id, tls) = if config.bootstrap {
         let cluster_id = uuid::Uuid::new_v4().to_string();
         let ca = ClusterCa::generate(&cluster_id)?;

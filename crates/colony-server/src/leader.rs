@@ -62,7 +62,63 @@ pub async fn run(node: Arc<Node>) {
             node.perform(effects).await;
         }
     };
-    tokio::join!(scheduling, detecting, collect_garbage(&node));
+    tokio::join!(scheduling, detecting, collect_garbage(&node), back_up(&node));
+}
+
+/// Scheduled backups, while leading: one at once, then one every `--backup-interval`, each
+/// written atomically into `--backup-dir`, keeping the newest `--backup-keep`.
+async fn back_up(node: &Arc<Node>) {
+    let Some(dir) = node.config().backup_dir.clone() else { return };
+    let mut tick = tokio::time::interval(node.config().backup_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (writer, into) = (node.clone(), dir.clone());
+        let written = tokio::task::spawn_blocking(move || write_backup(&writer, &into)).await;
+        let metrics = node.metrics();
+        match written {
+            Ok(Ok(path)) => {
+                metrics.backups.with_label_values(&["ok"]).inc();
+                metrics.backup_last_success.set(colony_process::unix_ms() as f64 / 1000.0);
+                tracing::info!(path = %path.display(), "wrote a scheduled backup");
+            }
+            Ok(Err(e)) => {
+                metrics.backups.with_label_values(&["failed"]).inc();
+                tracing::error!("scheduled backup into {} failed: {e:#}", dir.display());
+            }
+            Err(e) => {
+                metrics.backups.with_label_values(&["failed"]).inc();
+                tracing::error!("scheduled backup task failed: {e}");
+            }
+        }
+    }
+}
+
+/// Backup files are named by when they were taken, so their names sort oldest first.
+const BACKUP_PREFIX: &str = "colony-backup-";
+const BACKUP_SUFFIX: &str = ".snap";
+
+fn write_backup(node: &Node, dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context as _;
+    colony_process::private_dir(dir).with_context(|| format!("cannot use {}", dir.display()))?;
+    let bytes = node.backup()?;
+    let path = dir.join(format!("{BACKUP_PREFIX}{:013}{BACKUP_SUFFIX}", colony_process::unix_ms()));
+    colony_store::backup::write_atomically(&path, &bytes)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    let mut kept: Vec<std::path::PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(BACKUP_PREFIX) && n.ends_with(BACKUP_SUFFIX))
+        })
+        .collect();
+    kept.sort();
+    let excess = kept.len().saturating_sub(node.config().backup_keep);
+    for old in &kept[..excess] {
+        std::fs::remove_file(old).with_context(|| format!("cannot remove {}", old.display()))?;
+    }
+    Ok(path)
 }
 
 /// Retention: when the applied state holds something the policy says to remove, propose

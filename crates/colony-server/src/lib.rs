@@ -22,6 +22,7 @@ mod node;
 mod peers;
 mod proposer;
 mod raft_service;
+mod restore;
 mod sessions;
 mod start;
 mod tls;

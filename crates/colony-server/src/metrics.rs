@@ -51,6 +51,12 @@ pub struct Metrics {
     pub preemptions: IntCounter,
     pub task_retries: IntCounter,
     pub executors_marked_down: IntCounter,
+    /// Scheduled backups this server wrote as leader, by outcome (`ok`, `failed`).
+    pub backups: IntCounterVec,
+    /// When this server last wrote a good scheduled backup (0: never).
+    pub backup_last_success: prometheus::Gauge,
+    /// The configured backup interval (0: scheduled backups are off).
+    pub backup_interval: prometheus::Gauge,
     /// What this leader's retention removed, by kind (`tasks`, `executors`, `acl_tokens`,
     /// `join_tokens`).
     pub retention_removed: IntCounterVec,
@@ -245,6 +251,30 @@ impl Metrics {
                 IntCounter::new(
                     "colony_executors_marked_down_total",
                     "Executors this leader declared down.",
+                )?,
+            )?,
+            backups: register(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "colony_backups_total",
+                        "Scheduled backups this server wrote as leader, by outcome.",
+                    ),
+                    &["outcome"],
+                )?,
+            )?,
+            backup_last_success: register(
+                &registry,
+                prometheus::Gauge::new(
+                    "colony_backup_last_success_timestamp_seconds",
+                    "When this server last wrote a good scheduled backup (unix seconds; 0: never).",
+                )?,
+            )?,
+            backup_interval: register(
+                &registry,
+                prometheus::Gauge::new(
+                    "colony_backup_interval_seconds",
+                    "The scheduled backup interval (0: scheduled backups are off).",
                 )?,
             )?,
             retention_removed: register(

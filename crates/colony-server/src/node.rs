@@ -148,6 +148,13 @@ impl Node {
         self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// A backup file of the applied state as it is now. Encoded under the read lock (apply waits
+    /// for it: O(state), as a snapshot build is).
+    pub fn backup(&self) -> Result<Vec<u8>, colony_store::backup::BackupError> {
+        let state = self.state();
+        colony_store::backup::encode(&state, &self.cluster_id, self.id, colony_process::unix_ms())
+    }
+
     pub fn wake_scheduler(&self) {
         self.scheduler_wake.notify_one();
     }

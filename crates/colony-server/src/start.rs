@@ -132,6 +132,9 @@ async fn open_node(
 ) -> anyhow::Result<Node> {
     let id = identity.node_id;
     let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
+    if config.backup_dir.is_some() {
+        metrics.backup_interval.set(config.backup_interval.as_secs_f64());
+    }
     let store_options = colony_store::StoreOptions { check_invariants: config.check_invariants };
     let (log, sm) = colony_store::open(&config.data_dir, &store_options)
         .with_context(|| format!("cannot open storage in {}", config.data_dir.display()))?;

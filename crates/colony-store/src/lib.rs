@@ -4,6 +4,7 @@
 //! `[format version: u8][crc32 of the body: u32 LE][bincode body]` so corruption is detected and
 //! reported, never silently applied; a write is acknowledged to openraft only after it is fsynced.
 
+pub mod backup;
 pub mod codec;
 pub mod log_store;
 pub mod snapshot_file;
@@ -103,6 +104,27 @@ pub struct StoreOptions {
 /// Opens (creating if absent) the store under `dir`: RocksDB in `dir/raft`, snapshots in
 /// `dir/snapshots`. The state machine is restored from the latest snapshot; openraft re-applies
 /// committed log entries after it on start.
+/// Seeds an empty data directory with `applied` as its only snapshot (a restored backup): the
+/// server that opens it starts from that state, its log beginning after it.
+pub fn seed_snapshot(dir: &std::path::Path, applied: &Applied) -> Result<(), StoreError> {
+    let (file, existing) = snapshot_file::SnapshotFile::open(&dir.join("snapshots"))?;
+    if existing.is_some() {
+        return Err(StoreError::Corrupt {
+            what: format!("{}", dir.display()),
+            detail: "already holds a snapshot; a restore needs an empty data directory".to_owned(),
+        });
+    }
+    let meta = snapshot_file::Meta {
+        last_log_id: applied.last_applied,
+        last_membership: applied.membership.clone(),
+        snapshot_id: format!("restored-{}", applied.last_applied.map_or(0, |l| l.index)),
+    };
+    let data = codec::encode(applied)
+        .map_err(|source| StoreError::Encode { what: "the restored state".to_owned(), source })?;
+    file.write(&meta, &data)?;
+    Ok(())
+}
+
 pub fn open(
     dir: &std::path::Path,
     options: &StoreOptions,

@@ -16,6 +16,7 @@ mod lifecycle;
 mod models;
 mod placement;
 mod queries;
+mod restore;
 mod retention;
 mod security;
 mod tasks;
@@ -28,6 +29,7 @@ pub use command::{
 pub use invariants::InvariantViolation;
 pub use placement::{constraint_mismatch, ConstraintMismatch, PlacementRejection};
 pub use queries::TaskFilter;
+pub use restore::{Restored, RESTORE_TOKEN_EPOCH};
 pub use retention::{Collected, Retention};
 pub use upgrade::StateMachineV2;
 

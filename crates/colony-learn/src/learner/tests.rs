@@ -58,6 +58,15 @@ type Reply<T> = Result<tonic::Response<T>, Status>;
 impl pb::admin_server::Admin for FakeAdmin {
     type WatchFinishedTasksStream =
         tonic::codegen::tokio_stream::wrappers::ReceiverStream<Result<pb::FinishedTask, Status>>;
+    type SaveSnapshotStream =
+        tonic::codegen::tokio_stream::wrappers::ReceiverStream<Result<pb::SnapshotChunk, Status>>;
+
+    async fn save_snapshot(
+        &self,
+        _: tonic::Request<pb::SaveSnapshotRequest>,
+    ) -> Reply<Self::SaveSnapshotStream> {
+        Err(Status::unimplemented("fake"))
+    }
 
     async fn watch_finished_tasks(
         &self,
@@ -304,6 +313,51 @@ fn start(config: &LearnerConfig) -> (oneshot::Sender<()>, JoinHandle<anyhow::Res
     (stop, learner)
 }
 
+/// A `FakeAdmin` served over TLS as a server serves (a server certificate from a CA the join
+/// token pins), stopped when dropped.
+struct FakeServer {
+    state: Arc<std::sync::Mutex<FakeState>>,
+    addr: SocketAddr,
+    join_token: colony_quic::Token,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl FakeServer {
+    async fn start(
+        records: Vec<pb::FinishedTask>,
+        first_stream_records: usize,
+        removed_through: u64,
+    ) -> anyhow::Result<FakeServer> {
+        let state = Arc::new(std::sync::Mutex::new(FakeState::default()));
+        let ca = colony_quic::ClusterCa::generate("fake")?;
+        let join_token = colony_quic::Token::generate(&ca);
+        let server_cert = ca.issue(colony_quic::CertRole::Server(1), &["127.0.0.1".to_owned()])?;
+        let tls = colony_quic::grpc_server_tls(ca.cert_pem(), &server_cert)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let admin = FakeAdmin {
+            records,
+            first_stream_records,
+            removed_through,
+            state: state.clone(),
+            ca,
+            join_token: join_token.clone(),
+        };
+        let task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::admin_server::AdminServer::new(admin))
+                .serve_with_incoming(colony_client::serve::accept(listener, tls)),
+        );
+        Ok(FakeServer { state, addr, join_token, task })
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// The whole agent against a fake server: it follows the feed across a dropped stream,
 /// enrolls once, counts failed tasks as rejected, trains, publishes a model that beats the
 /// baseline with its certificate, serves its metrics and readiness, and persists its cursor; restarted, it resumes
@@ -318,28 +372,8 @@ async fn follows_trains_publishes_and_resumes() -> anyhow::Result<()> {
     }
     let accepted = records.len() - records.len().div_ceil(10);
     let last_seq = records.iter().map(|r| r.seq).max().unwrap_or(0);
-    let state = Arc::new(std::sync::Mutex::new(FakeState::default()));
-    // The fake speaks TLS as a server does: a server certificate from a CA the join token pins.
-    let ca = colony_quic::ClusterCa::generate("fake")?;
-    let join_token = colony_quic::Token::generate(&ca);
-    let server_cert = ca.issue(colony_quic::CertRole::Server(1), &["127.0.0.1".to_owned()])?;
-    let tls = colony_quic::grpc_server_tls(ca.cert_pem(), &server_cert)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let incoming = colony_client::serve::accept(listener, tls);
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(pb::admin_server::AdminServer::new(FakeAdmin {
-                records,
-                first_stream_records: 250,
-                removed_through: 0,
-                state: state.clone(),
-                ca,
-                join_token: join_token.clone(),
-            }))
-            .serve_with_incoming(incoming),
-    );
-
+    let fake = FakeServer::start(records, 250, 0).await?;
+    let (state, addr, join_token) = (fake.state.clone(), fake.addr, fake.join_token.clone());
     let dir = tempfile::tempdir()?;
     let metrics_addr = free_addr()?;
     let mut config = LearnerConfig::new(
@@ -419,7 +453,6 @@ async fn follows_trains_publishes_and_resumes() -> anyhow::Result<()> {
     let _ = stop.send(());
     learner.await??;
     assert_eq!(models().len(), published);
-    server.abort();
     Ok(())
 }
 
@@ -429,25 +462,8 @@ async fn follows_trains_publishes_and_resumes() -> anyhow::Result<()> {
 async fn a_cursor_behind_retention_resumes_after_the_gap() -> anyhow::Result<()> {
     let records = crate::decide::tests::synthetic_records(100, 3);
     let last_seq = records.iter().map(|r| r.seq).max().unwrap_or(0);
-    let state = Arc::new(std::sync::Mutex::new(FakeState::default()));
-    let ca = colony_quic::ClusterCa::generate("fake")?;
-    let join_token = colony_quic::Token::generate(&ca);
-    let server_cert = ca.issue(colony_quic::CertRole::Server(1), &["127.0.0.1".to_owned()])?;
-    let tls = colony_quic::grpc_server_tls(ca.cert_pem(), &server_cert)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(pb::admin_server::AdminServer::new(FakeAdmin {
-                records,
-                first_stream_records: usize::MAX,
-                removed_through: 40,
-                state: state.clone(),
-                ca,
-                join_token: join_token.clone(),
-            }))
-            .serve_with_incoming(colony_client::serve::accept(listener, tls)),
-    );
+    let fake = FakeServer::start(records, usize::MAX, 40).await?;
+    let (state, addr, join_token) = (fake.state.clone(), fake.addr, fake.join_token.clone());
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("cursor.json"), "{\"version\":1,\"after_seq\":5}")?;
     let metrics_addr = free_addr()?;
@@ -467,6 +483,5 @@ async fn a_cursor_behind_retention_resumes_after_the_gap() -> anyhow::Result<()>
     let _ = stop.send(());
     learner.await??;
     assert_eq!(fake_state(&state).watch_after[..2], [5, 40]);
-    server.abort();
     Ok(())
 }

@@ -12,6 +12,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use tonic::Status;
 
+/// What `SaveSnapshot` streams: the backup file in chunks.
+pub type SnapshotStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SnapshotChunk, Status>> + Send>>;
+/// The most bytes one `SnapshotChunk` carries.
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// Set on `SaveSnapshot`'s refusal by a follower: where the leader listens.
+pub const LEADER: &str = "x-colony-leader";
+
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Join tokens live at most this long (a week).
@@ -98,6 +106,33 @@ impl AdminService {
         };
         let sha256 = hex::encode(sha2::Sha256::digest(&encoded));
         Ok(pb::StateDigestResponse { node_id: self.node.id(), applied_index, sha256, task_count })
+    }
+
+    /// A backup of the leader's applied state, taken after a read barrier so it holds every
+    /// write acknowledged before the call.
+    pub(super) async fn save_snapshot_here(&self) -> Result<SnapshotStream, Status> {
+        if !self.is_leader() {
+            let metrics = self.raft_metrics();
+            let leader = metrics.current_leader.and_then(|id| {
+                metrics.membership_config.membership().get_node(&id).map(|n| n.addr.clone())
+            });
+            let mut trailer = tonic::metadata::MetadataMap::new();
+            if let Some(value) = leader.as_deref().and_then(|addr| addr.parse().ok()) {
+                trailer.insert(LEADER, value);
+            }
+            let message = match leader {
+                Some(addr) => format!("backups are taken on the leader, at {addr}"),
+                None => "backups are taken on the leader, and none is elected now".to_owned(),
+            };
+            return Err(Status::with_metadata(tonic::Code::FailedPrecondition, message, trailer));
+        }
+        self.read_barrier().await?;
+        let file = self.node.backup().map_err(|e| Status::internal(e.to_string()))?;
+        let chunks: Vec<Result<pb::SnapshotChunk, Status>> = file
+            .chunks(SNAPSHOT_CHUNK_BYTES)
+            .map(|chunk| Ok(pb::SnapshotChunk { data: chunk.to_vec() }))
+            .collect();
+        Ok(Box::pin(tokio_stream::iter(chunks)))
     }
 
     pub(super) async fn cluster_info_here(

@@ -48,6 +48,15 @@ impl AdminService {
 #[tonic::async_trait]
 impl Admin for AdminService {
     type WatchFinishedTasksStream = tasks::FinishedTaskStream;
+    type SaveSnapshotStream = cluster::SnapshotStream;
+
+    async fn save_snapshot(
+        &self,
+        request: Request<pb::SaveSnapshotRequest>,
+    ) -> Result<Response<Self::SaveSnapshotStream>, Status> {
+        let rpc = Rpc::new("SaveSnapshot", Serve::Here, Permission::Backup);
+        self.serve_here(rpc, request, |_, _| self.save_snapshot_here()).await
+    }
 
     async fn watch_finished_tasks(
         &self,

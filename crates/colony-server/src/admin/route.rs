@@ -244,7 +244,7 @@ impl AdminService {
         self.node.audit().record(&record);
     }
 
-    fn is_leader(&self) -> bool {
+    pub(super) fn is_leader(&self) -> bool {
         self.node.raft().metrics().borrow().state == ServerState::Leader
     }
 
@@ -344,7 +344,7 @@ impl AdminService {
 
     /// Waits until this leader has confirmed its leadership with a quorum and applied everything
     /// committed before the read arrived.
-    async fn read_barrier(&self) -> Result<(), Status> {
+    pub(super) async fn read_barrier(&self) -> Result<(), Status> {
         self.node.raft().ensure_linearizable().await.map(|_| ()).map_err(|e| match e {
             RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)) => {
                 Status::unavailable("leadership changed during the read; retry")

@@ -26,6 +26,7 @@ untargeted!(
     pb::BootstrapAclRequest,
     pb::ListAclTokensRequest,
     pb::ClusterCaRequest,
+    pb::SaveSnapshotRequest,
 );
 
 impl Target for pb::SubmitTaskRequest {
