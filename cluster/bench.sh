@@ -33,6 +33,11 @@ echo
 # 500 clients over 16 connections per server (etcdctl's check perf gives each of its 500 clients
 # its own), then over one: a connection is served by one task on the server, so one connection
 # measures that task as much as the cluster. A build from before `--connections` uses one.
+term() {
+    "$colony" --endpoint "$endpoints" cluster status --output json |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["term"])'
+}
+term_before=$(term)
 connections=()
 if "$colony" bench submit --help | grep -q -- --connections; then
     connections=(--connections 16)
@@ -48,4 +53,7 @@ if [ ${#connections[@]} -gt 0 ]; then
     "$colony" --endpoint 127.0.0.1:17101 bench submit --clients 500 --duration "$duration"
     echo
 fi
+# Each election raises the term: under this load there should be none.
+echo "== leader elections during the closed-loop runs: $(( $(term) - term_before ))"
+echo
 "$colony" --endpoint "$endpoints" cluster status

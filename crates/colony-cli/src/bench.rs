@@ -44,6 +44,9 @@ pub enum BenchCommand {
     Learn(crate::bench_learn::LearnBenchArgs),
     /// Does the learner's model help? The same workload with no model and then with one.
     Placement(crate::bench_placement::PlacementBenchArgs),
+    /// How long writes stop when the leader dies (kill -9) or is stopped (SIGTERM): its own
+    /// cluster, a leader stopped per trial.
+    Failover(crate::bench_failover::FailoverBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -148,6 +151,7 @@ pub async fn run(command: BenchCommand, global: &GlobalArgs) -> Result<()> {
         BenchCommand::Schedule(args) => crate::bench_schedule::run(args, global).await,
         BenchCommand::Learn(args) => crate::bench_learn::run(args, global).await,
         BenchCommand::Placement(args) => crate::bench_placement::run(args, global).await,
+        BenchCommand::Failover(args) => crate::bench_failover::run(args, global).await,
     }
 }
 

@@ -58,12 +58,12 @@ pub struct DevArgs {
 }
 
 /// One child process: a server or an executor.
-struct Server {
+pub(crate) struct Server {
     /// "server" or "executor", for messages.
     kind: &'static str,
-    id: u64,
+    pub(crate) id: u64,
     /// The gRPC address (servers only).
-    addr: String,
+    pub(crate) addr: String,
     /// `/metrics`, `/healthz` and `/readyz`: port base-port + 1000 + N - 1 for server N,
     /// base-port + 1010 + N - 1 for executor N.
     metrics_addr: String,
@@ -75,7 +75,7 @@ struct Server {
 impl Server {
     /// Starts `colony server` (or `colony executor`: the caller passes the subcommand's whole
     /// arguments in `role`), with output appended to its log.
-    fn spawn(&mut self, exe: &Path, role: &[String]) -> Result<()> {
+    pub(crate) fn spawn(&mut self, exe: &Path, role: &[String]) -> Result<()> {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -113,8 +113,28 @@ impl Server {
         Ok(())
     }
 
+    /// Sends `signal` and waits (at most the stop timeout) for the process to exit.
+    pub(crate) async fn stop_with(&mut self, signal: Signal) -> Result<()> {
+        let Some(mut child) = self.child.take() else { return Ok(()) };
+        if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
+            // ESRCH means it is gone already, which is what we want.
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+        match tokio::time::timeout(STOP_TIMEOUT, child.wait()).await {
+            Ok(exited) => exited.map(drop).map_err(|e| anyhow!("cannot wait for {}: {e}", self.id)),
+            Err(_) => {
+                let _ = child.start_kill();
+                child
+                    .wait()
+                    .await
+                    .map(drop)
+                    .map_err(|e| anyhow!("cannot wait for {}: {e}", self.id))
+            }
+        }
+    }
+
     /// An error if the server has exited (it never should while the cluster runs).
-    fn check_running(&mut self) -> Result<()> {
+    pub(crate) fn check_running(&mut self) -> Result<()> {
         let Some(child) = self.child.as_mut() else { return Ok(()) };
         match child.try_wait() {
             Ok(None) => Ok(()),
@@ -248,7 +268,7 @@ fn prepare_dir(dir: Option<&Path>) -> Result<PathBuf> {
     std::fs::canonicalize(&dir).with_context(|| format!("cannot resolve {}", dir.display()))
 }
 
-fn plan(dir: &Path, base_port: u16, count: u64) -> Result<Vec<Server>> {
+pub(crate) fn plan(dir: &Path, base_port: u16, count: u64) -> Result<Vec<Server>> {
     (1..=count)
         .map(|id| {
             let port = u16::try_from(u64::from(base_port) + id - 1).map_err(|_| {
@@ -342,58 +362,7 @@ async fn serve(
         })?;
         Auth::token(token.trim()).context("the management token file")?
     } else {
-        // The first server bootstraps; ACLs are bootstrapped through it, and the others join
-        // with a server token once it leads.
-        let first = servers[0].addr.clone();
-        spinner.set_message(format!("starting server 1 on {first}"));
-        servers[0].spawn(&exe, &["--bootstrap".to_owned()])?;
-        let ca_file = servers[0].data_dir.join("tls").join("ca.pem");
-        while !ca_file.exists() {
-            servers[0].check_running()?;
-            if Instant::now() >= deadline {
-                bail!(
-                    "server 1 wrote no CA certificate ({}); see {}",
-                    ca_file.display(),
-                    servers[0].log.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        spinner.set_message("bootstrapping ACLs");
-        let ca_pem = std::fs::read_to_string(&ca_file)
-            .with_context(|| format!("cannot read {}", ca_file.display()))?;
-        let bootstrapped = colony_client::bootstrap_acl(
-            std::slice::from_ref(&first),
-            colony_quic::Trust::Ca(ca_pem),
-            READY_TIMEOUT,
-        )
-        .await
-        .context("cannot bootstrap ACLs")?;
-        colony_process::write_private(
-            &token_file,
-            format!("{}\n", bootstrapped.secret).as_bytes(),
-        )?;
-        let auth = Auth::token(&bootstrapped.secret)?;
-        if servers.len() > 1 {
-            let client = Client::new(std::slice::from_ref(&first), READY_TIMEOUT, &auth)?;
-            let server_token =
-                cluster_cmd::create_join_token(&client, Duration::from_secs(600), "server")
-                    .await?
-                    .token;
-            for server in servers.iter_mut().skip(1) {
-                spinner.set_message(format!("starting server {} on {}", server.id, server.addr));
-                server.spawn(
-                    &exe,
-                    &[
-                        "--join".to_owned(),
-                        first.clone(),
-                        "--token".to_owned(),
-                        server_token.clone(),
-                    ],
-                )?;
-            }
-        }
-        auth
+        form_cluster(servers, &exe, &[], &token_file, deadline, &spinner).await?
     };
     let wanted = servers.len();
     let status = wait_until(servers, &endpoints, &auth, deadline, &spinner, |s| {
@@ -434,6 +403,69 @@ async fn serve(
     println!();
     println!("Press Ctrl-C to stop the cluster.");
     watch_children(servers, executors).await
+}
+
+/// Starts a new cluster: server 1 bootstraps, ACLs are bootstrapped through it (the management
+/// token is written to `token_file`, 0600), and the others join with a server token. Returns the
+/// management credentials once every server has been started (not yet once they are voters).
+pub(crate) async fn form_cluster(
+    servers: &mut [Server],
+    exe: &Path,
+    server_args: &[String],
+    token_file: &Path,
+    deadline: Instant,
+    spinner: &ProgressBar,
+) -> Result<Auth> {
+    // The first server bootstraps; ACLs are bootstrapped through it, and the others join
+    // with a server token once it leads.
+    let first = servers[0].addr.clone();
+    spinner.set_message(format!("starting server 1 on {first}"));
+    let bootstrap: Vec<String> =
+        std::iter::once("--bootstrap".to_owned()).chain(server_args.iter().cloned()).collect();
+    servers[0].spawn(exe, &bootstrap)?;
+    let ca_file = servers[0].data_dir.join("tls").join("ca.pem");
+    while !ca_file.exists() {
+        servers[0].check_running()?;
+        if Instant::now() >= deadline {
+            bail!(
+                "server 1 wrote no CA certificate ({}); see {}",
+                ca_file.display(),
+                servers[0].log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    spinner.set_message("bootstrapping ACLs");
+    let ca_pem = std::fs::read_to_string(&ca_file)
+        .with_context(|| format!("cannot read {}", ca_file.display()))?;
+    let bootstrapped = colony_client::bootstrap_acl(
+        std::slice::from_ref(&first),
+        colony_quic::Trust::Ca(ca_pem),
+        READY_TIMEOUT,
+    )
+    .await
+    .context("cannot bootstrap ACLs")?;
+    colony_process::write_private(token_file, format!("{}\n", bootstrapped.secret).as_bytes())?;
+    let auth = Auth::token(&bootstrapped.secret)?;
+    if servers.len() > 1 {
+        let client = Client::new(std::slice::from_ref(&first), READY_TIMEOUT, &auth)?;
+        let server_token =
+            cluster_cmd::create_join_token(&client, Duration::from_secs(600), "server")
+                .await?
+                .token;
+        for server in servers.iter_mut().skip(1) {
+            spinner.set_message(format!("starting server {} on {}", server.id, server.addr));
+            let mut join = vec![
+                "--join".to_owned(),
+                first.clone(),
+                "--token".to_owned(),
+                server_token.clone(),
+            ];
+            join.extend(server_args.iter().cloned());
+            server.spawn(exe, &join)?;
+        }
+    }
+    Ok(auth)
 }
 
 /// Returns (with the error) as soon as any child exits; it never should while the cluster runs.
@@ -517,7 +549,7 @@ async fn start_executors(
 
 /// Polls ClusterStatus through `endpoints` until a leader is known and `pending` (what is still
 /// missing, if anything) says nothing is; fails if a child exits or the deadline passes.
-async fn wait_until(
+pub(crate) async fn wait_until(
     servers: &mut [Server],
     endpoints: &[String],
     auth: &Auth,
@@ -671,7 +703,7 @@ async fn submit_demo(client: &Client) -> Result<Vec<Task>> {
 
 /// SIGTERM to every running server, then wait; whoever is still running after the grace period
 /// is killed.
-async fn stop(servers: &mut [Server]) -> Result<()> {
+pub(crate) async fn stop(servers: &mut [Server]) -> Result<()> {
     for server in servers.iter_mut() {
         if let Some(pid) =
             server.child.as_ref().and_then(Child::id).and_then(|pid| i32::try_from(pid).ok())

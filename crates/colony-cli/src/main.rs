@@ -6,6 +6,7 @@
 mod acl_cmd;
 mod audit_cmd;
 mod bench;
+mod bench_failover;
 mod bench_learn;
 mod bench_placement;
 mod bench_schedule;
