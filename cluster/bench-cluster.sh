@@ -2,13 +2,14 @@
 # 127.0.0.1:PORT..PORT+2 in a temporary directory, as every cluster runs (TLS from its own CA,
 # ACLs bootstrapped, servers joining with a server token), waits until all three are voters,
 # exports $COLONY_TOKEN (the management token) and sets $endpoints; it stops them and removes the
-# directory when the script exits. Needs $colony (the binary).
+# directory when the script exits. Needs $colony (the binary). $COLONY_SERVER_ARGS, if set, is added
+# to every server's flags (to compare settings, e.g. "--heartbeat-ms 30").
 start_bench_cluster() {
     local port="$1"
     dir="$(mktemp -d /tmp/colony-bench.XXXXXX)"
     pids=()
     trap 'for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"' EXIT
-    "$colony" server --id 1 --data-dir "$dir/d1" --listen "127.0.0.1:$port" --bootstrap >"$dir/s1.log" 2>&1 &
+    "$colony" server --id 1 --data-dir "$dir/d1" --listen "127.0.0.1:$port" --bootstrap ${COLONY_SERVER_ARGS:-} >"$dir/s1.log" 2>&1 &
     pids+=($!)
     local server_token=""
     # A build from before TLS and ACLs (cluster/bench-compare.sh may run one) joins without them.
@@ -20,7 +21,7 @@ start_bench_cluster() {
         bootstrap_bench_acl "$port" || return 1
     fi
     for i in 2 3; do
-        "$colony" server --id "$i" --data-dir "$dir/d$i" --listen "127.0.0.1:$((port + i - 1))" --join "127.0.0.1:$port" ${server_token:+--token "$server_token"} >"$dir/s$i.log" 2>&1 &
+        "$colony" server --id "$i" --data-dir "$dir/d$i" --listen "127.0.0.1:$((port + i - 1))" --join "127.0.0.1:$port" ${server_token:+--token "$server_token"} ${COLONY_SERVER_ARGS:-} >"$dir/s$i.log" 2>&1 &
         pids+=($!)
     done
     endpoints="127.0.0.1:$port,127.0.0.1:$((port + 1)),127.0.0.1:$((port + 2))"

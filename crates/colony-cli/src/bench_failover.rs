@@ -1,6 +1,5 @@
 //! `colony bench failover`: how long a cluster goes without an acknowledged write when its leader
-//! dies (`--signal kill`, `kill -9`) or is stopped (`--signal term`, which hands leadership over
-//! first). It starts its own cluster of real servers (this executable, default Raft settings)
+//! dies (`--signal kill`, `kill -9`) or is stopped (`--signal term`). It starts its own cluster of real servers (this executable, default Raft settings)
 //! in a temporary directory, keeps writers submitting through every server, stops the leader,
 //! and times the window without an acknowledged write: from the signal (or, while a stopping
 //! leader still answers, its last answer) to the first write sent after the old process exited
@@ -35,7 +34,8 @@ const WRITERS: usize = 6;
 pub enum StopSignal {
     /// `kill -9`: no chance to say goodbye.
     Kill,
-    /// SIGTERM: the leader hands over before it stops.
+    /// SIGTERM: the leader stops cleanly (it does not hand leadership over: openraft 0.9 has no
+    /// transfer, and its leader lease refuses a vote it is asked to cast early).
     Term,
 }
 
