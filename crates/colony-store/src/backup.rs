@@ -50,7 +50,9 @@ pub struct Backup {
 pub enum BackupError {
     #[error("not a Colony snapshot file (it does not start with {:?})", std::str::from_utf8(MAGIC).unwrap_or_default())]
     NotABackup,
-    #[error("truncated: the file is {found} bytes, its header says {expected}")]
+    #[error(
+        "truncated: the file ends after {found} bytes; a whole backup has at least {expected}"
+    )]
     Truncated { found: u64, expected: u64 },
     #[error("corrupted: {0}")]
     Corrupted(String),
