@@ -7,16 +7,11 @@ use clap::Subcommand;
 use colony_client::{lazy_channel, ClientConfig};
 use colony_proto::pb;
 use colony_proto::pb::admin_client::AdminClient;
-use colony_store::backup::{self, Backup};
+use colony_store::backup::{self, Backup, BACKUP_BYTES_MAX};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-/// A backup is at most this big (the state's own decode limit).
-const BACKUP_BYTES_MAX: u64 = 16 << 30;
-/// Set by a follower refusing `SaveSnapshot`: where the leader listens.
-const LEADER: &str = "x-colony-leader";
 
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
@@ -103,27 +98,11 @@ impl Summary {
     }
 }
 
-/// Reads and verifies a backup file, refusing one of another cluster when one is expected.
-pub fn read(file: &Path, expect_cluster_id: Option<&str>) -> Result<Backup> {
-    let bytes =
-        std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?.len();
-    if bytes > BACKUP_BYTES_MAX {
-        bail!("{} is {bytes} bytes, more than any backup ({BACKUP_BYTES_MAX})", file.display());
-    }
-    let contents =
-        std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let backup =
-        backup::decode(&contents).with_context(|| format!("{} is refused", file.display()))?;
-    backup
-        .check_cluster(expect_cluster_id)
-        .with_context(|| format!("{} is refused", file.display()))?;
-    Ok(backup)
-}
-
 pub async fn run(command: SnapshotCommand, global: &GlobalArgs) -> Result<()> {
     match command {
         SnapshotCommand::Inspect { file, expect_cluster_id } => {
-            let backup = read(&file, expect_cluster_id.as_deref())?;
+            let backup = backup::read_file(&file, expect_cluster_id.as_deref())
+                .with_context(|| format!("{} is refused", file.display()))?;
             Summary::of(&file, &backup).print(global.output)
         }
         SnapshotCommand::Save { file } => {
@@ -153,7 +132,8 @@ async fn download(global: &GlobalArgs) -> Result<Vec<u8>> {
         let mut stream = match tokio::time::timeout(global.timeout, call).await {
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) => {
-                let leader = status.metadata().get(LEADER).and_then(|v| v.to_str().ok());
+                let leader =
+                    status.metadata().get(colony_proto::LEADER_ADDR).and_then(|v| v.to_str().ok());
                 if let Some(leader) = leader.filter(|l| !endpoints.iter().any(|e| e == l)) {
                     endpoints.insert(tried, leader.to_owned());
                 }

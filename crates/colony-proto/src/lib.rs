@@ -19,3 +19,7 @@ pub use convert::ConversionError;
 /// Trailer of a `WatchFinishedTasks` stream refused with `OUT_OF_RANGE`: retention removed
 /// finished tasks after the caller's cursor; the value is the sequence number to resume after.
 pub const RESUME_AFTER_SEQ: &str = "x-colony-resume-after-seq";
+
+/// Trailer of a follower's `FAILED_PRECONDITION` answer to `SaveSnapshot`: where the leader
+/// listens.
+pub const LEADER_ADDR: &str = "x-colony-leader";

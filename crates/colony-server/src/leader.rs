@@ -145,7 +145,7 @@ async fn collect_garbage(node: &Node) {
                     break;
                 }
             };
-            let removed = node.metrics().retention_removed.clone();
+            let removed = &node.metrics().retention_removed;
             removed.with_label_values(&["tasks"]).inc_by(collected.tasks.len() as u64);
             removed.with_label_values(&["executors"]).inc_by(collected.executors.len() as u64);
             removed.with_label_values(&["acl_tokens"]).inc_by(collected.acl_tokens);

@@ -15,9 +15,6 @@ use openraft::{BasicNode, CommittedLeaderId, LogId, Membership, StoredMembership
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// A backup is at most this big (the state's own decode limit).
-const BACKUP_BYTES_MAX: u64 = 16 << 30;
-
 /// Refuses a restore into a data directory that holds anything.
 pub fn check_empty(dir: &Path) -> anyhow::Result<()> {
     match std::fs::read_dir(dir) {
@@ -44,16 +41,9 @@ pub fn restore(
     addr: String,
     hosts: &[String],
 ) -> anyhow::Result<(Identity, ServerTls)> {
-    let bytes =
-        std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
-    if bytes.len() > BACKUP_BYTES_MAX {
-        bail!("{} is {} bytes, more than any backup", file.display(), bytes.len());
-    }
-    let contents =
-        std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let refused = || format!("cannot restore {}", file.display());
-    let backup = backup::decode(&contents).with_context(refused)?;
-    backup.check_cluster(config.restore_expect_cluster_id.as_deref()).with_context(refused)?;
+    let expected = config.restore_expect_cluster_id.as_deref();
+    let backup = backup::read_file(file, expected).with_context(refused)?;
     let mut machine = backup.applied.machine;
     let ca = machine.ca().cloned().with_context(|| {
         format!("cannot restore {}: the backup holds no cluster CA", file.display())

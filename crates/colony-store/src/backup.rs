@@ -20,6 +20,8 @@ use std::path::Path;
 pub const MAGIC: &[u8; 8] = b"COLONYBK";
 /// A header is a few hundred bytes; a length past this is not a header.
 const HEADER_BYTES_MAX: usize = 64 << 10;
+/// A backup is at most this big (the state's own decode limit); a bigger file is not read.
+pub const BACKUP_BYTES_MAX: u64 = 16 << 30;
 
 /// What a backup says about itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +66,10 @@ pub enum BackupError {
     OtherCluster { found: String, expected: String },
     #[error("cannot encode the snapshot: {0}")]
     Encode(CodecError),
+    #[error("cannot read it: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("it is {0} bytes, more than any backup ({BACKUP_BYTES_MAX})")]
+    TooLarge(u64),
 }
 
 /// A backup of `applied` as the server `node_id` of `cluster_id` holds it at `now_unix_ms`.
@@ -120,6 +126,18 @@ pub fn decode(file: &[u8]) -> Result<Backup, BackupError> {
     let (format_version, _) = codec::decode_versioned(state).map_err(BackupError::State)?;
     let applied = Applied::decode(state).map_err(BackupError::State)?;
     Ok(Backup { header, format_version, applied, file_bytes: file.len() as u64 })
+}
+
+/// Reads a backup file (never one past [`BACKUP_BYTES_MAX`]), verifies it, and refuses one of
+/// another cluster than `expect_cluster_id` when one is expected.
+pub fn read_file(path: &Path, expect_cluster_id: Option<&str>) -> Result<Backup, BackupError> {
+    let bytes = fs::metadata(path)?.len();
+    if bytes > BACKUP_BYTES_MAX {
+        return Err(BackupError::TooLarge(bytes));
+    }
+    let backup = decode(&fs::read(path)?)?;
+    backup.check_cluster(expect_cluster_id)?;
+    Ok(backup)
 }
 
 impl Backup {
@@ -209,6 +227,20 @@ mod tests {
         let mut absurd = file.clone();
         absurd[MAGIC.len()..MAGIC.len() + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(error(&absurd).starts_with("corrupted: a header of"));
+    }
+
+    #[test]
+    fn files_are_read_within_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.snap");
+        write_atomically(&good, &encode(&applied(), "c-1", 1, 1_000).unwrap()).unwrap();
+        assert!(read_file(&good, Some("c-1")).is_ok());
+        assert!(matches!(read_file(&good, Some("c-2")), Err(BackupError::OtherCluster { .. })));
+        assert!(matches!(read_file(&dir.path().join("absent"), None), Err(BackupError::Io(_))));
+        // Sparse: past the bound without writing it; refused before a byte is read.
+        let huge = dir.path().join("huge.snap");
+        File::create(&huge).unwrap().set_len(BACKUP_BYTES_MAX + 1).unwrap();
+        assert!(matches!(read_file(&huge, None), Err(BackupError::TooLarge(_))));
     }
 
     #[test]

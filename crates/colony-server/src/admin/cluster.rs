@@ -17,8 +17,6 @@ pub type SnapshotStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SnapshotChunk, Status>> + Send>>;
 /// The most bytes one `SnapshotChunk` carries.
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
-/// Set on `SaveSnapshot`'s refusal by a follower: where the leader listens.
-pub const LEADER: &str = "x-colony-leader";
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -118,7 +116,7 @@ impl AdminService {
             });
             let mut trailer = tonic::metadata::MetadataMap::new();
             if let Some(value) = leader.as_deref().and_then(|addr| addr.parse().ok()) {
-                trailer.insert(LEADER, value);
+                trailer.insert(colony_proto::LEADER_ADDR, value);
             }
             let message = match leader {
                 Some(addr) => format!("backups are taken on the leader, at {addr}"),
