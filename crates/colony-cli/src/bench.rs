@@ -47,6 +47,9 @@ pub enum BenchCommand {
     /// How long writes stop when the leader dies (kill -9) or is stopped (SIGTERM): its own
     /// cluster, a leader stopped per trial.
     Failover(crate::bench_failover::FailoverBenchArgs),
+    /// A long run at a steady rate on its own cluster: do memory and disk stay flat while
+    /// retention removes finished tasks? Prints a sample a minute and plots them (PNG).
+    Soak(crate::bench_soak::SoakBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -152,6 +155,7 @@ pub async fn run(command: BenchCommand, global: &GlobalArgs) -> Result<()> {
         BenchCommand::Learn(args) => crate::bench_learn::run(args, global).await,
         BenchCommand::Placement(args) => crate::bench_placement::run(args, global).await,
         BenchCommand::Failover(args) => crate::bench_failover::run(args, global).await,
+        BenchCommand::Soak(args) => crate::bench_soak::run(args, global).await,
     }
 }
 

@@ -112,31 +112,9 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
     let endpoints = global.endpoint.clone();
     let auth = global.auth()?;
     let client = global.client()?;
-    let token =
-        crate::cluster_cmd::create_join_token(&client, Duration::from_secs(3600), "executor")
-            .await?
-            .token;
-
     let bar = ProgressBar::new(args.executors).with_style(
         ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}").map_err(|e| anyhow!("{e}"))?,
     );
-    bar.set_message("joining simulated executors");
-    let mut joins: JoinSet<Result<colony_executor::Credentials>> = JoinSet::new();
-    let mut credentials: Vec<colony_executor::Credentials> = Vec::new();
-    for i in 0..args.executors {
-        if joins.len() >= JOINS_IN_FLIGHT {
-            let joined = joins.join_next().await.context("no join in flight")?;
-            credentials.push(joined.context("join task")??);
-            bar.inc(1);
-        }
-        let (endpoints, token) = (endpoints.clone(), token.clone());
-        joins.spawn(async move { sim::join(&endpoints, &token, &format!("sim-{i}")).await });
-    }
-    while let Some(joined) = joins.join_next().await {
-        credentials.push(joined.context("join task")??);
-        bar.inc(1);
-    }
-
     let (events, mut incoming) = mpsc::unbounded_channel();
     let arrivals: Arrivals = Arc::default();
     let collector = {
@@ -154,24 +132,8 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
         gpus: 0,
         custom: Default::default(),
     };
-    let mut sims = JoinSet::new();
-    let mut endpoint = None;
-    for (i, creds) in credentials.into_iter().enumerate() {
-        if i % SIMS_PER_ENDPOINT == 0 {
-            endpoint = Some(colony_quic::client_endpoint().context("cannot open a QUIC endpoint")?);
-        }
-        let endpoint = endpoint.clone().context("an endpoint exists")?;
-        let behaviour = sim::fixed(args.hold);
-        sims.spawn(SimExecutor::run(
-            endpoint,
-            endpoints.clone(),
-            creds,
-            capacity.clone(),
-            Default::default(),
-            behaviour,
-            events.clone(),
-        ));
-    }
+    let sims = Sims { count: args.executors, capacity, hold: args.hold };
+    let mut sims = sims.start(&client, &endpoints, events, &bar).await?;
     bar.set_message("waiting for executors to be up");
     bar.set_position(0);
     wait_for_sims_up(&client, &mut sims, args.executors, &bar).await?;
@@ -338,6 +300,65 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
                 ),
             ),
         ]),
+    }
+}
+
+/// Simulated executors to start: how many, what each offers, how long each holds a task.
+pub struct Sims {
+    pub count: u64,
+    pub capacity: Resources,
+    pub hold: Duration,
+}
+
+impl Sims {
+    /// Joins `count` simulated executors to the cluster (counting them on `bar`) and runs them,
+    /// each reporting assignments on `events`; they run until the set is dropped or aborted.
+    pub async fn start(
+        self,
+        client: &Client,
+        endpoints: &[String],
+        events: mpsc::UnboundedSender<SimEvent>,
+        bar: &ProgressBar,
+    ) -> Result<JoinSet<Result<()>>> {
+        let token =
+            crate::cluster_cmd::create_join_token(client, Duration::from_secs(3600), "executor")
+                .await?
+                .token;
+        bar.set_message("joining simulated executors");
+        let mut joins: JoinSet<Result<colony_executor::Credentials>> = JoinSet::new();
+        let mut credentials: Vec<colony_executor::Credentials> = Vec::new();
+        for i in 0..self.count {
+            if joins.len() >= JOINS_IN_FLIGHT {
+                let joined = joins.join_next().await.context("no join in flight")?;
+                credentials.push(joined.context("join task")??);
+                bar.inc(1);
+            }
+            let (endpoints, token) = (endpoints.to_vec(), token.clone());
+            joins.spawn(async move { sim::join(&endpoints, &token, &format!("sim-{i}")).await });
+        }
+        while let Some(joined) = joins.join_next().await {
+            credentials.push(joined.context("join task")??);
+            bar.inc(1);
+        }
+        let mut sims = JoinSet::new();
+        let mut endpoint = None;
+        for (i, creds) in credentials.into_iter().enumerate() {
+            if i % SIMS_PER_ENDPOINT == 0 {
+                endpoint =
+                    Some(colony_quic::client_endpoint().context("cannot open a QUIC endpoint")?);
+            }
+            let endpoint = endpoint.clone().context("an endpoint exists")?;
+            sims.spawn(SimExecutor::run(
+                endpoint,
+                endpoints.to_vec(),
+                creds,
+                self.capacity.clone(),
+                Default::default(),
+                sim::fixed(self.hold),
+                events.clone(),
+            ));
+        }
+        Ok(sims)
     }
 }
 

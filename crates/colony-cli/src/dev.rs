@@ -133,6 +133,10 @@ impl Server {
         }
     }
 
+    pub(crate) fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
     /// An error if the server has exited (it never should while the cluster runs).
     pub(crate) fn check_running(&mut self) -> Result<()> {
         let Some(child) = self.child.as_mut() else { return Ok(()) };

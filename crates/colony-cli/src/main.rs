@@ -10,6 +10,7 @@ mod bench_failover;
 mod bench_learn;
 mod bench_placement;
 mod bench_schedule;
+mod bench_soak;
 mod cluster_cmd;
 mod dev;
 mod executor_cmd;

@@ -2,7 +2,8 @@
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, ValueEnum};
-use colony_core::Retention;
+use colony_core::{parse_memory_bytes, Retention};
+use colony_server::audit::AuditConfig;
 use colony_server::ServerConfig;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -97,6 +98,13 @@ pub struct ServerArgs {
     /// Backups kept in --backup-dir; the oldest go first.
     #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(1..=100_000), requires = "backup_dir")]
     backup_keep: u64,
+    /// The audit trail (DATA_DIR/audit/) starts a new file past this size (e.g. 64Mi, 1Gi).
+    #[arg(long, default_value = "64Mi")]
+    audit_file_max: String,
+    /// Audit files kept besides the current one; the oldest go first. The trail takes at most
+    /// (this + 1) x --audit-file-max.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    audit_files_kept: u64,
     /// Log lines on stdout as text or as JSON objects; the level comes from RUST_LOG (default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -166,6 +174,7 @@ fn config(args: &ServerArgs) -> Result<ServerConfig> {
     config.backup_dir = args.backup_dir.clone();
     config.backup_interval = args.backup_interval;
     config.backup_keep = args.backup_keep as usize;
+    config.audit = audit(args)?;
     config.unsafe_stale_reads = args.unsafe_stale_reads;
     config.check_invariants = args.check_invariants;
     Ok(config)
@@ -190,6 +199,21 @@ fn retention(args: &ServerArgs) -> Result<Retention> {
         executor_gc_after_ms: ms("executor-gc-after", args.executor_gc_after)?,
         ..Retention::DEFAULT
     })
+}
+
+/// The audit trail's rotation: files of 1 MiB to 64 GiB.
+fn audit(args: &ServerArgs) -> Result<AuditConfig> {
+    const MIN: u64 = 1 << 20;
+    const MAX: u64 = 64 << 30;
+    let bytes = parse_memory_bytes(&args.audit_file_max)
+        .map_err(|e| anyhow::anyhow!("invalid --audit-file-max {:?}: {e}", args.audit_file_max))?;
+    if !(MIN..=MAX).contains(&bytes) {
+        bail!(
+            "--audit-file-max {} is out of range: it must be at least 1Mi and at most 64Gi",
+            args.audit_file_max
+        );
+    }
+    Ok(AuditConfig { file_bytes_max: bytes, files_kept: args.audit_files_kept as usize })
 }
 
 pub fn init_logging(format: LogFormat) -> Result<()> {
@@ -321,6 +345,26 @@ mod tests {
         assert!(backups(&["--backup-keep", "0"]).is_err());
         assert!(backups(&["--backup-interval", "10ms"]).is_err());
         assert!(parse(&["--data-dir", "/d", "--backup-keep", "5"]).is_err(), "needs --backup-dir");
+    }
+
+    #[test]
+    fn audit_flags_are_bounded() {
+        let audit = |extra: &[&str]| {
+            let mut argv = vec!["--data-dir", "/d"];
+            argv.extend_from_slice(extra);
+            parse(&argv).map(|c| c.audit)
+        };
+        assert!(audit(&[]).is_ok_and(|a| a.file_bytes_max == 64 << 20 && a.files_kept == 8));
+        assert!(audit(&["--audit-file-max", "16Mi", "--audit-files-kept", "2"])
+            .is_ok_and(|a| a.file_bytes_max == 16 << 20 && a.files_kept == 2));
+        for bad in [
+            ["--audit-file-max", "1Ki"],
+            ["--audit-file-max", "65Gi"],
+            ["--audit-file-max", "lots"],
+            ["--audit-files-kept", "0"],
+        ] {
+            assert!(audit(&bad).is_err(), "{bad:?} was accepted");
+        }
     }
 
     #[test]

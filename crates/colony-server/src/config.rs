@@ -52,6 +52,8 @@ pub struct ServerConfig {
     pub backup_interval: Duration,
     /// Backups kept in `backup_dir`; the oldest go first.
     pub backup_keep: usize,
+    /// How the audit trail rotates.
+    pub audit: crate::audit::AuditConfig,
     /// Serve every read from this server's applied state, as if each asked for `stale`. Breaks
     /// linearizability on purpose: the chaos suite's negative control, never for real clusters.
     pub unsafe_stale_reads: bool,
@@ -84,6 +86,7 @@ impl ServerConfig {
             preemption_priority_gap_min: 100,
             model_stale_after: Duration::from_secs(7 * 24 * 3600),
             retention: Retention::DEFAULT,
+            audit: crate::audit::AuditConfig::default(),
             backup_dir: None,
             backup_interval: Duration::from_secs(3600),
             backup_keep: 168,

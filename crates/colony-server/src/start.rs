@@ -3,7 +3,7 @@
 //! leader's duties start and stop with it), and a graceful stop on SIGTERM/SIGINT.
 
 use crate::admin::AdminService;
-use crate::audit::{Audit, AuditConfig};
+use crate::audit::Audit;
 use crate::config::ServerConfig;
 use crate::identity::Identity;
 use crate::join::{join, peer_auth, resolve_identity};
@@ -190,7 +190,7 @@ async fn open_node(
         state,
         ca_fingerprint: colony_quic::cert_fingerprint(&tls.ca_pem)?,
         tls,
-        audit: Audit::open(&config.data_dir, AuditConfig::default())
+        audit: Audit::open(&config.data_dir, config.audit.clone())
             .context("cannot open the audit trail")?,
     }))
 }
