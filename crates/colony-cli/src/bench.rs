@@ -418,6 +418,25 @@ impl ServerReport {
 }
 
 /// The machine the benchmark ran on, so that numbers are never quoted without it.
+/// A small task (100 millicores, 64 MiB, `/bin/true`) for the benchmarks that need many of them.
+pub fn small_task(name: &str) -> pb::TaskSpec {
+    pb::TaskSpec {
+        name: name.to_owned(),
+        resources: Some(pb::Resources {
+            cpu_millis: 100,
+            memory_bytes: 64 << 20,
+            gpus: 0,
+            custom: Default::default(),
+        }),
+        run: Some(pb::task_spec::Run::Process(pb::ProcessRun {
+            program: "/bin/true".to_owned(),
+            args: vec![],
+            env: Default::default(),
+        })),
+        ..Default::default()
+    }
+}
+
 pub fn machine() -> Machine {
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

@@ -194,21 +194,9 @@ async fn write(
     acks: Arc<Mutex<Vec<Ack>>>,
 ) {
     let spec = pb::TaskSpec {
-        name: "failover-probe".to_owned(),
         // Nothing runs them: the benchmark has no executors.
         labels: [("zone".to_owned(), "nowhere".to_owned())].into(),
-        resources: Some(pb::Resources {
-            cpu_millis: 100,
-            memory_bytes: 64 << 20,
-            gpus: 0,
-            custom: Default::default(),
-        }),
-        run: Some(pb::task_spec::Run::Process(pb::ProcessRun {
-            program: "/bin/true".to_owned(),
-            args: vec![],
-            env: Default::default(),
-        })),
-        ..Default::default()
+        ..crate::bench::small_task("failover-probe")
     };
     for n in 0u64.. {
         let mut spec = spec.clone();

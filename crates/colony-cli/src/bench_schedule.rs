@@ -112,9 +112,6 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
     let endpoints = global.endpoint.clone();
     let auth = global.auth()?;
     let client = global.client()?;
-    let bar = ProgressBar::new(args.executors).with_style(
-        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}").map_err(|e| anyhow!("{e}"))?,
-    );
     let (events, mut incoming) = mpsc::unbounded_channel();
     let arrivals: Arrivals = Arc::default();
     let collector = {
@@ -125,19 +122,8 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
             }
         })
     };
-    // A 16-core, 32 GiB host: 320 of the benchmark's tasks each, so placements spread over the fleet.
-    let capacity = Resources {
-        cpu_millis: 16_000,
-        memory_bytes: 32 << 30,
-        gpus: 0,
-        custom: Default::default(),
-    };
-    let sims = Sims { count: args.executors, capacity, hold: args.hold };
-    let mut sims = sims.start(&client, &endpoints, events, &bar).await?;
-    bar.set_message("waiting for executors to be up");
-    bar.set_position(0);
-    wait_for_sims_up(&client, &mut sims, args.executors, &bar).await?;
-    bar.finish_and_clear();
+    let sims = Sims { count: args.executors, hold: args.hold };
+    let mut sims = sims.start(&client, &endpoints, events).await?;
     let (watch_down, seen_down) = watch_down(client.clone());
 
     // Throughput: a backlog released all at once.
@@ -303,23 +289,33 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
     }
 }
 
-/// Simulated executors to start: how many, what each offers, how long each holds a task.
+/// Simulated executors to start: how many, and how long each holds a task. Each offers a
+/// 16-core, 32 GiB host, so the benchmarks' small tasks spread over the fleet.
 pub struct Sims {
     pub count: u64,
-    pub capacity: Resources,
     pub hold: Duration,
 }
 
 impl Sims {
-    /// Joins `count` simulated executors to the cluster (counting them on `bar`) and runs them,
-    /// each reporting assignments on `events`; they run until the set is dropped or aborted.
+    /// Joins `count` simulated executors to the cluster and runs them, each reporting assignments
+    /// on `events`, and returns once all are up (progress on a bar); they run until the set is
+    /// dropped or aborted.
     pub async fn start(
         self,
         client: &Client,
         endpoints: &[String],
         events: mpsc::UnboundedSender<SimEvent>,
-        bar: &ProgressBar,
     ) -> Result<JoinSet<Result<()>>> {
+        let capacity = Resources {
+            cpu_millis: 16_000,
+            memory_bytes: 32 << 30,
+            gpus: 0,
+            custom: Default::default(),
+        };
+        let bar = ProgressBar::new(self.count).with_style(
+            ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}")
+                .map_err(|e| anyhow!("{e}"))?,
+        );
         let token =
             crate::cluster_cmd::create_join_token(client, Duration::from_secs(3600), "executor")
                 .await?
@@ -352,12 +348,16 @@ impl Sims {
                 endpoint,
                 endpoints.to_vec(),
                 creds,
-                self.capacity.clone(),
+                capacity.clone(),
                 Default::default(),
                 sim::fixed(self.hold),
                 events.clone(),
             ));
         }
+        bar.set_message("waiting for executors to be up");
+        bar.set_position(0);
+        wait_for_sims_up(client, &mut sims, self.count, &bar).await?;
+        bar.finish_and_clear();
         Ok(sims)
     }
 }

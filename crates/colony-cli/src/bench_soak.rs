@@ -3,21 +3,22 @@
 //! executors that finish every task, submits at a fixed rate for a long time, and every
 //! `--interval` prints submissions/s, live and kept finished tasks, and each server's resident
 //! memory and data directory size. The samples are plotted into a PNG. The verdict compares the
-//! last third of the run with the sample a third of the way in: a cluster that retention keeps
-//! bounded stays within ±10%.
+//! last third of the run with the sample a third of the way in (±10%, sample by sample), and the
+//! last third's peaks with the middle third's (a log that grows until each snapshot purges it is
+//! a sawtooth: bounded, yet far from any one sample).
 
 use crate::bench::machine;
-use crate::bench_schedule::{wait_for_sims_up, Sims};
+use crate::bench_schedule::Sims;
 use crate::dev::{self, Server};
 use crate::output::{self, OutputFormat};
 use crate::GlobalArgs;
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::Args;
 use colony_client::{lazy_channel, Auth, Client, ClientConfig};
-use colony_core::{Resources, TaskState};
+use colony_core::TaskState;
 use colony_proto::pb;
 use colony_proto::pb::admin_client::AdminClient;
-use indicatif::{ProgressBar, ProgressFinish, ProgressStyle};
+use indicatif::{ProgressBar, ProgressFinish};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,7 +49,7 @@ pub struct SoakBenchArgs {
     /// The servers' --task-retention: short, so that retention removes tasks during the run.
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     task_retention: Duration,
-    /// Simulated executors, each offering 16 CPUs and 32 GiB.
+    /// Simulated executors, each offering 16 CPUs and 32 GiB (160 of the soak's tasks).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1000))]
     executors: u64,
     /// How long a simulated executor holds a task before it reports success.
@@ -102,7 +103,22 @@ struct Report {
     reference_s: f64,
     drift: Vec<Drift>,
     steady: bool,
+    /// The last third's highest values against the middle third's, per server.
+    peaks: Vec<PeakChange>,
+    /// No server's peak RSS or data directory grew by more than 10% from the middle third to
+    /// the last: a sawtooth (a log purged after each snapshot, the audit trail rotated) passes
+    /// this and may fail the pointwise comparison.
+    bounded: bool,
     plot: PathBuf,
+}
+
+/// How a server's highest values in the last third compare with the middle third's, in percent
+/// (negative: lower).
+#[derive(Debug, Serialize)]
+struct PeakChange {
+    id: u64,
+    rss_pct: f64,
+    data_dir_pct: f64,
 }
 
 pub async fn run(args: SoakBenchArgs, global: &GlobalArgs) -> Result<()> {
@@ -155,24 +171,10 @@ fn check_args(args: &SoakBenchArgs) -> Result<()> {
 async fn soak(args: &SoakBenchArgs, servers: &mut [Server], auth: &Auth) -> Result<Report> {
     let endpoints: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
     let client = Client::new(&endpoints, REQUEST_TIMEOUT, auth)?;
-    let bar = ProgressBar::new(args.executors).with_style(
-        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}").map_err(|e| anyhow!("{e}"))?,
-    );
-    // A 16-core, 32 GiB host holds 160 of these tasks (100 millicores each).
-    let capacity = Resources {
-        cpu_millis: 16_000,
-        memory_bytes: 32 << 30,
-        gpus: 0,
-        custom: Default::default(),
-    };
     // The simulated executors' assignment events are not needed here.
     let (events, _) = tokio::sync::mpsc::unbounded_channel();
-    let sims = Sims { count: args.executors, capacity, hold: args.hold };
-    let mut sims = sims.start(&client, &endpoints, events, &bar).await?;
-    bar.set_message("waiting for executors to be up");
-    bar.set_position(0);
-    wait_for_sims_up(&client, &mut sims, args.executors, &bar).await?;
-    bar.finish_and_clear();
+    let sims = Sims { count: args.executors, hold: args.hold };
+    let mut sims = sims.start(&client, &endpoints, events).await?;
 
     let counts = Arc::new(Counts::default());
     let started = Instant::now();
@@ -194,6 +196,13 @@ async fn soak(args: &SoakBenchArgs, servers: &mut [Server], auth: &Auth) -> Resu
     let steady = drift
         .iter()
         .all(|d| d.rss_max_pct <= STEADY_BAND * 100.0 && d.data_dir_max_pct <= STEADY_BAND * 100.0);
+    let peaks = peaks(
+        &samples[samples.len() - 2 * third..samples.len() - third],
+        &samples[samples.len() - third..],
+    );
+    let bounded = peaks
+        .iter()
+        .all(|p| p.rss_pct <= STEADY_BAND * 100.0 && p.data_dir_pct <= STEADY_BAND * 100.0);
     plot(&samples, &args.plot)?;
     Ok(Report {
         machine: machine(),
@@ -203,6 +212,8 @@ async fn soak(args: &SoakBenchArgs, servers: &mut [Server], auth: &Auth) -> Resu
         samples,
         drift,
         steady,
+        peaks,
+        bounded,
         plot: args.plot.clone(),
     })
 }
@@ -228,22 +239,7 @@ async fn submit(
     schedule: Schedule,
     counts: Arc<Counts>,
 ) {
-    let spec = pb::TaskSpec {
-        name: "soak".to_owned(),
-        namespace: "soak".to_owned(),
-        resources: Some(pb::Resources {
-            cpu_millis: 100,
-            memory_bytes: 64 << 20,
-            gpus: 0,
-            custom: Default::default(),
-        }),
-        run: Some(pb::task_spec::Run::Process(pb::ProcessRun {
-            program: "/bin/true".to_owned(),
-            args: vec![],
-            env: Default::default(),
-        })),
-        ..Default::default()
-    };
+    let spec = pb::TaskSpec { namespace: "soak".to_owned(), ..crate::bench::small_task("soak") };
     loop {
         let slot = counts.next.fetch_add(1, Ordering::Relaxed);
         let due = schedule.started + schedule.interval.mul_f64(slot as f64);
@@ -383,22 +379,68 @@ fn drift(reference: &Sample, later: &[Sample]) -> Vec<Drift> {
         .collect()
 }
 
+/// Per server, the change (in percent) from the highest value in `middle` to the highest in
+/// `last`.
+fn peaks(middle: &[Sample], last: &[Sample]) -> Vec<PeakChange> {
+    let peak = |samples: &[Sample], id: u64, f: fn(&ServerSample) -> u64| {
+        samples
+            .iter()
+            .filter_map(|s| s.servers.iter().find(|v| v.id == id).map(f))
+            .max()
+            .unwrap_or(0)
+    };
+    let change = |to: u64, from: u64| match from {
+        0 => 0.0,
+        _ => (to as f64 / from as f64 - 1.0) * 100.0,
+    };
+    let ids: Vec<u64> =
+        middle.first().map_or(Vec::new(), |s| s.servers.iter().map(|v| v.id).collect());
+    ids.into_iter()
+        .map(|id| PeakChange {
+            id,
+            rss_pct: change(peak(last, id, |v| v.rss_bytes), peak(middle, id, |v| v.rss_bytes)),
+            data_dir_pct: change(
+                peak(last, id, |v| v.data_dir_bytes),
+                peak(middle, id, |v| v.data_dir_bytes),
+            ),
+        })
+        .collect()
+}
+
 fn print_summary(report: &Report) -> Result<()> {
-    let mut table = output::table(["SERVER", "RSS DRIFT", "DATA DIR DRIFT"]);
-    for d in &report.drift {
+    let mut table = output::table([
+        "SERVER",
+        "RSS DRIFT",
+        "DATA DIR DRIFT",
+        "RSS PEAK CHANGE",
+        "DATA DIR PEAK CHANGE",
+    ]);
+    for (d, p) in report.drift.iter().zip(&report.peaks) {
         let pct = |v: f64| format!("{v:.1}%");
-        table.add_row(vec![d.id.to_string(), pct(d.rss_max_pct), pct(d.data_dir_max_pct)]);
+        let signed = |v: f64| format!("{v:+.1}%");
+        table.add_row(vec![
+            d.id.to_string(),
+            pct(d.rss_max_pct),
+            pct(d.data_dir_max_pct),
+            signed(p.rss_pct),
+            signed(p.data_dir_pct),
+        ]);
     }
     println!();
     output::print_table(table)?;
-    let verdict = match report.steady {
-        true => "steady: every server's RSS and data directory stayed within ±10%".to_owned(),
-        false => "NOT steady: a server's RSS or data directory moved more than 10%".to_owned(),
+    let steady = match report.steady {
+        true => "yes: every server's RSS and data directory stayed within ±10% of the reference",
+        false => "no: a server's RSS or data directory moved more than 10% from the reference",
+    };
+    let bounded = match report.bounded {
+        true => "yes: no server's peak grew more than 10% from the middle third to the last",
+        false => "no: a server's peak RSS or data directory grew more than 10%",
     };
     output::print_fields(&[
         ("machine", format!("{} ({} cores)", report.machine.cpu_model, report.machine.cores)),
         ("compared", format!("the last third with the sample at {:.0} s", report.reference_s)),
-        ("verdict", verdict),
+        ("steady", steady.to_owned()),
+        ("bounded", bounded.to_owned()),
         ("plot", report.plot.display().to_string()),
     ])
 }
@@ -525,6 +567,16 @@ mod tests {
         assert_eq!(drift.len(), 1);
         assert!((drift[0].rss_max_pct - 8.0).abs() < 1e-9, "{}", drift[0].rss_max_pct);
         assert!((drift[0].data_dir_max_pct - 12.0).abs() < 1e-9, "{}", drift[0].data_dir_max_pct);
+    }
+
+    #[test]
+    fn peaks_compare_the_highest_values_of_two_thirds() {
+        let middle = [sample(600.0, 100 << 20, 40 << 20), sample(660.0, 98 << 20, 80 << 20)];
+        let last = [sample(1200.0, 95 << 20, 84 << 20), sample(1260.0, 97 << 20, 41 << 20)];
+        let peaks = peaks(&middle, &last);
+        assert_eq!(peaks.len(), 1);
+        assert!((peaks[0].rss_pct + 3.0).abs() < 1e-9, "{}", peaks[0].rss_pct);
+        assert!((peaks[0].data_dir_pct - 5.0).abs() < 1e-9, "{}", peaks[0].data_dir_pct);
     }
 
     #[test]
