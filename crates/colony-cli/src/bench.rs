@@ -417,7 +417,6 @@ impl ServerReport {
     }
 }
 
-/// The machine the benchmark ran on, so that numbers are never quoted without it.
 /// A small task (100 millicores, 64 MiB, `/bin/true`) for the benchmarks that need many of them.
 pub fn small_task(name: &str) -> pb::TaskSpec {
     pb::TaskSpec {
@@ -437,6 +436,7 @@ pub fn small_task(name: &str) -> pb::TaskSpec {
     }
 }
 
+/// The machine the benchmark ran on, so that numbers are never quoted without it.
 pub fn machine() -> Machine {
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

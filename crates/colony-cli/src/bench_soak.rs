@@ -61,7 +61,8 @@ pub struct SoakBenchArgs {
     /// The first server's port; the others follow, metrics ports 1000 above.
     #[arg(long, default_value_t = 17801)]
     base_port: u16,
-    /// A flag for every server (repeatable), e.g. `--server-arg=--finished-tasks-max=100000`.
+    /// A flag for every server (repeatable), e.g. `--server-arg=--finished-tasks-max=100000`;
+    /// not one the soak sets itself (--task-retention, --audit-file-max, --audit-files-kept).
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     server_args: Vec<String>,
 }
@@ -109,7 +110,8 @@ struct Report {
     /// the last: a sawtooth (a log purged after each snapshot, the audit trail rotated) passes
     /// this and may fail the pointwise comparison.
     bounded: bool,
-    plot: PathBuf,
+    /// Where the plot was written (none if it could not be drawn).
+    plot: Option<PathBuf>,
 }
 
 /// How a server's highest values in the last third compare with the middle third's, in percent
@@ -139,36 +141,59 @@ pub async fn run(args: SoakBenchArgs, global: &GlobalArgs) -> Result<()> {
     let token_file = dir.path().join("token");
     let auth = dev::form_cluster(&mut servers, &exe, &server_args, &token_file, deadline, &spinner)
         .await?;
+    let endpoints: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+    dev::wait_until(&mut servers, &endpoints, &auth, deadline, &spinner, |s| {
+        let voters = s.members.iter().filter(|m| m.role == "voter").count();
+        (voters != 3).then(|| format!("{voters} of 3 servers are voters"))
+    })
+    .await?;
     drop(spinner);
-    let result = soak(&args, &mut servers, &auth).await;
+    let result = soak(&args, &mut servers, &auth, global.output).await;
+    // The figures stand whether or not the cluster stops cleanly; a server that does not is
+    // reported after them.
     let stopped = dev::stop(&mut servers).await;
     let report = result?;
-    stopped.context("stopping the benchmark's cluster")?;
     match global.output {
         OutputFormat::Json => output::print_json(&report),
         OutputFormat::Table => print_summary(&report),
-    }
+    }?;
+    stopped.context("stopping the benchmark's cluster")
 }
 
 fn check_args(args: &SoakBenchArgs) -> Result<()> {
-    if !(args.rate.is_finite() && args.rate > 0.0 && args.rate <= 1e6) {
-        bail!("--rate must be a number of submissions per second between 0 and 1,000,000");
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    if !(args.rate.is_finite() && (0.01..=1e6).contains(&args.rate)) {
+        bail!("--rate must be a number of submissions per second from 0.01 to 1,000,000");
     }
-    if args.interval < Duration::from_secs(1) {
-        bail!("--interval must be at least 1s");
+    if !(Duration::from_secs(1)..=DAY).contains(&args.interval) {
+        bail!("--interval must be from 1s to 1 day");
+    }
+    if args.duration > 7 * DAY {
+        bail!("--duration must be at most 7 days");
     }
     if args.duration < args.interval * 3 {
-        bail!(
-            "--duration must be at least three intervals, to compare the last third with the first"
-        );
+        bail!("--duration must be at least three intervals: the last third is compared with the middle one");
     }
     if args.task_retention < Duration::from_secs(1) {
         bail!("--task-retention must be at least 1s");
     }
+    if args.duration < args.task_retention * 3 {
+        bail!(
+            "--duration must be at least three times --task-retention, or the reference sample (a third of the way in) comes before retention removed anything"
+        );
+    }
+    if !Path::new(FONT).exists() {
+        bail!("the plot needs the font {FONT}: install fonts-dejavu-core (cluster/setup.sh does)");
+    }
     Ok(())
 }
 
-async fn soak(args: &SoakBenchArgs, servers: &mut [Server], auth: &Auth) -> Result<Report> {
+async fn soak(
+    args: &SoakBenchArgs,
+    servers: &mut [Server],
+    auth: &Auth,
+    output: OutputFormat,
+) -> Result<Report> {
     let endpoints: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
     let client = Client::new(&endpoints, REQUEST_TIMEOUT, auth)?;
     // The simulated executors' assignment events are not needed here.
@@ -185,7 +210,8 @@ async fn soak(args: &SoakBenchArgs, servers: &mut [Server], auth: &Auth) -> Resu
         let schedule = Schedule { started, interval: Duration::from_secs_f64(1.0 / args.rate) };
         submitters.spawn(submit(AdminClient::new(channel), schedule, counts.clone()));
     }
-    let result = sample_until_done(args, servers, &client, auth, &counts, started, &mut sims).await;
+    let watch = Watch { counts: &counts, started, sims: &mut sims, output };
+    let result = sample_until_done(args, servers, &client, auth, watch).await;
     submitters.abort_all();
     sims.abort_all();
     let samples = result?;
@@ -203,7 +229,14 @@ async fn soak(args: &SoakBenchArgs, servers: &mut [Server], auth: &Auth) -> Resu
     let bounded = peaks
         .iter()
         .all(|p| p.rss_pct <= STEADY_BAND * 100.0 && p.data_dir_pct <= STEADY_BAND * 100.0);
-    plot(&samples, &args.plot)?;
+    // A plot that cannot be drawn loses the picture, not the figures.
+    let plot = match self::plot(&samples, &args.plot) {
+        Ok(()) => Some(args.plot.clone()),
+        Err(e) => {
+            eprintln!("warning: no plot: {e:#}");
+            None
+        }
+    };
     Ok(Report {
         machine: machine(),
         rate_target: args.rate,
@@ -214,7 +247,7 @@ async fn soak(args: &SoakBenchArgs, servers: &mut [Server], auth: &Auth) -> Resu
         steady,
         peaks,
         bounded,
-        plot: args.plot.clone(),
+        plot,
     })
 }
 
@@ -232,8 +265,9 @@ struct Schedule {
     interval: Duration,
 }
 
-/// Submits on the shared schedule: each submission claims the next slot and waits for its time
-/// (an open loop: a slow answer does not slow the schedule, it only delays this submitter).
+/// Submits on the shared schedule: each submission claims the next slot and waits for its time.
+/// Each submitter waits for its answer, so the schedule holds while answers take less than
+/// `SUBMITTERS / rate` (32 ms at 2,000/s); a longer stall delays it, and it catches up after.
 async fn submit(
     mut client: AdminClient<colony_client::Channel>,
     schedule: Schedule,
@@ -252,43 +286,56 @@ async fn submit(
     }
 }
 
+/// What the sampler watches besides the servers.
+struct Watch<'a> {
+    counts: &'a Counts,
+    started: Instant,
+    sims: &'a mut JoinSet<Result<()>>,
+    /// Rows go to stdout for people, to stderr when stdout carries JSON.
+    output: OutputFormat,
+}
+
 /// Takes a sample every interval until the duration is over, printing each as a table row.
 async fn sample_until_done(
     args: &SoakBenchArgs,
     servers: &mut [Server],
     client: &Client,
     auth: &Auth,
-    counts: &Counts,
-    started: Instant,
-    sims: &mut JoinSet<Result<()>>,
+    watch: Watch<'_>,
 ) -> Result<Vec<Sample>> {
+    let Watch { counts, started, sims, output } = watch;
+    let row = |line: String| match output {
+        OutputFormat::Table => println!("{line}"),
+        OutputFormat::Json => eprintln!("{line}"),
+    };
     let rounds = (args.duration.as_secs_f64() / args.interval.as_secs_f64()).floor() as u32;
     let mut samples = Vec::new();
     let (mut last_ok, mut last_at) = (0, started);
-    println!(
+    row(format!(
         "soak: {} submissions/s for {}, a sample every {}, finished tasks kept {}",
         args.rate,
         humantime::format_duration(args.duration),
         humantime::format_duration(args.interval),
         humantime::format_duration(args.task_retention),
-    );
-    println!(
+    ));
+    row(format!(
         "{:>7}  {:>9}  {:>7}  {:>9}  {:>9}  per server: RSS MiB / data dir MiB",
         "minute", "submit/s", "errors", "live", "finished"
-    );
+    ));
     for round in 1..=rounds {
         tokio::time::sleep_until(started + args.interval * round).await;
         for server in servers.iter_mut() {
             server.check_running()?;
         }
-        if let Some(Ok(Err(e))) = sims.try_join_next() {
-            bail!("a simulated executor stopped: {e:#}");
+        // They run until aborted: any that ended, however, ends the run.
+        if let Some(ended) = sims.try_join_next() {
+            bail!("a simulated executor stopped: {ended:?}");
         }
         let now = Instant::now();
         let ok = counts.ok.load(Ordering::Relaxed);
         let submitted_per_s = (ok - last_ok) as f64 / now.duration_since(last_at).as_secs_f64();
         (last_ok, last_at) = (ok, now);
-        let status = crate::cluster_cmd::cluster_status(client).await?;
+        let status = status_of(client).await?;
         let (mut live, mut finished) = (0, 0);
         for (state, count) in &status.tasks_by_state {
             match state.parse::<TaskState>() {
@@ -299,7 +346,7 @@ async fn sample_until_done(
         let mut per_server = Vec::new();
         for server in servers.iter() {
             let own = Client::new(std::slice::from_ref(&server.addr), REQUEST_TIMEOUT, auth)?;
-            let status = crate::cluster_cmd::cluster_status(&own).await?;
+            let status = status_of(&own).await?;
             per_server.push(ServerSample {
                 id: server.id,
                 rss_bytes: status.rss_bytes,
@@ -319,7 +366,7 @@ async fn sample_until_done(
             .iter()
             .map(|s| format!("{}: {} / {}", s.id, mib(s.rss_bytes), mib(s.data_dir_bytes)))
             .collect();
-        println!(
+        row(format!(
             "{:>7.1}  {:>9.0}  {:>7}  {:>9}  {:>9}  {}",
             sample.at_s / 60.0,
             sample.submitted_per_s,
@@ -327,10 +374,24 @@ async fn sample_until_done(
             sample.live_tasks,
             sample.finished_tasks,
             servers_text.join("   ")
-        );
+        ));
         samples.push(sample);
     }
     Ok(samples)
+}
+
+/// `cluster status`, asked up to three times a second apart: one slow answer (an election, a
+/// snapshot being built) must not end a long run.
+async fn status_of(client: &Client) -> Result<pb::ClusterStatusResponse> {
+    let mut attempt = 1;
+    loop {
+        match crate::cluster_cmd::cluster_status(client).await {
+            Ok(status) => return Ok(status),
+            Err(e) if attempt >= 3 => return Err(e.context("cluster status, asked 3 times")),
+            Err(_) => attempt += 1,
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 fn mib(bytes: u64) -> String {
@@ -441,7 +502,13 @@ fn print_summary(report: &Report) -> Result<()> {
         ("compared", format!("the last third with the sample at {:.0} s", report.reference_s)),
         ("steady", steady.to_owned()),
         ("bounded", bounded.to_owned()),
-        ("plot", report.plot.display().to_string()),
+        (
+            "plot",
+            report
+                .plot
+                .as_ref()
+                .map_or("none (see the warning above)".to_owned(), |p| p.display().to_string()),
+        ),
     ])
 }
 
@@ -621,6 +688,11 @@ mod tests {
             &["--interval", "10ms"],
             &["--duration", "2m", "--interval", "1m"],
             &["--task-retention", "0s"],
+            &["--rate", "0.001"],
+            &["--interval", "2days"],
+            &["--duration", "8days"],
+            // The reference sample would come before retention removed anything.
+            &["--duration", "5m"],
             &["--executors", "0"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} was accepted");
