@@ -88,13 +88,22 @@ struct Schedule {
     interval: Option<Duration>,
 }
 
-/// Counters the progress bar reads while the clients run.
+/// Counters read while the clients run (the progress bar, the soak's samples).
 #[derive(Default)]
-struct Live {
-    ok: AtomicU64,
-    errors: AtomicU64,
+pub(crate) struct Live {
+    pub(crate) ok: AtomicU64,
+    pub(crate) errors: AtomicU64,
     /// Open loop: the next slot to claim.
     next_slot: AtomicU64,
+}
+
+impl Live {
+    /// Open loop: claims the next slot of a schedule that began at `start` with one submission
+    /// every `interval`, and says when it is due.
+    pub(crate) fn claim_slot(&self, start: Instant, interval: Duration) -> Instant {
+        let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        start + interval.mul_f64(slot as f64)
+    }
 }
 
 /// What one client measured.
@@ -333,10 +342,7 @@ async fn run_client(
         // When this submission is due: now (closed loop) or its slot on the global schedule.
         let due = match schedule.interval {
             None => Instant::now(),
-            Some(interval) => {
-                let slot = live.next_slot.fetch_add(1, Ordering::Relaxed);
-                schedule.start + interval.mul_f64(slot as f64)
-            }
+            Some(interval) => live.claim_slot(schedule.start, interval),
         };
         if due >= schedule.end {
             break;

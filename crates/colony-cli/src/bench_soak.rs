@@ -7,7 +7,7 @@
 //! last third's peaks with the middle third's (a log that grows until each snapshot purges it is
 //! a sawtooth: bounded, yet far from any one sample).
 
-use crate::bench::machine;
+use crate::bench::{machine, Live};
 use crate::bench_schedule::Sims;
 use crate::dev::{self, Server};
 use crate::output::{self, OutputFormat};
@@ -21,7 +21,7 @@ use colony_proto::pb::admin_client::AdminClient;
 use indicatif::{ProgressBar, ProgressFinish};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
@@ -201,14 +201,14 @@ async fn soak(
     let sims = Sims { count: args.executors, hold: args.hold };
     let mut sims = sims.start(&client, &endpoints, events).await?;
 
-    let counts = Arc::new(Counts::default());
+    let counts = Arc::new(Live::default());
     let started = Instant::now();
     let mut submitters = JoinSet::new();
     for i in 0..SUBMITTERS {
         let addr = &endpoints[(i % endpoints.len() as u64) as usize];
         let channel = lazy_channel(addr, &ClientConfig::new(REQUEST_TIMEOUT), auth)?;
-        let schedule = Schedule { started, interval: Duration::from_secs_f64(1.0 / args.rate) };
-        submitters.spawn(submit(AdminClient::new(channel), schedule, counts.clone()));
+        let interval = Duration::from_secs_f64(1.0 / args.rate);
+        submitters.spawn(submit(AdminClient::new(channel), started, interval, counts.clone()));
     }
     let watch = Watch { counts: &counts, started, sims: &mut sims, output };
     let result = sample_until_done(args, servers, &client, auth, watch).await;
@@ -251,33 +251,18 @@ async fn soak(
     })
 }
 
-#[derive(Default)]
-struct Counts {
-    /// The next submission's slot on the schedule.
-    next: AtomicU64,
-    ok: AtomicU64,
-    errors: AtomicU64,
-}
-
-#[derive(Clone, Copy)]
-struct Schedule {
-    started: Instant,
-    interval: Duration,
-}
-
 /// Submits on the shared schedule: each submission claims the next slot and waits for its time.
 /// Each submitter waits for its answer, so the schedule holds while answers take less than
 /// `SUBMITTERS / rate` (32 ms at 2,000/s); a longer stall delays it, and it catches up after.
 async fn submit(
     mut client: AdminClient<colony_client::Channel>,
-    schedule: Schedule,
-    counts: Arc<Counts>,
+    started: Instant,
+    interval: Duration,
+    counts: Arc<Live>,
 ) {
     let spec = pb::TaskSpec { namespace: "soak".to_owned(), ..crate::bench::small_task("soak") };
     loop {
-        let slot = counts.next.fetch_add(1, Ordering::Relaxed);
-        let due = schedule.started + schedule.interval.mul_f64(slot as f64);
-        tokio::time::sleep_until(due).await;
+        tokio::time::sleep_until(counts.claim_slot(started, interval)).await;
         let request = pb::SubmitTaskRequest { spec: Some(spec.clone()) };
         match client.submit_task(request).await {
             Ok(_) => counts.ok.fetch_add(1, Ordering::Relaxed),
@@ -288,7 +273,7 @@ async fn submit(
 
 /// What the sampler watches besides the servers.
 struct Watch<'a> {
-    counts: &'a Counts,
+    counts: &'a Live,
     started: Instant,
     sims: &'a mut JoinSet<Result<()>>,
     /// Rows go to stdout for people, to stderr when stdout carries JSON.
