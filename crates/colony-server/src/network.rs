@@ -6,9 +6,9 @@ use crate::wire;
 use colony_proto::pb::RaftMessage;
 use colony_store::TypeConfig;
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
 };
-use openraft::network::RPCOption;
+use openraft::network::{RPCOption, RPCTypes};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -22,6 +22,8 @@ use std::time::Instant;
 /// Creates a client per target server.
 #[derive(Clone)]
 pub struct Network {
+    /// This server's id.
+    pub id: u64,
     pub peers: Peers,
     pub cluster_id: String,
     pub metrics: Arc<Metrics>,
@@ -31,9 +33,16 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
+        self.client(target, node.addr.clone())
+    }
+}
+
+impl Network {
+    pub fn client(&self, target: u64, addr: String) -> PeerClient {
         PeerClient {
+            id: self.id,
             target,
-            addr: node.addr.clone(),
+            addr,
             peers: self.peers.clone(),
             cluster_id: self.cluster_id.clone(),
             metrics: self.metrics.clone(),
@@ -43,6 +52,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
 /// The connection to one peer.
 pub struct PeerClient {
+    id: u64,
     target: u64,
     addr: String,
     peers: Peers,
@@ -55,6 +65,16 @@ enum Rpc {
     AppendEntries,
     Vote,
     InstallSnapshot,
+}
+
+impl Rpc {
+    fn kind(self) -> RPCTypes {
+        match self {
+            Rpc::AppendEntries => RPCTypes::AppendEntries,
+            Rpc::Vote => RPCTypes::Vote,
+            Rpc::InstallSnapshot => RPCTypes::InstallSnapshot,
+        }
+    }
 }
 
 impl PeerClient {
@@ -87,8 +107,18 @@ impl PeerClient {
             .agent_communication_seconds
             .with_label_values(&["server", "server"])
             .observe(started.elapsed().as_secs_f64());
+        // A peer that answers late is slow, not gone: `Timeout` lets openraft send again at once,
+        // where `Unreachable` would stop replication to it for half a second (openraft's backoff),
+        // and a follower that hears nothing for that long stands for election.
         let reply = reply
-            .map_err(|elapsed| RPCError::Unreachable(Unreachable::new(&elapsed)))?
+            .map_err(|_| {
+                RPCError::Timeout(Timeout {
+                    action: rpc.kind(),
+                    id: self.id,
+                    target: self.target,
+                    timeout: option.hard_ttl(),
+                })
+            })?
             .map_err(|status| match status.code() {
                 tonic::Code::Unavailable
                 | tonic::Code::Cancelled

@@ -141,7 +141,7 @@ async fn open_node(
     let (state, snapshot_stats) = (sm.shared(), sm.stats());
     let raft_config = openraft::Config {
         cluster_name: "colony".into(),
-        heartbeat_interval: config.heartbeat_interval.as_millis() as u64,
+        heartbeat_interval: replication_timeout(config).as_millis() as u64,
         election_timeout_min: config.election_timeout_min.as_millis() as u64,
         election_timeout_max: config.election_timeout_max.as_millis() as u64,
         install_snapshot_timeout: 5_000,
@@ -153,13 +153,20 @@ async fn open_node(
     .validate()
     .context("invalid raft configuration")?;
     let network = Network {
+        id,
         peers: peers.clone(),
         cluster_id: identity.cluster_id.clone(),
         metrics: metrics.clone(),
     };
-    let raft = Raft::new(id, Arc::new(raft_config), network, log.clone(), sm)
+    let raft = Raft::new(id, Arc::new(raft_config), network.clone(), log.clone(), sm)
         .await
         .context("cannot start raft")?;
+    tokio::spawn(crate::heartbeat::run(
+        raft.clone(),
+        network,
+        config.heartbeat_interval,
+        replication_timeout(config),
+    ));
     if config.bootstrap && !raft.is_initialized().await? {
         tracing::info!("bootstrapping a new cluster");
         raft.initialize(BTreeMap::from([(id, BasicNode::new(&identity.addr))]))
@@ -193,6 +200,16 @@ async fn open_node(
         audit: Audit::open(&config.data_dir, config.audit.clone())
             .context("cannot open the audit trail")?,
     }))
+}
+
+/// openraft 0.9 takes its heartbeat interval as the time limit of every AppendEntries too, and
+/// sends its own heartbeats at that interval through the replication loop, behind log appends.
+/// Leases are kept by `heartbeat` at `--heartbeat-ms`, so openraft's interval is set to what an
+/// append may take before it is sent again: three quarters of the shortest election timeout
+/// (openraft requires less than it). A tight limit resends appends that a follower under load
+/// was about to answer.
+fn replication_timeout(config: &ServerConfig) -> Duration {
+    config.election_timeout_min * 3 / 4
 }
 
 /// The gRPC services on the server's port (TLS): health, reflection, Raft and the admin API.
