@@ -207,22 +207,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
         let started = std::time::Instant::now();
-        // Encoding under the read lock avoids copying the state; apply waits for it. It runs off
-        // the async runtime's threads: encoding a large state takes a worker away from Raft's
-        // messages for as long.
-        let state = Arc::clone(&self.state);
-        let encoded = tokio::task::spawn_blocking(move || {
-            let applied =
-                state.read().map_err(|_| state_error(ErrorVerb::Read, &StoreError::Poisoned))?;
-            let data = codec::encode(&*applied).map_err(|source| {
+        // The state's maps are persistent: the copy takes a moment under the read lock, and apply
+        // goes on while it is encoded, off the async runtime's threads.
+        let applied = self.read_state().map_err(|e| state_error(ErrorVerb::Read, &e))?.clone();
+        let (last_log_id, last_membership) = (applied.last_applied, applied.membership.clone());
+        let encoded = tokio::task::spawn_blocking(move || codec::encode(&applied));
+        let data = encoded.await.map_err(|e| StorageIOError::write_snapshot(None, &e))?.map_err(
+            |source| {
                 let error =
                     StoreError::Encode { what: "state machine snapshot".to_string(), source };
                 StorageIOError::write_snapshot(None, &error)
-            })?;
-            Ok::<_, StorageError<u64>>((applied.last_applied, applied.membership.clone(), data))
-        });
-        let (last_log_id, last_membership, data) =
-            encoded.await.map_err(|e| StorageIOError::write_snapshot(None, &e))??;
+            },
+        )?;
         let built = self.stats.built.fetch_add(1, Ordering::Relaxed) + 1;
         let snapshot_id = match last_log_id {
             Some(id) => format!("{}-{}-{built}", id.leader_id.term, id.index),

@@ -7,7 +7,7 @@ use crate::executor::ExecutorState;
 use crate::ids::{ExecutorId, FencingToken, ModelVersion, TaskId};
 use crate::resources::Resources;
 use crate::task::TaskState;
-use std::collections::{BTreeMap, BTreeSet};
+use imbl::{OrdMap, OrdSet};
 
 /// A broken invariant: the state is corrupt, and whoever holds it must stop, not limp on.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -199,14 +199,14 @@ impl StateMachine {
     }
 
     fn check_indexes(&self) -> Result<(), InvariantViolation> {
-        let pending: BTreeSet<PendingKey> = self.tasks.values().filter_map(pending_key).collect();
+        let pending: OrdSet<PendingKey> = self.tasks.values().filter_map(pending_key).collect();
         if pending != self.pending {
             return Err(InvariantViolation::PendingIndex {
                 indexed: self.pending.len(),
                 pending: pending.len(),
             });
         }
-        let deadlines: BTreeSet<(u64, TaskId)> =
+        let deadlines: OrdSet<(u64, TaskId)> =
             self.tasks.values().filter_map(deadline_key).collect();
         if deadlines != self.deadlines {
             return Err(InvariantViolation::DeadlineIndex {
@@ -214,7 +214,7 @@ impl StateMachine {
                 waiting: deadlines.len(),
             });
         }
-        let by_state: BTreeSet<(TaskState, TaskId)> =
+        let by_state: OrdSet<(TaskState, TaskId)> =
             self.tasks.values().map(|t| (t.state, t.id)).collect();
         let mut counts = [0u64; TaskState::ALL.len()];
         for task in self.tasks.values() {
@@ -226,7 +226,7 @@ impl StateMachine {
                 tasks: self.tasks.len(),
             });
         }
-        let finished: BTreeMap<u64, TaskId> = self
+        let finished: OrdMap<u64, TaskId> = self
             .tasks
             .values()
             .filter(|t| t.state.is_finished())

@@ -39,8 +39,8 @@ use crate::ids::{ExecutorId, ModelVersion, TaskId};
 use crate::limits::Limits;
 use crate::model::ModelRecord;
 use crate::task::{Task, TaskState};
+use imbl::{OrdMap, OrdSet};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
 
 /// A pending task's place in the scheduling order: priority (highest first), then deadline
 /// (earliest first, none last), then age (lowest id first).
@@ -98,42 +98,42 @@ fn check_text(what: &'static str, text: &str, max: usize) -> Result<(), CommandE
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateMachine {
     limits: Limits,
-    tasks: BTreeMap<TaskId, Task>,
+    tasks: OrdMap<TaskId, Task>,
     /// The id the next submitted task gets; ids start at 1 and are never reused.
     next_task_id: u64,
-    idempotency: BTreeMap<String, TaskId>,
+    idempotency: OrdMap<String, TaskId>,
     /// For each task, the unfinished-or-not tasks that named it as a dependency.
-    dependents: BTreeMap<TaskId, BTreeSet<TaskId>>,
+    dependents: OrdMap<TaskId, OrdSet<TaskId>>,
     /// The latest time any proposal carried: time on the replicated clock never goes backwards,
     /// even when a new leader's wall clock is behind the old one's.
     now_unix_ms: u64,
     /// Exactly the pending tasks, in scheduling order.
-    pending: BTreeSet<PendingKey>,
+    pending: OrdSet<PendingKey>,
     /// Exactly the blocked or pending tasks that have a deadline.
-    deadlines: BTreeSet<(u64, TaskId)>,
-    executors: BTreeMap<ExecutorId, Executor>,
+    deadlines: OrdSet<(u64, TaskId)>,
+    executors: OrdMap<ExecutorId, Executor>,
     next_executor_id: u64,
     /// The token the next assignment gets: tokens only grow, across every task.
     next_fencing_token: u64,
     /// Keyed by the SHA-256 of the token's secret; the secret itself is never stored.
-    join_tokens: BTreeMap<[u8; 32], JoinTokenRecord>,
+    join_tokens: OrdMap<[u8; 32], JoinTokenRecord>,
     ca: Option<ClusterCaRecord>,
     /// The finished tasks kept, by the order they finished in.
-    finished_order: BTreeMap<u64, TaskId>,
+    finished_order: OrdMap<u64, TaskId>,
     next_finish_seq: u64,
-    models: BTreeMap<ModelVersion, ModelRecord>,
+    models: OrdMap<ModelVersion, ModelRecord>,
     current_model: Option<ModelVersion>,
     next_model_version: u64,
     /// Whether the first management token was created (`BootstrapAcl` is refused after).
     acl_bootstrapped: bool,
     /// ACL tokens by accessor.
-    acl_tokens: BTreeMap<String, AclToken>,
+    acl_tokens: OrdMap<String, AclToken>,
     /// Accessors by the SHA-256 of the token's secret: exactly `acl_tokens`, inverted.
-    acl_by_secret: BTreeMap<[u8; 32], String>,
+    acl_by_secret: OrdMap<[u8; 32], String>,
     /// The highest finish sequence number retention removed (0: none).
     finished_removed_through: u64,
     /// Every task by its state: a list filtered by state walks only that state's tasks.
-    by_state: BTreeSet<(TaskState, TaskId)>,
+    by_state: OrdSet<(TaskState, TaskId)>,
     /// How many tasks are in each state, indexed by `TaskState as usize`.
     state_counts: [u64; TaskState::ALL.len()],
 }
@@ -148,28 +148,28 @@ impl StateMachine {
     pub fn new() -> Self {
         StateMachine {
             limits: Limits::default(),
-            tasks: BTreeMap::new(),
+            tasks: OrdMap::new(),
             next_task_id: 1,
-            idempotency: BTreeMap::new(),
-            dependents: BTreeMap::new(),
+            idempotency: OrdMap::new(),
+            dependents: OrdMap::new(),
             now_unix_ms: 0,
-            pending: BTreeSet::new(),
-            deadlines: BTreeSet::new(),
-            executors: BTreeMap::new(),
+            pending: OrdSet::new(),
+            deadlines: OrdSet::new(),
+            executors: OrdMap::new(),
             next_executor_id: 1,
             next_fencing_token: 1,
-            join_tokens: BTreeMap::new(),
+            join_tokens: OrdMap::new(),
             ca: None,
-            finished_order: BTreeMap::new(),
+            finished_order: OrdMap::new(),
             next_finish_seq: 1,
-            models: BTreeMap::new(),
+            models: OrdMap::new(),
             current_model: None,
             next_model_version: 1,
             acl_bootstrapped: false,
-            acl_tokens: BTreeMap::new(),
-            acl_by_secret: BTreeMap::new(),
+            acl_tokens: OrdMap::new(),
+            acl_by_secret: OrdMap::new(),
             finished_removed_through: 0,
-            by_state: BTreeSet::new(),
+            by_state: OrdSet::new(),
             state_counts: [0; TaskState::ALL.len()],
         }
     }

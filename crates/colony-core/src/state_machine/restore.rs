@@ -4,7 +4,7 @@
 
 use super::StateMachine;
 use crate::executor::ExecutorState;
-use crate::ids::TaskId;
+use crate::ids::{ExecutorId, TaskId};
 use crate::task::TaskState;
 
 /// How far the fencing epoch moves on at a restore: tokens the old cluster issued after the
@@ -40,7 +40,9 @@ impl StateMachine {
         }
         let now = self.now_unix_ms;
         let mut executors_down = 0;
-        for executor in self.executors.values_mut() {
+        let ids: Vec<ExecutorId> = self.executors.keys().copied().collect();
+        for id in &ids {
+            let Some(executor) = self.executors.get_mut(id) else { continue };
             if matches!(executor.state, ExecutorState::Up | ExecutorState::Draining) {
                 executor.state = ExecutorState::Down;
                 executor.drain_deadline_unix_ms = None;

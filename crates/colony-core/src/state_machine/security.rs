@@ -39,7 +39,12 @@ impl StateMachine {
                 max: self.limits.join_tokens_max,
             });
         }
-        self.join_tokens.retain(|_, t| t.expires_unix_ms > now);
+        self.join_tokens = self
+            .join_tokens
+            .iter()
+            .filter(|(_, t)| t.expires_unix_ms > now)
+            .map(|(k, t)| (*k, t.clone()))
+            .collect();
         self.join_tokens
             .insert(secret_hash, JoinTokenRecord { kind, created_unix_ms: now, expires_unix_ms });
         Ok(Outcome::TokenCreated)

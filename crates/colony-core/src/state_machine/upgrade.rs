@@ -14,8 +14,8 @@ use crate::ids::{ExecutorId, ModelVersion, TaskId};
 use crate::limits::Limits;
 use crate::model::ModelRecord;
 use crate::task::Task;
+use imbl::{OrdMap, OrdSet};
 use serde::Deserialize;
-use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Deserialize)]
 struct LimitsV2 {
@@ -51,27 +51,27 @@ struct LimitsV2 {
 #[derive(Deserialize)]
 pub struct StateMachineV2 {
     limits: LimitsV2,
-    tasks: BTreeMap<TaskId, Task>,
+    tasks: OrdMap<TaskId, Task>,
     next_task_id: u64,
-    idempotency: BTreeMap<String, TaskId>,
-    dependents: BTreeMap<TaskId, BTreeSet<TaskId>>,
+    idempotency: OrdMap<String, TaskId>,
+    dependents: OrdMap<TaskId, OrdSet<TaskId>>,
     now_unix_ms: u64,
-    pending: BTreeSet<PendingKey>,
-    deadlines: BTreeSet<(u64, TaskId)>,
-    executors: BTreeMap<ExecutorId, Executor>,
+    pending: OrdSet<PendingKey>,
+    deadlines: OrdSet<(u64, TaskId)>,
+    executors: OrdMap<ExecutorId, Executor>,
     next_executor_id: u64,
     next_fencing_token: u64,
-    join_tokens: BTreeMap<[u8; 32], JoinTokenRecord>,
+    join_tokens: OrdMap<[u8; 32], JoinTokenRecord>,
     ca: Option<ClusterCaRecord>,
     #[allow(dead_code)] // Rebuilt from the tasks: format 2 may have dropped entries.
-    finished_order: BTreeMap<u64, TaskId>,
+    finished_order: OrdMap<u64, TaskId>,
     next_finish_seq: u64,
-    models: BTreeMap<ModelVersion, ModelRecord>,
+    models: OrdMap<ModelVersion, ModelRecord>,
     current_model: Option<ModelVersion>,
     next_model_version: u64,
     acl_bootstrapped: bool,
-    acl_tokens: BTreeMap<String, AclToken>,
-    acl_by_secret: BTreeMap<[u8; 32], String>,
+    acl_tokens: OrdMap<String, AclToken>,
+    acl_by_secret: OrdMap<[u8; 32], String>,
 }
 
 impl From<StateMachineV2> for StateMachine {

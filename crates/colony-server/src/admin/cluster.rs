@@ -96,13 +96,18 @@ impl AdminService {
         _request: pb::StateDigestRequest,
     ) -> Result<pb::StateDigestResponse, Status> {
         use sha2::Digest as _;
-        let (applied_index, encoded, task_count) = {
-            let state = self.node.state();
-            let encoded = colony_store::codec::encode(&state.machine)
-                .map_err(|e| Status::internal(format!("cannot encode the state: {e}")))?;
-            (state.last_applied.map_or(0, |l| l.index), encoded, state.machine.task_count() as u64)
-        };
-        let sha256 = hex::encode(sha2::Sha256::digest(&encoded));
+        let state = self.node.state_copy();
+        let (applied_index, task_count) =
+            (state.last_applied.map_or(0, |l| l.index), state.machine.task_count() as u64);
+        let digest = tokio::task::spawn_blocking(move || {
+            colony_store::codec::encode(&state.machine)
+                .map(|encoded| sha2::Sha256::digest(&encoded))
+        });
+        let sha256 = digest
+            .await
+            .map_err(|e| Status::internal(format!("cannot encode the state: {e}")))?
+            .map_err(|e| Status::internal(format!("cannot encode the state: {e}")))?;
+        let sha256 = hex::encode(sha256);
         Ok(pb::StateDigestResponse { node_id: self.node.id(), applied_index, sha256, task_count })
     }
 
@@ -125,7 +130,11 @@ impl AdminService {
             return Err(Status::with_metadata(tonic::Code::FailedPrecondition, message, trailer));
         }
         self.read_barrier().await?;
-        let file = self.node.backup().map_err(|e| Status::internal(e.to_string()))?;
+        let node = self.node.clone();
+        let file = tokio::task::spawn_blocking(move || node.backup())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
         let chunks: Vec<Result<pb::SnapshotChunk, Status>> = file
             .chunks(SNAPSHOT_CHUNK_BYTES)
             .map(|chunk| Ok(pb::SnapshotChunk { data: chunk.to_vec() }))
