@@ -13,6 +13,7 @@ mod admin;
 pub mod audit;
 pub mod config;
 mod gateway;
+mod handover;
 mod heartbeat;
 mod identity;
 mod join;

@@ -148,11 +148,22 @@ impl Node {
         self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A backup file of the applied state as it is now. Encoded under the read lock (apply waits
-    /// for it: O(state), as a snapshot build is).
+    /// A copy of the applied state as it is now. Its maps are persistent, so the copy takes a
+    /// moment under the read lock, and apply goes on while the caller walks or encodes it.
+    pub fn state_copy(&self) -> Applied {
+        self.state().clone()
+    }
+
+    /// A backup file of the applied state as it is now; O(state) work, for a blocking thread.
     pub fn backup(&self) -> Result<Vec<u8>, colony_store::backup::BackupError> {
-        let state = self.state();
+        let state = self.state_copy();
         colony_store::backup::encode(&state, &self.cluster_id, self.id, colony_process::unix_ms())
+    }
+
+    /// Refuses every later proposal: a stopping leader's log stops growing, so a follower can
+    /// hold all of it and take over.
+    pub fn stop_proposing(&self) {
+        self.proposer.stop();
     }
 
     pub fn wake_scheduler(&self) {

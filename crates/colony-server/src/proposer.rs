@@ -7,6 +7,7 @@ use colony_core::{Command, CommandError, Outcome, Proposal};
 use colony_store::TypeConfig;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::Raft;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -51,6 +52,8 @@ struct Pending {
 #[derive(Clone)]
 pub struct Proposer {
     tx: mpsc::Sender<Pending>,
+    /// Set when a stopping leader hands over: nothing more is appended to its log.
+    stopped: Arc<AtomicBool>,
 }
 
 impl Proposer {
@@ -61,11 +64,19 @@ impl Proposer {
     ) -> Proposer {
         let (tx, rx) = mpsc::channel(config.queue_commands_max);
         tokio::spawn(batch_loop(raft, rx, config, metrics));
-        Proposer { tx }
+        Proposer { tx, stopped: Arc::default() }
+    }
+
+    /// Refuses every later proposal as `NotLeader` (callers retry on the next leader).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
     }
 
     /// Proposes one command and waits until it is committed and applied (or fails).
     pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(ProposeError::NotLeader);
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Pending { command, reply })

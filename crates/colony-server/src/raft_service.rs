@@ -13,7 +13,7 @@ use colony_proto::pb::RaftMessage;
 use colony_quic::CertRole;
 use colony_store::TypeConfig;
 use openraft::raft::InstallSnapshotRequest;
-use openraft::Raft;
+use openraft::{Raft, ServerState, Vote};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use tonic::{Request, Response, Status};
@@ -145,6 +145,30 @@ impl RaftRpc for RaftService {
         self.chunks.check(&chunk)?;
         let result = self.raft.install_snapshot(chunk).await;
         self.reply(&result)
+    }
+
+    async fn timeout_now(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        from_server(&request)?;
+        let message = request.into_inner();
+        self.open(&message)?;
+        let leader_vote: Vote<u64> = decode(&message)?;
+        // Only the leader this server follows may ask, and only while it still leads.
+        let follows = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.vote == leader_vote
+                && leader_vote.is_committed()
+                && m.state == ServerState::Follower
+                && m.membership_config.membership().voter_ids().any(|id| id == m.id)
+        };
+        if follows {
+            tracing::info!("the stopping leader asked this server to stand for election");
+            self.raft.trigger().elect().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        }
+        self.reply(&follows)
     }
 }
 

@@ -110,6 +110,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     };
 
     let outcome = follow(&node, health, &mut grpc, gateway, joining).await;
+    if outcome.is_ok() {
+        crate::handover::hand_over(&node).await;
+    }
 
     node.sessions().close_all("server shutting down");
     let _ = stop_serving.send(true);
