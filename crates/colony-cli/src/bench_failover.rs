@@ -34,8 +34,7 @@ const WRITERS: usize = 6;
 pub enum StopSignal {
     /// `kill -9`: no chance to say goodbye.
     Kill,
-    /// SIGTERM: the leader stops cleanly (it does not hand leadership over: openraft 0.9 has no
-    /// transfer, and its leader lease refuses a vote it is asked to cast early).
+    /// SIGTERM: the leader stops cleanly, handing leadership to a caught-up voter first.
     Term,
 }
 

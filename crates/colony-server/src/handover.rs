@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 
 /// How long the chosen voter may take to hold the whole log.
 const CATCH_UP_MAX: Duration = Duration::from_millis(500);
-/// How long the candidate may take to win.
-const ELECTED_MAX: Duration = Duration::from_secs(1);
+/// How long a candidate may take to win.
+const ELECTED_MAX: Duration = Duration::from_millis(300);
+/// Candidates asked before giving up.
+const ATTEMPTS: usize = 3;
 
 pub async fn hand_over(node: &Node) {
     let started = Instant::now();
@@ -29,36 +31,48 @@ pub async fn hand_over(node: &Node) {
         }
         m.vote
     };
-    node.stop_proposing();
-    let Some((target, addr)) = caught_up_voter(node).await else {
-        tracing::warn!("stopping without handing over: no voter caught up within {CATCH_UP_MAX:?}");
-        return;
-    };
+    if tokio::time::timeout(CATCH_UP_MAX, node.stop_proposing()).await.is_err() {
+        return tracing::warn!("stopping without handing over: proposals still in flight");
+    }
     let message = match crate::wire::encode(&vote) {
         Ok(payload) => RaftMessage { cluster_id: node.cluster_id().to_owned(), payload },
         Err(e) => return tracing::warn!("stopping without handing over: {e}"),
     };
-    let asked = match node.peers().raft(&addr) {
-        Ok(mut client) => tokio::time::timeout(CATCH_UP_MAX, client.timeout_now(message)).await,
-        Err(e) => return tracing::warn!("stopping without handing over: {e}"),
-    };
-    let stood = asked
-        .ok()
-        .and_then(|reply| reply.ok())
-        .and_then(|reply| crate::wire::decode::<bool>(&reply.into_inner().payload).ok());
-    if stood != Some(true) {
-        return tracing::warn!("stopping without handing over: node {target} did not stand");
+    // A candidate refused (a write the check did not see, a lost message) is asked again.
+    for _ in 0..ATTEMPTS {
+        let Some((target, addr)) = caught_up_voter(node).await else {
+            return tracing::warn!(
+                "stopping without handing over: no voter caught up within {CATCH_UP_MAX:?}"
+            );
+        };
+        let asked = match node.peers().raft(&addr) {
+            Ok(mut client) => {
+                tokio::time::timeout(CATCH_UP_MAX, client.timeout_now(message.clone())).await
+            }
+            Err(e) => return tracing::warn!("stopping without handing over: {e}"),
+        };
+        let stood = asked
+            .ok()
+            .and_then(|reply| reply.ok())
+            .and_then(|reply| crate::wire::decode::<bool>(&reply.into_inner().payload).ok());
+        if stood != Some(true) {
+            tracing::warn!("node {target} did not stand for election");
+            continue;
+        }
+        let me = node.id();
+        let wait = node.raft().wait(Some(ELECTED_MAX));
+        match wait.metrics(|m| m.current_leader.is_some_and(|l| l != me), "a new leader").await {
+            Ok(m) => {
+                return tracing::info!(
+                    "handed leadership over to node {:?} in {} ms",
+                    m.current_leader,
+                    started.elapsed().as_millis()
+                )
+            }
+            Err(e) => tracing::warn!("node {target} stood but did not win: {e}"),
+        }
     }
-    let me = node.id();
-    let wait = node.raft().wait(Some(ELECTED_MAX));
-    match wait.metrics(|m| m.current_leader.is_some_and(|l| l != me), "a new leader").await {
-        Ok(m) => tracing::info!(
-            "handed leadership over to node {:?} in {} ms",
-            m.current_leader,
-            started.elapsed().as_millis()
-        ),
-        Err(e) => tracing::warn!("node {target} stood but did not win: {e}"),
-    }
+    tracing::warn!("stopping without handing over after {ATTEMPTS} candidates");
 }
 
 /// The voter (not this server) that holds this leader's whole log, once one does.

@@ -160,10 +160,10 @@ impl Node {
         colony_store::backup::encode(&state, &self.cluster_id, self.id, colony_process::unix_ms())
     }
 
-    /// Refuses every later proposal: a stopping leader's log stops growing, so a follower can
-    /// hold all of it and take over.
-    pub fn stop_proposing(&self) {
-        self.proposer.stop();
+    /// Refuses every later proposal and waits for those in Raft: a stopping leader's log stops
+    /// growing, so a follower can hold all of it and take over.
+    pub async fn stop_proposing(&self) {
+        self.proposer.stop().await;
     }
 
     pub fn wake_scheduler(&self) {

@@ -54,6 +54,9 @@ pub struct Proposer {
     tx: mpsc::Sender<Pending>,
     /// Set when a stopping leader hands over: nothing more is appended to its log.
     stopped: Arc<AtomicBool>,
+    /// One permit per batch that may be in Raft at once.
+    slots: Arc<Semaphore>,
+    in_flight_max: u32,
 }
 
 impl Proposer {
@@ -63,13 +66,20 @@ impl Proposer {
         metrics: Arc<Metrics>,
     ) -> Proposer {
         let (tx, rx) = mpsc::channel(config.queue_commands_max);
-        tokio::spawn(batch_loop(raft, rx, config, metrics));
-        Proposer { tx, stopped: Arc::default() }
+        let stopped = Arc::new(AtomicBool::new(false));
+        let slots = Arc::new(Semaphore::new(config.in_flight_max));
+        let in_flight_max = u32::try_from(config.in_flight_max).unwrap_or(u32::MAX);
+        let batches = Batches { slots: slots.clone(), stopped: stopped.clone() };
+        tokio::spawn(batch_loop(raft, rx, config, metrics, batches));
+        Proposer { tx, stopped, slots, in_flight_max }
     }
 
-    /// Refuses every later proposal as `NotLeader` (callers retry on the next leader).
-    pub fn stop(&self) {
+    /// Refuses every later proposal, queued ones included, as `NotLeader` (callers retry on the
+    /// next leader), and returns once the batches already in Raft are done: after it, this
+    /// server appends nothing more to its log.
+    pub async fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
+        let _all = self.slots.acquire_many(self.in_flight_max).await;
     }
 
     /// Proposes one command and waits until it is committed and applied (or fails).
@@ -101,13 +111,19 @@ fn encoded_size(command: &Command) -> usize {
     }
 }
 
+/// What the batch loop shares with `Proposer::stop`.
+struct Batches {
+    slots: Arc<Semaphore>,
+    stopped: Arc<AtomicBool>,
+}
+
 async fn batch_loop(
     raft: Raft<TypeConfig>,
     mut rx: mpsc::Receiver<Pending>,
     config: ProposerConfig,
     metrics: Arc<Metrics>,
+    Batches { slots, stopped }: Batches,
 ) {
-    let slots = Arc::new(Semaphore::new(config.in_flight_max));
     // A command that did not fit the last entry starts the next one.
     let mut carried: Option<(Pending, usize)> = None;
     loop {
@@ -138,6 +154,12 @@ async fn batch_loop(
                 }
                 Err(_) => break,
             }
+        }
+        if stopped.load(Ordering::SeqCst) {
+            for pending in batch {
+                let _ = pending.reply.send(Err(ProposeError::NotLeader));
+            }
+            continue;
         }
         let (raft, metrics) = (raft.clone(), metrics.clone());
         tokio::spawn(async move {
