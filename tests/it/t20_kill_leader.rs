@@ -1,4 +1,5 @@
-//! kill -9 the leader in the middle of 1,000 submissions: nothing acknowledged is lost.
+//! kill -9 the leader in the middle of 1,000 submissions: nothing acknowledged is lost. And the
+//! same with SIGTERM, where the leader hands leadership over before it goes.
 
 use colony_proto::pb;
 use colony_tests::{client, task_spec, wait_for, wait_for_exact_tasks, Cluster};
@@ -34,8 +35,23 @@ async fn submit_until_acked(addrs: &[String], key: String) -> anyhow::Result<u64
     }
 }
 
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    Kill,
+    Term,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_leader_mid_stream_loses_nothing() -> anyhow::Result<()> {
+    stop_leader_mid_stream(Stop::Kill).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_leader_hands_over_and_loses_nothing() -> anyhow::Result<()> {
+    stop_leader_mid_stream(Stop::Term).await
+}
+
+async fn stop_leader_mid_stream(stop: Stop) -> anyhow::Result<()> {
     let mut cluster = Cluster::start(3, 20_000).await?;
     let addrs = cluster.addrs();
     let acked: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
@@ -76,16 +92,31 @@ async fn kill_leader_mid_stream_loses_nothing() -> anyhow::Result<()> {
     })
     .await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(5)).await?;
-    cluster.servers[leader].kill9();
-    *killed_at.lock().unwrap() = Some(Instant::now());
+    match stop {
+        Stop::Kill => {
+            cluster.servers[leader].kill9();
+            *killed_at.lock().unwrap() = Some(Instant::now());
+        }
+        Stop::Term => {
+            let status = tokio::task::block_in_place(|| cluster.servers[leader].terminate())?;
+            // Writes invoked once the old process is gone can only be acknowledged by another.
+            *killed_at.lock().unwrap() = Some(Instant::now());
+            assert!(status.success(), "the leader must stop cleanly on SIGTERM, got {status}");
+            let log = cluster.servers[leader].log();
+            assert!(
+                log.contains("handed leadership over to node"),
+                "the stopping leader did not hand over:\n{log}"
+            );
+        }
+    }
 
     for worker in workers {
         worker.await??;
     }
     let kill = killed_at.lock().unwrap().expect("killed");
     let recovery = first_ack_after_kill.lock().unwrap().map(|t| t - kill);
-    println!("leader kill -> first acknowledged write invoked after it: {recovery:?}");
-    assert!(recovery.is_some(), "no write was acknowledged after the leader was killed");
+    println!("leader {stop:?} -> first acknowledged write invoked after it: {recovery:?}");
+    assert!(recovery.is_some(), "no write was acknowledged after the leader was stopped");
 
     cluster.servers[leader].restart()?;
     let acked: BTreeSet<u64> = acked.lock().unwrap().clone();

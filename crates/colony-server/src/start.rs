@@ -164,6 +164,9 @@ async fn open_node(
     let raft = Raft::new(id, Arc::new(raft_config), network.clone(), log.clone(), sm)
         .await
         .context("cannot start raft")?;
+    // openraft loads the stored vote and log on a task of its own; until that task first reports,
+    // the metrics are the initial ones (term 0, no log), which nothing may serve or act on.
+    raft.metrics().changed().await.context("raft stopped while loading its state")?;
     tokio::spawn(crate::heartbeat::run(
         raft.clone(),
         network,
