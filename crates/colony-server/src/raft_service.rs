@@ -92,15 +92,18 @@ impl RaftService {
         RaftService { raft, cluster_id, chunks: SnapshotChunks::default() }
     }
 
+    /// The message, if it comes from a server of this cluster.
     #[allow(clippy::result_large_err)]
-    fn open(&self, message: &RaftMessage) -> Result<(), Status> {
+    fn accept(&self, request: Request<RaftMessage>) -> Result<RaftMessage, Status> {
+        from_server(&request)?;
+        let message = request.into_inner();
         if message.cluster_id != self.cluster_id {
             return Err(Status::failed_precondition(format!(
                 "raft message from cluster {:?} refused: this server belongs to cluster {}",
                 message.cluster_id, self.cluster_id
             )));
         }
-        Ok(())
+        Ok(message)
     }
 
     fn reply<T: serde::Serialize>(&self, value: &T) -> Result<Response<RaftMessage>, Status> {
@@ -119,17 +122,13 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        from_server(&request)?;
-        let message = request.into_inner();
-        self.open(&message)?;
+        let message = self.accept(request)?;
         let result = self.raft.append_entries(decode(&message)?).await;
         self.reply(&result)
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        from_server(&request)?;
-        let message = request.into_inner();
-        self.open(&message)?;
+        let message = self.accept(request)?;
         let result = self.raft.vote(decode(&message)?).await;
         self.reply(&result)
     }
@@ -138,9 +137,7 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        from_server(&request)?;
-        let message = request.into_inner();
-        self.open(&message)?;
+        let message = self.accept(request)?;
         let chunk: InstallSnapshotRequest<TypeConfig> = decode(&message)?;
         self.chunks.check(&chunk)?;
         let result = self.raft.install_snapshot(chunk).await;
@@ -151,9 +148,7 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        from_server(&request)?;
-        let message = request.into_inner();
-        self.open(&message)?;
+        let message = self.accept(request)?;
         let leader_vote: Vote<u64> = decode(&message)?;
         // Only the leader this server follows may ask, and only while it still leads.
         let follows = {
