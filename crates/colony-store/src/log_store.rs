@@ -6,6 +6,12 @@
 //! fsynced there: a dedicated flusher thread collects every append waiting for durability, fsyncs
 //! the write-ahead log once for all of them and only then reports each one flushed to openraft.
 //! The vote, truncations and purges are written with a synchronous (fsynced) write.
+//!
+//! A purge only writes a range tombstone; the disk it frees comes back when RocksDB compacts the
+//! files under it, which on its own happens when enough files pile up (tens of MiB of a log that
+//! is already gone). So after each purge a compactor thread compacts the purged range and flushes
+//! the rarely written `meta` family, whose memtable otherwise pins every write-ahead log file since
+//! its last flush: the log's footprint stays near what has not been purged yet.
 
 use crate::{codec, StoreError, TypeConfig};
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
@@ -37,8 +43,9 @@ const WRITE_BUFFER_BYTES: usize = 16 << 20;
 const WRITE_BUFFERS_MAX: i32 = 2;
 const BLOCK_CACHE_BYTES: usize = 8 << 20;
 /// Past this much write-ahead log, RocksDB flushes the memtables that pin the oldest log file, so
-/// the rarely-written `meta` column family cannot keep old log files alive forever.
-const WAL_TOTAL_BYTES_MAX: u64 = 64 << 20;
+/// the rarely-written `meta` column family cannot keep old log files alive forever (the compactor
+/// also flushes it after each purge).
+const WAL_TOTAL_BYTES_MAX: u64 = 32 << 20;
 const INFO_LOG_FILES_MAX: usize = 4;
 /// Appends waiting for the flusher; a full queue makes `append` wait, which is the backpressure.
 const FLUSH_QUEUE_CALLBACKS_MAX: usize = 4096;
@@ -62,6 +69,12 @@ struct Inner {
     /// `None` only while dropping: closing the channel is what stops the flusher.
     flush_requests: Option<SyncSender<LogFlushed<TypeConfig>>>,
     flusher: Option<JoinHandle<()>>,
+    /// The highest index purged so far, for the compactor.
+    purged_through: Arc<AtomicU64>,
+    /// Wakes the compactor; holds at most one wake-up (it reads `purged_through` when it runs, so
+    /// purges that come while it works are compacted together). `None` only while dropping.
+    compact_requests: Option<SyncSender<()>>,
+    compactor: Option<JoinHandle<()>>,
 }
 
 impl Drop for Inner {
@@ -72,6 +85,12 @@ impl Drop for Inner {
         if let Some(flusher) = self.flusher.take() {
             if flusher.join().is_err() {
                 tracing::error!(path = %self.path, "raft log flusher thread panicked");
+            }
+        }
+        self.compact_requests.take();
+        if let Some(compactor) = self.compactor.take() {
+            if compactor.join().is_err() {
+                tracing::error!(path = %self.path, "raft log compactor thread panicked");
             }
         }
     }
@@ -100,6 +119,16 @@ impl LogStore {
                 .spawn(move || run_flusher(&db, &path, &wal_syncs, &pending))
                 .map_err(|source| StoreError::Io { path: display.clone(), source })?
         };
+        let purged_through = Arc::new(AtomicU64::new(0));
+        let (compact_requests, wakeups) = std::sync::mpsc::sync_channel(1);
+        let compactor = {
+            let (db, path, purged) =
+                (Arc::clone(&db), display.clone(), Arc::clone(&purged_through));
+            std::thread::Builder::new()
+                .name("colony-log-compact".to_string())
+                .spawn(move || run_compactor(&db, &path, &purged, &wakeups))
+                .map_err(|source| StoreError::Io { path: display.clone(), source })?
+        };
         Ok(LogStore {
             inner: Arc::new(Inner {
                 db,
@@ -108,6 +137,9 @@ impl LogStore {
                 wal_syncs,
                 flush_requests: Some(flush_requests),
                 flusher: Some(flusher),
+                purged_through,
+                compact_requests: Some(compact_requests),
+                compactor: Some(compactor),
             }),
         })
     }
@@ -316,7 +348,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 ErrorVerb::Delete,
                 &e,
             ))
-        })
+        })?;
+        self.inner.purged_through.fetch_max(log_id.index, Ordering::AcqRel);
+        if let Some(requests) = &self.inner.compact_requests {
+            // Full: a wake-up is already pending, and it will see this purge too.
+            let _ = requests.try_send(());
+        }
+        Ok(())
     }
 }
 
@@ -343,6 +381,29 @@ fn run_flusher(
             };
             callback.log_io_completed(result);
         }
+    }
+}
+
+/// The compactor thread: after each purge, gives the purged range's disk back (see the module
+/// documentation). Returns when every `LogStore` is gone. Failures are logged, never fatal: the
+/// log stays correct, only larger until RocksDB compacts on its own.
+fn run_compactor(db: &DB, path: &str, purged_through: &AtomicU64, wakeups: &Receiver<()>) {
+    while wakeups.recv().is_ok() {
+        let through = purged_through.load(Ordering::Acquire);
+        let (log, meta) = match (column(db, path, CF_LOG), column(db, path, CF_META)) {
+            (Ok(log), Ok(meta)) => (log, meta),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(path, error = %e, "raft log compactor cannot find its column families");
+                return;
+            }
+        };
+        if let Err(e) = db.flush_cf(meta) {
+            tracing::warn!(path, error = %e, "flushing the raft log's meta column family failed");
+        }
+        // Compaction applies the purge's range tombstone: the files under it are rewritten without
+        // the purged entries. (Dropping whole files instead, `DeleteFilesInRange`, can drop the
+        // tombstone's own file and bring older copies of purged entries back.)
+        db.compact_range_cf(log, None::<&[u8]>, Some(through.to_be_bytes()));
     }
 }
 

@@ -263,3 +263,63 @@ async fn concurrent_appends_all_complete_and_share_fsyncs() {
     let stored = log.clone().try_get_log_entries(..).await.unwrap();
     assert_eq!(stored, entries(1..=APPENDS * ENTRIES_PER_APPEND));
 }
+
+/// Bytes of the files directly in `dir` (RocksDB keeps no subdirectories).
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.metadata().ok())
+        .filter(|meta| meta.is_file())
+        .map(|meta| meta.len())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_gives_the_disk_back() {
+    const ENTRIES: u64 = 12_000;
+    const REASON_BYTES: usize = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _sm) = colony_store::open(dir.path(), &CHECKED).unwrap();
+    let big = |index: u64| Entry {
+        log_id: log_id(index),
+        payload: EntryPayload::Normal(Proposal {
+            now_unix_ms: index,
+            commands: vec![Command::CancelTask {
+                id: TaskId(index),
+                reason: "x".repeat(REASON_BYTES),
+            }],
+        }),
+    };
+    for first in (1..=ENTRIES).step_by(500) {
+        log.blocking_append((first..first + 500).map(big)).await.unwrap();
+    }
+    let raft_dir = dir.path().join("raft");
+    let written = dir_bytes(&raft_dir);
+    assert!(written > 40 << 20, "the log should hold about 48 MiB, holds {written} bytes");
+
+    log.purge(log_id(ENTRIES - 10)).await.unwrap();
+    // Bounded wait for the compactor: without it the purged entries stay on disk until RocksDB
+    // compacts on its own, which this idle log never does.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let now = dir_bytes(&raft_dir);
+        if now < written / 4 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "30 s after purging all but 10 entries the log still holds {now} of {written} bytes"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(
+        (state.last_purged_log_id, state.last_log_id),
+        (Some(log_id(ENTRIES - 10)), Some(log_id(ENTRIES)))
+    );
+    let kept = log.try_get_log_entries(..).await.unwrap();
+    assert_eq!(
+        kept.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+        (ENTRIES - 9..=ENTRIES).collect::<Vec<_>>()
+    );
+}
