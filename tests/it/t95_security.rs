@@ -242,6 +242,26 @@ async fn every_attack_class_is_refused_and_changes_nothing() -> anyhow::Result<(
         assert_eq!(refused.code(), Code::InvalidArgument, "{refused}");
     }
 
+    // 4b. TimeoutNow (the stopping leader's "stand for election now"): garbage is refused, and a
+    // well-formed vote that is not the current leader's is answered `false` and starts no election.
+    let before = admin.cluster_status(pb::ClusterStatusRequest {}).await?.into_inner();
+    for payload in [vec![], vec![1u8], vec![1, 253, 255, 255], vec![9, 1, 1, 1]] {
+        let request = RaftMessage { cluster_id: cluster_id.clone(), payload };
+        let refused = raft_server.timeout_now(request).await.expect_err("garbage TimeoutNow");
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused}");
+    }
+    // [wire version 1][bincode varints: term 99, node 7][committed: true]: a vote of a leader
+    // that does not exist.
+    let stranger_vote = RaftMessage { cluster_id: cluster_id.clone(), payload: vec![1, 99, 7, 1] };
+    let answer = raft_server.timeout_now(stranger_vote).await?.into_inner();
+    assert_eq!(answer.payload, vec![1, 0], "a stranger's TimeoutNow must be answered false");
+    let after = admin.cluster_status(pb::ClusterStatusRequest {}).await?.into_inner();
+    assert_eq!(
+        (after.term, after.leader_id),
+        (before.term, before.leader_id),
+        "a stranger's TimeoutNow must not start an election"
+    );
+
     // 5. Thousands of concurrent calls on one connection: served or refused, never a crash.
     let (_, many) = create_token(&mut admin, "reader", &[], 0).await?;
     let one = client_with(&addrs[0], &Auth::token(&many)?)?;
