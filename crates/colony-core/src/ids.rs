@@ -38,3 +38,7 @@ id_type!(
     /// A version of the learner's model in the registry.
     ModelVersion
 );
+id_type!(
+    /// A workflow, numbered by the state machine in submission order starting at 1.
+    WorkflowId
+);

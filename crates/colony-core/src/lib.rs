@@ -14,10 +14,11 @@ pub mod resources;
 pub mod scheduler;
 pub mod state_machine;
 pub mod task;
+pub mod workflow;
 
 pub use acl::{AclToken, Grant, JoinKind, Permission, Role, DEFAULT_NAMESPACE};
 pub use executor::{ClusterCaRecord, Executor, ExecutorSpec, ExecutorState, JoinTokenRecord};
-pub use ids::{ExecutorId, FencingToken, ModelVersion, NodeId, TaskId};
+pub use ids::{ExecutorId, FencingToken, ModelVersion, NodeId, TaskId, WorkflowId};
 pub use limits::Limits;
 pub use model::{ModelMetrics, ModelRecord};
 pub use resources::{
@@ -25,7 +26,12 @@ pub use resources::{
 };
 pub use state_machine::{
     Assignment, AttemptOutcome, AttemptResult, AttemptStatus, Collected, Command, CommandError,
-    ConstraintMismatch, InvariantViolation, Outcome, Placement, PlacementRejection, Proposal,
-    Restored, Retention, StateMachine, StateMachineV2, TaskFilter, RESTORE_TOKEN_EPOCH,
+    ConstraintMismatch, InvariantViolation, Outcome, Outputs, Placement, PlacementRejection,
+    Proposal, Restored, Retention, StateMachine, StateMachineV2, StateMachineV3, TaskFilter,
+    RESTORE_TOKEN_EPOCH,
 };
 pub use task::{PlacementPolicy, RunSpec, SpecError, Task, TaskSpec, TaskState};
+pub use workflow::{
+    InputSource, Item, OutputRef, StepRun, StepSpec, StepState, StepTask, Workflow, WorkflowError,
+    WorkflowLimits, WorkflowSpec, WorkflowState,
+};

@@ -16,7 +16,10 @@ use serde::Serialize;
 /// - 3: retention. Only the state machine's body changed (see `colony_core::StateMachineV2`); a
 ///   version 2 frame of anything else (a log entry, a vote, a log id) has the same body and is
 ///   read as it is. The state machine store reads version 2 snapshots through the old layout.
-pub const FORMAT_VERSION: u8 = 3;
+/// - 4: workflows. The state machine's body changed (see `colony_core::StateMachineV3`); commands
+///   and attempt statuses only gained variants at their ends, so a version 2 or 3 log entry still
+///   reads as it is.
+pub const FORMAT_VERSION: u8 = 4;
 /// The oldest format version this build reads.
 pub const OLDEST_READABLE: u8 = 2;
 /// The most a decoded value may claim (lengths are checked against it before anything is
@@ -102,22 +105,24 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     /// Frozen bytes: if this test fails, the on-disk format changed and `FORMAT_VERSION` must be
-    /// bumped. A vote's body is the same in versions 2 and 3, so a version 2 frame still reads.
+    /// bumped. A vote's body is the same in versions 2 to 4, so older frames still read.
     #[test]
     fn vote_frame_bytes_are_frozen() {
         let vote = Vote::<u64>::new_committed(3, 1);
         let frame = encode(&vote).unwrap();
-        assert_eq!(frame, vec![0x03, 0x9c, 0x66, 0x1b, 0x93, 0x03, 0x01, 0x01]);
+        assert_eq!(frame, vec![0x04, 0x9c, 0x66, 0x1b, 0x93, 0x03, 0x01, 0x01]);
         assert_eq!(decode::<Vote<u64>>(&frame).unwrap(), vote);
-        let written_by_version_2 = [0x02, 0x9c, 0x66, 0x1b, 0x93, 0x03, 0x01, 0x01];
-        assert_eq!(decode::<Vote<u64>>(&written_by_version_2).unwrap(), vote);
+        for version in [2, 3] {
+            let written_before = [version, 0x9c, 0x66, 0x1b, 0x93, 0x03, 0x01, 0x01];
+            assert_eq!(decode::<Vote<u64>>(&written_before).unwrap(), vote);
+        }
     }
 
     #[test]
     fn log_id_frame_bytes_are_frozen() {
         let log_id = LogId::new(CommittedLeaderId::new(2, 7), 300);
         let frame = encode(&log_id).unwrap();
-        assert_eq!(frame, vec![0x03, 0xcd, 0x5b, 0x92, 0xd6, 0x02, 0x07, 0xfb, 0x2c, 0x01]);
+        assert_eq!(frame, vec![0x04, 0xcd, 0x5b, 0x92, 0xd6, 0x02, 0x07, 0xfb, 0x2c, 0x01]);
         assert_eq!(decode::<LogId<u64>>(&frame).unwrap(), log_id);
     }
 
@@ -134,7 +139,7 @@ mod tests {
         frame[0] = 1;
         assert!(matches!(decode::<u64>(&frame), Err(CodecError::UnknownVersion { found: 1 })));
         frame[0] = FORMAT_VERSION + 1;
-        assert!(matches!(decode::<u64>(&frame), Err(CodecError::UnknownVersion { found: 4 })));
+        assert!(matches!(decode::<u64>(&frame), Err(CodecError::UnknownVersion { found: 5 })));
     }
 
     #[test]

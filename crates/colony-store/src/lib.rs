@@ -53,12 +53,28 @@ struct AppliedV2 {
     machine: colony_core::StateMachineV2,
 }
 
+/// `Applied` as format 3 stored it (before workflows).
+#[derive(Deserialize)]
+struct AppliedV3 {
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, BasicNode>,
+    machine: colony_core::StateMachineV3,
+}
+
 impl Applied {
     /// Decodes a snapshot's state-machine frame of any readable format version.
     pub fn decode(frame: &[u8]) -> Result<Applied, codec::CodecError> {
         match codec::decode_versioned(frame)? {
             (2, body) => {
                 let old: AppliedV2 = codec::decode_body(body)?;
+                Ok(Applied {
+                    last_applied: old.last_applied,
+                    membership: old.membership,
+                    machine: old.machine.into(),
+                })
+            }
+            (3, body) => {
+                let old: AppliedV3 = codec::decode_body(body)?;
                 Ok(Applied {
                     last_applied: old.last_applied,
                     membership: old.membership,

@@ -9,8 +9,9 @@
 
 use colony_core::{
     AclToken, AttemptOutcome, AttemptResult, AttemptStatus, ClusterCaRecord, Command, ExecutorId,
-    ExecutorSpec, FencingToken, Grant, JoinKind, ModelMetrics, ModelVersion, Outcome, Placement,
-    PlacementPolicy, Proposal, Resources, Retention, Role, RunSpec, StateMachine, TaskId, TaskSpec,
+    ExecutorSpec, FencingToken, Grant, InputSource, JoinKind, ModelMetrics, ModelVersion, Outcome,
+    OutputRef, Placement, PlacementPolicy, Proposal, Resources, Retention, Role, RunSpec,
+    StateMachine, StepSpec, TaskId, TaskSpec, WorkflowId, WorkflowSpec,
 };
 use colony_store::snapshot_file::SnapshotFile;
 use colony_store::{codec, Applied, StoreOptions, TypeConfig};
@@ -139,10 +140,44 @@ fn variant(command: &Command) -> usize {
         Command::RevokeAclToken { .. } => 16,
         Command::UndrainExecutor { .. } => 17,
         Command::Collect(_) => 18,
+        Command::SubmitWorkflow(_) => 19,
+        Command::CancelWorkflow { .. } => 20,
+        Command::RetryWorkflow { .. } => 21,
     }
 }
 
-const VARIANTS: usize = 19;
+const VARIANTS: usize = 22;
+
+/// A two-step workflow: `plan` writes `topics`, `write` runs once per topic with a parameter.
+fn workflow_spec() -> WorkflowSpec {
+    let step = |name: &str| StepSpec {
+        name: name.to_owned(),
+        task: spec(""),
+        after: BTreeSet::new(),
+        inputs: BTreeMap::new(),
+        outputs: BTreeSet::new(),
+        for_each: None,
+        allow_failure: false,
+    };
+    WorkflowSpec {
+        name: "research".to_owned(),
+        namespace: "default".to_owned(),
+        params: BTreeMap::from([("topic".to_owned(), "raft".to_owned())]),
+        steps: vec![
+            StepSpec { outputs: BTreeSet::from(["topics".to_owned()]), ..step("plan") },
+            StepSpec {
+                after: BTreeSet::from(["plan".to_owned()]),
+                inputs: BTreeMap::from([(
+                    "topic".to_owned(),
+                    InputSource::Param("topic".to_owned()),
+                )]),
+                for_each: Some(OutputRef { step: "plan".to_owned(), output: "topics".to_owned() }),
+                allow_failure: true,
+                ..step("write")
+            },
+        ],
+    }
+}
 
 fn acl_token(accessor: &str, role: Role, namespaces: Option<&[&str]>) -> AclToken {
     AclToken {
@@ -229,6 +264,25 @@ fn every_command() -> Vec<Command> {
             executor_gc_after_ms: 86_400_000,
             scan_max: 20_000,
         }),
+        Command::SubmitWorkflow(workflow_spec()),
+        Command::CancelWorkflow { id: WorkflowId(1), reason: "changed my mind".to_owned() },
+        Command::RetryWorkflow { id: WorkflowId(1) },
+        Command::Report {
+            executor: ExecutorId(1),
+            task: TaskId(1),
+            token: FencingToken(6),
+            status: AttemptStatus::FinishedWithOutputs(
+                AttemptResult {
+                    outcome: AttemptOutcome::Succeeded,
+                    exit_code: Some(0),
+                    stdout_tail: String::new(),
+                    stderr_tail: String::new(),
+                    message: String::new(),
+                    peak_memory_bytes: None,
+                },
+                BTreeMap::from([("topics".to_owned(), b"[\"a\",\"b\"]".to_vec())]),
+            ),
+        },
     ]
 }
 
@@ -256,10 +310,17 @@ fn proposal_with_every_command_is_frozen() {
         "the frozen proposal must carry one of every Command variant; {FORMAT_CHANGE}"
     );
     let frame = codec::encode(&proposal).unwrap();
-    assert_frozen("proposal_v3.hex", &frame);
-    assert_eq!(codec::decode::<Proposal>(&frozen("proposal_v3.hex")).unwrap(), proposal);
-    // Format 2 had every command but `Collect`, encoded as today.
-    let mut before_retention = proposal.clone();
+    assert_frozen("proposal_v4.hex", &frame);
+    assert_eq!(codec::decode::<Proposal>(&frozen("proposal_v4.hex")).unwrap(), proposal);
+    // Format 3 had every command but the workflows' and reports with outputs, encoded as today.
+    let mut before_workflows = proposal.clone();
+    before_workflows.commands.retain(|c| {
+        variant(c) < 19
+            && !matches!(c, Command::Report { status: AttemptStatus::FinishedWithOutputs(..), .. })
+    });
+    assert_eq!(codec::decode::<Proposal>(&frozen("proposal_v3.hex")).unwrap(), before_workflows);
+    // Format 2 had those but `Collect`.
+    let mut before_retention = before_workflows;
     before_retention.commands.retain(|c| !matches!(c, Command::Collect(_)));
     assert_eq!(codec::decode::<Proposal>(&frozen("proposal_v2.hex")).unwrap(), before_retention);
 }
@@ -288,15 +349,52 @@ async fn log_entry_is_frozen() {
     let raft_dir = dir.path().join("raft");
     let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), raft_dir, ["log", "meta"]).unwrap();
     let stored = db.get_cf(db.cf_handle("log").unwrap(), 42u64.to_be_bytes()).unwrap().unwrap();
-    assert_frozen("log_entry_v3.hex", &stored);
-    for name in ["log_entry_v3.hex", "log_entry_v2.hex"] {
+    assert_frozen("log_entry_v4.hex", &stored);
+    for name in ["log_entry_v4.hex", "log_entry_v3.hex", "log_entry_v2.hex"] {
         assert_eq!(codec::decode::<Entry<TypeConfig>>(&frozen(name)).unwrap(), entry, "{name}");
     }
 }
 
+/// `snapshot_commands_v3` and a workflow: its first step succeeded with its outputs, its second
+/// fanned out over them.
+fn snapshot_commands() -> Vec<Command> {
+    let mut commands = snapshot_commands_v3();
+    let plan = TaskId(6);
+    commands.extend([
+        Command::SubmitWorkflow(workflow_spec()),
+        Command::PlaceTasks {
+            placements: vec![Placement {
+                task: plan,
+                executor: ExecutorId(1),
+                evict: Vec::new(),
+                memory_bytes: None,
+            }],
+            unschedulable: Vec::new(),
+        },
+        Command::Report {
+            executor: ExecutorId(1),
+            task: plan,
+            token: FencingToken(3),
+            status: AttemptStatus::FinishedWithOutputs(
+                AttemptResult {
+                    outcome: AttemptOutcome::Succeeded,
+                    exit_code: Some(0),
+                    stdout_tail: String::new(),
+                    stderr_tail: String::new(),
+                    message: String::new(),
+                    peak_memory_bytes: None,
+                },
+                BTreeMap::from([("topics".to_owned(), b"[\"a\",{\"b\":1}]".to_vec())]),
+            ),
+        },
+    ]);
+    commands
+}
+
 /// A small state with something in every part: tasks blocked, pending, running, succeeded and
 /// cancelled; an up executor holding an allocation; a join token; the CA; ACL tokens; a model.
-fn snapshot_commands() -> Vec<Command> {
+/// What format 3's frozen snapshot holds.
+fn snapshot_commands_v3() -> Vec<Command> {
     let placed = Placement {
         task: TaskId(1),
         executor: ExecutorId(1),
@@ -389,21 +487,35 @@ async fn snapshot_file_is_frozen() {
     sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
 
     let written = std::fs::read(dir.path().join("snapshots/snapshot.bin")).unwrap();
-    assert_frozen("snapshot_v3.hex", &written);
+    assert_frozen("snapshot_v4.hex", &written);
+    let workflow =
+        sm.shared().read().unwrap().machine.get_workflow(WorkflowId(1)).cloned().unwrap();
+    assert_eq!(workflow.steps[1].tasks.len(), 2, "the fan-out made one task per topic");
 
-    let mut expected = StateMachine::new();
-    for result in expected.apply_proposal(&proposal) {
-        result.unwrap();
-    }
-    // Format 2's snapshot, written before retention, reads into the same state as today's.
-    for name in ["snapshot_v3.hex", "snapshot_v2.hex"] {
+    let expected = |commands: Vec<Command>| {
+        let mut machine = StateMachine::new();
+        let proposal = Proposal { now_unix_ms: 1_700_000_000_000, commands };
+        for result in machine.apply_proposal(&proposal) {
+            result.unwrap();
+        }
+        machine
+    };
+    // Formats 3 and 2, written before workflows (2 also before retention), read into the state
+    // their commands make today.
+    let today = expected(snapshot_commands());
+    let before_workflows = expected(snapshot_commands_v3());
+    for (name, expected) in [
+        ("snapshot_v4.hex", &today),
+        ("snapshot_v3.hex", &before_workflows),
+        ("snapshot_v2.hex", &before_workflows),
+    ] {
         let frozen_dir = tempfile::tempdir().unwrap();
         std::fs::write(frozen_dir.path().join("snapshot.bin"), frozen(name)).unwrap();
         let (_, stored) = SnapshotFile::open(frozen_dir.path()).unwrap();
         let stored = stored.unwrap();
         let applied = Applied::decode(&stored.data).unwrap();
         applied.machine.check_invariants().unwrap();
-        assert_eq!(applied.machine, expected, "{name}");
+        assert_eq!(&applied.machine, expected, "{name}");
         assert_eq!(applied.last_applied, Some(log_id(2)), "{name}");
         assert_eq!(stored.meta.last_log_id, Some(log_id(2)), "{name}");
         assert_eq!(stored.meta.snapshot_id, "3-2-1", "{name}");

@@ -6,11 +6,13 @@
 
 use crate::acl::{AclToken, JoinKind};
 use crate::executor::{ClusterCaRecord, ExecutorSpec, ExecutorState};
-use crate::ids::{ExecutorId, FencingToken, ModelVersion, TaskId};
+use crate::ids::{ExecutorId, FencingToken, ModelVersion, TaskId, WorkflowId};
 use crate::model::ModelMetrics;
 use crate::resources::Resources;
+use crate::state_machine::workflows::Outputs;
 use crate::state_machine::{Collected, PlacementRejection, Retention};
 use crate::task::{SpecError, Task, TaskSpec, TaskState};
+use crate::workflow::{Workflow, WorkflowSpec, WorkflowState};
 use serde::{Deserialize, Serialize};
 
 /// One change a client asked for.
@@ -99,6 +101,18 @@ pub enum Command {
     /// Forgets finished tasks, long-down executors and expired tokens, as the leader's retention
     /// policy says, at the proposal's time.
     Collect(Retention),
+    // Variants are appended: a log entry written before one existed still decodes.
+    /// Creates a workflow and starts its first steps, all at once or not at all.
+    SubmitWorkflow(WorkflowSpec),
+    /// Stops every running step of a workflow and cancels the rest.
+    CancelWorkflow {
+        id: WorkflowId,
+        reason: String,
+    },
+    /// Re-runs a failed or cancelled workflow's unsucceeded steps and what depends on them.
+    RetryWorkflow {
+        id: WorkflowId,
+    },
 }
 
 /// One task to one executor, evicting strictly lower-priority attempts there first.
@@ -124,6 +138,8 @@ pub struct Assignment {
 pub enum AttemptStatus {
     Started,
     Finished(AttemptResult),
+    /// A finished attempt that wrote outputs (kept only if it succeeded and they pass the limits).
+    FinishedWithOutputs(AttemptResult, Outputs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,6 +231,15 @@ pub enum Outcome {
         version: ModelVersion,
     },
     Collected(Collected),
+    WorkflowSubmitted {
+        workflow: Workflow,
+    },
+    WorkflowCancelled {
+        workflow: Workflow,
+    },
+    WorkflowRetried {
+        workflow: Workflow,
+    },
 }
 
 /// Why a command was rejected. A rejected command changed nothing.
@@ -264,6 +289,14 @@ pub enum CommandError {
     UnknownModel(ModelVersion),
     #[error("invalid model: {0}")]
     InvalidModel(String),
+    #[error("invalid workflow: {0}")]
+    InvalidWorkflow(String),
+    #[error("workflow {0} does not exist")]
+    UnknownWorkflow(WorkflowId),
+    #[error("workflow {id} has already ended as {state}")]
+    WorkflowFinished { id: WorkflowId, state: WorkflowState },
+    #[error("workflow {0} is still running: wait for it to end or cancel it first")]
+    WorkflowRunning(WorkflowId),
 }
 
 impl From<SpecError> for CommandError {

@@ -4,9 +4,10 @@
 
 use super::{deadline_key, holds_resources, pending_key, PendingKey, StateMachine};
 use crate::executor::ExecutorState;
-use crate::ids::{ExecutorId, FencingToken, ModelVersion, TaskId};
+use crate::ids::{ExecutorId, FencingToken, ModelVersion, TaskId, WorkflowId};
 use crate::resources::Resources;
 use crate::task::TaskState;
+use crate::workflow::{StepState, WorkflowState};
 use imbl::{OrdMap, OrdSet};
 
 /// A broken invariant: the state is corrupt, and whoever holds it must stop, not limp on.
@@ -76,6 +77,21 @@ pub enum InvariantViolation {
     ModelKey { key: ModelVersion, version: ModelVersion, next: u64 },
     #[error("the current model {version} is not in the registry")]
     CurrentModelMissing { version: ModelVersion },
+    #[error("task {task} has outputs or a workflow step but is not kept")]
+    OrphanTaskData { task: TaskId },
+    #[error("task {task} runs a step of missing workflow {workflow}")]
+    StepWorkflowMissing { task: TaskId, workflow: WorkflowId },
+    #[error("workflow {workflow} counts {recorded} kept tasks but {linked} are linked to it")]
+    WorkflowTaskCount { workflow: WorkflowId, recorded: u64, linked: u64 },
+    #[error("workflow {workflow} is {state} but step {step} is {step_state}")]
+    WorkflowStepState {
+        workflow: WorkflowId,
+        state: WorkflowState,
+        step: String,
+        step_state: StepState,
+    },
+    #[error("task {task} of a running workflow {workflow} has been forgotten")]
+    WorkflowTaskForgotten { workflow: WorkflowId, task: TaskId },
 }
 
 impl StateMachine {
@@ -86,7 +102,60 @@ impl StateMachine {
         self.check_indexes()?;
         self.check_executors()?;
         self.check_models()?;
+        self.check_workflows()?;
         self.check_acl()
+    }
+
+    fn check_workflows(&self) -> Result<(), InvariantViolation> {
+        for &task in self.outputs.keys().chain(self.task_steps.keys()) {
+            if !self.tasks.contains_key(&task) {
+                return Err(InvariantViolation::OrphanTaskData { task });
+            }
+        }
+        let mut linked: OrdMap<WorkflowId, u64> = OrdMap::new();
+        for (&task, link) in &self.task_steps {
+            if !self.workflows.contains_key(&link.workflow) {
+                return Err(InvariantViolation::StepWorkflowMissing {
+                    task,
+                    workflow: link.workflow,
+                });
+            }
+            *linked.entry(link.workflow).or_default() += 1;
+        }
+        for (&id, workflow) in &self.workflows {
+            let count = linked.get(&id).copied().unwrap_or(0);
+            if count != workflow.tasks_kept {
+                return Err(InvariantViolation::WorkflowTaskCount {
+                    workflow: id,
+                    recorded: workflow.tasks_kept,
+                    linked: count,
+                });
+            }
+            for (step, run) in workflow.spec.steps.iter().zip(&workflow.steps) {
+                // A finished workflow has no step still going; a running one keeps its tasks.
+                let bad = match workflow.state {
+                    WorkflowState::Running => false,
+                    _ => !run.state.is_finished(),
+                };
+                if bad {
+                    return Err(InvariantViolation::WorkflowStepState {
+                        workflow: id,
+                        state: workflow.state,
+                        step: step.name.clone(),
+                        step_state: run.state,
+                    });
+                }
+                if workflow.state == WorkflowState::Running {
+                    if let Some(&task) = run.tasks.iter().find(|t| !self.tasks.contains_key(*t)) {
+                        return Err(InvariantViolation::WorkflowTaskForgotten {
+                            workflow: id,
+                            task,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn check_acl(&self) -> Result<(), InvariantViolation> {

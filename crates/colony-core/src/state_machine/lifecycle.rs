@@ -112,6 +112,9 @@ impl StateMachine {
             task.finished_unix_ms = Some(now);
             task.reason = reason;
         }
+        // A workflow's step moves on with its task (this may start later steps, or stop the
+        // workflow and end its other tasks).
+        self.step_task_ended(id);
         let mut cascaded = Vec::new();
         if state == TaskState::Succeeded {
             let dependents: Vec<TaskId> =

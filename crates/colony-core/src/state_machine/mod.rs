@@ -6,7 +6,7 @@
 //!
 //! This file holds the state and the dispatch; each aggregate's commands live in their own file
 //! (`tasks`, `placement`, `executors`, `security` for the CA, join tokens, ACL tokens and admission,
-//! `models`) over the state moves they share (`lifecycle`), with the read accessors in `queries`
+//! `models`, `workflows`) over the state moves they share (`lifecycle`), with the read accessors in `queries`
 //! and the whole-state check in `invariants`.
 
 mod command;
@@ -21,6 +21,7 @@ mod retention;
 mod security;
 mod tasks;
 mod upgrade;
+mod workflows;
 
 pub use command::{
     Assignment, AttemptOutcome, AttemptResult, AttemptStatus, Command, CommandError, Outcome,
@@ -31,14 +32,16 @@ pub use placement::{constraint_mismatch, ConstraintMismatch, PlacementRejection}
 pub use queries::TaskFilter;
 pub use restore::{Restored, RESTORE_TOKEN_EPOCH};
 pub use retention::{Collected, Retention};
-pub use upgrade::StateMachineV2;
+pub use upgrade::{StateMachineV2, StateMachineV3};
+pub use workflows::Outputs;
 
 use crate::acl::AclToken;
 use crate::executor::{ClusterCaRecord, Executor, JoinTokenRecord};
-use crate::ids::{ExecutorId, ModelVersion, TaskId};
+use crate::ids::{ExecutorId, ModelVersion, TaskId, WorkflowId};
 use crate::limits::Limits;
 use crate::model::ModelRecord;
 use crate::task::{Task, TaskState};
+use crate::workflow::{StepTask, Workflow, WorkflowLimits};
 use imbl::{OrdMap, OrdSet};
 use serde::{Deserialize, Serialize};
 
@@ -136,6 +139,14 @@ pub struct StateMachine {
     by_state: OrdSet<(TaskState, TaskId)>,
     /// How many tasks are in each state, indexed by `TaskState as usize`.
     state_counts: [u64; TaskState::ALL.len()],
+    workflow_limits: WorkflowLimits,
+    workflows: OrdMap<WorkflowId, Workflow>,
+    /// The id the next submitted workflow gets; ids start at 1 and are never reused.
+    next_workflow_id: u64,
+    /// The workflow step each workflow task runs.
+    task_steps: OrdMap<TaskId, StepTask>,
+    /// What successful tasks wrote to `$COLONY_OUTPUT_DIR`; forgotten with the task.
+    outputs: OrdMap<TaskId, Outputs>,
 }
 
 impl Default for StateMachine {
@@ -171,6 +182,11 @@ impl StateMachine {
             finished_removed_through: 0,
             by_state: OrdSet::new(),
             state_counts: [0; TaskState::ALL.len()],
+            workflow_limits: WorkflowLimits::default(),
+            workflows: OrdMap::new(),
+            next_workflow_id: 1,
+            task_steps: OrdMap::new(),
+            outputs: OrdMap::new(),
         }
     }
 
@@ -221,6 +237,9 @@ impl StateMachine {
             Command::RollbackModel { version } => self.rollback_model(*version),
             Command::EvictTasks { ids, reason } => self.evict_tasks(ids, reason),
             Command::Collect(retention) => self.collect(retention),
+            Command::SubmitWorkflow(spec) => self.submit_workflow(spec),
+            Command::CancelWorkflow { id, reason } => self.cancel_workflow(*id, reason),
+            Command::RetryWorkflow { id } => self.retry_workflow(*id),
         }
     }
 }

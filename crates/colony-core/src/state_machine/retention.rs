@@ -4,8 +4,9 @@
 //!
 //! - A finished task goes once it finished more than `task_retention_ms` ago, or when more than
 //!   `finished_tasks_max` finished tasks are kept (the oldest first), with its idempotency key and
-//!   its place in the dependency index. A finished task that an unfinished task depends on stays
-//!   until that task finishes too.
+//!   its place in the dependency index and its outputs. A finished task that an unfinished task
+//!   depends on, or whose workflow is still running, stays until that ends too; a workflow goes
+//!   with its last task.
 //! - An executor down (or admitted and never connected) for `executor_gc_after_ms` goes; if it
 //!   comes back, it must join again.
 //! - Expired join tokens and ACL tokens go.
@@ -157,7 +158,7 @@ impl StateMachine {
                 break;
             }
             scanned += 1;
-            if self.has_unfinished_dependents(id) {
+            if self.has_unfinished_dependents(id) || self.held_by_workflow(id) {
                 plan.held += 1;
             } else {
                 plan.tasks.push((seq, id));
@@ -202,6 +203,7 @@ impl StateMachine {
         self.finished_removed_through = self.finished_removed_through.max(seq);
         let Some(task) = self.tasks.remove(&id) else { return };
         self.index_state(id, Some(task.state), None);
+        self.forget_task_outputs(id);
         if let Some(key) = &task.spec.idempotency_key {
             if self.idempotency.get(key) == Some(&id) {
                 self.idempotency.remove(key);

@@ -1,8 +1,9 @@
 //! The task aggregate: submission, cancellation, an attempt's reports, expiry and eviction. The
 //! moves between states they share with the other aggregates are in `lifecycle`.
 
+use super::workflows::Outputs;
 use super::{check_text, deadline_key, holds_resources, pending_key, StateMachine};
-use super::{AttemptOutcome, AttemptStatus, CommandError, Outcome};
+use super::{AttemptOutcome, AttemptResult, AttemptStatus, CommandError, Outcome};
 use crate::ids::{ExecutorId, FencingToken, TaskId};
 use crate::resources::Resources;
 use crate::task::{Task, TaskSpec, TaskState};
@@ -42,11 +43,25 @@ impl StateMachine {
         }
 
         // Every check has passed: from here on the command only changes state.
+        let id = self.insert_task(spec.clone(), waiting);
+        let task = self.task(id)?.clone();
+        Ok(Outcome::Submitted { task, existing: false })
+    }
+
+    /// Creates a task from a checked spec, blocked (`waiting`) or pending, with every index kept.
+    pub(super) fn insert_task(&mut self, spec: TaskSpec, waiting: bool) -> TaskId {
+        let now = self.now_unix_ms;
         let id = TaskId(self.next_task_id);
         self.next_task_id += 1;
+        for &dependency in &spec.dependencies {
+            self.dependents.entry(dependency).or_default().insert(id);
+        }
+        if let Some(key) = &spec.idempotency_key {
+            self.idempotency.insert(key.clone(), id);
+        }
         let task = Task {
             id,
-            spec: spec.clone(),
+            spec,
             state: if waiting { TaskState::Blocked } else { TaskState::Pending },
             attempt: 0,
             retries_used: 0,
@@ -65,12 +80,6 @@ impl StateMachine {
             finished_unix_ms: None,
             reason: None,
         };
-        for &dependency in &spec.dependencies {
-            self.dependents.entry(dependency).or_default().insert(id);
-        }
-        if let Some(key) = &spec.idempotency_key {
-            self.idempotency.insert(key.clone(), id);
-        }
         if let Some(key) = pending_key(&task) {
             self.pending.insert(key);
         }
@@ -78,8 +87,8 @@ impl StateMachine {
             self.deadlines.insert(key);
         }
         self.index_state(id, None, Some(task.state));
-        self.tasks.insert(id, task.clone());
-        Ok(Outcome::Submitted { task, existing: false })
+        self.tasks.insert(id, task);
+        id
     }
 
     pub(super) fn cancel(&mut self, id: TaskId, reason: &str) -> Result<Outcome, CommandError> {
@@ -122,53 +131,69 @@ impl StateMachine {
                     }
                 }
             }
-            AttemptStatus::Finished(result) => {
-                check_text("stdout tail", &result.stdout_tail, self.limits.output_tail_bytes_max)?;
-                check_text("stderr tail", &result.stderr_tail, self.limits.output_tail_bytes_max)?;
-                check_text("message", &result.message, self.limits.message_bytes_max)?;
-                if let Some(task) = self.tasks.get_mut(&id) {
-                    task.exit_code = result.exit_code;
-                    task.stdout_tail = result.stdout_tail.clone();
-                    task.stderr_tail = result.stderr_tail.clone();
-                    task.peak_memory_bytes = result.peak_memory_bytes;
-                    task.started_unix_ms.get_or_insert(now);
-                }
-                let why = |default: String| {
-                    if result.message.is_empty() {
-                        default
-                    } else {
-                        result.message.clone()
-                    }
-                };
-                match result.outcome {
-                    AttemptOutcome::Succeeded => {
-                        self.end(id, TaskState::Succeeded, None);
-                    }
-                    AttemptOutcome::Failed => {
-                        let default = result.exit_code.map_or_else(
-                            || "attempt failed".to_owned(),
-                            |code| format!("exited with code {code}"),
-                        );
-                        self.retry_or_end(id, false, why(default));
-                    }
-                    AttemptOutcome::OomKilled => {
-                        let reason = match result.message.starts_with("oom_killed") {
-                            true => result.message.clone(),
-                            false => format!("oom_killed: {}", result.message),
-                        };
-                        self.retry_or_end(id, false, reason);
-                    }
-                    AttemptOutcome::TimedOut => {
-                        self.end(
-                            id,
-                            TaskState::TimedOut,
-                            Some(why("killed at its timeout".to_owned())),
-                        );
-                    }
-                }
+            AttemptStatus::Finished(result) => self.finish_attempt(id, result, &Outputs::new())?,
+            AttemptStatus::FinishedWithOutputs(result, outputs) => {
+                self.finish_attempt(id, result, outputs)?
             }
         }
         Ok(Outcome::Reported { task: id, state: self.task(id)?.state })
+    }
+
+    /// An attempt's end: its texts kept, then success (its outputs checked and kept), a retry,
+    /// or the end it reports.
+    fn finish_attempt(
+        &mut self,
+        id: TaskId,
+        result: &AttemptResult,
+        outputs: &Outputs,
+    ) -> Result<(), CommandError> {
+        let now = self.now_unix_ms;
+        check_text("stdout tail", &result.stdout_tail, self.limits.output_tail_bytes_max)?;
+        check_text("stderr tail", &result.stderr_tail, self.limits.output_tail_bytes_max)?;
+        check_text("message", &result.message, self.limits.message_bytes_max)?;
+        if let Some(task) = self.tasks.get_mut(&id) {
+            task.exit_code = result.exit_code;
+            task.stdout_tail = result.stdout_tail.clone();
+            task.stderr_tail = result.stderr_tail.clone();
+            task.peak_memory_bytes = result.peak_memory_bytes;
+            task.started_unix_ms.get_or_insert(now);
+        }
+        let why = |default: String| {
+            if result.message.is_empty() {
+                default
+            } else {
+                result.message.clone()
+            }
+        };
+        match result.outcome {
+            AttemptOutcome::Succeeded => match self.check_outputs(id, outputs) {
+                Ok(()) => {
+                    self.store_outputs(id, outputs);
+                    self.end(id, TaskState::Succeeded, None);
+                }
+                Err(reason) => {
+                    self.retry_or_end(id, false, reason);
+                }
+            },
+            AttemptOutcome::Failed => {
+                let default = result.exit_code.map_or_else(
+                    || "attempt failed".to_owned(),
+                    |code| format!("exited with code {code}"),
+                );
+                self.retry_or_end(id, false, why(default));
+            }
+            AttemptOutcome::OomKilled => {
+                let reason = match result.message.starts_with("oom_killed") {
+                    true => result.message.clone(),
+                    false => format!("oom_killed: {}", result.message),
+                };
+                self.retry_or_end(id, false, reason);
+            }
+            AttemptOutcome::TimedOut => {
+                self.end(id, TaskState::TimedOut, Some(why("killed at its timeout".to_owned())));
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn expire_tasks(&mut self, ids: &[TaskId]) -> Outcome {

@@ -6,6 +6,7 @@
 //!   oldest entries of the finish-order index (not the tasks), and there was no
 //!   `finished_removed_through`, nor the index of tasks by state. The indexes are rebuilt from the
 //!   tasks, so every finished task is reachable by retention again.
+//! - Format 3 (before workflows): no workflows, workflow limits, step links or task outputs.
 
 use super::{PendingKey, StateMachine};
 use crate::acl::AclToken;
@@ -13,7 +14,8 @@ use crate::executor::{ClusterCaRecord, Executor, JoinTokenRecord};
 use crate::ids::{ExecutorId, ModelVersion, TaskId};
 use crate::limits::Limits;
 use crate::model::ModelRecord;
-use crate::task::Task;
+use crate::task::{Task, TaskState};
+use crate::workflow::WorkflowLimits;
 use imbl::{OrdMap, OrdSet};
 use serde::Deserialize;
 
@@ -106,7 +108,7 @@ impl From<StateMachineV2> for StateMachine {
         let finished_order =
             old.tasks.values().filter_map(|t| t.finish_seq.map(|seq| (seq, t.id))).collect();
         let by_state = old.tasks.values().map(|t| (t.state, t.id)).collect();
-        let mut state_counts = [0; crate::task::TaskState::ALL.len()];
+        let mut state_counts = [0; TaskState::ALL.len()];
         for task in old.tasks.values() {
             state_counts[task.state as usize] += 1;
         }
@@ -135,6 +137,76 @@ impl From<StateMachineV2> for StateMachine {
             finished_removed_through: 0,
             by_state,
             state_counts,
+            workflow_limits: WorkflowLimits::default(),
+            workflows: OrdMap::new(),
+            next_workflow_id: 1,
+            task_steps: OrdMap::new(),
+            outputs: OrdMap::new(),
+        }
+    }
+}
+
+/// The state machine as format 3 stored it: today's, without anything of workflows.
+#[derive(Deserialize)]
+pub struct StateMachineV3 {
+    limits: Limits,
+    tasks: OrdMap<TaskId, Task>,
+    next_task_id: u64,
+    idempotency: OrdMap<String, TaskId>,
+    dependents: OrdMap<TaskId, OrdSet<TaskId>>,
+    now_unix_ms: u64,
+    pending: OrdSet<PendingKey>,
+    deadlines: OrdSet<(u64, TaskId)>,
+    executors: OrdMap<ExecutorId, Executor>,
+    next_executor_id: u64,
+    next_fencing_token: u64,
+    join_tokens: OrdMap<[u8; 32], JoinTokenRecord>,
+    ca: Option<ClusterCaRecord>,
+    finished_order: OrdMap<u64, TaskId>,
+    next_finish_seq: u64,
+    models: OrdMap<ModelVersion, ModelRecord>,
+    current_model: Option<ModelVersion>,
+    next_model_version: u64,
+    acl_bootstrapped: bool,
+    acl_tokens: OrdMap<String, AclToken>,
+    acl_by_secret: OrdMap<[u8; 32], String>,
+    finished_removed_through: u64,
+    by_state: OrdSet<(TaskState, TaskId)>,
+    state_counts: [u64; TaskState::ALL.len()],
+}
+
+impl From<StateMachineV3> for StateMachine {
+    fn from(old: StateMachineV3) -> StateMachine {
+        StateMachine {
+            limits: old.limits,
+            tasks: old.tasks,
+            next_task_id: old.next_task_id,
+            idempotency: old.idempotency,
+            dependents: old.dependents,
+            now_unix_ms: old.now_unix_ms,
+            pending: old.pending,
+            deadlines: old.deadlines,
+            executors: old.executors,
+            next_executor_id: old.next_executor_id,
+            next_fencing_token: old.next_fencing_token,
+            join_tokens: old.join_tokens,
+            ca: old.ca,
+            finished_order: old.finished_order,
+            next_finish_seq: old.next_finish_seq,
+            models: old.models,
+            current_model: old.current_model,
+            next_model_version: old.next_model_version,
+            acl_bootstrapped: old.acl_bootstrapped,
+            acl_tokens: old.acl_tokens,
+            acl_by_secret: old.acl_by_secret,
+            finished_removed_through: old.finished_removed_through,
+            by_state: old.by_state,
+            state_counts: old.state_counts,
+            workflow_limits: WorkflowLimits::default(),
+            workflows: OrdMap::new(),
+            next_workflow_id: 1,
+            task_steps: OrdMap::new(),
+            outputs: OrdMap::new(),
         }
     }
 }
