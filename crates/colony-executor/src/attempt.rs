@@ -2,7 +2,7 @@
 //! ending into the `Finished` report the server commits.
 
 use crate::runner::OUTPUT_TAIL_BYTES_MAX;
-use colony_core::{ExecutorId, FencingToken, TaskId};
+use colony_core::{ExecutorId, FencingToken, Outputs, TaskId};
 use colony_proto::pb;
 use tokio::sync::oneshot;
 
@@ -53,6 +53,8 @@ pub(crate) struct AttemptResult {
     pub message: String,
     /// The most memory the attempt's process group held at once, as sampled.
     pub peak_memory_bytes: Option<u64>,
+    /// What a successful attempt wrote to `$COLONY_OUTPUT_DIR` (checked against the limits).
+    pub outputs: Outputs,
 }
 
 impl AttemptResult {
@@ -72,6 +74,7 @@ impl AttemptResult {
             stderr_tail: String::new(),
             message,
             peak_memory_bytes: None,
+            outputs: Outputs::new(),
         }
     }
 
@@ -92,6 +95,7 @@ impl AttemptResult {
             stderr_tail: str_tail(&self.stderr_tail, OUTPUT_TAIL_BYTES_MAX).to_owned(),
             message: truncated(&self.message, MESSAGE_BYTES_MAX),
             peak_memory_bytes: self.peak_memory_bytes,
+            outputs: self.outputs.clone().into_iter().collect(),
         })
     }
 }

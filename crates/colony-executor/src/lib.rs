@@ -21,6 +21,7 @@ mod protocol_tests;
 mod runner;
 mod sandbox;
 pub mod sim;
+mod step_io;
 
 pub use agent::{run, AgentError};
 pub use config::ExecutorConfig;

@@ -96,7 +96,13 @@ fn assign(task_id: u64, fencing_token: u64, run: pb::task_spec::Run) -> Down {
         resources: Some(pb::Resources { cpu_millis: 500, ..Default::default() }),
         ..Default::default()
     };
-    Down::Assign(pb::Assign { task_id, attempt: 1, fencing_token, spec: Some(spec) })
+    Down::Assign(pb::Assign {
+        task_id,
+        attempt: 1,
+        fencing_token,
+        spec: Some(spec),
+        ..Default::default()
+    })
 }
 
 fn running(list: &[pb::RunningTask]) -> Vec<(u64, u64)> {
@@ -419,7 +425,7 @@ async fn simulated_executor_holds_then_succeeds() -> anyhow::Result<()> {
         creds,
         capacity,
         Default::default(),
-        crate::sim::fixed(hold),
+        crate::sim::fixed(hold, 0),
         events_tx,
     ));
     let mut peer = Peer::accept(&leader).await?;
@@ -433,7 +439,7 @@ async fn simulated_executor_holds_then_succeeds() -> anyhow::Result<()> {
         pb::task_spec::Run::Builtin(pb::BuiltinRun { handler: "sleep".into(), input: "1h".into() }),
     ))
     .await?;
-    let Some(crate::sim::SimEvent::Assigned { task_id, at }) =
+    let Some(crate::sim::SimEvent::Assigned { task_id, at, .. }) =
         within("event", events.recv()).await?
     else {
         bail!("events closed")

@@ -8,7 +8,7 @@ use crate::link::{Launcher, Link, Profile};
 use crate::metrics::Metrics;
 use anyhow::Context;
 use colony_core::{Resources, TaskId, TaskSpec};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -22,7 +22,9 @@ const ENDPOINT_CLOSE_MAX: Duration = Duration::from_millis(500);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SimEvent {
     /// An assignment arrived (each attempt once; a repeated `Assign` is not an event).
-    Assigned { task_id: TaskId, at: Instant },
+    Assigned { task_id: TaskId, name: String, at: Instant },
+    /// An attempt's hold ended; its success report is sent next.
+    Finished { task_id: TaskId, name: String, at: Instant },
 }
 
 /// Joins the cluster with `token` as `name` and returns the credentials to run with.
@@ -42,11 +44,14 @@ pub type Behaviour = Arc<dyn Fn(&TaskSpec, &Resources) -> SimRun + Send + Sync>;
 pub struct SimRun {
     pub hold: Duration,
     pub peak_memory_bytes: Option<u64>,
+    /// The size of each output a workflow step declares, written as that many bytes.
+    pub output_bytes: usize,
 }
 
-/// Every attempt holds `hold` and reports no memory.
-pub fn fixed(hold: Duration) -> Behaviour {
-    Arc::new(move |_, _| SimRun { hold, peak_memory_bytes: None })
+/// Every attempt holds `hold`, reports no memory, and writes each declared output as
+/// `output_bytes` bytes.
+pub fn fixed(hold: Duration, output_bytes: usize) -> Behaviour {
+    Arc::new(move |_, _| SimRun { hold, peak_memory_bytes: None, output_bytes })
 }
 
 /// A simulated executor.
@@ -94,17 +99,25 @@ impl SimExecutor {
     }
 }
 
-/// A simulated attempt: announce it, hold it, succeed (unless killed first).
+/// A simulated attempt: announce it, hold it, succeed with its declared outputs (unless killed
+/// first).
 pub(crate) async fn hold(
     task_id: TaskId,
+    name: &str,
     run: SimRun,
+    declared: &BTreeSet<String>,
     events: &mpsc::UnboundedSender<SimEvent>,
     kill: KillSignal,
 ) -> AttemptResult {
     // A benchmark that stopped listening still wants its executors to behave.
-    let _ = events.send(SimEvent::Assigned { task_id, at: Instant::now() });
+    let _ = events.send(SimEvent::Assigned { task_id, name: name.to_owned(), at: Instant::now() });
+    let outputs =
+        declared.iter().map(|name| (name.clone(), vec![b'x'; run.output_bytes])).collect();
     tokio::select! {
-        () = tokio::time::sleep(run.hold) => AttemptResult { peak_memory_bytes: run.peak_memory_bytes, ..AttemptResult::succeeded() },
+        () = tokio::time::sleep(run.hold) => {
+            let _ = events.send(SimEvent::Finished { task_id, name: name.to_owned(), at: Instant::now() });
+            AttemptResult { peak_memory_bytes: run.peak_memory_bytes, outputs, ..AttemptResult::succeeded() }
+        }
         _ = kill => AttemptResult::ended(Outcome::Killed, "killed on request".to_owned()),
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod link;
+pub mod workflow;
 
 /// Generated protobuf and gRPC types for `colony.v1`.
 #[allow(clippy::all, missing_docs)]

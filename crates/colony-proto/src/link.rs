@@ -7,7 +7,7 @@ use crate::pb;
 use colony_core::leader::{RunningAttempt, ToExecutor};
 use colony_core::{
     AttemptOutcome, AttemptResult, AttemptStatus, Command, ExecutorId, FencingToken, Limits,
-    StateMachine, TaskId,
+    StateMachine, TaskId, WorkflowLimits,
 };
 
 /// The attempts an executor lists in `Hello` or a heartbeat.
@@ -24,6 +24,7 @@ pub fn report_command(
     executor: ExecutorId,
     report: &pb::StatusReport,
     limits: &Limits,
+    workflow_limits: &WorkflowLimits,
 ) -> Result<Command, ConversionError> {
     let status = match report.status.as_ref().ok_or(ConversionError::Missing("report.status"))? {
         pb::status_report::Status::Started(_) => AttemptStatus::Started,
@@ -46,14 +47,31 @@ pub fn report_command(
                     return Err(ConversionError::TooLong { field, bytes: text.len(), max });
                 }
             }
-            AttemptStatus::Finished(AttemptResult {
+            let result = AttemptResult {
                 outcome,
                 exit_code: finished.exit_code,
                 stdout_tail: finished.stdout_tail.clone(),
                 stderr_tail: finished.stderr_tail.clone(),
                 message: finished.message.clone(),
                 peak_memory_bytes: finished.peak_memory_bytes,
-            })
+            };
+            if finished.outputs.is_empty() {
+                AttemptStatus::Finished(result)
+            } else {
+                let sizes = finished.outputs.iter().map(|(name, data)| (name.as_str(), data.len()));
+                match workflow_limits.check_outputs(limits.name_bytes_max, sizes) {
+                    Ok(()) => AttemptStatus::FinishedWithOutputs(
+                        result,
+                        finished.outputs.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    ),
+                    // Outputs past the limits never reach the log: the attempt failed.
+                    Err(message) => AttemptStatus::Finished(AttemptResult {
+                        outcome: AttemptOutcome::Failed,
+                        message,
+                        ..result
+                    }),
+                }
+            }
         }
     };
     Ok(Command::Report {
@@ -83,6 +101,8 @@ pub fn server_message(
                 attempt: *attempt,
                 fencing_token: token.0,
                 spec: Some(spec),
+                inputs: state.task_inputs(task.id).into_iter().collect(),
+                outputs: state.task_declared_outputs(task.id).into_iter().collect(),
             })
         }
         ToExecutor::Kill { task, token, reason } => pb::server_message::Body::Kill(pb::Kill {
@@ -113,10 +133,12 @@ mod tests {
     #[test]
     fn reports_become_commands_and_bad_ones_are_refused() {
         let limits = Limits::default();
+        let wl = WorkflowLimits::default();
         let ok = report_command(
             ExecutorId(2),
             &finished(pb::AttemptOutcome::Succeeded as i32, "done".into()),
             &limits,
+            &wl,
         );
         assert!(
             matches!(
@@ -130,21 +152,38 @@ mod tests {
             ),
             "{ok:?}"
         );
-        let unspecified = report_command(ExecutorId(2), &finished(0, String::new()), &limits);
+        let unspecified = report_command(ExecutorId(2), &finished(0, String::new()), &limits, &wl);
         assert_eq!(unspecified, Err(ConversionError::AttemptOutcome(0)));
         let long = "x".repeat(limits.output_tail_bytes_max + 1);
         let too_long = report_command(
             ExecutorId(2),
             &finished(pb::AttemptOutcome::Failed as i32, long),
             &limits,
+            &wl,
         );
         assert!(
             matches!(too_long, Err(ConversionError::TooLong { field: "stdout tail", .. })),
             "{too_long:?}"
         );
+        // Outputs past a limit turn a success into a failure that names the output.
+        let mut big = finished(pb::AttemptOutcome::Succeeded as i32, String::new());
+        if let Some(pb::status_report::Status::Finished(f)) = big.status.as_mut() {
+            f.outputs.insert("notes".into(), vec![0; wl.output_bytes_max + 1]);
+        }
+        match report_command(ExecutorId(2), &big, &limits, &wl) {
+            Ok(Command::Report { status: AttemptStatus::Finished(result), .. }) => {
+                assert_eq!(result.outcome, AttemptOutcome::Failed);
+                assert!(
+                    result.message.starts_with("output notes is 262145 bytes"),
+                    "{}",
+                    result.message
+                );
+            }
+            other => panic!("{other:?}"),
+        }
         let empty = pb::StatusReport { report_id: 1, task_id: 5, fencing_token: 9, status: None };
         assert_eq!(
-            report_command(ExecutorId(2), &empty, &limits),
+            report_command(ExecutorId(2), &empty, &limits, &wl),
             Err(ConversionError::Missing("report.status"))
         );
     }

@@ -2,8 +2,9 @@
 
 use quinn::{ReadError, ReadExactError, RecvStream, SendStream, WriteError};
 
-/// Largest frame either side accepts.
-pub const FRAME_BYTES_MAX: usize = 1 << 20;
+/// Largest frame either side accepts: an assignment with its inputs (4 MiB at most), a report
+/// with its outputs (1 MiB at most), with room to spare.
+pub const FRAME_BYTES_MAX: usize = 8 << 20;
 
 const PREFIX_BYTES: usize = 4;
 

@@ -263,7 +263,10 @@ async fn serve_executor(
         }
         Err(refusal @ HelloRefusal::WrongCertificate(_)) => return Err(refusal.to_string()),
     }
-    let limits = node.state().machine.limits().clone();
+    let (limits, workflow_limits) = {
+        let state = node.state();
+        (state.machine.limits().clone(), state.machine.workflow_limits().clone())
+    };
 
     let (outbox, mut outgoing) = mpsc::channel(OUTBOX_MESSAGES_MAX);
     // The more executors, the less often each heartbeats, so the leader takes a bounded rate.
@@ -283,7 +286,7 @@ async fn serve_executor(
     // `select!`), and a writer blocked on flow control must never stop the reader, or the two
     // sides can each wait for the other to read.
     let (mut send, recv) = link;
-    let mut reader = tokio::spawn(read_executor(node.clone(), id, recv, limits));
+    let mut reader = tokio::spawn(read_executor(node.clone(), id, recv, limits, workflow_limits));
     let result = loop {
         tokio::select! {
             message = outgoing.recv() => {
@@ -312,6 +315,7 @@ async fn read_executor(
     id: ExecutorId,
     mut recv: quinn::RecvStream,
     limits: colony_core::Limits,
+    workflow_limits: colony_core::WorkflowLimits,
 ) -> Result<(), String> {
     let reports = Arc::new(Semaphore::new(REPORTS_IN_FLIGHT_MAX));
     loop {
@@ -333,7 +337,7 @@ async fn read_executor(
                 node.sessions().heard(id);
                 // A report the server cannot take is answered as refused, once: the executor
                 // drops it and the session goes on.
-                let command = match report_command(id, &report, &limits) {
+                let command = match report_command(id, &report, &limits, &workflow_limits) {
                     Ok(command) => command,
                     Err(e) => {
                         let error = format!("report {} refused: {e}", report.report_id);

@@ -12,6 +12,7 @@ use crate::metrics::Metrics;
 use crate::runner::{self, ProcessRun};
 use crate::sandbox::Sandbox;
 use crate::sim::{self, SimEvent};
+use crate::step_io::StepIo;
 use colony_core::{ExecutorId, FencingToken, Resources, RunSpec, TaskId, TaskSpec};
 use colony_proto::pb;
 use colony_quic::FRAME_BYTES_MAX;
@@ -81,7 +82,13 @@ pub(crate) enum Launcher {
 }
 
 impl Launcher {
-    async fn run(self, attempt: &Attempt, spec: &TaskSpec, kill: KillSignal) -> AttemptResult {
+    async fn run(
+        self,
+        attempt: &Attempt,
+        spec: &TaskSpec,
+        io: &StepIo,
+        kill: KillSignal,
+    ) -> AttemptResult {
         let timeout = spec.timeout_ms.map(Duration::from_millis);
         match (self, &spec.run) {
             (Launcher::Run { sandbox }, RunSpec::Process { program, args, env }) => {
@@ -95,15 +102,19 @@ impl Launcher {
                     cpu_millis: spec.resources.cpu_millis,
                     gpus: spec.resources.gpus,
                     sandbox: &sandbox,
+                    io,
                 };
                 runner::run(run, kill).await
+            }
+            (Launcher::Run { .. }, RunSpec::Builtin { .. }) if !io.declared.is_empty() => {
+                AttemptResult::failed("a built-in handler writes no outputs; run a program for a step that declares outputs")
             }
             (Launcher::Run { .. }, RunSpec::Builtin { handler, input }) => {
                 builtin::run(handler, input, timeout, kill).await
             }
             (Launcher::Simulate { behaviour, capacity, events }, _) => {
                 let run = behaviour(spec, &capacity);
-                sim::hold(attempt.task_id, run, &events, kill).await
+                sim::hold(attempt.task_id, &spec.name, run, &io.declared, &events, kill).await
             }
         }
     }
@@ -516,6 +527,10 @@ impl State {
         if self.journal.as_ref().is_some_and(|j| j.started_before_restart((task, token))) {
             return self.refuse(&attempt, "this executor restarted while the attempt was starting or running; an attempt never starts twice".to_owned());
         }
+        let io = StepIo {
+            inputs: assign.inputs.into_iter().collect(),
+            declared: assign.outputs.into_iter().collect(),
+        };
         let spec = match assign.spec.map(TaskSpec::try_from) {
             Some(Ok(spec)) => spec,
             Some(Err(e)) => return self.refuse(&attempt, format!("invalid task spec: {e}")),
@@ -544,7 +559,7 @@ impl State {
             tracing::info_span!("attempt", task_id = %task, attempt = attempt.attempt, %token);
         tokio::spawn(
             async move {
-                let result = launcher.run(&attempt, &spec, kill_rx).await;
+                let result = launcher.run(&attempt, &spec, &io, kill_rx).await;
                 // Only a stopped executor has no receiver, and then nobody is left to tell.
                 let _ = attempts_tx
                     .send(AttemptEnded {

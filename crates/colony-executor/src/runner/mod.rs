@@ -7,6 +7,7 @@
 use crate::attempt::{Attempt, AttemptResult, KillSignal, Outcome};
 use crate::cgroup::AttemptGroup;
 use crate::sandbox::{Sandbox, TASK_PATH};
+use crate::step_io::{self, StepIo};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
@@ -45,6 +46,8 @@ pub(crate) struct ProcessRun<'a> {
     pub cpu_millis: u64,
     pub gpus: u32,
     pub sandbox: &'a Sandbox,
+    /// Its input files and the outputs it must write.
+    pub io: &'a StepIo,
 }
 
 /// `WORK/TASK-ATTEMPT`: where an attempt runs.
@@ -74,7 +77,20 @@ pub(crate) async fn run(run: ProcessRun<'_>, kill: KillSignal) -> AttemptResult 
             dir.display()
         ));
     }
-    let result = run_in(&run, &dir, started, kill).await;
+    if let Err(e) = step_io::prepare(&dir, run.io, |path| run.sandbox.own(path)) {
+        return AttemptResult::failed(e);
+    }
+    let mut result = run_in(&run, &dir, started, kill).await;
+    if result.outcome == Outcome::Succeeded {
+        let owner = run.sandbox.run_as.as_ref().map(|user| user.uid);
+        match step_io::collect(&dir, &run.io.declared, owner) {
+            Ok(outputs) => result.outputs = outputs,
+            Err(message) => {
+                result.outcome = Outcome::Failed;
+                result.message = message;
+            }
+        }
+    }
     let keep = matches!(result.outcome, Outcome::Failed | Outcome::TimedOut | Outcome::OomKilled);
     // Removing a large tree blocks; keep it off the runtime's threads.
     let retired = tokio::task::spawn_blocking(move || retire(&work_root, &dir, keep)).await;
@@ -207,6 +223,8 @@ async fn run_in(
         .env("COLONY_ATTEMPT", attempt.attempt.to_string())
         .env("COLONY_FENCING_TOKEN", attempt.fencing_token.to_string())
         .env("COLONY_EXECUTOR_ID", attempt.executor_id.to_string())
+        .env("COLONY_INPUT_DIR", step_io::input_dir(dir))
+        .env("COLONY_OUTPUT_DIR", step_io::output_dir(dir))
         .current_dir(dir)
         .process_group(0)
         .stdin(Stdio::null())

@@ -37,6 +37,7 @@ async fn run_sh(
         cpu_millis: 0,
         gpus: 0,
         sandbox: &sandbox,
+        io: &StepIo::default(),
     };
     run(spec, kill).await
 }
@@ -169,6 +170,7 @@ async fn missing_program_fails_with_a_message() {
         cpu_millis: 0,
         gpus: 0,
         sandbox: &sandbox,
+        io: &StepIo::default(),
     };
     let result = run(spec, kill_rx).await;
     assert_eq!(result.outcome, Outcome::Failed);
@@ -228,6 +230,7 @@ async fn run_contained(
         cpu_millis: 500,
         gpus: 0,
         sandbox,
+        io: &StepIo::default(),
     };
     run(spec, kill).await
 }
@@ -311,4 +314,64 @@ fn tail_keeps_the_last_bytes() {
     assert_eq!(tail.0.iter().filter(|b| **b == b'x').count(), OUTPUT_TAIL_BYTES_MAX - 3000);
     tail.push(&[b'z'; 10_000]);
     assert_eq!(tail.into_string(), "z".repeat(OUTPUT_TAIL_BYTES_MAX));
+}
+
+#[tokio::test]
+async fn a_step_reads_its_inputs_and_its_outputs_come_back() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let attempt = attempt(7);
+    let (_kill, kill_rx) = oneshot::channel();
+    let sandbox = Sandbox::plain(dir.path());
+    let io = StepIo {
+        inputs: colony_core::Outputs::from([("notes".to_owned(), b"raft notes".to_vec())]),
+        declared: std::collections::BTreeSet::from(["report".to_owned()]),
+    };
+    let args = vec![
+        "-c".to_owned(),
+        r#"set -e; tr a-z A-Z < "$COLONY_INPUT_DIR/notes" > "$COLONY_OUTPUT_DIR/report""#
+            .to_owned(),
+    ];
+    let spec = ProcessRun {
+        attempt: &attempt,
+        program: "sh",
+        args: &args,
+        env: &BTreeMap::new(),
+        timeout: None,
+        memory_bytes: 0,
+        cpu_millis: 0,
+        gpus: 0,
+        sandbox: &sandbox,
+        io: &io,
+    };
+    let result = run(spec, kill_rx).await;
+    assert_eq!(result.outcome, Outcome::Succeeded, "{}: {}", result.message, result.stderr_tail);
+    assert_eq!(result.outputs.get("report").map(Vec::as_slice), Some(&b"RAFT NOTES"[..]));
+}
+
+#[tokio::test]
+async fn a_step_that_skips_a_declared_output_fails_saying_which() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let attempt = attempt(8);
+    let (_kill, kill_rx) = oneshot::channel();
+    let sandbox = Sandbox::plain(dir.path());
+    let io = StepIo {
+        inputs: colony_core::Outputs::new(),
+        declared: std::collections::BTreeSet::from(["report".to_owned()]),
+    };
+    let args = vec!["-c".to_owned(), "true".to_owned()];
+    let spec = ProcessRun {
+        attempt: &attempt,
+        program: "sh",
+        args: &args,
+        env: &BTreeMap::new(),
+        timeout: None,
+        memory_bytes: 0,
+        cpu_millis: 0,
+        gpus: 0,
+        sandbox: &sandbox,
+        io: &io,
+    };
+    let result = run(spec, kill_rx).await;
+    assert_eq!(result.outcome, Outcome::Failed);
+    assert!(result.message.contains("declared output report"), "{}", result.message);
 }

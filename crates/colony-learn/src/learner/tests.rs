@@ -140,6 +140,42 @@ impl pb::admin_server::Admin for FakeAdmin {
     ) -> Reply<pb::SubmitTaskResponse> {
         Err(Status::unimplemented("fake"))
     }
+    async fn submit_workflow(
+        &self,
+        _: tonic::Request<pb::SubmitWorkflowRequest>,
+    ) -> Reply<pb::SubmitWorkflowResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn get_workflow(
+        &self,
+        _: tonic::Request<pb::GetWorkflowRequest>,
+    ) -> Reply<pb::GetWorkflowResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn list_workflows(
+        &self,
+        _: tonic::Request<pb::ListWorkflowsRequest>,
+    ) -> Reply<pb::ListWorkflowsResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn cancel_workflow(
+        &self,
+        _: tonic::Request<pb::CancelWorkflowRequest>,
+    ) -> Reply<pb::CancelWorkflowResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn retry_workflow(
+        &self,
+        _: tonic::Request<pb::RetryWorkflowRequest>,
+    ) -> Reply<pb::RetryWorkflowResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn get_task_output(
+        &self,
+        _: tonic::Request<pb::GetTaskOutputRequest>,
+    ) -> Reply<pb::GetTaskOutputResponse> {
+        Err(Status::unimplemented("fake"))
+    }
     async fn get_task(&self, _: tonic::Request<pb::GetTaskRequest>) -> Reply<pb::GetTaskResponse> {
         Err(Status::unimplemented("fake"))
     }

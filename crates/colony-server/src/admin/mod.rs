@@ -11,6 +11,7 @@ mod models;
 mod route;
 mod targets;
 mod tasks;
+mod workflows;
 
 use crate::node::Node;
 use colony_core::{Command, Outcome, Permission};
@@ -182,6 +183,102 @@ impl Admin for AdminService {
             request,
             |mut c, r| async move { c.cancel_task(r).await },
             |caller, r| self.cancel_task_here(caller, r),
+        )
+        .await
+    }
+
+    async fn submit_workflow(
+        &self,
+        request: Request<pb::SubmitWorkflowRequest>,
+    ) -> Result<Response<pb::SubmitWorkflowResponse>, Status> {
+        let rpc = Rpc::new("SubmitWorkflow", Serve::Leader, Permission::TaskSubmit);
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.submit_workflow(r).await },
+            |caller, r| self.submit_workflow_here(caller, r),
+        )
+        .await
+    }
+
+    async fn get_workflow(
+        &self,
+        request: Request<pb::GetWorkflowRequest>,
+    ) -> Result<Response<pb::GetWorkflowResponse>, Status> {
+        let rpc = Rpc::new(
+            "GetWorkflow",
+            Serve::Read { stale: self.stale(&request.get_ref().consistency) },
+            Permission::TaskRead,
+        );
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.get_workflow(r).await },
+            |caller, r| self.get_workflow_here(caller, r),
+        )
+        .await
+    }
+
+    async fn list_workflows(
+        &self,
+        request: Request<pb::ListWorkflowsRequest>,
+    ) -> Result<Response<pb::ListWorkflowsResponse>, Status> {
+        let rpc = Rpc::new(
+            "ListWorkflows",
+            Serve::Read { stale: self.stale(&request.get_ref().consistency) },
+            Permission::TaskRead,
+        );
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.list_workflows(r).await },
+            |caller, r| self.list_workflows_here(caller, r),
+        )
+        .await
+    }
+
+    async fn cancel_workflow(
+        &self,
+        request: Request<pb::CancelWorkflowRequest>,
+    ) -> Result<Response<pb::CancelWorkflowResponse>, Status> {
+        let rpc = Rpc::new("CancelWorkflow", Serve::Leader, Permission::TaskCancel);
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.cancel_workflow(r).await },
+            |caller, r| self.cancel_workflow_here(caller, r),
+        )
+        .await
+    }
+
+    async fn retry_workflow(
+        &self,
+        request: Request<pb::RetryWorkflowRequest>,
+    ) -> Result<Response<pb::RetryWorkflowResponse>, Status> {
+        let rpc = Rpc::new("RetryWorkflow", Serve::Leader, Permission::TaskSubmit);
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.retry_workflow(r).await },
+            |caller, r| self.retry_workflow_here(caller, r),
+        )
+        .await
+    }
+
+    async fn get_task_output(
+        &self,
+        request: Request<pb::GetTaskOutputRequest>,
+    ) -> Result<Response<pb::GetTaskOutputResponse>, Status> {
+        let rpc = Rpc::new(
+            "GetTaskOutput",
+            Serve::Read { stale: self.stale(&request.get_ref().consistency) },
+            Permission::TaskRead,
+        );
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.get_task_output(r).await },
+            |caller, r| self.get_task_output_here(caller, r),
         )
         .await
     }

@@ -414,20 +414,24 @@ pub fn rejected(error: CommandError) -> Status {
     match error {
         CommandError::UnknownTask(_)
         | CommandError::UnknownExecutor(_)
-        | CommandError::UnknownModel(_) => Status::not_found(error.to_string()),
+        | CommandError::UnknownModel(_)
+        | CommandError::UnknownWorkflow(_) => Status::not_found(error.to_string()),
         CommandError::IdempotencyConflict { .. } => Status::already_exists(error.to_string()),
         CommandError::DependencyEnded { .. }
         | CommandError::AlreadyFinished { .. }
         | CommandError::ExecutorState { .. }
         | CommandError::CapacityBelowAllocated { .. }
         | CommandError::CaExists
-        | CommandError::StaleReport { .. } => Status::failed_precondition(error.to_string()),
+        | CommandError::StaleReport { .. }
+        | CommandError::WorkflowFinished { .. }
+        | CommandError::WorkflowRunning(_) => Status::failed_precondition(error.to_string()),
         CommandError::InvalidSpec(_)
         | CommandError::UnknownDependency(_)
         | CommandError::DeadlinePassed { .. }
         | CommandError::BatchTooLarge { .. }
         | CommandError::TooLong { .. }
-        | CommandError::InvalidModel(_) => Status::invalid_argument(error.to_string()),
+        | CommandError::InvalidModel(_)
+        | CommandError::InvalidWorkflow(_) => Status::invalid_argument(error.to_string()),
         CommandError::TooMany { .. } => Status::resource_exhausted(error.to_string()),
         CommandError::InvalidJoinToken { .. } => Status::permission_denied(error.to_string()),
         CommandError::AclAlreadyBootstrapped => Status::failed_precondition(error.to_string()),

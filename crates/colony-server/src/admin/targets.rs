@@ -135,3 +135,47 @@ impl Target for pb::EnrollRequest {
         })
     }
 }
+
+impl Target for pb::SubmitWorkflowRequest {
+    fn namespace(&self) -> Option<String> {
+        let namespace = self.spec.as_ref().map(|s| s.namespace.clone()).unwrap_or_default();
+        Some(match namespace.is_empty() {
+            true => colony_core::DEFAULT_NAMESPACE.to_owned(),
+            false => namespace,
+        })
+    }
+
+    fn target(&self) -> Option<String> {
+        self.spec.as_ref().map(|s| format!("workflow name {:?}", s.name))
+    }
+}
+
+impl Target for pb::GetWorkflowRequest {
+    fn target(&self) -> Option<String> {
+        Some(format!("workflow {}", self.id))
+    }
+}
+
+impl Target for pb::ListWorkflowsRequest {
+    fn target(&self) -> Option<String> {
+        Some(format!("workflows after {}", self.after_id))
+    }
+}
+
+impl Target for pb::CancelWorkflowRequest {
+    fn target(&self) -> Option<String> {
+        Some(format!("workflow {}", self.id))
+    }
+}
+
+impl Target for pb::RetryWorkflowRequest {
+    fn target(&self) -> Option<String> {
+        Some(format!("workflow {}", self.id))
+    }
+}
+
+impl Target for pb::GetTaskOutputRequest {
+    fn target(&self) -> Option<String> {
+        Some(format!("task {} output {:?}", self.id, self.name))
+    }
+}
