@@ -8,6 +8,8 @@ missing=()
 command -v clang >/dev/null 2>&1 || missing+=(clang)
 dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+# The demo workflow's steps (examples/research.yaml) and the Python client test run python3.
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
 # The font `colony bench soak` draws its plot's text with (and its test).
 dpkg -s fonts-dejavu-core >/dev/null 2>&1 || missing+=(fonts-dejavu-core)
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -10,6 +10,7 @@ mod t60_metrics;
 mod t70_dashboards;
 mod t80_executors;
 mod t85_executor_link;
+mod t88_workflows;
 mod t90_learner;
 mod t94_backup;
 mod t95_security;

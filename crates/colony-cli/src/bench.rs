@@ -50,6 +50,9 @@ pub enum BenchCommand {
     /// A long run at a steady rate on its own cluster: do memory and disk stay flat while
     /// retention removes finished tasks? Prints a sample a minute and plots them (PNG).
     Soak(crate::bench_soak::SoakBenchArgs),
+    /// Simulated executors run chained workflows: workflows/s and the step hand-off latency
+    /// (a step's end to the next step's assignment).
+    Workflow(crate::bench_workflow::WorkflowBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -165,6 +168,7 @@ pub async fn run(command: BenchCommand, global: &GlobalArgs) -> Result<()> {
         BenchCommand::Placement(args) => crate::bench_placement::run(args, global).await,
         BenchCommand::Failover(args) => crate::bench_failover::run(args, global).await,
         BenchCommand::Soak(args) => crate::bench_soak::run(args, global).await,
+        BenchCommand::Workflow(args) => crate::bench_workflow::run(args, global).await,
     }
 }
 

@@ -84,6 +84,7 @@ fn behaviour() -> Behaviour {
         SimRun {
             hold: Duration::from_millis((runtime_ms as f64 * slowdown) as u64),
             peak_memory_bytes: Some(memory_mib << 20),
+            output_bytes: 0,
         }
     })
 }

@@ -117,12 +117,14 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
     let collector = {
         let arrivals = arrivals.clone();
         tokio::spawn(async move {
-            while let Some(SimEvent::Assigned { task_id, at }) = incoming.recv().await {
-                arrivals.lock().await.insert(task_id, Instant::from_std(at));
+            while let Some(event) = incoming.recv().await {
+                if let SimEvent::Assigned { task_id, at, .. } = event {
+                    arrivals.lock().await.insert(task_id, Instant::from_std(at));
+                }
             }
         })
     };
-    let sims = Sims { count: args.executors, hold: args.hold };
+    let sims = Sims { count: args.executors, hold: args.hold, output_bytes: 0 };
     let mut sims = sims.start(&client, &endpoints, events).await?;
     let (watch_down, seen_down) = watch_down(client.clone());
 
@@ -294,6 +296,8 @@ pub async fn run(args: ScheduleBenchArgs, global: &GlobalArgs) -> Result<()> {
 pub struct Sims {
     pub count: u64,
     pub hold: Duration,
+    /// The size of each output a workflow step declares.
+    pub output_bytes: usize,
 }
 
 impl Sims {
@@ -350,7 +354,7 @@ impl Sims {
                 creds,
                 capacity.clone(),
                 Default::default(),
-                sim::fixed(self.hold),
+                sim::fixed(self.hold, self.output_bytes),
                 events.clone(),
             ));
         }

@@ -198,7 +198,7 @@ async fn soak(
     let client = Client::new(&endpoints, REQUEST_TIMEOUT, auth)?;
     // The simulated executors' assignment events are not needed here.
     let (events, _) = tokio::sync::mpsc::unbounded_channel();
-    let sims = Sims { count: args.executors, hold: args.hold };
+    let sims = Sims { count: args.executors, hold: args.hold, output_bytes: 0 };
     let mut sims = sims.start(&client, &endpoints, events).await?;
 
     let counts = Arc::new(Live::default());

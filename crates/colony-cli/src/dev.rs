@@ -7,17 +7,15 @@
 //! a chance to clean up.
 
 use crate::cluster_cmd::{self, StatusJson};
-use crate::output;
-use crate::task_cmd;
-use crate::GlobalArgs;
+use crate::output::OutputFormat;
+use crate::{workflow_cmd, workflow_file, GlobalArgs};
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::Args;
 use colony_client::{Auth, Client};
-use colony_core::{Resources, RunSpec, Task, TaskId, TaskSpec};
+use colony_proto::pb;
 use indicatif::{ProgressBar, ProgressFinish};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -28,6 +26,8 @@ use tokio::time::Instant;
 
 /// How long the servers get to elect a leader and join before `colony dev` gives up.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The demo: the seeds' research workflow, built into the binary.
+const DEMO_WORKFLOW: &str = include_str!("../../../examples/research.yaml");
 /// How long the servers get to stop after SIGTERM before they are killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the children and the cluster are looked at while waiting.
@@ -389,20 +389,38 @@ async fn serve(
     drop(spinner);
     print_welcome(&status, servers, executors, dir, &token_file)?;
 
-    let ids: Vec<u64> = submit_demo(&client).await?.iter().map(|t| t.id.0).collect();
+    let id = submit_demo(&client).await?;
     if executor_count == 0 {
-        println!("No executors (--executors 0): the demo workflow's tasks stay pending.");
+        println!("No executors (--executors 0): the demo workflow {id} stays waiting.");
     } else {
-        println!("Demo workflow (fetch, then train and evaluate, then report) on {executor_count} executors:");
-        let finished = tokio::select! {
-            finished = task_cmd::wait(&client, &ids, Some(READY_TIMEOUT), POLL_INTERVAL, true) => finished?,
+        println!(
+            "Demo workflow {id}, examples/research.yaml (research, then a deep analysis per topic, then a report) on {executor_count} executors:"
+        );
+        let (workflow, tasks) = tokio::select! {
+            done = workflow_cmd::wait(&client, id, Some(READY_TIMEOUT), true) => done?,
             failed = watch_children(servers, executors) => return failed,
         };
-        output::print_task_table(&finished)?;
-        println!(
-            "Output of the last step: {}",
-            finished.last().map_or("", |t| t.stdout_tail.trim())
-        );
+        workflow_cmd::print(&workflow, &tasks, OutputFormat::Table)?;
+        let report = tasks.iter().find(|t| t.step == "report").map(|t| t.id);
+        match report {
+            Some(task) if workflow.state == pb::WorkflowState::Succeeded as i32 => {
+                println!();
+                println!("The report (colony task output {task} report):");
+                println!();
+                workflow_cmd::task_output(
+                    &client,
+                    task,
+                    Some("report".to_owned()),
+                    OutputFormat::Table,
+                )
+                .await?;
+            }
+            _ => println!(
+                "The workflow ended {}: {}",
+                workflow_cmd::state_name(workflow.state),
+                workflow.reason
+            ),
+        }
     }
     println!();
     println!("Press Ctrl-C to stop the cluster.");
@@ -632,6 +650,10 @@ fn print_welcome(
     println!("  colony task submit --name hello -- /bin/echo hello");
     println!("  colony task wait ID");
     println!("  colony task list");
+    println!("  colony workflow list                # the demo: examples/research.yaml");
+    println!(
+        "  colony workflow submit examples/research.yaml --param topic=\"vector clocks\" --wait"
+    );
     println!(
         "  colony model list                   # the learner publishes once it beats the baseline"
     );
@@ -653,56 +675,34 @@ fn print_welcome(
     Ok(())
 }
 
-/// A small DAG: fetch, then train and evaluate, then report. Fixed idempotency keys make a
-/// restarted `colony dev --dir` find the tasks it submitted before instead of adding more.
-async fn submit_demo(client: &Client) -> Result<Vec<Task>> {
-    let steps: [(&str, &[&str], u64, &str); 4] = [
-        ("fetch", &[], 250, "echo fetching the dataset; sleep 1"),
-        ("train", &["fetch"], 1000, "echo training the model; sleep 2"),
-        ("evaluate", &["fetch"], 500, "echo evaluating the baseline; sleep 1"),
-        (
-            "report",
-            &["train", "evaluate"],
-            100,
-            "echo \"report written by executor $COLONY_EXECUTOR_ID\"",
-        ),
-    ];
-    let mut ids: BTreeMap<&str, TaskId> = BTreeMap::new();
-    let mut tasks = Vec::new();
-    for (name, after, cpu_millis, script) in steps {
-        let dependencies = after.iter().filter_map(|a| ids.get(a).copied()).collect();
-        let spec = TaskSpec {
-            name: name.to_owned(),
-            namespace: "demo".to_owned(),
-            labels: BTreeMap::new(),
-            capabilities: ["shell".to_owned()].into(),
-            resources: Resources {
-                cpu_millis,
-                memory_bytes: 64 << 20,
-                gpus: 0,
-                custom: BTreeMap::new(),
-            },
-            priority: 100,
-            deadline_unix_ms: None,
-            timeout_ms: Some(60_000),
-            max_retries: 1,
-            dependencies,
-            run: RunSpec::Process {
-                program: "/bin/sh".to_owned(),
-                args: vec!["-c".to_owned(), script.to_owned()],
-                env: BTreeMap::new(),
-            },
-            idempotency_key: Some(format!("colony-dev-demo-{name}")),
-            placement: Default::default(),
-            memory_auto: false,
-        };
-        let (task, _) = task_cmd::submit(client, &spec)
-            .await
-            .with_context(|| format!("cannot submit the demo task {name}"))?;
-        ids.insert(name, task.id);
-        tasks.push(task);
+/// The research workflow of `examples/research.yaml`, in namespace `demo`. A restarted
+/// `colony dev --dir` finds the one it submitted before instead of adding another.
+async fn submit_demo(client: &Client) -> Result<u64> {
+    let request = pb::ListWorkflowsRequest::default();
+    let existing = client
+        .call("list workflows", |mut c| async move { c.list_workflows(request).await })
+        .await?
+        .workflows
+        .into_iter()
+        .find(|w| w.spec.as_ref().is_some_and(|s| s.name == "research" && s.namespace == "demo"));
+    if let Some(workflow) = existing {
+        return Ok(workflow.id);
     }
-    Ok(tasks)
+    let spec = workflow_file::parse(
+        DEMO_WORKFLOW,
+        &["topic=raft failover".to_owned()],
+        Some("demo"),
+        colony_process::unix_ms(),
+    )
+    .context("examples/research.yaml")?;
+    let request = pb::SubmitWorkflowRequest { spec: Some(spec) };
+    let response = client
+        .call("submit the demo workflow", |mut c| {
+            let request = request.clone();
+            async move { c.submit_workflow(request).await }
+        })
+        .await?;
+    response.workflow.map(|w| w.id).ok_or_else(|| anyhow!("the server's answer has no workflow"))
 }
 
 /// SIGTERM to every running server, then wait; whoever is still running after the grace period

@@ -11,6 +11,7 @@ mod bench_learn;
 mod bench_placement;
 mod bench_schedule;
 mod bench_soak;
+mod bench_workflow;
 mod cluster_cmd;
 mod dev;
 mod executor_cmd;
@@ -20,6 +21,8 @@ mod output;
 mod server_cmd;
 mod snapshot_cmd;
 mod task_cmd;
+mod workflow_cmd;
+mod workflow_file;
 
 use clap::{Args, Parser, Subcommand};
 use output::OutputFormat;
@@ -105,6 +108,9 @@ enum Command {
     /// Submit, inspect and cancel tasks.
     #[command(subcommand)]
     Task(task_cmd::TaskCommand),
+    /// Workflows: a DAG of steps in one file, each step's outputs flowing into the next.
+    #[command(subcommand)]
+    Workflow(workflow_cmd::WorkflowCommand),
     /// Inspect and change the cluster.
     #[command(subcommand)]
     Cluster(cluster_cmd::ClusterCommand),
@@ -159,6 +165,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Server(args) => server_cmd::run(args, &global).await,
             Command::Executor(args) => executor_cmd::run(args, &global).await,
             Command::Task(command) => task_cmd::run(command, &global).await,
+            Command::Workflow(command) => workflow_cmd::run(command, &global).await,
             Command::Cluster(command) => cluster_cmd::run(command, &global).await,
             Command::Model(command) => model_cmd::run(command, &global).await,
             Command::Learner(args) => learner_cmd::run(args, &global).await,

@@ -32,6 +32,15 @@ pub enum TaskCommand {
     Cancel(CancelArgs),
     /// Wait until tasks finish, showing progress; exits non-zero unless every one succeeded.
     Wait(WaitArgs),
+    /// What a task wrote to $COLONY_OUTPUT_DIR: the list, or one output's bytes as they are.
+    Output(OutputArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    id: u64,
+    /// The output to print (all of its bytes, nothing else); without it, the list.
+    name: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -211,6 +220,10 @@ pub async fn run(command: TaskCommand, global: &GlobalArgs) -> Result<()> {
                 bail!("{}", failed.join("; "));
             }
             Ok(())
+        }
+        TaskCommand::Output(args) => {
+            let client = global.client()?;
+            crate::workflow_cmd::task_output(&client, args.id, args.name, global.output).await
         }
         TaskCommand::Cancel(args) => {
             let client = global.client()?;
