@@ -1,6 +1,7 @@
-//! Upgrades: a data directory the release before format 3 wrote (`tests/fixtures/
-//! format-2-datadir.tar.gz`, made by `tests/fixtures/make-format-2.sh`) opens with this build,
-//! holds every task it held, takes new writes, and opens again after a restart.
+//! Upgrades: data directories the releases before formats 3 and 4 wrote (`tests/fixtures/
+//! format-{2,3}-datadir.tar.gz`, made by `tests/fixtures/make-format-{2,3}.sh`) open with this
+//! build, hold every task they held, take new writes (a workflow too), and open again after a
+//! restart.
 
 use colony_proto::pb;
 use colony_tests::{wait_for, Server};
@@ -28,8 +29,17 @@ async fn tasks(addr: &str) -> anyhow::Result<BTreeMap<u64, (String, String)>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_format_2_data_directory_opens_and_keeps_working() -> anyhow::Result<()> {
+    opens_and_keeps_working("fixtures/format-2-datadir.tar.gz").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_3_data_directory_opens_and_keeps_working() -> anyhow::Result<()> {
+    opens_and_keeps_working("fixtures/format-3-datadir.tar.gz").await
+}
+
+async fn opens_and_keeps_working(fixture: &str) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/format-2-datadir.tar.gz");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join(fixture);
     let status = std::process::Command::new("tar")
         .arg("-xzf")
         .arg(&fixture)
@@ -62,7 +72,15 @@ async fn a_format_2_data_directory_opens_and_keeps_working() -> anyhow::Result<(
         .collect();
     anyhow::ensure!(expected.len() == 45, "the fixture lists {} tasks", expected.len());
 
-    server.start(&["--metrics-listen".to_owned(), server.metrics_addr.clone()])?;
+    // The fixture's finished tasks finished when it was made: retention (72 hours by default)
+    // would remove them from a run days later, so this run keeps finished tasks for ten years.
+    let args = [
+        "--metrics-listen".to_owned(),
+        server.metrics_addr.clone(),
+        "--task-retention".to_owned(),
+        "3650d".to_owned(),
+    ];
+    server.start(&args)?;
     let addr = server.addr.clone();
     let held =
         wait_for("the old data directory to serve", LONG, || async { Ok(tasks(&addr).await.ok()) })
@@ -77,10 +95,40 @@ async fn a_format_2_data_directory_opens_and_keeps_working() -> anyhow::Result<(
     )
     .await?;
     assert!(id > *expected.keys().last().unwrap_or(&0));
+    let echo = pb::TaskSpec {
+        run: Some(pb::task_spec::Run::Builtin(pb::BuiltinRun {
+            handler: "echo".into(),
+            input: String::new(),
+        })),
+        ..Default::default()
+    };
+    let workflow = pb::WorkflowSpec {
+        name: "upgraded".into(),
+        steps: vec![pb::WorkflowStep {
+            name: "one".into(),
+            task: Some(echo),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut c = colony_tests::client(&addr).await?;
+    let submitted = c
+        .submit_workflow(pb::SubmitWorkflowRequest { spec: Some(workflow) })
+        .await?
+        .into_inner()
+        .workflow
+        .map(|w| w.id)
+        .unwrap_or_default();
     server.terminate()?;
-    server.restart()?;
+    server.start(&args)?;
     let held =
         wait_for("the restarted server", LONG, || async { Ok(tasks(&addr).await.ok()) }).await?;
-    assert_eq!(held.len(), expected.len() + 1);
+    assert_eq!(held.len(), expected.len() + 2, "the old tasks, the new one and the workflow's");
+    let mut c = colony_tests::client(&addr).await?;
+    let kept = c.get_workflow(pb::GetWorkflowRequest { id: submitted, consistency: None }).await?;
+    assert_eq!(
+        kept.into_inner().workflow.map(|w| w.spec.map(|s| s.name)),
+        Some(Some("upgraded".into()))
+    );
     Ok(())
 }
