@@ -15,6 +15,7 @@ pub mod procs;
 pub mod proxy;
 pub mod report;
 pub mod run;
+pub mod workflows;
 pub mod workload;
 
 pub use run::{run, ChaosCommand};

@@ -57,6 +57,8 @@ impl Paths {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub seed: u64,
+    /// What the workflow client submitted and what the workflow checks found.
+    pub workflows: crate::workflows::WorkflowReport,
     pub servers: u8,
     pub executors: u8,
     pub duration_s: u64,
@@ -105,6 +107,9 @@ impl Report {
             ("terms with more than one leader", &self.leaders_per_term),
             ("terms going backwards", &self.terms_backwards),
             ("servers disagreeing at the end", &self.divergence),
+            ("acknowledged workflows lost", &self.workflows.lost),
+            ("workflow steps that saw the wrong input", &self.workflows.inputs_wrong),
+            ("workflow outputs not the final attempt's", &self.workflows.outputs_wrong),
         ];
         for (what, check) in checks {
             if check.violations > 0 {
@@ -139,6 +144,13 @@ impl Report {
         }
         if self.ledger_unreadable > 0 {
             found.push(format!("{} unreadable ledger lines", self.ledger_unreadable));
+        }
+        // The workflow checks must have had something to check.
+        if self.workflows.succeeded == 0 {
+            found.push(format!(
+                "no workflow succeeded ({} acknowledged): the workflow checks checked nothing",
+                self.workflows.acknowledged
+            ));
         }
         found
     }
@@ -259,6 +271,20 @@ pub fn print(report: &Report) {
     ]);
     checks.add_row(vec!["terms going backwards".to_owned(), verdict(&report.terms_backwards)]);
     checks.add_row(vec!["servers diverged at the end".to_owned(), verdict(&report.divergence)]);
+    let w = &report.workflows;
+    checks.add_row(vec![
+        format!(
+            "workflows lost ({} acknowledged, {} unknown; {} succeeded)",
+            w.acknowledged, w.unknown, w.succeeded
+        ),
+        verdict(&w.lost),
+    ]);
+    checks
+        .add_row(vec!["workflow inputs not the kept output".to_owned(), verdict(&w.inputs_wrong)]);
+    checks.add_row(vec![
+        "workflow outputs not the final attempt's".to_owned(),
+        verdict(&w.outputs_wrong),
+    ]);
     checks.add_row(vec![
         "linearizability".to_owned(),
         format!(

@@ -235,6 +235,15 @@ async fn play(
             stop_rx.clone(),
         )));
     }
+    let values = dir.join("workflow-ledger");
+    std::fs::write(&values, b"").context("cannot create the workflow ledger")?;
+    std::fs::set_permissions(&values, std::fs::Permissions::from_mode(0o666))?;
+    let workflow_client = tokio::spawn(crate::workflows::client(
+        cluster.channels.clone(),
+        ledger.clone(),
+        values.clone(),
+        stop_rx.clone(),
+    ));
     let samples = Arc::new(Mutex::new(Vec::<StatusSample>::new()));
     let sampler = tokio::spawn(sample_statuses(
         cluster.channels.clone(),
@@ -293,6 +302,7 @@ async fn play(
     for client in clients {
         let _ = client.await;
     }
+    let workflows_submitted = workflow_client.await.unwrap_or_default();
     workload.settle().await;
     eprintln!(
         "chaos: faults over after {:.1} s; waiting for the submitted work to finish",
@@ -302,6 +312,9 @@ async fn play(
         Client::from_channels(cluster.channels.clone(), ClientConfig::new(LIST_TIMEOUT))?;
     let unfinished = wait_for_work(&any_server, Duration::from_secs(120)).await;
     let finals = collect_finals(cluster, Duration::from_secs(60)).await;
+    let values_text =
+        std::fs::read_to_string(&values).context("cannot read the workflow ledger")?;
+    let workflows = crate::workflows::check(&any_server, &workflows_submitted, &values_text).await;
     let _ = sampler.await;
     let (ops, write_error) = history.finish();
     if let Some(e) = write_error {
@@ -322,6 +335,7 @@ async fn play(
         faults,
         unexpected_exits,
         unfinished,
+        workflows,
     );
     let valid = report.valid;
     Ok((report, valid))
@@ -340,6 +354,7 @@ fn check(
     faults: Vec<FaultRecord>,
     unexpected_exits: Vec<String>,
     unfinished: Option<u64>,
+    workflows: crate::workflows::WorkflowReport,
 ) -> Report {
     let (ledger, ledger_unreadable) = checks::parse_ledger(ledger_text);
     let (finals, finals_error) = match finals {
@@ -388,6 +403,7 @@ fn check(
         servers_read: finals.iter().map(|f| f.name.clone()).collect(),
         paths: report::Paths::new(dir),
         negative_control_caught: None,
+        workflows,
         valid: false,
     };
     report.valid = report.violations().is_empty();
@@ -539,6 +555,7 @@ async fn collect_finals(cluster: &Cluster, limit: Duration) -> Result<Vec<Server
                     (
                         t.id,
                         checks::FinalTask {
+                            workflow: spec.namespace == crate::workflows::NAMESPACE,
                             key: spec.idempotency_key,
                             status: crate::history::status_of(t.state),
                             token: t.fencing_token,
