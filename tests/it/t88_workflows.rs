@@ -182,6 +182,7 @@ async fn workflows_pass_data_fan_out_cancel_retry_and_survive_a_leader_kill() ->
         Ok(running.then_some(()))
     })
     .await?;
+    refused(&cluster, &["workflow", "retry", &id.to_string()], "is still running");
     ok(&cluster, &["workflow", "cancel", &id.to_string(), "--reason", "changed my mind"]);
     let cancelled = wait_state(&cluster, id, pb::WorkflowState::Cancelled).await?;
     let steps = cancelled.workflow.map(|w| w.steps).unwrap_or_default();

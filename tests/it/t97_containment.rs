@@ -53,11 +53,15 @@ fn alive(pid: i32) -> bool {
     !matches!(state, None | Some('Z' | 'X'))
 }
 
-async fn wait_gone(pid_file: &Path) -> anyhow::Result<()> {
-    let pid: i32 = wait_for(&format!("a pid in {}", pid_file.display()), LONG, || async {
+/// The pid a task wrote to `pid_file`.
+async fn pid_in(pid_file: &Path) -> anyhow::Result<i32> {
+    wait_for(&format!("a pid in {}", pid_file.display()), LONG, || async {
         Ok(std::fs::read_to_string(pid_file).ok().and_then(|t| t.trim().parse().ok()))
     })
-    .await?;
+    .await
+}
+
+async fn wait_gone(pid: i32) -> anyhow::Result<()> {
     wait_for(&format!("process {pid} to be killed"), Duration::from_secs(10), || async {
         Ok((!alive(pid)).then_some(()))
     })
@@ -146,7 +150,9 @@ async fn tasks_are_contained() -> anyhow::Result<()> {
     let escaped = cluster.task_writable("escaped")?;
     let script = format!("setsid sleep 300 & echo $! > {}; wait", escaped.display());
     let id = submit(&cluster, shell("escape", &script, 64, 10)).await?;
-    wait_task(&cluster, id, "to run", |t| t.state() == pb::TaskState::Running).await?;
+    // Running is reported as the attempt starts: its shell may not have written the pid yet,
+    // and a cancel before it does would leave nothing to look for.
+    let pid = pid_in(&escaped).await?;
     let client = cluster.any_server(Duration::from_secs(5))?;
     let cancel = pb::CancelTaskRequest { id, reason: "t97".to_owned() };
     client
@@ -155,21 +161,18 @@ async fn tasks_are_contained() -> anyhow::Result<()> {
             async move { c.cancel_task(cancel).await }
         })
         .await?;
-    wait_gone(&escaped).await?;
+    wait_gone(pid).await?;
 
     // After kill -9 of the executor, its restart kills what its attempts left running.
     let orphan = cluster.task_writable("orphan")?;
     let script = format!("setsid sleep 300 & echo $! > {}; wait", orphan.display());
     let id = submit(&cluster, shell("orphan", &script, 64, 10)).await?;
     wait_task(&cluster, id, "to run", |t| t.state() == pb::TaskState::Running).await?;
-    let pid: i32 = wait_for("the orphan's pid", LONG, || async {
-        Ok(std::fs::read_to_string(&orphan).ok().and_then(|t| t.trim().parse().ok()))
-    })
-    .await?;
+    let pid = pid_in(&orphan).await?;
     cluster.executors[0].kill9();
     assert!(alive(pid), "the orphan outlives its executor's kill -9 (until the restart)");
     cluster.executors[0].start()?;
-    wait_gone(&orphan).await?;
+    wait_gone(pid).await?;
     cluster.wait_for_executors_up(1, LONG).await?;
 
     // 600 high-priority tasks no executor can run never hold back one that fits.
