@@ -173,6 +173,13 @@ async fn workflows_pass_data_fan_out_cancel_retry_and_survive_a_leader_kill() ->
         "nothing was created"
     );
 
+    // An output over its limit fails the step, saying which output, how large, and the limit.
+    let big = write(scratch.path(), "big.yaml", "name: big\nsteps:\n  - {name: dump, outputs: [blob], run: [sh, -c, 'head -c 300000 /dev/zero > $COLONY_OUTPUT_DIR/blob']}\n");
+    let id: u64 = ok(&cluster, &["workflow", "submit", &big]).trim().parse()?;
+    let failed = wait_state(&cluster, id, pb::WorkflowState::Failed).await?;
+    let reason = failed.workflow.map(|w| w.reason).unwrap_or_default();
+    assert!(reason.contains("output blob is 300000 bytes; the limit is 262144 bytes per output"), "{reason}");
+
     // 3. Cancel: the running step is stopped, the waiting one never starts.
     let slow = write(scratch.path(), "slow.yaml", "name: slow\nsteps:\n  - {name: wait, run: [sleep, '60']}\n  - {name: never, after: [wait], builtin: echo}\n");
     let id: u64 = ok(&cluster, &["workflow", "submit", &slow]).trim().parse()?;
