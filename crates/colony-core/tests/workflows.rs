@@ -301,6 +301,17 @@ fn a_for_each_over_something_not_a_list_fails_the_step() {
     let reason = w.reason.unwrap_or_default();
     assert!(reason.contains("for_each plan.items: the output is not a JSON list"), "{reason}");
 
+    // A list longer than the limit.
+    let mut fan = step("fan", &["plan"], &[], &[]);
+    fan.for_each = Some(OutputRef { step: "plan".into(), output: "items".into() });
+    let id = c.submit(workflow("w3", vec![step("plan", &[], &[], &["items"]), fan]));
+    let plan = c.step_tasks(id, "plan")[0];
+    let items = serde_json::to_string(&(0..257).collect::<Vec<u32>>()).unwrap();
+    c.succeed(plan, &[("items", &items)]);
+    let reason = c.workflow(id).reason.unwrap_or_default();
+    assert!(reason.contains("257 items; the limit is 256 (for_each_items_max)"), "{reason}");
+    assert!(c.step_tasks(id, "fan").is_empty(), "no instance was created");
+
     // An empty list: nothing to run, the step succeeds at once.
     let mut fan = step("fan", &["plan"], &[], &[]);
     fan.for_each = Some(OutputRef { step: "plan".into(), output: "items".into() });

@@ -8,7 +8,7 @@
 use crate::{codec, StoreError};
 use openraft::{BasicNode, SnapshotMeta};
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
@@ -76,13 +76,19 @@ impl SnapshotFile {
         if persisted.as_ref().is_some_and(|current| current.last_log_id > meta.last_log_id) {
             return Ok(false);
         }
-        let frame = codec::encode(&(meta, data)).map_err(|source| StoreError::Encode {
+        // The frame of `(meta, data)`, written in parts: `data` is the whole state, and joining it
+        // with the metadata in memory would hold it twice more.
+        let config = bincode::config::standard();
+        let encoded = bincode::serde::encode_to_vec(meta, config)
+            .and_then(|head| Ok((head, bincode::serde::encode_to_vec(data.len() as u64, config)?)));
+        let (head, length) = encoded.map_err(|e| StoreError::Encode {
             what: format!("snapshot {}", meta.snapshot_id),
-            source,
+            source: codec::CodecError::Encode(e),
         })?;
         let temporary = self.dir.join(TEMPORARY_NAME);
         let current = self.dir.join(CURRENT_NAME);
-        write_synced(&temporary, &frame).map_err(|source| io_error(&temporary, source))?;
+        write_synced(&temporary, &[&head, &length, data])
+            .map_err(|source| io_error(&temporary, source))?;
         fs::rename(&temporary, &current).map_err(|source| io_error(&current, source))?;
         File::open(&self.dir)
             .and_then(|dir| dir.sync_all())
@@ -98,10 +104,10 @@ impl SnapshotFile {
     }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = File::create(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
+fn write_synced(path: &Path, parts: &[&[u8]]) -> io::Result<()> {
+    let mut file = io::BufWriter::new(File::create(path)?);
+    codec::write_frame(&mut file, parts)?;
+    file.into_inner().map_err(io::IntoInnerError::into_error)?.sync_all()
 }
 
 fn io_error(path: &Path, source: io::Error) -> StoreError {

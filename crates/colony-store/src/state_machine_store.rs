@@ -106,19 +106,23 @@ impl StateMachineStore {
         self.state.write().map_err(|_| StoreError::Poisoned)
     }
 
-    /// Durably writes a snapshot, off the async runtime's threads (it fsyncs twice).
-    async fn persist(&self, meta: Meta, data: Vec<u8>) -> Result<(), StorageError<u64>> {
+    /// Durably writes a snapshot, off the async runtime's threads (it fsyncs twice), and hands
+    /// the data back (a snapshot is tens of MiB: it is moved, not copied).
+    async fn persist(&self, meta: Meta, data: Vec<u8>) -> Result<Vec<u8>, StorageError<u64>> {
         let snapshots = Arc::clone(&self.snapshots);
         let signature = meta.signature();
         let snapshot_id = meta.snapshot_id.clone();
-        let written = tokio::task::spawn_blocking(move || snapshots.write(&meta, &data))
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?
-            .map_err(|e| StorageIOError::write_snapshot(Some(signature), &e))?;
+        let (written, data) = tokio::task::spawn_blocking(move || {
+            let written = snapshots.write(&meta, &data);
+            (written, data)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?;
+        let written = written.map_err(|e| StorageIOError::write_snapshot(Some(signature), &e))?;
         if !written {
             tracing::info!(snapshot_id, "snapshot not persisted: a later one is already on disk");
         }
-        Ok(())
+        Ok(data)
     }
 }
 
@@ -182,7 +186,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         // Durable first: if the write fails, the state machine is left as it was.
         let bytes = data.len() as u64;
-        self.persist(meta.clone(), data).await?;
+        drop(self.persist(meta.clone(), data).await?);
         self.stats.installed.fetch_add(1, Ordering::Relaxed);
         self.stats.last_bytes.store(bytes, Ordering::Relaxed);
         *self.write_state().map_err(|e| state_error(ErrorVerb::Write, &e))? = restored;
@@ -225,7 +229,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             None => format!("none-{built}"),
         };
         let meta = Meta { last_log_id, last_membership, snapshot_id };
-        self.persist(meta.clone(), data.clone()).await?;
+        let data = self.persist(meta.clone(), data).await?;
         self.stats.record_build(started.elapsed().as_micros() as u64, data.len());
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }

@@ -302,12 +302,16 @@ impl Leader {
             | Outcome::Evicted { .. }
             | Outcome::Cancelled { .. }
             | Outcome::MarkedDown { .. }
-            | Outcome::Registered { .. } => None,
+            | Outcome::Registered { .. }
+            | Outcome::WorkflowCancelled { .. } => None,
             Outcome::Collected(collected) if !collected.executors.is_empty() => None,
+            Outcome::Reported { stopped, .. } if !stopped.is_empty() => None,
             Outcome::Submitted { .. }
             | Outcome::Reported { .. }
             | Outcome::Draining { .. }
-            | Outcome::Undrained { .. } => Some(vec![Effect::WakeScheduler]),
+            | Outcome::Undrained { .. }
+            | Outcome::WorkflowSubmitted { .. }
+            | Outcome::WorkflowRetried { .. } => Some(vec![Effect::WakeScheduler]),
             _ => Some(Vec::new()),
         }
     }
@@ -338,6 +342,18 @@ impl Leader {
                 effects
             }
             Outcome::Evicted { ids } => kill_superseded(state, ids, KillReason::DrainDeadline),
+            // A workflow ended by a failed step or a cancel: its running tasks stop now, not at
+            // their executors' next heartbeat.
+            Outcome::Reported { stopped, .. } => {
+                let mut effects = kill_superseded(state, stopped, KillReason::Cancelled);
+                effects.push(Effect::WakeScheduler);
+                effects
+            }
+            Outcome::WorkflowCancelled { workflow } => {
+                let tasks: Vec<TaskId> =
+                    workflow.steps.iter().flat_map(|run| run.tasks.iter().copied()).collect();
+                kill_superseded(state, &tasks, KillReason::Cancelled)
+            }
             Outcome::Cancelled { task, cascaded } => {
                 let ended: Vec<TaskId> =
                     std::iter::once(task.id).chain(cascaded.iter().copied()).collect();

@@ -498,6 +498,95 @@ fn a_cancelled_running_attempt_is_killed_at_once() {
     );
 }
 
+/// Two independent steps, `a` and `b`, of one workflow.
+fn two_step_workflow(w: &mut World) -> (crate::WorkflowId, TaskId, TaskId) {
+    let step = |name: &str| crate::StepSpec {
+        name: name.to_owned(),
+        task: TaskSpec { max_retries: 0, ..spec("") },
+        after: BTreeSet::new(),
+        inputs: Default::default(),
+        outputs: BTreeSet::new(),
+        for_each: None,
+        allow_failure: false,
+    };
+    let workflow = crate::WorkflowSpec {
+        name: "w".to_owned(),
+        namespace: "default".to_owned(),
+        params: Default::default(),
+        steps: vec![step("a"), step("b")],
+    };
+    let Outcome::WorkflowSubmitted { workflow } = w.apply(Command::SubmitWorkflow(workflow)) else {
+        panic!("not submitted")
+    };
+    (workflow.id, workflow.steps[0].tasks[0], workflow.steps[1].tasks[0])
+}
+
+#[test]
+fn a_workflow_submission_wakes_the_scheduler() {
+    let mut w = World::new();
+    let workflow = crate::WorkflowSpec {
+        name: "w".to_owned(),
+        namespace: "default".to_owned(),
+        params: Default::default(),
+        steps: vec![crate::StepSpec {
+            name: "a".to_owned(),
+            task: spec(""),
+            after: BTreeSet::new(),
+            inputs: Default::default(),
+            outputs: BTreeSet::new(),
+            for_each: None,
+            allow_failure: false,
+        }],
+    };
+    let outcome = w.apply(Command::SubmitWorkflow(workflow));
+    let now = w.now();
+    assert_eq!(w.leader.handle_committed(&w.sm, &outcome, now), vec![Effect::WakeScheduler]);
+}
+
+#[test]
+fn a_cancelled_workflows_running_tasks_are_killed_at_once() {
+    let mut w = World::new();
+    let e = w.executor();
+    w.connect(e, &[]);
+    let (id, a, b) = two_step_workflow(&mut w);
+    w.place(a, e);
+    w.start_attempt(e, a);
+    let outcome = w.apply(Command::CancelWorkflow { id, reason: "user".to_owned() });
+    let now = w.now();
+    // b never ran: only a's attempt is killed.
+    let effects = w.leader.handle_committed(&w.sm, &outcome, now);
+    assert_eq!(effects, vec![kill(e, a, w.token(a), KillReason::Cancelled)]);
+    assert_eq!(w.sm.get_task(b).map(|t| t.state), Some(TaskState::Cancelled));
+}
+
+#[test]
+fn a_step_failing_its_workflow_kills_the_other_running_steps_at_once() {
+    let mut w = World::new();
+    let e = w.executor();
+    w.connect(e, &[]);
+    let (_, a, b) = two_step_workflow(&mut w);
+    for task in [a, b] {
+        w.place(task, e);
+        w.start_attempt(e, task);
+    }
+    let failed = AttemptStatus::Finished(AttemptResult {
+        outcome: AttemptOutcome::Failed,
+        exit_code: Some(1),
+        stdout_tail: String::new(),
+        stderr_tail: String::new(),
+        message: String::new(),
+        peak_memory_bytes: None,
+    });
+    let outcome =
+        w.apply(Command::Report { executor: e, task: a, token: w.token(a), status: failed });
+    let now = w.now();
+    let effects = w.leader.handle_committed(&w.sm, &outcome, now);
+    assert_eq!(
+        effects,
+        vec![kill(e, b, w.token(b), KillReason::Cancelled), Effect::WakeScheduler]
+    );
+}
+
 #[test]
 fn a_preempted_attempt_is_killed_and_the_new_one_assigned() {
     let mut w = World::new();

@@ -217,6 +217,9 @@ pub enum Outcome {
     Reported {
         task: TaskId,
         state: TaskState,
+        /// When the report ended the task's workflow (a failed step): the workflow's tasks, so
+        /// the leader stops those still running at once.
+        stopped: Vec<TaskId>,
     },
     Expired {
         ids: Vec<TaskId>,

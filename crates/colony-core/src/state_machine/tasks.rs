@@ -136,7 +136,9 @@ impl StateMachine {
                 self.finish_attempt(id, result, outputs)?
             }
         }
-        Ok(Outcome::Reported { task: id, state: self.task(id)?.state })
+        let mut stopped = self.workflow_tasks_if_stopped(id);
+        stopped.retain(|&t| t != id);
+        Ok(Outcome::Reported { task: id, state: self.task(id)?.state, stopped })
     }
 
     /// An attempt's end: its texts kept, then success (its outputs checked and kept), a retry,

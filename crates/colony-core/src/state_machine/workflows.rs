@@ -458,6 +458,17 @@ impl StateMachine {
         }
     }
 
+    /// When `task`'s workflow has ended, every task of its current runs (none otherwise).
+    pub(super) fn workflow_tasks_if_stopped(&self, task: TaskId) -> Vec<TaskId> {
+        let workflow = self.task_steps.get(&task).and_then(|l| self.workflows.get(&l.workflow));
+        match workflow {
+            Some(w) if w.state.is_finished() => {
+                w.steps.iter().flat_map(|run| run.tasks.iter().copied()).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// Whether retention must keep this finished task: its workflow is still running.
     pub(super) fn held_by_workflow(&self, task: TaskId) -> bool {
         self.task_steps
