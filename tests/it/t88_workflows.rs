@@ -178,7 +178,10 @@ async fn workflows_pass_data_fan_out_cancel_retry_and_survive_a_leader_kill() ->
     let id: u64 = ok(&cluster, &["workflow", "submit", &big]).trim().parse()?;
     let failed = wait_state(&cluster, id, pb::WorkflowState::Failed).await?;
     let reason = failed.workflow.map(|w| w.reason).unwrap_or_default();
-    assert!(reason.contains("output blob is 300000 bytes; the limit is 262144 bytes per output"), "{reason}");
+    assert!(
+        reason.contains("output blob is 300000 bytes; the limit is 262144 bytes per output"),
+        "{reason}"
+    );
 
     // 3. Cancel: the running step is stopped, the waiting one never starts.
     let slow = write(scratch.path(), "slow.yaml", "name: slow\nsteps:\n  - {name: wait, run: [sleep, '60']}\n  - {name: never, after: [wait], builtin: echo}\n");

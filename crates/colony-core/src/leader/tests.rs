@@ -581,10 +581,7 @@ fn a_step_failing_its_workflow_kills_the_other_running_steps_at_once() {
         w.apply(Command::Report { executor: e, task: a, token: w.token(a), status: failed });
     let now = w.now();
     let effects = w.leader.handle_committed(&w.sm, &outcome, now);
-    assert_eq!(
-        effects,
-        vec![kill(e, b, w.token(b), KillReason::Cancelled), Effect::WakeScheduler]
-    );
+    assert_eq!(effects, vec![kill(e, b, w.token(b), KillReason::Cancelled), Effect::WakeScheduler]);
 }
 
 #[test]
