@@ -47,6 +47,11 @@ const BLOCK_CACHE_BYTES: usize = 8 << 20;
 /// also flushes it after each purge).
 const WAL_TOTAL_BYTES_MAX: u64 = 32 << 20;
 const INFO_LOG_FILES_MAX: usize = 4;
+/// RocksDB's own info log rolls at this size (it never rolls by default: it grew 270 KiB a minute
+/// under load, with a compaction after every purge), and only warnings are written to it.
+const INFO_LOG_FILE_BYTES_MAX: usize = 1 << 20;
+/// The manifest (a record of every flush and compaction) is rewritten past this size.
+const MANIFEST_BYTES_MAX: usize = 4 << 20;
 /// Appends waiting for the flusher; a full queue makes `append` wait, which is the backpressure.
 const FLUSH_QUEUE_CALLBACKS_MAX: usize = 4096;
 
@@ -418,6 +423,9 @@ fn db_options() -> Options {
     options.set_max_total_wal_size(WAL_TOTAL_BYTES_MAX);
     options.set_compression_type(DBCompressionType::None);
     options.set_keep_log_file_num(INFO_LOG_FILES_MAX);
+    options.set_max_log_file_size(INFO_LOG_FILE_BYTES_MAX);
+    options.set_log_level(rocksdb::LogLevel::Warn);
+    options.set_max_manifest_file_size(MANIFEST_BYTES_MAX);
     options.set_block_based_table_factory(&table);
     options
 }
