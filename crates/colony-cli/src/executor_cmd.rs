@@ -11,6 +11,10 @@ use std::path::PathBuf;
 /// The flags of `colony executor`.
 #[derive(Debug, Args)]
 pub struct ExecutorArgs {
+    #[command(flatten)]
+    config: crate::config_file::ConfigArg,
+    #[command(flatten)]
+    trace: crate::server_cmd::TraceArgs,
     /// Servers to connect to (comma-separated HOST:PORT); any one finds the leader.
     #[arg(long, required = true, value_delimiter = ',', value_parser = colony_client::parse_endpoint)]
     join: Vec<String>,
@@ -118,10 +122,13 @@ fn config(args: &ExecutorArgs, global: &crate::GlobalArgs) -> Result<ExecutorCon
 
 pub async fn run(args: ExecutorArgs, global: &crate::GlobalArgs) -> Result<()> {
     let config = config(&args, global)?;
+    args.trace.validate()?;
     if let Some(parent) = args.parent_pid {
         exit_with_parent(parent)?;
     }
     init_logging(args.log_format)?;
+    args.config.log();
+    args.trace.start("colony-executor", config.name.clone())?;
     colony_executor::run(config, async {
         colony_process::shutdown_signal().await;
     })

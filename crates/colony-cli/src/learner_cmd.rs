@@ -10,6 +10,8 @@ use std::time::Duration;
 
 #[derive(Debug, Args)]
 pub struct LearnerArgs {
+    #[command(flatten)]
+    config: crate::config_file::ConfigArg,
     /// Servers to follow and publish through (comma-separated HOST:PORT).
     #[arg(long, required = true, value_delimiter = ',', value_parser = colony_client::parse_endpoint)]
     join: Vec<String>,
@@ -53,6 +55,7 @@ pub async fn run(args: LearnerArgs, global: &crate::GlobalArgs) -> Result<()> {
         exit_with_parent(parent)?;
     }
     init_logging(args.log_format)?;
+    args.config.log();
     colony_learn::learner::run(config, async {
         colony_process::shutdown_signal().await;
     })

@@ -13,6 +13,7 @@ mod bench_schedule;
 mod bench_soak;
 mod bench_workflow;
 mod cluster_cmd;
+mod config_file;
 mod dev;
 mod executor_cmd;
 mod learner_cmd;
@@ -24,7 +25,7 @@ mod task_cmd;
 mod workflow_cmd;
 mod workflow_file;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use output::OutputFormat;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -139,7 +140,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `--config FILE` of server, executor and learner becomes flags before clap parses them.
+    let argv = match config_file::expand(Cli::command(), std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         // The reader of stdout has what it wanted (`colony task list | head`): stop quietly.

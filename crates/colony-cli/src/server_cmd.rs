@@ -18,9 +18,55 @@ pub enum LogFormat {
     Json,
 }
 
+/// Trace export, for servers and executors.
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Export traces (one per task, across servers and executors) over OTLP/gRPC to this
+    /// receiver, http://HOST:PORT. Spans the receiver does not take are dropped and counted.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// The share of new tasks traced, from 0 to 1; a submission whose `traceparent` says sampled
+    /// is always traced.
+    #[arg(long, default_value_t = 0.1, value_name = "RATIO")]
+    trace_sample_ratio: f64,
+}
+
+impl TraceArgs {
+    /// Starts exporting as `service` (inside the runtime); nothing without --otlp-endpoint.
+    pub fn start(&self, service: &'static str, instance: String) -> Result<()> {
+        let Some(endpoint) = &self.otlp_endpoint else { return Ok(()) };
+        let config = colony_process::trace::TraceConfig {
+            endpoint: endpoint.clone(),
+            sample_ratio: self.trace_sample_ratio,
+            service,
+            instance,
+        };
+        colony_process::trace::init(&config).map_err(|e| anyhow::anyhow!(e))?;
+        tracing::info!(%endpoint, ratio = self.trace_sample_ratio, "exporting traces");
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if let Some(endpoint) = &self.otlp_endpoint {
+            let config = colony_process::trace::TraceConfig {
+                endpoint: endpoint.clone(),
+                sample_ratio: self.trace_sample_ratio,
+                service: "",
+                instance: String::new(),
+            };
+            config.validate().map_err(|e| anyhow::anyhow!(e))?;
+        }
+        Ok(())
+    }
+}
+
 /// The flags of `colony server`; examples are in its help.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
+    #[command(flatten)]
+    config: crate::config_file::ConfigArg,
+    #[command(flatten)]
+    trace: TraceArgs,
     /// This server's id; needed the first time, remembered in the data directory after.
     #[arg(long)]
     id: Option<u64>,
@@ -248,12 +294,16 @@ pub fn exit_with_parent(parent: i32) -> Result<()> {
 
 pub async fn run(args: ServerArgs, global: &crate::GlobalArgs) -> Result<()> {
     let mut config = config(&args)?;
+    args.trace.validate()?;
     // The global `--token`: a server join token, needed the first time a server joins.
     config.token = global.token.clone();
     if let Some(parent) = args.parent_pid {
         exit_with_parent(parent)?;
     }
     init_logging(args.log_format)?;
+    args.config.log();
+    let instance = args.id.map_or_else(|| args.data_dir.display().to_string(), |id| id.to_string());
+    args.trace.start("colony-server", instance)?;
     colony_server::run(config).await
 }
 
