@@ -12,6 +12,7 @@ mod t80_executors;
 mod t85_executor_link;
 mod t88_workflows;
 mod t90_learner;
+mod t93_traces;
 mod t94_backup;
 mod t95_security;
 mod t96_python;

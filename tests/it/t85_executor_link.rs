@@ -101,6 +101,7 @@ async fn malformed_and_forged_messages_are_refused() -> anyhow::Result<()> {
             task_id: 424_242,
             fencing_token: 1,
             status: Some(pb::status_report::Status::Started(pb::Started {})),
+            traceparent: String::new(),
         })),
     };
     colony_quic::write_frame(&mut raw.send, &report).await?;

@@ -49,6 +49,7 @@ fn amounts(r: &Resources) -> [u64; 3] {
 impl Metrics {
     pub(crate) fn new(capacity: &Resources) -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
+        colony_process::trace::register(&registry)?;
         let gauge = |name: &str, help: &str| register(&registry, IntGauge::new(name, help)?);
         let counter = |name: &str, help: &str| register(&registry, IntCounter::new(name, help)?);
         let by_resource = |name: &str, help: &str| {

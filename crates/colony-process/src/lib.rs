@@ -6,6 +6,7 @@
 
 mod files;
 mod http;
+pub mod trace;
 
 pub use files::{private_dir, write_private};
 pub use http::{encode, serve_http, Probe};

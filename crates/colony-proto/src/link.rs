@@ -103,6 +103,8 @@ pub fn server_message(
                 spec: Some(spec),
                 inputs: state.task_inputs(task.id).into_iter().collect(),
                 outputs: state.task_declared_outputs(task.id).into_iter().collect(),
+                // Set by the leader's sessions when the task is traced.
+                traceparent: String::new(),
             })
         }
         ToExecutor::Kill { task, token, reason } => pb::server_message::Body::Kill(pb::Kill {
@@ -127,6 +129,7 @@ mod tests {
                 stdout_tail,
                 ..Default::default()
             })),
+            traceparent: String::new(),
         }
     }
 
@@ -181,7 +184,8 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let empty = pb::StatusReport { report_id: 1, task_id: 5, fencing_token: 9, status: None };
+        let empty =
+            pb::StatusReport { report_id: 1, task_id: 5, fencing_token: 9, ..Default::default() };
         assert_eq!(
             report_command(ExecutorId(2), &empty, &limits, &wl),
             Err(ConversionError::Missing("report.status"))

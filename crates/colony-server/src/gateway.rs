@@ -9,7 +9,7 @@ use crate::node::Node;
 use crate::proposer::ProposeError;
 use crate::sessions::Link as SessionLink;
 use colony_core::leader::{check_hello, Hello, HelloRefusal, SessionId};
-use colony_core::{Command, ExecutorId, Outcome};
+use colony_core::{Command, ExecutorId, FencingToken, Outcome, TaskId};
 use colony_proto::convert::executor_spec_from_hello;
 use colony_proto::link::{report_command, running_attempts};
 use colony_proto::pb::{
@@ -351,6 +351,10 @@ async fn read_executor(
                 let Ok(permit) = reports.clone().acquire_owned().await else { return Ok(()) };
                 let node = node.clone();
                 let span = tracing::info_span!("report", executor_id = %id, task_id = report.task_id, token = report.fencing_token);
+                let (task, token) = (TaskId(report.task_id), FencingToken(report.fencing_token));
+                let finished =
+                    matches!(report.status, Some(pb::status_report::Status::Finished(_)));
+                let mut traced = crate::traces::report(&report.traceparent, task, token);
                 tokio::spawn(
                     async move {
                         let started = Instant::now();
@@ -360,6 +364,15 @@ async fn read_executor(
                             // Unknown outcome: no ack, so the executor resends after reconnecting.
                             Err(_) => return,
                         };
+                        if let Some(mut traced) = traced.take() {
+                            if !error.is_empty() {
+                                traced.fail(error.clone());
+                            }
+                            traced.end();
+                        }
+                        if finished {
+                            node.sessions().traces().ended(task);
+                        }
                         node.metrics()
                             .agent_communication_seconds
                             .with_label_values(&["leader", "executor"])

@@ -28,6 +28,7 @@ mod restore;
 mod sessions;
 mod start;
 mod tls;
+mod traces;
 mod wire;
 
 pub use config::ServerConfig;

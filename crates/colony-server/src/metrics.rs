@@ -85,6 +85,7 @@ impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        colony_process::trace::register(&registry)?;
         let gauge = |name: &str, help: &str| register(&registry, IntGauge::new(name, help)?);
         let latency = |name: &str, help: &str| {
             let buckets = vec![

@@ -5,13 +5,15 @@
 //! queued under the same lock, so messages to one executor leave in the order they were decided.
 //! Effects that wait (proposals) and wake-ups are handed back to the caller.
 
+use crate::traces::TaskTraces;
 use colony_core::leader::{CloseReason, Effect, Leader, LeaderConfig, RunningAttempt, SessionId};
-use colony_core::{ExecutorId, Outcome, StateMachine};
+use colony_core::{ExecutorId, FencingToken, Outcome, StateMachine, TaskId};
+use colony_process::trace;
 use colony_proto::pb;
 use colony_quic::CloseCode;
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 /// How the server reaches one executor's session.
@@ -30,12 +32,18 @@ struct Inner {
 /// Connected executors and the leader's decisions about them.
 pub struct Sessions {
     inner: Mutex<Inner>,
+    traces: TaskTraces,
 }
 
 impl Sessions {
     pub fn new(config: LeaderConfig) -> Sessions {
         let inner = Inner { leader: Leader::new(config, Instant::now()), links: HashMap::new() };
-        Sessions { inner: Mutex::new(inner) }
+        Sessions { inner: Mutex::new(inner), traces: TaskTraces::default() }
+    }
+
+    /// The traces of the tasks this leader placed (when traces are exported).
+    pub fn traces(&self) -> &TaskTraces {
+        &self.traces
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -62,7 +70,7 @@ impl Sessions {
         }
         let effects =
             inner.leader.handle_connected(state, executor, session, running, Instant::now());
-        perform(&mut inner, state, effects)
+        perform(&mut inner, &self.traces, state, effects)
     }
 
     pub fn heartbeat(
@@ -73,7 +81,7 @@ impl Sessions {
     ) -> Vec<Effect> {
         let mut inner = self.lock();
         let effects = inner.leader.handle_heartbeat(state, executor, running, Instant::now());
-        perform(&mut inner, state, effects)
+        perform(&mut inner, &self.traces, state, effects)
     }
 
     /// The executor said Hello; its registration may be about to commit.
@@ -93,16 +101,29 @@ impl Sessions {
 
     /// A command committed; `state` is the state after it.
     pub fn committed(&self, state: &StateMachine, outcome: &Outcome) -> Vec<Effect> {
+        if let (true, Outcome::Placed { assigned, .. }) = (trace::enabled(), outcome) {
+            for a in assigned {
+                // A first attempt's placement span starts at its submission (queueing and
+                // scheduling); a later one's at its commit.
+                let started = state
+                    .get_task(a.task)
+                    .filter(|_| a.attempt == 1)
+                    .map_or_else(SystemTime::now, |t| {
+                        UNIX_EPOCH + Duration::from_millis(t.created_unix_ms)
+                    });
+                self.traces.placed(a.task, a.attempt, a.token, a.executor, started);
+            }
+        }
         let mut inner = self.lock();
         let effects = inner.leader.handle_committed(state, outcome, Instant::now());
-        perform(&mut inner, state, effects)
+        perform(&mut inner, &self.traces, state, effects)
     }
 
     /// The failure detector's tick: proposals to declare silent executors down.
     pub fn tick(&self, state: &StateMachine) -> Vec<Effect> {
         let mut inner = self.lock();
         let effects = inner.leader.handle_tick(state, Instant::now());
-        perform(&mut inner, state, effects)
+        perform(&mut inner, &self.traces, state, effects)
     }
 
     /// The session ended; a newer session of the same executor is left alone.
@@ -142,6 +163,7 @@ impl Sessions {
             CloseCode::GoingAway.close(&link.connection, why);
         }
         inner.leader.handle_all_closed();
+        self.traces.clear();
     }
 
     pub fn heartbeat_age(&self, executor: ExecutorId) -> Option<Duration> {
@@ -158,13 +180,27 @@ impl Sessions {
 }
 
 /// Queues the sends and closes among `effects` and returns the rest, for the caller to perform.
-fn perform(inner: &mut Inner, state: &StateMachine, effects: Vec<Effect>) -> Vec<Effect> {
+fn perform(
+    inner: &mut Inner,
+    traces: &TaskTraces,
+    state: &StateMachine,
+    effects: Vec<Effect>,
+) -> Vec<Effect> {
     let mut rest = Vec::new();
     for effect in effects {
         match effect {
             Effect::Send { executor, message } => {
                 // The component names only tasks it found in `state`, under the same lock.
-                if let Some(body) = colony_proto::link::server_message(&message, state) {
+                if let Some(mut body) = colony_proto::link::server_message(&message, state) {
+                    if let (true, pb::server_message::Body::Assign(assign)) =
+                        (trace::enabled(), &mut body)
+                    {
+                        assign.traceparent = traces.assignment(
+                            TaskId(assign.task_id),
+                            assign.attempt,
+                            FencingToken(assign.fencing_token),
+                        );
+                    }
                     send(inner, executor, body);
                 }
             }

@@ -16,6 +16,9 @@ use crate::step_io::StepIo;
 use colony_core::{ExecutorId, FencingToken, Resources, RunSpec, TaskId, TaskSpec};
 use colony_proto::pb;
 use colony_quic::FRAME_BYTES_MAX;
+use opentelemetry::global::BoxedSpan;
+use opentelemetry::trace::{Span as _, SpanKind, Tracer as _};
+use opentelemetry::KeyValue;
 use quinn::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
@@ -158,6 +161,8 @@ struct Running {
     resources: Resources,
     /// `None` once a kill was requested: the attempt is superseded and will not be reported.
     kill: Option<oneshot::Sender<()>>,
+    /// The attempt's `run` span, when its task is traced (a child of the leader's assignment).
+    trace: Option<BoxedSpan>,
 }
 
 impl Running {
@@ -548,9 +553,10 @@ impl State {
         }
         tracing::info!(%task, attempt = attempt.attempt, %token, name = %spec.name, "starting attempt");
         let (kill_tx, kill_rx) = oneshot::channel();
+        let trace = run_span(&assign.traceparent, &attempt, &spec.name);
         self.running.insert(
             (task, token),
-            Running { resources: spec.resources.clone(), kill: Some(kill_tx) },
+            Running { resources: spec.resources.clone(), kill: Some(kill_tx), trace },
         );
         let launcher = self.launcher.clone();
         let attempts_tx = self.attempts_tx.clone();
@@ -621,9 +627,22 @@ impl State {
 
     fn on_attempt_ended(&mut self, ended: AttemptEnded) {
         let key = (ended.task, ended.token);
-        let Some(running) = self.running.remove(&key) else { return };
+        let Some(mut running) = self.running.remove(&key) else { return };
         self.update_gauges();
-        if !running.is_live() {
+        let live = running.is_live();
+        let traceparent = match running.trace.take() {
+            Some(mut span) => {
+                let outcome = if live { ended.result.outcome.label() } else { "killed" };
+                span.set_attribute(KeyValue::new("colony.attempt.outcome", outcome));
+                if outcome != "succeeded" {
+                    span.set_status(opentelemetry::trace::Status::error(outcome));
+                }
+                span.end();
+                colony_process::trace::traceparent(span.span_context())
+            }
+            None => String::new(),
+        };
+        if !live {
             self.metrics.attempt_ended(Outcome::Killed);
             tracing::debug!(task = %ended.task, token = %ended.token, "killed attempt ended");
             return;
@@ -638,6 +657,9 @@ impl State {
                 ended.token,
                 pb::status_report::Status::Finished(finished),
             );
+            if let Some(pending) = self.pending.back_mut() {
+                pending.report.traceparent = traceparent;
+            }
         }
     }
 
@@ -673,6 +695,7 @@ impl State {
             task_id: task.0,
             fencing_token: token.0,
             status: Some(status),
+            traceparent: String::new(),
         };
         self.pending.push_back(Pending { report, sent_at: None });
         self.metrics.reports_pending.set(saturating_i64(self.pending.len()));
@@ -804,6 +827,28 @@ impl State {
 
 fn saturating_i64(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The `run` span of an attempt whose assignment carries a trace context; none otherwise, or when
+/// this executor exports no traces.
+fn run_span(traceparent: &str, attempt: &Attempt, name: &str) -> Option<BoxedSpan> {
+    if !colony_process::trace::enabled() {
+        return None;
+    }
+    let parent = colony_process::trace::parse_traceparent(traceparent)?;
+    let tracer = colony_process::trace::tracer();
+    let span = tracer
+        .span_builder("run")
+        .with_kind(SpanKind::Consumer)
+        .with_attributes([
+            KeyValue::new("colony.task.id", attempt.task_id.0 as i64),
+            KeyValue::new("colony.task.name", name.to_owned()),
+            KeyValue::new("colony.task.attempt", i64::from(attempt.attempt)),
+            KeyValue::new("colony.fencing_token", attempt.fencing_token.0 as i64),
+            KeyValue::new("colony.executor.id", attempt.executor_id.0 as i64),
+        ])
+        .start_with_context(&tracer, &colony_process::trace::parent(&parent));
+    Some(span)
 }
 
 #[cfg(test)]

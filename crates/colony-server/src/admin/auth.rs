@@ -16,6 +16,8 @@ pub const CALLER: &str = "x-colony-caller";
 pub const REQUEST_ID: &str = "x-colony-request-id";
 /// Set by a forwarding server: the address the request came from.
 pub const SOURCE: &str = "x-colony-source";
+/// The W3C trace context of a call (`traceparent`), carried on when it is forwarded.
+pub const TRACEPARENT: &str = "traceparent";
 const BEARER: &str = "Bearer ";
 /// The longest `authorization` value read: a token is 138 characters.
 const AUTHORIZATION_BYTES_MAX: usize = 512;
@@ -36,6 +38,9 @@ pub struct Caller {
     pub request_id: String,
     /// Another server authenticated the caller and forwarded the request here.
     pub forwarded: bool,
+    /// The caller's W3C trace context (`traceparent` metadata), checked; a forwarded request
+    /// carries it on.
+    pub traceparent: Option<String>,
 }
 
 impl Caller {
@@ -142,6 +147,11 @@ pub fn authenticate(
     metadata: &MetadataMap,
 ) -> Result<Caller, Refused> {
     let peer = conn.and_then(|c| c.remote);
+    let traceparent = metadata
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| colony_process::trace::parse_traceparent(t).is_some())
+        .map(str::to_owned);
     let from_server = matches!(conn.and_then(|c| c.peer), Some(CertRole::Server(_)));
     if from_server {
         if let Some(forwarded) = metadata.get(CALLER).and_then(|v| v.to_str().ok()) {
@@ -153,7 +163,7 @@ pub fn authenticate(
             let principal = forwarded_principal(node, forwarded)?;
             let source = metadata.get(SOURCE).and_then(|v| v.to_str().ok()?.parse().ok());
             let peer = source.or(peer);
-            return Ok(Caller { peer, principal, request_id, forwarded: true });
+            return Ok(Caller { peer, principal, request_id, forwarded: true, traceparent });
         }
     }
     let principal = match metadata.get("authorization") {
@@ -163,7 +173,7 @@ pub fn authenticate(
             None => Principal::Anonymous,
         },
     };
-    Ok(Caller { peer, principal, request_id: new_request_id(), forwarded: false })
+    Ok(Caller { peer, principal, request_id: new_request_id(), forwarded: false, traceparent })
 }
 
 fn certificate_grant(holder: CertRole) -> Grant {

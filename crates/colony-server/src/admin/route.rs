@@ -2,7 +2,7 @@
 //! authorization), where it is served (forwarded once to the leader, or here after a read
 //! barrier), under which deadline, and the audit line it leaves.
 
-use super::auth::{authenticate, Caller, Refused, CALLER, REQUEST_ID, SOURCE};
+use super::auth::{authenticate, Caller, Refused, CALLER, REQUEST_ID, SOURCE, TRACEPARENT};
 use super::targets::Target;
 use super::AdminService;
 use crate::audit::{now_rfc3339, Record};
@@ -199,6 +199,7 @@ impl AdminService {
                     principal: super::auth::Principal::Anonymous,
                     request_id: super::auth::new_request_id(),
                     forwarded: false,
+                    traceparent: None,
                 };
                 &anonymous
             }
@@ -302,6 +303,9 @@ impl AdminService {
         }
         if let Some(Ok(value)) = caller.peer.map(|peer| peer.to_string().parse()) {
             metadata.insert(SOURCE, value);
+        }
+        if let Some(Ok(value)) = caller.traceparent.as_deref().map(str::parse) {
+            metadata.insert(TRACEPARENT, value);
         }
         forwarded.set_timeout(deadline);
         let started = Instant::now();

@@ -3,9 +3,13 @@
 use super::auth::Caller;
 use super::AdminService;
 use crate::node::Node;
+use crate::traces;
 use colony_core::{Command, Outcome, Permission, Task, TaskFilter, TaskId, TaskSpec};
+use colony_process::trace;
 use colony_proto::convert::{executor_to_proto, redact_env, task_state_from_proto};
 use colony_proto::pb;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::Status;
@@ -58,10 +62,32 @@ impl AdminService {
         let limits = self.node.state().machine.limits().clone();
         spec.validate(&limits)
             .map_err(|e| Status::invalid_argument(format!("invalid task: {e}")))?;
+        // The task's trace: `submit` (this handler) and `commit` (the proposal) on the leader.
+        let mut submit = trace::enabled().then(|| {
+            let parent = trace::parent_from(caller.traceparent.as_deref().unwrap_or_default());
+            traces::start("submit", SpanKind::Server, &parent)
+        });
+        let commit = submit
+            .as_ref()
+            .map(|s| traces::start("commit", SpanKind::Internal, &trace::parent(&s.context())));
         let outcome = self.propose(Command::SubmitTask(spec)).await;
         self.node.metrics().submit_seconds.observe(started.elapsed().as_secs_f64());
+        if let Some(commit) = commit {
+            commit.end();
+        }
+        if let (Err(e), Some(submit)) = (&outcome, submit.as_mut()) {
+            submit.fail(e.to_string());
+        }
         match outcome? {
             Outcome::Submitted { task, existing } => {
+                if let Some(mut submit) = submit.take() {
+                    submit.set(KeyValue::new("colony.task.id", task.id.0 as i64));
+                    submit.set(KeyValue::new("colony.task.existing", existing));
+                    if !existing {
+                        self.node.sessions().traces().submitted(task.id, submit.context());
+                    }
+                    submit.end();
+                }
                 Ok(pb::SubmitTaskResponse { task: Some(view(&caller, &task)), existing })
             }
             other => Err(Status::internal(format!("submit produced {other:?}"))),
