@@ -18,6 +18,13 @@ if ! PYTHONPATH="$python_dir" python3 -c "import grpc, grpc_tools" >/dev/null 2>
     echo "installing: grpcio grpcio-tools (into $python_dir)" >&2
     python3 -m pip install --quiet --target "$python_dir" grpcio grpcio-tools >&2
 fi
+# grpcio and opentelemetry-proto for the OTLP receiver the tracing test sends spans to
+# (tests/otlp/receiver.py; the OpenTelemetry Collector is not installable here).
+otlp_dir="$HOME/.cache/colony/otlp"
+if ! PYTHONPATH="$otlp_dir" python3 -c "import grpc, opentelemetry.proto.collector.trace.v1" >/dev/null 2>&1; then
+    echo "installing: grpcio opentelemetry-proto (into $otlp_dir)" >&2
+    python3 -m pip install --quiet --target "$otlp_dir" grpcio opentelemetry-proto >&2
+fi
 # NVRTC 13.0 from PyPI lets the kernel tests compile every CUDA kernel for sm_90 (and check the
 # checked-in PTX) without a GPU; without it those tests print SKIPPED and the CPU path is tested alone.
 nvrtc_dir="$HOME/.cache/colony/nvrtc"
@@ -33,6 +40,10 @@ cargo build --release --workspace --all-targets
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo test --release --workspace -- --test-threads 2
+# The deployment files: systemd units (systemd-analyze verify) and Kubernetes manifests (against
+# the Kubernetes schemas, offline); both also check each config key is a flag of the binary.
+cluster/systemd/verify.sh
+cluster/k8s/validate.sh
 # The chaos suite, CI-sized: every nemesis once or more in about three minutes, then the negative
 # control, which must be caught (servers serving stale reads make the history non-linearizable).
 # Needs root for network namespaces; it says so and fails rather than skip.
