@@ -44,6 +44,8 @@ cargo test --release --workspace -- --test-threads 2
 # the Kubernetes schemas, offline); both also check each config key is a flag of the binary.
 cluster/systemd/verify.sh
 cluster/k8s/validate.sh
+# The web console in headless Chromium against a real `colony dev` cluster (screenshots into docs/).
+COLONY_SKIP_BUILD=1 tests/console/run.sh
 # The chaos suite, CI-sized: every nemesis once or more in about three minutes, then the negative
 # control, which must be caught (servers serving stale reads make the history non-linearizable).
 # Needs root for network namespaces; it says so and fails rather than skip.

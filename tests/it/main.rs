@@ -7,6 +7,7 @@ mod t30_snapshot;
 mod t40_membership;
 mod t50_bad_input;
 mod t60_metrics;
+mod t65_console;
 mod t70_dashboards;
 mod t80_executors;
 mod t85_executor_link;

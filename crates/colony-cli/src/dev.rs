@@ -635,6 +635,13 @@ fn print_welcome(
         .map(|s| format!("http://{}/metrics", s.metrics_addr))
         .collect();
     println!("Metrics: {}", metrics.join("  "));
+    // Every server serves the console; the first is as good as any.
+    if let Some(first) = servers.first() {
+        println!(
+            "Console: http://{}/ui  (sign in with the management token below)",
+            first.metrics_addr
+        );
+    }
     println!();
     println!(
         "Reach it from another shell (TLS from the cluster CA; the management token is in {}):",

@@ -1,7 +1,9 @@
 //! The HTTP endpoint every Colony process may serve: `/metrics` (Prometheus text format),
-//! `/healthz` (the process is alive) and `/readyz` (it can do its job), over one [`Probe`].
+//! `/healthz` (the process is alive) and `/readyz` (it can do its job), over one [`Probe`], and
+//! whatever routes the process adds ([`serve_http_with`]).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -46,18 +48,30 @@ pub async fn serve_http(
     probe: Arc<dyn Probe>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_http_with(listener, probe, Router::new(), shutdown).await
+}
+
+/// Like [`serve_http`], with the process's own `routes` beside the three (a server's console).
+/// Handlers may extract `axum::extract::ConnectInfo<SocketAddr>`, the peer's address.
+pub async fn serve_http_with(
+    listener: tokio::net::TcpListener,
+    probe: Arc<dyn Probe>,
+    routes: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let router = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(probe);
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+        .with_state(probe)
+        .merge(routes);
+    let service = router.into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, service).with_graceful_shutdown(shutdown).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::SocketAddr;
     use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -136,6 +150,30 @@ mod tests {
         let served = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
         assert!(matches!(served, Ok(Ok(Ok(())))), "{served:?}");
         assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_process_adds_its_own_routes_which_see_the_peer() -> std::io::Result<()> {
+        use axum::extract::ConnectInfo;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let routes = Router::new().route(
+            "/peer",
+            axum::routing::get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move {
+                peer.ip().to_string()
+            }),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let probe = Arc::new(Switches::default());
+        let server = tokio::spawn(serve_http_with(listener, probe, routes, async {
+            let _ = stopped.await;
+        }));
+        assert_eq!(get(addr, "/peer").await?.2, "127.0.0.1");
+        assert_eq!(get(addr, "/healthz").await?.2, "ok\n", "the three routes stay");
+        let _ = stop.send(());
+        let served = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+        assert!(matches!(served, Ok(Ok(Ok(())))), "{served:?}");
         Ok(())
     }
 }

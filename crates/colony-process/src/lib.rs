@@ -9,7 +9,7 @@ mod http;
 pub mod trace;
 
 pub use files::{private_dir, write_private};
-pub use http::{encode, serve_http, Probe};
+pub use http::{encode, serve_http, serve_http_with, Probe};
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -12,6 +12,7 @@
 mod admin;
 pub mod audit;
 pub mod config;
+mod console;
 mod gateway;
 mod handover;
 mod heartbeat;

@@ -92,8 +92,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     if let Some(listener) = metrics_listener {
         let probe: Arc<dyn colony_process::Probe> = node.clone();
         let shutdown = stopped(serving_stopped.clone());
+        // The web console (`/ui`) shares the metrics port.
+        let console = crate::console::router(node.clone());
         tokio::spawn(async move {
-            if let Err(e) = colony_process::serve_http(listener, probe, shutdown).await {
+            let served = colony_process::serve_http_with(listener, probe, console, shutdown);
+            if let Err(e) = served.await {
                 tracing::error!("metrics endpoint stopped: {e}");
             }
         });
