@@ -2,6 +2,7 @@
 
 mod t00_boundaries;
 mod t10_cluster;
+mod t15_config;
 mod t20_kill_leader;
 mod t30_snapshot;
 mod t40_membership;

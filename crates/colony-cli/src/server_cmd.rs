@@ -76,6 +76,11 @@ pub struct ServerArgs {
     /// HOST:PORT to serve on and advertise to peers; needed the first time.
     #[arg(long, value_parser = colony_client::parse_endpoint)]
     listen: Option<String>,
+    /// HOST:PORT to bind instead of --listen's address, which peers, clients and executors are
+    /// still told: 0.0.0.0:7101 in a pod whose --listen is its DNS name, so loopback (and
+    /// `kubectl port-forward`) is served too. Not remembered: give it at every start.
+    #[arg(long, value_parser = colony_client::parse_endpoint)]
+    bind: Option<String>,
     /// Create a new cluster with this server as its first member.
     #[arg(long, conflicts_with = "join")]
     bootstrap: bool,
@@ -189,6 +194,7 @@ fn config(args: &ServerArgs) -> Result<ServerConfig> {
     let mut config = ServerConfig::new(args.data_dir.clone());
     config.id = args.id;
     config.listen = args.listen.clone();
+    config.bind = args.bind.clone();
     config.bootstrap = args.bootstrap;
     config.restore = args.restore.clone();
     config.restore_expect_cluster_id = args.restore_expect_cluster_id.clone();

@@ -13,6 +13,10 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// `HOST:PORT` to serve gRPC on and advertise to peers; required the first time.
     pub listen: Option<String>,
+    /// `HOST:PORT` to bind instead of `listen`'s address (which is still what peers, clients and
+    /// executors are told): `0.0.0.0:7101` where `listen` is a name that resolves to one of
+    /// several interfaces (a pod's DNS name), so loopback is served too.
+    pub bind: Option<String>,
     /// Create a new cluster with this server as its only member.
     pub bootstrap: bool,
     /// With `bootstrap`: start the new cluster from this backup file.
@@ -68,6 +72,7 @@ impl ServerConfig {
             id: None,
             data_dir,
             listen: None,
+            bind: None,
             bootstrap: false,
             restore: None,
             restore_expect_cluster_id: None,

@@ -64,9 +64,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         tracing::warn!("--unsafe-stale-reads: every read is served from this server's own state; reads are NOT linearizable");
     }
     // Listeners first, so a port in use fails the start before anything is opened.
-    let listener = TcpListener::bind(&identity.addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", identity.addr))?;
+    let bind = config.bind.as_ref().unwrap_or(&identity.addr);
+    let listener =
+        TcpListener::bind(bind).await.with_context(|| format!("cannot listen on {bind}"))?;
     let metrics_listener = match &config.metrics_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -75,11 +75,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let quic_addr = tokio::net::lookup_host(&identity.addr)
+    let quic_addr = tokio::net::lookup_host(bind)
         .await
         .ok()
         .and_then(|mut addrs| addrs.next())
-        .with_context(|| format!("cannot resolve {} for the executor gateway", identity.addr))?;
+        .with_context(|| format!("cannot resolve {bind} for the executor gateway"))?;
 
     let grpc_tls = colony_quic::grpc_server_tls(&tls.ca_pem, &tls.own)?;
     let node = Arc::new(open_node(&config, &identity, &peers, tls).await?);
