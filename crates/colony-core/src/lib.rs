@@ -9,6 +9,7 @@ pub mod executor;
 pub mod ids;
 pub mod leader;
 pub mod limits;
+pub mod messaging;
 pub mod model;
 pub mod resources;
 pub mod scheduler;
@@ -20,6 +21,11 @@ pub use acl::{AclToken, Grant, JoinKind, Permission, Role, DEFAULT_NAMESPACE};
 pub use executor::{ClusterCaRecord, Executor, ExecutorSpec, ExecutorState, JoinTokenRecord};
 pub use ids::{ExecutorId, FencingToken, ModelVersion, NodeId, TaskId, WorkflowId};
 pub use limits::Limits;
+pub use messaging::{
+    Acked, DeadLetter, Delivered, DeliveryRef, Message, MessageError, MessageLimits, MessageTotals,
+    Messaging, PublishSpec, Published, ReceiveSpec, Received, Topic, TopicKey, TopicPolicy,
+    TopicSummary, WhenFull,
+};
 pub use model::{ModelMetrics, ModelRecord};
 pub use resources::{
     parse_cpu_millis, parse_memory_bytes, QuantityError, ResourceKind, Resources, Shortfall,
@@ -27,8 +33,8 @@ pub use resources::{
 pub use state_machine::{
     Assignment, AttemptOutcome, AttemptResult, AttemptStatus, Collected, Command, CommandError,
     ConstraintMismatch, InvariantViolation, Outcome, Outputs, Placement, PlacementRejection,
-    Proposal, Restored, Retention, StateMachine, StateMachineV2, StateMachineV3, TaskFilter,
-    RESTORE_TOKEN_EPOCH,
+    Proposal, Restored, Retention, StateMachine, StateMachineV2, StateMachineV3, StateMachineV4,
+    TaskFilter, RESTORE_TOKEN_EPOCH,
 };
 pub use task::{PlacementPolicy, RunSpec, SpecError, Task, TaskSpec, TaskState};
 pub use workflow::{

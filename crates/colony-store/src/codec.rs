@@ -19,7 +19,9 @@ use serde::Serialize;
 /// - 4: workflows. The state machine's body changed (see `colony_core::StateMachineV3`); commands
 ///   and attempt statuses only gained variants at their ends, so a version 2 or 3 log entry still
 ///   reads as it is.
-pub const FORMAT_VERSION: u8 = 4;
+/// - 5: messages. The state machine's body gained the topics (see `colony_core::StateMachineV4`);
+///   commands only gained variants at their end, so older log entries read as they are.
+pub const FORMAT_VERSION: u8 = 5;
 /// The oldest format version this build reads.
 pub const OLDEST_READABLE: u8 = 2;
 /// The most a decoded value may claim (lengths are checked against it before anything is

@@ -61,6 +61,14 @@ struct AppliedV3 {
     machine: colony_core::StateMachineV3,
 }
 
+/// `Applied` as format 4 stored it (before messages).
+#[derive(Deserialize)]
+struct AppliedV4 {
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, BasicNode>,
+    machine: colony_core::StateMachineV4,
+}
+
 impl Applied {
     /// Decodes a snapshot's state-machine frame of any readable format version.
     pub fn decode(frame: &[u8]) -> Result<Applied, codec::CodecError> {
@@ -75,6 +83,14 @@ impl Applied {
             }
             (3, body) => {
                 let old: AppliedV3 = codec::decode_body(body)?;
+                Ok(Applied {
+                    last_applied: old.last_applied,
+                    membership: old.membership,
+                    machine: old.machine.into(),
+                })
+            }
+            (4, body) => {
+                let old: AppliedV4 = codec::decode_body(body)?;
                 Ok(Applied {
                     last_applied: old.last_applied,
                     membership: old.membership,

@@ -8,10 +8,11 @@
 #![allow(clippy::unwrap_used)] // A test that cannot set up or whose check fails should panic.
 
 use colony_core::{
-    AclToken, AttemptOutcome, AttemptResult, AttemptStatus, ClusterCaRecord, Command, ExecutorId,
-    ExecutorSpec, FencingToken, Grant, InputSource, JoinKind, ModelMetrics, ModelVersion, Outcome,
-    OutputRef, Placement, PlacementPolicy, Proposal, Resources, Retention, Role, RunSpec,
-    StateMachine, StepSpec, TaskId, TaskSpec, WorkflowId, WorkflowSpec,
+    AclToken, AttemptOutcome, AttemptResult, AttemptStatus, ClusterCaRecord, Command, DeliveryRef,
+    ExecutorId, ExecutorSpec, FencingToken, Grant, InputSource, JoinKind, ModelMetrics,
+    ModelVersion, Outcome, OutputRef, Placement, PlacementPolicy, Proposal, PublishSpec,
+    ReceiveSpec, Resources, Retention, Role, RunSpec, StateMachine, StepSpec, TaskId, TaskSpec,
+    TopicKey, TopicPolicy, WhenFull, WorkflowId, WorkflowSpec,
 };
 use colony_store::snapshot_file::SnapshotFile;
 use colony_store::{codec, Applied, StoreOptions, TypeConfig};
@@ -143,10 +144,44 @@ fn variant(command: &Command) -> usize {
         Command::SubmitWorkflow(_) => 19,
         Command::CancelWorkflow { .. } => 20,
         Command::RetryWorkflow { .. } => 21,
+        Command::Publish(_) => 22,
+        Command::Receive(_) => 23,
+        Command::Ack { .. } => 24,
+        Command::CreateTopic { .. } => 25,
+        Command::DeleteTopic { .. } => 26,
     }
 }
 
-const VARIANTS: usize = 22;
+const VARIANTS: usize = 27;
+
+fn topic(name: &str) -> TopicKey {
+    TopicKey { namespace: "default".to_owned(), name: name.to_owned() }
+}
+
+/// A publish with every optional field set.
+fn full_publish() -> PublishSpec {
+    PublishSpec {
+        topic: topic("agents/researcher"),
+        priority: 5,
+        payload: b"{\"q\":\"raft\"}".to_vec(),
+        idempotency_key: Some("ask-1".to_owned()),
+        reply_to: Some("replies/0123".to_owned()),
+        correlation_id: Some("c-1".to_owned()),
+    }
+}
+
+/// A topic policy unlike the default in every field.
+fn policy() -> TopicPolicy {
+    TopicPolicy {
+        messages_max: 1_000,
+        bytes_max: 1 << 20,
+        age_ms_max: 3_600_000,
+        when_full: WhenFull::DropOldest,
+        deliveries_max: 3,
+        ack_deadline_ms: 5_000,
+        consumers_max: 4,
+    }
+}
 
 /// A two-step workflow: `plan` writes `topics`, `write` runs once per topic with a parameter.
 fn workflow_spec() -> WorkflowSpec {
@@ -283,6 +318,24 @@ fn every_command() -> Vec<Command> {
                 BTreeMap::from([("topics".to_owned(), b"[\"a\",\"b\"]".to_vec())]),
             ),
         },
+        Command::Publish(full_publish()),
+        Command::Receive(ReceiveSpec {
+            topic: topic("agents/researcher"),
+            consumer: "researchers".to_owned(),
+            max: 10,
+            ack_deadline_ms: Some(30_000),
+        }),
+        Command::Ack {
+            topic: topic("agents/researcher"),
+            consumer: "researchers".to_owned(),
+            deliveries: vec![DeliveryRef { seq: 1, delivery: 2 }],
+        },
+        Command::CreateTopic {
+            topic: topic("replies/0123"),
+            policy: policy(),
+            delete_after_unix_ms: Some(1_700_000_090_000),
+        },
+        Command::DeleteTopic { topic: topic("replies/0123") },
     ]
 }
 
@@ -310,10 +363,14 @@ fn proposal_with_every_command_is_frozen() {
         "the frozen proposal must carry one of every Command variant; {FORMAT_CHANGE}"
     );
     let frame = codec::encode(&proposal).unwrap();
-    assert_frozen("proposal_v4.hex", &frame);
-    assert_eq!(codec::decode::<Proposal>(&frozen("proposal_v4.hex")).unwrap(), proposal);
+    assert_frozen("proposal_v5.hex", &frame);
+    assert_eq!(codec::decode::<Proposal>(&frozen("proposal_v5.hex")).unwrap(), proposal);
+    // Format 4 had every command but the messaging ones, encoded as today.
+    let mut before_messages = proposal.clone();
+    before_messages.commands.retain(|c| variant(c) < 22);
+    assert_eq!(codec::decode::<Proposal>(&frozen("proposal_v4.hex")).unwrap(), before_messages);
     // Format 3 had every command but the workflows' and reports with outputs, encoded as today.
-    let mut before_workflows = proposal.clone();
+    let mut before_workflows = before_messages;
     before_workflows.commands.retain(|c| {
         variant(c) < 19
             && !matches!(c, Command::Report { status: AttemptStatus::FinishedWithOutputs(..), .. })
@@ -349,15 +406,55 @@ async fn log_entry_is_frozen() {
     let raft_dir = dir.path().join("raft");
     let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), raft_dir, ["log", "meta"]).unwrap();
     let stored = db.get_cf(db.cf_handle("log").unwrap(), 42u64.to_be_bytes()).unwrap().unwrap();
-    assert_frozen("log_entry_v4.hex", &stored);
-    for name in ["log_entry_v4.hex", "log_entry_v3.hex", "log_entry_v2.hex"] {
+    assert_frozen("log_entry_v5.hex", &stored);
+    for name in ["log_entry_v5.hex", "log_entry_v4.hex", "log_entry_v3.hex", "log_entry_v2.hex"] {
         assert_eq!(codec::decode::<Entry<TypeConfig>>(&frozen(name)).unwrap(), entry, "{name}");
     }
 }
 
-/// `snapshot_commands_v3` and a workflow: its first step succeeded with its outputs, its second
-/// fanned out over them.
+/// `snapshot_commands_v4` and messages: a topic with a policy, messages of two priorities, one
+/// consumer holding a delivery and another that acknowledged one.
 fn snapshot_commands() -> Vec<Command> {
+    let mut commands = snapshot_commands_v4();
+    commands.extend([
+        Command::CreateTopic {
+            topic: topic("topics/papers"),
+            policy: policy(),
+            delete_after_unix_ms: None,
+        },
+        Command::Publish(PublishSpec {
+            topic: topic("topics/papers"),
+            priority: 0,
+            payload: b"paper-1".to_vec(),
+            idempotency_key: None,
+            reply_to: None,
+            correlation_id: None,
+        }),
+        Command::Publish(PublishSpec { topic: topic("topics/papers"), ..full_publish() }),
+        Command::Receive(ReceiveSpec {
+            topic: topic("topics/papers"),
+            consumer: "summarizers".to_owned(),
+            max: 1,
+            ack_deadline_ms: None,
+        }),
+        Command::Receive(ReceiveSpec {
+            topic: topic("topics/papers"),
+            consumer: "archivers".to_owned(),
+            max: 1,
+            ack_deadline_ms: Some(1_000),
+        }),
+        Command::Ack {
+            topic: topic("topics/papers"),
+            consumer: "archivers".to_owned(),
+            deliveries: vec![DeliveryRef { seq: 2, delivery: 1 }],
+        },
+    ]);
+    commands
+}
+
+/// `snapshot_commands_v3` and a workflow: its first step succeeded with its outputs, its second
+/// fanned out over them. What format 4's frozen snapshot holds.
+fn snapshot_commands_v4() -> Vec<Command> {
     let mut commands = snapshot_commands_v3();
     let plan = TaskId(6);
     commands.extend([
@@ -487,7 +584,7 @@ async fn snapshot_file_is_frozen() {
     sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
 
     let written = std::fs::read(dir.path().join("snapshots/snapshot.bin")).unwrap();
-    assert_frozen("snapshot_v4.hex", &written);
+    assert_frozen("snapshot_v5.hex", &written);
     let workflow =
         sm.shared().read().unwrap().machine.get_workflow(WorkflowId(1)).cloned().unwrap();
     assert_eq!(workflow.steps[1].tasks.len(), 2, "the fan-out made one task per topic");
@@ -500,12 +597,14 @@ async fn snapshot_file_is_frozen() {
         }
         machine
     };
-    // Formats 3 and 2, written before workflows (2 also before retention), read into the state
+    // Format 4, written before messages; formats 3 and 2, written before workflows (2 also before retention), read into the state
     // their commands make today.
     let today = expected(snapshot_commands());
+    let before_messages = expected(snapshot_commands_v4());
     let before_workflows = expected(snapshot_commands_v3());
     for (name, expected) in [
-        ("snapshot_v4.hex", &today),
+        ("snapshot_v5.hex", &today),
+        ("snapshot_v4.hex", &before_messages),
         ("snapshot_v3.hex", &before_workflows),
         ("snapshot_v2.hex", &before_workflows),
     ] {
@@ -513,7 +612,7 @@ async fn snapshot_file_is_frozen() {
         std::fs::write(frozen_dir.path().join("snapshot.bin"), frozen(name)).unwrap();
         let (_, stored) = SnapshotFile::open(frozen_dir.path()).unwrap();
         let stored = stored.unwrap();
-        let applied = Applied::decode(&stored.data).unwrap();
+        let applied = Applied::decode(&stored.data).unwrap_or_else(|e| panic!("{name}: {e:?}"));
         applied.machine.check_invariants().unwrap();
         assert_eq!(&applied.machine, expected, "{name}");
         assert_eq!(applied.last_applied, Some(log_id(2)), "{name}");

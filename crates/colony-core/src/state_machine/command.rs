@@ -7,6 +7,10 @@
 use crate::acl::{AclToken, JoinKind};
 use crate::executor::{ClusterCaRecord, ExecutorSpec, ExecutorState};
 use crate::ids::{ExecutorId, FencingToken, ModelVersion, TaskId, WorkflowId};
+use crate::messaging::{
+    Acked, DeliveryRef, MessageError, PublishSpec, Published, ReceiveSpec, Received, TopicKey,
+    TopicPolicy,
+};
 use crate::model::ModelMetrics;
 use crate::resources::Resources;
 use crate::state_machine::workflows::Outputs;
@@ -112,6 +116,25 @@ pub enum Command {
     /// Re-runs a failed or cancelled workflow's unsucceeded steps and what depends on them.
     RetryWorkflow {
         id: WorkflowId,
+    },
+    /// Appends a message to a topic or mailbox (created with the default policy if new).
+    Publish(PublishSpec),
+    /// Hands a consumer its next messages, each with an ack deadline from the proposal's time.
+    Receive(ReceiveSpec),
+    Ack {
+        topic: TopicKey,
+        consumer: String,
+        deliveries: Vec<DeliveryRef>,
+    },
+    /// Creates a topic with a policy, or changes an existing topic's policy. A temporary mailbox
+    /// (a request's reply) names when it goes.
+    CreateTopic {
+        topic: TopicKey,
+        policy: TopicPolicy,
+        delete_after_unix_ms: Option<u64>,
+    },
+    DeleteTopic {
+        topic: TopicKey,
     },
 }
 
@@ -243,6 +266,16 @@ pub enum Outcome {
     WorkflowRetried {
         workflow: Workflow,
     },
+    Published(Published),
+    Received(Received),
+    Acked(Acked),
+    /// `created` is false when the topic existed and only its policy changed.
+    TopicCreated {
+        created: bool,
+    },
+    TopicDeleted {
+        messages: u64,
+    },
 }
 
 /// Why a command was rejected. A rejected command changed nothing.
@@ -300,6 +333,8 @@ pub enum CommandError {
     WorkflowFinished { id: WorkflowId, state: WorkflowState },
     #[error("workflow {0} is still running: wait for it to end or cancel it first")]
     WorkflowRunning(WorkflowId),
+    #[error("{0}")]
+    Message(#[from] MessageError),
 }
 
 impl From<SpecError> for CommandError {

@@ -13,6 +13,8 @@ use imbl::{OrdMap, OrdSet};
 /// A broken invariant: the state is corrupt, and whoever holds it must stop, not limp on.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InvariantViolation {
+    #[error("messaging: {0}")]
+    Messaging(String),
     #[error("the ACL token index does not mirror the tokens (accessor {accessor:?})")]
     AclIndex { accessor: String },
     #[error("task stored under {key} has id {id}")]
@@ -103,6 +105,7 @@ impl StateMachine {
         self.check_executors()?;
         self.check_models()?;
         self.check_workflows()?;
+        self.messaging.check().map_err(InvariantViolation::Messaging)?;
         self.check_acl()
     }
 

@@ -6,13 +6,14 @@
 //!
 //! This file holds the state and the dispatch; each aggregate's commands live in their own file
 //! (`tasks`, `placement`, `executors`, `security` for the CA, join tokens, ACL tokens and admission,
-//! `models`, `workflows`) over the state moves they share (`lifecycle`), with the read accessors in `queries`
+//! `models`, `workflows`, `messages`) over the state moves they share (`lifecycle`), with the read accessors in `queries`
 //! and the whole-state check in `invariants`.
 
 mod command;
 mod executors;
 mod invariants;
 mod lifecycle;
+mod messages;
 mod models;
 mod placement;
 mod queries;
@@ -32,13 +33,14 @@ pub use placement::{constraint_mismatch, ConstraintMismatch, PlacementRejection}
 pub use queries::TaskFilter;
 pub use restore::{Restored, RESTORE_TOKEN_EPOCH};
 pub use retention::{Collected, Retention};
-pub use upgrade::{StateMachineV2, StateMachineV3};
+pub use upgrade::{StateMachineV2, StateMachineV3, StateMachineV4};
 pub use workflows::Outputs;
 
 use crate::acl::AclToken;
 use crate::executor::{ClusterCaRecord, Executor, JoinTokenRecord};
 use crate::ids::{ExecutorId, ModelVersion, TaskId, WorkflowId};
 use crate::limits::Limits;
+use crate::messaging::Messaging;
 use crate::model::ModelRecord;
 use crate::task::{Task, TaskState};
 use crate::workflow::{StepTask, Workflow, WorkflowLimits};
@@ -147,6 +149,8 @@ pub struct StateMachine {
     task_steps: OrdMap<TaskId, StepTask>,
     /// What successful tasks wrote to `$COLONY_OUTPUT_DIR`; forgotten with the task.
     outputs: OrdMap<TaskId, Outputs>,
+    /// Topics and mailboxes with their messages and consumers.
+    messaging: Messaging,
 }
 
 impl Default for StateMachine {
@@ -187,6 +191,7 @@ impl StateMachine {
             next_workflow_id: 1,
             task_steps: OrdMap::new(),
             outputs: OrdMap::new(),
+            messaging: Messaging::default(),
         }
     }
 
@@ -240,6 +245,13 @@ impl StateMachine {
             Command::SubmitWorkflow(spec) => self.submit_workflow(spec),
             Command::CancelWorkflow { id, reason } => self.cancel_workflow(*id, reason),
             Command::RetryWorkflow { id } => self.retry_workflow(*id),
+            Command::Publish(spec) => self.publish(spec),
+            Command::Receive(spec) => self.receive(spec),
+            Command::Ack { topic, consumer, deliveries } => self.ack(topic, consumer, deliveries),
+            Command::CreateTopic { topic, policy, delete_after_unix_ms } => {
+                self.create_topic(topic, policy, *delete_after_unix_ms)
+            }
+            Command::DeleteTopic { topic } => self.delete_topic(topic),
         }
     }
 }

@@ -18,12 +18,15 @@ pub struct Restored {
     pub requeued: Vec<TaskId>,
     /// Executors up or draining in the snapshot, now down until they register again.
     pub executors_down: usize,
+    /// Message deliveries awaiting an ack in the snapshot, now due again.
+    pub deliveries_expired: u64,
 }
 
 impl StateMachine {
     /// Prepares a restored state for its new cluster: every assigned or running attempt goes back
     /// to pending (its report can no longer match), every up or draining executor is down until it
-    /// connects and registers again, and the next fencing token moves
+    /// connects and registers again, every message delivery awaiting an ack is due again (an ack
+    /// from before the snapshot is refused), and the next fencing token moves
     /// [`RESTORE_TOKEN_EPOCH`] ahead.
     pub fn prepare_restore(&mut self) -> Restored {
         const REASON: &str =
@@ -52,6 +55,7 @@ impl StateMachine {
             }
         }
         self.next_fencing_token = self.next_fencing_token.saturating_add(RESTORE_TOKEN_EPOCH);
-        Restored { requeued: running, executors_down }
+        let deliveries_expired = self.messaging.expire_deliveries(now);
+        Restored { requeued: running, executors_down, deliveries_expired }
     }
 }

@@ -10,6 +10,7 @@
 //! - An executor down (or admitted and never connected) for `executor_gc_after_ms` goes; if it
 //!   comes back, it must join again.
 //! - Expired join tokens and ACL tokens go.
+//! - Messages older than their topic's age bound go, and temporary mailboxes past their time.
 //!
 //! One command looks at no more than `scan_max` finished tasks, so applying it stays short; the
 //! outcome says when there is `more`, and the leader proposes again.
@@ -50,6 +51,9 @@ pub struct Collected {
     pub executors: Vec<ExecutorId>,
     pub acl_tokens: u64,
     pub join_tokens: u64,
+    /// Messages past their topic's age, and temporary mailboxes past their time.
+    pub messages: u64,
+    pub topics: u64,
     /// The scan stopped at `scan_max` with more due: propose again.
     pub more: bool,
 }
@@ -60,6 +64,8 @@ impl Collected {
             && self.executors.is_empty()
             && self.acl_tokens == 0
             && self.join_tokens == 0
+            && self.messages == 0
+            && self.topics == 0
     }
 }
 
@@ -91,8 +97,11 @@ impl StateMachine {
             executors: plan.executors.clone(),
             acl_tokens: plan.acl_tokens.len() as u64,
             join_tokens: plan.join_tokens.len() as u64,
+            messages: 0,
+            topics: 0,
             more: plan.more,
         };
+        (collected.messages, collected.topics) = self.messaging.expire(self.now_unix_ms);
         for (seq, id) in plan.tasks {
             self.forget_task(seq, id);
             collected.tasks.push(id);
@@ -118,6 +127,7 @@ impl StateMachine {
             || !plan.executors.is_empty()
             || !plan.acl_tokens.is_empty()
             || !plan.join_tokens.is_empty()
+            || self.messaging.expirable(now_unix_ms.max(self.now_unix_ms))
     }
 
     /// Finish sequence numbers at or below this were removed by retention (0: none yet). A

@@ -7,15 +7,19 @@
 //!   `finished_removed_through`, nor the index of tasks by state. The indexes are rebuilt from the
 //!   tasks, so every finished task is reachable by retention again.
 //! - Format 3 (before workflows): no workflows, workflow limits, step links or task outputs.
+//! - Format 4 (before messages): no topics or mailboxes.
 
+use super::Outputs;
 use super::{PendingKey, StateMachine};
 use crate::acl::AclToken;
 use crate::executor::{ClusterCaRecord, Executor, JoinTokenRecord};
+use crate::ids::WorkflowId;
 use crate::ids::{ExecutorId, ModelVersion, TaskId};
 use crate::limits::Limits;
+use crate::messaging::Messaging;
 use crate::model::ModelRecord;
 use crate::task::{Task, TaskState};
-use crate::workflow::WorkflowLimits;
+use crate::workflow::{StepTask, Workflow, WorkflowLimits};
 use imbl::{OrdMap, OrdSet};
 use serde::Deserialize;
 
@@ -142,6 +146,7 @@ impl From<StateMachineV2> for StateMachine {
             next_workflow_id: 1,
             task_steps: OrdMap::new(),
             outputs: OrdMap::new(),
+            messaging: Messaging::default(),
         }
     }
 }
@@ -207,6 +212,78 @@ impl From<StateMachineV3> for StateMachine {
             next_workflow_id: 1,
             task_steps: OrdMap::new(),
             outputs: OrdMap::new(),
+            messaging: Messaging::default(),
+        }
+    }
+}
+
+/// The state machine as format 4 stored it: today's, without messaging.
+#[derive(Deserialize)]
+pub struct StateMachineV4 {
+    limits: Limits,
+    tasks: OrdMap<TaskId, Task>,
+    next_task_id: u64,
+    idempotency: OrdMap<String, TaskId>,
+    dependents: OrdMap<TaskId, OrdSet<TaskId>>,
+    now_unix_ms: u64,
+    pending: OrdSet<PendingKey>,
+    deadlines: OrdSet<(u64, TaskId)>,
+    executors: OrdMap<ExecutorId, Executor>,
+    next_executor_id: u64,
+    next_fencing_token: u64,
+    join_tokens: OrdMap<[u8; 32], JoinTokenRecord>,
+    ca: Option<ClusterCaRecord>,
+    finished_order: OrdMap<u64, TaskId>,
+    next_finish_seq: u64,
+    models: OrdMap<ModelVersion, ModelRecord>,
+    current_model: Option<ModelVersion>,
+    next_model_version: u64,
+    acl_bootstrapped: bool,
+    acl_tokens: OrdMap<String, AclToken>,
+    acl_by_secret: OrdMap<[u8; 32], String>,
+    finished_removed_through: u64,
+    by_state: OrdSet<(TaskState, TaskId)>,
+    state_counts: [u64; TaskState::ALL.len()],
+    workflow_limits: WorkflowLimits,
+    workflows: OrdMap<WorkflowId, Workflow>,
+    next_workflow_id: u64,
+    task_steps: OrdMap<TaskId, StepTask>,
+    outputs: OrdMap<TaskId, Outputs>,
+}
+
+impl From<StateMachineV4> for StateMachine {
+    fn from(old: StateMachineV4) -> StateMachine {
+        StateMachine {
+            limits: old.limits,
+            tasks: old.tasks,
+            next_task_id: old.next_task_id,
+            idempotency: old.idempotency,
+            dependents: old.dependents,
+            now_unix_ms: old.now_unix_ms,
+            pending: old.pending,
+            deadlines: old.deadlines,
+            executors: old.executors,
+            next_executor_id: old.next_executor_id,
+            next_fencing_token: old.next_fencing_token,
+            join_tokens: old.join_tokens,
+            ca: old.ca,
+            finished_order: old.finished_order,
+            next_finish_seq: old.next_finish_seq,
+            models: old.models,
+            current_model: old.current_model,
+            next_model_version: old.next_model_version,
+            acl_bootstrapped: old.acl_bootstrapped,
+            acl_tokens: old.acl_tokens,
+            acl_by_secret: old.acl_by_secret,
+            finished_removed_through: old.finished_removed_through,
+            by_state: old.by_state,
+            state_counts: old.state_counts,
+            workflow_limits: old.workflow_limits,
+            workflows: old.workflows,
+            next_workflow_id: old.next_workflow_id,
+            task_steps: old.task_steps,
+            outputs: old.outputs,
+            messaging: Messaging::default(),
         }
     }
 }
