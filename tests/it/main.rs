@@ -13,6 +13,7 @@ mod t70_dashboards;
 mod t80_executors;
 mod t85_executor_link;
 mod t88_workflows;
+mod t89_messages;
 mod t90_learner;
 mod t93_traces;
 mod t94_backup;

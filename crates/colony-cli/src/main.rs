@@ -8,6 +8,7 @@ mod audit_cmd;
 mod bench;
 mod bench_failover;
 mod bench_learn;
+mod bench_messages;
 mod bench_placement;
 mod bench_schedule;
 mod bench_soak;
@@ -18,6 +19,7 @@ mod dev;
 mod executor_cmd;
 mod learner_cmd;
 mod model_cmd;
+mod msg_cmd;
 mod output;
 mod server_cmd;
 mod snapshot_cmd;
@@ -120,6 +122,9 @@ enum Command {
     /// colony learner --join 127.0.0.1:7101 --token LEARNER_TOKEN --data-dir l1 [--device auto|cpu|cuda:0]
     #[command(verbatim_doc_comment)]
     Learner(learner_cmd::LearnerArgs),
+    /// Durable messages: publish, subscribe, request-response, topics.
+    #[command(subcommand)]
+    Msg(msg_cmd::MsgCommand),
     /// The model registry: list, show and roll back the learner's versions.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
@@ -175,6 +180,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Executor(args) => executor_cmd::run(args, &global).await,
             Command::Task(command) => task_cmd::run(command, &global).await,
             Command::Workflow(command) => workflow_cmd::run(command, &global).await,
+            Command::Msg(command) => msg_cmd::run(command, &global).await,
             Command::Cluster(command) => cluster_cmd::run(command, &global).await,
             Command::Model(command) => model_cmd::run(command, &global).await,
             Command::Learner(args) => learner_cmd::run(args, &global).await,

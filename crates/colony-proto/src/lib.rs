@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod link;
+pub mod messaging;
 pub mod workflow;
 
 /// Generated protobuf and gRPC types for `colony.v1`.

@@ -65,6 +65,10 @@ pub struct Metrics {
     pub scheduling_round_seconds: Histogram,
     tasks_pending: IntGauge,
     tasks: IntGaugeVec,
+    topics: IntGauge,
+    /// Messages kept (`kept`), their payload bytes (`bytes`), deliveries awaiting an ack
+    /// (`in_flight`).
+    messages: IntGaugeVec,
     executors: IntGaugeVec,
     executors_connected: IntGauge,
     executor_heartbeat_age_max: prometheus::Gauge,
@@ -340,6 +344,17 @@ impl Metrics {
                 &registry,
                 IntGaugeVec::new(Opts::new("colony_tasks", "Tasks by state."), &["state"])?,
             )?,
+            topics: gauge("colony_topics", "Topics and mailboxes in the replicated state.")?,
+            messages: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "colony_messages",
+                        "Messages kept in topics (kept), their payload bytes (bytes), and deliveries awaiting an ack (in_flight).",
+                    ),
+                    &["state"],
+                )?,
+            )?,
             system_health: register(
                 &registry,
                 IntGaugeVec::new(
@@ -407,6 +422,11 @@ impl Metrics {
         }
         self.tasks_pending
             .set(counts.get(&colony_core::TaskState::Pending).copied().unwrap_or(0) as i64);
+        let totals = scrape.machine.messaging().totals();
+        self.topics.set(totals.topics as i64);
+        self.messages.with_label_values(&["kept"]).set(totals.messages as i64);
+        self.messages.with_label_values(&["bytes"]).set(totals.bytes as i64);
+        self.messages.with_label_values(&["in_flight"]).set(totals.in_flight as i64);
         let (up, down) = if ready { (1, 0) } else { (0, 1) };
         self.system_health.with_label_values(&["server", "healthy"]).set(up);
         self.system_health.with_label_values(&["server", "degraded"]).set(down);

@@ -82,6 +82,7 @@ pub fn restore(
         tasks = applied.machine.task_count(),
         requeued = restored.requeued.len(),
         executors_down = restored.executors_down,
+        deliveries_expired = restored.deliveries_expired,
         "restored a backup into a new cluster; attempts from before the snapshot were stopped and executors must register again"
     );
     Ok((identity, tls))

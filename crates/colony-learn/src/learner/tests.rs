@@ -170,6 +170,36 @@ impl pb::admin_server::Admin for FakeAdmin {
     ) -> Reply<pb::RetryWorkflowResponse> {
         Err(Status::unimplemented("fake"))
     }
+    async fn publish(&self, _: tonic::Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn receive(&self, _: tonic::Request<pb::ReceiveRequest>) -> Reply<pb::ReceiveResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn ack(&self, _: tonic::Request<pb::AckRequest>) -> Reply<pb::AckResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn request(&self, _: tonic::Request<pb::RequestRequest>) -> Reply<pb::RequestResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn create_topic(
+        &self,
+        _: tonic::Request<pb::CreateTopicRequest>,
+    ) -> Reply<pb::CreateTopicResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn delete_topic(
+        &self,
+        _: tonic::Request<pb::DeleteTopicRequest>,
+    ) -> Reply<pb::DeleteTopicResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn list_topics(
+        &self,
+        _: tonic::Request<pb::ListTopicsRequest>,
+    ) -> Reply<pb::ListTopicsResponse> {
+        Err(Status::unimplemented("fake"))
+    }
     async fn get_task_output(
         &self,
         _: tonic::Request<pb::GetTaskOutputRequest>,

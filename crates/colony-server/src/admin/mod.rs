@@ -7,6 +7,7 @@
 mod acl;
 mod auth;
 mod cluster;
+mod messages;
 mod models;
 mod route;
 mod targets;
@@ -20,6 +21,7 @@ use colony_proto::pb::{self, ReadConsistency};
 use openraft::{BasicNode, RaftMetrics};
 use route::{Rpc, Serve};
 use std::sync::Arc;
+use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 pub struct AdminService {
@@ -50,6 +52,118 @@ impl AdminService {
 impl Admin for AdminService {
     type WatchFinishedTasksStream = tasks::FinishedTaskStream;
     type SaveSnapshotStream = cluster::SnapshotStream;
+
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let rpc = Rpc::new("Publish", Serve::Leader, Permission::TaskSubmit);
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.publish(r).await },
+            |caller, r| self.publish_here(caller, r),
+        )
+        .await
+    }
+
+    async fn receive(
+        &self,
+        request: Request<pb::ReceiveRequest>,
+    ) -> Result<Response<pb::ReceiveResponse>, Status> {
+        // Waits up to its own bound for a message or an answer, then needs time to write.
+        let rpc = Rpc {
+            deadline_max: Duration::from_millis(messages::RECEIVE_WAIT_MS_MAX)
+                + Duration::from_secs(15),
+            ..Rpc::new("Receive", Serve::Leader, Permission::TaskSubmit)
+        };
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.receive(r).await },
+            |caller, r| self.receive_here(caller, r),
+        )
+        .await
+    }
+
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        let rpc = Rpc::new("Ack", Serve::Leader, Permission::TaskSubmit);
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.ack(r).await },
+            |caller, r| self.ack_here(caller, r),
+        )
+        .await
+    }
+
+    async fn request(
+        &self,
+        request: Request<pb::RequestRequest>,
+    ) -> Result<Response<pb::RequestResponse>, Status> {
+        // Waits up to its own bound for a message or an answer, then needs time to write.
+        let rpc = Rpc {
+            deadline_max: Duration::from_millis(messages::REQUEST_TIMEOUT_MS_MAX)
+                + Duration::from_secs(15),
+            ..Rpc::new("Request", Serve::Leader, Permission::TaskSubmit)
+        };
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.request(r).await },
+            |caller, r| self.request_here(caller, r),
+        )
+        .await
+    }
+
+    async fn create_topic(
+        &self,
+        request: Request<pb::CreateTopicRequest>,
+    ) -> Result<Response<pb::CreateTopicResponse>, Status> {
+        let rpc = Rpc::new("CreateTopic", Serve::Leader, Permission::TaskSubmit);
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.create_topic(r).await },
+            |caller, r| self.create_topic_here(caller, r),
+        )
+        .await
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<pb::DeleteTopicRequest>,
+    ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        let rpc = Rpc::new("DeleteTopic", Serve::Leader, Permission::TaskCancel);
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.delete_topic(r).await },
+            |caller, r| self.delete_topic_here(caller, r),
+        )
+        .await
+    }
+
+    async fn list_topics(
+        &self,
+        request: Request<pb::ListTopicsRequest>,
+    ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let rpc = Rpc::new(
+            "ListTopics",
+            Serve::Read { stale: self.stale(&request.get_ref().consistency) },
+            Permission::TaskRead,
+        );
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.list_topics(r).await },
+            |caller, r| self.list_topics_here(caller, r),
+        )
+        .await
+    }
 
     async fn save_snapshot(
         &self,

@@ -9,7 +9,7 @@ use crate::audit::{now_rfc3339, Record};
 use crate::proposer::ProposeError;
 use crate::tls::ConnInfo;
 use colony_client::Channel;
-use colony_core::{CommandError, Permission};
+use colony_core::{CommandError, MessageError, Permission};
 use colony_proto::pb;
 use colony_proto::pb::admin_client::AdminClient;
 use openraft::error::{CheckIsLeaderError, RaftError};
@@ -442,6 +442,16 @@ pub fn rejected(error: CommandError) -> Status {
         CommandError::UnknownAccessor(_) => Status::not_found(error.to_string()),
         CommandError::AclTokenExists => Status::already_exists(error.to_string()),
         CommandError::AdmissionRaced { .. } => Status::aborted(error.to_string()),
+        CommandError::Message(e) => match e {
+            MessageError::Invalid { .. } | MessageError::TooLong { .. } => {
+                Status::invalid_argument(e.to_string())
+            }
+            MessageError::TopicFull { .. }
+            | MessageError::TooManyTopics { .. }
+            | MessageError::TooManyConsumers { .. } => Status::resource_exhausted(e.to_string()),
+            MessageError::UnknownTopic(_) => Status::not_found(e.to_string()),
+            MessageError::KeyConflict { .. } => Status::already_exists(e.to_string()),
+        },
     }
 }
 

@@ -179,3 +179,41 @@ impl Target for pb::GetTaskOutputRequest {
         Some(format!("task {} output {:?}", self.id, self.name))
     }
 }
+
+macro_rules! topic_targeted {
+    ($($request:ty),* $(,)?) => {$(
+        impl Target for $request {
+            fn namespace(&self) -> Option<String> {
+                Some(colony_proto::messaging::namespace_or_default(&self.namespace))
+            }
+
+            fn target(&self) -> Option<String> {
+                Some(format!("topic {:?}", self.topic))
+            }
+        }
+    )*};
+}
+
+topic_targeted!(
+    pb::PublishRequest,
+    pb::AckRequest,
+    pb::RequestRequest,
+    pb::CreateTopicRequest,
+    pb::DeleteTopicRequest,
+);
+
+impl Target for pb::ReceiveRequest {
+    fn namespace(&self) -> Option<String> {
+        Some(colony_proto::messaging::namespace_or_default(&self.namespace))
+    }
+
+    fn target(&self) -> Option<String> {
+        Some(format!("topic {:?} consumer {:?}", self.topic, self.consumer))
+    }
+}
+
+impl Target for pb::ListTopicsRequest {
+    fn namespace(&self) -> Option<String> {
+        colony_proto::messaging::non_empty(self.namespace.clone())
+    }
+}
