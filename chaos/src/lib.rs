@@ -9,6 +9,7 @@ pub mod check;
 pub mod checks;
 pub mod cluster;
 pub mod history;
+pub mod messages;
 pub mod nemesis;
 pub mod net;
 pub mod procs;

@@ -59,6 +59,8 @@ pub struct Report {
     pub seed: u64,
     /// What the workflow client submitted and what the workflow checks found.
     pub workflows: crate::workflows::WorkflowReport,
+    /// What the message publisher and consumer did and what the message checks found.
+    pub messages: crate::messages::MessageReport,
     pub servers: u8,
     pub executors: u8,
     pub duration_s: u64,
@@ -110,6 +112,10 @@ impl Report {
             ("acknowledged workflows lost", &self.workflows.lost),
             ("workflow steps that saw the wrong input", &self.workflows.inputs_wrong),
             ("workflow outputs not the final attempt's", &self.workflows.outputs_wrong),
+            ("acknowledged messages lost", &self.messages.lost),
+            ("messages nobody published", &self.messages.made_up),
+            ("messages delivered after a confirmed ack", &self.messages.after_ack),
+            ("messages stored twice", &self.messages.stored_twice),
         ];
         for (what, check) in checks {
             if check.violations > 0 {
@@ -151,6 +157,10 @@ impl Report {
                 "no workflow succeeded ({} acknowledged): the workflow checks checked nothing",
                 self.workflows.acknowledged
             ));
+        }
+        if self.messages.acknowledged == 0 {
+            found
+                .push("no message was acknowledged: the message checks checked nothing".to_owned());
         }
         found
     }
@@ -285,6 +295,20 @@ pub fn print(report: &Report) {
         "workflow outputs not the final attempt's".to_owned(),
         verdict(&w.outputs_wrong),
     ]);
+    let m = &report.messages;
+    checks.add_row(vec![
+        format!(
+            "messages lost ({} acknowledged, {} unknown; {} delivered, {} redelivered)",
+            m.acknowledged, m.unknown, m.delivered, m.redelivered
+        ),
+        verdict(&m.lost),
+    ]);
+    checks.add_row(vec!["messages nobody published".to_owned(), verdict(&m.made_up)]);
+    checks.add_row(vec![
+        "messages delivered after a confirmed ack".to_owned(),
+        verdict(&m.after_ack),
+    ]);
+    checks.add_row(vec!["messages stored twice".to_owned(), verdict(&m.stored_twice)]);
     checks.add_row(vec![
         "linearizability".to_owned(),
         format!(

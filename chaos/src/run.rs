@@ -244,6 +244,10 @@ async fn play(
         values.clone(),
         stop_rx.clone(),
     ));
+    let message_publisher =
+        tokio::spawn(crate::messages::publisher(cluster.channels.clone(), stop_rx.clone()));
+    let message_consumer =
+        tokio::spawn(crate::messages::consumer(cluster.channels.clone(), stop_rx.clone()));
     let samples = Arc::new(Mutex::new(Vec::<StatusSample>::new()));
     let sampler = tokio::spawn(sample_statuses(
         cluster.channels.clone(),
@@ -303,6 +307,8 @@ async fn play(
         let _ = client.await;
     }
     let workflows_submitted = workflow_client.await.unwrap_or_default();
+    let messages_published = message_publisher.await.unwrap_or_default();
+    let messages_consumed = message_consumer.await.unwrap_or_default();
     workload.settle().await;
     eprintln!(
         "chaos: faults over after {:.1} s; waiting for the submitted work to finish",
@@ -315,6 +321,8 @@ async fn play(
     let values_text =
         std::fs::read_to_string(&values).context("cannot read the workflow ledger")?;
     let workflows = crate::workflows::check(&any_server, &workflows_submitted, &values_text).await;
+    let messages =
+        crate::messages::check(&cluster.channels, &messages_published, messages_consumed).await;
     let _ = sampler.await;
     let (ops, write_error) = history.finish();
     if let Some(e) = write_error {
@@ -336,6 +344,7 @@ async fn play(
         unexpected_exits,
         unfinished,
         workflows,
+        messages,
     );
     let valid = report.valid;
     Ok((report, valid))
@@ -355,6 +364,7 @@ fn check(
     unexpected_exits: Vec<String>,
     unfinished: Option<u64>,
     workflows: crate::workflows::WorkflowReport,
+    messages: crate::messages::MessageReport,
 ) -> Report {
     let (ledger, ledger_unreadable) = checks::parse_ledger(ledger_text);
     let (finals, finals_error) = match finals {
@@ -404,6 +414,7 @@ fn check(
         paths: report::Paths::new(dir),
         negative_control_caught: None,
         workflows,
+        messages,
         valid: false,
     };
     report.valid = report.violations().is_empty();
