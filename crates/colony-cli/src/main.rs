@@ -4,6 +4,7 @@
 //! errors keep clap's own message and exit code 2.
 
 mod acl_cmd;
+mod agent_cmd;
 mod audit_cmd;
 mod bench;
 mod bench_failover;
@@ -122,6 +123,9 @@ enum Command {
     /// colony learner --join 127.0.0.1:7101 --token LEARNER_TOKEN --data-dir l1 [--device auto|cpu|cuda:0]
     #[command(verbatim_doc_comment)]
     Learner(learner_cmd::LearnerArgs),
+    /// Long-running agents: run, list, get, scale, stop.
+    #[command(subcommand)]
+    Agent(agent_cmd::AgentCommand),
     /// Durable messages: publish, subscribe, request-response, topics.
     #[command(subcommand)]
     Msg(msg_cmd::MsgCommand),
@@ -181,6 +185,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Task(command) => task_cmd::run(command, &global).await,
             Command::Workflow(command) => workflow_cmd::run(command, &global).await,
             Command::Msg(command) => msg_cmd::run(command, &global).await,
+            Command::Agent(command) => agent_cmd::run(command, &global).await,
             Command::Cluster(command) => cluster_cmd::run(command, &global).await,
             Command::Model(command) => model_cmd::run(command, &global).await,
             Command::Learner(args) => learner_cmd::run(args, &global).await,

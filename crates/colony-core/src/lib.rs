@@ -5,6 +5,7 @@
 //! on tokio, tonic, quinn, rocksdb, prometheus or cudarc.
 
 pub mod acl;
+pub mod agent;
 pub mod executor;
 pub mod ids;
 pub mod leader;
@@ -18,6 +19,7 @@ pub mod task;
 pub mod workflow;
 
 pub use acl::{AclToken, Grant, JoinKind, Permission, Role, DEFAULT_NAMESPACE};
+pub use agent::{Agent, AgentKey, AgentLimits, AgentSpec, AgentState, Instance, RestartPolicy};
 pub use executor::{ClusterCaRecord, Executor, ExecutorSpec, ExecutorState, JoinTokenRecord};
 pub use ids::{ExecutorId, FencingToken, ModelVersion, NodeId, TaskId, WorkflowId};
 pub use limits::Limits;

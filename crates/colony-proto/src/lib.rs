@@ -1,6 +1,7 @@
 //! Colony's wire contract: the generated gRPC code and the one place that converts between proto
 //! and colony-core types. Generated types never travel past this crate's callers' edges.
 
+pub mod agent;
 pub mod convert;
 pub mod link;
 pub mod messaging;

@@ -8,11 +8,11 @@
 #![allow(clippy::unwrap_used)] // A test that cannot set up or whose check fails should panic.
 
 use colony_core::{
-    AclToken, AttemptOutcome, AttemptResult, AttemptStatus, ClusterCaRecord, Command, DeliveryRef,
-    ExecutorId, ExecutorSpec, FencingToken, Grant, InputSource, JoinKind, ModelMetrics,
-    ModelVersion, Outcome, OutputRef, Placement, PlacementPolicy, Proposal, PublishSpec,
-    ReceiveSpec, Resources, Retention, Role, RunSpec, StateMachine, StepSpec, TaskId, TaskSpec,
-    TopicKey, TopicPolicy, WhenFull, WorkflowId, WorkflowSpec,
+    AclToken, AgentKey, AgentSpec, AttemptOutcome, AttemptResult, AttemptStatus, ClusterCaRecord,
+    Command, DeliveryRef, ExecutorId, ExecutorSpec, FencingToken, Grant, InputSource, JoinKind,
+    ModelMetrics, ModelVersion, Outcome, OutputRef, Placement, PlacementPolicy, Proposal,
+    PublishSpec, ReceiveSpec, Resources, RestartPolicy, Retention, Role, RunSpec, StateMachine,
+    StepSpec, TaskId, TaskSpec, TopicKey, TopicPolicy, WhenFull, WorkflowId, WorkflowSpec,
 };
 use colony_store::snapshot_file::SnapshotFile;
 use colony_store::{codec, Applied, StoreOptions, TypeConfig};
@@ -149,10 +149,30 @@ fn variant(command: &Command) -> usize {
         Command::Ack { .. } => 24,
         Command::CreateTopic { .. } => 25,
         Command::DeleteTopic { .. } => 26,
+        Command::RunAgent(_) => 27,
+        Command::ScaleAgent { .. } => 28,
+        Command::StopAgent { .. } => 29,
     }
 }
 
-const VARIANTS: usize = 27;
+const VARIANTS: usize = 30;
+
+fn agent_key() -> AgentKey {
+    AgentKey { namespace: "default".to_owned(), name: "researcher".to_owned() }
+}
+
+/// An agent of two instances, restarted on failure.
+fn agent_spec() -> AgentSpec {
+    AgentSpec {
+        name: "researcher".to_owned(),
+        namespace: "default".to_owned(),
+        task: spec(""),
+        replicas: 2,
+        restart: RestartPolicy::OnFailure,
+        backoff_ms_base: 1_000,
+        backoff_ms_max: 60_000,
+    }
+}
 
 fn topic(name: &str) -> TopicKey {
     TopicKey { namespace: "default".to_owned(), name: name.to_owned() }
@@ -336,6 +356,9 @@ fn every_command() -> Vec<Command> {
             delete_after_unix_ms: Some(1_700_000_090_000),
         },
         Command::DeleteTopic { topic: topic("replies/0123") },
+        Command::RunAgent(agent_spec()),
+        Command::ScaleAgent { agent: agent_key(), replicas: 3 },
+        Command::StopAgent { agent: agent_key() },
     ]
 }
 
@@ -413,7 +436,7 @@ async fn log_entry_is_frozen() {
 }
 
 /// `snapshot_commands_v4` and messages: a topic with a policy, messages of two priorities, one
-/// consumer holding a delivery and another that acknowledged one.
+/// consumer holding a delivery and another that acknowledged one; and an agent of two instances.
 fn snapshot_commands() -> Vec<Command> {
     let mut commands = snapshot_commands_v4();
     commands.extend([
@@ -448,6 +471,7 @@ fn snapshot_commands() -> Vec<Command> {
             consumer: "archivers".to_owned(),
             deliveries: vec![DeliveryRef { seq: 2, delivery: 1 }],
         },
+        Command::RunAgent(agent_spec()),
     ]);
     commands
 }

@@ -304,6 +304,16 @@ impl Leader {
             | Outcome::MarkedDown { .. }
             | Outcome::Registered { .. }
             | Outcome::WorkflowCancelled { .. } => None,
+            Outcome::AgentRun { stopped, .. }
+            | Outcome::AgentScaled { stopped, .. }
+            | Outcome::AgentStopped { stopped, .. }
+                if !stopped.is_empty() =>
+            {
+                None
+            }
+            Outcome::AgentRun { .. } | Outcome::AgentScaled { .. } => {
+                Some(vec![Effect::WakeScheduler])
+            }
             Outcome::Collected(collected) if !collected.executors.is_empty() => None,
             Outcome::Reported { stopped, .. } if !stopped.is_empty() => None,
             Outcome::Submitted { .. }
@@ -353,6 +363,14 @@ impl Leader {
                 let tasks: Vec<TaskId> =
                     workflow.steps.iter().flat_map(|run| run.tasks.iter().copied()).collect();
                 kill_superseded(state, &tasks, KillReason::Cancelled)
+            }
+            // Instances an agent's change ended (scaled down, stopped, replaced) stop now.
+            Outcome::AgentRun { stopped, .. }
+            | Outcome::AgentScaled { stopped, .. }
+            | Outcome::AgentStopped { stopped, .. } => {
+                let mut effects = kill_superseded(state, stopped, KillReason::Cancelled);
+                effects.push(Effect::WakeScheduler);
+                effects
             }
             Outcome::Cancelled { task, cascaded } => {
                 let ended: Vec<TaskId> =

@@ -5,6 +5,7 @@
 //! `Outcome` and `CommandError` are only ever returned, never stored.
 
 use crate::acl::{AclToken, JoinKind};
+use crate::agent::{Agent, AgentKey, AgentSpec};
 use crate::executor::{ClusterCaRecord, ExecutorSpec, ExecutorState};
 use crate::ids::{ExecutorId, FencingToken, ModelVersion, TaskId, WorkflowId};
 use crate::messaging::{
@@ -135,6 +136,17 @@ pub enum Command {
     },
     DeleteTopic {
         topic: TopicKey,
+    },
+    /// Creates an agent and starts its instances, or changes its spec (a new replica count is
+    /// applied at once; any other change rolls the instances onto it one at a time).
+    RunAgent(AgentSpec),
+    ScaleAgent {
+        agent: AgentKey,
+        replicas: u32,
+    },
+    /// Stops every instance; the agent is kept, stopped, until it is run again.
+    StopAgent {
+        agent: AgentKey,
     },
 }
 
@@ -276,6 +288,20 @@ pub enum Outcome {
     TopicDeleted {
         messages: u64,
     },
+    /// `stopped`: running tasks that ended (their executors stop them now).
+    AgentRun {
+        agent: Agent,
+        created: bool,
+        stopped: Vec<TaskId>,
+    },
+    AgentScaled {
+        agent: Agent,
+        stopped: Vec<TaskId>,
+    },
+    AgentStopped {
+        agent: Agent,
+        stopped: Vec<TaskId>,
+    },
 }
 
 /// Why a command was rejected. A rejected command changed nothing.
@@ -335,6 +361,10 @@ pub enum CommandError {
     WorkflowRunning(WorkflowId),
     #[error("{0}")]
     Message(#[from] MessageError),
+    #[error("{0}")]
+    InvalidAgent(String),
+    #[error("agent {0} does not exist")]
+    UnknownAgent(String),
 }
 
 impl From<SpecError> for CommandError {

@@ -15,6 +15,8 @@ use imbl::{OrdMap, OrdSet};
 pub enum InvariantViolation {
     #[error("messaging: {0}")]
     Messaging(String),
+    #[error("agents: {0}")]
+    Agents(String),
     #[error("the ACL token index does not mirror the tokens (accessor {accessor:?})")]
     AclIndex { accessor: String },
     #[error("task stored under {key} has id {id}")]
@@ -106,6 +108,7 @@ impl StateMachine {
         self.check_models()?;
         self.check_workflows()?;
         self.messaging.check().map_err(InvariantViolation::Messaging)?;
+        self.check_agents().map_err(InvariantViolation::Agents)?;
         self.check_acl()
     }
 

@@ -115,6 +115,8 @@ impl StateMachine {
         // A workflow's step moves on with its task (this may start later steps, or stop the
         // workflow and end its other tasks).
         self.step_task_ended(id);
+        // An agent's instance gets a new task.
+        self.agent_task_ended(id, state);
         let mut cascaded = Vec::new();
         if state == TaskState::Succeeded {
             let dependents: Vec<TaskId> =

@@ -6,9 +6,10 @@
 //!
 //! This file holds the state and the dispatch; each aggregate's commands live in their own file
 //! (`tasks`, `placement`, `executors`, `security` for the CA, join tokens, ACL tokens and admission,
-//! `models`, `workflows`, `messages`) over the state moves they share (`lifecycle`), with the read accessors in `queries`
+//! `models`, `workflows`, `messages`, `agents`) over the state moves they share (`lifecycle`), with the read accessors in `queries`
 //! and the whole-state check in `invariants`.
 
+mod agents;
 mod command;
 mod executors;
 mod invariants;
@@ -37,6 +38,7 @@ pub use upgrade::{StateMachineV2, StateMachineV3, StateMachineV4};
 pub use workflows::Outputs;
 
 use crate::acl::AclToken;
+use crate::agent::Agents;
 use crate::executor::{ClusterCaRecord, Executor, JoinTokenRecord};
 use crate::ids::{ExecutorId, ModelVersion, TaskId, WorkflowId};
 use crate::limits::Limits;
@@ -151,6 +153,7 @@ pub struct StateMachine {
     outputs: OrdMap<TaskId, Outputs>,
     /// Topics and mailboxes with their messages and consumers.
     messaging: Messaging,
+    agents: Agents,
 }
 
 impl Default for StateMachine {
@@ -192,6 +195,7 @@ impl StateMachine {
             task_steps: OrdMap::new(),
             outputs: OrdMap::new(),
             messaging: Messaging::default(),
+            agents: Agents::default(),
         }
     }
 
@@ -252,6 +256,9 @@ impl StateMachine {
                 self.create_topic(topic, policy, *delete_after_unix_ms)
             }
             Command::DeleteTopic { topic } => self.delete_topic(topic),
+            Command::RunAgent(spec) => self.run_agent(spec),
+            Command::ScaleAgent { agent, replicas } => self.scale_agent(agent, *replicas),
+            Command::StopAgent { agent } => self.stop_agent(agent),
         }
     }
 }

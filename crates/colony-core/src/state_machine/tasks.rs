@@ -137,6 +137,10 @@ impl StateMachine {
             }
         }
         let mut stopped = self.workflow_tasks_if_stopped(id);
+        if matches!(status, AttemptStatus::Started) {
+            // A new version of an agent's instance runs: the old one stops.
+            stopped.extend(self.agent_task_started(id));
+        }
         stopped.retain(|&t| t != id);
         Ok(Outcome::Reported { task: id, state: self.task(id)?.state, stopped })
     }

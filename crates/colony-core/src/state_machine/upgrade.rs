@@ -12,6 +12,7 @@
 use super::Outputs;
 use super::{PendingKey, StateMachine};
 use crate::acl::AclToken;
+use crate::agent::Agents;
 use crate::executor::{ClusterCaRecord, Executor, JoinTokenRecord};
 use crate::ids::WorkflowId;
 use crate::ids::{ExecutorId, ModelVersion, TaskId};
@@ -147,6 +148,7 @@ impl From<StateMachineV2> for StateMachine {
             task_steps: OrdMap::new(),
             outputs: OrdMap::new(),
             messaging: Messaging::default(),
+            agents: Agents::default(),
         }
     }
 }
@@ -213,6 +215,7 @@ impl From<StateMachineV3> for StateMachine {
             task_steps: OrdMap::new(),
             outputs: OrdMap::new(),
             messaging: Messaging::default(),
+            agents: Agents::default(),
         }
     }
 }
@@ -284,6 +287,7 @@ impl From<StateMachineV4> for StateMachine {
             task_steps: old.task_steps,
             outputs: old.outputs,
             messaging: Messaging::default(),
+            agents: Agents::default(),
         }
     }
 }

@@ -200,6 +200,36 @@ impl pb::admin_server::Admin for FakeAdmin {
     ) -> Reply<pb::ListTopicsResponse> {
         Err(Status::unimplemented("fake"))
     }
+    async fn run_agent(
+        &self,
+        _: tonic::Request<pb::RunAgentRequest>,
+    ) -> Reply<pb::RunAgentResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn get_agent(
+        &self,
+        _: tonic::Request<pb::GetAgentRequest>,
+    ) -> Reply<pb::GetAgentResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn list_agents(
+        &self,
+        _: tonic::Request<pb::ListAgentsRequest>,
+    ) -> Reply<pb::ListAgentsResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn scale_agent(
+        &self,
+        _: tonic::Request<pb::ScaleAgentRequest>,
+    ) -> Reply<pb::ScaleAgentResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn stop_agent(
+        &self,
+        _: tonic::Request<pb::StopAgentRequest>,
+    ) -> Reply<pb::StopAgentResponse> {
+        Err(Status::unimplemented("fake"))
+    }
     async fn get_task_output(
         &self,
         _: tonic::Request<pb::GetTaskOutputRequest>,

@@ -5,6 +5,7 @@
 //! (`*_here`) only answer, checking a task's namespace where the request names one.
 
 mod acl;
+mod agents;
 mod auth;
 mod cluster;
 mod messages;
@@ -52,6 +53,84 @@ impl AdminService {
 impl Admin for AdminService {
     type WatchFinishedTasksStream = tasks::FinishedTaskStream;
     type SaveSnapshotStream = cluster::SnapshotStream;
+
+    async fn run_agent(
+        &self,
+        request: Request<pb::RunAgentRequest>,
+    ) -> Result<Response<pb::RunAgentResponse>, Status> {
+        let rpc = Rpc::new("RunAgent", Serve::Leader, Permission::TaskSubmit);
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.run_agent(r).await },
+            |caller, r| self.run_agent_here(caller, r),
+        )
+        .await
+    }
+
+    async fn get_agent(
+        &self,
+        request: Request<pb::GetAgentRequest>,
+    ) -> Result<Response<pb::GetAgentResponse>, Status> {
+        let rpc = Rpc::new(
+            "GetAgent",
+            Serve::Read { stale: self.stale(&request.get_ref().consistency) },
+            Permission::TaskRead,
+        );
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.get_agent(r).await },
+            |caller, r| self.get_agent_here(caller, r),
+        )
+        .await
+    }
+
+    async fn list_agents(
+        &self,
+        request: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let rpc = Rpc::new(
+            "ListAgents",
+            Serve::Read { stale: self.stale(&request.get_ref().consistency) },
+            Permission::TaskRead,
+        );
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.list_agents(r).await },
+            |caller, r| self.list_agents_here(caller, r),
+        )
+        .await
+    }
+
+    async fn scale_agent(
+        &self,
+        request: Request<pb::ScaleAgentRequest>,
+    ) -> Result<Response<pb::ScaleAgentResponse>, Status> {
+        let rpc = Rpc::new("ScaleAgent", Serve::Leader, Permission::TaskSubmit);
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.scale_agent(r).await },
+            |caller, r| self.scale_agent_here(caller, r),
+        )
+        .await
+    }
+
+    async fn stop_agent(
+        &self,
+        request: Request<pb::StopAgentRequest>,
+    ) -> Result<Response<pb::StopAgentResponse>, Status> {
+        let rpc = Rpc::new("StopAgent", Serve::Leader, Permission::TaskCancel);
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.stop_agent(r).await },
+            |caller, r| self.stop_agent_here(caller, r),
+        )
+        .await
+    }
 
     async fn publish(
         &self,

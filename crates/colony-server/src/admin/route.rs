@@ -442,6 +442,8 @@ pub fn rejected(error: CommandError) -> Status {
         CommandError::UnknownAccessor(_) => Status::not_found(error.to_string()),
         CommandError::AclTokenExists => Status::already_exists(error.to_string()),
         CommandError::AdmissionRaced { .. } => Status::aborted(error.to_string()),
+        CommandError::InvalidAgent(_) => Status::invalid_argument(error.to_string()),
+        CommandError::UnknownAgent(_) => Status::not_found(error.to_string()),
         CommandError::Message(e) => match e {
             MessageError::Invalid { .. } | MessageError::TooLong { .. } => {
                 Status::invalid_argument(e.to_string())

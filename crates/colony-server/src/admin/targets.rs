@@ -217,3 +217,36 @@ impl Target for pb::ListTopicsRequest {
         colony_proto::messaging::non_empty(self.namespace.clone())
     }
 }
+
+macro_rules! agent_targeted {
+    ($($request:ty),* $(,)?) => {$(
+        impl Target for $request {
+            fn namespace(&self) -> Option<String> {
+                Some(colony_proto::messaging::namespace_or_default(&self.namespace))
+            }
+
+            fn target(&self) -> Option<String> {
+                Some(format!("agent {:?}", self.name))
+            }
+        }
+    )*};
+}
+
+agent_targeted!(pb::GetAgentRequest, pb::ScaleAgentRequest, pb::StopAgentRequest);
+
+impl Target for pb::RunAgentRequest {
+    fn namespace(&self) -> Option<String> {
+        let namespace = self.spec.as_ref().map(|s| s.namespace.as_str()).unwrap_or_default();
+        Some(colony_proto::messaging::namespace_or_default(namespace))
+    }
+
+    fn target(&self) -> Option<String> {
+        self.spec.as_ref().map(|s| format!("agent {:?}", s.name))
+    }
+}
+
+impl Target for pb::ListAgentsRequest {
+    fn namespace(&self) -> Option<String> {
+        colony_proto::messaging::non_empty(self.namespace.clone())
+    }
+}
