@@ -79,6 +79,9 @@ pub struct MessageLimits {
     /// An idempotency key or a correlation id.
     pub key_bytes_max: usize,
     pub topics_max: usize,
+    /// Payload bytes kept in every topic together: the bound on what messages cost each replica
+    /// in memory, whatever the topics' own bounds add up to.
+    pub total_bytes_max: u64,
     /// Messages one receive hands out.
     pub receive_max: u32,
     /// Payload bytes one receive hands out (one message always fits).
@@ -102,6 +105,7 @@ impl Default for MessageLimits {
             consumer_name_bytes_max: 64,
             key_bytes_max: 128,
             topics_max: 10_000,
+            total_bytes_max: 1 << 30,
             receive_max: 1_000,
             receive_bytes_max: 2 << 20,
             acks_max: 1_000,
@@ -247,6 +251,8 @@ pub enum MessageError {
     TooLong { what: String, len: usize, max: usize },
     #[error("topic {topic} is full ({messages} messages, {bytes} bytes; its policy rejects more): consume or raise its bounds")]
     TopicFull { topic: String, messages: u64, bytes: u64 },
+    #[error("the cluster keeps {bytes} bytes of messages, and {adding} more would pass its limit of {max}: consume, delete topics or lower their bounds")]
+    StoreFull { bytes: u64, adding: u64, max: u64 },
     #[error("there are {max} topics, the limit: delete one first")]
     TooManyTopics { max: usize },
     #[error("topic {topic} has {max} consumer names, its limit")]
@@ -319,6 +325,8 @@ pub struct ConsumerSummary {
 pub struct Messaging {
     pub limits: MessageLimits,
     topics: OrdMap<TopicKey, Topic>,
+    /// Payload bytes of every topic together.
+    bytes: u64,
 }
 
 /// A name of a topic, mailbox or consumer: path-like ASCII, so it is safe in a log line and a URL.
@@ -627,6 +635,7 @@ impl Messaging {
         self.limits.check_topic(key)?;
         self.limits.check_policy(policy)?;
         if let Some(topic) = self.topics.get_mut(key) {
+            let before = topic.bytes;
             topic.policy = policy.clone();
             topic.delete_after_unix_ms = delete_after_unix_ms;
             while topic.messages.len() as u64 > policy.messages_max
@@ -637,6 +646,7 @@ impl Messaging {
                 topic.dropped += 1;
             }
             topic.expire(now);
+            self.bytes -= before - topic.bytes;
             return Ok(false);
         }
         if self.topics.len() >= self.limits.topics_max {
@@ -647,7 +657,10 @@ impl Messaging {
     }
 
     pub fn delete_topic(&mut self, key: &TopicKey) -> Result<Topic, MessageError> {
-        self.topics.remove(key).ok_or_else(|| MessageError::UnknownTopic(key.to_string()))
+        let topic =
+            self.topics.remove(key).ok_or_else(|| MessageError::UnknownTopic(key.to_string()))?;
+        self.bytes -= topic.bytes;
+        Ok(topic)
     }
 
     fn topic_mut(&mut self, key: &TopicKey, now: u64) -> Result<&mut Topic, MessageError> {
@@ -659,7 +672,9 @@ impl Messaging {
         }
         let topic =
             self.topics.get_mut(key).ok_or_else(|| MessageError::UnknownTopic(key.to_string()))?;
+        let before = topic.bytes;
         topic.expire(now);
+        self.bytes -= before - topic.bytes;
         Ok(topic)
     }
 
@@ -675,6 +690,9 @@ impl Messaging {
         dead_letter: Option<DeadLetter>,
         now: u64,
     ) -> Result<Published, MessageError> {
+        let total_max = self.limits.total_bytes_max;
+        self.topic_mut(key, now)?;
+        let elsewhere = self.bytes - self.topics.get(key).map_or(0, |t| t.bytes);
         let topic = self.topic_mut(key, now)?;
         if let Some(k) = &spec.idempotency_key {
             if let Some(&seq) = topic.keys.get(k) {
@@ -702,6 +720,13 @@ impl Messaging {
             topic.dropped += 1;
             dropped += 1;
         }
+        if elsewhere + topic.bytes + size > total_max {
+            return Err(MessageError::StoreFull {
+                bytes: elsewhere + topic.bytes,
+                adding: size,
+                max: total_max,
+            });
+        }
         let seq = topic.next_seq;
         topic.append(Message {
             seq,
@@ -713,6 +738,7 @@ impl Messaging {
             correlation_id: spec.correlation_id.clone(),
             dead_letter,
         });
+        self.bytes = elsewhere + topic.bytes;
         Ok(Published { seq, existing: false, dropped })
     }
 
@@ -930,7 +956,9 @@ impl Messaging {
             .map(|(k, _)| k.clone())
             .collect();
         for key in &due {
-            self.topics.remove(key);
+            if let Some(topic) = self.topics.remove(key) {
+                self.bytes -= topic.bytes;
+            }
         }
         let aged: Vec<TopicKey> = self
             .topics
@@ -941,7 +969,9 @@ impl Messaging {
         let mut messages = 0;
         for key in aged {
             if let Some(topic) = self.topics.get_mut(&key) {
+                let before = topic.bytes;
                 messages += topic.expire(now);
+                self.bytes -= before - topic.bytes;
             }
         }
         (messages, due.len() as u64)
@@ -951,6 +981,10 @@ impl Messaging {
     /// messages that carry them, each consumer's ready and in-flight sets are disjoint and within
     /// the messages, deadlines mirror in-flight.
     pub fn check(&self) -> Result<(), String> {
+        let total: u64 = self.topics.values().map(|t| t.bytes).sum();
+        if total != self.bytes {
+            return Err(format!("topics hold {total} bytes, the store counts {}", self.bytes));
+        }
         for (key, t) in &self.topics {
             let order: OrdSet<(u8, u64)> = t.messages.values().map(order_key).collect();
             if order != t.order {

@@ -363,3 +363,30 @@ fn a_restore_makes_every_delivery_due_again_and_refuses_acks_from_before_it() {
     assert_eq!(c.ack("topics/a", "w", seq, 1), (vec![], 1));
     assert_eq!(c.ack("topics/a", "w", seq, 2), (vec![seq], 0));
 }
+
+#[test]
+fn the_cluster_wide_byte_bound_refuses_a_publish_past_it() {
+    let mut c = Cluster::new();
+    let big = "x".repeat(60 << 10);
+    // 1 GiB in 60 KiB messages spread over topics under their own 64 MiB bounds.
+    let mut published = 0u64;
+    let refused = loop {
+        let topic = format!("topics/t{}", published / 1000);
+        // Applied without the whole-state check after each (it is O(messages)); checked below.
+        let proposal = Proposal {
+            now_unix_ms: c.now,
+            commands: vec![Command::Publish(publish(&topic, &big, 0))],
+        };
+        match c.machine.apply_proposal(&proposal).pop().unwrap() {
+            Ok(_) => published += 1,
+            Err(e) => break e,
+        }
+        assert!(published < 20_000, "never refused");
+    };
+    assert!(refused.to_string().contains("would pass its limit"), "{refused}");
+    assert_eq!(published, (1u64 << 30) / (60 << 10));
+    c.machine.check_invariants().unwrap();
+    // Deleting a topic makes room.
+    c.apply(Command::DeleteTopic { topic: key("topics/t0") }).unwrap();
+    c.apply(Command::Publish(publish("topics/t0", &big, 0))).unwrap();
+}

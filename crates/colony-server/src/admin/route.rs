@@ -449,6 +449,7 @@ pub fn rejected(error: CommandError) -> Status {
                 Status::invalid_argument(e.to_string())
             }
             MessageError::TopicFull { .. }
+            | MessageError::StoreFull { .. }
             | MessageError::TooManyTopics { .. }
             | MessageError::TooManyConsumers { .. } => Status::resource_exhausted(e.to_string()),
             MessageError::UnknownTopic(_) => Status::not_found(e.to_string()),
