@@ -128,14 +128,14 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     /// Frozen bytes: if this test fails, the on-disk format changed and `FORMAT_VERSION` must be
-    /// bumped. A vote's body is the same in versions 2 to 4, so older frames still read.
+    /// bumped. A vote's body is the same in versions 2 to 5, so older frames still read.
     #[test]
     fn vote_frame_bytes_are_frozen() {
         let vote = Vote::<u64>::new_committed(3, 1);
         let frame = encode(&vote).unwrap();
-        assert_eq!(frame, vec![0x04, 0x9c, 0x66, 0x1b, 0x93, 0x03, 0x01, 0x01]);
+        assert_eq!(frame, vec![0x05, 0x9c, 0x66, 0x1b, 0x93, 0x03, 0x01, 0x01]);
         assert_eq!(decode::<Vote<u64>>(&frame).unwrap(), vote);
-        for version in [2, 3] {
+        for version in [2, 3, 4] {
             let written_before = [version, 0x9c, 0x66, 0x1b, 0x93, 0x03, 0x01, 0x01];
             assert_eq!(decode::<Vote<u64>>(&written_before).unwrap(), vote);
         }
@@ -145,7 +145,7 @@ mod tests {
     fn log_id_frame_bytes_are_frozen() {
         let log_id = LogId::new(CommittedLeaderId::new(2, 7), 300);
         let frame = encode(&log_id).unwrap();
-        assert_eq!(frame, vec![0x04, 0xcd, 0x5b, 0x92, 0xd6, 0x02, 0x07, 0xfb, 0x2c, 0x01]);
+        assert_eq!(frame, vec![0x05, 0xcd, 0x5b, 0x92, 0xd6, 0x02, 0x07, 0xfb, 0x2c, 0x01]);
         assert_eq!(decode::<LogId<u64>>(&frame).unwrap(), log_id);
     }
 
@@ -162,7 +162,7 @@ mod tests {
         frame[0] = 1;
         assert!(matches!(decode::<u64>(&frame), Err(CodecError::UnknownVersion { found: 1 })));
         frame[0] = FORMAT_VERSION + 1;
-        assert!(matches!(decode::<u64>(&frame), Err(CodecError::UnknownVersion { found: 5 })));
+        assert!(matches!(decode::<u64>(&frame), Err(CodecError::UnknownVersion { found: 6 })));
     }
 
     #[test]

@@ -278,16 +278,19 @@ mod tests {
     /// nothing in colony-core's API can corrupt state. A new state machine encodes as
     /// `..., models: 0 entries, current_model: None, next_model_version: 1, acl_bootstrapped:
     /// false, acl_tokens: 0 entries, acl_by_secret: 0 entries, finished_removed_through: 0,
-    /// by_state: 0 entries, state_counts: 9 zeros, then the workflows' fields`; this makes
+    /// by_state: 0 entries, state_counts: 9 zeros, then the workflows', messaging's and agents'
+    /// fields`; this makes
     /// `current_model` `Some(5)`.
     fn corrupted() -> StateMachine {
         let config = bincode::config::standard();
         let mut bytes = bincode::serde::encode_to_vec(StateMachine::new(), config).unwrap();
         // After the ACL state: the workflow limits, no workflows, next workflow id 1, no step
-        // links, no outputs.
+        // links, no outputs; no topics; no agents.
         let workflows = [
             bincode::serde::encode_to_vec(colony_core::WorkflowLimits::default(), config).unwrap(),
             vec![0x00, 0x01, 0x00, 0x00],
+            bincode::serde::encode_to_vec(colony_core::Messaging::default(), config).unwrap(),
+            bincode::serde::encode_to_vec(colony_core::agent::Agents::default(), config).unwrap(),
         ]
         .concat();
         let after_acl = [[0x00; 11].as_slice(), &workflows].concat();
