@@ -53,6 +53,9 @@ pub enum BenchCommand {
     /// Simulated executors run chained workflows: workflows/s and the step hand-off latency
     /// (a step's end to the next step's assignment).
     Workflow(crate::bench_workflow::WorkflowBenchArgs),
+    /// Durable messages: publishers in a closed loop (msgs/s, latency), then a drain with acks;
+    /// on Colony or, with `--target nats`, on NATS JetStream for comparison.
+    Messages(crate::bench_messages::MessagesBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +172,7 @@ pub async fn run(command: BenchCommand, global: &GlobalArgs) -> Result<()> {
         BenchCommand::Failover(args) => crate::bench_failover::run(args, global).await,
         BenchCommand::Soak(args) => crate::bench_soak::run(args, global).await,
         BenchCommand::Workflow(args) => crate::bench_workflow::run(args, global).await,
+        BenchCommand::Messages(args) => crate::bench_messages::run(args, global).await,
     }
 }
 
