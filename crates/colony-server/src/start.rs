@@ -263,6 +263,10 @@ async fn follow(
     let mut joining = joining.unwrap_or_else(|| tokio::spawn(std::future::pending()));
     let mut leading: Option<JoinHandle<()>> = None;
     let (mut serving, mut known_leader) = (None, None);
+    // One listener for the whole loop: a listener made anew each turn would miss a signal that
+    // arrives while the turn's body runs (tokio delivers only what comes after a listener
+    // exists), and under load, when metrics change on every apply, a SIGTERM was lost that way.
+    let mut stop = std::pin::pin!(colony_process::shutdown_signal());
     let outcome = loop {
         let (leader, fatal) = {
             let m = raft_metrics.borrow_and_update();
@@ -294,7 +298,7 @@ async fn follow(
             health.set_service_status("colony.v1.Admin", status).await;
         }
         tokio::select! {
-            signal = colony_process::shutdown_signal() => {
+            signal = &mut stop => {
                 tracing::info!("{signal} received; shutting down");
                 break Ok(());
             }

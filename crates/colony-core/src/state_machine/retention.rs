@@ -9,7 +9,8 @@
 //!   with its last task.
 //! - An executor down (or admitted and never connected) for `executor_gc_after_ms` goes; if it
 //!   comes back, it must join again.
-//! - Expired join tokens and ACL tokens go.
+//! - Expired join tokens go, and ACL tokens an hour after they expired (until then a caller
+//!   still using one is told it expired, not that it is unknown).
 //! - Messages older than their topic's age bound go, and temporary mailboxes past their time.
 //!
 //! One command looks at no more than `scan_max` finished tasks, so applying it stays short; the
@@ -19,6 +20,9 @@ use super::{CommandError, Outcome, StateMachine};
 use crate::executor::ExecutorState;
 use crate::ids::{ExecutorId, TaskId};
 use serde::{Deserialize, Serialize};
+
+/// How long an expired ACL token is kept, so its holder hears "expired" rather than "unknown".
+pub const EXPIRED_ACL_TOKEN_KEPT_MS: u64 = 3_600_000;
 
 /// What to forget, as the leader's flags say. It travels in the command, so replicas started with
 /// other flags still agree.
@@ -189,7 +193,7 @@ impl StateMachine {
         plan.acl_tokens = self
             .acl_tokens
             .values()
-            .filter(|t| !t.live_at(now))
+            .filter(|t| !t.live_at(now.saturating_sub(EXPIRED_ACL_TOKEN_KEPT_MS)))
             .map(|t| (t.accessor.clone(), t.secret_hash))
             .collect();
         plan.join_tokens = self
