@@ -6,8 +6,9 @@ demo workflow, adds a little work (tasks that hold resources, short tasks for th
 workflow to watch live), then drives headless Chromium through every view with Playwright:
 sign-in refuses a bad token; the overview shows 3 members and one leader; executors show
 allocation bars; tasks filter by state and namespace; the demo workflow is drawn as a DAG with
-its step states and a running one updates without a reload; agents say they do not exist yet;
-models show their holdout error; a token of another namespace sees none of the cluster's tasks.
+its step states and a running one updates without a reload; models show their holdout error; an
+agent started through the CLI shows its 2 running instances, and a third after a scale without a
+reload; a token of another namespace sees none of the cluster's tasks, workflows or agents.
 Screenshots go to docs/console-*.png. tests/console/run.sh installs what this needs and runs it.
 """
 
@@ -35,6 +36,10 @@ BASE_PORT = int(os.environ.get("COLONY_CONSOLE_BASE_PORT", "7301"))
 CLUSTER_TIMEOUT_S = 120
 DEMO_TIMEOUT_S = 120
 MODEL_TIMEOUT_S = 180
+AGENT_TIMEOUT_S = 60
+# The agent the test runs: what it runs must never reach the page.
+AGENT = "console-demo"
+AGENT_COMMAND = ["/bin/sleep", "3600"]
 UI_TIMEOUT_MS = 20_000
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
@@ -316,10 +321,6 @@ def run(cluster, workdir):
             "data-state", "succeeded", timeout=60_000)
         print(f"workflow {live_id}: running -> succeeded, live")
 
-        # ---- agents: not there yet, and the page says so ----
-        page.click("[data-nav=agents]")
-        expect(page.locator("[data-test=agents-absent]")).to_contain_text("no agents yet")
-
         # ---- models: the learner's versions with their holdout error ----
         page.click("[data-nav=models]")
         try:
@@ -331,6 +332,35 @@ def run(cluster, workdir):
         assert mse >= 0, mse
         screenshot(page, "models")
         print(f"models: version published, holdout MSE {mse}")
+
+        # ---- agents: the CLI's agent with its 2 instances running, then 3 after a scale, live ----
+        # Started only now: its instances' task ids would move the learner's holdout split (it
+        # splits by task id), which the model check above depends on.
+        colony(token, "agent", "run", "--name", AGENT, "--replicas", "2", "--restart", "always",
+               "--", *AGENT_COMMAND)
+        status, body = api("agents", token)
+        assert status == 200 and [(a["namespace"], a["name"]) for a in body["agents"]] == [("default", AGENT)], \
+            (status, body)
+        assert AGENT_COMMAND[0] not in json.dumps(body), f"the agents API shows what the agent runs: {body}"
+        status, body = api("agents", reader)
+        assert status == 200 and body["agents"] == [] and body["total"] == 0, \
+            f"a token of namespace elsewhere saw agents: {body}"
+        page.click("[data-nav=agents]")
+        loaded(page, "agents")
+        agent = page.locator(f"[data-test=agent][data-namespace=default][data-name={AGENT}]")
+        expect(agent).to_have_attribute("data-running", "2", timeout=AGENT_TIMEOUT_S * 1000)
+        expect(agent).to_have_attribute("data-state", "running")
+        expect(agent.locator("[data-test=agent-instance][data-state=running]")).to_have_count(2)
+        expect(agent.locator("[data-test=agent-instance]")).to_have_count(2)
+        expect(agent.locator("[data-test=agent-running]")).to_have_text("2 / 2")
+        expect(agent.locator("[data-test=agent-replicas]")).to_have_text("2")
+        expect(page.locator("[data-test=as-of]")).to_contain_text("from its applied state")
+        assert AGENT_COMMAND[0] not in page.inner_text("main"), "the Agents view shows what the agent runs"
+        screenshot(page, "agents")
+        colony(token, "agent", "scale", AGENT, "3")
+        expect(agent).to_have_attribute("data-running", "3", timeout=AGENT_TIMEOUT_S * 1000)
+        expect(agent.locator("[data-test=agent-replicas]")).to_have_text("3")
+        print(f"agents: {AGENT} with 2 running instances, 3 after a scale, live")
 
         # ---- another namespace's token: none of the cluster's tasks ----
         page.click("[data-test=sign-out]")
@@ -347,11 +377,15 @@ def run(cluster, workdir):
         page.click("[data-nav=workflows]")
         loaded(page, "workflows?limit=200")
         expect(page.locator("[data-test=no-workflows]")).to_be_visible()
+        page.click("[data-nav=agents]")
+        loaded(page, "agents")
+        expect(page.locator("[data-test=no-agents]")).to_be_visible()
+        expect(page.locator("[data-test=agent]")).to_have_count(0)
         page.goto(f"{CONSOLE}/ui/#/workflows/{demo['id']}")
         loaded(page, f"workflows/{demo['id']}")
         expect(page.locator("[data-test=error][data-status='403']")).to_be_visible()
         screenshot(page, "other-namespace")
-        print("reader of namespace elsewhere: no tasks, no workflows, 403 on the demo workflow")
+        print("reader of namespace elsewhere: no tasks, no workflows, no agents, 403 on the demo workflow")
         # A token without cluster reads sees the refusal, not an empty list.
         page.click("[data-test=sign-out]")
         page.fill("#token", submitter)

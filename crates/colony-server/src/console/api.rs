@@ -8,9 +8,10 @@
 //! | `GET tasks`             | ListTasks (stale)            | TaskRead, the token's namespaces   |
 //! | `GET workflows`         | ListWorkflows (stale)        | TaskRead, the token's namespaces   |
 //! | `GET workflows/{id}`    | GetWorkflow (stale)          | TaskRead in the workflow's namespace |
+//! | `GET agents`            | ListAgents (stale)           | TaskRead, the token's namespaces   |
 //! | `GET models`            | ListModels                   | ClusterRead                        |
 //!
-//! Nothing here shows a task's arguments or environment, or a model's weights.
+//! Nothing here shows a task's (or an agent's) arguments or environment, or a model's weights.
 
 use super::{ApiError, Console};
 use axum::extract::{ConnectInfo, Path, State};
@@ -35,6 +36,9 @@ const PAGE_MAX: u32 = 200;
 const NAMESPACE_SCAN_MAX: u32 = 5000;
 /// A reason as the console shows it (a task's or a step's).
 const REASON_BYTES_MAX: usize = 256;
+/// Agents in one answer (each with up to the server's `replicas_max` instances); more are
+/// counted, not shown.
+const AGENTS_SHOWN_MAX: usize = 200;
 
 pub(super) fn routes(console: Console) -> Router {
     Router::new()
@@ -43,6 +47,7 @@ pub(super) fn routes(console: Console) -> Router {
         .route("/tasks", get(tasks))
         .route("/workflows", get(workflows))
         .route("/workflows/:id", get(workflow))
+        .route("/agents", get(agents))
         .route("/models", get(models))
         .fallback(|| async { ApiError::not_found() })
         .with_state(console)
@@ -147,6 +152,15 @@ fn brief(text: &str) -> String {
 struct AsOf {
     server_id: u64,
     applied_index: Option<u64>,
+    /// Read through the leader (a linearizable read), not from this server's applied state.
+    leader_read: bool,
+}
+
+impl AsOf {
+    /// An answer from this server's applied state.
+    fn here(server_id: u64, applied_index: Option<u64>) -> AsOf {
+        AsOf { server_id, applied_index, leader_read: false }
+    }
 }
 
 // ---- overview --------------------------------------------------------------------------------
@@ -202,7 +216,7 @@ async fn overview(
         })
         .collect();
     Ok(json(Overview {
-        as_of: AsOf { server_id: status.node_id, applied_index: Some(status.applied_index) },
+        as_of: AsOf::here(status.node_id, Some(status.applied_index)),
         cluster_id: status.cluster_id,
         state: status.state,
         leader_id: status.leader_id,
@@ -292,7 +306,7 @@ async fn executors(
             drain_deadline_unix_ms: e.drain_deadline_unix_ms,
         })
         .collect();
-    let as_of = AsOf { server_id: console.node().id(), applied_index: Some(listed.applied_index) };
+    let as_of = AsOf::here(console.node().id(), Some(listed.applied_index));
     Ok(json(Executors { as_of, executors }))
 }
 
@@ -372,7 +386,7 @@ async fn tasks(
         .await?;
     let (tasks, next_after) =
         page_in_namespace(listed.tasks, namespace.as_deref(), limit, listed.next_after_id);
-    let as_of = AsOf { server_id: console.node().id(), applied_index: Some(listed.applied_index) };
+    let as_of = AsOf::here(console.node().id(), Some(listed.applied_index));
     Ok(json(Tasks { as_of, tasks: tasks.into_iter().map(Task::from).collect(), next_after }))
 }
 
@@ -467,7 +481,7 @@ async fn workflows(
             }
         })
         .collect();
-    let as_of = AsOf { server_id: console.node().id(), applied_index: None };
+    let as_of = AsOf::here(console.node().id(), None);
     Ok(json(Workflows { as_of, workflows, next_after: listed.next_after_id }))
 }
 
@@ -568,7 +582,7 @@ async fn workflow(
         })
         .collect();
     Ok(json(WorkflowDetail {
-        as_of: AsOf { server_id: console.node().id(), applied_index: Some(got.applied_index) },
+        as_of: AsOf::here(console.node().id(), Some(got.applied_index)),
         id: workflow.id,
         name: spec.name,
         namespace: spec.namespace,
@@ -580,6 +594,109 @@ async fn workflow(
         output_bytes: workflow.output_bytes,
         steps,
     }))
+}
+
+// ---- agents ----------------------------------------------------------------------------------
+
+#[derive(Serialize)]
+struct Agents {
+    #[serde(flatten)]
+    as_of: AsOf,
+    agents: Vec<AgentBrief>,
+    /// How many agents the token may see; more than `agents.len()` when some were left out.
+    total: usize,
+}
+
+#[derive(Serialize)]
+struct AgentBrief {
+    namespace: String,
+    name: String,
+    /// `running` or `stopped`.
+    state: String,
+    version: u64,
+    replicas: u32,
+    restart: String,
+    /// Instances whose task is running.
+    running: usize,
+    restarts: u64,
+    requested: Quantities,
+    created_unix_ms: u64,
+    updated_unix_ms: u64,
+    reason: String,
+    instances: Vec<AgentInstance>,
+}
+
+#[derive(Serialize)]
+struct AgentInstance {
+    index: u32,
+    task_id: u64,
+    /// The instance's task's state; `unknown` when the task is gone.
+    state: String,
+    version: u64,
+    /// During a rolling update: the older version's task still running.
+    replacing: Option<u64>,
+    restarts: u64,
+    executor_id: Option<u64>,
+    /// Not placed before this time (a restart's backoff).
+    not_before_unix_ms: Option<u64>,
+    reason: String,
+}
+
+/// An agent as the console shows it: its instances, and nothing of what they run (no program,
+/// arguments or environment).
+fn agent_brief(agent: pb::Agent) -> AgentBrief {
+    let spec = agent.spec.unwrap_or_default();
+    let instances: Vec<AgentInstance> = agent
+        .instances
+        .into_iter()
+        .map(|i| AgentInstance {
+            index: i.index,
+            task_id: i.task,
+            state: if i.state == pb::TaskState::Unspecified as i32 {
+                "unknown".to_owned()
+            } else {
+                task_state_name(i.state)
+            },
+            version: i.version,
+            replacing: (i.replacing > 0).then_some(i.replacing),
+            restarts: i.restarts,
+            executor_id: (i.executor > 0).then_some(i.executor),
+            not_before_unix_ms: (i.not_before_unix_ms > 0).then_some(i.not_before_unix_ms),
+            reason: brief(&i.reason),
+        })
+        .collect();
+    AgentBrief {
+        namespace: spec.namespace,
+        name: spec.name,
+        state: agent.state,
+        version: agent.version,
+        replicas: spec.replicas,
+        restart: spec.restart,
+        running: instances.iter().filter(|i| i.state == "running").count(),
+        restarts: instances.iter().map(|i| i.restarts).sum(),
+        requested: spec.task.and_then(|t| t.resources).into(),
+        created_unix_ms: agent.created_unix_ms,
+        updated_unix_ms: agent.updated_unix_ms,
+        reason: brief(&agent.reason),
+        instances,
+    }
+}
+
+async fn agents(
+    State(console): State<Console>,
+    from: Peer,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    // No namespace asked for: every one the token covers, as the admin API filters them.
+    let request = pb::ListAgentsRequest { namespace: String::new(), consistency: stale() };
+    let listed = console
+        .call(&headers, peer(from), request, |admin, r| async move { admin.list_agents(r).await })
+        .await?;
+    let total = listed.agents.len();
+    let agents = listed.agents.into_iter().take(AGENTS_SHOWN_MAX).map(agent_brief).collect();
+    // ListAgents says no applied index, but the read is this server's applied state all the same.
+    let as_of = AsOf::here(console.node().id(), None);
+    Ok(json(Agents { as_of, agents, total }))
 }
 
 // ---- models ----------------------------------------------------------------------------------
@@ -639,7 +756,7 @@ async fn models(
         })
         .collect();
     // ListModels is a linearizable read (served by the leader), not this server's state.
-    let as_of = AsOf { server_id: console.node().id(), applied_index: None };
+    let as_of = AsOf { server_id: console.node().id(), applied_index: None, leader_read: true };
     Ok(json(Models { as_of, current: listed.current, models }))
 }
 
@@ -714,6 +831,57 @@ mod tests {
         assert_eq!(upstream(&step), ["analyze", "research"]);
         let fan_out = pb::WorkflowStep { for_each: "research.topics".into(), ..Default::default() };
         assert_eq!(upstream(&fan_out), ["research"]);
+    }
+
+    #[test]
+    fn an_agent_is_shown_with_its_instances_and_without_its_command() {
+        let process = pb::ProcessRun {
+            program: "/bin/secret-tool".into(),
+            args: vec!["--password=hunter2".into()],
+            ..Default::default()
+        };
+        let task = pb::TaskSpec {
+            run: Some(pb::task_spec::Run::Process(process)),
+            resources: Some(pb::Resources { cpu_millis: 100, ..Default::default() }),
+            ..Default::default()
+        };
+        let instance = |index: u32, state: pb::TaskState, restarts, executor| pb::AgentInstance {
+            index,
+            task: 10 + u64::from(index),
+            state: state as i32,
+            version: 1,
+            restarts,
+            executor,
+            ..Default::default()
+        };
+        let agent = pb::Agent {
+            spec: Some(pb::AgentSpec {
+                name: "demo".into(),
+                namespace: "default".into(),
+                task: Some(task),
+                replicas: 3,
+                restart: "always".into(),
+                ..Default::default()
+            }),
+            version: 1,
+            state: "running".into(),
+            instances: vec![
+                instance(0, pb::TaskState::Running, 2, 1),
+                instance(1, pb::TaskState::Pending, 1, 0),
+                instance(2, pb::TaskState::Unspecified, 0, 0),
+            ],
+            ..Default::default()
+        };
+        let shown = agent_brief(agent);
+        assert_eq!((shown.running, shown.restarts, shown.replicas), (1, 3, 3));
+        assert_eq!(shown.requested.cpu_millis, 100);
+        let states: Vec<&str> = shown.instances.iter().map(|i| i.state.as_str()).collect();
+        assert_eq!(states, ["running", "pending", "unknown"]);
+        assert_eq!(shown.instances[0].executor_id, Some(1));
+        assert_eq!((shown.instances[1].executor_id, shown.instances[1].replacing), (None, None));
+        let json = serde_json::to_string(&shown).unwrap_or_default();
+        assert!(json.contains(r#""task_id":10"#), "{json}");
+        assert!(!json.contains("secret-tool") && !json.contains("hunter2"), "{json}");
     }
 
     #[test]

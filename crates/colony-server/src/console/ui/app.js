@@ -133,7 +133,7 @@ class Poll extends Component {
       const data = await api(path, token);
       if (!this.alive) return;
       this.setState({ data, error: null });
-      onFresh({ ok: true, serverId: data.server_id, appliedIndex: data.applied_index, at: Date.now() });
+      onFresh({ ok: true, serverId: data.server_id, appliedIndex: data.applied_index, leaderRead: data.leader_read, at: Date.now() });
     } catch (error) {
       if (!this.alive) return;
       if (error.status === 401) {
@@ -433,13 +433,55 @@ function workflow(d) {
   </section>`;
 }
 
-function agents() {
-  return html`<div class="panel" data-test="agents-absent">
-    <h2>Agents</h2>
-    <p>Colony has no agents yet: they arrive in a later release. When they do, this view will list each
-    agent and its healthy instances.</p>
-    <p class="muted">Until then there is nothing to show here, and nothing is made up.</p>
-  </div>`;
+// An instance's reason, or what it waits for: a restart's backoff.
+function instanceNote(i) {
+  if (i.reason) return i.reason;
+  if (i.not_before_unix_ms && i.not_before_unix_ms > Date.now()) return 'restarts at ' + clock(i.not_before_unix_ms);
+  return '';
+}
+
+function Agent({ agent: a }) {
+  const key = a.namespace + '/' + a.name;
+  return html`<article class="panel agent" data-test="agent" data-namespace=${a.namespace} data-name=${a.name}
+      data-state=${a.state} data-running=${a.running} data-instances=${a.instances.length}>
+    <header class="agent-head">
+      <strong class="mono">${key}</strong> ${stateBadge(a.state)}
+      <span class="muted small">version ${a.version} · restart ${a.restart || 'on-failure'} · each ${cores(a.requested.cpu_millis)} cpu · ${bytes(a.requested.memory_bytes)}${a.requested.gpus ? ' · ' + a.requested.gpus + ' gpu' : ''}</span>
+    </header>
+    <div class="agent-stats">
+      <${Stat} label="Running / instances" test="agent-running" value=${a.running + ' / ' + a.instances.length} />
+      <${Stat} label="Replicas" test="agent-replicas" value=${a.replicas} />
+      <${Stat} label="Restarts" test="agent-restarts" value=${a.restarts} />
+      <${Stat} label="Updated" value=${when(a.updated_unix_ms)} />
+    </div>
+    ${a.reason && html`<p class="panel warn small">${a.reason}</p>`}
+    ${a.instances.length === 0
+      ? html`<p class="muted small">No instances${a.state === 'stopped' ? ': the agent is stopped' : ''}.</p>`
+      : html`<table class="table">
+        <thead><tr><th>Instance</th><th>Task</th><th>State</th><th>Version</th><th>Executor</th><th>Restarts</th><th>Replacing</th><th>Reason</th></tr></thead>
+        <tbody>
+          ${a.instances.map((i) => html`<tr data-test="agent-instance" data-index=${i.index} data-state=${i.state}>
+            <td title=${'task name ' + a.name + '-' + i.index}>${i.index}</td><td>${i.task_id}</td><td>${stateBadge(i.state)}</td>
+            <td>${i.version}${i.version !== a.version ? html` <span class="muted small">(agent at ${a.version})</span>` : ''}</td>
+            <td>${i.executor_id == null ? '—' : '#' + i.executor_id}</td><td>${i.restarts}</td>
+            <td>${i.replacing == null ? '—' : html`<span class="mono">${i.replacing}</span>`}</td>
+            <td class="small reason">${instanceNote(i)}</td>
+          </tr>`)}
+        </tbody>
+      </table>`}
+  </article>`;
+}
+
+function agents(d) {
+  if (d.agents.length === 0) {
+    return html`<div class="panel muted" data-test="no-agents">No agents this token may see. Start one with
+      <code>colony agent run --name NAME --replicas N -- PROGRAM [ARGS]</code>.</div>`;
+  }
+  return html`<section>
+    ${d.total > d.agents.length && html`<p class="panel warn">Showing the first ${d.agents.length} of ${d.total} agents.</p>`}
+    ${d.agents.map((a) => html`<${Agent} key=${a.namespace + '/' + a.name} agent=${a} />`)}
+    <p class="muted small">An instance's task is the one it runs now: each restart, or a rolled-out update, runs it as a new task.</p>
+  </section>`;
 }
 
 function models(d) {
@@ -522,7 +564,7 @@ class App extends Component {
       case 'workflows':
         return route.id ? poll('workflows/' + encodeURIComponent(route.id), workflow) : poll('workflows?limit=200', workflows);
       case 'agents':
-        return agents();
+        return poll('agents', agents);
       case 'models':
         return poll('models', models);
       default:
@@ -533,8 +575,11 @@ class App extends Component {
   render(_, { token, route, fresh, reason }) {
     if (!token) return html`<${Login} reason=${reason} onToken=${(t) => this.signIn(t)} />`;
     let asOf = '';
-    if (fresh && fresh.ok && route.view !== 'agents') {
-      asOf = 'server ' + fresh.serverId + (fresh.appliedIndex != null ? ' · as of its applied index ' + fresh.appliedIndex : ' · read through the leader') + ' · ' + clock(fresh.at);
+    if (fresh && fresh.ok) {
+      let read = ' · from its applied state';
+      if (fresh.appliedIndex != null) read = ' · as of its applied index ' + fresh.appliedIndex;
+      else if (fresh.leaderRead) read = ' · read through the leader';
+      asOf = 'server ' + fresh.serverId + read + ' · ' + clock(fresh.at);
     } else if (fresh && !fresh.ok) {
       asOf = 'not updated since ' + clock(fresh.at);
     }
