@@ -282,6 +282,29 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Runs `colony --endpoint <every server> --token <the management token> --timeout 30s ARGS`,
+    /// as a user drives the cluster.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let endpoint = self.addrs().join(",");
+        std::process::Command::new(colony_bin())
+            .args(["--endpoint", &endpoint, "--token", &self.token, "--timeout", "30s"])
+            .args(args)
+            .output()
+            .expect("run colony")
+    }
+
+    /// `colony ARGS` (as [`Cluster::cli`] runs it) must succeed; its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "`colony {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Starts `n` servers: the first bootstraps, the rest join it; returns when all are voters.
     pub async fn start(n: usize, snapshot_logs: u64) -> anyhow::Result<Cluster> {
         Cluster::start_with(n, snapshot_logs, &[]).await

@@ -4,34 +4,13 @@
 //! scale up and down; stop; and bad specs (zero replicas, a placement no executor could ever
 //! make) refused with a clear line.
 
-use colony_tests::{colony_bin, wait_for, Cluster};
-use std::process::Output;
+use colony_tests::{wait_for, Cluster};
 use std::time::Duration;
 
 const LONG: Duration = Duration::from_secs(60);
 
-fn colony(cluster: &Cluster, args: &[&str]) -> Output {
-    let endpoint = cluster.addrs().join(",");
-    std::process::Command::new(colony_bin())
-        .args(["--endpoint", &endpoint, "--token", &cluster.token, "--timeout", "30s"])
-        .args(args)
-        .output()
-        .expect("run colony")
-}
-
-fn ok(cluster: &Cluster, args: &[&str]) -> String {
-    let out = colony(cluster, args);
-    assert!(
-        out.status.success(),
-        "`colony {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn refused(cluster: &Cluster, args: &[&str], expected: &str) {
-    let out = colony(cluster, args);
+    let out = cluster.cli(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "`colony {}` was accepted", args.join(" "));
     assert!(
@@ -42,7 +21,7 @@ fn refused(cluster: &Cluster, args: &[&str], expected: &str) {
 }
 
 fn agent(cluster: &Cluster, name: &str) -> serde_json::Value {
-    let text = ok(cluster, &["--output", "json", "agent", "get", name]);
+    let text = cluster.cli_ok(&["--output", "json", "agent", "get", name]);
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
@@ -79,50 +58,44 @@ async fn agents_restart_are_replaced_roll_scale_and_stop() -> anyhow::Result<()>
     cluster.wait_for_executors_up(2, LONG).await?;
 
     // Restart: an instance that keeps failing is started again, with backoff.
-    ok(
-        &cluster,
-        &[
-            "agent",
-            "run",
-            "--name",
-            "crasher",
-            "--restart",
-            "on-failure",
-            "--backoff",
-            "200ms",
-            "--backoff-max",
-            "400ms",
-            "--",
-            "/bin/sh",
-            "-c",
-            "sleep 0.3; exit 3",
-        ],
-    );
+    cluster.cli_ok(&[
+        "agent",
+        "run",
+        "--name",
+        "crasher",
+        "--restart",
+        "on-failure",
+        "--backoff",
+        "200ms",
+        "--backoff-max",
+        "400ms",
+        "--",
+        "/bin/sh",
+        "-c",
+        "sleep 0.3; exit 3",
+    ]);
     let crasher = wait_agent(&cluster, "crasher", "3 restarts", |a| {
         instances(a).first().and_then(|i| i["restarts"].as_u64()).is_some_and(|r| r >= 3)
     })
     .await?;
     assert_eq!(crasher["restart"], "on-failure");
-    ok(&cluster, &["agent", "stop", "crasher"]);
+    cluster.cli_ok(&["agent", "stop", "crasher"]);
 
     // Two long-running instances, then the executor of one is killed: it is replaced elsewhere.
-    ok(
-        &cluster,
-        &[
-            "agent",
-            "run",
-            "--name",
-            "researcher",
-            "--replicas",
-            "2",
-            "--restart",
-            "always",
-            "--spread",
-            "--",
-            "/bin/sleep",
-            "3600",
-        ],
-    );
+    cluster.cli_ok(&[
+        "agent",
+        "run",
+        "--name",
+        "researcher",
+        "--replicas",
+        "2",
+        "--restart",
+        "always",
+        "--spread",
+        "--",
+        "/bin/sleep",
+        "3600",
+    ]);
     let running = wait_agent(&cluster, "researcher", "2 running", |a| all_running(a, 2)).await?;
     let first = &instances(&running)[0];
     let (victim_task, victim_executor) = (first["task"].as_u64(), first["executor"].as_u64());
@@ -146,27 +119,24 @@ async fn agents_restart_are_replaced_roll_scale_and_stop() -> anyhow::Result<()>
     })
     .await?;
     assert!(instances(&replaced)[0]["restarts"].as_u64() >= Some(1), "{replaced:#}");
-    let table = ok(&cluster, &["agent", "list"]);
+    let table = cluster.cli_ok(&["agent", "list"]);
     assert!(table.contains("researcher") && table.contains("running"), "{table}");
 
     // A new spec rolls onto every instance; the old tasks end as replaced.
     let before: Vec<u64> = instances(&replaced).iter().filter_map(|i| i["task"].as_u64()).collect();
-    ok(
-        &cluster,
-        &[
-            "agent",
-            "run",
-            "--name",
-            "researcher",
-            "--replicas",
-            "2",
-            "--restart",
-            "always",
-            "--",
-            "/bin/sleep",
-            "3601",
-        ],
-    );
+    cluster.cli_ok(&[
+        "agent",
+        "run",
+        "--name",
+        "researcher",
+        "--replicas",
+        "2",
+        "--restart",
+        "always",
+        "--",
+        "/bin/sleep",
+        "3601",
+    ]);
     let rolled =
         wait_agent(&cluster, "researcher", "both instances on version 2 and running", |a| {
             all_running(a, 2)
@@ -175,18 +145,18 @@ async fn agents_restart_are_replaced_roll_scale_and_stop() -> anyhow::Result<()>
         .await?;
     assert_eq!(rolled["command"][1], "3601");
     for task in before {
-        let text = ok(&cluster, &["--output", "json", "task", "get", &task.to_string()]);
+        let text = cluster.cli_ok(&["--output", "json", "task", "get", &task.to_string()]);
         let task: serde_json::Value = serde_json::from_str(&text)?;
         assert_eq!(task["state"], "cancelled", "{task:#}");
         assert!(task["reason"].as_str().unwrap_or_default().contains("replaced"), "{task:#}");
     }
 
     // Scale up and down, then stop.
-    ok(&cluster, &["agent", "scale", "researcher", "3"]);
+    cluster.cli_ok(&["agent", "scale", "researcher", "3"]);
     wait_agent(&cluster, "researcher", "3 running", |a| all_running(a, 3)).await?;
-    ok(&cluster, &["agent", "scale", "researcher", "1"]);
+    cluster.cli_ok(&["agent", "scale", "researcher", "1"]);
     wait_agent(&cluster, "researcher", "1 instance", |a| instances(a).len() == 1).await?;
-    let stopped = ok(&cluster, &["--output", "json", "agent", "stop", "researcher"]);
+    let stopped = cluster.cli_ok(&["--output", "json", "agent", "stop", "researcher"]);
     let stopped: serde_json::Value = serde_json::from_str(&stopped)?;
     assert_eq!(stopped["state"], "stopped");
     assert!(instances(&stopped).is_empty());
@@ -203,7 +173,7 @@ async fn agents_restart_are_replaced_roll_scale_and_stop() -> anyhow::Result<()>
         "no executor could ever run",
     );
     refused(&cluster, &["agent", "scale", "nobody", "2"], "does not exist");
-    let all = ok(&cluster, &["--output", "json", "agent", "list"]);
+    let all = cluster.cli_ok(&["--output", "json", "agent", "list"]);
     assert!(!all.contains("gpu-hungry") && !all.contains("\"zero\""), "{all}");
     Ok(())
 }

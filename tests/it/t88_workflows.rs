@@ -4,38 +4,15 @@
 //! succeeded; and outputs survive a kill -9 of the leader.
 
 use colony_proto::pb;
-use colony_tests::{colony_bin, wait_for, Cluster};
+use colony_tests::{wait_for, Cluster};
 use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
 const LONG: Duration = Duration::from_secs(60);
 
-/// Runs `colony --endpoint ... --token ... ARGS` and returns its output.
-fn colony(cluster: &Cluster, args: &[&str]) -> Output {
-    let endpoint = cluster.addrs().join(",");
-    std::process::Command::new(colony_bin())
-        .args(["--endpoint", &endpoint, "--token", &cluster.token, "--timeout", "30s"])
-        .args(args)
-        .output()
-        .expect("run colony")
-}
-
-/// `colony ARGS` must succeed; its stdout.
-fn ok(cluster: &Cluster, args: &[&str]) -> String {
-    let out = colony(cluster, args);
-    assert!(
-        out.status.success(),
-        "`colony {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// `colony ARGS` must fail with one error line mentioning `expected`.
 fn refused(cluster: &Cluster, args: &[&str], expected: &str) {
-    let out = colony(cluster, args);
+    let out = cluster.cli(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "`colony {}` was accepted", args.join(" "));
     let first = stderr.lines().next().unwrap_or_default();
@@ -93,28 +70,25 @@ async fn workflows_pass_data_fan_out_cancel_retry_and_survive_a_leader_kill() ->
 
     // 1. The research example: three topics analysed in parallel, a report that quotes each.
     let research = example("research.yaml");
-    let done = ok(
-        &cluster,
-        &[
-            "--output",
-            "json",
-            "workflow",
-            "submit",
-            &research,
-            "--param",
-            "topic=raft failover",
-            "--wait",
-            "--max-wait",
-            "60s",
-        ],
-    );
+    let done = cluster.cli_ok(&[
+        "--output",
+        "json",
+        "workflow",
+        "submit",
+        &research,
+        "--param",
+        "topic=raft failover",
+        "--wait",
+        "--max-wait",
+        "60s",
+    ]);
     let done = json(&done);
     assert_eq!(done["state"], "succeeded", "{done:#}");
     let tasks = done["tasks"].as_array().cloned().unwrap_or_default();
     assert_eq!(tasks.iter().filter(|t| t["step"] == "analyze").count(), 3, "{done:#}");
     let report_task = tasks.iter().find(|t| t["step"] == "report").and_then(|t| t["id"].as_u64());
     let report =
-        ok(&cluster, &["task", "output", &report_task.unwrap_or_default().to_string(), "report"]);
+        cluster.cli_ok(&["task", "output", &report_task.unwrap_or_default().to_string(), "report"]);
     assert!(report.starts_with("# Report: raft failover"), "{report}");
     assert!(report.contains("Initial research on raft failover found 3 topics"), "{report}");
     for angle in
@@ -125,11 +99,11 @@ async fn workflows_pass_data_fan_out_cancel_retry_and_survive_a_leader_kill() ->
             "{angle}: {report}"
         );
     }
-    let drawn = ok(&cluster, &["workflow", "get", &done["id"].to_string()]);
+    let drawn = cluster.cli_ok(&["workflow", "get", &done["id"].to_string()]);
     assert!(drawn.contains("succeeded") && drawn.contains("└─ analyze ×3"), "{drawn}");
 
     // 2. Bad workflows: refused with the step named, nothing created.
-    let before = ok(&cluster, &["--output", "json", "workflow", "list"]);
+    let before = cluster.cli_ok(&["--output", "json", "workflow", "list"]);
     let cyclic = write(scratch.path(), "cyclic.yaml", "name: c\nsteps:\n  - {name: a, after: [b], builtin: echo}\n  - {name: b, after: [a], builtin: echo}\n");
     refused(&cluster, &["workflow", "submit", &cyclic], "cycle");
     let unknown = write(
@@ -168,14 +142,14 @@ async fn workflows_pass_data_fan_out_cancel_retry_and_survive_a_leader_kill() ->
         .expect_err("a step after itself");
     assert!(status.to_string().contains("step a: a step cannot run after itself"), "{status}");
     assert_eq!(
-        ok(&cluster, &["--output", "json", "workflow", "list"]),
+        cluster.cli_ok(&["--output", "json", "workflow", "list"]),
         before,
         "nothing was created"
     );
 
     // An output over its limit fails the step, saying which output, how large, and the limit.
     let big = write(scratch.path(), "big.yaml", "name: big\nsteps:\n  - {name: dump, outputs: [blob], run: [sh, -c, 'head -c 300000 /dev/zero > $COLONY_OUTPUT_DIR/blob']}\n");
-    let id: u64 = ok(&cluster, &["workflow", "submit", &big]).trim().parse()?;
+    let id: u64 = cluster.cli_ok(&["workflow", "submit", &big]).trim().parse()?;
     let failed = wait_state(&cluster, id, pb::WorkflowState::Failed).await?;
     let reason = failed.workflow.map(|w| w.reason).unwrap_or_default();
     assert!(
@@ -185,7 +159,7 @@ async fn workflows_pass_data_fan_out_cancel_retry_and_survive_a_leader_kill() ->
 
     // 3. Cancel: the running step is stopped, the waiting one never starts.
     let slow = write(scratch.path(), "slow.yaml", "name: slow\nsteps:\n  - {name: wait, run: [sleep, '60']}\n  - {name: never, after: [wait], builtin: echo}\n");
-    let id: u64 = ok(&cluster, &["workflow", "submit", &slow]).trim().parse()?;
+    let id: u64 = cluster.cli_ok(&["workflow", "submit", &slow]).trim().parse()?;
     wait_for("the slow step to run", LONG, || async {
         let answer = workflow(&cluster, id).await?;
         let running = answer.tasks.iter().any(|t| t.state == pb::TaskState::Running as i32);
@@ -193,7 +167,7 @@ async fn workflows_pass_data_fan_out_cancel_retry_and_survive_a_leader_kill() ->
     })
     .await?;
     refused(&cluster, &["workflow", "retry", &id.to_string()], "is still running");
-    ok(&cluster, &["workflow", "cancel", &id.to_string(), "--reason", "changed my mind"]);
+    cluster.cli_ok(&["workflow", "cancel", &id.to_string(), "--reason", "changed my mind"]);
     let cancelled = wait_state(&cluster, id, pb::WorkflowState::Cancelled).await?;
     let steps = cancelled.workflow.map(|w| w.steps).unwrap_or_default();
     assert!(steps.iter().all(|s| s.state == pb::StepState::Cancelled as i32), "{steps:?}");
@@ -210,18 +184,18 @@ async fn workflows_pass_data_fan_out_cancel_retry_and_survive_a_leader_kill() ->
         flag = flag.display()
     );
     let flaky = write(scratch.path(), "flaky.yaml", &flaky);
-    let id: u64 = ok(&cluster, &["workflow", "submit", &flaky]).trim().parse()?;
+    let id: u64 = cluster.cli_ok(&["workflow", "submit", &flaky]).trim().parse()?;
     let failed = wait_state(&cluster, id, pb::WorkflowState::Failed).await?;
     let reason = failed.workflow.map(|w| w.reason).unwrap_or_default();
     assert!(reason.contains("step second failed"), "{reason}");
     refused(&cluster, &["workflow", "cancel", &id.to_string()], "has already ended as failed");
     std::fs::write(&flag, b"")?;
-    ok(&cluster, &["workflow", "retry", &id.to_string()]);
+    cluster.cli_ok(&["workflow", "retry", &id.to_string()]);
     let retried = wait_state(&cluster, id, pb::WorkflowState::Succeeded).await?;
     assert_eq!(std::fs::read_to_string(&counter)?.lines().count(), 1, "the first step ran once");
     let second =
         retried.tasks.iter().find(|t| t.step == "second").map(|t| t.id).unwrap_or_default();
-    assert_eq!(ok(&cluster, &["task", "output", &second.to_string(), "doubled"]).trim(), "84");
+    assert_eq!(cluster.cli_ok(&["task", "output", &second.to_string(), "doubled"]).trim(), "84");
     let runs: Vec<u32> =
         retried.workflow.map(|w| w.steps.iter().map(|s| s.runs).collect()).unwrap_or_default();
     assert_eq!(runs, vec![1, 2]);
@@ -231,7 +205,7 @@ async fn workflows_pass_data_fan_out_cancel_retry_and_survive_a_leader_kill() ->
     let leader = cluster.wait_for_leader(LONG).await?;
     cluster.servers[leader].kill9();
     let report =
-        ok(&cluster, &["task", "output", &report_task.unwrap_or_default().to_string(), "report"]);
+        cluster.cli_ok(&["task", "output", &report_task.unwrap_or_default().to_string(), "report"]);
     assert!(
         report.contains("Deep analysis of \"raft failover: how failures are detected\""),
         "{report}"

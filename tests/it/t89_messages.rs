@@ -8,7 +8,6 @@ use colony_proto::pb;
 use colony_tests::{client, colony_bin, wait_for, Cluster};
 use rand::Rng;
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Output;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -173,29 +172,8 @@ async fn acknowledged_messages_survive_a_leader_kill_and_arrive_at_least_once() 
     Ok(())
 }
 
-/// Runs `colony --endpoint ... --token ... ARGS`.
-fn colony(cluster: &Cluster, args: &[&str]) -> Output {
-    let endpoint = cluster.addrs().join(",");
-    std::process::Command::new(colony_bin())
-        .args(["--endpoint", &endpoint, "--token", &cluster.token, "--timeout", "30s"])
-        .args(args)
-        .output()
-        .expect("run colony")
-}
-
-fn ok(cluster: &Cluster, args: &[&str]) -> String {
-    let out = colony(cluster, args);
-    assert!(
-        out.status.success(),
-        "`colony {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn refused(cluster: &Cluster, args: &[&str], expected: &str) {
-    let out = colony(cluster, args);
+    let out = cluster.cli(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "`colony {}` was accepted", args.join(" "));
     assert!(
@@ -239,12 +217,12 @@ async fn broadcast_competing_dead_letters_and_request_response_through_the_cli(
         args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
     };
     let run =
-        |args: Vec<String>| ok(&cluster, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        |args: Vec<String>| cluster.cli_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
 
     // Broadcast: each consumer name gets every message, in priority order then publish order.
-    ok(&cluster, &["msg", "publish", "topics/papers", "raft"]);
-    ok(&cluster, &["msg", "publish", "topics/papers", "paxos"]);
-    ok(&cluster, &["msg", "publish", "topics/papers", "urgent", "--priority", "9"]);
+    cluster.cli_ok(&["msg", "publish", "topics/papers", "raft"]);
+    cluster.cli_ok(&["msg", "publish", "topics/papers", "paxos"]);
+    cluster.cli_ok(&["msg", "publish", "topics/papers", "urgent", "--priority", "9"]);
     for consumer in ["summarizers", "archivers"] {
         let got = run(sub("topics/papers", consumer, "3", &[]));
         assert_eq!(payloads(&got), ["urgent", "raft", "paxos"], "{consumer}");
@@ -252,38 +230,40 @@ async fn broadcast_competing_dead_letters_and_request_response_through_the_cli(
 
     // Competing: one name shares; two subscribers together see each message once.
     for i in 0..4 {
-        ok(&cluster, &["msg", "publish", "topics/work", &format!("job-{i}")]);
+        cluster.cli_ok(&["msg", "publish", "topics/work", &format!("job-{i}")]);
     }
     let first = payloads(&run(sub("topics/work", "workers", "2", &[])));
     let second = payloads(&run(sub("topics/work", "workers", "2", &[])));
     assert_eq!([first, second].concat(), ["job-0", "job-1", "job-2", "job-3"]);
 
     // Dead letters: never acknowledged, delivered twice, then moved aside with where it came from.
-    ok(
-        &cluster,
-        &["msg", "create-topic", "topics/jobs", "--max-deliveries", "2", "--ack-deadline", "500ms"],
-    );
-    ok(&cluster, &["msg", "publish", "topics/jobs", "poison"]);
+    cluster.cli_ok(&[
+        "msg",
+        "create-topic",
+        "topics/jobs",
+        "--max-deliveries",
+        "2",
+        "--ack-deadline",
+        "500ms",
+    ]);
+    cluster.cli_ok(&["msg", "publish", "topics/jobs", "poison"]);
     let once = lines(&run(sub("topics/jobs", "p", "1", &["--no-ack"])));
     let twice = lines(&run(sub("topics/jobs", "p", "1", &["--no-ack"])));
     assert_eq!((once[0]["delivery"].as_u64(), twice[0]["delivery"].as_u64()), (Some(1), Some(2)));
     // The first delivery's ack is refused: the message went out again.
     refused(&cluster, &["msg", "ack", "topics/jobs", "--consumer", "p", "1:1"], "expired");
     // The next receive past the second deadline finds it out of deliveries: nothing is handed out.
-    let third = colony(
-        &cluster,
-        &[
-            "msg",
-            "subscribe",
-            "topics/jobs",
-            "--consumer",
-            "p",
-            "--count",
-            "1",
-            "--idle-timeout",
-            "3s",
-        ],
-    );
+    let third = cluster.cli(&[
+        "msg",
+        "subscribe",
+        "topics/jobs",
+        "--consumer",
+        "p",
+        "--count",
+        "1",
+        "--idle-timeout",
+        "3s",
+    ]);
     assert!(third.status.success() && third.stdout.is_empty(), "{third:?}");
     assert!(
         String::from_utf8_lossy(&third.stderr).contains("dead-letter/topics/jobs"),
@@ -293,7 +273,7 @@ async fn broadcast_competing_dead_letters_and_request_response_through_the_cli(
     assert_eq!(dead[0]["payload"], "poison");
     assert_eq!(dead[0]["dead_letter_topic"], "topics/jobs");
     let topics: serde_json::Value =
-        serde_json::from_str(&ok(&cluster, &[json[0], json[1], "msg", "topics"]))?;
+        serde_json::from_str(&cluster.cli_ok(&[json[0], json[1], "msg", "topics"]))?;
     let jobs = topics.as_array().into_iter().flatten().find(|t| t["name"] == "topics/jobs");
     let jobs = jobs.ok_or_else(|| anyhow::anyhow!("topics/jobs not listed: {topics:#}"))?;
     assert_eq!(jobs["consumers"][0]["dead_lettered"], 1, "{jobs:#}");
@@ -318,12 +298,12 @@ async fn broadcast_competing_dead_letters_and_request_response_through_the_cli(
         .stderr(std::process::Stdio::piped())
         .spawn()?;
     let answer =
-        ok(&cluster, &["msg", "request", "agents/upper", "hello agents", "--timeout", "20s"]);
+        cluster.cli_ok(&["msg", "request", "agents/upper", "hello agents", "--timeout", "20s"]);
     assert_eq!(answer.trim(), "HELLO AGENTS");
     let served = tokio::task::block_in_place(|| responder.wait_with_output())?;
     assert!(served.status.success(), "msg serve: {}", String::from_utf8_lossy(&served.stderr));
     // The reply mailbox is gone once the request has its answer.
-    let listed = ok(&cluster, &["msg", "topics"]);
+    let listed = cluster.cli_ok(&["msg", "topics"]);
     assert!(!listed.contains("replies/"), "{listed}");
     refused(
         &cluster,
@@ -342,8 +322,8 @@ async fn broadcast_competing_dead_letters_and_request_response_through_the_cli(
     );
     refused(&cluster, &["msg", "publish", "topics/papers", "x", "--priority", "10"], "priority");
     refused(&cluster, &["msg", "publish", "topics/bad name", "x"], "topic");
-    ok(&cluster, &["msg", "create-topic", "topics/small", "--max-messages", "1"]);
-    ok(&cluster, &["msg", "publish", "topics/small", "one"]);
+    cluster.cli_ok(&["msg", "create-topic", "topics/small", "--max-messages", "1"]);
+    cluster.cli_ok(&["msg", "publish", "topics/small", "one"]);
     refused(&cluster, &["msg", "publish", "topics/small", "two"], "is full");
     let papers = run(sub("topics/papers", "late-joiner", "3", &[]));
     assert_eq!(
