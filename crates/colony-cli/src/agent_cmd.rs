@@ -8,8 +8,8 @@ use crate::GlobalArgs;
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Args, Subcommand};
 use colony_core::{
-    parse_cpu_millis, parse_memory_bytes, AgentLimits, AgentSpec, Limits, PlacementPolicy,
-    Resources, RestartPolicy, RunSpec, TaskSpec,
+    parse_cpu_millis, parse_memory_bytes, AgentLimits, AgentSpec, HealthCheck, Limits,
+    PlacementPolicy, Probe, Resources, RestartPolicy, RunSpec, TaskSpec,
 };
 use colony_proto::pb;
 use std::time::Duration;
@@ -19,9 +19,9 @@ use std::time::Duration;
 #[derive(Debug, Subcommand)]
 pub enum AgentCommand {
     /// Create an agent (or change one: a new replica count applies at once, any other change
-    /// rolls the instances onto it one at a time, each new one running before an old one stops).
+    /// rolls the instances onto it one at a time, each new one healthy before an old one stops).
     ///
-    /// Example: colony agent run --name researcher --replicas 3 --restart on-failure -- python3 researcher.py
+    /// Example: colony agent run --name researcher --replicas 3 --restart on-failure --port --health-http /healthz -- python3 researcher.py
     Run(RunArgs),
     /// Agents with their instance counts.
     List(ListArgs),
@@ -31,6 +31,8 @@ pub enum AgentCommand {
     Scale(ScaleArgs),
     /// Stop every instance (the agent stays, stopped, until it is run again).
     Stop(NameArgs),
+    /// The registry: an agent's healthy instances and where they serve (executor host and port).
+    Endpoints(EndpointsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -77,6 +79,26 @@ pub struct RunArgs {
     /// Spread instances over executors instead of packing them.
     #[arg(long)]
     spread: bool,
+    /// Lease each instance a port of its executor's (in COLONY_PORT), registered with it.
+    #[arg(long)]
+    port: bool,
+    /// A health check: a shell command run by the executor in the instance's directory, as its
+    /// user, with COLONY_PORT (exit 0 passes).
+    #[arg(long, value_name = "COMMAND", conflicts_with = "health_http")]
+    health_cmd: Option<String>,
+    /// A health check: GET this path on the instance's port on its executor (2xx passes;
+    /// needs --port).
+    #[arg(long, value_name = "PATH", requires = "port")]
+    health_http: Option<String>,
+    /// How often the check runs (until an instance first passes, at least every second).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    health_interval: Duration,
+    /// How long one check may take; a check that hangs fails.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    health_timeout: Duration,
+    /// Failed checks in a row that make a healthy instance unhealthy.
+    #[arg(long, default_value_t = colony_proto::agent::HEALTH_FAILURES_DEFAULT)]
+    health_failures: u32,
     /// The program and its arguments.
     #[arg(last = true, required = true, value_name = "PROGRAM [ARGS]")]
     command: Vec<String>,
@@ -94,6 +116,16 @@ pub struct NameArgs {
     name: String,
     #[arg(long, default_value = colony_core::DEFAULT_NAMESPACE)]
     namespace: String,
+}
+
+#[derive(Debug, Args)]
+pub struct EndpointsArgs {
+    name: String,
+    #[arg(long, default_value = colony_core::DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// Answer from the server asked, without asking the leader (may be behind).
+    #[arg(long)]
+    stale: bool,
 }
 
 #[derive(Debug, Args)]
@@ -147,9 +179,30 @@ fn build_spec(args: &RunArgs) -> Result<AgentSpec> {
         restart: args.restart,
         backoff_ms_base: millis("backoff", args.backoff)?,
         backoff_ms_max: millis("backoff-max", args.backoff_max)?,
+        port: args.port,
+        health: health_check(args)?,
     };
     spec.validate(&Limits::default(), &AgentLimits::default())?;
     Ok(spec)
+}
+
+/// The health flags as a check, if one was asked for.
+fn health_check(args: &RunArgs) -> Result<Option<HealthCheck>> {
+    let probe = match (&args.health_cmd, &args.health_http) {
+        (Some(command), None) => Probe::Command {
+            program: "/bin/sh".to_owned(),
+            args: vec!["-c".to_owned(), command.clone()],
+        },
+        (None, Some(path)) => Probe::Http { path: path.clone() },
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => bail!("give --health-cmd or --health-http, not both"),
+    };
+    Ok(Some(HealthCheck {
+        probe,
+        interval_ms: millis("health-interval", args.health_interval)?,
+        timeout_ms: millis("health-timeout", args.health_timeout)?,
+        failures: args.health_failures,
+    }))
 }
 
 pub async fn run(command: AgentCommand, global: &GlobalArgs) -> Result<()> {
@@ -262,6 +315,20 @@ pub async fn run(command: AgentCommand, global: &GlobalArgs) -> Result<()> {
                 response.agent.ok_or_else(|| anyhow!("the server's answer has no agent"))?;
             print_agent(&agent, global.output)
         }
+        AgentCommand::Endpoints(args) => {
+            let request = pb::ResolveAgentRequest {
+                namespace: args.namespace,
+                name: args.name,
+                consistency: Some(pb::ReadConsistency { stale: args.stale }),
+            };
+            let response = client
+                .call("resolve agent", |mut c| {
+                    let request = request.clone();
+                    async move { c.resolve_agent(request).await }
+                })
+                .await?;
+            print_endpoints(&response.endpoints, global.output)
+        }
         AgentCommand::Stop(args) => {
             let request = pb::StopAgentRequest { namespace: args.namespace, name: args.name };
             let response = client
@@ -300,6 +367,14 @@ fn agent_json(a: &pb::Agent) -> serde_json::Value {
         "restart": spec.restart,
         "backoff_ms_base": spec.backoff_ms_base,
         "backoff_ms_max": spec.backoff_ms_max,
+        "port": spec.port,
+        "health": spec.health.as_ref().map(|h| serde_json::json!({
+            "command": h.command,
+            "http_path": (!h.http_path.is_empty()).then_some(&h.http_path),
+            "interval_ms": h.interval_ms,
+            "timeout_ms": h.timeout_ms,
+            "failures": h.failures,
+        })),
         "command": command,
         "reason": a.reason,
         "instances": a.instances.iter().map(|i| serde_json::json!({
@@ -312,6 +387,7 @@ fn agent_json(a: &pb::Agent) -> serde_json::Value {
             "executor": (i.executor > 0).then_some(i.executor),
             "not_before_unix_ms": i.not_before_unix_ms,
             "reason": i.reason,
+            "endpoint": (!i.endpoint.is_empty()).then_some(&i.endpoint),
         })).collect::<Vec<_>>(),
     })
 }
@@ -334,6 +410,20 @@ fn print_agent(a: &pb::Agent, format: OutputFormat) -> Result<()> {
             ),
         ),
     ];
+    if let Some(h) = &spec.health {
+        let probe = match h.command.as_slice() {
+            [sh, c, command] if sh == "/bin/sh" && c == "-c" => format!("command {command:?}"),
+            [] => format!("GET {}", h.http_path),
+            argv => format!("command {argv:?}"),
+        };
+        fields.push((
+            "health",
+            format!(
+                "{probe} every {} ms, {} ms each, unhealthy after {} failures",
+                h.interval_ms, h.timeout_ms, h.failures
+            ),
+        ));
+    }
     if !a.reason.is_empty() {
         fields.push(("reason", a.reason.clone()));
     }
@@ -347,6 +437,7 @@ fn print_agent(a: &pb::Agent, format: OutputFormat) -> Result<()> {
         "EXECUTOR",
         "RESTARTS",
         "REPLACING",
+        "ENDPOINT",
     ]);
     for i in &a.instances {
         table.add_row(vec![
@@ -357,6 +448,43 @@ fn print_agent(a: &pb::Agent, format: OutputFormat) -> Result<()> {
             if i.executor > 0 { i.executor.to_string() } else { "-".to_owned() },
             i.restarts.to_string(),
             if i.replacing > 0 { i.replacing.to_string() } else { "-".to_owned() },
+            if i.endpoint.is_empty() { "-".to_owned() } else { i.endpoint.clone() },
+        ]);
+    }
+    output::print_table(table)
+}
+
+fn print_endpoints(endpoints: &[pb::AgentEndpoint], format: OutputFormat) -> Result<()> {
+    if format == OutputFormat::Json {
+        let rows: Vec<serde_json::Value> = endpoints
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "index": e.index,
+                    "task": e.task,
+                    "version": e.version,
+                    "address": e.address,
+                    "executor": e.executor,
+                    "healthy_since_unix_ms": e.healthy_since_unix_ms,
+                })
+            })
+            .collect();
+        return output::print_json(&rows);
+    }
+    let mut table =
+        output::table(["INSTANCE", "ADDRESS", "TASK", "VERSION", "EXECUTOR", "HEALTHY FOR"]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    for e in endpoints {
+        let healthy_for = Duration::from_secs(now.saturating_sub(e.healthy_since_unix_ms) / 1000);
+        table.add_row(vec![
+            e.index.to_string(),
+            e.address.clone(),
+            e.task.to_string(),
+            if e.version == 0 { "older".to_owned() } else { e.version.to_string() },
+            e.executor.to_string(),
+            humantime::format_duration(healthy_for).to_string(),
         ]);
     }
     output::print_table(table)

@@ -45,6 +45,13 @@ pub struct ExecutorArgs {
         value_parser = clap::value_parser!(u64).range(1..=4_194_304)
     )]
     task_pids_max: u64,
+    /// The ports this executor leases to agent instances that ask for one (COLONY_PORT), LOW-HIGH.
+    #[arg(long, default_value = "20000-29999", value_parser = parse_port_range, value_name = "LOW-HIGH")]
+    ports: std::ops::RangeInclusive<u16>,
+    /// The host agent instances here are registered at (default: this executor's address as
+    /// the leader sees it from here, the local address of its connection).
+    #[arg(long, value_name = "HOST")]
+    advertise_host: Option<String>,
     /// A name for people (default: the data directory's name).
     #[arg(long)]
     name: Option<String>,
@@ -102,6 +109,11 @@ fn config(args: &ExecutorArgs, global: &crate::GlobalArgs) -> Result<ExecutorCon
         capabilities: args.capabilities.iter().cloned().collect::<BTreeSet<_>>(),
     };
     spec.validate(&colony_core::Limits::default()).context("invalid executor")?;
+    if let Some(host) = &args.advertise_host {
+        if host.is_empty() || host.len() > 253 || !host.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(anyhow!("--advertise-host {host:?} is not a host name or address"));
+        }
+    }
     Ok(ExecutorConfig {
         servers: args.join.clone(),
         // The global `--token`: an executor join token, needed only the first time.
@@ -117,7 +129,23 @@ fn config(args: &ExecutorArgs, global: &crate::GlobalArgs) -> Result<ExecutorCon
         require_limits: args.require_limits,
         cgroups: !args.unsafe_no_limits,
         task_pids_max: args.task_pids_max,
+        ports: args.ports.clone(),
+        advertise_host: args.advertise_host.clone(),
     })
+}
+
+/// `LOW-HIGH`, both ports above 0, in order.
+fn parse_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (low, high) = text.split_once('-').ok_or("expected LOW-HIGH, such as 20000-29999")?;
+    let port = |p: &str| match p.trim().parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("{p:?} is not a port (1-65535)")),
+        Ok(p) => Ok(p),
+    };
+    let (low, high) = (port(low)?, port(high)?);
+    if low > high {
+        return Err(format!("{low}-{high} is not in order"));
+    }
+    Ok(low..=high)
 }
 
 pub async fn run(args: ExecutorArgs, global: &crate::GlobalArgs) -> Result<()> {

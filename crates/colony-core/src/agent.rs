@@ -49,6 +49,100 @@ impl std::str::FromStr for RestartPolicy {
     }
 }
 
+/// How an executor checks that an instance serves: a command that exits 0, or an HTTP GET of a
+/// path on the instance's port that answers 2xx.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Probe {
+    Command { program: String, args: Vec<String> },
+    Http { path: String },
+}
+
+/// A health check: run every `interval_ms`, each run given `timeout_ms` (a check that hangs
+/// fails); an instance is healthy from its first passing check until `failures` fail in a row.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub probe: Probe,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub failures: u32,
+}
+
+/// A healthy instance's entry in the registry: where it serves, and since when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// `host:port` (the executor's advertised host and the instance's port), or the host alone
+    /// when the instance asked for no port.
+    pub address: String,
+    pub healthy_since_unix_ms: u64,
+}
+
+/// The most an endpoint address may be.
+pub const ENDPOINT_ADDRESS_BYTES_MAX: usize = 262;
+/// Bounds on a health check, so a spec cannot ask an executor for absurd work.
+pub const HEALTH_INTERVAL_MS_MIN: u64 = 100;
+pub const HEALTH_INTERVAL_MS_MAX: u64 = 3_600_000;
+pub const HEALTH_TIMEOUT_MS_MIN: u64 = 10;
+pub const HEALTH_FAILURES_MAX: u32 = 100;
+pub const HEALTH_PATH_BYTES_MAX: usize = 1024;
+
+impl HealthCheck {
+    fn validate(&self, port: bool, limits: &Limits) -> Result<(), String> {
+        if !(HEALTH_INTERVAL_MS_MIN..=HEALTH_INTERVAL_MS_MAX).contains(&self.interval_ms) {
+            return Err(format!(
+                "health interval {} ms is outside {HEALTH_INTERVAL_MS_MIN}..={HEALTH_INTERVAL_MS_MAX} ms",
+                self.interval_ms
+            ));
+        }
+        if self.timeout_ms < HEALTH_TIMEOUT_MS_MIN || self.timeout_ms > self.interval_ms {
+            return Err(format!(
+                "health timeout {} ms must be at least {HEALTH_TIMEOUT_MS_MIN} ms and at most the interval ({} ms)",
+                self.timeout_ms, self.interval_ms
+            ));
+        }
+        if self.failures == 0 || self.failures > HEALTH_FAILURES_MAX {
+            return Err(format!(
+                "health failures {} is outside 1..={HEALTH_FAILURES_MAX}",
+                self.failures
+            ));
+        }
+        match &self.probe {
+            Probe::Command { program, args } => {
+                if program.is_empty() || program.len() > limits.arg_bytes_max {
+                    return Err(format!(
+                        "health command program must be 1..={} bytes",
+                        limits.arg_bytes_max
+                    ));
+                }
+                if args.len() > limits.args_max
+                    || args.iter().any(|a| a.len() > limits.arg_bytes_max)
+                {
+                    return Err(format!(
+                        "health command takes at most {} arguments of at most {} bytes",
+                        limits.args_max, limits.arg_bytes_max
+                    ));
+                }
+            }
+            Probe::Http { path } => {
+                if !port {
+                    return Err(
+                        "an HTTP health check needs the instance's port: ask for one (--port)"
+                            .to_owned(),
+                    );
+                }
+                if !path.starts_with('/')
+                    || path.len() > HEALTH_PATH_BYTES_MAX
+                    || !path.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    return Err(format!(
+                        "health path {path:?} must start with / and be at most {HEALTH_PATH_BYTES_MAX} visible ASCII characters"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Bounds on agents. Named, so an error says which one was passed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentLimits {
@@ -78,6 +172,10 @@ pub struct AgentSpec {
     /// `backoff_ms_max`. An instance that ran a minute before it ended starts over at the first.
     pub backoff_ms_base: u64,
     pub backoff_ms_max: u64,
+    /// Each instance gets a port of its executor's, in `COLONY_PORT`, registered with it.
+    pub port: bool,
+    /// Without one, an instance counts as healthy once it runs.
+    pub health: Option<HealthCheck>,
 }
 
 /// How long an instance must have run for its next restart to count as the first in a row.
@@ -130,6 +228,9 @@ impl AgentSpec {
             return invalid(
                 "an agent's task template sets no name, retries, timeout, deadline, dependencies or idempotency key: the agent sets them".to_owned(),
             );
+        }
+        if let Some(health) = &self.health {
+            health.validate(self.port, limits).map_err(AgentError::Invalid)?;
         }
         self.instance_task(self.replicas - 1).validate(limits)?;
         Ok(())
@@ -219,4 +320,6 @@ pub struct Agents {
     pub agents: OrdMap<AgentKey, Agent>,
     /// Exactly the unfinished tasks of agents' instances (current or being replaced).
     pub tasks: OrdMap<TaskId, (AgentKey, u32)>,
+    /// The registry: every running instance task whose executor last said it is healthy.
+    pub endpoints: OrdMap<TaskId, Endpoint>,
 }

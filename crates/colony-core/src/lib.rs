@@ -19,7 +19,10 @@ pub mod task;
 pub mod workflow;
 
 pub use acl::{AclToken, Grant, JoinKind, Permission, Role, DEFAULT_NAMESPACE};
-pub use agent::{Agent, AgentKey, AgentLimits, AgentSpec, AgentState, Instance, RestartPolicy};
+pub use agent::{
+    Agent, AgentKey, AgentLimits, AgentSpec, AgentState, Endpoint, HealthCheck, Instance, Probe,
+    RestartPolicy,
+};
 pub use executor::{ClusterCaRecord, Executor, ExecutorSpec, ExecutorState, JoinTokenRecord};
 pub use ids::{ExecutorId, FencingToken, ModelVersion, NodeId, TaskId, WorkflowId};
 pub use limits::Limits;
@@ -33,10 +36,10 @@ pub use resources::{
     parse_cpu_millis, parse_memory_bytes, QuantityError, ResourceKind, Resources, Shortfall,
 };
 pub use state_machine::{
-    Assignment, AttemptOutcome, AttemptResult, AttemptStatus, Collected, Command, CommandError,
-    ConstraintMismatch, InvariantViolation, Outcome, Outputs, Placement, PlacementRejection,
-    Proposal, Restored, Retention, StateMachine, StateMachineV2, StateMachineV3, StateMachineV4,
-    TaskFilter, RESTORE_TOKEN_EPOCH,
+    AgentSpecV5, Assignment, AttemptOutcome, AttemptResult, AttemptStatus, Collected, Command,
+    CommandError, ConstraintMismatch, InvariantViolation, Outcome, Outputs, Placement,
+    PlacementRejection, Proposal, Restored, Retention, StateMachine, StateMachineV2,
+    StateMachineV3, StateMachineV4, StateMachineV5, TaskFilter, RESTORE_TOKEN_EPOCH,
 };
 pub use task::{PlacementPolicy, RunSpec, SpecError, Task, TaskSpec, TaskState};
 pub use workflow::{

@@ -7,8 +7,9 @@
 
 use colony_core::{
     AgentKey, AgentSpec, AgentState, AttemptOutcome, AttemptResult, AttemptStatus, Command,
-    CommandError, ExecutorId, ExecutorSpec, FencingToken, JoinKind, Outcome, Placement, Proposal,
-    Resources, RestartPolicy, RunSpec, StateMachine, TaskId, TaskSpec, TaskState,
+    CommandError, ExecutorId, ExecutorSpec, FencingToken, HealthCheck, JoinKind, Outcome,
+    Placement, Probe, Proposal, Resources, RestartPolicy, RunSpec, StateMachine, TaskId, TaskSpec,
+    TaskState,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -47,6 +48,8 @@ fn agent(replicas: u32, restart: RestartPolicy) -> AgentSpec {
         restart,
         backoff_ms_base: 1_000,
         backoff_ms_max: 8_000,
+        port: false,
+        health: None,
     }
 }
 
@@ -144,6 +147,25 @@ impl Cluster {
             status: AttemptStatus::Finished(result),
         })
         .unwrap();
+    }
+
+    fn health(
+        &mut self,
+        task: TaskId,
+        executor: u64,
+        token: FencingToken,
+        healthy: bool,
+    ) -> Result<Outcome, CommandError> {
+        self.apply(Command::Report {
+            executor: ExecutorId(executor),
+            task,
+            token,
+            status: AttemptStatus::Health { healthy, address: format!("10.0.0.{executor}:20000") },
+        })
+    }
+
+    fn registered(&self, task: TaskId) -> Option<String> {
+        self.sm.agent_endpoint(task).map(|e| e.address.clone())
     }
 
     fn state(&self, task: TaskId) -> TaskState {
@@ -328,4 +350,145 @@ fn bad_agents_are_refused_and_change_nothing() {
         assert!(!error.to_string().is_empty());
         assert_eq!(c.sm, before, "{command:?} changed the state");
     }
+}
+
+fn checked(replicas: u32) -> AgentSpec {
+    AgentSpec {
+        port: true,
+        health: Some(HealthCheck {
+            probe: Probe::Http { path: "/healthz".to_owned() },
+            interval_ms: 1_000,
+            timeout_ms: 500,
+            failures: 2,
+        }),
+        ..agent(replicas, RestartPolicy::Always)
+    }
+}
+
+#[test]
+fn healthy_instances_are_registered_and_leave_when_unhealthy_ended_or_lost() {
+    let mut c = Cluster::new();
+    c.apply(Command::RunAgent(checked(2))).unwrap();
+    let tasks = c.tasks();
+    // Health before running is refused: the executor reports Started first.
+    let placement =
+        Placement { task: tasks[0], executor: ExecutorId(1), evict: vec![], memory_bytes: None };
+    let Outcome::Placed { assigned, .. } = c
+        .apply(Command::PlaceTasks { placements: vec![placement], unschedulable: vec![] })
+        .unwrap()
+    else {
+        panic!()
+    };
+    let early = c.health(tasks[0], 1, assigned[0].token, true);
+    assert!(matches!(early, Err(CommandError::InvalidAgent(_))), "{early:?}");
+    c.apply(Command::Report {
+        executor: ExecutorId(1),
+        task: tasks[0],
+        token: assigned[0].token,
+        status: AttemptStatus::Started,
+    })
+    .unwrap();
+    let t0 = assigned[0].token;
+    let (t1, _) = c.start(tasks[1], 2);
+    assert_eq!(c.registered(tasks[0]), None, "running is not healthy when there is a check");
+    c.health(tasks[0], 1, t0, true).unwrap();
+    c.health(tasks[1], 2, t1, true).unwrap();
+    assert_eq!(c.registered(tasks[0]).as_deref(), Some("10.0.0.1:20000"));
+    assert_eq!(c.registered(tasks[1]).as_deref(), Some("10.0.0.2:20000"));
+    // A stale token's word is refused.
+    assert!(c.health(tasks[0], 1, FencingToken(t0.0 + 100), false).is_err());
+    // Unhealthy: out of the registry, still running.
+    c.health(tasks[0], 1, t0, false).unwrap();
+    assert_eq!(c.registered(tasks[0]), None);
+    assert_eq!(c.state(tasks[0]), TaskState::Running);
+    c.health(tasks[0], 1, t0, true).unwrap();
+    // Its executor lost: the task is lost, the entry goes with it, a replacement is pending.
+    c.apply(Command::MarkExecutorDown { id: ExecutorId(1), reason: "silent".into() }).unwrap();
+    assert_eq!(c.registered(tasks[0]), None);
+    assert!(c.state(tasks[0]).is_finished());
+    // Stopped: nothing left registered.
+    c.apply(Command::StopAgent { agent: key() }).unwrap();
+    assert_eq!(c.registered(tasks[1]), None);
+}
+
+#[test]
+fn with_a_health_check_a_roll_waits_for_the_new_instance_to_be_healthy() {
+    let mut c = Cluster::new();
+    c.apply(Command::RunAgent(checked(1))).unwrap();
+    let old = c.tasks()[0];
+    let (old_token, _) = c.start(old, 1);
+    c.health(old, 1, old_token, true).unwrap();
+    let v2 = AgentSpec { task: template("/usr/bin/researcher-v2"), ..checked(1) };
+    let Outcome::AgentRun { agent, .. } = c.apply(Command::RunAgent(v2)).unwrap() else { panic!() };
+    let new = agent.instances[&0].task;
+    let (new_token, outcome) = c.start(new, 2);
+    let Outcome::Reported { stopped, .. } = outcome else { panic!() };
+    assert!(stopped.is_empty(), "started is not healthy: the old instance serves on");
+    assert_eq!(c.state(old), TaskState::Running);
+    assert_eq!(c.registered(old).as_deref(), Some("10.0.0.1:20000"));
+    // Healthy: now the old one stops and leaves the registry.
+    let Outcome::Reported { stopped, .. } = c.health(new, 2, new_token, true).unwrap() else {
+        panic!()
+    };
+    assert_eq!(stopped, vec![old]);
+    assert_eq!(c.state(old), TaskState::Cancelled);
+    assert_eq!(c.registered(old), None);
+    assert_eq!(c.registered(new).as_deref(), Some("10.0.0.2:20000"));
+    assert_eq!(c.sm.get_agent(&key()).unwrap().instances[&0].replacing, None);
+}
+
+#[test]
+fn bad_health_checks_are_refused_and_change_nothing() {
+    let mut c = Cluster::new();
+    let before = c.sm.clone();
+    let health = |probe: Probe, interval_ms: u64, timeout_ms: u64, failures: u32| {
+        Some(HealthCheck { probe, interval_ms, timeout_ms, failures })
+    };
+    let http = || Probe::Http { path: "/healthz".into() };
+    let bad = [
+        // An HTTP check without a port.
+        AgentSpec { port: false, ..checked(1) },
+        AgentSpec { health: health(http(), 10, 5, 1), ..checked(1) },
+        AgentSpec { health: health(http(), 1_000, 2_000, 1), ..checked(1) },
+        AgentSpec { health: health(http(), 1_000, 500, 0), ..checked(1) },
+        AgentSpec {
+            health: health(Probe::Http { path: "healthz".into() }, 1_000, 500, 1),
+            ..checked(1)
+        },
+        AgentSpec {
+            health: health(Probe::Command { program: String::new(), args: vec![] }, 1_000, 500, 1),
+            ..checked(1)
+        },
+    ];
+    for spec in bad {
+        let error = c.apply(Command::RunAgent(spec.clone())).expect_err(&format!("{spec:?}"));
+        assert!(matches!(error, CommandError::InvalidAgent(_)), "{error:?}");
+    }
+    assert_eq!(c.sm, before);
+    // Health from a task that is not an instance is refused.
+    let mut plain = template("/bin/true");
+    plain.name = "plain".into();
+    plain.namespace = "default".into();
+    let Outcome::Submitted { task, .. } = c.apply(Command::SubmitTask(plain)).unwrap() else {
+        panic!()
+    };
+    let id = task.id;
+    let placement =
+        Placement { task: id, executor: ExecutorId(1), evict: vec![], memory_bytes: None };
+    let Outcome::Placed { assigned, .. } = c
+        .apply(Command::PlaceTasks { placements: vec![placement], unschedulable: vec![] })
+        .unwrap()
+    else {
+        panic!()
+    };
+    let token = assigned[0].token;
+    c.apply(Command::Report {
+        executor: ExecutorId(1),
+        task: id,
+        token,
+        status: AttemptStatus::Started,
+    })
+    .unwrap();
+    assert!(c.health(id, 1, token, true).is_err());
+    assert_eq!(c.registered(id), None);
 }

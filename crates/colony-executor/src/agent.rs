@@ -155,6 +155,8 @@ async fn run_agent(
         launcher: Launcher::Run { sandbox: Arc::new(sandbox) },
         metrics,
         journal: Some(journal),
+        ports: crate::health::Ports::new(config.ports),
+        advertise_host: config.advertise_host,
     };
     let result = link.run(&endpoint, &client, shutdown).await;
     if let Some((stop, task)) = http {
@@ -274,6 +276,8 @@ mod tests {
             require_limits: false,
             cgroups: true,
             task_pids_max: crate::TASK_PIDS_MAX_DEFAULT,
+            ports: crate::PORT_RANGE_DEFAULT,
+            advertise_host: None,
         }
     }
 

@@ -4,6 +4,7 @@ use colony_core::Resources;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 
 /// An executor's configuration, as the `colony executor` command builds it.
@@ -35,6 +36,11 @@ pub struct ExecutorConfig {
     pub cgroups: bool,
     /// Processes one attempt may hold at once.
     pub task_pids_max: u64,
+    /// The ports leased to agent instances that ask for one.
+    pub ports: RangeInclusive<u16>,
+    /// The host agent instances are registered at; `None`: the address this executor reaches
+    /// the leader from.
+    pub advertise_host: Option<String>,
 }
 
 /// Written by hand so the join token, a secret, never reaches a log.
@@ -54,6 +60,8 @@ impl fmt::Debug for ExecutorConfig {
             .field("require_limits", &self.require_limits)
             .field("cgroups", &self.cgroups)
             .field("task_pids_max", &self.task_pids_max)
+            .field("ports", &self.ports)
+            .field("advertise_host", &self.advertise_host)
             .finish()
     }
 }

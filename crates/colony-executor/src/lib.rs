@@ -11,6 +11,7 @@ mod builtin;
 mod cgroup;
 mod config;
 mod dial;
+mod health;
 mod identity;
 mod join;
 mod journal;
@@ -25,6 +26,7 @@ mod step_io;
 
 pub use agent::{run, AgentError};
 pub use config::ExecutorConfig;
+pub use health::PORT_RANGE_DEFAULT;
 pub use identity::{Credentials, IdentityError};
 pub use join::JoinError;
 pub use link::LinkError;

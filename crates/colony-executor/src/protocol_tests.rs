@@ -136,6 +136,8 @@ async fn agent_joins_follows_redirects_reports_and_stops() -> anyhow::Result<()>
         require_limits: false,
         cgroups: true,
         task_pids_max: crate::TASK_PIDS_MAX_DEFAULT,
+        ports: crate::PORT_RANGE_DEFAULT,
+        advertise_host: None,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let agent = tokio::spawn(crate::run(config, async move {
@@ -295,6 +297,8 @@ async fn unknown_executor_is_fatal() -> anyhow::Result<()> {
         require_limits: false,
         cgroups: true,
         task_pids_max: crate::TASK_PIDS_MAX_DEFAULT,
+        ports: crate::PORT_RANGE_DEFAULT,
+        advertise_host: None,
     };
     let agent = tokio::spawn(crate::run(config, std::future::pending()));
     let mut peer = Peer::accept(&leader).await?;
@@ -339,6 +343,8 @@ async fn a_restarted_agent_never_starts_an_attempt_twice() -> anyhow::Result<()>
         require_limits: false,
         cgroups: true,
         task_pids_max: crate::TASK_PIDS_MAX_DEFAULT,
+        ports: crate::PORT_RANGE_DEFAULT,
+        advertise_host: None,
     };
     let echo = pb::task_spec::Run::Builtin(pb::BuiltinRun {
         handler: "echo".into(),

@@ -91,6 +91,8 @@ impl SimExecutor {
             launcher: Launcher::Simulate { behaviour, capacity, events },
             metrics,
             journal: None,
+            ports: crate::health::Ports::new(crate::health::PORT_RANGE_DEFAULT),
+            advertise_host: None,
         };
         link.run(&endpoint, &client, std::future::pending())
             .await

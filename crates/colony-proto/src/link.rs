@@ -73,6 +73,17 @@ pub fn report_command(
                 }
             }
         }
+        pb::status_report::Status::Health(health) => {
+            let max = colony_core::agent::ENDPOINT_ADDRESS_BYTES_MAX;
+            if health.address.len() > max {
+                return Err(ConversionError::TooLong {
+                    field: "health address",
+                    bytes: health.address.len(),
+                    max,
+                });
+            }
+            AttemptStatus::Health { healthy: health.healthy, address: health.address.clone() }
+        }
     };
     Ok(Command::Report {
         executor,
@@ -105,6 +116,12 @@ pub fn server_message(
                 outputs: state.task_declared_outputs(task.id).into_iter().collect(),
                 // Set by the leader's sessions when the task is traced.
                 traceparent: String::new(),
+                agent: state.agent_of_task(task.id).and_then(|(key, _)| state.get_agent(key)).map(
+                    |agent| pb::AgentRun {
+                        port: agent.spec.port,
+                        health: agent.spec.health.as_ref().map(pb::HealthCheck::from),
+                    },
+                ),
             })
         }
         ToExecutor::Kill { task, token, reason } => pb::server_message::Body::Kill(pb::Kill {

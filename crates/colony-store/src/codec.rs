@@ -21,7 +21,10 @@ use serde::Serialize;
 ///   reads as it is.
 /// - 5: messages. The state machine's body gained the topics (see `colony_core::StateMachineV4`);
 ///   commands only gained variants at their end, so older log entries read as they are.
-pub const FORMAT_VERSION: u8 = 5;
+/// - 6: discovery. Agent specs gained a port and a health check, and the agents a registry (see
+///   `colony_core::StateMachineV5`); format 5's `RunAgent` is read as `Command::RunAgentV5`, and
+///   the new `RunAgent` and the health report are variants at their ends.
+pub const FORMAT_VERSION: u8 = 6;
 /// The oldest format version this build reads.
 pub const OLDEST_READABLE: u8 = 2;
 /// The most a decoded value may claim (lengths are checked against it before anything is
@@ -128,14 +131,14 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     /// Frozen bytes: if this test fails, the on-disk format changed and `FORMAT_VERSION` must be
-    /// bumped. A vote's body is the same in versions 2 to 5, so older frames still read.
+    /// bumped. A vote's body is the same in versions 2 to 6, so older frames still read.
     #[test]
     fn vote_frame_bytes_are_frozen() {
         let vote = Vote::<u64>::new_committed(3, 1);
         let frame = encode(&vote).unwrap();
-        assert_eq!(frame, vec![0x05, 0x9c, 0x66, 0x1b, 0x93, 0x03, 0x01, 0x01]);
+        assert_eq!(frame, vec![0x06, 0x9c, 0x66, 0x1b, 0x93, 0x03, 0x01, 0x01]);
         assert_eq!(decode::<Vote<u64>>(&frame).unwrap(), vote);
-        for version in [2, 3, 4] {
+        for version in [2, 3, 4, 5] {
             let written_before = [version, 0x9c, 0x66, 0x1b, 0x93, 0x03, 0x01, 0x01];
             assert_eq!(decode::<Vote<u64>>(&written_before).unwrap(), vote);
         }
@@ -145,7 +148,7 @@ mod tests {
     fn log_id_frame_bytes_are_frozen() {
         let log_id = LogId::new(CommittedLeaderId::new(2, 7), 300);
         let frame = encode(&log_id).unwrap();
-        assert_eq!(frame, vec![0x05, 0xcd, 0x5b, 0x92, 0xd6, 0x02, 0x07, 0xfb, 0x2c, 0x01]);
+        assert_eq!(frame, vec![0x06, 0xcd, 0x5b, 0x92, 0xd6, 0x02, 0x07, 0xfb, 0x2c, 0x01]);
         assert_eq!(decode::<LogId<u64>>(&frame).unwrap(), log_id);
     }
 
@@ -162,7 +165,7 @@ mod tests {
         frame[0] = 1;
         assert!(matches!(decode::<u64>(&frame), Err(CodecError::UnknownVersion { found: 1 })));
         frame[0] = FORMAT_VERSION + 1;
-        assert!(matches!(decode::<u64>(&frame), Err(CodecError::UnknownVersion { found: 6 })));
+        assert!(matches!(decode::<u64>(&frame), Err(CodecError::UnknownVersion { found: 7 })));
     }
 
     #[test]

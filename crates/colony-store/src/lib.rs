@@ -69,6 +69,14 @@ struct AppliedV4 {
     machine: colony_core::StateMachineV4,
 }
 
+/// `Applied` as format 5 stored it (before discovery).
+#[derive(Deserialize)]
+struct AppliedV5 {
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, BasicNode>,
+    machine: colony_core::StateMachineV5,
+}
+
 impl Applied {
     /// Decodes a snapshot's state-machine frame of any readable format version.
     pub fn decode(frame: &[u8]) -> Result<Applied, codec::CodecError> {
@@ -91,6 +99,14 @@ impl Applied {
             }
             (4, body) => {
                 let old: AppliedV4 = codec::decode_body(body)?;
+                Ok(Applied {
+                    last_applied: old.last_applied,
+                    membership: old.membership,
+                    machine: old.machine.into(),
+                })
+            }
+            (5, body) => {
+                let old: AppliedV5 = codec::decode_body(body)?;
                 Ok(Applied {
                     last_applied: old.last_applied,
                     membership: old.membership,

@@ -8,11 +8,12 @@
 #![allow(clippy::unwrap_used)] // A test that cannot set up or whose check fails should panic.
 
 use colony_core::{
-    AclToken, AgentKey, AgentSpec, AttemptOutcome, AttemptResult, AttemptStatus, ClusterCaRecord,
-    Command, DeliveryRef, ExecutorId, ExecutorSpec, FencingToken, Grant, InputSource, JoinKind,
-    ModelMetrics, ModelVersion, Outcome, OutputRef, Placement, PlacementPolicy, Proposal,
-    PublishSpec, ReceiveSpec, Resources, RestartPolicy, Retention, Role, RunSpec, StateMachine,
-    StepSpec, TaskId, TaskSpec, TopicKey, TopicPolicy, WhenFull, WorkflowId, WorkflowSpec,
+    AclToken, AgentKey, AgentSpec, AgentSpecV5, AttemptOutcome, AttemptResult, AttemptStatus,
+    ClusterCaRecord, Command, DeliveryRef, ExecutorId, ExecutorSpec, FencingToken, Grant,
+    HealthCheck, InputSource, JoinKind, ModelMetrics, ModelVersion, Outcome, OutputRef, Placement,
+    PlacementPolicy, Probe, Proposal, PublishSpec, ReceiveSpec, Resources, RestartPolicy,
+    Retention, Role, RunSpec, StateMachine, StepSpec, TaskId, TaskSpec, TopicKey, TopicPolicy,
+    WhenFull, WorkflowId, WorkflowSpec,
 };
 use colony_store::snapshot_file::SnapshotFile;
 use colony_store::{codec, Applied, StoreOptions, TypeConfig};
@@ -149,21 +150,22 @@ fn variant(command: &Command) -> usize {
         Command::Ack { .. } => 24,
         Command::CreateTopic { .. } => 25,
         Command::DeleteTopic { .. } => 26,
-        Command::RunAgent(_) => 27,
+        Command::RunAgentV5(_) => 27,
         Command::ScaleAgent { .. } => 28,
         Command::StopAgent { .. } => 29,
+        Command::RunAgent(_) => 30,
     }
 }
 
-const VARIANTS: usize = 30;
+const VARIANTS: usize = 31;
 
 fn agent_key() -> AgentKey {
     AgentKey { namespace: "default".to_owned(), name: "researcher".to_owned() }
 }
 
-/// An agent of two instances, restarted on failure.
-fn agent_spec() -> AgentSpec {
-    AgentSpec {
+/// An agent of two instances, restarted on failure, as format 5 wrote it.
+fn agent_spec_v5() -> AgentSpecV5 {
+    AgentSpecV5 {
         name: "researcher".to_owned(),
         namespace: "default".to_owned(),
         task: spec(""),
@@ -171,6 +173,40 @@ fn agent_spec() -> AgentSpec {
         restart: RestartPolicy::OnFailure,
         backoff_ms_base: 1_000,
         backoff_ms_max: 60_000,
+    }
+}
+
+/// An agent of one instance with a port and an HTTP health check.
+fn agent_spec_checked() -> AgentSpec {
+    AgentSpec {
+        name: "server".to_owned(),
+        replicas: 1,
+        restart: RestartPolicy::Always,
+        port: true,
+        health: Some(HealthCheck {
+            probe: Probe::Http { path: "/healthz".to_owned() },
+            interval_ms: 5_000,
+            timeout_ms: 1_000,
+            failures: 3,
+        }),
+        ..AgentSpec::from(agent_spec_v5())
+    }
+}
+
+/// An agent with a health check command.
+fn agent_spec_command() -> AgentSpec {
+    AgentSpec {
+        port: false,
+        health: Some(HealthCheck {
+            probe: Probe::Command {
+                program: "/bin/sh".to_owned(),
+                args: vec!["-c".to_owned(), "test -f ready".to_owned()],
+            },
+            interval_ms: 2_000,
+            timeout_ms: 500,
+            failures: 1,
+        }),
+        ..agent_spec_checked()
     }
 }
 
@@ -356,9 +392,17 @@ fn every_command() -> Vec<Command> {
             delete_after_unix_ms: Some(1_700_000_090_000),
         },
         Command::DeleteTopic { topic: topic("replies/0123") },
-        Command::RunAgent(agent_spec()),
+        Command::RunAgentV5(agent_spec_v5()),
         Command::ScaleAgent { agent: agent_key(), replicas: 3 },
         Command::StopAgent { agent: agent_key() },
+        Command::RunAgent(agent_spec_checked()),
+        Command::RunAgent(agent_spec_command()),
+        Command::Report {
+            executor: ExecutorId(1),
+            task: TaskId(1),
+            token: FencingToken(6),
+            status: AttemptStatus::Health { healthy: true, address: "10.0.0.7:20000".to_owned() },
+        },
     ]
 }
 
@@ -386,10 +430,18 @@ fn proposal_with_every_command_is_frozen() {
         "the frozen proposal must carry one of every Command variant; {FORMAT_CHANGE}"
     );
     let frame = codec::encode(&proposal).unwrap();
-    assert_frozen("proposal_v5.hex", &frame);
-    assert_eq!(codec::decode::<Proposal>(&frozen("proposal_v5.hex")).unwrap(), proposal);
+    assert_frozen("proposal_v6.hex", &frame);
+    assert_eq!(codec::decode::<Proposal>(&frozen("proposal_v6.hex")).unwrap(), proposal);
+    // Format 5 had every command but today's `RunAgent` and health reports (its `RunAgent` is
+    // today's `RunAgentV5`).
+    let mut before_discovery = proposal.clone();
+    before_discovery.commands.retain(|c| {
+        variant(c) < 30
+            && !matches!(c, Command::Report { status: AttemptStatus::Health { .. }, .. })
+    });
+    assert_eq!(codec::decode::<Proposal>(&frozen("proposal_v5.hex")).unwrap(), before_discovery);
     // Format 4 had every command but the messaging ones, encoded as today.
-    let mut before_messages = proposal.clone();
+    let mut before_messages = before_discovery;
     before_messages.commands.retain(|c| variant(c) < 22);
     assert_eq!(codec::decode::<Proposal>(&frozen("proposal_v4.hex")).unwrap(), before_messages);
     // Format 3 had every command but the workflows' and reports with outputs, encoded as today.
@@ -429,15 +481,55 @@ async fn log_entry_is_frozen() {
     let raft_dir = dir.path().join("raft");
     let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), raft_dir, ["log", "meta"]).unwrap();
     let stored = db.get_cf(db.cf_handle("log").unwrap(), 42u64.to_be_bytes()).unwrap().unwrap();
-    assert_frozen("log_entry_v5.hex", &stored);
-    for name in ["log_entry_v5.hex", "log_entry_v4.hex", "log_entry_v3.hex", "log_entry_v2.hex"] {
+    assert_frozen("log_entry_v6.hex", &stored);
+    for name in [
+        "log_entry_v6.hex",
+        "log_entry_v5.hex",
+        "log_entry_v4.hex",
+        "log_entry_v3.hex",
+        "log_entry_v2.hex",
+    ] {
         assert_eq!(codec::decode::<Entry<TypeConfig>>(&frozen(name)).unwrap(), entry, "{name}");
     }
 }
 
+/// `snapshot_commands_v5` and an agent with a port and a health check whose one instance runs,
+/// healthy, in the registry.
+fn snapshot_commands() -> Vec<Command> {
+    let mut commands = snapshot_commands_v5();
+    // Tasks 1..=10 are the earlier commands'; the agent's instance is task 11.
+    let instance = TaskId(11);
+    commands.extend([
+        Command::RunAgent(agent_spec_checked()),
+        Command::PlaceTasks {
+            placements: vec![Placement {
+                task: instance,
+                executor: ExecutorId(1),
+                evict: Vec::new(),
+                memory_bytes: None,
+            }],
+            unschedulable: Vec::new(),
+        },
+        Command::Report {
+            executor: ExecutorId(1),
+            task: instance,
+            token: FencingToken(4),
+            status: AttemptStatus::Started,
+        },
+        Command::Report {
+            executor: ExecutorId(1),
+            task: instance,
+            token: FencingToken(4),
+            status: AttemptStatus::Health { healthy: true, address: "10.0.0.7:20000".to_owned() },
+        },
+    ]);
+    commands
+}
+
 /// `snapshot_commands_v4` and messages: a topic with a policy, messages of two priorities, one
 /// consumer holding a delivery and another that acknowledged one; and an agent of two instances.
-fn snapshot_commands() -> Vec<Command> {
+/// What format 5's frozen snapshot holds.
+fn snapshot_commands_v5() -> Vec<Command> {
     let mut commands = snapshot_commands_v4();
     commands.extend([
         Command::CreateTopic {
@@ -471,7 +563,7 @@ fn snapshot_commands() -> Vec<Command> {
             consumer: "archivers".to_owned(),
             deliveries: vec![DeliveryRef { seq: 2, delivery: 1 }],
         },
-        Command::RunAgent(agent_spec()),
+        Command::RunAgentV5(agent_spec_v5()),
     ]);
     commands
 }
@@ -608,7 +700,9 @@ async fn snapshot_file_is_frozen() {
     sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
 
     let written = std::fs::read(dir.path().join("snapshots/snapshot.bin")).unwrap();
-    assert_frozen("snapshot_v5.hex", &written);
+    assert_frozen("snapshot_v6.hex", &written);
+    let registered = sm.shared().read().unwrap().machine.agent_endpoint(TaskId(11)).cloned();
+    assert_eq!(registered.map(|e| e.address), Some("10.0.0.7:20000".to_owned()));
     let workflow =
         sm.shared().read().unwrap().machine.get_workflow(WorkflowId(1)).cloned().unwrap();
     assert_eq!(workflow.steps[1].tasks.len(), 2, "the fan-out made one task per topic");
@@ -624,10 +718,12 @@ async fn snapshot_file_is_frozen() {
     // Format 4, written before messages; formats 3 and 2, written before workflows (2 also before retention), read into the state
     // their commands make today.
     let today = expected(snapshot_commands());
+    let before_discovery = expected(snapshot_commands_v5());
     let before_messages = expected(snapshot_commands_v4());
     let before_workflows = expected(snapshot_commands_v3());
     for (name, expected) in [
-        ("snapshot_v5.hex", &today),
+        ("snapshot_v6.hex", &today),
+        ("snapshot_v5.hex", &before_discovery),
         ("snapshot_v4.hex", &before_messages),
         ("snapshot_v3.hex", &before_workflows),
         ("snapshot_v2.hex", &before_workflows),

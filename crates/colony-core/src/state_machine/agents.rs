@@ -1,10 +1,13 @@
 //! Agent commands: run (create, or change the spec and roll the instances onto it), scale and
-//! stop; and the hooks that keep the instances running as their tasks end (`agent_task_ended`)
-//! and move a rolling update on as a new instance starts (`agent_task_started`).
+//! stop; the hooks that keep the instances running as their tasks end (`agent_task_ended`) and
+//! move a rolling update on as a new instance starts or becomes healthy (`agent_task_started`,
+//! `agent_task_health`); and the registry of healthy instances (`Agents::endpoints`, left by a
+//! task as it stops running, in `set_state`).
 
 use super::{CommandError, Outcome, StateMachine};
 use crate::agent::{
-    Agent, AgentKey, AgentSpec, AgentState, Instance, RestartPolicy, RESTART_STREAK_RESET_MS,
+    Agent, AgentKey, AgentSpec, AgentState, Endpoint, Instance, RestartPolicy,
+    ENDPOINT_ADDRESS_BYTES_MAX, RESTART_STREAK_RESET_MS,
 };
 use crate::ids::TaskId;
 use crate::task::TaskState;
@@ -237,9 +240,66 @@ impl StateMachine {
         stopped
     }
 
-    /// An agent's task started running: during a rolling update, the old task of its instance
-    /// stops now and the next instance is replaced. Returns the tasks to stop at their executors.
+    /// An agent's task started running: for an agent without a health check, that is healthy
+    /// enough to move a rolling update on (see `instance_healthy`).
     pub(super) fn agent_task_started(&mut self, task: TaskId) -> Vec<TaskId> {
+        let checked = self
+            .agents
+            .tasks
+            .get(&task)
+            .and_then(|(key, _)| self.agents.agents.get(key))
+            .is_some_and(|a| a.spec.health.is_some());
+        if checked {
+            return Vec::new();
+        }
+        self.instance_healthy(task)
+    }
+
+    /// An executor's word on a running instance's health: a healthy one is registered at
+    /// `address` (and, with a health check, moves a rolling update on), an unhealthy one leaves
+    /// the registry. Returns the tasks to stop at their executors.
+    pub(super) fn agent_task_health(
+        &mut self,
+        task: TaskId,
+        healthy: bool,
+        address: &str,
+    ) -> Result<Vec<TaskId>, CommandError> {
+        let Some((key, _)) = self.agents.tasks.get(&task).cloned() else {
+            return Err(CommandError::InvalidAgent(format!(
+                "task {task} is not an agent instance: only instances report health"
+            )));
+        };
+        if self.tasks.get(&task).map(|t| t.state) != Some(TaskState::Running) {
+            return Err(CommandError::InvalidAgent(format!(
+                "task {task} reported health before it reported running"
+            )));
+        }
+        if !healthy {
+            self.agents.endpoints.remove(&task);
+            return Ok(Vec::new());
+        }
+        if address.is_empty()
+            || address.len() > ENDPOINT_ADDRESS_BYTES_MAX
+            || !address.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(CommandError::InvalidAgent(format!(
+                "endpoint address of task {task} must be 1..={ENDPOINT_ADDRESS_BYTES_MAX} visible ASCII characters"
+            )));
+        }
+        let since = match self.agents.endpoints.get(&task) {
+            Some(e) if e.address == address => e.healthy_since_unix_ms,
+            _ => self.now_unix_ms,
+        };
+        self.agents
+            .endpoints
+            .insert(task, Endpoint { address: address.to_owned(), healthy_since_unix_ms: since });
+        let checked = self.agents.agents.get(&key).is_some_and(|a| a.spec.health.is_some());
+        Ok(if checked { self.instance_healthy(task) } else { Vec::new() })
+    }
+
+    /// An instance's new task is healthy: during a rolling update, the old task of its instance
+    /// stops now and the next instance is replaced. Returns the tasks to stop at their executors.
+    fn instance_healthy(&mut self, task: TaskId) -> Vec<TaskId> {
         let Some((key, index)) = self.agents.tasks.get(&task).cloned() else { return Vec::new() };
         let replacing = self
             .agents
@@ -341,6 +401,11 @@ impl StateMachine {
         range.filter(|(k, _)| keep(k)).take(limit).collect()
     }
 
+    /// The registry's entry for an instance task, when it is healthy.
+    pub fn agent_endpoint(&self, task: TaskId) -> Option<&Endpoint> {
+        self.agents.endpoints.get(&task)
+    }
+
     /// The instance a task runs, if it is an agent's.
     pub fn agent_of_task(&self, task: TaskId) -> Option<&(AgentKey, u32)> {
         self.agents.tasks.get(&task)
@@ -376,6 +441,14 @@ impl StateMachine {
         }
         if expected != self.agents.tasks {
             return Err("the agent task index does not mirror the instances".to_owned());
+        }
+        for task in self.agents.endpoints.keys() {
+            let running = self.tasks.get(task).is_some_and(|t| t.state == TaskState::Running);
+            if !running || !self.agents.tasks.contains_key(task) {
+                return Err(format!(
+                    "the registry holds task {task}, which is not a running instance"
+                ));
+            }
         }
         Ok(())
     }

@@ -14,6 +14,7 @@ use crate::messaging::{
 };
 use crate::model::ModelMetrics;
 use crate::resources::Resources;
+use crate::state_machine::upgrade::AgentSpecV5;
 use crate::state_machine::workflows::Outputs;
 use crate::state_machine::{Collected, PlacementRejection, Retention};
 use crate::task::{SpecError, Task, TaskSpec, TaskState};
@@ -137,9 +138,8 @@ pub enum Command {
     DeleteTopic {
         topic: TopicKey,
     },
-    /// Creates an agent and starts its instances, or changes its spec (a new replica count is
-    /// applied at once; any other change rolls the instances onto it one at a time).
-    RunAgent(AgentSpec),
+    /// `RunAgent` as format 5 wrote it (a spec without port or health check).
+    RunAgentV5(AgentSpecV5),
     ScaleAgent {
         agent: AgentKey,
         replicas: u32,
@@ -148,6 +148,10 @@ pub enum Command {
     StopAgent {
         agent: AgentKey,
     },
+    /// Creates an agent and starts its instances, or changes its spec (a new replica count is
+    /// applied at once; any other change rolls the instances onto it one at a time, each new
+    /// instance healthy before the old one stops).
+    RunAgent(AgentSpec),
 }
 
 /// One task to one executor, evicting strictly lower-priority attempts there first.
@@ -175,6 +179,12 @@ pub enum AttemptStatus {
     Finished(AttemptResult),
     /// A finished attempt that wrote outputs (kept only if it succeeded and they pass the limits).
     FinishedWithOutputs(AttemptResult, Outputs),
+    /// A running agent instance passed its health check (registered at `address`) or stopped
+    /// passing it (unregistered).
+    Health {
+        healthy: bool,
+        address: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -41,6 +41,10 @@ impl StateMachine {
             self.deadlines.insert(key);
         }
         self.index_state(id, Some(from), Some(state));
+        if from == TaskState::Running && state != TaskState::Running {
+            // However it stops running (an end, an eviction, a retry), it serves no more.
+            self.agents.endpoints.remove(&id);
+        }
     }
 
     /// Gives back what the task's current attempt holds on its executor.

@@ -34,7 +34,7 @@ pub use placement::{constraint_mismatch, ConstraintMismatch, PlacementRejection}
 pub use queries::TaskFilter;
 pub use restore::{Restored, RESTORE_TOKEN_EPOCH};
 pub use retention::{Collected, Retention};
-pub use upgrade::{StateMachineV2, StateMachineV3, StateMachineV4};
+pub use upgrade::{AgentSpecV5, StateMachineV2, StateMachineV3, StateMachineV4, StateMachineV5};
 pub use workflows::Outputs;
 
 use crate::acl::AclToken;
@@ -257,6 +257,7 @@ impl StateMachine {
             }
             Command::DeleteTopic { topic } => self.delete_topic(topic),
             Command::RunAgent(spec) => self.run_agent(spec),
+            Command::RunAgentV5(spec) => self.run_agent(&spec.clone().into()),
             Command::ScaleAgent { agent, replicas } => self.scale_agent(agent, *replicas),
             Command::StopAgent { agent } => self.stop_agent(agent),
         }

@@ -135,6 +135,10 @@ impl StateMachine {
             AttemptStatus::FinishedWithOutputs(result, outputs) => {
                 self.finish_attempt(id, result, outputs)?
             }
+            AttemptStatus::Health { healthy, address } => {
+                let stopped = self.agent_task_health(id, *healthy, address)?;
+                return Ok(Outcome::Reported { task: id, state: TaskState::Running, stopped });
+            }
         }
         let mut stopped = self.workflow_tasks_if_stopped(id);
         if matches!(status, AttemptStatus::Started) {

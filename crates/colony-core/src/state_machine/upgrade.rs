@@ -8,17 +8,23 @@
 //!   tasks, so every finished task is reachable by retention again.
 //! - Format 3 (before workflows): no workflows, workflow limits, step links or task outputs.
 //! - Format 4 (before messages): no topics or mailboxes.
+//! - Format 5 (before discovery): agent specs had no port or health check, and there was no
+//!   registry of healthy instances. A format 5 log entry running an agent is
+//!   `Command::RunAgentV5`.
 
 use super::Outputs;
 use super::{PendingKey, StateMachine};
 use crate::acl::AclToken;
-use crate::agent::Agents;
+use crate::agent::{
+    Agent, AgentKey, AgentLimits, AgentSpec, AgentState, Agents, Instance, RestartPolicy,
+};
 use crate::executor::{ClusterCaRecord, Executor, JoinTokenRecord};
 use crate::ids::WorkflowId;
 use crate::ids::{ExecutorId, ModelVersion, TaskId};
 use crate::limits::Limits;
 use crate::messaging::Messaging;
 use crate::model::ModelRecord;
+use crate::task::TaskSpec;
 use crate::task::{Task, TaskState};
 use crate::workflow::{StepTask, Workflow, WorkflowLimits};
 use imbl::{OrdMap, OrdSet};
@@ -288,6 +294,150 @@ impl From<StateMachineV4> for StateMachine {
             outputs: old.outputs,
             messaging: Messaging::default(),
             agents: Agents::default(),
+        }
+    }
+}
+
+/// An agent spec as format 5 stored it: no port, no health check.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct AgentSpecV5 {
+    pub name: String,
+    pub namespace: String,
+    pub task: TaskSpec,
+    pub replicas: u32,
+    pub restart: RestartPolicy,
+    pub backoff_ms_base: u64,
+    pub backoff_ms_max: u64,
+}
+
+impl From<AgentSpecV5> for AgentSpec {
+    fn from(old: AgentSpecV5) -> AgentSpec {
+        AgentSpec {
+            name: old.name,
+            namespace: old.namespace,
+            task: old.task,
+            replicas: old.replicas,
+            restart: old.restart,
+            backoff_ms_base: old.backoff_ms_base,
+            backoff_ms_max: old.backoff_ms_max,
+            port: false,
+            health: None,
+        }
+    }
+}
+
+#[derive(Clone, Deserialize)]
+struct AgentV5 {
+    spec: AgentSpecV5,
+    version: u64,
+    state: AgentState,
+    instances: OrdMap<u32, Instance>,
+    created_unix_ms: u64,
+    updated_unix_ms: u64,
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct AgentsV5 {
+    limits: AgentLimits,
+    agents: OrdMap<AgentKey, AgentV5>,
+    tasks: OrdMap<TaskId, (AgentKey, u32)>,
+}
+
+impl From<AgentsV5> for Agents {
+    fn from(old: AgentsV5) -> Agents {
+        let agents = old
+            .agents
+            .into_iter()
+            .map(|(key, a)| {
+                let a = a.clone();
+                let agent = Agent {
+                    spec: a.spec.into(),
+                    version: a.version,
+                    state: a.state,
+                    instances: a.instances,
+                    created_unix_ms: a.created_unix_ms,
+                    updated_unix_ms: a.updated_unix_ms,
+                    reason: a.reason,
+                };
+                (key.clone(), agent)
+            })
+            .collect();
+        // Nothing was registered: each running instance's executor reports its health again.
+        Agents { limits: old.limits, agents, tasks: old.tasks, endpoints: OrdMap::new() }
+    }
+}
+
+/// The state machine as format 5 stored it: agents without ports, health checks or registry.
+#[derive(Deserialize)]
+pub struct StateMachineV5 {
+    limits: Limits,
+    tasks: OrdMap<TaskId, Task>,
+    next_task_id: u64,
+    idempotency: OrdMap<String, TaskId>,
+    dependents: OrdMap<TaskId, OrdSet<TaskId>>,
+    now_unix_ms: u64,
+    pending: OrdSet<PendingKey>,
+    deadlines: OrdSet<(u64, TaskId)>,
+    executors: OrdMap<ExecutorId, Executor>,
+    next_executor_id: u64,
+    next_fencing_token: u64,
+    join_tokens: OrdMap<[u8; 32], JoinTokenRecord>,
+    ca: Option<ClusterCaRecord>,
+    finished_order: OrdMap<u64, TaskId>,
+    next_finish_seq: u64,
+    models: OrdMap<ModelVersion, ModelRecord>,
+    current_model: Option<ModelVersion>,
+    next_model_version: u64,
+    acl_bootstrapped: bool,
+    acl_tokens: OrdMap<String, AclToken>,
+    acl_by_secret: OrdMap<[u8; 32], String>,
+    finished_removed_through: u64,
+    by_state: OrdSet<(TaskState, TaskId)>,
+    state_counts: [u64; TaskState::ALL.len()],
+    workflow_limits: WorkflowLimits,
+    workflows: OrdMap<WorkflowId, Workflow>,
+    next_workflow_id: u64,
+    task_steps: OrdMap<TaskId, StepTask>,
+    outputs: OrdMap<TaskId, Outputs>,
+    messaging: Messaging,
+    agents: AgentsV5,
+}
+
+impl From<StateMachineV5> for StateMachine {
+    fn from(old: StateMachineV5) -> StateMachine {
+        StateMachine {
+            limits: old.limits,
+            tasks: old.tasks,
+            next_task_id: old.next_task_id,
+            idempotency: old.idempotency,
+            dependents: old.dependents,
+            now_unix_ms: old.now_unix_ms,
+            pending: old.pending,
+            deadlines: old.deadlines,
+            executors: old.executors,
+            next_executor_id: old.next_executor_id,
+            next_fencing_token: old.next_fencing_token,
+            join_tokens: old.join_tokens,
+            ca: old.ca,
+            finished_order: old.finished_order,
+            next_finish_seq: old.next_finish_seq,
+            models: old.models,
+            current_model: old.current_model,
+            next_model_version: old.next_model_version,
+            acl_bootstrapped: old.acl_bootstrapped,
+            acl_tokens: old.acl_tokens,
+            acl_by_secret: old.acl_by_secret,
+            finished_removed_through: old.finished_removed_through,
+            by_state: old.by_state,
+            state_counts: old.state_counts,
+            workflow_limits: old.workflow_limits,
+            workflows: old.workflows,
+            next_workflow_id: old.next_workflow_id,
+            task_steps: old.task_steps,
+            outputs: old.outputs,
+            messaging: old.messaging,
+            agents: old.agents.into(),
         }
     }
 }

@@ -7,6 +7,7 @@
 use crate::attempt::{Attempt, AttemptResult, KillSignal, Outcome};
 use crate::builtin;
 use crate::dial::{self, describe, Backoff, RoundEnd, Step, Stream};
+use crate::health::{self, HealthChange, PortLease, Ports};
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::runner::{self, ProcessRun};
@@ -46,6 +47,8 @@ const HEARTBEAT_INTERVAL_MIN: Duration = Duration::from_millis(50);
 const HEARTBEAT_INTERVAL_MAX: Duration = Duration::from_secs(60);
 /// At shutdown: time for reports to be acknowledged.
 const REPORT_FLUSH_MAX: Duration = Duration::from_secs(2);
+/// The most of a failed health check's reason sent to the leader.
+const HEALTH_MESSAGE_BYTES_MAX: usize = 1024;
 /// At shutdown: time beyond the SIGTERM grace for killed processes to be reaped.
 const ATTEMPT_REAP_MAX: Duration = Duration::from_secs(1);
 
@@ -90,6 +93,7 @@ impl Launcher {
         attempt: &Attempt,
         spec: &TaskSpec,
         io: &StepIo,
+        port: Option<u16>,
         kill: KillSignal,
     ) -> AttemptResult {
         let timeout = spec.timeout_ms.map(Duration::from_millis);
@@ -106,6 +110,7 @@ impl Launcher {
                     gpus: spec.resources.gpus,
                     sandbox: &sandbox,
                     io,
+                    port,
                 };
                 runner::run(run, kill).await
             }
@@ -131,6 +136,11 @@ pub(crate) struct Link {
     pub metrics: Arc<Metrics>,
     /// Attempts started here, on disk; `None` for simulated executors, which run nothing.
     pub journal: Option<Journal>,
+    /// The ports leased to agent instances.
+    pub ports: Arc<Ports>,
+    /// The host agent instances are registered at; `None`: the address this executor reaches
+    /// the leader from.
+    pub advertise_host: Option<String>,
 }
 
 /// An attempt that ended, as its task tells the loop.
@@ -140,11 +150,18 @@ struct AttemptEnded {
     result: AttemptResult,
 }
 
+/// What an attempt's task tells the loop.
+enum FromAttempt {
+    Ended(AttemptEnded),
+    /// An agent instance's health changed.
+    Health(HealthChange),
+}
+
 /// What drives a session.
 enum Event {
     Server(Box<pb::ServerMessage>),
     ServerGone(String),
-    AttemptEnded(AttemptEnded),
+    Attempt(FromAttempt),
     HeartbeatDue,
     Shutdown,
 }
@@ -176,6 +193,13 @@ impl Running {
             let _ = kill.send(());
         }
     }
+}
+
+/// An agent instance's port and health check.
+struct Instance {
+    lease: Option<PortLease>,
+    check: Option<colony_core::HealthCheck>,
+    target: health::Target,
 }
 
 /// A report not yet acknowledged; `sent_at` is `None` until sent on the current session.
@@ -308,8 +332,12 @@ struct State {
     pending: VecDeque<Pending>,
     next_report_id: u64,
     heartbeat_seq: u64,
-    attempts_tx: mpsc::Sender<AttemptEnded>,
+    attempts_tx: mpsc::Sender<FromAttempt>,
     draining: bool,
+    ports: Arc<Ports>,
+    advertise_host: Option<String>,
+    /// The host instances are registered at, as the current session found it.
+    host: String,
 }
 
 impl Link {
@@ -321,7 +349,8 @@ impl Link {
         client: &ClientConfig,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), LinkError> {
-        // Every running attempt sends exactly one message, so this bound is never reached.
+        // Every running attempt ends once; health changes come at most once a check interval,
+        // and wait their turn when the loop is behind.
         let (attempts_tx, mut attempts_rx) = mpsc::channel(ATTEMPTS_RUNNING_MAX);
         let metrics = self.metrics.clone();
         let mut state = State {
@@ -337,6 +366,9 @@ impl Link {
             heartbeat_seq: 0,
             attempts_tx,
             draining: false,
+            ports: self.ports,
+            host: self.advertise_host.clone().unwrap_or_else(|| "127.0.0.1".to_owned()),
+            advertise_host: self.advertise_host,
         };
         let mut shutdown = pin!(shutdown);
         let mut backoff = Backoff::new();
@@ -421,7 +453,7 @@ impl State {
     async fn while_disconnected<F: Future>(
         &mut self,
         work: F,
-        attempts_rx: &mut mpsc::Receiver<AttemptEnded>,
+        attempts_rx: &mut mpsc::Receiver<FromAttempt>,
         mut shutdown: Pin<&mut impl Future<Output = ()>>,
     ) -> Option<F::Output> {
         let mut work = pin!(work);
@@ -429,7 +461,7 @@ impl State {
             tokio::select! {
                 output = &mut work => return Some(output),
                 () = &mut shutdown => return None,
-                Some(ended) = attempts_rx.recv() => self.on_attempt_ended(ended),
+                Some(from) = attempts_rx.recv() => self.on_attempt(from),
             }
         }
     }
@@ -438,9 +470,14 @@ impl State {
     async fn serve(
         &mut self,
         session: &mut Session,
-        attempts_rx: &mut mpsc::Receiver<AttemptEnded>,
+        attempts_rx: &mut mpsc::Receiver<FromAttempt>,
         mut shutdown: Pin<&mut impl Future<Output = ()>>,
     ) -> SessionEnd {
+        self.host = match (&self.advertise_host, session.conn.local_ip()) {
+            (Some(host), _) => host.clone(),
+            (None, Some(ip)) => ip.to_string(),
+            (None, None) => self.host.clone(),
+        };
         if let Err(end) = self.flush(session).await {
             return end;
         }
@@ -452,15 +489,15 @@ impl State {
                     Some(Err(reason)) => Event::ServerGone(reason),
                     None => Event::ServerGone("the reader stopped".to_owned()),
                 },
-                Some(ended) = attempts_rx.recv() => Event::AttemptEnded(ended),
+                Some(from) = attempts_rx.recv() => Event::Attempt(from),
                 _ = session.heartbeat.tick() => Event::HeartbeatDue,
             };
             let step = match event {
                 Event::Shutdown => return SessionEnd::Shutdown,
                 Event::ServerGone(reason) => return SessionEnd::Lost(reason),
                 Event::Server(message) => self.on_server(*message, session).await,
-                Event::AttemptEnded(ended) => {
-                    self.on_attempt_ended(ended);
+                Event::Attempt(from) => {
+                    self.on_attempt(from);
                     self.flush(session).await
                 }
                 Event::HeartbeatDue => self.heartbeat(session).await,
@@ -547,6 +584,13 @@ impl State {
                 format!("the executor already runs {ATTEMPTS_RUNNING_MAX} attempts"),
             );
         }
+        let instance = match assign.agent {
+            None => None,
+            Some(agent) => match self.instance(&attempt, &agent) {
+                Ok(instance) => Some(instance),
+                Err(message) => return self.refuse(&attempt, message),
+            },
+        };
         if let Some(Err(e)) = self.journal.as_mut().map(|j| j.record((task, token))) {
             return self
                 .refuse(&attempt, format!("cannot record the attempt before starting it: {e}"));
@@ -565,19 +609,71 @@ impl State {
             tracing::info_span!("attempt", task_id = %task, attempt = attempt.attempt, %token);
         tokio::spawn(
             async move {
-                let result = launcher.run(&attempt, &spec, &io, kill_rx).await;
+                let port = instance.as_ref().and_then(|i| i.lease.as_ref()).map(|l| l.port);
+                let run = launcher.run(&attempt, &spec, &io, port, kill_rx);
+                let result = match instance {
+                    None => run.await,
+                    Some(instance) => {
+                        let mut run = pin!(run);
+                        let (changes_tx, mut changes_rx) = mpsc::unbounded_channel();
+                        let mut watch =
+                            pin!(health::watch(instance.check, instance.target, changes_tx));
+                        loop {
+                            tokio::select! {
+                                result = &mut run => break result,
+                                () = &mut watch => break run.await,
+                                Some(change) = changes_rx.recv() => {
+                                    // The loop is gone only when the executor stops.
+                                    let _ = attempts_tx.send(FromAttempt::Health(change)).await;
+                                }
+                            }
+                        }
+                        // The port is given back here, once the instance has ended.
+                    }
+                };
                 // Only a stopped executor has no receiver, and then nobody is left to tell.
                 let _ = attempts_tx
-                    .send(AttemptEnded {
+                    .send(FromAttempt::Ended(AttemptEnded {
                         task: attempt.task_id,
                         token: attempt.fencing_token,
                         result,
-                    })
+                    }))
                     .await;
             }
             .instrument(span),
         );
         self.update_gauges();
+    }
+
+    /// What an agent instance gets besides its run: a leased port and its health check's target.
+    fn instance(&self, attempt: &Attempt, agent: &pb::AgentRun) -> Result<Instance, String> {
+        let check = match agent.health.clone().map(colony_core::HealthCheck::try_from) {
+            None => None,
+            Some(Ok(check)) => Some(check),
+            Some(Err(e)) => return Err(format!("invalid health check: {e}")),
+        };
+        let lease = match agent.port {
+            false => None,
+            true => Some(self.ports.lease().ok_or_else(|| {
+                "no port of this executor's range is free for the instance".to_owned()
+            })?),
+        };
+        let port = lease.as_ref().map(|l| l.port);
+        let (dir, run_as) = match &self.launcher {
+            Launcher::Run { sandbox } => {
+                (runner::work_dir(&sandbox.work_root, attempt), sandbox.run_as.clone())
+            }
+            Launcher::Simulate { .. } => (std::env::temp_dir(), None),
+        };
+        let target = health::Target {
+            task: attempt.task_id,
+            token: attempt.fencing_token,
+            address: health::address(&self.host, port),
+            port,
+            dir,
+            run_as,
+        };
+        Ok(Instance { lease, check, target })
     }
 
     /// Reports an assignment that cannot run as failed at once.
@@ -623,6 +719,32 @@ impl State {
             }
         }
         self.metrics.reports_pending.set(saturating_i64(self.pending.len()));
+    }
+
+    fn on_attempt(&mut self, from: FromAttempt) {
+        match from {
+            FromAttempt::Ended(ended) => self.on_attempt_ended(ended),
+            FromAttempt::Health(change) => self.on_health(change),
+        }
+    }
+
+    /// Reports an instance's health while its attempt is live (a superseded one has nothing to
+    /// say).
+    fn on_health(&mut self, change: HealthChange) {
+        let live = self.running.get(&(change.task, change.token)).is_some_and(|r| r.is_live());
+        if !live {
+            return;
+        }
+        tracing::info!(task = %change.task, token = %change.token, healthy = change.healthy, address = %change.address, message = %change.message, "instance health changed");
+        self.queue_report(
+            change.task,
+            change.token,
+            pb::status_report::Status::Health(pb::Health {
+                healthy: change.healthy,
+                address: change.address,
+                message: crate::attempt::truncated(&change.message, HEALTH_MESSAGE_BYTES_MAX),
+            }),
+        );
     }
 
     fn on_attempt_ended(&mut self, ended: AttemptEnded) {
@@ -776,12 +898,12 @@ impl State {
     async fn drain(
         &mut self,
         session: Option<Session>,
-        attempts_rx: &mut mpsc::Receiver<AttemptEnded>,
+        attempts_rx: &mut mpsc::Receiver<FromAttempt>,
     ) {
         self.draining = true;
         // Attempts that ended before the stop are reported, not mistaken for killed ones.
-        while let Ok(ended) = attempts_rx.try_recv() {
-            self.on_attempt_ended(ended);
+        while let Ok(from) = attempts_rx.try_recv() {
+            self.on_attempt(from);
         }
         if self.live_count() > 0 {
             tracing::info!(running = self.live_count(), "stopping: killing running attempts");
@@ -793,7 +915,7 @@ impl State {
         let deadline = Instant::now() + runner::TERM_GRACE + ATTEMPT_REAP_MAX;
         while !self.running.is_empty() {
             tokio::select! {
-                Some(ended) = attempts_rx.recv() => self.on_attempt_ended(ended),
+                Some(from) = attempts_rx.recv() => self.on_attempt(from),
                 () = tokio::time::sleep_until(deadline) => {
                     tracing::warn!(left = self.running.len(), "attempts still ending at shutdown; leaving them to be killed on exit");
                     break;

@@ -48,6 +48,8 @@ pub(crate) struct ProcessRun<'a> {
     pub sandbox: &'a Sandbox,
     /// Its input files and the outputs it must write.
     pub io: &'a StepIo,
+    /// The port leased to it (an agent instance that asked for one), in `COLONY_PORT`.
+    pub port: Option<u16>,
 }
 
 /// `WORK/TASK-ATTEMPT`: where an attempt runs.
@@ -233,6 +235,9 @@ async fn run_in(
         .kill_on_drop(true);
     if let Some(lease) = &gpus {
         command.env("CUDA_VISIBLE_DEVICES", lease.visible_devices());
+    }
+    if let Some(port) = run.port {
+        command.env("COLONY_PORT", port.to_string());
     }
     if let Some(user) = &sandbox.run_as {
         command.uid(user.uid).gid(user.gid);

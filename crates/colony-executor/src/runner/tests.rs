@@ -38,6 +38,7 @@ async fn run_sh(
         gpus: 0,
         sandbox: &sandbox,
         io: &StepIo::default(),
+        port: None,
     };
     run(spec, kill).await
 }
@@ -171,6 +172,7 @@ async fn missing_program_fails_with_a_message() {
         gpus: 0,
         sandbox: &sandbox,
         io: &StepIo::default(),
+        port: None,
     };
     let result = run(spec, kill_rx).await;
     assert_eq!(result.outcome, Outcome::Failed);
@@ -231,6 +233,7 @@ async fn run_contained(
         gpus: 0,
         sandbox,
         io: &StepIo::default(),
+        port: None,
     };
     run(spec, kill).await
 }
@@ -342,6 +345,7 @@ async fn a_step_reads_its_inputs_and_its_outputs_come_back() {
         gpus: 0,
         sandbox: &sandbox,
         io: &io,
+        port: None,
     };
     let result = run(spec, kill_rx).await;
     assert_eq!(result.outcome, Outcome::Succeeded, "{}: {}", result.message, result.stderr_tail);
@@ -370,6 +374,7 @@ async fn a_step_that_skips_a_declared_output_fails_saying_which() {
         gpus: 0,
         sandbox: &sandbox,
         io: &io,
+        port: None,
     };
     let result = run(spec, kill_rx).await;
     assert_eq!(result.outcome, Outcome::Failed);

@@ -230,6 +230,12 @@ impl pb::admin_server::Admin for FakeAdmin {
     ) -> Reply<pb::StopAgentResponse> {
         Err(Status::unimplemented("fake"))
     }
+    async fn resolve_agent(
+        &self,
+        _: tonic::Request<pb::ResolveAgentRequest>,
+    ) -> Reply<pb::ResolveAgentResponse> {
+        Err(Status::unimplemented("fake"))
+    }
     async fn get_task_output(
         &self,
         _: tonic::Request<pb::GetTaskOutputRequest>,

@@ -54,6 +54,7 @@ fn view(caller: &Caller, machine: &StateMachine, agent: &Agent) -> pb::Agent {
         .iter()
         .map(|(&index, instance)| {
             let task = machine.get_task(instance.task);
+            let endpoint = machine.agent_endpoint(instance.task);
             pb::AgentInstance {
                 index,
                 task: instance.task.0,
@@ -65,6 +66,8 @@ fn view(caller: &Caller, machine: &StateMachine, agent: &Agent) -> pb::Agent {
                 executor: task.and_then(|t| t.executor).map_or(0, |e| e.0),
                 not_before_unix_ms: task.map_or(0, |t| t.not_before_unix_ms),
                 reason: task.and_then(|t| t.reason.clone()).unwrap_or_default(),
+                endpoint: endpoint.map(|e| e.address.clone()).unwrap_or_default(),
+                healthy_since_unix_ms: endpoint.map_or(0, |e| e.healthy_since_unix_ms),
             }
         })
         .collect();
@@ -120,6 +123,41 @@ impl AdminService {
             .get_agent(&key)
             .ok_or_else(|| Status::not_found(format!("agent {key} does not exist")))?;
         Ok(pb::GetAgentResponse { agent: Some(view(&caller, &state.machine, agent)) })
+    }
+
+    pub(super) async fn resolve_agent_here(
+        &self,
+        caller: Caller,
+        request: pb::ResolveAgentRequest,
+    ) -> Result<pb::ResolveAgentResponse, Status> {
+        let key = key(&request.namespace, &request.name);
+        caller.require(Permission::TaskRead, Some(&key.namespace))?;
+        let state = self.node.state();
+        let machine = &state.machine;
+        let agent = machine
+            .get_agent(&key)
+            .ok_or_else(|| Status::not_found(format!("agent {key} does not exist")))?;
+        let endpoints = agent
+            .instances
+            .iter()
+            .flat_map(|(&index, instance)| {
+                // During a rolling update the old version serves until the new one is healthy.
+                let old = instance.replacing.map(|task| (index, task, 0));
+                std::iter::once((index, instance.task, instance.version)).chain(old)
+            })
+            .filter_map(|(index, task, version)| {
+                let endpoint = machine.agent_endpoint(task)?;
+                Some(pb::AgentEndpoint {
+                    index,
+                    task: task.0,
+                    version,
+                    address: endpoint.address.clone(),
+                    executor: machine.get_task(task).and_then(|t| t.executor).map_or(0, |e| e.0),
+                    healthy_since_unix_ms: endpoint.healthy_since_unix_ms,
+                })
+            })
+            .collect();
+        Ok(pb::ResolveAgentResponse { endpoints })
     }
 
     pub(super) async fn list_agents_here(

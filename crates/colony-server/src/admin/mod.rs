@@ -132,6 +132,24 @@ impl Admin for AdminService {
         .await
     }
 
+    async fn resolve_agent(
+        &self,
+        request: Request<pb::ResolveAgentRequest>,
+    ) -> Result<Response<pb::ResolveAgentResponse>, Status> {
+        let rpc = Rpc::new(
+            "ResolveAgent",
+            Serve::Read { stale: self.stale(&request.get_ref().consistency) },
+            Permission::TaskRead,
+        );
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.resolve_agent(r).await },
+            |caller, r| self.resolve_agent_here(caller, r),
+        )
+        .await
+    }
+
     async fn publish(
         &self,
         request: Request<pb::PublishRequest>,

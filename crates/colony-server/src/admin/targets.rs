@@ -232,7 +232,12 @@ macro_rules! agent_targeted {
     )*};
 }
 
-agent_targeted!(pb::GetAgentRequest, pb::ScaleAgentRequest, pb::StopAgentRequest);
+agent_targeted!(
+    pb::GetAgentRequest,
+    pb::ScaleAgentRequest,
+    pb::StopAgentRequest,
+    pb::ResolveAgentRequest
+);
 
 impl Target for pb::RunAgentRequest {
     fn namespace(&self) -> Option<String> {
