@@ -12,6 +12,7 @@ mod t65_console;
 mod t70_dashboards;
 mod t80_executors;
 mod t85_executor_link;
+mod t86_discovery;
 mod t87_agents;
 mod t88_workflows;
 mod t89_messages;

@@ -492,3 +492,42 @@ fn bad_health_checks_are_refused_and_change_nothing() {
     assert!(c.health(id, 1, token, true).is_err());
     assert_eq!(c.registered(id), None);
 }
+
+#[test]
+fn a_newer_spec_supersedes_a_roll_stuck_on_an_unhealthy_version() {
+    let mut c = Cluster::new();
+    c.apply(Command::RunAgent(checked(1))).unwrap();
+    let old = c.tasks()[0];
+    let (old_token, _) = c.start(old, 1);
+    c.health(old, 1, old_token, true).unwrap();
+    // Version 2 starts but never turns healthy; it crashes once, and its restart still waits
+    // for health with the old task serving.
+    let v2 = AgentSpec { task: template("/usr/bin/broken"), ..checked(1) };
+    c.apply(Command::RunAgent(v2)).unwrap();
+    let broken = c.tasks()[0];
+    let (broken_token, _) = c.start(broken, 2);
+    c.exit(broken, 2, broken_token, 1);
+    let instance = c.sm.get_agent(&key()).unwrap().instances[&0].clone();
+    assert_eq!(instance.replacing, Some(old), "a crash of the new version dropped the old one");
+    assert_eq!(c.state(old), TaskState::Running);
+    let restarted = instance.task;
+    c.now += 60_000;
+    let (restarted_token, _) = c.start(restarted, 2);
+    // Version 3 replaces the unhealthy version-2 task at once, still keeping the old one.
+    let v3 = AgentSpec { task: template("/usr/bin/fixed"), ..checked(1) };
+    let Outcome::AgentRun { agent, stopped, .. } = c.apply(Command::RunAgent(v3)).unwrap() else {
+        panic!()
+    };
+    assert_eq!(stopped, vec![restarted], "the superseded replacement is stopped at its executor");
+    let instance = &agent.instances[&0];
+    assert_eq!((instance.version, instance.replacing), (3, Some(old)));
+    assert_eq!(c.state(old), TaskState::Running);
+    assert!(c.health(restarted, 2, restarted_token, true).is_err(), "a stopped task's word counts");
+    let fixed = instance.task;
+    let (fixed_token, _) = c.start(fixed, 2);
+    let Outcome::Reported { stopped, .. } = c.health(fixed, 2, fixed_token, true).unwrap() else {
+        panic!()
+    };
+    assert_eq!(stopped, vec![old]);
+    assert_eq!(c.sm.get_agent(&key()).unwrap().instances[&0].replacing, None);
+}

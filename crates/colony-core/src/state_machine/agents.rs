@@ -206,10 +206,29 @@ impl StateMachine {
     /// the tasks to stop at their executors.
     fn roll(&mut self, key: &AgentKey) -> Vec<TaskId> {
         let Some(agent) = self.agents.agents.get(key).cloned() else { return Vec::new() };
-        if agent.state != AgentState::Running
-            || agent.instances.values().any(|i| i.replacing.is_some())
-        {
+        if agent.state != AgentState::Running {
             return Vec::new();
+        }
+        // A replacement on an older version (a roll superseded by a newer spec, say one whose
+        // new instance never turned healthy) is itself replaced at once; the task it was to
+        // replace serves on until the newest one is healthy.
+        let mut stopped = Vec::new();
+        for (&index, instance) in &agent.instances {
+            if instance.replacing.is_none() || instance.version == agent.version {
+                continue;
+            }
+            stopped.extend(self.end_agent_task(instance.task, REPLACED));
+            let task = self.insert_task(agent.spec.instance_task(index), false);
+            self.agents.tasks.insert(task, (key.clone(), index));
+            if let Some(agent) = self.agents.agents.get_mut(key) {
+                let version = agent.version;
+                agent
+                    .instances
+                    .insert(index, Instance { task, version, streak: 0, ..instance.clone() });
+            }
+        }
+        if !stopped.is_empty() || agent.instances.values().any(|i| i.replacing.is_some()) {
+            return stopped;
         }
         let Some((&index, old)) = agent.instances.iter().find(|(_, i)| i.version < agent.version)
         else {
@@ -371,7 +390,8 @@ impl StateMachine {
                 Instance {
                     task: new,
                     version,
-                    replacing: None,
+                    // During a roll, the old task serves on until the restarted one is healthy.
+                    replacing: instance.replacing,
                     streak,
                     restarts: instance.restarts + 1,
                 },
