@@ -22,5 +22,18 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
 fi
 
+# grpcio and grpcio-tools for the Python examples (examples/python, examples/agents) and their
+# tests. Agents run as nobody, so as root it goes where every user reads it.
+if [ "$(id -u)" -eq 0 ]; then
+    export COLONY_PYTHONPATH="${COLONY_PYTHONPATH:-/opt/colony/python}"
+else
+    export COLONY_PYTHONPATH="${COLONY_PYTHONPATH:-$HOME/.cache/colony/python}"
+fi
+if ! PYTHONPATH="$COLONY_PYTHONPATH" python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then
+    echo "installing: grpcio grpcio-tools (into $COLONY_PYTHONPATH)" >&2
+    python3 -m pip install --quiet --target "$COLONY_PYTHONPATH" grpcio grpcio-tools >&2
+    chmod -R a+rX "$COLONY_PYTHONPATH"
+fi
+
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/colony/target}"
 mkdir -p "$CARGO_TARGET_DIR"

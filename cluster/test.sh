@@ -11,13 +11,6 @@ if ! command -v promtool >/dev/null 2>&1; then
 fi
 promtool check rules cluster/prometheus/alerts.yml
 promtool test rules cluster/prometheus/alerts_test.yml
-# grpcio for the test that calls the API from Python (examples/python), as a client in another
-# language would.
-python_dir="$HOME/.cache/colony/python"
-if ! PYTHONPATH="$python_dir" python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then
-    echo "installing: grpcio grpcio-tools (into $python_dir)" >&2
-    python3 -m pip install --quiet --target "$python_dir" grpcio grpcio-tools >&2
-fi
 # grpcio and opentelemetry-proto for the OTLP receiver the tracing test sends spans to
 # (tests/otlp/receiver.py; the OpenTelemetry Collector is not installable here).
 otlp_dir="$HOME/.cache/colony/otlp"

@@ -11,6 +11,7 @@ mod t60_metrics;
 mod t65_console;
 mod t70_dashboards;
 mod t80_executors;
+mod t84_attempt_socket;
 mod t85_executor_link;
 mod t86_discovery;
 mod t87_agents;

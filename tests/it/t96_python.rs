@@ -4,11 +4,9 @@
 use colony_tests::Cluster;
 use std::process::Command;
 
-/// Where cluster/test.sh installs grpcio and grpcio-tools (`COLONY_PYTHONPATH` overrides).
+/// Where cluster/setup.sh installs grpcio and grpcio-tools (it exports `COLONY_PYTHONPATH`).
 fn python_path() -> String {
-    std::env::var("COLONY_PYTHONPATH").unwrap_or_else(|_| {
-        format!("{}/.cache/colony/python", std::env::var("HOME").unwrap_or_default())
-    })
+    std::env::var("COLONY_PYTHONPATH").unwrap_or_else(|_| "/opt/colony/python".to_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,7 +18,7 @@ async fn python_grpcio_calls_the_api_with_the_ca_and_a_token() -> anyhow::Result
         .output()?;
     anyhow::ensure!(
         probe.status.success(),
-        "grpcio is missing from {path}: cluster/test.sh installs it (pip install --target {path} grpcio grpcio-tools): {}",
+        "grpcio is missing from {path}: cluster/setup.sh installs it (pip install --target {path} grpcio grpcio-tools): {}",
         String::from_utf8_lossy(&probe.stderr)
     );
     let cluster = Cluster::start(1, 20_000).await?;

@@ -370,7 +370,6 @@ fn healthy_instances_are_registered_and_leave_when_unhealthy_ended_or_lost() {
     let mut c = Cluster::new();
     c.apply(Command::RunAgent(checked(2))).unwrap();
     let tasks = c.tasks();
-    // Health before running is refused: the executor reports Started first.
     let placement =
         Placement { task: tasks[0], executor: ExecutorId(1), evict: vec![], memory_bytes: None };
     let Outcome::Placed { assigned, .. } = c
@@ -379,16 +378,17 @@ fn healthy_instances_are_registered_and_leave_when_unhealthy_ended_or_lost() {
     else {
         panic!()
     };
-    let early = c.health(tasks[0], 1, assigned[0].token, true);
-    assert!(matches!(early, Err(CommandError::InvalidAgent(_))), "{early:?}");
+    // One executor's reports commit concurrently: health overtaking the start implies it.
+    let t0 = assigned[0].token;
+    c.health(tasks[0], 1, t0, false).unwrap();
+    assert_eq!(c.state(tasks[0]), TaskState::Running);
     c.apply(Command::Report {
         executor: ExecutorId(1),
         task: tasks[0],
-        token: assigned[0].token,
+        token: t0,
         status: AttemptStatus::Started,
     })
     .unwrap();
-    let t0 = assigned[0].token;
     let (t1, _) = c.start(tasks[1], 2);
     assert_eq!(c.registered(tasks[0]), None, "running is not healthy when there is a check");
     c.health(tasks[0], 1, t0, true).unwrap();
@@ -530,4 +530,49 @@ fn a_newer_spec_supersedes_a_roll_stuck_on_an_unhealthy_version() {
     };
     assert_eq!(stopped, vec![old]);
     assert_eq!(c.sm.get_agent(&key()).unwrap().instances[&0].replacing, None);
+}
+
+#[test]
+fn an_attempts_messaging_is_fenced_by_its_token_and_namespace() {
+    use colony_core::{PublishSpec, TopicKey};
+    let mut c = Cluster::new();
+    c.apply(Command::RunAgent(agent(1, RestartPolicy::Always))).unwrap();
+    let task = c.tasks()[0];
+    let (token, _) = c.start(task, 1);
+    let publish = |namespace: &str, payload: &[u8]| {
+        Box::new(Command::Publish(PublishSpec {
+            topic: TopicKey { namespace: namespace.to_owned(), name: "topics/t".to_owned() },
+            priority: 0,
+            payload: payload.to_vec(),
+            idempotency_key: None,
+            reply_to: None,
+            correlation_id: None,
+        }))
+    };
+    c.apply(Command::AsAttempt { task, token, command: publish("default", b"live") }).unwrap();
+    let before = c.sm.clone();
+    let refused = [
+        // Another namespace than its task's.
+        Command::AsAttempt { task, token, command: publish("other", b"x") },
+        // Not a messaging command.
+        Command::AsAttempt {
+            task,
+            token,
+            command: Box::new(Command::StopAgent { agent: key() }),
+        },
+        // A token that is not the attempt's.
+        Command::AsAttempt {
+            task,
+            token: FencingToken(token.0 + 1),
+            command: publish("default", b"x"),
+        },
+    ];
+    for command in refused {
+        assert!(c.apply(command.clone()).is_err(), "{command:?}");
+    }
+    assert_eq!(c.sm, before);
+    // Superseded: its executor is lost and the instance replaced; the old token is refused.
+    c.apply(Command::MarkExecutorDown { id: ExecutorId(1), reason: "silent".into() }).unwrap();
+    let stale = c.apply(Command::AsAttempt { task, token, command: publish("default", b"stale") });
+    assert!(matches!(stale, Err(CommandError::StaleAttempt { .. })), "{stale:?}");
 }

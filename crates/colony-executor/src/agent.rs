@@ -3,10 +3,12 @@
 
 use crate::cgroup::{self, Containment};
 use crate::config::ExecutorConfig;
+use crate::identity::Credentials;
 use crate::identity::{self, IdentityError};
 use crate::join::{self, JoinError};
 use crate::journal::Journal;
 use crate::link::{Launcher, Link, LinkError, Profile};
+use crate::local::LocalApi;
 use crate::metrics::Metrics;
 use crate::runner;
 use crate::sandbox::{default_work_root, RunAs, Sandbox, RUN_AS_DEFAULT};
@@ -17,6 +19,9 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The longest a call through an attempt's local endpoint may take: a request waits up to 60 s
+/// for its answer.
+const LOCAL_CALL_TIMEOUT: Duration = Duration::from_secs(75);
 /// Time the endpoint gets at exit to deliver its close frames.
 const ENDPOINT_CLOSE_MAX: Duration = Duration::from_secs(1);
 
@@ -49,6 +54,8 @@ pub enum AgentError {
     Endpoint(#[source] std::io::Error),
     #[error("the identity's certificates do not form a TLS configuration")]
     Tls(#[source] colony_quic::PkiError),
+    #[error("cannot make a client for the attempts' local endpoints")]
+    LocalClient(#[source] colony_client::ClientError),
     #[error("cannot serve metrics on {addr}")]
     MetricsListen {
         addr: SocketAddr,
@@ -140,6 +147,7 @@ async fn run_agent(
         ),
         Err(e) => tracing::warn!(error = %e, "could not tidy the working directories"),
     }
+    let local = local_api(&config.servers, &creds)?;
     let journal = Journal::open(&data_dir)
         .map_err(|source| AgentError::Journal { path: data_dir.clone(), source })?;
     tracing::info!(executor_id = %creds.executor_id, name = %config.name, capacity = %config.capacity, "executor starting");
@@ -152,7 +160,7 @@ async fn run_agent(
             labels: config.labels,
             capabilities: config.capabilities,
         },
-        launcher: Launcher::Run { sandbox: Arc::new(sandbox) },
+        launcher: Launcher::Run { sandbox: Arc::new(sandbox), local: Some(local) },
         metrics,
         journal: Some(journal),
         ports: crate::health::Ports::new(config.ports),
@@ -168,6 +176,22 @@ async fn run_agent(
     let _ = tokio::time::timeout(ENDPOINT_CLOSE_MAX, endpoint.wait_idle()).await;
     result?;
     Ok(())
+}
+
+/// The client attempts' local endpoints call the servers with: the executor's own certificate,
+/// and long enough per call for a receive's or a request's wait.
+fn local_api(servers: &[String], creds: &Credentials) -> Result<LocalApi, AgentError> {
+    let identity = colony_quic::CertifiedKey {
+        cert_pem: creds.cert_pem.clone(),
+        key_pem: creds.key_pem.clone(),
+    };
+    let auth = colony_client::Auth::certificate(&creds.ca_pem, &identity, colony_quic::SERVER_NAME)
+        .map_err(|e| AgentError::LocalClient(e.into()))?;
+    let mut config = colony_client::ClientConfig::new(LOCAL_CALL_TIMEOUT);
+    config.attempt_timeout_max = LOCAL_CALL_TIMEOUT;
+    let client = colony_client::Client::with_config(servers, config, &auth)
+        .map_err(AgentError::LocalClient)?;
+    Ok(LocalApi::new(client))
 }
 
 /// What attempts run as, where, and within which limits; kills what a previous run of this

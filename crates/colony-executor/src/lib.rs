@@ -16,6 +16,7 @@ mod identity;
 mod join;
 mod journal;
 mod link;
+mod local;
 mod metrics;
 #[cfg(test)]
 mod protocol_tests;

@@ -154,10 +154,11 @@ fn variant(command: &Command) -> usize {
         Command::ScaleAgent { .. } => 28,
         Command::StopAgent { .. } => 29,
         Command::RunAgent(_) => 30,
+        Command::AsAttempt { .. } => 31,
     }
 }
 
-const VARIANTS: usize = 31;
+const VARIANTS: usize = 32;
 
 fn agent_key() -> AgentKey {
     AgentKey { namespace: "default".to_owned(), name: "researcher".to_owned() }
@@ -402,6 +403,11 @@ fn every_command() -> Vec<Command> {
             task: TaskId(1),
             token: FencingToken(6),
             status: AttemptStatus::Health { healthy: true, address: "10.0.0.7:20000".to_owned() },
+        },
+        Command::AsAttempt {
+            task: TaskId(1),
+            token: FencingToken(6),
+            command: Box::new(Command::Publish(full_publish())),
         },
     ]
 }

@@ -288,22 +288,29 @@ impl StateMachine {
                 "task {task} is not an agent instance: only instances report health"
             )));
         };
-        if self.tasks.get(&task).map(|t| t.state) != Some(TaskState::Running) {
-            return Err(CommandError::InvalidAgent(format!(
-                "task {task} reported health before it reported running"
-            )));
-        }
-        if !healthy {
-            self.agents.endpoints.remove(&task);
-            return Ok(Vec::new());
-        }
-        if address.is_empty()
-            || address.len() > ENDPOINT_ADDRESS_BYTES_MAX
-            || !address.bytes().all(|b| b.is_ascii_graphic())
+        if healthy
+            && (address.is_empty()
+                || address.len() > ENDPOINT_ADDRESS_BYTES_MAX
+                || !address.bytes().all(|b| b.is_ascii_graphic()))
         {
             return Err(CommandError::InvalidAgent(format!(
                 "endpoint address of task {task} must be 1..={ENDPOINT_ADDRESS_BYTES_MAX} visible ASCII characters"
             )));
+        }
+        // One executor's reports commit concurrently, so its health report may overtake the
+        // start it implies: the executor checks an instance only once it has started it.
+        let mut stopped = Vec::new();
+        if self.tasks.get(&task).is_some_and(|t| t.state == TaskState::Assigned) {
+            self.set_state(task, TaskState::Running);
+            let now = self.now_unix_ms;
+            if let Some(t) = self.tasks.get_mut(&task) {
+                t.started_unix_ms = Some(now);
+            }
+            stopped.extend(self.agent_task_started(task));
+        }
+        if !healthy {
+            self.agents.endpoints.remove(&task);
+            return Ok(stopped);
         }
         let since = match self.agents.endpoints.get(&task) {
             Some(e) if e.address == address => e.healthy_since_unix_ms,
@@ -313,7 +320,10 @@ impl StateMachine {
             .endpoints
             .insert(task, Endpoint { address: address.to_owned(), healthy_since_unix_ms: since });
         let checked = self.agents.agents.get(&key).is_some_and(|a| a.spec.health.is_some());
-        Ok(if checked { self.instance_healthy(task) } else { Vec::new() })
+        if checked {
+            stopped.extend(self.instance_healthy(task));
+        }
+        Ok(stopped)
     }
 
     /// An instance's new task is healthy: during a rolling update, the old task of its instance

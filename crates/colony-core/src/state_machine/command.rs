@@ -152,6 +152,14 @@ pub enum Command {
     /// applied at once; any other change rolls the instances onto it one at a time, each new
     /// instance healthy before the old one stops).
     RunAgent(AgentSpec),
+    /// A messaging command made by a task's attempt (through its executor's local socket):
+    /// applied only while that attempt is the task's current one and holds it, and only within
+    /// the task's namespace, so a superseded attempt can no longer publish, receive or ack.
+    AsAttempt {
+        task: TaskId,
+        token: FencingToken,
+        command: Box<Command>,
+    },
 }
 
 /// One task to one executor, evicting strictly lower-priority attempts there first.
@@ -375,6 +383,10 @@ pub enum CommandError {
     InvalidAgent(String),
     #[error("agent {0} does not exist")]
     UnknownAgent(String),
+    #[error("attempt of task {task} with token {token} is not the task's current attempt: it was superseded or has ended")]
+    StaleAttempt { task: TaskId, token: FencingToken },
+    #[error("an attempt may {0}")]
+    NotForAttempts(String),
 }
 
 impl From<SpecError> for CommandError {

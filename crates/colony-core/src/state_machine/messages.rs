@@ -1,10 +1,39 @@
 //! Messaging commands: publish, receive, ack, and topic creation and deletion, applied at the
-//! proposal's time. The rules live in `crate::messaging`; this file only routes to them.
+//! proposal's time, and the same made by a task's attempt (`as_attempt`, fenced by its token).
+//! The rules live in `crate::messaging`; this file only routes to them.
 
-use super::{CommandError, Outcome, StateMachine};
+use super::{holds_resources, Command, CommandError, Outcome, StateMachine};
+use crate::ids::{FencingToken, TaskId};
 use crate::messaging::{DeliveryRef, Messaging, PublishSpec, ReceiveSpec, TopicKey, TopicPolicy};
 
 impl StateMachine {
+    /// A messaging command of a task's current attempt, within the task's namespace.
+    pub(super) fn as_attempt(
+        &mut self,
+        task: TaskId,
+        token: FencingToken,
+        command: &Command,
+    ) -> Result<Outcome, CommandError> {
+        let t = self.task(task)?;
+        if t.fencing_token != Some(token) || !holds_resources(t.state) {
+            return Err(CommandError::StaleAttempt { task, token });
+        }
+        let namespace = t.spec.namespace.clone();
+        let topic = match command {
+            Command::Publish(spec) => &spec.topic,
+            Command::Receive(spec) => &spec.topic,
+            Command::Ack { topic, .. } => topic,
+            _ => return Err(CommandError::NotForAttempts("only publish, receive and ack".into())),
+        };
+        if topic.namespace != namespace {
+            return Err(CommandError::NotForAttempts(format!(
+                "use only its task's namespace {namespace:?}, not {:?}",
+                topic.namespace
+            )));
+        }
+        self.apply(command)
+    }
+
     pub(super) fn publish(&mut self, spec: &PublishSpec) -> Result<Outcome, CommandError> {
         Ok(Outcome::Published(self.messaging.publish(spec, self.now_unix_ms)?))
     }

@@ -258,6 +258,7 @@ impl StateMachine {
             Command::DeleteTopic { topic } => self.delete_topic(topic),
             Command::RunAgent(spec) => self.run_agent(spec),
             Command::RunAgentV5(spec) => self.run_agent(&spec.clone().into()),
+            Command::AsAttempt { task, token, command } => self.as_attempt(*task, *token, command),
             Command::ScaleAgent { agent, replicas } => self.scale_agent(agent, *replicas),
             Command::StopAgent { agent } => self.stop_agent(agent),
         }

@@ -9,6 +9,7 @@ use crate::builtin;
 use crate::dial::{self, describe, Backoff, RoundEnd, Step, Stream};
 use crate::health::{self, HealthChange, PortLease, Ports};
 use crate::journal::Journal;
+use crate::local::LocalApi;
 use crate::metrics::Metrics;
 use crate::runner::{self, ProcessRun};
 use crate::sandbox::Sandbox;
@@ -76,8 +77,8 @@ pub(crate) struct Profile {
 /// How assigned attempts are carried out.
 #[derive(Clone)]
 pub(crate) enum Launcher {
-    /// For real: processes, in `sandbox`, and built-in handlers.
-    Run { sandbox: Arc<Sandbox> },
+    /// For real: processes, in `sandbox`, each with its local endpoint, and built-in handlers.
+    Run { sandbox: Arc<Sandbox>, local: Option<LocalApi> },
     /// For the benchmarks: note the assignment, hold the resources as long as `behaviour` says,
     /// succeed with the peak memory it says.
     Simulate {
@@ -98,7 +99,7 @@ impl Launcher {
     ) -> AttemptResult {
         let timeout = spec.timeout_ms.map(Duration::from_millis);
         match (self, &spec.run) {
-            (Launcher::Run { sandbox }, RunSpec::Process { program, args, env }) => {
+            (Launcher::Run { sandbox, local }, RunSpec::Process { program, args, env }) => {
                 let run = ProcessRun {
                     attempt,
                     program,
@@ -111,6 +112,7 @@ impl Launcher {
                     sandbox: &sandbox,
                     io,
                     port,
+                    local: local.as_ref().map(|api| (api, spec.namespace.as_str())),
                 };
                 runner::run(run, kill).await
             }
@@ -660,7 +662,7 @@ impl State {
         };
         let port = lease.as_ref().map(|l| l.port);
         let (dir, run_as) = match &self.launcher {
-            Launcher::Run { sandbox } => {
+            Launcher::Run { sandbox, .. } => {
                 (runner::work_dir(&sandbox.work_root, attempt), sandbox.run_as.clone())
             }
             Launcher::Simulate { .. } => (std::env::temp_dir(), None),

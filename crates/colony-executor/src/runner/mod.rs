@@ -6,6 +6,7 @@
 
 use crate::attempt::{Attempt, AttemptResult, KillSignal, Outcome};
 use crate::cgroup::AttemptGroup;
+use crate::local::LocalApi;
 use crate::sandbox::{Sandbox, TASK_PATH};
 use crate::step_io::{self, StepIo};
 use nix::sys::signal::{killpg, Signal};
@@ -50,6 +51,8 @@ pub(crate) struct ProcessRun<'a> {
     pub io: &'a StepIo,
     /// The port leased to it (an agent instance that asked for one), in `COLONY_PORT`.
     pub port: Option<u16>,
+    /// Serves its local endpoint (`COLONY_AGENT_SOCKET`), for its task's namespace.
+    pub local: Option<(&'a LocalApi, &'a str)>,
 }
 
 /// `WORK/TASK-ATTEMPT`: where an attempt runs.
@@ -82,7 +85,19 @@ pub(crate) async fn run(run: ProcessRun<'_>, kill: KillSignal) -> AttemptResult 
     if let Err(e) = step_io::prepare(&dir, run.io, |path| run.sandbox.own(path)) {
         return AttemptResult::failed(e);
     }
-    let mut result = run_in(&run, &dir, started, kill).await;
+    // Without its endpoint the attempt still runs; only messaging from inside it is unavailable.
+    let endpoint = run.local.and_then(|(api, namespace)| {
+        match api.serve(&dir, run.attempt, namespace, run.sandbox.run_as.as_ref()) {
+            Ok(endpoint) => Some(endpoint),
+            Err(e) => {
+                tracing::warn!(task = %run.attempt.task_id, error = %e, "the attempt runs without its local endpoint");
+                None
+            }
+        }
+    });
+    let socket = endpoint.as_ref().map(|e| e.path.clone());
+    let mut result = run_in(&run, &dir, socket.as_deref(), started, kill).await;
+    drop(endpoint);
     if result.outcome == Outcome::Succeeded {
         let owner = run.sandbox.run_as.as_ref().map(|user| user.uid);
         match step_io::collect(&dir, &run.io.declared, owner) {
@@ -191,6 +206,7 @@ enum Ending {
 async fn run_in(
     run: &ProcessRun<'_>,
     dir: &Path,
+    socket: Option<&Path>,
     started: std::time::Instant,
     mut kill: KillSignal,
 ) -> AttemptResult {
@@ -238,6 +254,9 @@ async fn run_in(
     }
     if let Some(port) = run.port {
         command.env("COLONY_PORT", port.to_string());
+    }
+    if let Some(socket) = socket {
+        command.env("COLONY_AGENT_SOCKET", socket);
     }
     if let Some(user) = &sandbox.run_as {
         command.uid(user.uid).gid(user.gid);

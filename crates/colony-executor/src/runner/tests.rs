@@ -39,6 +39,7 @@ async fn run_sh(
         sandbox: &sandbox,
         io: &StepIo::default(),
         port: None,
+        local: None,
     };
     run(spec, kill).await
 }
@@ -173,6 +174,7 @@ async fn missing_program_fails_with_a_message() {
         sandbox: &sandbox,
         io: &StepIo::default(),
         port: None,
+        local: None,
     };
     let result = run(spec, kill_rx).await;
     assert_eq!(result.outcome, Outcome::Failed);
@@ -234,6 +236,7 @@ async fn run_contained(
         sandbox,
         io: &StepIo::default(),
         port: None,
+        local: None,
     };
     run(spec, kill).await
 }
@@ -346,6 +349,7 @@ async fn a_step_reads_its_inputs_and_its_outputs_come_back() {
         sandbox: &sandbox,
         io: &io,
         port: None,
+        local: None,
     };
     let result = run(spec, kill_rx).await;
     assert_eq!(result.outcome, Outcome::Succeeded, "{}: {}", result.message, result.stderr_tail);
@@ -375,6 +379,7 @@ async fn a_step_that_skips_a_declared_output_fails_saying_which() {
         sandbox: &sandbox,
         io: &io,
         port: None,
+        local: None,
     };
     let result = run(spec, kill_rx).await;
     assert_eq!(result.outcome, Outcome::Failed);

@@ -4,7 +4,7 @@
 
 use crate::node::Node;
 use crate::tls::ConnInfo;
-use colony_core::{Grant, Permission, Role};
+use colony_core::{Command, ExecutorId, FencingToken, Grant, Permission, Role, TaskId, TaskState};
 use colony_quic::{CertRole, Token};
 use std::net::SocketAddr;
 use tonic::metadata::MetadataMap;
@@ -16,6 +16,9 @@ pub const CALLER: &str = "x-colony-caller";
 pub const REQUEST_ID: &str = "x-colony-request-id";
 /// Set by a forwarding server: the address the request came from.
 pub const SOURCE: &str = "x-colony-source";
+/// Set by an executor calling for one of its attempts (its local socket): `TASK.TOKEN`. Trusted
+/// only on a connection with that executor's certificate, and only while the attempt is current.
+pub const ATTEMPT: &str = "x-colony-attempt";
 /// The W3C trace context of a call (`traceparent`), carried on when it is forwarded.
 pub const TRACEPARENT: &str = "traceparent";
 const BEARER: &str = "Bearer ";
@@ -26,8 +29,22 @@ const AUTHORIZATION_BYTES_MAX: usize = 512;
 #[derive(Clone, Debug)]
 pub enum Principal {
     Anonymous,
-    Token { accessor: String, grant: Grant },
-    Certificate { holder: CertRole, grant: Grant },
+    Token {
+        accessor: String,
+        grant: Grant,
+    },
+    Certificate {
+        holder: CertRole,
+        grant: Grant,
+    },
+    /// A task's attempt, through its executor: a submitter in the task's namespace, whose
+    /// messaging commands are fenced by its token (see `Command::AsAttempt`).
+    Attempt {
+        executor: u64,
+        task: TaskId,
+        token: FencingToken,
+        grant: Grant,
+    },
 }
 
 /// Who is calling, from where, under which request id.
@@ -47,7 +64,9 @@ impl Caller {
     pub fn grant(&self) -> Option<&Grant> {
         match &self.principal {
             Principal::Anonymous => None,
-            Principal::Token { grant, .. } | Principal::Certificate { grant, .. } => Some(grant),
+            Principal::Token { grant, .. }
+            | Principal::Certificate { grant, .. }
+            | Principal::Attempt { grant, .. } => Some(grant),
         }
     }
 
@@ -96,6 +115,9 @@ impl Caller {
             Principal::Anonymous => "anonymous".to_owned(),
             Principal::Token { accessor, .. } => format!("token {accessor}"),
             Principal::Certificate { holder, .. } => format!("cert {holder}"),
+            Principal::Attempt { executor, task, token, .. } => {
+                format!("attempt {executor} {}.{}", task.0, token.0)
+            }
         }
     }
 
@@ -109,7 +131,26 @@ impl Caller {
     pub fn certificate(&self) -> Option<String> {
         match &self.principal {
             Principal::Certificate { holder, .. } => Some(holder.to_string()),
+            Principal::Attempt { executor, task, token, .. } => {
+                Some(format!("executor-{executor} for task {task} (token {token})"))
+            }
             _ => None,
+        }
+    }
+
+    /// The attempt calling, when the caller is one: its commands are wrapped to be fenced.
+    pub fn attempt(&self) -> Option<(TaskId, FencingToken)> {
+        match &self.principal {
+            Principal::Attempt { task, token, .. } => Some((*task, *token)),
+            _ => None,
+        }
+    }
+
+    /// `command` as this caller may make it: an attempt's is applied only while it is current.
+    pub fn fenced(&self, command: Command) -> Command {
+        match self.attempt() {
+            Some((task, token)) => Command::AsAttempt { task, token, command: Box::new(command) },
+            None => command,
         }
     }
 }
@@ -165,6 +206,21 @@ pub fn authenticate(
             let peer = source.or(peer);
             return Ok(Caller { peer, principal, request_id, forwarded: true, traceparent });
         }
+    }
+    if let (Some(CertRole::Executor(executor)), Some(attempt)) =
+        (conn.and_then(|c| c.peer), metadata.get(ATTEMPT))
+    {
+        let attempt = attempt
+            .to_str()
+            .map_err(|_| Status::invalid_argument("the attempt header is not text"))?;
+        let principal = attempt_principal(node, executor, attempt)?;
+        return Ok(Caller {
+            peer,
+            principal,
+            request_id: new_request_id(),
+            forwarded: false,
+            traceparent,
+        });
     }
     let principal = match metadata.get("authorization") {
         Some(value) => token_principal(node, value.as_bytes())?,
@@ -227,9 +283,43 @@ fn forwarded_principal(node: &Node, forwarded: &str) -> Result<Principal, Status
                 .map_err(|()| Status::invalid_argument("malformed forwarded caller"))?;
             Principal::Certificate { holder, grant: certificate_grant(holder) }
         }
+        Some(("attempt", rest)) => {
+            let (executor, attempt) = rest
+                .split_once(' ')
+                .ok_or_else(|| Status::invalid_argument("malformed forwarded caller"))?;
+            let executor = executor
+                .parse()
+                .map_err(|_| Status::invalid_argument("malformed forwarded caller"))?;
+            attempt_principal(node, executor, attempt)?
+        }
         _ if forwarded == "anonymous" => Principal::Anonymous,
         _ => return Err(Status::invalid_argument("malformed forwarded caller")),
     })
+}
+
+/// The attempt `TASK.TOKEN` of `executor`, if it is that task's current attempt there (checked
+/// again, at commit, for everything it writes).
+fn attempt_principal(node: &Node, executor: u64, attempt: &str) -> Result<Principal, Status> {
+    let malformed = || Status::invalid_argument("the attempt header must be TASK.TOKEN");
+    let (task, token) = attempt.split_once('.').ok_or_else(malformed)?;
+    let task = TaskId(task.parse().map_err(|_| malformed())?);
+    let token = FencingToken(token.parse().map_err(|_| malformed())?);
+    let state = node.state();
+    let current = state.machine.get_task(task).filter(|t| {
+        t.executor == Some(ExecutorId(executor))
+            && t.fencing_token == Some(token)
+            && matches!(t.state, TaskState::Assigned | TaskState::Running)
+    });
+    let Some(current) = current else {
+        return Err(Status::permission_denied(format!(
+            "attempt of task {task} with token {token} is not current on executor {executor}: it was superseded or has ended"
+        )));
+    };
+    let grant = Grant {
+        role: Role::Submitter,
+        namespaces: Some(std::iter::once(current.spec.namespace.clone()).collect()),
+    };
+    Ok(Principal::Attempt { executor, task, token, grant })
 }
 
 /// A request id unique to this server's life: a random prefix drawn once, then a counter.

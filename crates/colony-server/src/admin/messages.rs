@@ -56,7 +56,7 @@ impl AdminService {
             reply_to: non_empty(request.reply_to),
             correlation_id: non_empty(request.correlation_id),
         };
-        match self.propose(Command::Publish(spec)).await? {
+        match self.propose(caller.fenced(Command::Publish(spec))).await? {
             Outcome::Published(p) => {
                 Ok(pb::PublishResponse { seq: p.seq, existing: p.existing, dropped: p.dropped })
             }
@@ -104,7 +104,7 @@ impl AdminService {
             };
             let last = tokio::time::Instant::now() >= until;
             if ready || last {
-                match self.propose(Command::Receive(spec.clone())).await? {
+                match self.propose(caller.fenced(Command::Receive(spec.clone()))).await? {
                     Outcome::Received(r)
                         if !r.messages.is_empty() || !r.dead_lettered.is_empty() || last =>
                     {
@@ -157,7 +157,7 @@ impl AdminService {
             .map(|d| DeliveryRef { seq: d.seq, delivery: d.delivery })
             .collect();
         let command = Command::Ack { topic, consumer: request.consumer, deliveries };
-        match self.propose(command).await? {
+        match self.propose(caller.fenced(command)).await? {
             Outcome::Acked(a) => Ok(pb::AckResponse {
                 acked: a.acked,
                 refused: a
@@ -215,7 +215,7 @@ impl AdminService {
         })
         .await?;
         let result = self
-            .await_reply(spec, &mailbox, &id, started + Duration::from_millis(timeout_ms))
+            .await_reply(&caller, spec, &mailbox, &id, started + Duration::from_millis(timeout_ms))
             .await;
         // The mailbox is private to this request: gone once it has its answer (or gave up).
         // Should this fail, retention removes it at `delete_after`.
@@ -225,13 +225,14 @@ impl AdminService {
 
     async fn await_reply(
         &self,
+        caller: &Caller,
         spec: PublishSpec,
         mailbox: &TopicKey,
         correlation_id: &str,
         until: tokio::time::Instant,
     ) -> Result<pb::RequestResponse, Status> {
         let target = spec.topic.to_string();
-        let request_seq = match self.propose(Command::Publish(spec)).await? {
+        let request_seq = match self.propose(caller.fenced(Command::Publish(spec))).await? {
             Outcome::Published(p) => p.seq,
             other => return Err(Status::internal(format!("publish produced {other:?}"))),
         };

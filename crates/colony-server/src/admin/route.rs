@@ -444,6 +444,9 @@ pub fn rejected(error: CommandError) -> Status {
         CommandError::AdmissionRaced { .. } => Status::aborted(error.to_string()),
         CommandError::InvalidAgent(_) => Status::invalid_argument(error.to_string()),
         CommandError::UnknownAgent(_) => Status::not_found(error.to_string()),
+        CommandError::StaleAttempt { .. } | CommandError::NotForAttempts(_) => {
+            Status::permission_denied(error.to_string())
+        }
         CommandError::Message(e) => match e {
             MessageError::Invalid { .. } | MessageError::TooLong { .. } => {
                 Status::invalid_argument(e.to_string())
