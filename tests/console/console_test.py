@@ -114,7 +114,9 @@ class Cluster:
             raise Failed(f"ports {busy} are in use: set COLONY_CONSOLE_BASE_PORT to a free range")
         self.out = open(self.dir / "dev.out", "w")
         self.process = subprocess.Popen(
-            [COLONY, "dev", "--dir", str(self.dir / "cluster"), "--base-port", str(BASE_PORT)],
+            [COLONY, "dev", "--dir", str(self.dir / "cluster"), "--base-port", str(BASE_PORT),
+             # Their tasks' ids would move the learner's holdout split (see the agents check).
+             "--no-demo-agents"],
             stdout=self.out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
 

@@ -51,6 +51,10 @@ pub struct DevArgs {
     /// Do not start a learner.
     #[arg(long)]
     no_learner: bool,
+    /// Do not start the demo agents (examples/agents: a requester and two researchers talking
+    /// through their attempts' local sockets).
+    #[arg(long)]
+    no_demo_agents: bool,
     /// Also write the servers' metrics endpoints to this Prometheus file_sd target list
     /// (cluster/prometheus/prometheus.yml reads cluster/prometheus/targets/*.json).
     #[arg(long)]
@@ -217,7 +221,7 @@ pub async fn run(args: DevArgs, global: &GlobalArgs) -> Result<()> {
             eprintln!("\n{name}: stopping the cluster");
             Ok(())
         }
-        result = serve(&mut servers, &mut executors, &dir, restart, global) => result,
+        result = serve(&mut servers, &mut executors, &dir, restart, !args.no_demo_agents, global) => result,
     };
     let stopped_executors = stop(&mut executors).await;
     let stopped = stop(&mut servers).await.and(stopped_executors);
@@ -346,6 +350,7 @@ async fn serve(
     executors: &mut [Server],
     dir: &Path,
     restart: bool,
+    demo_agents: bool,
     global: &GlobalArgs,
 ) -> Result<()> {
     let exe =
@@ -422,9 +427,99 @@ async fn serve(
             ),
         }
     }
+    if demo_agents && executor_count > 0 {
+        println!();
+        run_demo_agents(&client, dir).await?;
+    }
     println!();
     println!("Press Ctrl-C to stop the cluster.");
     watch_children(servers, executors).await
+}
+
+/// The example agents, compiled in: what `colony dev` runs from its directory.
+const DEMO_AGENT_FILES: [(&str, &str); 4] = [
+    ("colony_local.py", include_str!("../../../examples/agents/colony_local.py")),
+    ("responder.py", include_str!("../../../examples/agents/responder.py")),
+    ("requester.py", include_str!("../../../examples/agents/requester.py")),
+    ("admin.proto", include_str!("../../../proto/colony/v1/admin.proto")),
+];
+
+/// Runs examples/agents in namespace `demo`: two researchers answering requests and a requester
+/// asking them, every call through their attempts' local sockets. Needs grpcio where every user
+/// reads it (`COLONY_PYTHONPATH`, set by cluster/setup.sh); without it, says so and runs none.
+async fn run_demo_agents(client: &Client, dir: &Path) -> Result<()> {
+    let pythonpath =
+        std::env::var("COLONY_PYTHONPATH").unwrap_or_else(|_| "/opt/colony/python".to_owned());
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools"])
+        .env("PYTHONPATH", &pythonpath)
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        println!(
+            "Demo agents NOT started: grpcio and grpcio-tools are not in {pythonpath} (cluster/dev.sh installs them; --no-demo-agents hides this)."
+        );
+        return Ok(());
+    }
+    let agents_dir = dir.join("agents");
+    std::fs::create_dir_all(&agents_dir)
+        .with_context(|| format!("cannot create {}", agents_dir.display()))?;
+    // The agents run as nobody: they read their scripts from here.
+    for path in [dir, agents_dir.as_path()] {
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .with_context(|| format!("cannot open {} to the agents' user", path.display()))?;
+    }
+    for (name, text) in DEMO_AGENT_FILES {
+        let path = agents_dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let env = |extra: &[(&str, &str)]| {
+        let mut env: std::collections::HashMap<String, String> = [
+            ("PYTHONPATH".to_owned(), pythonpath.clone()),
+            ("COLONY_PROTO".to_owned(), agents_dir.join("admin.proto").display().to_string()),
+        ]
+        .into_iter()
+        .collect();
+        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        env
+    };
+    let script = |name: &str| agents_dir.join(name).display().to_string();
+    for (name, replicas, program, env) in [
+        ("researcher", 2, script("responder.py"), env(&[])),
+        ("requester", 1, script("requester.py"), env(&[("PAUSE_S", "5")])),
+    ] {
+        let spec = pb::AgentSpec {
+            name: name.to_owned(),
+            namespace: "demo".to_owned(),
+            task: Some(pb::TaskSpec {
+                resources: Some(pb::Resources {
+                    cpu_millis: 100,
+                    memory_bytes: 256 << 20,
+                    ..Default::default()
+                }),
+                run: Some(pb::task_spec::Run::Process(pb::ProcessRun {
+                    program: "python3".to_owned(),
+                    args: vec![program],
+                    env,
+                })),
+                ..Default::default()
+            }),
+            replicas,
+            restart: "always".to_owned(),
+            ..Default::default()
+        };
+        let request = pb::RunAgentRequest { spec: Some(spec) };
+        client
+            .call("run a demo agent", |mut c| {
+                let request = request.clone();
+                async move { c.run_agent(request).await }
+            })
+            .await?;
+    }
+    println!("Demo agents (examples/agents, namespace demo): 2 researchers answer a requester, every call through their sockets:");
+    println!("  colony agent list --namespace demo");
+    println!("  colony agent endpoints researcher --namespace demo");
+    println!("  colony msg subscribe topics/answers --namespace demo --consumer me");
+    Ok(())
 }
 
 /// Starts a new cluster: server 1 bootstraps, ACLs are bootstrapped through it (the management
@@ -550,6 +645,9 @@ async fn start_executors(
             "--label".into(),
             format!("zone={}", if executor.id % 2 == 1 { "a" } else { "b" }),
         ]);
+        // The executors share this host: each leases its agents' ports from its own range.
+        let low = 20_000 + (executor.id - 1) * 1_000;
+        args.extend(["--ports".into(), format!("{low}-{}", low + 999)]);
         args.push("--data-dir".into());
         args.push(executor.data_dir.display().to_string());
         if !executor.data_dir.join("identity.json").exists() {

@@ -555,11 +555,7 @@ fn an_attempts_messaging_is_fenced_by_its_token_and_namespace() {
         // Another namespace than its task's.
         Command::AsAttempt { task, token, command: publish("other", b"x") },
         // Not a messaging command.
-        Command::AsAttempt {
-            task,
-            token,
-            command: Box::new(Command::StopAgent { agent: key() }),
-        },
+        Command::AsAttempt { task, token, command: Box::new(Command::StopAgent { agent: key() }) },
         // A token that is not the attempt's.
         Command::AsAttempt {
             task,
