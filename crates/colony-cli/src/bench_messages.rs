@@ -72,6 +72,18 @@ pub enum Target {
     Nats,
 }
 
+/// Where Colony's publishers and drainers send their calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendTo {
+    /// Every connection to the leader (found with ClusterStatus at start): a write costs one
+    /// hop, as a producer that writes to its partition's leader.
+    Leader,
+    /// Connections spread over every endpoint: a write that reaches a follower is forwarded to
+    /// the leader, a second gRPC hop.
+    Any,
+}
+
 #[derive(Debug, Args)]
 pub struct MessagesBenchArgs {
     /// Concurrent publishers, comma-separated: one phase per value.
@@ -95,6 +107,10 @@ pub struct MessagesBenchArgs {
     /// and drainers are spread over them round-robin.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     connections: u64,
+    /// Colony: the same number of connections (per endpoint given) all to the leader, or spread
+    /// over the endpoints.
+    #[arg(long, value_enum, default_value_t = SendTo::Leader)]
+    send_to: SendTo,
     /// The topic (Colony), or the subject with `/` as `.` (NATS). It is deleted and created
     /// again for each phase and deleted at the end: name one that holds nothing you need.
     #[arg(long, default_value = "bench/messages")]
@@ -233,6 +249,10 @@ struct Report {
     nats_replicas: Option<u64>,
     payload_bytes: u64,
     connections_per_endpoint: u64,
+    /// Colony: where the publishers' and drainers' connections went; null for NATS.
+    send_to: Option<SendTo>,
+    /// Colony with `leader`: the leader's address at the start.
+    leader: Option<String>,
     warmup_s: f64,
     duration_s: f64,
     drainers: u64,
@@ -248,6 +268,8 @@ enum Backend {
         /// For topic administration: fails over between the servers.
         admin: Client,
         channels: Vec<Channel>,
+        /// With `--send-to leader`, where `channels` go.
+        leader: Option<String>,
         namespace: String,
         topic: String,
     },
@@ -309,18 +331,33 @@ impl Backend {
                 }
                 let auth = global.auth()?;
                 let config = ClientConfig::new(global.timeout);
-                // Round after round over the endpoints, so consecutive publishers land on
-                // different servers; the first round also serves topic administration.
+                // One channel per endpoint for topic administration (fails over between them).
+                let mut named = Vec::new();
+                for addr in &global.endpoint {
+                    named.push((addr.clone(), lazy_channel(addr, &config, &auth)?));
+                }
+                let admin = Client::from_channels(named.clone(), config.clone())?;
+                let leader = match args.send_to {
+                    SendTo::Any => None,
+                    SendTo::Leader => Some(leader_address(&admin).await?),
+                };
+                // The same number of connections either way: round after round over the
+                // endpoints (consecutive publishers land on different servers), or all to the
+                // leader.
                 let mut channels = Vec::new();
                 for _ in 0..args.connections {
-                    for addr in &global.endpoint {
-                        channels.push(lazy_channel(addr, &config, &auth)?);
+                    for (addr, channel) in &named {
+                        channels.push(match &leader {
+                            Some(leader) => lazy_channel(leader, &config, &auth)?,
+                            None if channels.len() < named.len() => channel.clone(),
+                            None => lazy_channel(addr, &config, &auth)?,
+                        });
                     }
                 }
-                let named = global.endpoint.iter().cloned().zip(channels.iter().cloned()).collect();
                 Ok(Backend::Colony {
-                    admin: Client::from_channels(named, config)?,
+                    admin,
                     channels,
+                    leader,
                     namespace: args.namespace.clone(),
                     topic: args.topic.clone(),
                 })
@@ -701,6 +738,22 @@ impl Drainer {
     }
 }
 
+/// The leader's address, as the servers' membership names it.
+async fn leader_address(admin: &Client) -> Result<String> {
+    let status = admin
+        .call("cluster status", |mut c| async move {
+            c.cluster_status(pb::ClusterStatusRequest {}).await
+        })
+        .await?;
+    let leader = status.leader_id.ok_or_else(|| anyhow!("the cluster has no leader yet"))?;
+    status
+        .members
+        .iter()
+        .find(|m| m.id == leader)
+        .map(|m| m.addr.clone())
+        .ok_or_else(|| anyhow!("leader {leader} is not among the members"))
+}
+
 fn check_args(args: &MessagesBenchArgs) -> Result<()> {
     if args.duration.is_zero() {
         bail!("--duration must be greater than zero");
@@ -732,6 +785,11 @@ pub async fn run(args: MessagesBenchArgs, global: &GlobalArgs) -> Result<()> {
         nats_replicas: (args.target == Target::Nats).then_some(args.nats_replicas),
         payload_bytes: args.size,
         connections_per_endpoint: args.connections,
+        send_to: (args.target == Target::Colony).then_some(args.send_to),
+        leader: match &backend {
+            Backend::Colony { leader, .. } => leader.clone(),
+            Backend::Nats { .. } => None,
+        },
         warmup_s: args.warmup.as_secs_f64(),
         duration_s: args.duration.as_secs_f64(),
         drainers: args.drainers,
@@ -981,7 +1039,16 @@ fn print_report(r: &Report) -> Result<()> {
         ("target", target),
         ("endpoints", r.endpoints.join(", ")),
         ("payload", format!("{} bytes", r.payload_bytes)),
-        ("connections", format!("{} per endpoint", r.connections_per_endpoint)),
+        (
+            "connections",
+            match (&r.send_to, &r.leader) {
+                (Some(SendTo::Leader), Some(leader)) => format!(
+                    "{} per endpoint, all to the leader {leader}",
+                    r.connections_per_endpoint
+                ),
+                _ => format!("{} per endpoint", r.connections_per_endpoint),
+            },
+        ),
         ("duration", format!("{}s after {}s warmup, per phase", r.duration_s, r.warmup_s)),
         ("drain", format!("{} drainers, batches of {}, one consumer name", r.drainers, r.batch)),
     ];
