@@ -356,6 +356,9 @@ def run(cluster, workdir):
         expect(agent.locator("[data-test=agent-instance]")).to_have_count(2)
         expect(agent.locator("[data-test=agent-running]")).to_have_text("2 / 2")
         expect(agent.locator("[data-test=agent-replicas]")).to_have_text("2")
+        # Without a health check a running instance is healthy: registered at its executor's host.
+        expect(agent.locator("[data-test=agent-endpoint]").first).to_have_text("127.0.0.1",
+                                                                             timeout=AGENT_TIMEOUT_S * 1000)
         expect(page.locator("[data-test=as-of]")).to_contain_text("from its applied state")
         assert AGENT_COMMAND[0] not in page.inner_text("main"), "the Agents view shows what the agent runs"
         screenshot(page, "agents")

@@ -640,6 +640,8 @@ struct AgentInstance {
     /// Not placed before this time (a restart's backoff).
     not_before_unix_ms: Option<u64>,
     reason: String,
+    /// Where it serves, while its executor says it is healthy (the registry's entry).
+    endpoint: Option<String>,
 }
 
 /// An agent as the console shows it: its instances, and nothing of what they run (no program,
@@ -663,6 +665,7 @@ fn agent_brief(agent: pb::Agent) -> AgentBrief {
             executor_id: (i.executor > 0).then_some(i.executor),
             not_before_unix_ms: (i.not_before_unix_ms > 0).then_some(i.not_before_unix_ms),
             reason: brief(&i.reason),
+            endpoint: (!i.endpoint.is_empty()).then(|| brief(&i.endpoint)),
         })
         .collect();
     AgentBrief {
@@ -866,7 +869,10 @@ mod tests {
             version: 1,
             state: "running".into(),
             instances: vec![
-                instance(0, pb::TaskState::Running, 2, 1),
+                pb::AgentInstance {
+                    endpoint: "10.0.0.7:20001".into(),
+                    ..instance(0, pb::TaskState::Running, 2, 1)
+                },
                 instance(1, pb::TaskState::Pending, 1, 0),
                 instance(2, pb::TaskState::Unspecified, 0, 0),
             ],
@@ -879,6 +885,8 @@ mod tests {
         assert_eq!(states, ["running", "pending", "unknown"]);
         assert_eq!(shown.instances[0].executor_id, Some(1));
         assert_eq!((shown.instances[1].executor_id, shown.instances[1].replacing), (None, None));
+        assert_eq!(shown.instances[0].endpoint.as_deref(), Some("10.0.0.7:20001"));
+        assert_eq!(shown.instances[1].endpoint, None, "only a healthy instance has an endpoint");
         let json = serde_json::to_string(&shown).unwrap_or_default();
         assert!(json.contains(r#""task_id":10"#), "{json}");
         assert!(!json.contains("secret-tool") && !json.contains("hunter2"), "{json}");

@@ -458,13 +458,14 @@ function Agent({ agent: a }) {
     ${a.instances.length === 0
       ? html`<p class="muted small">No instances${a.state === 'stopped' ? ': the agent is stopped' : ''}.</p>`
       : html`<table class="table">
-        <thead><tr><th>Instance</th><th>Task</th><th>State</th><th>Version</th><th>Executor</th><th>Restarts</th><th>Replacing</th><th>Reason</th></tr></thead>
+        <thead><tr><th>Instance</th><th>Task</th><th>State</th><th>Version</th><th>Executor</th><th>Restarts</th><th>Replacing</th><th>Endpoint</th><th>Reason</th></tr></thead>
         <tbody>
           ${a.instances.map((i) => html`<tr data-test="agent-instance" data-index=${i.index} data-state=${i.state}>
             <td title=${'task name ' + a.name + '-' + i.index}>${i.index}</td><td>${i.task_id}</td><td>${stateBadge(i.state)}</td>
             <td>${i.version}${i.version !== a.version ? html` <span class="muted small">(agent at ${a.version})</span>` : ''}</td>
             <td>${i.executor_id == null ? '—' : '#' + i.executor_id}</td><td>${i.restarts}</td>
             <td>${i.replacing == null ? '—' : html`<span class="mono">${i.replacing}</span>`}</td>
+            <td data-test="agent-endpoint" title="healthy, in the registry (colony agent endpoints)">${i.endpoint == null ? '—' : html`<span class="mono">${i.endpoint}</span>`}</td>
             <td class="small reason">${instanceNote(i)}</td>
           </tr>`)}
         </tbody>
