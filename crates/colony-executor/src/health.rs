@@ -8,7 +8,7 @@
 //! stopped at its timeout and counts as failed. An instance without a check is healthy once it
 //! runs.
 
-use crate::sandbox::{RunAs, TASK_PATH};
+use crate::sandbox::{attempt_command, RunAs};
 use colony_core::{FencingToken, HealthCheck, Probe, TaskId};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -170,23 +170,10 @@ async fn run_command(
     target: &Target,
     timeout: Duration,
 ) -> Result<(), String> {
-    let mut command = tokio::process::Command::new(program);
-    command
-        .args(args)
-        .env_clear()
-        .env("PATH", TASK_PATH)
-        .env("HOME", &target.dir)
-        .current_dir(&target.dir)
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
+    let mut command = attempt_command(program, args, &target.dir, target.run_as.as_ref());
+    command.stdout(Stdio::null()).stderr(Stdio::null());
     if let Some(port) = target.port {
         command.env("COLONY_PORT", port.to_string());
-    }
-    if let Some(user) = &target.run_as {
-        command.uid(user.uid).gid(user.gid);
     }
     let mut child = command.spawn().map_err(|e| format!("cannot run {program}: {e}"))?;
     let group = child.id();

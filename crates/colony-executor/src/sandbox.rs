@@ -14,6 +14,31 @@ pub const RUN_AS_DEFAULT: &str = "nobody";
 /// Processes (and threads) one attempt may hold at once, by default.
 pub const TASK_PIDS_MAX_DEFAULT: u64 = 4096;
 
+/// A process of an attempt: `program` with `args`, in `dir` (also its HOME), as `run_as`, with
+/// nothing of the executor's environment but a fixed PATH, in a process group of its own, no
+/// stdin, killed if dropped. The caller adds the rest of its environment and its output.
+pub(crate) fn attempt_command(
+    program: &str,
+    args: &[String],
+    dir: &Path,
+    run_as: Option<&RunAs>,
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", TASK_PATH)
+        .env("HOME", dir)
+        .current_dir(dir)
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Some(user) = run_as {
+        command.uid(user.uid).gid(user.gid);
+    }
+    command
+}
+
 /// The unprivileged user an attempt's processes run as.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunAs {

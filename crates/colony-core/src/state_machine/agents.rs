@@ -300,12 +300,7 @@ impl StateMachine {
         // One executor's reports commit concurrently, so its health report may overtake the
         // start it implies: the executor checks an instance only once it has started it.
         let mut stopped = Vec::new();
-        if self.tasks.get(&task).is_some_and(|t| t.state == TaskState::Assigned) {
-            self.set_state(task, TaskState::Running);
-            let now = self.now_unix_ms;
-            if let Some(t) = self.tasks.get_mut(&task) {
-                t.started_unix_ms = Some(now);
-            }
+        if self.mark_started(task) {
             stopped.extend(self.agent_task_started(task));
         }
         if !healthy {

@@ -121,15 +121,9 @@ impl StateMachine {
         if !current {
             return Err(CommandError::StaleReport { task: id, executor, token });
         }
-        let now = self.now_unix_ms;
         match status {
             AttemptStatus::Started => {
-                if task.state == TaskState::Assigned {
-                    self.set_state(id, TaskState::Running);
-                    if let Some(task) = self.tasks.get_mut(&id) {
-                        task.started_unix_ms = Some(now);
-                    }
-                }
+                self.mark_started(id);
             }
             AttemptStatus::Finished(result) => self.finish_attempt(id, result, &Outputs::new())?,
             AttemptStatus::FinishedWithOutputs(result, outputs) => {
@@ -147,6 +141,19 @@ impl StateMachine {
         }
         stopped.retain(|&t| t != id);
         Ok(Outcome::Reported { task: id, state: self.task(id)?.state, stopped })
+    }
+
+    /// An assigned attempt is running, from now; returns whether it was still assigned.
+    pub(super) fn mark_started(&mut self, id: TaskId) -> bool {
+        if self.tasks.get(&id).map(|t| t.state) != Some(TaskState::Assigned) {
+            return false;
+        }
+        self.set_state(id, TaskState::Running);
+        let now = self.now_unix_ms;
+        if let Some(task) = self.tasks.get_mut(&id) {
+            task.started_unix_ms = Some(now);
+        }
+        true
     }
 
     /// An attempt's end: its texts kept, then success (its outputs checked and kept), a retry,

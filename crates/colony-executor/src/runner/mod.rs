@@ -7,7 +7,7 @@
 use crate::attempt::{Attempt, AttemptResult, KillSignal, Outcome};
 use crate::cgroup::AttemptGroup;
 use crate::local::LocalApi;
-use crate::sandbox::{Sandbox, TASK_PATH};
+use crate::sandbox::{attempt_command, Sandbox};
 use crate::step_io::{self, StepIo};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -20,7 +20,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 /// Bytes kept from the end of each of stdout and stderr.
 pub(crate) const OUTPUT_TAIL_BYTES_MAX: usize = 4096;
@@ -228,14 +228,10 @@ async fn run_in(
             }
         },
     };
-    let mut command = Command::new(run.program);
+    let mut command = attempt_command(run.program, run.args, dir, sandbox.run_as.as_ref());
     // Nothing of the executor's environment: a fixed PATH and HOME, the spec's own variables,
     // then the attempt's, which the spec cannot override.
     command
-        .args(run.args)
-        .env_clear()
-        .env("PATH", TASK_PATH)
-        .env("HOME", dir)
         .envs(run.env)
         .env("COLONY_TASK_ID", attempt.task_id.to_string())
         .env("COLONY_ATTEMPT", attempt.attempt.to_string())
@@ -243,12 +239,8 @@ async fn run_in(
         .env("COLONY_EXECUTOR_ID", attempt.executor_id.to_string())
         .env("COLONY_INPUT_DIR", step_io::input_dir(dir))
         .env("COLONY_OUTPUT_DIR", step_io::output_dir(dir))
-        .current_dir(dir)
-        .process_group(0)
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .stderr(Stdio::piped());
     if let Some(lease) = &gpus {
         command.env("CUDA_VISIBLE_DEVICES", lease.visible_devices());
     }
@@ -257,9 +249,6 @@ async fn run_in(
     }
     if let Some(socket) = socket {
         command.env("COLONY_AGENT_SOCKET", socket);
-    }
-    if let Some(user) = &sandbox.run_as {
-        command.uid(user.uid).gid(user.gid);
     }
     if let Some(cgroup) = &cgroup {
         cgroup.join_on_exec(&mut command);
