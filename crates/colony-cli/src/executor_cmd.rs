@@ -162,3 +162,17 @@ pub async fn run(args: ExecutorArgs, global: &crate::GlobalArgs) -> Result<()> {
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_port_range;
+
+    #[test]
+    fn port_ranges_are_checked() {
+        assert_eq!(parse_port_range("20000-29999"), Ok(20_000..=29_999));
+        assert_eq!(parse_port_range("7-7"), Ok(7..=7));
+        for bad in ["", "20000", "0-10", "10-5", "1-65536", "a-b", "-", "20000-29999-1"] {
+            assert!(parse_port_range(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+}

@@ -395,6 +395,18 @@ fn healthy_instances_are_registered_and_leave_when_unhealthy_ended_or_lost() {
     c.health(tasks[1], 2, t1, true).unwrap();
     assert_eq!(c.registered(tasks[0]).as_deref(), Some("10.0.0.1:20000"));
     assert_eq!(c.registered(tasks[1]).as_deref(), Some("10.0.0.2:20000"));
+    // An address that is no address is refused and changes nothing.
+    let before = c.sm.clone();
+    for address in ["", "10.0.0.1 :80", "\u{7f}", &"a".repeat(300)] {
+        let bad = c.apply(Command::Report {
+            executor: ExecutorId(1),
+            task: tasks[0],
+            token: t0,
+            status: AttemptStatus::Health { healthy: true, address: address.to_owned() },
+        });
+        assert!(matches!(bad, Err(CommandError::InvalidAgent(_))), "{address:?}: {bad:?}");
+    }
+    assert_eq!(c.sm, before);
     // A stale token's word is refused.
     assert!(c.health(tasks[0], 1, FencingToken(t0.0 + 100), false).is_err());
     // Unhealthy: out of the registry, still running.
