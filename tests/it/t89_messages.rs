@@ -3,6 +3,8 @@
 //! redelivery, never after its ack was confirmed. Through the `colony` CLI as a user drives it:
 //! broadcast and competing consumers, dead letters after bounded redeliveries, request-response
 //! with `msg serve`, a request nobody answers, and bad input refused with nothing stored.
+//! PublishBatch answers each message on its own, and `colony_client::Publisher` gathers
+//! concurrent publishes into few such calls.
 
 use colony_proto::pb;
 use colony_tests::{client, colony_bin, wait_for, Cluster};
@@ -331,5 +333,131 @@ async fn broadcast_competing_dead_letters_and_request_response_through_the_cli(
         ["urgent", "raft", "paxos"],
         "a refused publish stored something"
     );
+    Ok(())
+}
+
+fn publish(topic: &str, payload: Vec<u8>, priority: u32) -> pb::PublishRequest {
+    pb::PublishRequest { topic: topic.to_owned(), payload, priority, ..Default::default() }
+}
+
+/// The messages each topic of the default namespace holds, by name.
+async fn stored(addr: &str) -> anyhow::Result<BTreeMap<String, u64>> {
+    let request = pb::ListTopicsRequest { namespace: "default".into(), ..Default::default() };
+    let topics = client(addr).await?.list_topics(request).await?.into_inner().topics;
+    Ok(topics.into_iter().map(|t| (t.name, t.messages)).collect())
+}
+
+/// How many PublishBatch calls the servers' audit trails record (a forwarded call is recorded by
+/// the leader that served it).
+fn batch_calls(cluster: &Cluster) -> anyhow::Result<usize> {
+    let mut calls = 0;
+    for server in &cluster.servers {
+        let trail = std::fs::read_to_string(server.data_dir.join("audit/audit.jsonl"))?;
+        calls +=
+            trail.lines().filter(|l| l.contains(r#""rpc":"PublishBatch","outcome":"ok""#)).count();
+    }
+    Ok(calls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_batch_answers_each_message_and_a_publisher_gathers_concurrent_publishes(
+) -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, 500).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let addr = cluster.servers[leader].addr.clone();
+    let mut admin = client(&addr).await?;
+
+    // Each message is answered as its own Publish would be, in order; a refused one refuses
+    // nothing else.
+    let batch = pb::PublishBatchRequest {
+        messages: vec![
+            publish("batch/a", b"first".to_vec(), 0),
+            publish("batch/a", vec![b'x'; 70_000], 0),
+            publish("batch/a", b"bad priority".to_vec(), 10),
+            publish("batch/b", b"elsewhere".to_vec(), 3),
+            publish("batch/a", b"second".to_vec(), 9),
+        ],
+    };
+    let results = admin.publish_batch(batch).await?.into_inner().results;
+    let answers: Vec<Result<u64, i32>> = results
+        .iter()
+        .map(|r| match &r.result {
+            Some(pb::publish_result::Result::Published(p)) => Ok(p.seq),
+            Some(pb::publish_result::Result::Error(e)) => Err(e.code),
+            None => Err(-1),
+        })
+        .collect();
+    let invalid = tonic::Code::InvalidArgument as i32;
+    assert_eq!(answers, vec![Ok(1), Err(invalid), Err(invalid), Ok(1), Ok(2)], "{results:?}");
+    let expected: BTreeMap<String, u64> = [("batch/a".into(), 2), ("batch/b".into(), 1)].into();
+    assert_eq!(stored(&addr).await?, expected);
+
+    // A batch that is empty or too long is refused whole, and stores nothing.
+    for count in [0, 1001] {
+        let messages = (0..count).map(|i| publish("batch/a", vec![i as u8], 0)).collect();
+        let refused = admin.publish_batch(pb::PublishBatchRequest { messages }).await;
+        let code = refused.as_ref().err().map(|s| s.code());
+        assert_eq!(code, Some(tonic::Code::InvalidArgument), "a batch of {count}: {refused:?}");
+    }
+    assert_eq!(stored(&addr).await?, expected);
+    let calls_before = batch_calls(&cluster)?;
+
+    // Through a follower: 50 publishers, 20 messages each, every one waiting for its answer.
+    let follower = cluster.servers[(leader + 1) % cluster.servers.len()].addr.clone();
+    let publisher = colony_client::Publisher::spawn(client(&follower).await?, Default::default());
+    let mut tasks = Vec::new();
+    for p in 0..50 {
+        let publisher = publisher.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for m in 0..20 {
+                let payload = format!("{p}-{m}").into_bytes();
+                seqs.push(publisher.publish(publish("batch/many", payload, 0)).await?.seq);
+            }
+            anyhow::Ok(seqs)
+        }));
+    }
+    let mut all = BTreeSet::new();
+    for task in tasks {
+        let seqs = task.await??;
+        // One publisher's messages keep their order.
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "out of order: {seqs:?}");
+        all.extend(seqs);
+    }
+    assert_eq!(all, (1..=1000).collect::<BTreeSet<u64>>(), "each message its own seq");
+    assert_eq!(stored(&addr).await?.get("batch/many"), Some(&1000));
+    let calls = batch_calls(&cluster)? - calls_before;
+    assert!(calls < 500, "1,000 publishes took {calls} PublishBatch calls: they were not gathered");
+    println!("1,000 concurrent publishes through a follower took {calls} PublishBatch calls");
+
+    // `msg publish --lines`: each line its own message; an oversized line is refused alone.
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("lines.txt");
+    let mut text: String = (1..=1500).map(|i| format!("line-{i}\n")).collect();
+    text += &format!("\n{}\n", "x".repeat(70_000));
+    text += &(1501..=2500).map(|i| format!("line-{i}\n")).collect::<String>();
+    std::fs::write(&file, text)?;
+    let source = format!("@{}", file.display());
+    let out =
+        cluster.cli(&["--output", "json", "msg", "publish", "batch/lines", &source, "--lines"]);
+    assert!(!out.status.success(), "a refused line must fail the command");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["published"], 2500, "{report}");
+    assert_eq!((&report["first_seq"], &report["last_seq"]), (&1.into(), &2500.into()));
+    assert_eq!(report["refused"][0]["line"], 1502, "{report}");
+    assert_eq!(report["refused"].as_array().map(Vec::len), Some(1), "{report}");
+    assert_eq!(stored(&addr).await?.get("batch/lines"), Some(&2500));
+    let first = cluster.cli_ok(&[
+        "--output",
+        "json",
+        "msg",
+        "subscribe",
+        "batch/lines",
+        "--consumer",
+        "c",
+        "--count",
+        "2",
+    ]);
+    assert_eq!(payloads(&first), ["line-1", "line-2"]);
     Ok(())
 }

@@ -4,8 +4,10 @@
 //! Each `--publishers` value is a phase. A phase starts from an empty topic (Colony) or stream
 //! (JetStream: `--nats-replicas` replicas, file storage, and, like a Colony topic, refusing new
 //! messages when full), runs that many publishers in a closed loop, each sending its next message
-//! when the last is acknowledged (Colony: the Publish RPC answered, which happens once the message
-//! is committed on a majority; JetStream: the publish ack), then drains what the phase stored:
+//! when the last is acknowledged (Colony: its answer, given once the message is committed on a
+//! majority, from a Publish call or, with `--calls batched`, the default, from the PublishBatch
+//! call its connection's `colony_client::Publisher` gathered it into; JetStream: the publish
+//! ack), then drains what the phase stored:
 //! `--drainers` consumers sharing one consumer name each take a batch and acknowledge all of it
 //! before asking for the next (Colony: a Receive and an Ack, both committed through Raft;
 //! JetStream: a durable pull consumer with explicit acks, each one a double ack, which waits for
@@ -22,7 +24,7 @@ use async_nats::jetstream::stream::{DiscardPolicy, StorageType};
 use async_nats::jetstream::ErrorCode;
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
-use colony_client::{lazy_channel, Channel, Client, ClientConfig, ClientError};
+use colony_client::{lazy_channel, Channel, Client, ClientConfig, ClientError, PublisherConfig};
 use colony_proto::pb;
 use colony_proto::pb::admin_client::AdminClient;
 use futures::StreamExt as _;
@@ -72,6 +74,18 @@ pub enum Target {
     Nats,
 }
 
+/// How Colony's publishers make their calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Calls {
+    /// Through a `colony_client::Publisher` per connection, which gathers the publishes waiting
+    /// on it into PublishBatch calls (each message still answered on its own once committed), as
+    /// a NATS client's publishes share its connection's writes.
+    Batched,
+    /// One Publish call per message.
+    Single,
+}
+
 /// Where Colony's publishers and drainers send their calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -111,6 +125,9 @@ pub struct MessagesBenchArgs {
     /// over the endpoints.
     #[arg(long, value_enum, default_value_t = SendTo::Leader)]
     send_to: SendTo,
+    /// Colony: publishes gathered into batch calls per connection, or one call each.
+    #[arg(long, value_enum, default_value_t = Calls::Batched)]
+    calls: Calls,
     /// The topic (Colony), or the subject with `/` as `.` (NATS). It is deleted and created
     /// again for each phase and deleted at the end: name one that holds nothing you need.
     #[arg(long, default_value = "bench/messages")]
@@ -253,6 +270,8 @@ struct Report {
     send_to: Option<SendTo>,
     /// Colony with `leader`: the leader's address at the start.
     leader: Option<String>,
+    /// Colony: how publishes were called; null for NATS.
+    calls: Option<Calls>,
     warmup_s: f64,
     duration_s: f64,
     drainers: u64,
@@ -268,6 +287,8 @@ enum Backend {
         /// For topic administration: fails over between the servers.
         admin: Client,
         channels: Vec<Channel>,
+        /// With `--calls batched`, one per channel.
+        batchers: Vec<colony_client::Publisher>,
         /// With `--send-to leader`, where `channels` go.
         leader: Option<String>,
         namespace: String,
@@ -285,6 +306,7 @@ enum Backend {
 /// One publisher's connection and what it sends.
 enum Publisher {
     Colony { client: AdminClient<Channel>, request: pb::PublishRequest },
+    ColonyBatched { publisher: colony_client::Publisher, request: pb::PublishRequest },
     Nats { context: jetstream::Context, subject: async_nats::Subject, payload: Bytes },
 }
 
@@ -354,9 +376,22 @@ impl Backend {
                         });
                     }
                 }
+                let batchers = match args.calls {
+                    Calls::Batched => channels
+                        .iter()
+                        .map(|channel| {
+                            colony_client::Publisher::spawn(
+                                AdminClient::new(channel.clone()),
+                                PublisherConfig::default(),
+                            )
+                        })
+                        .collect(),
+                    Calls::Single => Vec::new(),
+                };
                 Ok(Backend::Colony {
                     admin,
                     channels,
+                    batchers,
                     leader,
                     namespace: args.namespace.clone(),
                     topic: args.topic.clone(),
@@ -492,15 +527,24 @@ impl Backend {
 
     fn publisher(&self, i: u64, payload: &Bytes) -> Publisher {
         match self {
-            Backend::Colony { channels, namespace, topic, .. } => Publisher::Colony {
-                client: AdminClient::new(channels[index(i, channels.len())].clone()),
-                request: pb::PublishRequest {
+            Backend::Colony { channels, batchers, namespace, topic, .. } => {
+                let request = pb::PublishRequest {
                     namespace: namespace.clone(),
                     topic: topic.clone(),
                     payload: payload.to_vec(),
                     ..Default::default()
-                },
-            },
+                };
+                match batchers.is_empty() {
+                    true => Publisher::Colony {
+                        client: AdminClient::new(channels[index(i, channels.len())].clone()),
+                        request,
+                    },
+                    false => Publisher::ColonyBatched {
+                        publisher: batchers[index(i, batchers.len())].clone(),
+                        request,
+                    },
+                }
+            }
             Backend::Nats { contexts, subject, .. } => Publisher::Nats {
                 context: contexts[index(i, contexts.len())].clone(),
                 subject: subject.clone(),
@@ -604,16 +648,26 @@ impl Backend {
     }
 }
 
+/// A Colony publish's answer, or the time it ran out of.
+fn colony_answer<T>(
+    answered: Result<Result<T, tonic::Status>, tokio::time::error::Elapsed>,
+) -> Result<(), Failure> {
+    match answered {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) => Err(Failure::status("", &status)),
+        Err(_) => Err(Failure::timeout("")),
+    }
+}
+
 impl Publisher {
     /// Publishes one message and waits for its acknowledgement.
     async fn publish(&mut self) -> Result<(), Failure> {
         match self {
             Publisher::Colony { client, request } => {
-                match timeout(REQUEST_TIMEOUT, client.publish(request.clone())).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(status)) => Err(Failure::status("", &status)),
-                    Err(_) => Err(Failure::timeout("")),
-                }
+                colony_answer(timeout(REQUEST_TIMEOUT, client.publish(request.clone())).await)
+            }
+            Publisher::ColonyBatched { publisher, request } => {
+                colony_answer(timeout(REQUEST_TIMEOUT, publisher.publish(request.clone())).await)
             }
             Publisher::Nats { context, subject, payload } => {
                 let publish =
@@ -790,6 +844,7 @@ pub async fn run(args: MessagesBenchArgs, global: &GlobalArgs) -> Result<()> {
             Backend::Colony { leader, .. } => leader.clone(),
             Backend::Nats { .. } => None,
         },
+        calls: (args.target == Target::Colony).then_some(args.calls),
         warmup_s: args.warmup.as_secs_f64(),
         duration_s: args.duration.as_secs_f64(),
         drainers: args.drainers,
@@ -1047,6 +1102,16 @@ fn print_report(r: &Report) -> Result<()> {
                     r.connections_per_endpoint
                 ),
                 _ => format!("{} per endpoint", r.connections_per_endpoint),
+            },
+        ),
+        (
+            "publish calls",
+            match r.calls {
+                Some(Calls::Batched) => {
+                    "gathered into PublishBatch calls per connection, each message answered once committed".to_owned()
+                }
+                Some(Calls::Single) => "one Publish call per message".to_owned(),
+                None => "NATS client publishes, each acknowledged".to_owned(),
             },
         ),
         ("duration", format!("{}s after {}s warmup, per phase", r.duration_s, r.warmup_s)),

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use colony_client::{Client, ClientConfig};
 use colony_proto::pb;
 use serde::Serialize;
-use std::io::{Read as _, Write as _};
+use std::io::{BufRead as _, Read as _, Write as _};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,12 @@ use std::time::{Duration, Instant};
 pub enum MsgCommand {
     /// Publish a message; prints its sequence number once a majority stored it.
     ///
+    /// With --lines, each line of the input is its own message (empty lines are skipped), sent
+    /// 1,000 to a PublishBatch call; each line is refused or stored on its own, and the command
+    /// fails if any was refused.
+    ///
     /// Example: colony msg publish topics/papers '{"title": "Raft"}' --priority 5
+    ///          colony msg publish topics/papers @papers.jsonl --lines
     Publish(PublishArgs),
     /// Receive messages as a named consumer, print them and acknowledge them.
     ///
@@ -61,8 +66,11 @@ pub struct PublishArgs {
     priority: u32,
     /// A publish with a key the topic still holds is stored once. Without one, a random key is
     /// used, so the command's own retries never store the message twice.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "lines")]
     key: Option<String>,
+    /// Each line of the payload (`-` or `@FILE`) is a message, with a key of its own.
+    #[arg(long)]
+    lines: bool,
     /// For an answer: the mailbox it goes to, and the request's correlation id.
     #[arg(long)]
     reply_to: Option<String>,
@@ -298,6 +306,9 @@ pub async fn run(command: MsgCommand, global: &GlobalArgs) -> Result<()> {
 }
 
 async fn publish(args: PublishArgs, global: &GlobalArgs) -> Result<()> {
+    if args.lines {
+        return publish_lines(args, global).await;
+    }
     let payload = read_payload(&args.payload)?;
     let client = global.client()?;
     let request = pb::PublishRequest {
@@ -322,6 +333,207 @@ async fn publish(args: PublishArgs, global: &GlobalArgs) -> Result<()> {
             "existing": response.existing,
             "dropped": response.dropped,
         })),
+    }
+}
+
+/// Lines sent in one PublishBatch call (the server takes at most 1,000).
+const LINES_PER_CALL: usize = 1000;
+
+/// One line the servers refused.
+#[derive(Serialize)]
+struct RefusedLine {
+    line: u64,
+    code: String,
+    message: String,
+}
+
+#[derive(Serialize, Default)]
+struct LinesPublished {
+    topic: String,
+    /// Lines stored (or already stored under their key by an earlier try).
+    published: u64,
+    first_seq: Option<u64>,
+    last_seq: Option<u64>,
+    /// Older messages the topic dropped to make room (a `drop-oldest` topic).
+    dropped: u64,
+    refused: Vec<RefusedLine>,
+}
+
+/// `publish --lines`: the input read a line at a time (each bounded like a message), sent in
+/// batches with a key per line, so a batch retried through another server stores nothing twice.
+async fn publish_lines(args: PublishArgs, global: &GlobalArgs) -> Result<()> {
+    let input: Box<dyn std::io::BufRead> = match args.payload.as_str() {
+        "-" => Box::new(std::io::stdin().lock()),
+        arg => match arg.strip_prefix('@') {
+            Some(path) => Box::new(std::io::BufReader::new(
+                std::fs::File::open(path).with_context(|| format!("opening {path}"))?,
+            )),
+            None => bail!("--lines reads its messages from `-` (stdin) or `@FILE`"),
+        },
+    };
+    let client = global.client()?;
+    let key_prefix = hex::encode(rand::random::<[u8; 8]>());
+    let bar = indicatif::ProgressBar::new_spinner().with_style(
+        indicatif::ProgressStyle::with_template("{spinner} {pos} lines published to {msg}")
+            .context("bad progress template")?,
+    );
+    bar.set_message(args.topic.clone());
+    let mut report = LinesPublished { topic: args.topic.clone(), ..Default::default() };
+    let limit = colony_core::MessageLimits::default().payload_bytes_max as u64;
+    let mut lines = LineReader::new(input, limit);
+    loop {
+        let mut batch = Vec::new();
+        let mut numbers = Vec::new();
+        while batch.len() < LINES_PER_CALL {
+            let (number, payload) = match lines.next_line()? {
+                None => break,
+                Some(Line::Message(number, payload)) => (number, payload),
+                Some(Line::TooLong(line)) => {
+                    report.refused.push(RefusedLine {
+                        line,
+                        code: format!("{:?}", tonic::Code::InvalidArgument),
+                        message: format!("the line is over the {limit} byte message limit"),
+                    });
+                    continue;
+                }
+            };
+            batch.push(pb::PublishRequest {
+                namespace: args.namespace.namespace.clone(),
+                topic: args.topic.clone(),
+                payload,
+                priority: args.priority,
+                idempotency_key: format!("{key_prefix}-{number}"),
+                reply_to: args.reply_to.clone().unwrap_or_default(),
+                correlation_id: args.correlation_id.clone().unwrap_or_default(),
+            });
+            numbers.push(number);
+        }
+        if batch.is_empty() {
+            break;
+        }
+        let request = pb::PublishBatchRequest { messages: batch };
+        let results = client
+            .call("publish batch", |mut c| {
+                let request = request.clone();
+                async move { c.publish_batch(request).await }
+            })
+            .await?
+            .results;
+        if results.len() != numbers.len() {
+            bail!("the server answered {} results for {} lines", results.len(), numbers.len());
+        }
+        for (line, result) in numbers.into_iter().zip(results) {
+            match result.result {
+                Some(pb::publish_result::Result::Published(p)) => {
+                    report.published += 1;
+                    report.first_seq.get_or_insert(p.seq);
+                    report.last_seq = Some(p.seq);
+                    report.dropped += p.dropped;
+                }
+                Some(pb::publish_result::Result::Error(e)) => report.refused.push(RefusedLine {
+                    line,
+                    code: format!("{:?}", tonic::Code::from_i32(e.code)),
+                    message: e.message,
+                }),
+                None => bail!("the server answered line {line} with no result"),
+            }
+        }
+        bar.set_position(report.published);
+    }
+    bar.finish_and_clear();
+    match global.output {
+        OutputFormat::Json => output::print_json(&report)?,
+        OutputFormat::Table => {
+            for refused in &report.refused {
+                eprintln!("line {}: refused ({}): {}", refused.line, refused.code, refused.message);
+            }
+            let seqs = match (report.first_seq, report.last_seq) {
+                (Some(first), Some(last)) => format!(", seq {first} to {last}"),
+                _ => String::new(),
+            };
+            output::out(format!(
+                "{} lines published to {}{seqs}; {} refused",
+                report.published,
+                report.topic,
+                report.refused.len()
+            ))?;
+        }
+    }
+    if !report.refused.is_empty() {
+        bail!("{} of the lines were refused", report.refused.len());
+    }
+    Ok(())
+}
+
+/// One line of `publish --lines` input.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    Message(u64, Vec<u8>),
+    /// Over the message limit: skipped, never held whole.
+    TooLong(u64),
+}
+
+/// Reads lines one at a time, each bounded by the message limit before it is held whole.
+struct LineReader<R> {
+    input: R,
+    number: u64,
+    limit: u64,
+}
+
+impl<R: std::io::BufRead> LineReader<R> {
+    fn new(input: R, limit: u64) -> LineReader<R> {
+        LineReader { input, number: 0, limit }
+    }
+
+    /// The next non-empty line (without its line ending) with its number, from 1.
+    fn next_line(&mut self) -> Result<Option<Line>> {
+        loop {
+            let mut line = Vec::new();
+            // The limit, a byte more and the newline: enough to tell an oversized line.
+            let read = (&mut self.input)
+                .take(self.limit + 2)
+                .read_until(b'\n', &mut line)
+                .context("reading the input")?;
+            if read == 0 {
+                return Ok(None);
+            }
+            self.number += 1;
+            let ended = line.last() == Some(&b'\n');
+            if ended {
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+            }
+            if line.len() as u64 > self.limit {
+                if !ended {
+                    self.skip_rest_of_line()?;
+                }
+                return Ok(Some(Line::TooLong(self.number)));
+            }
+            if !line.is_empty() {
+                return Ok(Some(Line::Message(self.number, line)));
+            }
+        }
+    }
+
+    fn skip_rest_of_line(&mut self) -> Result<()> {
+        loop {
+            let buffer = self.input.fill_buf().context("reading the input")?;
+            if buffer.is_empty() {
+                return Ok(());
+            }
+            match buffer.iter().position(|b| *b == b'\n') {
+                Some(at) => {
+                    self.input.consume(at + 1);
+                    return Ok(());
+                }
+                None => {
+                    let len = buffer.len();
+                    self.input.consume(len);
+                }
+            }
+        }
     }
 }
 
@@ -677,4 +889,51 @@ async fn create_topic(args: CreateTopicArgs, global: &GlobalArgs) -> Result<()> 
         true => format!("created {}", args.topic),
         false => format!("{} existed; its policy is updated", args.topic),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(input: &[u8], limit: u64) -> Vec<Line> {
+        let mut reader = LineReader::new(std::io::BufReader::with_capacity(4, input), limit);
+        let mut lines = Vec::new();
+        loop {
+            match reader.next_line() {
+                Ok(Some(line)) => lines.push(line),
+                Ok(None) => return lines,
+                Err(e) => panic!("reading from memory failed: {e:#}"),
+            }
+        }
+    }
+
+    #[test]
+    fn lines_are_numbered_and_empty_ones_skipped() {
+        let lines = read_all(b"one\r\n\ntwo\nthree", 8);
+        let expected = vec![
+            Line::Message(1, b"one".to_vec()),
+            Line::Message(3, b"two".to_vec()),
+            Line::Message(4, b"three".to_vec()),
+        ];
+        assert_eq!(lines, expected);
+    }
+
+    #[test]
+    fn an_oversized_line_is_refused_alone_and_reading_goes_on() {
+        let lines = read_all(b"12345678\n123456789\nok\n123456789012345678901234567890", 8);
+        let expected = vec![
+            Line::Message(1, b"12345678".to_vec()),
+            Line::TooLong(2),
+            Line::Message(3, b"ok".to_vec()),
+            Line::TooLong(4),
+        ];
+        assert_eq!(lines, expected);
+        // Far longer than the limit, then more lines.
+        let mut input = vec![b'x'; 100];
+        input.extend_from_slice(b"\nafter\n");
+        assert_eq!(
+            read_all(&input, 8),
+            vec![Line::TooLong(1), Line::Message(2, b"after".to_vec())]
+        );
+    }
 }

@@ -10,9 +10,11 @@
 //! ([`Auth`]): a token, which also pins the cluster CA, or a certificate from the cluster CA.
 
 mod auth;
+pub mod publisher;
 pub mod serve;
 
 pub use auth::{Auth, AuthError, Channel};
+pub use publisher::{Publisher, PublisherConfig};
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,7 +1,7 @@
 //! Each process attempt's local endpoint: a Unix socket in its working directory
 //! (`$COLONY_AGENT_SOCKET`) that speaks the admin gRPC API's messaging and discovery calls
-//! (Publish, Receive, Ack, Request, ListTopics, ResolveAgent) with no credentials of the task's
-//! own. The executor makes each call to the servers with its own certificate, naming the attempt
+//! (Publish, PublishBatch, Receive, Ack, Request, ListTopics, ResolveAgent) with no credentials
+//! of the task's own. The executor makes each call to the servers with its own certificate, naming the attempt
 //! (`x-colony-attempt: TASK.TOKEN`): the servers treat it as a submitter in the task's namespace
 //! while the attempt is current, and fence what it writes by its token at commit, so a superseded
 //! attempt can no longer publish, receive or ack. Every other call is refused here.
@@ -120,7 +120,7 @@ struct AttemptAdmin {
 
 fn not_here(rpc: &str) -> Status {
     Status::permission_denied(format!(
-        "{rpc} is not available through an attempt's local endpoint: it serves Publish, Receive, Ack, Request, ListTopics and ResolveAgent"
+        "{rpc} is not available through an attempt's local endpoint: it serves Publish, PublishBatch, Receive, Ack, Request, ListTopics and ResolveAgent"
     ))
 }
 
@@ -177,6 +177,14 @@ macro_rules! namespaced {
     )*};
 }
 
+impl Namespaced for pb::PublishBatchRequest {
+    fn default_namespace(&mut self, namespace: &str) {
+        for message in &mut self.messages {
+            message.default_namespace(namespace);
+        }
+    }
+}
+
 namespaced!(
     pb::PublishRequest,
     pb::ReceiveRequest,
@@ -198,6 +206,14 @@ impl Admin for AttemptAdmin {
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
         self.forward("publish", request, |mut c, r| async move { c.publish(r).await }).await
+    }
+
+    async fn publish_batch(
+        &self,
+        request: Request<pb::PublishBatchRequest>,
+    ) -> Result<Response<pb::PublishBatchResponse>, Status> {
+        self.forward("publish batch", request, |mut c, r| async move { c.publish_batch(r).await })
+            .await
     }
 
     async fn receive(

@@ -184,6 +184,17 @@ impl Node {
         Ok(outcome)
     }
 
+    /// Proposes `commands` in this order (they commit in this order), and for each one
+    /// committed lets the leader component act on its outcome, as [`Node::propose`] does.
+    pub async fn propose_all(&self, commands: Vec<Command>) -> Vec<Result<Outcome, ProposeError>> {
+        let results = self.proposer.propose_all(commands).await;
+        for outcome in results.iter().flatten() {
+            let effects = self.committed(outcome);
+            self.perform(effects).await;
+        }
+        results
+    }
+
     /// Performs what the leader component handed back: proposals (one at a time, in order, each
     /// outcome fed back in) and scheduler wake-ups. A proposal that fails is logged: the
     /// component decides again on its next input.

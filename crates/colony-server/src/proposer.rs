@@ -1,11 +1,14 @@
 //! Batches client commands into Raft entries: many submissions, one log append, one fsync, one
 //! replication round. Up to `in_flight_max` entries are proposed concurrently so the next batch
-//! gathers while the previous one commits.
+//! gathers while the previous one commits. Entries reach Raft in the order their commands were
+//! proposed (each is handed to Raft before the next batch forms), so commands proposed one after
+//! another by one caller commit in that order.
 
 use crate::metrics::Metrics;
 use colony_core::{Command, CommandError, Outcome, Proposal};
 use colony_store::TypeConfig;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::ClientWriteError;
+use openraft::raft::ClientWriteResponse;
 use openraft::Raft;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -94,6 +97,32 @@ impl Proposer {
             .map_err(|_| ProposeError::Raft("server is shutting down".into()))?;
         rx.await.map_err(|_| ProposeError::Raft("server is shutting down".into()))?
     }
+
+    /// Proposes `commands` in this order (so they commit in this order) and waits for each
+    /// one's result, given in the same order.
+    pub async fn propose_all(&self, commands: Vec<Command>) -> Vec<Result<Outcome, ProposeError>> {
+        let shutting_down = || ProposeError::Raft("server is shutting down".into());
+        let mut answers = Vec::with_capacity(commands.len());
+        for command in commands {
+            if self.stopped.load(Ordering::SeqCst) {
+                answers.push(Err(ProposeError::NotLeader));
+                continue;
+            }
+            let (reply, rx) = oneshot::channel();
+            match self.tx.send(Pending { command, reply }).await {
+                Ok(()) => answers.push(Ok(rx)),
+                Err(_) => answers.push(Err(shutting_down())),
+            }
+        }
+        let mut results = Vec::with_capacity(answers.len());
+        for answer in answers {
+            results.push(match answer {
+                Ok(rx) => rx.await.unwrap_or_else(|_| Err(shutting_down())),
+                Err(e) => Err(e),
+            });
+        }
+        results
+    }
 }
 
 /// An entry's commands stop growing at this many encoded bytes (one larger command still goes,
@@ -161,23 +190,38 @@ async fn batch_loop(
             }
             continue;
         }
-        let (raft, metrics) = (raft.clone(), metrics.clone());
+        let now_unix_ms = colony_process::unix_ms();
+        let (commands, replies): (Vec<Command>, Vec<_>) =
+            batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+        metrics.raft_proposal_commands.observe(commands.len() as f64);
+        let started = Instant::now();
+        // Handed to Raft here, before the next batch forms: entries keep the proposal order.
+        let sent = raft.client_write_ff(Proposal { now_unix_ms, commands }).await;
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            propose_batch(&raft, batch, &metrics).await;
+            let written = match sent {
+                Ok(answer) => match answer.await {
+                    Ok(Ok(response)) => Ok(response),
+                    Ok(Err(ClientWriteError::ForwardToLeader(_))) => Err(ProposeError::NotLeader),
+                    Ok(Err(other)) => Err(ProposeError::Raft(other.to_string())),
+                    Err(_) => Err(ProposeError::Raft("raft stopped before answering".into())),
+                },
+                Err(fatal) => Err(ProposeError::Raft(fatal.to_string())),
+            };
+            metrics.raft_proposal_seconds.observe(started.elapsed().as_secs_f64());
+            answer_batch(written, replies, &metrics);
             drop(permit);
         });
     }
 }
 
-async fn propose_batch(raft: &Raft<TypeConfig>, batch: Vec<Pending>, metrics: &Metrics) {
-    let now_unix_ms = colony_process::unix_ms();
-    let (commands, replies): (Vec<Command>, Vec<_>) =
-        batch.into_iter().map(|p| (p.command, p.reply)).unzip();
-    let count = commands.len();
-    metrics.raft_proposal_commands.observe(count as f64);
-    let started = Instant::now();
-    let written = raft.client_write(Proposal { now_unix_ms, commands }).await;
-    metrics.raft_proposal_seconds.observe(started.elapsed().as_secs_f64());
+/// Gives each command of a batch its result, or the batch's failure.
+fn answer_batch(
+    written: Result<ClientWriteResponse<TypeConfig>, ProposeError>,
+    replies: Vec<oneshot::Sender<Result<Outcome, ProposeError>>>,
+    metrics: &Metrics,
+) {
+    let count = replies.len();
     if written.is_err() {
         metrics.raft_proposals_failed.inc();
     }
@@ -195,12 +239,6 @@ async fn propose_batch(raft: &Raft<TypeConfig>, batch: Vec<Pending>, metrics: &M
             }
         }
         Err(error) => {
-            let error = match error {
-                RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
-                    ProposeError::NotLeader
-                }
-                other => ProposeError::Raft(other.to_string()),
-            };
             for reply in replies {
                 let _ = reply.send(Err(error.clone()));
             }

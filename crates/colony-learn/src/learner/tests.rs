@@ -173,6 +173,12 @@ impl pb::admin_server::Admin for FakeAdmin {
     async fn publish(&self, _: tonic::Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
         Err(Status::unimplemented("fake"))
     }
+    async fn publish_batch(
+        &self,
+        _: tonic::Request<pb::PublishBatchRequest>,
+    ) -> Reply<pb::PublishBatchResponse> {
+        Err(Status::unimplemented("fake"))
+    }
     async fn receive(&self, _: tonic::Request<pb::ReceiveRequest>) -> Reply<pb::ReceiveResponse> {
         Err(Status::unimplemented("fake"))
     }

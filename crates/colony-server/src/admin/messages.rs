@@ -4,7 +4,7 @@
 //! `TaskRead`.
 
 use super::auth::Caller;
-use super::AdminService;
+use super::{route, AdminService};
 use colony_core::{
     Command, DeliveryRef, Outcome, Permission, PublishSpec, ReceiveSpec, TopicKey, TopicPolicy,
 };
@@ -26,6 +26,9 @@ const REPLY_PREFIX: &str = "replies/";
 /// How often a waiting call looks again when nothing it can observe changes (a safety net; it
 /// wakes on every applied entry).
 const WAIT_TICK: Duration = Duration::from_millis(200);
+/// The most messages one PublishBatch carries (its bytes are bounded by the server's 4 MiB
+/// message limit).
+pub const PUBLISH_BATCH_MESSAGES_MAX: usize = 1000;
 const PAGE_SIZE_DEFAULT: usize = 100;
 const PAGE_SIZE_MAX: usize = 1000;
 
@@ -40,28 +43,83 @@ fn priority(value: u32) -> Result<u8, Status> {
         .ok_or_else(|| Status::invalid_argument(format!("priority {value} is outside 0..=9")))
 }
 
+/// The command a Publish asks for, once the caller may and the request is well formed.
+fn publish_command(caller: &Caller, request: pb::PublishRequest) -> Result<Command, Status> {
+    let topic = topic_key(&request.namespace, &request.topic);
+    caller.require(Permission::TaskSubmit, Some(&topic.namespace))?;
+    let spec = PublishSpec {
+        topic,
+        priority: priority(request.priority)?,
+        payload: request.payload,
+        idempotency_key: non_empty(request.idempotency_key),
+        reply_to: non_empty(request.reply_to),
+        correlation_id: non_empty(request.correlation_id),
+    };
+    Ok(caller.fenced(Command::Publish(spec)))
+}
+
+fn published(outcome: Outcome) -> Result<pb::PublishResponse, Status> {
+    match outcome {
+        Outcome::Published(p) => {
+            Ok(pb::PublishResponse { seq: p.seq, existing: p.existing, dropped: p.dropped })
+        }
+        other => Err(Status::internal(format!("publish produced {other:?}"))),
+    }
+}
+
 impl AdminService {
     pub(super) async fn publish_here(
         &self,
         caller: Caller,
         request: pb::PublishRequest,
     ) -> Result<pb::PublishResponse, Status> {
-        let topic = topic_key(&request.namespace, &request.topic);
-        caller.require(Permission::TaskSubmit, Some(&topic.namespace))?;
-        let spec = PublishSpec {
-            topic,
-            priority: priority(request.priority)?,
-            payload: request.payload,
-            idempotency_key: non_empty(request.idempotency_key),
-            reply_to: non_empty(request.reply_to),
-            correlation_id: non_empty(request.correlation_id),
-        };
-        match self.propose(caller.fenced(Command::Publish(spec))).await? {
-            Outcome::Published(p) => {
-                Ok(pb::PublishResponse { seq: p.seq, existing: p.existing, dropped: p.dropped })
-            }
-            other => Err(Status::internal(format!("publish produced {other:?}"))),
+        let command = publish_command(&caller, request)?;
+        published(self.propose(command).await?)
+    }
+
+    /// Each message as its own Publish would be: checked, committed and answered alone. They
+    /// are proposed in request order, so they share Raft entries and keep that order in a topic.
+    pub(super) async fn publish_batch_here(
+        &self,
+        caller: Caller,
+        request: pb::PublishBatchRequest,
+    ) -> Result<pb::PublishBatchResponse, Status> {
+        let count = request.messages.len();
+        if count == 0 {
+            return Err(Status::invalid_argument("a batch needs at least one message"));
         }
+        if count > PUBLISH_BATCH_MESSAGES_MAX {
+            return Err(Status::invalid_argument(format!(
+                "a batch holds at most {PUBLISH_BATCH_MESSAGES_MAX} messages; this one has {count}"
+            )));
+        }
+        // Each message's check; the well-formed ones' commands go to Raft, in order.
+        let mut commands = Vec::with_capacity(count);
+        let checked: Vec<Result<(), Status>> = request
+            .messages
+            .into_iter()
+            .map(|m| publish_command(&caller, m).map(|command| commands.push(command)))
+            .collect();
+        let mut outcomes = self.node.propose_all(commands).await.into_iter();
+        let results = checked
+            .into_iter()
+            .map(|checked| {
+                let answer = checked.and_then(|()| match outcomes.next() {
+                    Some(outcome) => published(outcome.map_err(route::propose_failed)?),
+                    None => Err(Status::internal("a proposed message got no outcome")),
+                });
+                pb::PublishResult {
+                    result: Some(match answer {
+                        Ok(published) => pb::publish_result::Result::Published(published),
+                        Err(status) => pb::publish_result::Result::Error(pb::PublishError {
+                            code: status.code() as i32,
+                            message: status.message().to_owned(),
+                        }),
+                    }),
+                }
+            })
+            .collect();
+        Ok(pb::PublishBatchResponse { results })
     }
 
     pub(super) async fn receive_here(

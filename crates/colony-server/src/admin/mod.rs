@@ -164,6 +164,20 @@ impl Admin for AdminService {
         .await
     }
 
+    async fn publish_batch(
+        &self,
+        request: Request<pb::PublishBatchRequest>,
+    ) -> Result<Response<pb::PublishBatchResponse>, Status> {
+        let rpc = Rpc::new("PublishBatch", Serve::Leader, Permission::TaskSubmit);
+        self.serve(
+            rpc,
+            request,
+            |mut c, r| async move { c.publish_batch(r).await },
+            |caller, r| self.publish_batch_here(caller, r),
+        )
+        .await
+    }
+
     async fn receive(
         &self,
         request: Request<pb::ReceiveRequest>,

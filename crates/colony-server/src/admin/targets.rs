@@ -202,6 +202,26 @@ topic_targeted!(
     pb::DeleteTopicRequest,
 );
 
+/// A batch's namespace when its messages share one; its target counts messages and topics.
+impl Target for pb::PublishBatchRequest {
+    fn namespace(&self) -> Option<String> {
+        let mut namespaces = self
+            .messages
+            .iter()
+            .map(|m| colony_proto::messaging::namespace_or_default(&m.namespace));
+        let first = namespaces.next()?;
+        namespaces.all(|n| n == first).then_some(first)
+    }
+
+    fn target(&self) -> Option<String> {
+        let first = &self.messages.first()?.topic;
+        Some(match self.messages.iter().all(|m| &m.topic == first) {
+            true => format!("{} messages to topic {first:?}", self.messages.len()),
+            false => format!("{} messages to several topics", self.messages.len()),
+        })
+    }
+}
+
 impl Target for pb::ReceiveRequest {
     fn namespace(&self) -> Option<String> {
         Some(colony_proto::messaging::namespace_or_default(&self.namespace))
