@@ -128,6 +128,9 @@ pub struct MessagesBenchArgs {
     /// Colony: publishes gathered into batch calls per connection, or one call each.
     #[arg(long, value_enum, default_value_t = Calls::Batched)]
     calls: Calls,
+    /// Colony with `--calls batched`: PublishBatch calls in flight per connection.
+    #[arg(long, default_value_t = PublisherConfig::default().calls_in_flight_max as u64, value_parser = clap::value_parser!(u64).range(1..=64))]
+    calls_in_flight: u64,
     /// The topic (Colony), or the subject with `/` as `.` (NATS). It is deleted and created
     /// again for each phase and deleted at the end: name one that holds nothing you need.
     #[arg(long, default_value = "bench/messages")]
@@ -382,7 +385,10 @@ impl Backend {
                         .map(|channel| {
                             colony_client::Publisher::spawn(
                                 AdminClient::new(channel.clone()),
-                                PublisherConfig::default(),
+                                PublisherConfig {
+                                    calls_in_flight_max: args.calls_in_flight as usize,
+                                    ..PublisherConfig::default()
+                                },
                             )
                         })
                         .collect(),
