@@ -3,7 +3,8 @@
 //! examples/agents (a requester and two responders) talks through it on a real cluster; an
 //! attempt may use only its own namespace and the messaging and discovery calls; and once its
 //! attempt is superseded (here: stopped, while it still runs its SIGTERM handler) its socket's
-//! publish is refused and nothing it sent then is stored.
+//! publish is refused and nothing it sent then is stored. A PublishBatch through the socket is
+//! fenced and namespaced message by message, and a request over the socket's 1 MiB is refused.
 
 use colony_tests::{wait_for, Cluster};
 use std::os::unix::fs::PermissionsExt as _;
@@ -49,7 +50,19 @@ def attempt(label, call):
         return label + "=OK"
     except grpc.RpcError as error:
         return label + "=" + error.code().name
+def batch():
+    messages = [pb.PublishRequest(topic="topics/batched", payload=b"mine"),
+                pb.PublishRequest(namespace="other", topic="t", payload=b"x")]
+    reply = admin.PublishBatch(pb.PublishBatchRequest(messages=messages), timeout=20)
+    return ",".join(r.WhichOneof("result") if r.WhichOneof("result") == "published"
+                    else "error" + str(r.error.code) for r in reply.results)
+try:
+    batched = "batch=" + batch()
+except grpc.RpcError as error:
+    batched = "batch=" + error.code().name
 lines = [
+    batched,
+    attempt("oversized", lambda: admin.Publish(pb.PublishRequest(topic="topics/held", payload=b"x" * (2 << 20)), timeout=20)),
     attempt("publish", lambda: admin.Publish(pb.PublishRequest(topic="topics/held", payload=b"live"), timeout=20)),
     attempt("other_namespace", lambda: admin.Publish(pb.PublishRequest(namespace="other", topic="t", payload=b"x"), timeout=20)),
     attempt("submit", lambda: admin.SubmitTask(pb.SubmitTaskRequest(), timeout=20)),
@@ -198,9 +211,14 @@ async fn attempts_talk_through_their_socket_and_a_superseded_one_is_refused() ->
     ]);
     let first = wait_for("the holder's first calls", LONG, || async {
         let text = read(&out);
-        Ok((text.lines().count() >= 4).then_some(text))
+        Ok((text.lines().count() >= 6).then_some(text))
     })
     .await?;
+    // A batch is fenced and namespaced message by message: its own namespace's is stored, the
+    // other's refused (7: PERMISSION_DENIED) on its own.
+    assert!(first.contains("batch=published,error7"), "{first}");
+    // The socket bounds a request (1 MiB) before decoding it (tonic says OUT_OF_RANGE).
+    assert!(first.contains("oversized=OUT_OF_RANGE"), "{first}");
     assert!(first.contains("publish=OK"), "{first}");
     assert!(first.contains("other_namespace=PERMISSION_DENIED"), "{first}");
     assert!(first.contains("submit=PERMISSION_DENIED"), "{first}");
