@@ -49,6 +49,12 @@ pub struct SoakBenchArgs {
     /// The servers' --task-retention: short, so that retention removes tasks during the run.
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     task_retention: Duration,
+    /// The servers' --snapshot-logs. The soak shortens retention from days to minutes, so the
+    /// state it keeps is small beside the log a default interval (20,000 entries, five minutes
+    /// here) lets grow between snapshots; this interval keeps their proportion that of a real
+    /// cluster, where the kept state dwarfs the log.
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u64).range(1..))]
+    snapshot_logs: u64,
     /// Simulated executors, each offering 16 CPUs and 32 GiB (160 of the soak's tasks).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1000))]
     executors: u64,
@@ -62,7 +68,8 @@ pub struct SoakBenchArgs {
     #[arg(long, default_value_t = 17801)]
     base_port: u16,
     /// A flag for every server (repeatable), e.g. `--server-arg=--finished-tasks-max=100000`;
-    /// not one the soak sets itself (--task-retention, --audit-file-max, --audit-files-kept).
+    /// not one the soak sets itself (--task-retention, --snapshot-logs, --audit-file-max,
+    /// --audit-files-kept).
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     server_args: Vec<String>,
 }
@@ -135,6 +142,7 @@ pub async fn run(args: SoakBenchArgs, global: &GlobalArgs) -> Result<()> {
     // small files keep each rotation's step small beside the rest of the data directory.
     let mut server_args = vec![
         format!("--task-retention={}", humantime::format_duration(args.task_retention)),
+        format!("--snapshot-logs={}", args.snapshot_logs),
         "--audit-file-max=4Mi".to_owned(),
         "--audit-files-kept=2".to_owned(),
     ];

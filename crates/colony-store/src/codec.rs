@@ -67,6 +67,53 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
     Ok(frame)
 }
 
+/// The length of `value`'s body (its frame is [`HEADER_LEN`] bytes longer), counted without
+/// encoding it into memory.
+pub fn body_len<T: Serialize + ?Sized>(value: &T) -> Result<usize, CodecError> {
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(value, &mut size, bincode::config::standard())?;
+    Ok(size.bytes_written)
+}
+
+/// Encodes `value`'s body into `out` as it goes, never holding it whole, and returns a hasher
+/// over the bytes written: the frame's checksum (`finalize`) and a part of any checksum over it
+/// (`crc32fast::Hasher::combine`). The caller writes the header, which comes first but depends
+/// on the checksum known only at the end.
+pub fn write_body<T: Serialize + ?Sized>(
+    out: &mut impl std::io::Write,
+    value: &T,
+) -> Result<(usize, crc32fast::Hasher), CodecError> {
+    let mut hashing = Hashing { out, crc: crc32fast::Hasher::new(), written: 0 };
+    bincode::serde::encode_into_std_write(value, &mut hashing, bincode::config::standard())?;
+    Ok((hashing.written, hashing.crc))
+}
+
+/// A frame's header for a body whose checksum is `crc`.
+pub fn header(crc: u32) -> [u8; HEADER_LEN] {
+    let crc = crc.to_le_bytes();
+    [FORMAT_VERSION, crc[0], crc[1], crc[2], crc[3]]
+}
+
+/// A writer that checksums and counts what passes through it.
+struct Hashing<'a, W> {
+    out: &'a mut W,
+    crc: crc32fast::Hasher,
+    written: usize,
+}
+
+impl<W: std::io::Write> std::io::Write for Hashing<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.crc.update(&buf[..n]);
+        self.written += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
 /// Writes one frame whose body is `parts` one after another, without joining them in memory:
 /// the bytes `encode` would give for a value that encodes as those parts.
 pub fn write_frame(out: &mut impl std::io::Write, parts: &[&[u8]]) -> std::io::Result<()> {

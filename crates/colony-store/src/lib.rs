@@ -167,9 +167,7 @@ pub fn seed_snapshot(dir: &std::path::Path, applied: &Applied) -> Result<(), Sto
         last_membership: applied.membership.clone(),
         snapshot_id: format!("restored-{}", applied.last_applied.map_or(0, |l| l.index)),
     };
-    let data = codec::encode(applied)
-        .map_err(|source| StoreError::Encode { what: "the restored state".to_owned(), source })?;
-    file.write(&meta, &data)?;
+    file.write_encoded(&meta, applied)?;
     Ok(())
 }
 

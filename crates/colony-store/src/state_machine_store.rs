@@ -6,7 +6,7 @@
 //! the latest snapshot.
 
 use crate::snapshot_file::{Meta, SnapshotFile, StoredSnapshot};
-use crate::{codec, Applied, ProposalResponse, SharedState, StoreError, StoreOptions, TypeConfig};
+use crate::{Applied, ProposalResponse, SharedState, StoreError, StoreOptions, TypeConfig};
 use colony_core::StateMachine;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use openraft::{
@@ -52,12 +52,12 @@ impl SnapshotStats {
         std::mem::take(&mut *self.build_micros.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    fn record_build(&self, micros: u64, bytes: usize) {
+    fn record_build(&self, micros: u64, bytes: u64) {
         let mut durations = self.build_micros.lock().unwrap_or_else(|p| p.into_inner());
         if durations.len() < BUILD_DURATIONS_KEPT_MAX {
             durations.push(micros);
         }
-        self.last_bytes.store(bytes as u64, Ordering::Relaxed);
+        self.last_bytes.store(bytes, Ordering::Relaxed);
     }
 }
 
@@ -106,23 +106,23 @@ impl StateMachineStore {
         self.state.write().map_err(|_| StoreError::Poisoned)
     }
 
-    /// Durably writes a snapshot, off the async runtime's threads (it fsyncs twice), and hands
-    /// the data back (a snapshot is tens of MiB: it is moved, not copied).
-    async fn persist(&self, meta: Meta, data: Vec<u8>) -> Result<Vec<u8>, StorageError<u64>> {
+    /// Durably writes a snapshot with `write`, off the async runtime's threads (it fsyncs), and
+    /// returns its size on disk, or `None` when a later one is already there.
+    async fn persist(
+        &self,
+        meta: &Meta,
+        write: impl FnOnce(&SnapshotFile) -> Result<Option<u64>, StoreError> + Send + 'static,
+    ) -> Result<Option<u64>, StorageError<u64>> {
         let snapshots = Arc::clone(&self.snapshots);
-        let signature = meta.signature();
-        let snapshot_id = meta.snapshot_id.clone();
-        let (written, data) = tokio::task::spawn_blocking(move || {
-            let written = snapshots.write(&meta, &data);
-            (written, data)
-        })
-        .await
-        .map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?;
-        let written = written.map_err(|e| StorageIOError::write_snapshot(Some(signature), &e))?;
-        if !written {
+        let written = tokio::task::spawn_blocking(move || write(&snapshots))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        if written.is_none() {
+            let snapshot_id = &meta.snapshot_id;
             tracing::info!(snapshot_id, "snapshot not persisted: a later one is already on disk");
         }
-        Ok(data)
+        Ok(written)
     }
 }
 
@@ -186,7 +186,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         // Durable first: if the write fails, the state machine is left as it was.
         let bytes = data.len() as u64;
-        drop(self.persist(meta.clone(), data).await?);
+        let written = meta.clone();
+        self.persist(meta, move |snapshots| snapshots.write(&written, &data)).await?;
         self.stats.installed.fetch_add(1, Ordering::Relaxed);
         self.stats.last_bytes.store(bytes, Ordering::Relaxed);
         *self.write_state().map_err(|e| state_error(ErrorVerb::Write, &e))? = restored;
@@ -209,29 +210,33 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    /// Writes the state as it is now to disk and returns the snapshot's metadata, with no data:
+    /// openraft 0.9 keeps only the metadata of a snapshot it asked for (`sm::worker`), and
+    /// reads the file through `get_current_snapshot` when a follower needs it. The state is
+    /// encoded straight into the file, so the server never holds it encoded in memory.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
         let started = std::time::Instant::now();
         // The state's maps are persistent: the copy takes a moment under the read lock, and apply
         // goes on while it is encoded, off the async runtime's threads.
         let applied = self.read_state().map_err(|e| state_error(ErrorVerb::Read, &e))?.clone();
-        let (last_log_id, last_membership) = (applied.last_applied, applied.membership.clone());
-        let encoded = tokio::task::spawn_blocking(move || codec::encode(&applied));
-        let data = encoded.await.map_err(|e| StorageIOError::write_snapshot(None, &e))?.map_err(
-            |source| {
-                let error =
-                    StoreError::Encode { what: "state machine snapshot".to_string(), source };
-                StorageIOError::write_snapshot(None, &error)
-            },
-        )?;
         let built = self.stats.built.fetch_add(1, Ordering::Relaxed) + 1;
-        let snapshot_id = match last_log_id {
+        let snapshot_id = match applied.last_applied {
             Some(id) => format!("{}-{}-{built}", id.leader_id.term, id.index),
             None => format!("none-{built}"),
         };
-        let meta = Meta { last_log_id, last_membership, snapshot_id };
-        let data = self.persist(meta.clone(), data).await?;
-        self.stats.record_build(started.elapsed().as_micros() as u64, data.len());
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        let meta = Meta {
+            last_log_id: applied.last_applied,
+            last_membership: applied.membership.clone(),
+            snapshot_id,
+        };
+        let written = meta.clone();
+        let bytes = self
+            .persist(&meta, move |snapshots| snapshots.write_encoded(&written, &applied))
+            .await?;
+        if let Some(bytes) = bytes {
+            self.stats.record_build(started.elapsed().as_micros() as u64, bytes);
+        }
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(Vec::new())) })
     }
 }
 

@@ -205,7 +205,8 @@ async fn corrupt_snapshot_is_not_installed() {
     let (_leader_log, mut leader) = colony_store::open(leader_dir.path(), &CHECKED).unwrap();
     let (_follower_log, mut follower) = colony_store::open(follower_dir.path(), &CHECKED).unwrap();
     leader.apply(entries(1..=4)).await.unwrap();
-    let snapshot = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let snapshot = leader.get_current_snapshot().await.unwrap().unwrap();
 
     let mut data = snapshot.snapshot.into_inner();
     let middle = data.len() / 2;
@@ -223,7 +224,8 @@ async fn installed_snapshot_replaces_state_and_survives_restart() {
     let follower_dir = tempfile::tempdir().unwrap();
     let (_leader_log, mut leader) = colony_store::open(leader_dir.path(), &CHECKED).unwrap();
     leader.apply(entries(1..=4)).await.unwrap();
-    let snapshot = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let snapshot = leader.get_current_snapshot().await.unwrap().unwrap();
     {
         let (_follower_log, mut follower) =
             colony_store::open(follower_dir.path(), &CHECKED).unwrap();
