@@ -48,8 +48,11 @@ impl Default for PublisherConfig {
 struct Pending {
     request: pb::PublishRequest,
     bytes: usize,
-    reply: oneshot::Sender<Result<pb::PublishResponse, Status>>,
+    reply: Reply,
 }
+
+/// Where one message's answer goes.
+type Reply = oneshot::Sender<Result<pb::PublishResponse, Status>>;
 
 /// A handle for publishing through one connection; clones share its batches. The gathering task
 /// ends when the last handle is dropped.
@@ -123,28 +126,26 @@ async fn send(mut client: AdminClient<Channel>, batch: Vec<Pending>, _slot: Owne
     let (messages, replies): (Vec<_>, Vec<_>) =
         batch.into_iter().map(|p| (p.request, p.reply)).unzip();
     let count = messages.len();
-    match client.publish_batch(pb::PublishBatchRequest { messages }).await {
-        Ok(response) => {
-            let results = response.into_inner().results;
-            if results.len() != count {
-                let status = Status::internal(format!(
-                    "the server answered {} results for a batch of {count} messages",
-                    results.len()
-                ));
-                for reply in replies {
-                    let _ = reply.send(Err(status.clone()));
-                }
-                return;
-            }
-            for (reply, result) in replies.into_iter().zip(results) {
-                let _ = reply.send(answer(result));
-            }
-        }
-        Err(status) => {
-            for reply in replies {
-                let _ = reply.send(Err(status.clone()));
-            }
-        }
+    let results = match client.publish_batch(pb::PublishBatchRequest { messages }).await {
+        Ok(response) => response.into_inner().results,
+        Err(status) => return fail_all(replies, &status),
+    };
+    if results.len() != count {
+        let status = Status::internal(format!(
+            "the server answered {} results for a batch of {count} messages",
+            results.len()
+        ));
+        return fail_all(replies, &status);
+    }
+    for (reply, result) in replies.into_iter().zip(results) {
+        let _ = reply.send(answer(result));
+    }
+}
+
+/// Gives every message of a batch the failure of the whole call.
+fn fail_all(replies: Vec<Reply>, status: &Status) {
+    for reply in replies {
+        let _ = reply.send(Err(status.clone()));
     }
 }
 

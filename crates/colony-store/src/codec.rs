@@ -84,7 +84,13 @@ pub fn write_body<T: Serialize + ?Sized>(
     value: &T,
 ) -> Result<(usize, crc32fast::Hasher), CodecError> {
     let mut hashing = Hashing { out, crc: crc32fast::Hasher::new(), written: 0 };
-    bincode::serde::encode_into_std_write(value, &mut hashing, bincode::config::standard())?;
+    // bincode writes a field at a time; buffered, the checksum runs over large chunks.
+    let mut buffered = std::io::BufWriter::with_capacity(256 << 10, &mut hashing);
+    bincode::serde::encode_into_std_write(value, &mut buffered, bincode::config::standard())?;
+    let flushed = std::io::Write::flush(&mut buffered);
+    let index = buffered.get_ref().written;
+    flushed.map_err(|inner| bincode::error::EncodeError::Io { inner, index })?;
+    drop(buffered);
     Ok((hashing.written, hashing.crc))
 }
 
