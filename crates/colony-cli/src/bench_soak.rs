@@ -27,8 +27,12 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-/// Clients submitting, spread over the servers.
-const SUBMITTERS: u64 = 64;
+/// Connections submitting, spread over the servers.
+const CONNECTIONS: u64 = 64;
+/// Submitters sharing those connections: enough that the open-loop schedule holds through a
+/// stall of a quarter of a second at 2,000/s, so the rate (and with it the state retention
+/// keeps) does not dip and burst with the latency.
+const SUBMITTERS: u64 = 512;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A sample within this fraction of the reference counts as steady.
 const STEADY_BAND: f64 = 0.10;
@@ -214,11 +218,14 @@ async fn soak(
     let counts = Arc::new(Live::default());
     let started = Instant::now();
     let mut submitters = JoinSet::new();
-    for i in 0..SUBMITTERS {
+    let interval = Duration::from_secs_f64(1.0 / args.rate);
+    for i in 0..CONNECTIONS {
         let addr = &endpoints[(i % endpoints.len() as u64) as usize];
         let channel = lazy_channel(addr, &ClientConfig::new(REQUEST_TIMEOUT), auth)?;
-        let interval = Duration::from_secs_f64(1.0 / args.rate);
-        submitters.spawn(submit(AdminClient::new(channel), started, interval, counts.clone()));
+        for _ in 0..SUBMITTERS / CONNECTIONS {
+            let client = AdminClient::new(channel.clone());
+            submitters.spawn(submit(client, started, interval, counts.clone()));
+        }
     }
     let watch = Watch { counts: &counts, started, sims: &mut sims, output };
     let result = sample_until_done(args, servers, &client, auth, watch).await;
@@ -263,7 +270,7 @@ async fn soak(
 
 /// Submits on the shared schedule: each submission claims the next slot and waits for its time.
 /// Each submitter waits for its answer, so the schedule holds while answers take less than
-/// `SUBMITTERS / rate` (32 ms at 2,000/s); a longer stall delays it, and it catches up after.
+/// `SUBMITTERS / rate` (256 ms at 2,000/s); a longer stall delays it, and it catches up after.
 async fn submit(
     mut client: AdminClient<colony_client::Channel>,
     started: Instant,
