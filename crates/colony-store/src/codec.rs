@@ -63,7 +63,7 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
     frame.extend_from_slice(&[0; HEADER_LEN - 1]);
     bincode::serde::encode_into_std_write(value, &mut frame, config)?;
     let crc = crc32fast::hash(&frame[HEADER_LEN..]);
-    frame[1..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+    frame[..HEADER_LEN].copy_from_slice(&header(crc));
     Ok(frame)
 }
 
@@ -127,8 +127,7 @@ pub fn write_frame(out: &mut impl std::io::Write, parts: &[&[u8]]) -> std::io::R
     for part in parts {
         crc.update(part);
     }
-    out.write_all(&[FORMAT_VERSION])?;
-    out.write_all(&crc.finalize().to_le_bytes())?;
+    out.write_all(&header(crc.finalize()))?;
     for part in parts {
         out.write_all(part)?;
     }
